@@ -1,0 +1,32 @@
+# Everything a fresh machine needs: `make demo` and `make test` create .venv and build the shim first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv install demo test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py native/*.h native/*.c native/build_ffi.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/pd_link_and_pull.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check dxl tests examples benchmarks native
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/cma_vs_memcpy.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info dxl/_dxl_native*.so dxl/_dxl_native.c
