@@ -1,0 +1,168 @@
+/*
+ * dxl.h: the C API of the dxl native shim, and at the same time its cffi cdef.
+ *
+ * native/build_ffi.py feeds this file verbatim to ffi.cdef(), so it holds only declarations that
+ * cffi can parse: no include guards, no #include, no function-like macros, and integer-valued
+ * #defines only. A C file includes <stdint.h> before it.
+ *
+ * Conventions
+ * - Every function that can fail returns int: DXL_OK (0) or a negative DXL_E_* code. It then also
+ *   saves the errno that explains the failure (0 when there is none) where dxl_last_errno() finds
+ *   it, in the calling thread.
+ * - Output pointers end in _p and come last. Unless a comment says otherwise they are written on
+ *   success only.
+ * - Ownership: unless a comment says otherwise, no function keeps any pointer argument after it
+ *   returns; arrays are read during the call only and stay owned by the caller.
+ * - Addresses are uint64_t (virtual addresses in this process, "local", or in the peer, "remote").
+ * - Everything here is thread-safe unless a comment says otherwise.
+ */
+
+/* ---- return codes ---------------------------------------------------------------------------- */
+
+#define DXL_OK 0
+#define DXL_E_INVAL -1        /* bad argument (NULL array, zero length, address overflow...) */
+#define DXL_E_NOMEM -2        /* out of memory (here, or ENOMEM from the kernel) */
+#define DXL_E_SRCH -3         /* the peer process is gone (its pidfd says so, or ESRCH) */
+#define DXL_E_PERM -4         /* kernel/ptrace policy forbids cross-memory attach (EPERM) */
+#define DXL_E_FAULT -5        /* an address range is not mapped (EFAULT), here or in the peer */
+#define DXL_E_SHORT -6        /* a transfer stopped making progress, with no errno */
+#define DXL_E_NOENT -7        /* unknown id */
+#define DXL_E_RANGE -8        /* a piece lies outside every registered region */
+#define DXL_E_IO -9           /* any other errno */
+#define DXL_E_UNSUPPORTED -10 /* this kernel or build cannot do it (e.g. ENOSYS) */
+
+/* Most pieces one process_vm_readv/writev call takes (the kernel's IOV_MAX). */
+#define DXL_IOV_MAX 1024
+/* Upper bound on max_threads; larger values are clamped to it. */
+#define DXL_MAX_THREADS 16
+
+/* The errno saved by the calling thread's last failing dxl call (0 if that failure had none). */
+int dxl_last_errno(void);
+
+/* A static, human-readable description of a DXL_* code ("peer process is gone"). Never NULL;
+ * unknown codes give "unknown dxl error". The caller must not free it. */
+const char *dxl_strerror(int code);
+
+/* The static name of a DXL_* code ("DXL_E_SRCH"). Never NULL; unknown codes give "DXL_E_UNKNOWN".
+ * The caller must not free it. */
+const char *dxl_err_name(int code);
+
+/* ---- registry of local regions --------------------------------------------------------------- */
+/* A process-wide table of the memory ranges this process lets peers touch. Regions may overlap,
+ * and the same range may be registered twice (two caches over one allocation): each add gives a
+ * new id, and each id is removed on its own. Ids start at 1 and are never reused. Registering
+ * memory does not pin or touch it; the registry only answers bounds checks. */
+
+/* Registers [base, base + len). len must be > 0 and base + len must not wrap: else DXL_E_INVAL.
+ * Writes the new region's id to *id_p (caller-owned, must not be NULL). */
+int dxl_region_add(uint64_t base, uint64_t len, uint64_t *id_p);
+
+/* Unregisters the region with this id: DXL_OK, or DXL_E_NOENT if no live region has it. */
+int dxl_region_remove(uint64_t id);
+
+/* DXL_OK if [addr, addr + len) lies inside one live region, else DXL_E_RANGE (also when the range
+ * wraps past 2^64). A zero-length range touches no memory and is always DXL_OK. */
+int dxl_region_check(uint64_t addr, uint64_t len);
+
+/* dxl_region_check for n pieces (addr[i], len[i]), under one lock: DXL_OK if every piece passes,
+ * else DXL_E_RANGE. addr and len are caller-owned arrays of n entries, read during the call only;
+ * they may be NULL when n == 0 (else DXL_E_INVAL). If bad_index_p is not NULL it receives the index
+ * of the first failing piece (on DXL_E_RANGE only). */
+int dxl_region_check_pieces(const uint64_t *addr, const uint64_t *len, uint64_t n,
+                            uint64_t *bad_index_p);
+
+/* ---- peers for cross-memory attach (CMA) ----------------------------------------------------- */
+
+/* An opened peer process: its pid and, where the kernel has pidfd_open (Linux >= 5.3), a pidfd
+ * that tells reliably whether that very process has exited. Without a pidfd only the pid is kept
+ * and a dead peer's pid may be reused by an unrelated process before we notice: transfers then
+ * touch the wrong process. dxl_peer_has_pidfd() says which case holds. */
+typedef struct dxl_peer dxl_peer_t;
+
+/* Opens the peer with this pid (> 0, else DXL_E_INVAL; DXL_E_SRCH if no such process). On success
+ * *peer_p receives a handle the caller owns and must release with dxl_peer_close(). */
+int dxl_peer_open(int pid, dxl_peer_t **peer_p);
+
+/* 1 if the peer is still running, 0 if it has exited (a zombie counts as exited where there is a
+ * pidfd), or a negative DXL_E_* code (DXL_E_INVAL for NULL). Does not block. */
+int dxl_peer_alive(const dxl_peer_t *peer);
+
+/* The peer's pid, or DXL_E_INVAL for NULL. */
+int dxl_peer_pid(const dxl_peer_t *peer);
+
+/* 1 if the peer is tracked through a pidfd, 0 if through its pid only, DXL_E_INVAL for NULL. */
+int dxl_peer_has_pidfd(const dxl_peer_t *peer);
+
+/* Closes the pidfd and frees the handle; NULL is a no-op. The caller must make sure that no
+ * transfer is using the handle, and must not use it afterwards. */
+void dxl_peer_close(dxl_peer_t *peer);
+
+/* ---- transfers ------------------------------------------------------------------------------- */
+
+/* Moves n pieces between this process and the peer with process_vm_readv (write = 0: remote ->
+ * local, a pull) or process_vm_writev (write = 1: local -> remote, a push). Piece i is len[i]
+ * bytes at local[i] here and remote[i] in the peer; pieces of length 0 are skipped and n == 0 is a
+ * no-op. local, remote and len are caller-owned arrays of n entries, read during the call only.
+ *
+ * Up to DXL_IOV_MAX pieces go in one syscall, and a partial return resumes at the exact byte where
+ * the kernel stopped. A call of T bytes runs on min(max_threads, T / dxl_split_threshold())
+ * threads (max_threads <= 1: the calling thread only): the calling thread plus workers of a small
+ * persistent pool, started on first use, which claim contiguous chunks of the piece list of
+ * roughly equal bytes (a single large piece may be cut too). The calling thread always works
+ * and never waits for a busy pool. Destination ranges should not overlap: with a split, which
+ * piece lands last is not defined.
+ *
+ * The peer is checked alive before and after the copy: if it has exited by the end the bytes may
+ * come from another process that reused its pid, so the call fails with DXL_E_SRCH. Errors:
+ * DXL_E_INVAL (NULL peer, NULL array with n > 0, write not 0/1, a range wraps; or EINVAL),
+ * DXL_E_SRCH, DXL_E_PERM (EPERM, EACCES), DXL_E_FAULT (local or remote range unmapped),
+ * DXL_E_NOMEM, DXL_E_SHORT (no progress and no errno), DXL_E_UNSUPPORTED (ENOSYS), DXL_E_IO.
+ * On failure the destination may hold any mix of old and new bytes.
+ *
+ * If bytes_done_p is not NULL it receives the number of bytes moved, on failure too. */
+int dxl_cma_transfer(const dxl_peer_t *peer, int write, const uint64_t *local,
+                     const uint64_t *remote, const uint64_t *len, uint64_t n, int max_threads,
+                     uint64_t *bytes_done_p);
+
+/* Copies piece i, len[i] bytes, from src[i] to dst[i] within this process (memcpy), for n pieces;
+ * pieces of length 0 are skipped and n == 0 is a no-op. Split across up to max_threads threads like
+ * dxl_cma_transfer; max_threads <= 1 copies on the calling thread only. Arrays as for
+ * dxl_cma_transfer; the caller guarantees all ranges are mapped (a bad address crashes, as memcpy
+ * does) and that pieces do not overlap. DXL_E_INVAL for NULL arrays with n > 0 or wrapping
+ * ranges. */
+int dxl_copy_pieces(const uint64_t *dst, const uint64_t *src, const uint64_t *len, uint64_t n,
+                    int max_threads);
+
+/* Sets the split threshold, the fewest bytes worth giving one extra thread, and returns the
+ * previous value; 0 only reads it. A transfer of T bytes uses min(max_threads, T / threshold)
+ * threads (at least 1). Process-wide; meant for tuning and benchmarks
+ * (benchmarks/native_cma_threads.py). */
+uint64_t dxl_split_threshold(uint64_t min_bytes_per_thread);
+
+/* 0 (DXL_OK) if process_vm_readv works on our own pid, else the mapped DXL_E_* code. This probes
+ * the syscall itself (seccomp filters, kernels built without CMA); whether the ptrace policy lets
+ * us reach another process shows only with a transfer to that process. */
+int dxl_cma_self_test(void);
+
+/* ---- local memory --------------------------------------------------------------------------- */
+
+/* DXL_OK if the byte at each of the n addresses addr[i] is mapped and readable in this process,
+ * else DXL_E_FAULT (dxl_last_errno() EFAULT). Asks the kernel (process_vm_readv on ourselves, or a
+ * pipe where that is filtered out), so a bad address fails instead of crashing. addr is a
+ * caller-owned array of n entries, read during the call only; NULL with n > 0 is DXL_E_INVAL.
+ * Used to refuse registering memory a peer must never be sent to. */
+int dxl_check_readable(const uint64_t *addr, uint64_t n);
+
+/* ---- debug and leak counters ----------------------------------------------------------------- */
+
+typedef struct {
+    uint64_t regions_live;     /**< registered regions not yet removed */
+    uint64_t peers_open;       /**< dxl_peer_t handles not yet closed */
+    uint64_t ops_inflight;     /**< dxl_cma_transfer / dxl_copy_pieces calls running now */
+    uint64_t bytes_registered; /**< sum of the lengths of live regions */
+    uint64_t ops_split;        /**< calls that ran on more than one thread (monotonic) */
+} dxl_counters_t;
+
+/* Fills *out_p (caller-owned, not NULL) with a snapshot of the counters; each field is read
+ * atomically, the set is not one atomic snapshot. */
+void dxl_counters(dxl_counters_t *out_p);
