@@ -1,0 +1,927 @@
+"""The async core: one Engine owns the registry, the links, the transports and an executor.
+
+Every blocking native call runs on the engine's own ThreadPoolExecutor through ``_run_native``;
+the event loop only validates arguments and keeps the books, so thousands of transfers can be
+awaited at once without stalling it. One native call moves a whole request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+
+from . import _ffi, args, wire
+from ._validate import check_int32, check_int64, check_isinstance, check_uint64
+from .config import EngineOptions, LLMConfig
+from .control import Channel, read_message
+from .errors import LLMException, LLMStatusCode
+from .link import Link, PeerInfo
+from .plan import Pieces, block_pieces
+from .registry import Layout, LocalCache, RemoteCache, RemoteRegistry
+from .stats import OpStats
+from .transport import CmaTransport, Transport, TransportClosed, host_identity
+from .types import BlocksCacheKey, Cache, CacheDesc, CacheKey, LLMClusterInfo, LLMRole, Placement
+
+log = logging.getLogger("dxl")
+
+T = TypeVar("T")
+Status = LLMStatusCode
+
+HANDSHAKE_TIMEOUT_S = 5.0  # a connection that says nothing valid this long is dropped
+MAX_PARALLEL_LINKS = 16  # clusters linked concurrently per call, as the reference
+
+
+class Engine:
+    """An async KV-cache transfer engine; one per prefill or decode instance.
+
+    Use as ``async with Engine(cluster_id, role, config) as eng: ...``. Coroutines carry the
+    operations of LLM-DataDist's ``LLMDataDist`` and ``CacheManager`` with the same names,
+    arguments and errors.
+
+    Args:
+        cluster_id: uint64 id of this instance, unique among linked instances.
+        role: an ``LLMRole`` label (roles do not restrict transfers in v2).
+        config: an ``LLMConfig``, an option dict as produced by ``LLMConfig.generate_options()``,
+            or None for defaults. ``listen_ip_info`` makes the engine accept links.
+    """
+
+    def __init__(
+        self, cluster_id: int, role: LLMRole, config: LLMConfig | dict[str, str] | None = None
+    ) -> None:
+        check_uint64("cluster_id", cluster_id)
+        check_isinstance("role", role, LLMRole, allow_none=False)
+        if isinstance(config, LLMConfig):
+            options = dict(config.generate_options())
+        elif config is None:
+            options = {}
+        else:
+            check_isinstance("config", config, dict)
+            options = dict(config)
+        self._opts = EngineOptions.from_options(options)
+        self._cluster_id = cluster_id
+        self._role = role
+        self.incarnation = uuid.uuid4().hex
+        self._state = "new"
+        self._caches: dict[int, LocalCache] = {}
+        self._blocks_by_model: dict[int, LocalCache] = {}
+        self._next_cache_id = 1
+        self._gen = 0
+        self._links: dict[int, Link] = {}
+        self._linking: set[int] = set()
+        self._server: asyncio.Server | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._registry_lock = asyncio.Lock()
+        self._closing_links: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        # 8 bytes a peer reads through CMA at link time to prove the transport works both ways
+        self._probe = np.array([secrets.randbits(63) + 1], dtype=np.uint64)
+        self._pull_stats = OpStats()
+        self._push_stats = OpStats()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def cluster_id(self) -> int:
+        return self._cluster_id
+
+    @property
+    def role(self) -> LLMRole:
+        return self._role
+
+    @property
+    def options(self) -> EngineOptions:
+        return self._opts
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        """The (ip, port) this engine accepts links on, with the real port when 0 was asked."""
+        if self._server is None or not self._server.sockets:
+            return None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    async def __aenter__(self) -> Engine:
+        if self._state == "new":  # an engine already started may still be used as a context
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Create the executor and, with ``listen_ip_info``, start accepting links."""
+        if self._state != "new":
+            raise RuntimeError(f"engine {self._cluster_id} was already started")
+        threads = max(4, 2 * self._opts.transfer_threads)
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix=f"dxl-{self._cluster_id}")
+        self._state = "running"
+        try:
+            if self._opts.listen is not None:
+                await self._listen(self._opts.listen)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _listen(self, listen: tuple[str, int]) -> None:
+        ip, port = listen
+        try:
+            self._server = await asyncio.start_server(self._on_accept, ip, port)
+        except OSError as exc:
+            raise args.fail(
+                "init", Status.LLM_FAILED, f"cannot listen on {ip}:{port}: {exc.strerror or exc}"
+            ) from None
+        log.info("dxl: cluster %d listening on %s:%d", self._cluster_id, *self.listen_address)
+
+    async def close(self) -> None:
+        """Unlink everything (locally), stop listening, and release all native resources."""
+        if self._state in ("closing", "closed"):
+            return
+        self._state = "closing"
+        if self._server is not None:
+            self._server.close()
+        for link in list(self._links.values()):
+            link.channel.close("engine closed")
+        await asyncio.gather(*self._closing_links, *self._background, return_exceptions=True)
+        for entry in self._caches.values():
+            await entry.usage.wait_idle(float("inf"))
+            self._release_regions(entry)
+        self._caches.clear()
+        self._blocks_by_model.clear()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self._state = "closed"
+
+    def _require_running(self, op: str) -> None:
+        if self._state != "running":
+            raise RuntimeError(f"{op}: engine {self._cluster_id} is not running ({self._state})")
+
+    async def _run_native(self, fn: Callable[..., T], *fn_args: Any) -> T:
+        """Run a blocking native call on the executor. Cancellation waits for the native side
+        to stop touching the buffers before it propagates."""
+        assert self._executor is not None
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, fn, *fn_args)
+        cancelled = False
+        while True:
+            try:
+                result = await asyncio.shield(fut)
+                break
+            except asyncio.CancelledError:
+                if fut.done():
+                    raise
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
+
+    # ------------------------------------------------------------------ registration
+    async def register_blocks_cache(
+        self,
+        cache_desc: CacheDesc,
+        addrs: list[int],
+        blocks_cache_key: BlocksCacheKey | None = None,
+        remote_accessible: bool | None = None,
+    ) -> Cache:
+        """Register framework-allocated paged KV memory: ``addrs[i]`` is tensor i.
+
+        Block k of tensor i is ``[k * block_bytes, (k + 1) * block_bytes)`` from ``addrs[i]``,
+        with ``num_blocks = cache_desc.shape[0]``. ``remote_accessible`` defaults to True for
+        DEVICE and False for HOST; only remotely accessible caches are visible to peers.
+        """
+        op = "register_blocks_cache"
+        self._check_register_args(op, cache_desc, addrs, remote_accessible)
+        check_isinstance("blocks_cache_key", blocks_cache_key, BlocksCacheKey)
+        model_id = blocks_cache_key.model_id if blocks_cache_key is not None else None
+        return await self._register(op, cache_desc, addrs, True, model_id, remote_accessible)
+
+    async def register_cache(
+        self,
+        cache_desc: CacheDesc,
+        addrs: list[int],
+        cache_keys: tuple[CacheKey, ...] | list[CacheKey] = (),
+        remote_accessible: bool | None = None,
+    ) -> Cache:
+        """Register framework-allocated contiguous memory: ``addrs[i]`` is tensor i, batch b of
+        a tensor is ``[b * stride, (b + 1) * stride)`` with ``stride = size / shape[0]``."""
+        op = "register_cache"
+        self._check_register_args(op, cache_desc, addrs, remote_accessible)
+        check_isinstance("cache_keys", cache_keys, (list, tuple), allow_none=False, inner=CacheKey)
+        if cache_keys:
+            raise args.fail(
+                op,
+                Status.LLM_FEATURE_NOT_ENABLED,
+                "binding CacheKeys to a registered contiguous cache is not implemented yet",
+            )
+        return await self._register(op, cache_desc, addrs, False, None, remote_accessible)
+
+    def _check_register_args(
+        self, op: str, cache_desc: Any, addrs: Any, remote_accessible: Any
+    ) -> None:
+        if cache_desc is None:
+            raise AttributeError(f"{op}: cache_desc is None; pass a CacheDesc")
+        check_isinstance("cache_desc", cache_desc, CacheDesc)
+        check_isinstance("addrs", addrs, list, allow_none=False, inner=int)
+        check_isinstance("remote_accessible", remote_accessible, bool)
+        if not addrs:
+            raise args.param_invalid(op, "addrs must not be empty")
+
+    async def _register(
+        self,
+        op: str,
+        desc: CacheDesc,
+        addrs: list[int],
+        blocks: bool,
+        model_id: int | None,
+        remote_accessible: bool | None,
+    ) -> Cache:
+        self._require_running(op)
+        layout = self._layout(op, desc, addrs, blocks)
+        in_use = sum(e.layout.num_tensors for e in self._caches.values())
+        limit = self._opts.max_registered_addrs
+        if in_use + len(addrs) > limit:
+            raise args.param_invalid(
+                op,
+                f"registering {len(addrs)} more addresses would make {in_use + len(addrs)}, over "
+                f"the limit of {limit} registered addresses (LLMConfig.max_registered_addrs)",
+            )
+        if model_id is not None and model_id in self._blocks_by_model:
+            other = self._blocks_by_model[model_id].cache.cache_id
+            raise args.param_invalid(
+                op, f"BlocksCacheKey model_id={model_id} is already bound to cache {other}"
+            )
+        if remote_accessible is None:
+            remote_accessible = desc.placement == Placement.DEVICE
+        self._check_mapped(op, layout)
+        region_ids = self._add_regions(layout)
+        cache = Cache(
+            self._next_cache_id,
+            desc,
+            list(addrs),
+            self,
+            is_registered=True,
+            is_blocks_cache=blocks,
+            remote_accessible=remote_accessible,
+        )
+        self._next_cache_id += 1
+        self._gen += 1
+        entry = LocalCache(cache, layout, remote_accessible, model_id, self._gen, region_ids)
+        async with self._registry_lock:
+            self._caches[cache.cache_id] = entry
+            if model_id is not None:
+                self._blocks_by_model[model_id] = entry
+            if remote_accessible:
+                await self._broadcast("reg_add", cache=entry.wire_entry())
+        return cache
+
+    def _layout(self, op: str, desc: CacheDesc, addrs: list[int], blocks: bool) -> Layout:
+        if desc.placement != Placement.HOST:
+            raise args.fail(
+                op,
+                Status.LLM_FEATURE_NOT_ENABLED,
+                "Placement.DEVICE needs the cuda transport, which this build does not have yet",
+            )
+        if desc.num_tensors == 0 or len(addrs) != desc.num_tensors:
+            raise args.param_invalid(
+                op,
+                f"addrs must hold one address per tensor: cache_desc.num_tensors is "
+                f"{desc.num_tensors}, len(addrs) is {len(addrs)}",
+            )
+        size = desc.size
+        units = int(desc.shape[0])
+        if size <= 0 or units <= 0 or size % units:
+            raise args.param_invalid(
+                op, f"cache_desc shape {list(desc.shape)} gives no whole blocks/batches on dim 0"
+            )
+        for i, addr in enumerate(addrs):
+            if addr <= 0 or addr + size > (1 << 64) - 1:
+                raise args.param_invalid(op, f"addrs[{i}]={addr} is not a valid address")
+        return Layout(np.asarray(addrs, dtype=np.uint64), size, units, blocks)
+
+    def _check_mapped(self, op: str, layout: Layout) -> None:
+        """Refuse addresses this process cannot read: a peer must never be sent to them."""
+        first = layout.addrs
+        last = layout.addrs + np.uint64(layout.tensor_size - 1)
+        rc = _ffi.lib.dxl_check_readable(
+            _ffi.as_u64_ptr(np.concatenate([first, last])), 2 * layout.num_tensors
+        )
+        if rc < 0:
+            raise args.param_invalid(
+                op, "addrs must point to mapped memory of this process of cache_desc.size bytes"
+            )
+
+    def _add_regions(self, layout: Layout) -> list[int]:
+        ids = []
+        out = _ffi.ffi.new("uint64_t *")
+        for addr in layout.addrs.tolist():
+            _ffi.check(_ffi.lib.dxl_region_add(addr, layout.tensor_size, out), "register region")
+            ids.append(int(out[0]))
+        return ids
+
+    @staticmethod
+    def _release_regions(entry: LocalCache) -> None:
+        for rid in entry.region_ids:
+            _ffi.lib.dxl_region_remove(rid)
+        entry.region_ids.clear()
+
+    async def unregister_cache(self, cache_id: int) -> None:
+        """Forget a registration. Linked peers are told first, and their transfers using it are
+        waited for (bounded by sync_kv_timeout; a peer that does not confirm loses its link).
+        An unknown id is a no-op."""
+        check_int64("cache_id", cache_id)
+        self._require_running("unregister_cache")
+        entry = self._caches.get(cache_id)
+        if entry is None:
+            return
+        async with self._registry_lock:
+            del self._caches[cache_id]
+            if entry.model_id is not None and self._blocks_by_model.get(entry.model_id) is entry:
+                del self._blocks_by_model[entry.model_id]
+            if entry.remote_accessible:
+                await self._broadcast("reg_del", id=cache_id, gen=entry.gen)
+        await entry.usage.wait_idle(float("inf"))  # local copies always finish: wait them out
+        self._release_regions(entry)
+
+    def _advertised(self) -> list[dict[str, Any]]:
+        return [e.wire_entry() for e in self._caches.values() if e.remote_accessible]
+
+    async def _broadcast(self, kind: str, **fields: Any) -> None:
+        """Send a registry change to every live link and wait for each ack; a peer that does not
+        answer in time is unlinked, since it can no longer be trusted to see the change."""
+        timeout_s = self._opts.sync_kv_timeout_ms / 1000
+        links = [link for link in self._links.values() if not link.closed]
+
+        async def one(link: Link) -> None:
+            try:
+                await link.channel.request(kind, timeout_s, **fields)
+            except LLMException as exc:
+                log.warning("dxl: unlinking cluster %d: %s", link.peer.cluster_id, exc)
+                link.channel.close(f"no answer to {kind}: {exc}")
+
+        await asyncio.gather(*(one(link) for link in links))
+
+    # ------------------------------------------------------------------ links
+    async def link_clusters(
+        self,
+        clusters: list[LLMClusterInfo] | tuple[LLMClusterInfo, ...],
+        timeout: int = 3000,
+    ) -> tuple[LLMStatusCode, list[LLMStatusCode]]:
+        """Link to listening peers. Failures are returned per cluster, not raised.
+
+        Returns:
+            ``(overall, per_cluster)``; ``overall`` is LLM_SUCCESS only if every cluster linked.
+        """
+        self._check_link_args("link_clusters", clusters, timeout, need_local_ip=True)
+        self._require_running("link_clusters")
+        sem = asyncio.Semaphore(MAX_PARALLEL_LINKS)
+
+        async def one(info: LLMClusterInfo) -> LLMStatusCode:
+            async with sem:
+                return await self._link_one(info, timeout / 1000)
+
+        results = list(await asyncio.gather(*(one(c) for c in clusters)))
+        return _overall(results), results
+
+    def _check_link_args(self, op: str, clusters: Any, timeout: Any, need_local_ip: bool) -> None:
+        check_int32("timeout", timeout)
+        if timeout <= 0:
+            raise args.param_invalid(op, f"timeout must be > 0 ms, got {timeout}")
+        check_isinstance(
+            "clusters", clusters, (list, tuple), allow_none=False, inner=LLMClusterInfo
+        )
+        for i, info in enumerate(clusters):
+            check_uint64(f"clusters[{i}].remote_cluster_id", info.remote_cluster_id)
+            if need_local_ip and not info.local_ip_info_list and "llm.LocalCommRes" not in (
+                self._opts.raw
+            ):
+                raise args.param_invalid(
+                    op, f"clusters[{i}].local_ip_info_list is empty; call append_local_ip_info"
+                )
+
+    async def _link_one(self, info: LLMClusterInfo, timeout_s: float) -> LLMStatusCode:
+        peer_id = info.remote_cluster_id
+        if peer_id == self._cluster_id:
+            log.error("dxl: link_clusters: cluster %d cannot link to itself", peer_id)
+            return Status.LLM_PARAM_INVALID
+        if peer_id in self._links:
+            return Status.LLM_ALREADY_LINK
+        if peer_id in self._linking:
+            return Status.LLM_PROCESSING_LINK
+        if len(info.remote_ip_info_list) != 1:
+            log.error("dxl: link_clusters: cluster %d needs exactly one remote ip", peer_id)
+            return Status.LLM_PARAM_INVALID
+        ip, port = info.remote_endpoint()
+        self._linking.add(peer_id)
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                reader, writer = await asyncio.open_connection(ip, port)
+                async with self._registry_lock:
+                    writer.write(self._hello(peer_id))
+                    msg = await read_message(reader)
+                    if msg["t"] == "reject":
+                        log.error(
+                            "dxl: link to cluster %d at %s:%d rejected by the peer: %s",
+                            peer_id, ip, port, msg["message"],
+                        )
+                        return _status(msg["code"], Status.LLM_LINK_FAILED)
+                    if msg["t"] != "welcome":
+                        raise wire.FrameError(f"expected welcome, got {msg['t']}")
+                    peer = PeerInfo.from_wire(msg)
+                    if peer.cluster_id != peer_id:
+                        log.error(
+                            "dxl: %s:%d is cluster %d, not the cluster %d asked for",
+                            ip, port, peer.cluster_id, peer_id,
+                        )
+                        return Status.LLM_LINK_FAILED
+                    transport = await self._open_transport(peer)
+                    self._add_link(peer, reader, writer, transport, msg["caches"], initiator=True)
+                    writer = None
+        except TimeoutError:
+            log.error("dxl: link to cluster %d at %s:%d timed out", peer_id, ip, port)
+            return Status.LLM_LINK_FAILED
+        except (OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
+            log.error("dxl: link to cluster %d at %s:%d failed: %s", peer_id, ip, port, exc)
+            return Status.LLM_LINK_FAILED
+        except LLMException as exc:
+            log.error("dxl: link to cluster %d at %s:%d failed: %s", peer_id, ip, port, exc)
+            return exc.status_code
+        finally:
+            self._linking.discard(peer_id)
+            if writer is not None:
+                writer.close()
+        return Status.LLM_SUCCESS
+
+    def _hello(self, expect_cluster_id: int) -> bytes:
+        return wire.encode(
+            "hello",
+            proto=wire.PROTOCOL_VERSION,
+            cluster_id=self._cluster_id,
+            expect_cluster_id=expect_cluster_id,
+            role=int(self._role),
+            incarnation=self.incarnation,
+            host=host_identity(),
+            pid=os.getpid(),
+            probe=[int(self._probe.ctypes.data), int(self._probe[0])],
+            force=True,  # we hold no link to it, so any link it holds to us is stale
+            caches=self._advertised(),
+        )
+
+    async def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Server side of the handshake. Garbage or silence closes this connection only."""
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                msg = await read_message(reader)
+            if msg["t"] != "hello":
+                raise wire.FrameError(f"expected hello, got {msg['t']}")
+            peer = PeerInfo.from_wire(msg)
+            code, why = self._check_hello(msg, peer)
+            if code == Status.LLM_SUCCESS:
+                try:
+                    transport = await self._open_transport(peer)
+                except LLMException as exc:
+                    code, why = exc.status_code, str(exc)
+            if code != Status.LLM_SUCCESS:
+                log.error("dxl: refused link from cluster %d: %s", peer.cluster_id, why)
+                writer.write(wire.encode("reject", code=int(code), message=why))
+                await writer.drain()
+                writer.close()
+                return
+            old = self._links.get(peer.cluster_id)
+            if old is not None:  # the peer restarted or lost its end: drop our stale one
+                old.channel.close("peer re-linked")
+            writer.write(
+                wire.encode(
+                    "welcome",
+                    proto=wire.PROTOCOL_VERSION,
+                    cluster_id=self._cluster_id,
+                    role=int(self._role),
+                    incarnation=self.incarnation,
+                    host=host_identity(),
+                    pid=os.getpid(),
+                    probe=[int(self._probe.ctypes.data), int(self._probe[0])],
+                    caches=self._advertised(),
+                )
+            )
+            self._add_link(peer, reader, writer, transport, msg["caches"], initiator=False)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
+            log.warning("dxl: dropped an incoming connection: %s", exc or type(exc).__name__)
+            writer.close()
+
+    def _check_hello(self, msg: dict[str, Any], peer: PeerInfo) -> tuple[LLMStatusCode, str]:
+        if self._state != "running":
+            return Status.LLM_LINK_FAILED, "engine is closing"
+        if msg["proto"] != wire.PROTOCOL_VERSION:
+            return Status.LLM_LINK_FAILED, f"protocol {msg['proto']} != {wire.PROTOCOL_VERSION}"
+        if msg["expect_cluster_id"] != self._cluster_id:
+            return Status.LLM_LINK_FAILED, (
+                f"the client asked for cluster {msg['expect_cluster_id']} but this is cluster "
+                f"{self._cluster_id} (LLMClusterInfo.remote_cluster_id must match the peer)"
+            )
+        if peer.cluster_id == self._cluster_id:
+            return Status.LLM_LINK_FAILED, f"peer uses this engine's cluster id {peer.cluster_id}"
+        if peer.cluster_id in self._linking:
+            return Status.LLM_PROCESSING_LINK, "a link to that cluster is being set up"
+        if not msg["force"] and peer.cluster_id in self._links:
+            return Status.LLM_ALREADY_LINK, f"cluster {peer.cluster_id} is already linked"
+        return Status.LLM_SUCCESS, ""
+
+    async def _open_transport(self, peer: PeerInfo) -> Transport:
+        """Pick the transport for a peer and prove it works by reading the peer's probe."""
+        if peer.host != host_identity():
+            raise args.fail(
+                "link_clusters",
+                Status.LLM_LINK_FAILED,
+                f"cluster {peer.cluster_id} runs on another host or pid namespace; only the "
+                "same-host cma transport exists in this build",
+            )
+        try:
+            transport = CmaTransport(peer.pid, self._opts.transfer_threads)
+            got = np.zeros(1, dtype=np.uint64)
+            addr, token = peer.probe
+            probe = Pieces(
+                np.array([got.ctypes.data], dtype=np.uint64),
+                np.array([addr], dtype=np.uint64),
+                np.array([8], dtype=np.uint64),
+            )
+            await self._run_native(transport.read, probe)
+        except _ffi.NativeError as exc:
+            raise args.fail(
+                "link_clusters",
+                Status.LLM_LINK_FAILED,
+                f"cross-memory attach to cluster {peer.cluster_id} (pid {peer.pid}) failed: {exc}",
+            ) from None
+        if int(got[0]) != token:
+            transport.close()
+            raise args.fail(
+                "link_clusters",
+                Status.LLM_LINK_FAILED,
+                f"pid {peer.pid} is not the process of cluster {peer.cluster_id} (probe mismatch)",
+            )
+        return transport
+
+    def _add_link(
+        self,
+        peer: PeerInfo,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        transport: Transport,
+        caches: list[dict[str, Any]],
+        initiator: bool,
+    ) -> Link:
+        channel = Channel(
+            reader,
+            writer,
+            name=f"{self._cluster_id}->{peer.cluster_id}",
+            heartbeat_s=self._opts.heartbeat_interval_ms / 1000,
+        )
+        link = Link(peer, channel, transport, RemoteRegistry(caches), initiator)
+        self._links[peer.cluster_id] = link
+
+        async def handle(ch: Channel, msg: dict[str, Any]) -> None:
+            await self._on_link_message(link, msg)
+
+        def on_close(ch: Channel) -> None:
+            self._on_link_closed(link)
+
+        channel.start(handle, on_close)
+        log.info(
+            "dxl: cluster %d linked with cluster %d (pid %d) over %s",
+            self._cluster_id, peer.cluster_id, peer.pid, transport.name,
+        )
+        return link
+
+    async def _on_link_message(self, link: Link, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        if kind == "reg_add":
+            link.registry.add(msg["cache"])
+            link.channel.ack(msg["rid"])
+        elif kind == "reg_del":
+            cache = link.registry.remove(msg["id"])
+            self._spawn(self._ack_when_idle(link, cache, msg["rid"]))
+        elif kind == "unlink":
+            link.channel.ack(msg["rid"])
+            await link.channel.drain()
+            link.channel.close("peer unlinked")
+        else:
+            raise wire.FrameError(f"unexpected {kind} message on a live link")
+
+    async def _ack_when_idle(self, link: Link, cache: RemoteCache | None, rid: int) -> None:
+        """Confirm an unregistration once no transfer of ours touches that cache any more."""
+        if cache is not None:
+            await cache.usage.wait_idle(float("inf"))  # native copies always finish
+        link.channel.ack(rid)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _on_link_closed(self, link: Link) -> None:
+        if self._links.get(link.peer.cluster_id) is link:
+            del self._links[link.peer.cluster_id]
+        log.info(
+            "dxl: link %d<->%d closed: %s",
+            self._cluster_id, link.peer.cluster_id, link.channel.close_reason,
+        )
+
+        async def finish() -> None:
+            await link.usage.wait_idle(float("inf"))  # in-flight copies still use the transport
+            link.transport.close()
+            await link.channel.wait_closed()
+
+        task = asyncio.create_task(finish())
+        self._closing_links.add(task)
+        task.add_done_callback(self._closing_links.discard)
+
+    async def unlink_clusters(
+        self,
+        clusters: list[LLMClusterInfo] | tuple[LLMClusterInfo, ...],
+        timeout: int = 3000,
+        force: bool = False,
+    ) -> tuple[LLMStatusCode, list[LLMStatusCode]]:
+        """Tear links down. ``force=False`` tells the peer and waits for its answer;
+        ``force=True`` only drops the local end (the peer notices the closed connection)."""
+        self._check_link_args("unlink_clusters", clusters, timeout, need_local_ip=False)
+        check_isinstance("force", force, bool, allow_none=False)
+        self._require_running("unlink_clusters")
+        results = list(
+            await asyncio.gather(*(self._unlink_one(c, timeout / 1000, force) for c in clusters))
+        )
+        return _overall(results), results
+
+    async def _unlink_one(self, info: LLMClusterInfo, timeout_s: float, force: bool) -> Status:
+        link = self._links.get(info.remote_cluster_id)
+        if link is None:
+            return Status.LLM_SUCCESS if force else Status.LLM_NOT_YET_LINK
+        if force:
+            link.channel.close("unlinked locally (force)")
+            return Status.LLM_SUCCESS
+        try:
+            await link.channel.request("unlink", timeout_s)
+        except LLMException as exc:
+            log.error("dxl: unlink of cluster %d: %s", info.remote_cluster_id, exc)
+            link.channel.close("unlink got no answer")
+            return Status.LLM_UNLINK_FAILED
+        link.channel.close("unlinked")
+        return Status.LLM_SUCCESS
+
+    # ------------------------------------------------------------------ transfers
+    async def pull_blocks(
+        self,
+        src_cache_key: BlocksCacheKey,
+        dst_cache: Cache,
+        src_blocks: list[int] | tuple[int, ...] | None = (),
+        dst_blocks: list[int] | tuple[int, ...] = (),
+        **kwargs: Any,
+    ) -> None:
+        """Copy remote blocks ``src_blocks[i]`` of the peer's cache bound to ``src_cache_key``
+        into local blocks ``dst_blocks[i]`` of ``dst_cache``, for every tensor (or the tensors
+        of ``src_layer_range``/``dst_layer_range`` with ``tensor_num_per_layer`` per layer)."""
+        op = "pull_blocks"
+        check_isinstance(
+            "src_cache_key", src_cache_key, (BlocksCacheKey, CacheKey), allow_none=False
+        )
+        args.check_cache_arg(op, "dst_cache", dst_cache)
+        src = args.block_list(op, "src_blocks", src_blocks)
+        dst = args.block_list(op, "dst_blocks", dst_blocks)
+        if not dst_cache.is_blocks_cache:
+            raise args.param_invalid(op, "dst_cache must be a blocks cache")
+        if dst.size == 0:
+            raise args.param_invalid(op, "dst_blocks must not be empty")
+        src_range, dst_range, tnpl = args.layer_kwargs(op, kwargs)
+        args.check_tensor_num_per_layer(op, tnpl)
+        args.check_ranges(op, src_range, dst_range)
+        if not isinstance(src_cache_key, BlocksCacheKey):
+            raise args.fail(
+                op,
+                Status.LLM_FEATURE_NOT_ENABLED,
+                "pulling from a contiguous cache into blocks is not implemented yet",
+            )
+        if src.size == 0:
+            raise args.param_invalid(op, "src_blocks must not be empty for a BlocksCacheKey")
+        self._require_running(op)
+        link = self._link_for(op, src_cache_key.cluster_id)
+        local = self._local_for(op, dst_cache)
+        remote = self._remote_blocks(op, link, src_cache_key)
+        dst_bases, src_bases = self._select(
+            op, local.layout, remote.layout, dst_range, src_range, tnpl, "dst", "src"
+        )
+        args.same_length(op, "src_blocks", src, "dst_blocks", dst)
+        args.check_blocks_in_range(op, "src_blocks", src, remote.layout.units)
+        args.check_blocks_in_range(op, "dst_blocks", dst, local.layout.units)
+        self._check_block_bytes(op, local.layout, remote.layout)
+        plan = (dst_bases, src_bases, dst, src, local.layout.unit_bytes)
+        await self._transfer(op, link, local, remote, plan, write=False)
+
+    async def push_blocks(
+        self,
+        dst_cache_key: BlocksCacheKey,
+        src_cache: Cache,
+        src_blocks: list[int] | tuple[int, ...] = (),
+        dst_blocks: list[int] | tuple[int, ...] = (),
+        src_layer_range: range | None = None,
+        dst_layer_range: range | None = None,
+        tensor_num_per_layer: int = 2,
+    ) -> None:
+        """Copy local blocks ``src_blocks[i]`` of ``src_cache`` into blocks ``dst_blocks[i]`` of
+        the peer's cache bound to ``dst_cache_key`` (all layers, or the given layer ranges)."""
+        op = "push_blocks"
+        check_isinstance("dst_cache_key", dst_cache_key, BlocksCacheKey, allow_none=False)
+        args.check_cache_arg(op, "src_cache", src_cache)
+        if not src_cache.is_blocks_cache:
+            raise args.param_invalid(op, "src_cache must be a blocks cache")
+        src = args.block_list(op, "src_blocks", src_blocks)
+        dst = args.block_list(op, "dst_blocks", dst_blocks)
+        if dst.size == 0:
+            raise args.param_invalid(op, "dst_blocks must not be empty")
+        args.check_tensor_num_per_layer(op, tensor_num_per_layer)
+        args.check_ranges(op, src_layer_range, dst_layer_range)
+        args.same_length(op, "src_blocks", src, "dst_blocks", dst)
+        self._require_running(op)
+        link = self._link_for(op, dst_cache_key.cluster_id)
+        local = self._local_for(op, src_cache)
+        remote = self._remote_blocks(op, link, dst_cache_key)
+        src_bases, dst_bases = self._select(
+            op,
+            local.layout,
+            remote.layout,
+            src_layer_range,
+            dst_layer_range,
+            tensor_num_per_layer,
+            "src",
+            "dst",
+        )
+        args.check_blocks_in_range(op, "src_blocks", src, local.layout.units)
+        args.check_blocks_in_range(op, "dst_blocks", dst, remote.layout.units)
+        self._check_block_bytes(op, local.layout, remote.layout)
+        plan = (dst_bases, src_bases, dst, src, local.layout.unit_bytes)
+        await self._transfer(op, link, local, remote, plan, write=True)
+
+    def _link_for(self, op: str, cluster_id: int) -> Link:
+        if cluster_id == self._cluster_id:
+            raise args.param_invalid(
+                op, f"the cache key names this engine's own cluster {cluster_id}"
+            )
+        link = self._links.get(cluster_id)
+        if link is None or link.closed:
+            raise args.fail(op, Status.LLM_NOT_YET_LINK, f"cluster {cluster_id} is not linked")
+        return link
+
+    def _local_for(self, op: str, cache: Cache) -> LocalCache:
+        entry = self._caches.get(cache.cache_id)
+        if entry is None or entry.cache is not cache:
+            raise args.fail(
+                op,
+                Status.LLM_KV_CACHE_NOT_EXIST,
+                f"cache {cache.cache_id} is not registered with this engine",
+            )
+        return entry
+
+    @staticmethod
+    def _remote_blocks(op: str, link: Link, key: BlocksCacheKey) -> RemoteCache:
+        remote = link.registry.blocks_by_model.get(key.model_id)
+        if remote is None:
+            raise args.fail(
+                op,
+                Status.LLM_KV_CACHE_NOT_EXIST,
+                f"cluster {link.peer.cluster_id} has no remotely accessible blocks cache bound to "
+                f"BlocksCacheKey(model_id={key.model_id}); the owner must register it with that "
+                "key and remote_accessible=True",
+            )
+        return remote
+
+    @staticmethod
+    def _select(
+        op: str,
+        local: Layout,
+        remote: Layout,
+        local_range: range | None,
+        remote_range: range | None,
+        tnpl: int,
+        local_side: str,
+        remote_side: str,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Base addresses of the selected tensors on both sides (same count required)."""
+        li = args.select_tensors(op, local_side, local.num_tensors, local_range, tnpl)
+        ri = args.select_tensors(op, remote_side, remote.num_tensors, remote_range, tnpl)
+        if li.size != ri.size:
+            raise args.param_invalid(
+                op,
+                f"the {local_side} side selects {li.size} tensors but the {remote_side} side "
+                f"selects {ri.size}; layer ranges must cover the same number of tensors",
+            )
+        return local.addrs[li], remote.addrs[ri]
+
+    @staticmethod
+    def _check_block_bytes(op: str, local: Layout, remote: Layout) -> None:
+        if local.unit_bytes != remote.unit_bytes:
+            raise args.param_invalid(
+                op,
+                f"block sizes differ: local {local.unit_bytes} bytes, remote "
+                f"{remote.unit_bytes} bytes",
+            )
+
+    async def _transfer(
+        self,
+        op: str,
+        link: Link,
+        local: LocalCache,
+        remote: RemoteCache,
+        plan: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int],
+        write: bool,
+    ) -> None:
+        """Plan and move one request on the executor, holding both caches and the link."""
+        stats, link_stats = (
+            (self._push_stats, link.push) if write else (self._pull_stats, link.pull)
+        )
+        transport = link.transport
+        move = transport.write if write else transport.read
+
+        def plan_and_move() -> tuple[int, int]:
+            pieces = block_pieces(*plan)
+            return move(pieces), pieces.count
+
+        for usage in (link.usage, local.usage, remote.usage):
+            usage.acquire()
+        t0 = time.perf_counter()
+        try:
+            nbytes, count = await self._run_native(plan_and_move)
+        except (_ffi.NativeError, TransportClosed) as exc:
+            err = self._transfer_error(op, link, exc)
+            stats.record_error(err.status_code.name)
+            link_stats.record_error(err.status_code.name)
+            raise err from None
+        finally:
+            for usage in (link.usage, local.usage, remote.usage):
+                usage.release()
+        elapsed = time.perf_counter() - t0
+        stats.record(nbytes, count, elapsed)
+        link_stats.record(nbytes, count, elapsed)
+
+    def _transfer_error(self, op: str, link: Link, exc: Exception) -> LLMException:
+        peer = link.peer.cluster_id
+        if isinstance(exc, TransportClosed) or getattr(exc, "name", "") == "DXL_E_SRCH":
+            link.channel.close(f"peer process {link.peer.pid} is gone")
+            return args.fail(
+                op, Status.LLM_LINK_FAILED, f"cluster {peer} (pid {link.peer.pid}) is gone: {exc}"
+            )
+        if getattr(exc, "name", "") == "DXL_E_FAULT":
+            return args.fail(
+                op,
+                Status.LLM_SUSPECT_REMOTE_ERROR,
+                f"memory of cluster {peer} is no longer mapped where it was registered: {exc}",
+            )
+        return args.fail(op, Status.LLM_FAILED, f"transfer with cluster {peer} failed: {exc}")
+
+    # ------------------------------------------------------------------ observability
+    def stats(self) -> dict[str, Any]:
+        """Counters of this engine: registrations, links and per-transport traffic."""
+        counters = _ffi.ffi.new("dxl_counters_t *")
+        _ffi.lib.dxl_counters(counters)
+        transports: dict[str, int] = {}
+        for link in self._links.values():
+            transports[link.transport.name] = transports.get(link.transport.name, 0) + 1
+        return {
+            "cluster_id": self._cluster_id,
+            "role": self._role.name,
+            "state": self._state,
+            "incarnation": self.incarnation,
+            "listen": "{}:{}".format(*self.listen_address) if self.listen_address else None,
+            "caches": len(self._caches),
+            "registered_addrs": sum(e.layout.num_tensors for e in self._caches.values()),
+            "links": {cid: link.snapshot() for cid, link in self._links.items()},
+            "transports": transports,
+            "pull": self._pull_stats.snapshot(),
+            "push": self._push_stats.snapshot(),
+            "native": {
+                "regions_live": counters.regions_live,
+                "peers_open": counters.peers_open,
+                "ops_inflight": counters.ops_inflight,
+                "bytes_registered": counters.bytes_registered,
+            },
+        }
+
+
+def _overall(results: list[LLMStatusCode]) -> LLMStatusCode:
+    return next((r for r in results if r != Status.LLM_SUCCESS), Status.LLM_SUCCESS)
+
+
+def _status(code: int, default: LLMStatusCode) -> LLMStatusCode:
+    try:
+        return LLMStatusCode(code)
+    except ValueError:
+        return default
+
+
+__all__ = ["Engine"]

@@ -1,0 +1,86 @@
+"""Transfer planning: (layout, block ids, tensors) -> arrays of (dst, src, length) pieces.
+
+Pure, numpy-vectorised functions with no Python loop per block or per tensor, so a request
+of a 128k-token, 64-layer model plans in well under a millisecond. Runs of pieces that are
+contiguous on both sides (consecutive blocks, or adjacent tensors of one allocation) are
+coalesced into one piece, which the native layer then moves with as few syscalls as possible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+U64 = np.uint64
+
+
+@dataclass(frozen=True, slots=True)
+class Pieces:
+    """A transfer plan: piece i copies ``length[i]`` bytes from ``src[i]`` to ``dst[i]``."""
+
+    dst: np.ndarray
+    src: np.ndarray
+    length: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return int(self.length.size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.length.sum(dtype=U64))
+
+    @classmethod
+    def empty(cls) -> Pieces:
+        z = np.zeros(0, dtype=U64)
+        return cls(z, z, z)
+
+
+def tensor_selection(
+    num_tensors: int, layer_range: range | None, tensor_num_per_layer: int
+) -> np.ndarray:
+    """Tensor indices selected by a layer range (all tensors when the range is None)."""
+    if layer_range is None:
+        return np.arange(num_tensors, dtype=np.int64)
+    return np.arange(
+        layer_range.start * tensor_num_per_layer,
+        layer_range.stop * tensor_num_per_layer,
+        dtype=np.int64,
+    )
+
+
+def block_pieces(
+    dst_bases: np.ndarray,
+    src_bases: np.ndarray,
+    dst_blocks: np.ndarray,
+    src_blocks: np.ndarray,
+    block_bytes: int,
+) -> Pieces:
+    """Plan block i of every selected tensor: ``src_bases[t] + src_blocks[i] * block_bytes`` to
+    ``dst_bases[t] + dst_blocks[i] * block_bytes``, tensor-major order, then coalesce.
+
+    Args:
+        dst_bases, src_bases: uint64 base address of each selected tensor (same length).
+        dst_blocks, src_blocks: block indices (same length, already range-checked).
+        block_bytes: bytes per block, equal on both sides.
+    """
+    bb = U64(block_bytes)
+    dst_off = dst_blocks.astype(U64) * bb
+    src_off = src_blocks.astype(U64) * bb
+    dst = (dst_bases.astype(U64)[:, None] + dst_off[None, :]).ravel()
+    src = (src_bases.astype(U64)[:, None] + src_off[None, :]).ravel()
+    return coalesce(dst, src, np.full(dst.size, bb, dtype=U64))
+
+
+def coalesce(dst: np.ndarray, src: np.ndarray, length: np.ndarray) -> Pieces:
+    """Merge each run of pieces that continue one another on both sides into one piece."""
+    if dst.size <= 1:
+        return Pieces(dst, src, length)
+    ends_dst = dst[:-1] + length[:-1]
+    ends_src = src[:-1] + length[:-1]
+    starts = np.flatnonzero((dst[1:] != ends_dst) | (src[1:] != ends_src)) + 1
+    if starts.size == dst.size - 1:  # nothing to merge: skip the reduction
+        return Pieces(dst, src, length)
+    starts = np.concatenate(([0], starts))
+    return Pieces(dst[starts], src[starts], np.add.reduceat(length, starts))

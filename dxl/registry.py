@@ -1,0 +1,111 @@
+"""Caches known to an engine: its own registrations and the ones peers advertise to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .types import Cache
+from .usage import Usage
+
+
+@dataclass(slots=True)
+class Layout:
+    """Byte layout shared by local and remote caches: ``num_tensors`` tensors of ``tensor_size``
+    bytes each at ``addrs``, cut into ``units`` equal units (blocks, or batches)."""
+
+    addrs: np.ndarray  # uint64, one base address per tensor
+    tensor_size: int
+    units: int
+    blocks: bool
+
+    @property
+    def num_tensors(self) -> int:
+        return int(self.addrs.size)
+
+    @property
+    def unit_bytes(self) -> int:
+        return self.tensor_size // self.units
+
+
+@dataclass(slots=True)
+class LocalCache:
+    """One registration of this engine."""
+
+    cache: Cache
+    layout: Layout
+    remote_accessible: bool
+    model_id: int | None  # BlocksCacheKey bound to a blocks cache
+    gen: int
+    region_ids: list[int]
+    usage: Usage = field(default_factory=Usage)
+
+    def wire_entry(self) -> dict[str, Any]:
+        """The registry entry peers receive (only for remotely accessible caches)."""
+        desc = self.cache.cache_desc
+        return {
+            "id": self.cache.cache_id,
+            "gen": self.gen,
+            "blocks": self.layout.blocks,
+            "num_tensors": self.layout.num_tensors,
+            "tensor_size": self.layout.tensor_size,
+            "units": self.layout.units,
+            "placement": int(desc.placement),
+            "addrs": [int(a) for a in self.layout.addrs],
+            "model_id": self.model_id,
+            "keys": [],
+        }
+
+
+@dataclass(slots=True)
+class RemoteCache:
+    """A cache a peer advertised as remotely accessible."""
+
+    cache_id: int
+    gen: int
+    layout: Layout
+    model_id: int | None
+    usage: Usage = field(default_factory=Usage)
+    removed: bool = False
+
+    @classmethod
+    def from_wire(cls, entry: dict[str, Any]) -> RemoteCache:
+        layout = Layout(
+            addrs=np.asarray(entry["addrs"], dtype=np.uint64),
+            tensor_size=entry["tensor_size"],
+            units=entry["units"],
+            blocks=entry["blocks"],
+        )
+        return cls(entry["id"], entry["gen"], layout, entry["model_id"])
+
+
+class RemoteRegistry:
+    """What one peer advertised: caches by id and blocks caches by BlocksCacheKey.model_id."""
+
+    def __init__(self, entries: list[dict[str, Any]]) -> None:
+        self.caches: dict[int, RemoteCache] = {}
+        self.blocks_by_model: dict[int, RemoteCache] = {}
+        for entry in entries:
+            self.add(entry)
+
+    def add(self, entry: dict[str, Any]) -> None:
+        old = self.caches.get(entry["id"])
+        if old is not None:
+            self._drop(old)
+        cache = RemoteCache.from_wire(entry)
+        self.caches[cache.cache_id] = cache
+        if cache.layout.blocks and cache.model_id is not None:
+            self.blocks_by_model[cache.model_id] = cache
+
+    def remove(self, cache_id: int) -> RemoteCache | None:
+        cache = self.caches.pop(cache_id, None)
+        if cache is not None:
+            self._drop(cache)
+        return cache
+
+    def _drop(self, cache: RemoteCache) -> None:
+        cache.removed = True  # transfers that already hold it finish; new ones cannot find it
+        if self.blocks_by_model.get(cache.model_id) is cache:  # type: ignore[arg-type]
+            del self.blocks_by_model[cache.model_id]  # type: ignore[arg-type]

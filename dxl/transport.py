@@ -1,0 +1,89 @@
+"""Data-path transports: objects that move a planned piece list between two processes.
+
+Each transport offers blocking ``read(pieces)`` (remote -> local, a pull) and ``write(pieces)``
+(local -> remote, a push). The engine calls them on its own executor; one call moves a whole
+request. Today: ``cma`` (cross-memory attach, same host). ``tcp`` and ``cuda`` come later and
+plug in here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Protocol
+
+from . import _ffi
+from .plan import Pieces
+
+
+class TransportClosed(Exception):
+    """The link that owned this transport was torn down while a request wanted it."""
+
+
+class Transport(Protocol):
+    name: str
+
+    def read(self, pieces: Pieces) -> int: ...
+
+    def write(self, pieces: Pieces) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class CmaTransport:
+    """process_vm_readv/writev against one peer process, watched through its pidfd."""
+
+    name = "cma"
+
+    def __init__(self, pid: int, threads: int) -> None:
+        out = _ffi.ffi.new("dxl_peer_t **")
+        _ffi.check(_ffi.lib.dxl_peer_open(pid, out), f"open peer process {pid}")
+        self._peer = _ffi.ffi.gc(out[0], _ffi.lib.dxl_peer_close)
+        self._threads = threads
+        self.pid = pid
+
+    def alive(self) -> bool:
+        return self._peer is not None and bool(_ffi.lib.dxl_peer_alive(self._peer))
+
+    def read(self, pieces: Pieces) -> int:
+        return self._move(0, pieces.dst, pieces.src, pieces)
+
+    def write(self, pieces: Pieces) -> int:
+        return self._move(1, pieces.src, pieces.dst, pieces)
+
+    def _move(self, write: int, local, remote, pieces: Pieces) -> int:
+        if self._peer is None:
+            raise TransportClosed("cma transport is closed")
+        done = _ffi.ffi.new("uint64_t *")
+        rc = _ffi.lib.dxl_cma_transfer(
+            self._peer,
+            write,
+            _ffi.as_u64_ptr(local),
+            _ffi.as_u64_ptr(remote),
+            _ffi.as_u64_ptr(pieces.length),
+            pieces.count,
+            self._threads,
+            done,
+        )
+        _ffi.check(rc, "cma push" if write else "cma pull")
+        return int(done[0])
+
+    def close(self) -> None:
+        peer, self._peer = self._peer, None
+        if peer is not None:
+            _ffi.ffi.release(peer)
+
+
+@functools.cache
+def host_identity() -> str:
+    """Identify the kernel and pid namespace: CMA works only between equal identities."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "unknown-boot"
+    try:
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pidns = 0
+    return f"{boot}/pidns:{pidns}"

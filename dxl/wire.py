@@ -1,0 +1,165 @@
+"""Control-plane frames: a fixed schema, a size bound, and nothing that executes code.
+
+A frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON holding one
+object. JSON (not pickle) keeps decoding free of side effects; every message type has a fixed
+set of fields with fixed types, checked by :func:`decode` before any handler sees it. Anything
+else raises :class:`FrameError`, and the connection that sent it is closed (and only that one).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+MAX_FRAME = 4 << 20  # a registry of 240 addresses is a few KiB; 4 MiB leaves room, bounds memory
+HEADER = struct.Struct(">I")
+PROTOCOL_VERSION = 1
+
+_INT = (int,)
+_STR = (str,)
+_BOOL = (bool,)
+_LIST = (list,)
+
+
+class FrameError(ValueError):
+    """A frame broke the wire schema; the connection that sent it is closed."""
+
+
+# Fields of one advertised cache (registry entry). Only remotely accessible caches are sent.
+CACHE_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": _INT,  # cache_id on the owner
+    "gen": _INT,  # registry generation of this entry on the owner
+    "blocks": _BOOL,  # blocks (paged) cache or contiguous cache
+    "num_tensors": _INT,
+    "tensor_size": _INT,  # bytes of one tensor
+    "units": _INT,  # num_blocks for a blocks cache, batch size for a contiguous one
+    "placement": _INT,
+    "addrs": _LIST,  # one base address per tensor
+    "model_id": (int, type(None)),  # BlocksCacheKey.model_id bound to a blocks cache
+    "keys": _LIST,  # [[req_id, model_id, prefix_id, batch_index], ...] of a contiguous cache
+}
+
+# Every message type and its fields. "rid" correlates a request with its "ack".
+SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
+    "hello": {
+        "proto": _INT,
+        "cluster_id": _INT,
+        "expect_cluster_id": _INT,
+        "role": _INT,
+        "incarnation": _STR,
+        "host": _STR,
+        "pid": _INT,
+        "probe": _LIST,  # [address, token]: 8 bytes the peer may read to prove CMA works
+        "force": _BOOL,
+        "caches": _LIST,
+    },
+    "welcome": {
+        "proto": _INT,
+        "cluster_id": _INT,
+        "role": _INT,
+        "incarnation": _STR,
+        "host": _STR,
+        "pid": _INT,
+        "probe": _LIST,
+        "caches": _LIST,
+    },
+    "reject": {"code": _INT, "message": _STR},
+    "reg_add": {"rid": _INT, "cache": (dict,)},
+    "reg_del": {"rid": _INT, "id": _INT, "gen": _INT},
+    "unlink": {"rid": _INT},
+    "ack": {"rid": _INT, "code": _INT, "message": _STR},
+    "ping": {},
+}
+
+_U64 = (1 << 64) - 1
+
+
+def encode(kind: str, **fields: Any) -> bytes:
+    """Encode one message (checked against its schema) as a length-prefixed frame."""
+    msg = {"t": kind, **fields}
+    _check_message(msg)
+    body = json.dumps(msg, separators=(",", ":")).encode()
+    if len(body) > MAX_FRAME:
+        raise FrameError(f"{kind} frame is {len(body)} bytes, over the {MAX_FRAME} byte bound")
+    return HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    """Return the body length announced by a frame header, refusing oversize frames."""
+    (length,) = HEADER.unpack(header)
+    if length == 0 or length > MAX_FRAME:
+        raise FrameError(f"frame length {length} outside 1..{MAX_FRAME}")
+    return length
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    """Decode and validate one frame body; raise FrameError on anything off-schema."""
+    try:
+        msg = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FrameError(f"frame is not UTF-8 JSON: {exc}") from None
+    _check_message(msg)
+    return msg
+
+
+def _check_message(msg: Any) -> None:
+    if not isinstance(msg, dict):
+        raise FrameError("frame must hold a JSON object")
+    kind = msg.get("t")
+    schema = SCHEMAS.get(kind) if isinstance(kind, str) else None
+    if schema is None:
+        raise FrameError(f"unknown message type {kind!r}")
+    _check_fields(f"{kind} message", msg, schema, extra=("t",))
+    if kind in ("hello", "welcome"):
+        _check_probe(msg["probe"])
+        for entry in msg["caches"]:
+            check_cache_entry(entry)
+    elif kind == "reg_add":
+        check_cache_entry(msg["cache"])
+
+
+def _check_fields(
+    what: str, obj: dict[str, Any], schema: dict[str, tuple[type, ...]], extra: tuple[str, ...] = ()
+) -> None:
+    allowed = set(schema) | set(extra)
+    unknown = set(obj) - allowed
+    if unknown:
+        raise FrameError(f"{what} has unknown fields {sorted(unknown)}")
+    for name, types in schema.items():
+        if name not in obj:
+            raise FrameError(f"{what} lacks field {name!r}")
+        value = obj[name]
+        # bool is an int subclass; an int field must not accept true/false
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise FrameError(f"{what} field {name!r} has type {type(value).__name__}")
+        if isinstance(value, int) and not isinstance(value, bool) and not -1 <= value <= _U64:
+            raise FrameError(f"{what} field {name!r} is outside the 64-bit range")
+
+
+def _check_u64_list(what: str, values: Any, length: int | None = None) -> None:
+    if not isinstance(values, list) or (length is not None and len(values) != length):
+        raise FrameError(f"{what} must be a list" + (f" of {length}" if length else ""))
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= _U64:
+            raise FrameError(f"{what} must hold unsigned 64-bit integers")
+
+
+def _check_probe(probe: Any) -> None:
+    _check_u64_list("probe", probe, 2)
+
+
+def check_cache_entry(entry: Any) -> None:
+    """Validate one advertised cache: types, and sizes that cannot overflow address arithmetic."""
+    if not isinstance(entry, dict):
+        raise FrameError("cache entry must be an object")
+    _check_fields("cache entry", entry, CACHE_FIELDS)
+    _check_u64_list("cache entry addrs", entry["addrs"])
+    if len(entry["addrs"]) != entry["num_tensors"] or entry["num_tensors"] < 1:
+        raise FrameError("cache entry must carry exactly num_tensors (>= 1) addresses")
+    if entry["tensor_size"] < 1 or entry["units"] < 1 or entry["tensor_size"] % entry["units"]:
+        raise FrameError("cache entry tensor_size must be a positive multiple of units")
+    if any(a == 0 or a + entry["tensor_size"] > _U64 for a in entry["addrs"]):
+        raise FrameError("cache entry address range wraps or is null")
+    for key in entry["keys"]:
+        _check_u64_list("cache entry key", key, 4)
