@@ -1,0 +1,102 @@
+"""Verifiable paged-KV buffers for tests, examples and benchmarks.
+
+``KVBuffers`` allocates one numpy array per tensor (as a serving framework does: K and V of
+every layer, each its own allocation) and fills it with a pattern unique per 8-byte word, so
+that any copied block can be checked against the block it should have come from without
+access to the source process.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .types import CacheDesc, DataType, Placement
+
+_WORD = 8
+
+
+def _tensor_salt(seed: int, tensor: int) -> np.uint64:
+    return np.uint64(((seed & 0xFFFF) << 48) | ((tensor & 0xFFFF) << 32))
+
+
+class KVBuffers:
+    """``num_tensors`` host tensors of ``num_blocks`` blocks of ``block_bytes`` each.
+
+    Args:
+        num_tensors: tensors (2 per layer for K and V).
+        num_blocks: blocks per tensor.
+        block_bytes: bytes per block, a multiple of 8.
+        seed: pattern seed (0..65535); ``fill=False`` leaves the memory zeroed.
+    """
+
+    def __init__(
+        self, num_tensors: int, num_blocks: int, block_bytes: int, seed: int = 0, fill: bool = True
+    ) -> None:
+        if block_bytes % _WORD:
+            raise ValueError(f"block_bytes must be a multiple of {_WORD}, got {block_bytes}")
+        self.num_tensors = num_tensors
+        self.num_blocks = num_blocks
+        self.block_bytes = block_bytes
+        self.seed = seed
+        self.filled = fill
+        words = num_blocks * block_bytes // _WORD
+        self.words: list[np.ndarray] = []
+        for t in range(num_tensors):
+            if fill:
+                w = np.arange(words, dtype=np.uint64)
+                w ^= _tensor_salt(seed, t)
+            else:  # touch every page now, as a framework's initialised KV cache would be
+                w = np.empty(words, dtype=np.uint64)
+                w.fill(0)
+            self.words.append(w)
+
+    @property
+    def addrs(self) -> list[int]:
+        return [int(w.ctypes.data) for w in self.words]
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_tensors * self.num_blocks * self.block_bytes
+
+    def desc(self, data_type: DataType = DataType.DT_FLOAT16) -> CacheDesc:
+        """A blocks CacheDesc for this layout: shape ``(num_blocks, elements per block)``."""
+        itemsize = data_type.itemsize
+        return CacheDesc(
+            num_tensors=self.num_tensors,
+            shape=[self.num_blocks, self.block_bytes // itemsize],
+            data_type=data_type,
+            placement=Placement.HOST,
+        )
+
+    def blocks(self, tensor: int) -> np.ndarray:
+        """Tensor ``tensor`` as a (num_blocks, words per block) uint64 view."""
+        return self.words[tensor].reshape(self.num_blocks, self.block_bytes // _WORD)
+
+    def matches(
+        self,
+        tensors: np.ndarray | list[int],
+        dst_blocks: np.ndarray | list[int],
+        src_seed: int,
+        src_tensors: np.ndarray | list[int],
+        src_blocks: np.ndarray | list[int],
+    ) -> bool:
+        """True if ``dst_blocks`` of each tensor hold the pattern of ``src_blocks`` of the
+        matching source tensor (``src_seed`` names the source's pattern)."""
+        wpb = self.block_bytes // _WORD
+        src = np.asarray(src_blocks, dtype=np.uint64)
+        dst = np.asarray(dst_blocks, dtype=np.int64)
+        offsets = src[:, None] * np.uint64(wpb) + np.arange(wpb, dtype=np.uint64)[None, :]
+        for t, st in zip(tensors, src_tensors, strict=True):
+            expected = offsets ^ _tensor_salt(src_seed, int(st))
+            if not np.array_equal(self.blocks(int(t))[dst], expected):
+                return False
+        return True
+
+    def untouched(self, tensors: list[int] | np.ndarray, blocks: list[int] | np.ndarray) -> bool:
+        """True if the given blocks still hold this buffer's own pattern (or zeros if unfilled)."""
+        blocks = np.asarray(blocks, dtype=np.int64)
+        if not blocks.size:
+            return True
+        if not self.filled:
+            return all(not self.blocks(int(t))[blocks].any() for t in tensors)
+        return self.matches(tensors, blocks, self.seed, tensors, blocks)
