@@ -1,0 +1,162 @@
+"""A dxl Engine in another process, driven by the test over a pipe.
+
+The child owns KV buffers (``dxl.testing.KVBuffers``) and an Engine that listens on loopback;
+the test sends commands (register, link, pull, push, read back, stop) and gets results or the
+child's exception (type name, message, status code). Every wait has a deadline, so a broken
+child fails the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import signal
+from typing import Any
+
+import numpy as np
+
+CTX = mp.get_context("spawn")
+DEFAULT_DEADLINE_S = 30.0
+
+
+class PeerError(Exception):
+    """An operation failed inside the peer process."""
+
+    def __init__(self, type_name: str, message: str, status_code: int | None) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.status_code = status_code
+
+
+class Peer:
+    """Handle of a child process running one Engine."""
+
+    def __init__(
+        self, cluster_id: int, role: str = "PROMPT", options: dict[str, str] | None = None
+    ) -> None:
+        opts = {"llm.listenIpInfo": "127.0.0.1:0", "dxl.HeartbeatIntervalMs": "200"}
+        opts.update(options or {})
+        self.cluster_id = cluster_id
+        self._conn, child = CTX.Pipe()
+        self.proc = CTX.Process(target=_child_main, args=(child, cluster_id, role, opts))
+        self.proc.start()
+        child.close()
+        self.address, self.pid = self._wait_reply(DEFAULT_DEADLINE_S)
+
+    def call(self, cmd: str, deadline_s: float = DEFAULT_DEADLINE_S, **kwargs: Any) -> Any:
+        self._conn.send((cmd, kwargs))
+        return self._wait_reply(deadline_s)
+
+    async def acall(self, cmd: str, deadline_s: float = DEFAULT_DEADLINE_S, **kwargs: Any) -> Any:
+        """``call`` from a coroutine: waits on a thread so this process's engine keeps running
+        (the peer may need it to answer, e.g. to acknowledge a registry change)."""
+        return await asyncio.to_thread(self.call, cmd, deadline_s, **kwargs)
+
+    def _wait_reply(self, deadline_s: float) -> Any:
+        if not self._conn.poll(deadline_s):
+            raise TimeoutError(f"peer {self.cluster_id} gave no answer within {deadline_s} s")
+        status, payload = self._conn.recv()
+        if status == "err":
+            raise PeerError(*payload)
+        return payload
+
+    def cluster_info(self):
+        from dxl import LLMClusterInfo
+
+        info = LLMClusterInfo()
+        info.remote_cluster_id = self.cluster_id
+        info.append_local_ip_info("127.0.0.1", 0)
+        info.append_remote_ip_info(self.address[0], self.address[1])
+        return info
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.call("stop", deadline_s=10)
+            except (TimeoutError, EOFError, BrokenPipeError, OSError):
+                self.proc.kill()
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        self._conn.close()
+
+
+def _child_main(conn: Any, cluster_id: int, role: str, options: dict[str, str]) -> None:
+    asyncio.run(_serve(conn, cluster_id, role, options))
+
+
+async def _serve(conn: Any, cluster_id: int, role: str, options: dict[str, str]) -> None:
+    import dxl
+    from dxl.testing import KVBuffers
+
+    loop = asyncio.get_running_loop()
+    async with dxl.Engine(cluster_id, dxl.LLMRole[role], options) as eng:
+        conn.send(("ok", (eng.listen_address, os.getpid())))
+        buffers: dict[str, KVBuffers] = {}
+        caches: dict[str, Any] = {}
+        while True:
+            cmd, kw = await loop.run_in_executor(None, conn.recv)
+            try:
+                result = await _handle(eng, buffers, caches, cmd, kw)
+            except Exception as exc:  # reported to the test, which asserts on it
+                code = getattr(exc, "status_code", None)
+                code = None if code is None else int(code)
+                conn.send(("err", (type(exc).__name__, str(exc), code)))
+                continue
+            conn.send(("ok", result))
+            if cmd == "stop":
+                return
+
+
+async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> Any:
+    import dxl
+    from dxl.testing import KVBuffers
+
+    if cmd == "register":
+        buf = KVBuffers(kw["num_tensors"], kw["num_blocks"], kw["block_bytes"], kw["seed"],
+                        fill=kw.get("fill", True))
+        key = dxl.BlocksCacheKey(eng.cluster_id, kw["model_id"]) if "model_id" in kw else None
+        cache = await eng.register_blocks_cache(
+            buf.desc(), buf.addrs, key, remote_accessible=kw.get("remote_accessible", True)
+        )
+        buffers[kw["name"]] = buf
+        caches[kw["name"]] = cache
+        return cache.cache_id
+    if cmd == "unregister":
+        await eng.unregister_cache(caches.pop(kw["name"]).cache_id)
+        buffers.pop(kw["name"])
+        return None
+    if cmd == "read":
+        buf = buffers[kw["name"]]
+        return [buf.blocks(t)[np.asarray(kw["blocks"])].tobytes() for t in kw["tensors"]]
+    if cmd == "matches":
+        return buffers[kw["name"]].matches(**kw["args"])
+    if cmd == "untouched":
+        return buffers[kw["name"]].untouched(kw["tensors"], kw["blocks"])
+    if cmd == "link":
+        info = dxl.LLMClusterInfo()
+        info.remote_cluster_id = kw["cluster_id"]
+        info.append_local_ip_info("127.0.0.1", 0)
+        info.append_remote_ip_info(*kw["address"])
+        ret, _ = await eng.link_clusters([info], kw.get("timeout", 3000))
+        return int(ret)
+    if cmd == "pull":
+        await eng.pull_blocks(dxl.BlocksCacheKey(kw["cluster_id"], kw.get("model_id", 0)),
+                              caches[kw["name"]], kw["src_blocks"], kw["dst_blocks"],
+                              **kw.get("kwargs", {}))
+        return None
+    if cmd == "push":
+        await eng.push_blocks(dxl.BlocksCacheKey(kw["cluster_id"], kw.get("model_id", 0)),
+                              caches[kw["name"]], kw["src_blocks"], kw["dst_blocks"],
+                              **kw.get("kwargs", {}))
+        return None
+    if cmd == "links":
+        return sorted(eng.stats()["links"])
+    if cmd == "stop":
+        return None
+    raise ValueError(f"unknown command {cmd}")

@@ -1,0 +1,212 @@
+"""Links: handshake identity, registry updates after linking, unregister, dead and hostile peers,
+and an event loop that stays responsive under many concurrent pulls."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+
+import dxl
+from dxl.testing import KVBuffers
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.cma]
+
+S = dxl.LLMStatusCode
+TENSORS, BLOCKS, BB = 4, 64, 4096
+D_ID = 2
+
+
+def start_prefill(make_peer, cluster_id, seed, **kw):
+    peer = make_peer(cluster_id, **kw)
+    peer.call("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS, block_bytes=BB,
+              seed=seed, model_id=0)
+    return peer
+
+
+async def decoder_with_cache(options=None):
+    eng = dxl.Engine(D_ID, dxl.LLMRole.DECODER, options)
+    await eng.start()
+    buf = KVBuffers(TENSORS, BLOCKS, BB, fill=False)
+    cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
+    return eng, cache, buf
+
+
+async def test_wrong_cluster_id_fails_the_link(make_peer):
+    peer = start_prefill(make_peer, 1, seed=1)
+    info = peer.cluster_info()
+    info.remote_cluster_id = 77  # the process at that address is cluster 1
+    async with dxl.Engine(D_ID, dxl.LLMRole.DECODER) as eng:
+        ret, rets = await eng.link_clusters([info])
+        assert ret == S.LLM_LINK_FAILED and rets == [S.LLM_LINK_FAILED]
+        assert eng.stats()["links"] == {}
+        ret, rets = await eng.link_clusters([peer.cluster_info()])
+        assert rets == [S.LLM_SUCCESS]
+        ret, rets = await eng.link_clusters([peer.cluster_info()])
+        assert rets == [S.LLM_ALREADY_LINK]
+
+
+async def test_link_to_closed_port_fails_in_time():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again before the link tries it
+    info = dxl.LLMClusterInfo()
+    info.remote_cluster_id = 1
+    info.append_local_ip_info("127.0.0.1", 0)
+    info.append_remote_ip_info("127.0.0.1", port)
+    async with dxl.Engine(D_ID, dxl.LLMRole.DECODER) as eng:
+        t0 = time.monotonic()
+        _, rets = await eng.link_clusters([info], timeout=1000)
+        assert rets == [S.LLM_LINK_FAILED]
+        assert time.monotonic() - t0 < 2
+
+
+async def test_registration_after_link_reaches_peer_before_return(make_peer):
+    peer = make_peer(1)  # nothing registered yet
+    eng, cache, buf = await decoder_with_cache()
+    async with eng:
+        assert (await eng.link_clusters([peer.cluster_info()]))[0] == S.LLM_SUCCESS
+        with pytest.raises(dxl.LLMException) as err:
+            await eng.pull_blocks(dxl.BlocksCacheKey(1, 0), cache, [0], [0])
+        assert err.value.status_code == S.LLM_KV_CACHE_NOT_EXIST
+        await peer.acall("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS,
+                         block_bytes=BB, seed=9, model_id=0)  # returns after our ack
+        await eng.pull_blocks(dxl.BlocksCacheKey(1, 0), cache, [3], [4])
+        assert buf.matches(range(TENSORS), [4], 9, range(TENSORS), [3])
+        await peer.acall("unregister", name="kv")  # returns only after we stopped using it
+        with pytest.raises(dxl.LLMException) as err:
+            await eng.pull_blocks(dxl.BlocksCacheKey(1, 0), cache, [3], [5])
+        assert err.value.status_code == S.LLM_KV_CACHE_NOT_EXIST
+        assert buf.untouched(range(TENSORS), [5])
+
+
+async def test_unlink_then_relink(make_peer):
+    peer = start_prefill(make_peer, 1, seed=3)
+    eng, cache, buf = await decoder_with_cache()
+    async with eng:
+        await eng.link_clusters([peer.cluster_info()])
+        _, rets = await eng.unlink_clusters([peer.cluster_info()])
+        assert rets == [S.LLM_SUCCESS]
+        assert eng.stats()["links"] == {}
+        for _ in range(50):  # the peer drops its end when told
+            if peer.call("links") == []:
+                break
+            await asyncio.sleep(0.02)
+        assert peer.call("links") == []
+        _, rets = await eng.unlink_clusters([peer.cluster_info()])
+        assert rets == [S.LLM_NOT_YET_LINK]
+        assert (await eng.link_clusters([peer.cluster_info()]))[0] == S.LLM_SUCCESS
+        await eng.pull_blocks(dxl.BlocksCacheKey(1, 0), cache, [1], [1])
+        assert buf.matches(range(TENSORS), [1], 3, range(TENSORS), [1])
+        _, rets = await eng.unlink_clusters([peer.cluster_info()], force=True)
+        assert rets == [S.LLM_SUCCESS]
+
+
+async def test_killed_prefill_fails_fast_and_others_keep_working(make_peer):
+    sync_kv_timeout_ms = 1000
+    p1 = start_prefill(make_peer, 1, seed=1)
+    p2 = start_prefill(make_peer, 3, seed=3)
+    eng, cache, buf = await decoder_with_cache({"llm.SyncKvCacheWaitTime": "1000",
+                                                "dxl.HeartbeatIntervalMs": "200"})
+    async with eng:
+        ret, _ = await eng.link_clusters([p1.cluster_info(), p2.cluster_info()])
+        assert ret == S.LLM_SUCCESS
+        await eng.pull_blocks(dxl.BlocksCacheKey(1, 0), cache, [0], [0])
+        p1.kill(signal.SIGKILL)
+        p1.proc.join(5)
+        t0 = time.monotonic()
+        with pytest.raises(dxl.LLMException) as err:
+            await eng.pull_blocks(dxl.BlocksCacheKey(1, 0), cache, [1], [1])
+        assert time.monotonic() - t0 < sync_kv_timeout_ms / 1000 + 1
+        assert err.value.status_code in (S.LLM_LINK_FAILED, S.LLM_NOT_YET_LINK)
+        assert buf.untouched(range(TENSORS), [1])
+        await eng.pull_blocks(dxl.BlocksCacheKey(3, 0), cache, [5, 6], [2, 3])
+        assert buf.matches(range(TENSORS), [2, 3], 3, range(TENSORS), [5, 6])
+        assert 1 not in eng.stats()["links"]
+
+
+async def test_stopped_peer_is_noticed_by_heartbeat(make_peer):
+    peer = start_prefill(make_peer, 1, seed=1)
+    eng, cache, _ = await decoder_with_cache({"dxl.HeartbeatIntervalMs": "100"})
+    async with eng:
+        await eng.link_clusters([peer.cluster_info()])
+        peer.kill(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 3
+            while 1 in eng.stats()["links"] and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polling the engine's public view, as a user would
+            assert 1 not in eng.stats()["links"]
+            with pytest.raises(dxl.LLMException) as err:
+                await eng.pull_blocks(dxl.BlocksCacheKey(1, 0), cache, [1], [1])
+            assert err.value.status_code == S.LLM_NOT_YET_LINK
+        finally:
+            peer.kill(signal.SIGCONT)
+
+
+async def test_garbage_on_the_listening_port(make_peer):
+    """Random bytes, oversize frames and half-open connections never crash or stall it."""
+    peer = start_prefill(make_peer, 1, seed=1)
+    host, port = peer.address
+    rng = np.random.default_rng(0)
+    payloads = [rng.bytes(n) for n in (1, 7, 64, 4096, 100_000)]
+    payloads += [b"\xff\xff\xff\xff" + b"x" * 16, b"\x00\x00\x00\x05{}}}}", b"\x00\x00\x00\x02[]",
+                 b"\x00\x00\x00\x0b{\"t\":\"ack\"}"]
+    for data in payloads:
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(data)
+    idle = socket.create_connection((host, port), timeout=5)  # says nothing at all
+    try:
+        eng, cache, buf = await decoder_with_cache()
+        async with eng:
+            ret, _ = await eng.link_clusters([peer.cluster_info()])
+            assert ret == S.LLM_SUCCESS
+            await eng.pull_blocks(dxl.BlocksCacheKey(1, 0), cache, [2], [2])
+            assert buf.matches(range(TENSORS), [2], 1, range(TENSORS), [2])
+    finally:
+        idle.close()
+    assert peer.proc.is_alive()
+
+
+async def test_256_concurrent_pulls_keep_the_loop_responsive(make_peer):
+    peer = start_prefill(make_peer, 1, seed=5)
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    n = 256
+    async with dxl.Engine(D_ID, dxl.LLMRole.DECODER) as eng:
+        buf = KVBuffers(TENSORS, 2 * n, BB, fill=False)  # own destination blocks per request
+        cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
+        await eng.link_clusters([peer.cluster_info()])
+        rng = np.random.default_rng(1)
+        src = rng.integers(0, BLOCKS, size=(n, 2))
+        tick = asyncio.create_task(ticker())
+        await asyncio.sleep(0.01)
+        await asyncio.gather(*(
+            eng.pull_blocks(dxl.BlocksCacheKey(1, 0), cache, src[i].tolist(), [2 * i, 2 * i + 1])
+            for i in range(n)
+        ))
+        stop.set()
+        await tick
+        assert buf.matches(range(TENSORS), np.arange(2 * n), 5, range(TENSORS), src.ravel())
+        assert eng.stats()["pull"]["ops"] == n
+    assert max(gaps) < 0.020, f"event loop stalled for {max(gaps) * 1000:.1f} ms"
+
+
+def test_features_report_cma():
+    feats = dxl.features()
+    assert feats["cma"] is True
+    assert feats["version"] == dxl.__version__
+    assert os.getpid() > 0
