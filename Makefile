@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml setup.py native/*.h native/*.c native/build_ffi.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	DXL_WERROR=1 $(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
