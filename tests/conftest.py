@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import sys
@@ -50,3 +51,15 @@ def make_peer() -> Iterator:
     yield start
     for peer in peers:
         peer.stop()
+
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
+    """Run every async test on the standard loop and on uvloop: the engine must work on both."""
+    factories = {"asyncio": asyncio.new_event_loop}
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional: the asyncio run still covers everything
+        return factories
+    factories["uvloop"] = uvloop.new_event_loop
+    return factories
