@@ -18,7 +18,19 @@ from typing import Any, ClassVar, TypeVar
 from ._validate import check_isinstance, check_uint64
 from .engine import Engine
 from .errors import LLMException, LLMStatusCode
-from .types import BlocksCacheKey, Cache, CacheDesc, CacheKey, LLMClusterInfo, LLMRole
+from .types import (
+    BlocksCacheKey,
+    Cache,
+    CacheDesc,
+    CacheKey,
+    CacheKeyByIdAndIndex,
+    CacheTask,
+    LayerSynchronizer,
+    LLMClusterInfo,
+    LLMRole,
+    TransferConfig,
+    TransferWithCacheKeyConfig,
+)
 
 T = TypeVar("T")
 
@@ -142,6 +154,10 @@ class LLMDataDist:
         """Unlink peers (``force=True``: local end only)."""
         return self._call(self.engine.unlink_clusters(clusters, timeout, force))
 
+    def switch_role(self, role: LLMRole, switch_options: dict[str, str] | None = None) -> None:
+        """Change role and listener (``llm.listenIpInfo`` in ``switch_options``)."""
+        self._call(self.engine.switch_role(role, switch_options))
+
     @property
     def cache_manager(self) -> CacheManager:
         if self._cache_manager is None:
@@ -223,6 +239,66 @@ class CacheManager:
                 tensor_num_per_layer,
             )
         )
+
+    def pull_cache(
+        self,
+        cache_key: CacheKey | CacheKeyByIdAndIndex,
+        cache: Cache,
+        batch_index: int = 0,
+        size: int = -1,
+        **kwargs: Any,
+    ) -> None:
+        self._dd._call(self._dd.engine.pull_cache(cache_key, cache, batch_index, size, **kwargs))
+
+    def push_cache(
+        self,
+        dst_cache_key: CacheKeyByIdAndIndex,
+        src_cache: Cache,
+        src_batch_index: int = 0,
+        src_layer_range: range | None = None,
+        dst_layer_range: range | None = None,
+        size: int = -1,
+        tensor_num_per_layer: int = 2,
+    ) -> None:
+        self._dd._call(
+            self._dd.engine.push_cache(
+                dst_cache_key,
+                src_cache,
+                src_batch_index,
+                src_layer_range,
+                dst_layer_range,
+                size,
+                tensor_num_per_layer,
+            )
+        )
+
+    def transfer_cache_async(
+        self,
+        src_cache: Cache,
+        layer_synchronizer: LayerSynchronizer,
+        transfer_configs: list[TransferConfig | TransferWithCacheKeyConfig]
+        | tuple[TransferConfig | TransferWithCacheKeyConfig, ...],
+        src_block_indices: list[int] | tuple[int, ...] | None = None,
+        dst_block_indices: list[int] | tuple[int, ...] | None = None,
+        dst_block_memory_size: int | None = None,
+    ) -> CacheTask:
+        return self._dd._call(
+            self._dd.engine.transfer_cache_async(
+                src_cache,
+                layer_synchronizer,
+                transfer_configs,
+                src_block_indices,
+                dst_block_indices,
+                dst_block_memory_size,
+            )
+        )
+
+    def remove_cache_key(self, cache_key: CacheKey) -> None:
+        self._dd._call(self._dd.engine.remove_cache_key(cache_key))
+
+    @staticmethod
+    def check_cache_key(cache_key: CacheKey) -> None:
+        Engine.check_cache_key(cache_key)
 
 
 def _finalize_at_exit() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -22,15 +23,27 @@ import numpy as np
 
 from . import _ffi, args, wire
 from ._validate import check_int32, check_int64, check_isinstance, check_uint64
-from .config import EngineOptions, LLMConfig
+from .config import EngineOptions, LLMConfig, listen_from_options
 from .control import Channel, read_message
 from .errors import LLMException, LLMStatusCode
+from .keys import KeyTable
 from .link import Link, PeerInfo
+from .ops_contiguous import ContiguousOps
+from .ops_layerwise import LayerwiseOps
 from .plan import Pieces, block_pieces
 from .registry import Layout, LocalCache, RemoteCache, RemoteRegistry
 from .stats import OpStats
 from .transport import CmaTransport, Transport, TransportClosed, host_identity
-from .types import BlocksCacheKey, Cache, CacheDesc, CacheKey, LLMClusterInfo, LLMRole, Placement
+from .types import (
+    BlocksCacheKey,
+    Cache,
+    CacheDesc,
+    CacheKey,
+    CacheKeyByIdAndIndex,
+    LLMClusterInfo,
+    LLMRole,
+    Placement,
+)
 
 log = logging.getLogger("dxl")
 
@@ -41,7 +54,7 @@ HANDSHAKE_TIMEOUT_S = 5.0  # a connection that says nothing valid this long is d
 MAX_PARALLEL_LINKS = 16  # clusters linked concurrently per call, as the reference
 
 
-class Engine:
+class Engine(ContiguousOps, LayerwiseOps):
     """An async KV-cache transfer engine; one per prefill or decode instance.
 
     Use as ``async with Engine(cluster_id, role, config) as eng: ...``. Coroutines carry the
@@ -74,6 +87,7 @@ class Engine:
         self._state = "new"
         self._caches: dict[int, LocalCache] = {}
         self._blocks_by_model: dict[int, LocalCache] = {}
+        self._keys = KeyTable()
         self._next_cache_id = 1
         self._gen = 0
         self._links: dict[int, Link] = {}
@@ -217,13 +231,9 @@ class Engine:
         op = "register_cache"
         self._check_register_args(op, cache_desc, addrs, remote_accessible)
         check_isinstance("cache_keys", cache_keys, (list, tuple), allow_none=False, inner=CacheKey)
-        if cache_keys:
-            raise args.fail(
-                op,
-                Status.LLM_FEATURE_NOT_ENABLED,
-                "binding CacheKeys to a registered contiguous cache is not implemented yet",
-            )
-        return await self._register(op, cache_desc, addrs, False, None, remote_accessible)
+        return await self._register(
+            op, cache_desc, addrs, False, None, remote_accessible, cache_keys
+        )
 
     def _check_register_args(
         self, op: str, cache_desc: Any, addrs: Any, remote_accessible: Any
@@ -244,9 +254,14 @@ class Engine:
         blocks: bool,
         model_id: int | None,
         remote_accessible: bool | None,
+        cache_keys: list[CacheKey] | tuple[CacheKey, ...] = (),
+        pool_addrs: list[int] | None = None,
     ) -> Cache:
+        """Register a cache (user memory, or ``pool_addrs`` allocated by the engine): every
+        check first, then the books, then peers are told before this returns."""
         self._require_running(op)
         layout = self._layout(op, desc, addrs, blocks)
+        bindings = self._keys.plan_bindings(op, self._next_cache_id, cache_keys, layout.units)
         in_use = sum(e.layout.num_tensors for e in self._caches.values())
         limit = self._opts.max_registered_addrs
         if in_use + len(addrs) > limit:
@@ -263,19 +278,29 @@ class Engine:
         if remote_accessible is None:
             remote_accessible = desc.placement == Placement.DEVICE
         self._check_mapped(op, layout)
-        region_ids = self._add_regions(layout)
+        region_ids = self._add_regions(layout) if remote_accessible else []
         cache = Cache(
             self._next_cache_id,
             desc,
             list(addrs),
             self,
-            is_registered=True,
+            is_registered=pool_addrs is None,
             is_blocks_cache=blocks,
             remote_accessible=remote_accessible,
         )
         self._next_cache_id += 1
         self._gen += 1
-        entry = LocalCache(cache, layout, remote_accessible, model_id, self._gen, region_ids)
+        entry = LocalCache(
+            cache,
+            layout,
+            remote_accessible,
+            model_id,
+            self._gen,
+            region_ids,
+            bindings=bindings,
+            pool_addrs=pool_addrs,
+        )
+        self._keys.bind(bindings, layout.num_tensors)
         async with self._registry_lock:
             self._caches[cache.cache_id] = entry
             if model_id is not None:
@@ -341,16 +366,37 @@ class Engine:
         check_int64("cache_id", cache_id)
         self._require_running("unregister_cache")
         entry = self._caches.get(cache_id)
-        if entry is None:
+        if entry is None or entry.pool_addrs is not None:  # allocated caches: deallocate_*
             return
+        await self._retire(entry)
+
+    async def _retire(self, entry: LocalCache) -> None:
+        """Remove a cache from the books: peers first (they confirm they stopped using it),
+        then local transfers, then the native regions and any pool memory."""
+        cache_id = entry.cache.cache_id
         async with self._registry_lock:
+            if self._caches.get(cache_id) is not entry:
+                return
             del self._caches[cache_id]
             if entry.model_id is not None and self._blocks_by_model.get(entry.model_id) is entry:
                 del self._blocks_by_model[entry.model_id]
+            self._keys.drop_cache(cache_id)
             if entry.remote_accessible:
                 await self._broadcast("reg_del", id=cache_id, gen=entry.gen)
         await entry.usage.wait_idle(float("inf"))  # local copies always finish: wait them out
         self._release_regions(entry)
+        self._free_pool_memory(entry)
+
+    def _free_pool_memory(self, entry: LocalCache) -> None:
+        """Return an allocated cache's memory to its pool (pools: see allocate_cache)."""
+
+    async def _republish(self, entry: LocalCache) -> None:
+        """Send peers the new version of an entry whose key bindings changed."""
+        self._gen += 1
+        entry.gen = self._gen
+        if entry.remote_accessible:
+            async with self._registry_lock:
+                await self._broadcast("reg_add", cache=entry.wire_entry())
 
     def _advertised(self) -> list[dict[str, Any]]:
         return [e.wire_entry() for e in self._caches.values() if e.remote_accessible]
@@ -609,6 +655,8 @@ class Engine:
         elif kind == "reg_del":
             cache = link.registry.remove(msg["id"])
             self._spawn(self._ack_when_idle(link, cache, msg["rid"]))
+        elif kind == "consume":  # may broadcast and wait for acks: not on the read loop
+            self._spawn(self._on_consume(link, msg))
         elif kind == "unlink":
             link.channel.ack(msg["rid"])
             await link.channel.drain()
@@ -676,6 +724,35 @@ class Engine:
         link.channel.close("unlinked")
         return Status.LLM_SUCCESS
 
+    async def switch_role(
+        self, role: LLMRole, switch_options: dict[str, str] | None = None
+    ) -> None:
+        """Change the role label and the listener: ``llm.listenIpInfo`` in ``switch_options``
+        (re)listens there (the same address keeps the listener); without it the engine stops
+        listening. Refused with ``LLM_EXIST_LINK`` while any link exists."""
+        op = "switch_role"
+        check_isinstance("role", role, LLMRole, allow_none=False)
+        check_isinstance("switch_options", switch_options, dict)
+        self._require_running(op)
+        listen = listen_from_options(switch_options or {})
+        if self._links or self._linking:
+            raise args.fail(
+                op,
+                Status.LLM_EXIST_LINK,
+                f"{len(self._links)} link(s) exist; unlink every cluster before switching role",
+            )
+        current = self.listen_address
+        same_port = listen is not None and current is not None and 0 != listen[1] == current[1]
+        if not same_port:
+            if self._server is not None:
+                self._server.close()
+                await self._server.wait_closed()
+                self._server = None
+            if listen is not None:
+                await self._listen(listen)
+        self._role = role
+        log.info("dxl: cluster %d switched to %s", self._cluster_id, role.name)
+
     # ------------------------------------------------------------------ transfers
     async def pull_blocks(
         self,
@@ -690,7 +767,10 @@ class Engine:
         of ``src_layer_range``/``dst_layer_range`` with ``tensor_num_per_layer`` per layer)."""
         op = "pull_blocks"
         check_isinstance(
-            "src_cache_key", src_cache_key, (BlocksCacheKey, CacheKey), allow_none=False
+            "src_cache_key",
+            src_cache_key,
+            (BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex),
+            allow_none=False,
         )
         args.check_cache_arg(op, "dst_cache", dst_cache)
         src = args.block_list(op, "src_blocks", src_blocks)
@@ -703,11 +783,14 @@ class Engine:
         args.check_tensor_num_per_layer(op, tnpl)
         args.check_ranges(op, src_range, dst_range)
         if not isinstance(src_cache_key, BlocksCacheKey):
-            raise args.fail(
-                op,
-                Status.LLM_FEATURE_NOT_ENABLED,
-                "pulling from a contiguous cache into blocks is not implemented yet",
+            if src.size:
+                raise args.param_invalid(
+                    op, "src_blocks must be empty when pulling from a contiguous cache"
+                )
+            await self._pull_contiguous_to_blocks(
+                op, src_cache_key, dst_cache, dst, src_range, dst_range, tnpl
             )
+            return
         if src.size == 0:
             raise args.param_invalid(op, "src_blocks must not be empty for a BlocksCacheKey")
         self._require_running(op)
@@ -721,7 +804,9 @@ class Engine:
         args.check_blocks_in_range(op, "src_blocks", src, remote.layout.units)
         args.check_blocks_in_range(op, "dst_blocks", dst, local.layout.units)
         self._check_block_bytes(op, local.layout, remote.layout)
-        plan = (dst_bases, src_bases, dst, src, local.layout.unit_bytes)
+        plan = functools.partial(
+            block_pieces, dst_bases, src_bases, dst, src, local.layout.unit_bytes
+        )
         await self._transfer(op, link, local, remote, plan, write=False)
 
     async def push_blocks(
@@ -765,7 +850,9 @@ class Engine:
         args.check_blocks_in_range(op, "src_blocks", src, local.layout.units)
         args.check_blocks_in_range(op, "dst_blocks", dst, remote.layout.units)
         self._check_block_bytes(op, local.layout, remote.layout)
-        plan = (dst_bases, src_bases, dst, src, local.layout.unit_bytes)
+        plan = functools.partial(
+            block_pieces, dst_bases, src_bases, dst, src, local.layout.unit_bytes
+        )
         await self._transfer(op, link, local, remote, plan, write=True)
 
     def _link_for(self, op: str, cluster_id: int) -> Link:
@@ -837,11 +924,14 @@ class Engine:
         op: str,
         link: Link,
         local: LocalCache,
-        remote: RemoteCache,
-        plan: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int],
+        remote: RemoteCache | list[RemoteCache],
+        plan: Callable[[], Pieces],
         write: bool,
     ) -> None:
-        """Plan and move one request on the executor, holding both caches and the link."""
+        """Plan (``plan()`` builds the pieces) and move one request on the executor, holding
+        the link and every cache it touches in use until the native call returned."""
+        remotes = remote if isinstance(remote, list) else [remote]
+        usages = [link.usage, local.usage, *(r.usage for r in remotes)]
         stats, link_stats = (
             (self._push_stats, link.push) if write else (self._pull_stats, link.pull)
         )
@@ -849,10 +939,10 @@ class Engine:
         move = transport.write if write else transport.read
 
         def plan_and_move() -> tuple[int, int]:
-            pieces = block_pieces(*plan)
+            pieces = plan()
             return move(pieces), pieces.count
 
-        for usage in (link.usage, local.usage, remote.usage):
+        for usage in usages:
             usage.acquire()
         t0 = time.perf_counter()
         try:
@@ -863,7 +953,7 @@ class Engine:
             link_stats.record_error(err.status_code.name)
             raise err from None
         finally:
-            for usage in (link.usage, local.usage, remote.usage):
+            for usage in usages:
                 usage.release()
         elapsed = time.perf_counter() - t0
         stats.record(nbytes, count, elapsed)

@@ -66,11 +66,23 @@ def block_pieces(
         block_bytes: bytes per block, equal on both sides.
     """
     bb = U64(block_bytes)
-    dst_off = dst_blocks.astype(U64) * bb
-    src_off = src_blocks.astype(U64) * bb
-    dst = (dst_bases.astype(U64)[:, None] + dst_off[None, :]).ravel()
-    src = (src_bases.astype(U64)[:, None] + src_off[None, :]).ravel()
-    return coalesce(dst, src, np.full(dst.size, bb, dtype=U64))
+    return offset_pieces(
+        dst_bases, src_bases, dst_blocks.astype(U64) * bb, src_blocks.astype(U64) * bb, block_bytes
+    )
+
+
+def offset_pieces(
+    dst_bases: np.ndarray,
+    src_bases: np.ndarray,
+    dst_offsets: np.ndarray,
+    src_offsets: np.ndarray,
+    length: int,
+) -> Pieces:
+    """Plan ``length`` bytes from ``src_bases[t] + src_offsets[i]`` to ``dst_bases[t] +
+    dst_offsets[i]`` for every tensor t and unit i (tensor-major), then coalesce."""
+    dst = (dst_bases.astype(U64)[:, None] + dst_offsets.astype(U64)[None, :]).ravel()
+    src = (src_bases.astype(U64)[:, None] + src_offsets.astype(U64)[None, :]).ravel()
+    return coalesce(dst, src, np.full(dst.size, U64(length), dtype=U64))
 
 
 def coalesce(dst: np.ndarray, src: np.ndarray, length: np.ndarray) -> Pieces:

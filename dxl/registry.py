@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .keys import Binding, KeyIndex, key_index
 from .types import Cache
 from .usage import Usage
 
@@ -29,6 +30,11 @@ class Layout:
     def unit_bytes(self) -> int:
         return self.tensor_size // self.units
 
+    def holds(self, addr: int, length: int) -> bool:
+        """True if ``[addr, addr + length)`` lies inside one of the tensors."""
+        ends = self.addrs + np.uint64(self.tensor_size)
+        return bool(np.any((self.addrs <= addr) & (ends >= np.uint64(addr + length))))
+
 
 @dataclass(slots=True)
 class LocalCache:
@@ -41,6 +47,9 @@ class LocalCache:
     gen: int
     region_ids: list[int]
     usage: Usage = field(default_factory=Usage)
+    bindings: list[Binding] = field(default_factory=list)  # CacheKeys bound to its batches
+    pool_addrs: list[int] | None = None  # allocated from a pool (freed by the engine)
+    deallocated: bool = False  # deallocate_cache was called; freed once no key is bound
 
     def wire_entry(self) -> dict[str, Any]:
         """The registry entry peers receive (only for remotely accessible caches)."""
@@ -55,7 +64,7 @@ class LocalCache:
             "placement": int(desc.placement),
             "addrs": [int(a) for a in self.layout.addrs],
             "model_id": self.model_id,
-            "keys": [],
+            "keys": [b.wire() for b in self.bindings],
         }
 
 
@@ -67,6 +76,7 @@ class RemoteCache:
     gen: int
     layout: Layout
     model_id: int | None
+    keys: list[list[int]] = field(default_factory=list)  # [req_id, model_id, prefix_id, batch]
     usage: Usage = field(default_factory=Usage)
     removed: bool = False
 
@@ -78,7 +88,7 @@ class RemoteCache:
             units=entry["units"],
             blocks=entry["blocks"],
         )
-        return cls(entry["id"], entry["gen"], layout, entry["model_id"])
+        return cls(entry["id"], entry["gen"], layout, entry["model_id"], entry["keys"])
 
 
 class RemoteRegistry:
@@ -87,6 +97,7 @@ class RemoteRegistry:
     def __init__(self, entries: list[dict[str, Any]]) -> None:
         self.caches: dict[int, RemoteCache] = {}
         self.blocks_by_model: dict[int, RemoteCache] = {}
+        self.by_key: dict[KeyIndex, tuple[RemoteCache, int]] = {}
         for entry in entries:
             self.add(entry)
 
@@ -98,6 +109,8 @@ class RemoteRegistry:
         self.caches[cache.cache_id] = cache
         if cache.layout.blocks and cache.model_id is not None:
             self.blocks_by_model[cache.model_id] = cache
+        for req_id, model_id, prefix_id, batch in cache.keys:
+            self.by_key[key_index(req_id, model_id, prefix_id)] = (cache, batch)
 
     def remove(self, cache_id: int) -> RemoteCache | None:
         cache = self.caches.pop(cache_id, None)
@@ -109,3 +122,11 @@ class RemoteRegistry:
         cache.removed = True  # transfers that already hold it finish; new ones cannot find it
         if self.blocks_by_model.get(cache.model_id) is cache:  # type: ignore[arg-type]
             del self.blocks_by_model[cache.model_id]  # type: ignore[arg-type]
+        for req_id, model_id, prefix_id, _ in cache.keys:
+            idx = key_index(req_id, model_id, prefix_id)
+            if self.by_key.get(idx, (None,))[0] is cache:
+                del self.by_key[idx]
+
+    def find(self, addr: int, length: int) -> RemoteCache | None:
+        """The advertised cache one of whose tensors holds ``[addr, addr + length)``."""
+        return next((c for c in self.caches.values() if c.layout.holds(addr, length)), None)

@@ -1111,6 +1111,16 @@ class CacheTask:
             return None, LLMStatusCode.LLM_FAILED
         return list(self._future.result()), LLMStatusCode.LLM_SUCCESS
 
+    async def wait_async(self) -> list[LLMStatusCode | None]:
+        """Await the whole task from a coroutine (the async Engine's way; the blocking
+        methods would stall the loop the task runs on) and return :meth:`get_results`."""
+        import asyncio
+        import contextlib
+
+        with contextlib.suppress(Exception):  # a failed task is reported by get_results
+            await asyncio.shield(asyncio.wrap_future(self._future))
+        return self.get_results(0)
+
     def synchronize(self, timeout_in_millis: int | None = None) -> LLMStatusCode:
         """Wait for the whole task.
 

@@ -68,6 +68,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "reg_add": {"rid": _INT, "cache": (dict,)},
     "reg_del": {"rid": _INT, "id": _INT, "gen": _INT},
     "unlink": {"rid": _INT},
+    # a pull through a CacheKey finished: the owner may consume the key (spec section 1)
+    "consume": {"rid": _INT, "id": _INT, "key": _LIST, "tensors": _LIST},
     "ack": {"rid": _INT, "code": _INT, "message": _STR},
     "ping": {},
 }
@@ -117,6 +119,9 @@ def _check_message(msg: Any) -> None:
             check_cache_entry(entry)
     elif kind == "reg_add":
         check_cache_entry(msg["cache"])
+    elif kind == "consume":
+        _check_u64_list("consume key", msg["key"], 4)
+        _check_u64_list("consume tensors", msg["tensors"], 2)
 
 
 def _check_fields(

@@ -120,10 +120,16 @@ async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> 
     if cmd == "register":
         buf = KVBuffers(kw["num_tensors"], kw["num_blocks"], kw["block_bytes"], kw["seed"],
                         fill=kw.get("fill", True))
-        key = dxl.BlocksCacheKey(eng.cluster_id, kw["model_id"]) if "model_id" in kw else None
-        cache = await eng.register_blocks_cache(
-            buf.desc(), buf.addrs, key, remote_accessible=kw.get("remote_accessible", True)
-        )
+        if kw.get("contiguous"):
+            keys = [dxl.CacheKey(eng.cluster_id, *k) for k in kw.get("keys", ())]
+            cache = await eng.register_cache(
+                buf.desc(), buf.addrs, keys, remote_accessible=kw.get("remote_accessible", True)
+            )
+        else:
+            key = dxl.BlocksCacheKey(eng.cluster_id, kw["model_id"]) if "model_id" in kw else None
+            cache = await eng.register_blocks_cache(
+                buf.desc(), buf.addrs, key, remote_accessible=kw.get("remote_accessible", True)
+            )
         buffers[kw["name"]] = buf
         caches[kw["name"]] = cache
         return cache.cache_id
@@ -155,6 +161,15 @@ async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> 
                               caches[kw["name"]], kw["src_blocks"], kw["dst_blocks"],
                               **kw.get("kwargs", {}))
         return None
+    if cmd == "switch_role":
+        await eng.switch_role(dxl.LLMRole[kw["role"]], kw.get("options"))
+        return eng.listen_address
+    if cmd == "unlink":
+        info = dxl.LLMClusterInfo()
+        info.remote_cluster_id = kw["cluster_id"]
+        info.append_remote_ip_info(*kw["address"])
+        ret, _ = await eng.unlink_clusters([info], force=kw.get("force", False))
+        return int(ret)
     if cmd == "links":
         return sorted(eng.stats()["links"])
     if cmd == "stop":
