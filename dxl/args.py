@@ -83,10 +83,10 @@ def check_ranges(op: str, src_range: Any, dst_range: Any) -> None:
 
 def select_tensors(
     op: str, side: str, num_tensors: int, layer_range: range | None, tnpl: int
-) -> np.ndarray:
+) -> slice:
     """Tensor indices [start*T, stop*T) of one side, checked against its tensor count."""
     if layer_range is None:
-        return np.arange(num_tensors, dtype=np.int64)
+        return slice(0, num_tensors)
     if num_tensors % tnpl:
         raise param_invalid(
             op,
@@ -99,7 +99,7 @@ def select_tensors(
             f"{side}_layer_range {layer_range} exceeds the {num_tensors // tnpl} layers of the "
             f"{side} cache",
         )
-    return np.arange(layer_range.start * tnpl, layer_range.stop * tnpl, dtype=np.int64)
+    return slice(layer_range.start * tnpl, layer_range.stop * tnpl)
 
 
 def check_cache_arg(op: str, name: str, cache: Any) -> None:

@@ -1,6 +1,6 @@
 """The async core: one Engine owns the registry, the links, the transports and an executor.
 
-Every blocking native call runs on the engine's own ThreadPoolExecutor through ``_run_native``;
+Every blocking native call runs on the engine's own worker threads through ``_run_native``;
 the event loop only validates arguments and keeps the books, so thousands of transfers can be
 awaited at once without stalling it. One native call moves a whole request.
 """
@@ -16,7 +16,6 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
@@ -26,6 +25,7 @@ from ._validate import check_int32, check_int64, check_isinstance, check_uint64
 from .config import EngineOptions, LLMConfig, listen_from_options
 from .control import Channel, read_message
 from .errors import LLMException, LLMStatusCode
+from .executor import NativeExecutor
 from .keys import KeyTable
 from .link import Link, PeerInfo
 from .ops_contiguous import ContiguousOps
@@ -93,7 +93,7 @@ class Engine(ContiguousOps, LayerwiseOps):
         self._links: dict[int, Link] = {}
         self._linking: set[int] = set()
         self._server: asyncio.Server | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: NativeExecutor | None = None
         self._registry_lock = asyncio.Lock()
         self._closing_links: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[Any]] = set()
@@ -136,7 +136,7 @@ class Engine(ContiguousOps, LayerwiseOps):
         if self._state != "new":
             raise RuntimeError(f"engine {self._cluster_id} was already started")
         threads = max(4, 2 * self._opts.transfer_threads)
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix=f"dxl-{self._cluster_id}")
+        self._executor = NativeExecutor(threads, f"dxl-{self._cluster_id}")
         self._state = "running"
         try:
             if self._opts.listen is not None:
@@ -174,18 +174,23 @@ class Engine(ContiguousOps, LayerwiseOps):
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown()
         self._state = "closed"
 
     def _require_running(self, op: str) -> None:
         if self._state != "running":
             raise RuntimeError(f"{op}: engine {self._cluster_id} is not running ({self._state})")
 
-    async def _run_native(self, fn: Callable[..., T], *fn_args: Any) -> T:
+    async def _run_native(
+        self, fn: Callable[..., T], *fn_args: Any, on_done: Callable[[], None] | None = None
+    ) -> T:
         """Run a blocking native call on the executor. Cancellation waits for the native side
-        to stop touching the buffers before it propagates."""
+        to stop touching the buffers before it propagates; ``on_done`` runs (on the loop) when
+        the call has returned, whatever happens to the awaiting coroutine."""
         assert self._executor is not None
-        fut = asyncio.get_running_loop().run_in_executor(self._executor, fn, *fn_args)
+        fut = self._executor.submit(fn, *fn_args)
+        if on_done is not None:
+            fut.add_done_callback(lambda _: on_done())
         cancelled = False
         while True:
             try:
@@ -902,11 +907,12 @@ class Engine(ContiguousOps, LayerwiseOps):
         """Base addresses of the selected tensors on both sides (same count required)."""
         li = args.select_tensors(op, local_side, local.num_tensors, local_range, tnpl)
         ri = args.select_tensors(op, remote_side, remote.num_tensors, remote_range, tnpl)
-        if li.size != ri.size:
+        nl, nr = li.stop - li.start, ri.stop - ri.start
+        if nl != nr:
             raise args.param_invalid(
                 op,
-                f"the {local_side} side selects {li.size} tensors but the {remote_side} side "
-                f"selects {ri.size}; layer ranges must cover the same number of tensors",
+                f"the {local_side} side selects {nl} tensors but the {remote_side} side "
+                f"selects {nr}; layer ranges must cover the same number of tensors",
             )
         return local.addrs[li], remote.addrs[ri]
 
@@ -942,19 +948,20 @@ class Engine(ContiguousOps, LayerwiseOps):
             pieces = plan()
             return move(pieces), pieces.count
 
+        def release() -> None:  # tied to the native call, not to the awaiting coroutine
+            for usage in usages:
+                usage.release()
+
         for usage in usages:
             usage.acquire()
         t0 = time.perf_counter()
         try:
-            nbytes, count = await self._run_native(plan_and_move)
+            nbytes, count = await self._run_native(plan_and_move, on_done=release)
         except (_ffi.NativeError, TransportClosed) as exc:
             err = self._transfer_error(op, link, exc)
             stats.record_error(err.status_code.name)
             link_stats.record_error(err.status_code.name)
             raise err from None
-        finally:
-            for usage in usages:
-                usage.release()
         elapsed = time.perf_counter() - t0
         stats.record(nbytes, count, elapsed)
         link_stats.record(nbytes, count, elapsed)

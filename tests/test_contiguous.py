@@ -216,7 +216,10 @@ async def test_switch_role_moves_the_listener(make_peer):
                                                         dst_layer_range=range(1, 2)))
         assert buf.matches([2, 3], [5, 6], 1, [0, 1], [0, 1])
         assert buf.untouched([0, 1], [5, 6])
+        # force-unlink is local: both ends call it, as the reference's sample does
         await peer.acall("unlink", cluster_id=D_ID, address=list(eng.listen_address), force=True)
+        _, rets = await eng.unlink_clusters([peer.cluster_info()], force=True)
+        assert rets == [S.LLM_SUCCESS]
         await eng.switch_role(dxl.LLMRole.DECODER)
         assert eng.listen_address is None
         with pytest.raises(TypeError):
