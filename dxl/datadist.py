@@ -28,6 +28,8 @@ from .types import (
     LayerSynchronizer,
     LLMClusterInfo,
     LLMRole,
+    MemInfo,
+    Memtype,
     TransferConfig,
     TransferWithCacheKeyConfig,
 )
@@ -300,6 +302,66 @@ class CacheManager:
     def check_cache_key(cache_key: CacheKey) -> None:
         Engine.check_cache_key(cache_key)
 
+
+    def allocate_cache(
+        self, cache_desc: CacheDesc, cache_keys: list[CacheKey] | tuple[CacheKey, ...] = ()
+    ) -> Cache:
+        return self._dd._call(self._dd.engine.allocate_cache(cache_desc, cache_keys))
+
+    def allocate_blocks_cache(
+        self, cache_desc: CacheDesc, blocks_cache_key: BlocksCacheKey | None = None
+    ) -> Cache:
+        return self._dd._call(self._dd.engine.allocate_blocks_cache(cache_desc, blocks_cache_key))
+
+    def deallocate_cache(self, cache: Cache) -> None:
+        self._dd._call(self._dd.engine.deallocate_cache(cache))
+
+    def deallocate_blocks_cache(self, cache: Cache) -> None:
+        self._dd._call(self._dd.engine.deallocate_blocks_cache(cache))
+
+    def copy_cache(
+        self,
+        dst: Cache,
+        src: Cache,
+        dst_batch_index: int = 0,
+        src_batch_index: int = 0,
+        offset: int = 0,
+        size: int = -1,
+        req_id: int | None = None,
+    ) -> None:
+        self._dd._call(
+            self._dd.engine.copy_cache(
+                dst, src, dst_batch_index, src_batch_index, offset, size, req_id
+            )
+        )
+
+    def copy_blocks(self, cache: Cache, copy_block_info: dict[int, list[int]]) -> None:
+        self._dd._call(self._dd.engine.copy_blocks(cache, copy_block_info))
+
+    def swap_blocks(self, src_cache: Cache, dst_cache: Cache, src_to_dst: dict[int, int]) -> None:
+        self._dd._call(self._dd.engine.swap_blocks(src_cache, dst_cache, src_to_dst))
+
+    def remap_registered_memory(self, mem_infos: Any) -> None:
+        """Reserved in the reference (NIC re-registration after a device memory fault): the
+        arguments are checked as documented, then LLM_FEATURE_NOT_ENABLED."""
+        infos = mem_infos if isinstance(mem_infos, list) else [mem_infos]
+        for i, info in enumerate(infos):
+            if not isinstance(info, MemInfo):
+                raise LLMException(
+                    f"remap_registered_memory: mem_infos[{i}] must be a MemInfo",
+                    status_code=LLMStatusCode.LLM_PARAM_INVALID,
+                )
+            if info.mem_type != Memtype.MEM_TYPE_DEVICE or info.addr == 0 or info.size <= 0:
+                raise LLMException(
+                    f"remap_registered_memory: mem_infos[{i}] must be DEVICE memory with a "
+                    "non-zero addr and size > 0",
+                    status_code=LLMStatusCode.LLM_PARAM_INVALID,
+                )
+        raise LLMException(
+            "remap_registered_memory failed, the reference reserves it and dxl has no NIC "
+            "registrations to remap",
+            status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+        )
 
 def _finalize_at_exit() -> None:
     instance = LLMDataDist.llm_engine_instance

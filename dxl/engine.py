@@ -30,6 +30,7 @@ from .keys import KeyTable
 from .link import Link, PeerInfo
 from .ops_contiguous import ContiguousOps
 from .ops_layerwise import LayerwiseOps
+from .ops_local import LocalOps
 from .plan import Pieces, block_pieces
 from .registry import Layout, LocalCache, RemoteCache, RemoteRegistry
 from .stats import OpStats
@@ -54,7 +55,7 @@ HANDSHAKE_TIMEOUT_S = 5.0  # a connection that says nothing valid this long is d
 MAX_PARALLEL_LINKS = 16  # clusters linked concurrently per call, as the reference
 
 
-class Engine(ContiguousOps, LayerwiseOps):
+class Engine(ContiguousOps, LayerwiseOps, LocalOps):
     """An async KV-cache transfer engine; one per prefill or decode instance.
 
     Use as ``async with Engine(cluster_id, role, config) as eng: ...``. Coroutines carry the
@@ -94,6 +95,7 @@ class Engine(ContiguousOps, LayerwiseOps):
         self._linking: set[int] = set()
         self._server: asyncio.Server | None = None
         self._executor: NativeExecutor | None = None
+        self._host_pool = None
         self._registry_lock = asyncio.Lock()
         self._closing_links: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[Any]] = set()
@@ -139,6 +141,7 @@ class Engine(ContiguousOps, LayerwiseOps):
         self._executor = NativeExecutor(threads, f"dxl-{self._cluster_id}")
         self._state = "running"
         try:
+            self._open_pools()
             if self._opts.listen is not None:
                 await self._listen(self._opts.listen)
         except BaseException:
@@ -170,6 +173,7 @@ class Engine(ContiguousOps, LayerwiseOps):
             self._release_regions(entry)
         self._caches.clear()
         self._blocks_by_model.clear()
+        self._close_pools()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
@@ -391,9 +395,6 @@ class Engine(ContiguousOps, LayerwiseOps):
         await entry.usage.wait_idle(float("inf"))  # local copies always finish: wait them out
         self._release_regions(entry)
         self._free_pool_memory(entry)
-
-    def _free_pool_memory(self, entry: LocalCache) -> None:
-        """Return an allocated cache's memory to its pool (pools: see allocate_cache)."""
 
     async def _republish(self, entry: LocalCache) -> None:
         """Send peers the new version of an entry whose key bindings changed."""

@@ -8,6 +8,8 @@ access to the source process.
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 from .types import CacheDesc, DataType, Placement
@@ -49,6 +51,23 @@ class KVBuffers:
                 w = np.empty(words, dtype=np.uint64)
                 w.fill(0)
             self.words.append(w)
+
+    @classmethod
+    def over(
+        cls, addrs: list[int], num_blocks: int, block_bytes: int, seed: int = 0, fill: bool = True
+    ) -> KVBuffers:
+        """View memory someone else owns (e.g. ``Cache.tensor_addrs`` of an allocated cache)
+        as KV buffers, writing the pattern into it when ``fill``."""
+        self = cls(0, num_blocks, block_bytes, seed, fill=False)
+        words = num_blocks * block_bytes // _WORD
+        for t, addr in enumerate(addrs):
+            w = np.ctypeslib.as_array((ctypes.c_uint64 * words).from_address(addr))
+            if fill:
+                w[:] = np.arange(words, dtype=np.uint64) ^ _tensor_salt(seed, t)
+            self.words.append(w)
+        self.num_tensors = len(addrs)
+        self.filled = fill
+        return self
 
     @property
     def addrs(self) -> list[int]:

@@ -133,6 +133,33 @@ async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> 
         buffers[kw["name"]] = buf
         caches[kw["name"]] = cache
         return cache.cache_id
+    if cmd == "allocate":
+        shape = [kw["num_blocks"], kw["block_bytes"] // 2]
+        desc = dxl.CacheDesc(kw["num_tensors"], shape, dxl.DataType.DT_FLOAT16,
+                             dxl.Placement.HOST)
+        if kw.get("contiguous"):
+            keys = [dxl.CacheKey(eng.cluster_id, *k) for k in kw.get("keys", ())]
+            cache = await eng.allocate_cache(desc, keys)
+        else:
+            cache = await eng.allocate_blocks_cache(
+                desc, dxl.BlocksCacheKey(eng.cluster_id, kw.get("model_id", 0))
+            )
+        buffers[kw["name"]] = KVBuffers.over(cache.tensor_addrs, kw["num_blocks"],
+                                             kw["block_bytes"], kw["seed"])
+        caches[kw["name"]] = cache
+        return cache.cache_id
+    if cmd == "deallocate":
+        cache = caches.pop(kw["name"])
+        buffers.pop(kw["name"])
+        await (eng.deallocate_cache(cache) if not cache.is_blocks_cache
+               else eng.deallocate_blocks_cache(cache))
+        return cache.tensor_addrs
+    if cmd == "remove_key":
+        await eng.remove_cache_key(dxl.CacheKey(eng.cluster_id, *kw["key"]))
+        return None
+    if cmd == "pool":
+        pool = eng._host_pool
+        return None if pool is None else {"used": pool.used, "live": pool.live_count}
     if cmd == "unregister":
         await eng.unregister_cache(caches.pop(kw["name"]).cache_id)
         buffers.pop(kw["name"])
@@ -170,6 +197,8 @@ async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> 
         info.append_remote_ip_info(*kw["address"])
         ret, _ = await eng.unlink_clusters([info], force=kw.get("force", False))
         return int(ret)
+    if cmd == "addrs":
+        return buffers[kw["name"]].addrs
     if cmd == "links":
         return sorted(eng.stats()["links"])
     if cmd == "stop":
