@@ -15,7 +15,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, ClassVar, TypeVar
 
-from ._validate import check_isinstance, check_uint64
+from ._validate import check_dict, check_isinstance, check_uint32, check_uint64
 from .engine import Engine
 from .errors import LLMException, LLMStatusCode
 from .types import (
@@ -30,6 +30,7 @@ from .types import (
     LLMRole,
     MemInfo,
     Memtype,
+    RegisterMemStatus,
     TransferConfig,
     TransferWithCacheKeyConfig,
 )
@@ -46,6 +47,11 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise LLMException(message, status_code=LLMStatusCode.LLM_PARAM_INVALID)
 
 
 class _LoopThread:
@@ -155,6 +161,51 @@ class LLMDataDist:
     ) -> tuple[LLMStatusCode, list[LLMStatusCode]]:
         """Unlink peers (``force=True``: local end only)."""
         return self._call(self.engine.unlink_clusters(clusters, timeout, force))
+
+    def link(self, comm_name: str, cluster_rank_info: dict[int, int], rank_table: str) -> int:
+        """Double-sided link through an HCCL rank table: arguments are checked as the
+        reference does, then refused, since rank tables describe Ascend devices; dxl links
+        peer to peer with :meth:`link_clusters`."""
+        self.engine  # noqa: B018 - raises RuntimeError before init, as the reference
+        check_isinstance("comm_name", comm_name, str, allow_none=False)
+        _require(bool(comm_name) and len(comm_name) < 128, "comm_name must have 1..127 chars")
+        check_dict("cluster_rank_info", cluster_rank_info, int, int)
+        _require(len(cluster_rank_info) <= 4, "cluster_rank_info holds at most 4 members")
+        for cluster_id, rank in cluster_rank_info.items():
+            check_uint64("cluster_rank_info key", cluster_id)
+            check_uint32("cluster_rank_info value", rank)
+        check_isinstance("rank_table", rank_table, str)
+        _require(len(cluster_rank_info) >= 2, "cluster_rank_info needs at least 2 members")
+        ranks = list(cluster_rank_info.values())
+        _require(ranks == sorted(ranks), "cluster_rank_info ranks must ascend")
+        raise LLMException(
+            "link failed, rank-table communication domains are Ascend HCCL resources; "
+            "use link_clusters (peer-to-peer links) with dxl",
+            status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+        )
+
+    def unlink(self, comm_id: int) -> None:
+        """Counterpart of :meth:`link`; no domain can exist, so every id is unknown."""
+        self.engine  # noqa: B018
+        check_uint64("comm_id", comm_id)
+        raise LLMException(
+            f"unlink failed, no communication domain {comm_id} (dxl has no rank-table links)",
+            status_code=LLMStatusCode.LLM_PARAM_INVALID,
+        )
+
+    def query_register_mem_status(self, comm_id: int) -> RegisterMemStatus:
+        """Status of a :meth:`link` domain; none can exist in dxl, so FAILED."""
+        self.engine  # noqa: B018
+        check_uint64("comm_id", comm_id)
+        return RegisterMemStatus.FAILED
+
+    def check_link_status(self, remote_cluster_id: int) -> None:
+        """v1 only; in v2 mode the reference raises LLM_PARAM_INVALID, and so does dxl."""
+        self.engine  # noqa: B018
+        raise LLMException(
+            "check_link_status is v1-only; v2 links report failures on the transfer itself",
+            status_code=LLMStatusCode.LLM_PARAM_INVALID,
+        )
 
     def switch_role(self, role: LLMRole, switch_options: dict[str, str] | None = None) -> None:
         """Change role and listener (``llm.listenIpInfo`` in ``switch_options``)."""

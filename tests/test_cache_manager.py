@@ -222,3 +222,30 @@ async def test_transfer_cache_async_layer_by_layer(make_peer):
             await eng.transfer_cache_async(cache, sync, [cfg], [1, 2], [1])
         with pytest.raises(TypeError):
             await eng.transfer_cache_async(None, sync, [cfg])
+
+
+def test_rank_table_and_v1_entry_points_are_refused_clearly():
+    dd = dxl.LLMDataDist(dxl.LLMRole.PROMPT, 5)
+    with pytest.raises(RuntimeError, match="not initialized"):
+        dd.link("c", {1: 0, 2: 1}, "{}")
+    dd.init({})
+    try:
+        with pytest.raises(dxl.LLMException) as err:
+            dd.link("", {1: 0, 2: 1}, "{}")
+        assert err.value.status_code == S.LLM_PARAM_INVALID
+        with pytest.raises(TypeError):
+            dd.link("c", {1: "0"}, "{}")
+        with pytest.raises(dxl.LLMException) as err:
+            dd.link("c", {1: 1, 2: 0}, "{}")
+        assert err.value.status_code == S.LLM_PARAM_INVALID
+        with pytest.raises(dxl.LLMException, match="link_clusters") as err:
+            dd.link("c", {1: 0, 2: 1}, "{}")
+        assert err.value.status_code == S.LLM_FEATURE_NOT_ENABLED
+        assert dd.query_register_mem_status(1) == dxl.RegisterMemStatus.FAILED
+        for call in (lambda: dd.check_link_status(1), lambda: dd.kv_cache_manager,
+                     lambda: dd.unlink(1)):
+            with pytest.raises(dxl.LLMException) as err:
+                call()
+            assert err.value.status_code == S.LLM_PARAM_INVALID
+    finally:
+        dd.finalize()
