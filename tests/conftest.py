@@ -26,7 +26,11 @@ def pytest_report_header() -> str:
 def _native_counters() -> dict[str, int]:
     c = _ffi.ffi.new("dxl_counters_t *")
     _ffi.lib.dxl_counters(c)
-    return {"regions_live": c.regions_live, "ops_inflight": c.ops_inflight}
+    return {
+        "regions_live": c.regions_live,
+        "peers_open": c.peers_open,
+        "ops_inflight": c.ops_inflight,
+    }
 
 
 @pytest.fixture(autouse=True)
