@@ -1,0 +1,166 @@
+"""Defined cancellation, close with transfers in flight, thread use of the sync API, and an
+endurance run whose file descriptors, threads and memory must stay flat."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+
+import dxl
+from dxl import _ffi
+from dxl.testing import KVBuffers
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.cma]
+
+S = dxl.LLMStatusCode
+P_ID, D_ID = 1, 2
+BIG_TENSORS, BIG_BLOCKS, BIG_BB = 32, 64, 64 << 10  # 128 MiB on each side
+
+
+def inflight() -> int:
+    c = _ffi.ffi.new("dxl_counters_t *")
+    _ffi.lib.dxl_counters(c)
+    return c.ops_inflight
+
+
+@pytest.fixture
+def big_prefill(make_peer):
+    peer = make_peer(P_ID)
+    peer.call("register", name="kv", num_tensors=BIG_TENSORS, num_blocks=BIG_BLOCKS,
+              block_bytes=BIG_BB, seed=4, model_id=0)
+    return peer
+
+
+async def test_cancel_returns_only_after_the_copy_stopped(big_prefill):
+    buf = KVBuffers(BIG_TENSORS, BIG_BLOCKS, BIG_BB, fill=False)
+    async with dxl.Engine(D_ID, dxl.LLMRole.DECODER) as eng:
+        cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
+        await eng.link_clusters([big_prefill.cluster_info()])
+        blocks = list(range(BIG_BLOCKS))
+        for _ in range(5):
+            task = asyncio.create_task(
+                eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, blocks, blocks)
+            )
+            await asyncio.sleep(0.002)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert inflight() == 0  # the native copy had finished when the cancel landed
+        # asyncio.timeout around a call behaves the same way
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.001):
+                await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, blocks, blocks)
+        assert inflight() == 0
+        # and the engine is fine afterwards
+        await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [3], [3])
+        assert buf.matches(range(BIG_TENSORS), [3], 4, range(BIG_TENSORS), [3])
+
+
+async def test_close_with_transfers_in_flight(big_prefill):
+    buf = KVBuffers(BIG_TENSORS, BIG_BLOCKS, BIG_BB, fill=False)
+    eng = dxl.Engine(D_ID, dxl.LLMRole.DECODER)
+    await eng.start()
+    cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
+    await eng.link_clusters([big_prefill.cluster_info()])
+    blocks = list(range(BIG_BLOCKS))
+    pulls = [asyncio.create_task(eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, blocks,
+                                                 blocks)) for _ in range(4)]
+    await asyncio.sleep(0.001)
+    t0 = time.monotonic()
+    await eng.close()
+    assert time.monotonic() - t0 < 5
+    for result in await asyncio.gather(*pulls, return_exceptions=True):
+        # each either finished before close, or failed with a clear status
+        assert result is None or isinstance(result, (dxl.LLMException, RuntimeError)), result
+    assert inflight() == 0
+    with pytest.raises(RuntimeError, match="not running"):
+        await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [0], [0])
+
+
+def test_sync_api_from_many_threads(make_peer):
+    """The facade serialises calls from any thread onto its loop: concurrent use is safe."""
+    peer = make_peer(P_ID)
+    peer.call("register", name="kv", num_tensors=4, num_blocks=64, block_bytes=4096, seed=6,
+              model_id=0)
+    dd = dxl.LLMDataDist(dxl.LLMRole.DECODER, D_ID)
+    dd.init({})
+    try:
+        buf = KVBuffers(4, 64, 4096, fill=False)
+        cache = dd.cache_manager.register_blocks_cache(buf.desc(), buf.addrs)
+        assert dd.link_clusters([peer.cluster_info()])[0] == S.LLM_SUCCESS
+        errors: list[BaseException] = []
+
+        def worker(i: int) -> None:
+            try:
+                for j in range(20):
+                    b = (i * 8 + j) % 64
+                    dd.cache_manager.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [b], [b])
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        assert buf.matches(range(4), range(64), 6, range(4), range(64))
+    finally:
+        dd.finalize()
+
+
+def _resources() -> tuple[int, int, int]:
+    """(open file descriptors, threads, resident KiB) of this process."""
+    fds = len(os.listdir("/proc/self/fd"))
+    with open("/proc/self/statm") as f:
+        rss_kib = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    return fds, threading.active_count(), rss_kib
+
+
+async def test_endurance_link_and_register_cycles(make_peer, capsys):
+    peer = make_peer(P_ID)
+    peer.call("register", name="kv", num_tensors=4, num_blocks=16, block_bytes=4096, seed=8,
+              model_id=0)
+    link_cycles, reg_cycles = 1000, 10_000
+    async with dxl.Engine(D_ID, dxl.LLMRole.DECODER) as eng:
+        buf = KVBuffers(4, 16, 4096, fill=False)
+        info = peer.cluster_info()
+        # warm up once so lazily created things (threads, caches) exist before measuring
+        cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
+        await eng.link_clusters([info])
+        await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [0], [0])
+        await eng.unlink_clusters([info])
+        before = _resources()
+        t0 = time.monotonic()
+        for i in range(link_cycles):
+            ret, _ = await eng.link_clusters([info])
+            assert ret == S.LLM_SUCCESS
+            if i % 10 == 0:
+                await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [i % 16], [i % 16])
+            await eng.unlink_clusters([info], force=i % 2 == 0)
+        await eng.link_clusters([info])
+        await eng.unregister_cache(cache.cache_id)
+        for i in range(reg_cycles):
+            cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
+            if i % 100 == 0:
+                await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [1], [1])
+            await eng.unregister_cache(cache.cache_id)
+        await eng.unlink_clusters([info])
+        elapsed = time.monotonic() - t0
+        await asyncio.sleep(0.2)  # let closed links finish tearing down
+        after = _resources()
+        assert buf.matches(range(4), [1], 8, range(4), [1])
+        assert eng.stats()["native"]["regions_live"] == 0
+    with capsys.disabled():
+        print(
+            f"\nendurance: {link_cycles} link/unlink + {reg_cycles} register/unregister cycles "
+            f"in {elapsed:.1f} s; fds {before[0]} -> {after[0]}, threads {before[1]} -> "
+            f"{after[1]}, RSS {before[2] / 1024:.1f} -> {after[2] / 1024:.1f} MiB"
+        )
+    assert after[0] <= before[0]
+    assert after[1] <= before[1]
+    assert after[2] - before[2] < 32 * 1024  # KiB: a small bound for allocator noise
