@@ -9,6 +9,7 @@ engine. Keys the engine does not use (Ascend-only ones, unknown ones) are kept i
 from __future__ import annotations
 
 import json
+import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,12 @@ OPT_MAX_REGISTER_ADDRS = "dxl.MaxRegisterAddrs"
 OPT_HEARTBEAT_INTERVAL_MS = "dxl.HeartbeatIntervalMs"
 OPT_TRANSFER_THREADS = "dxl.TransferThreads"
 OPT_ALLOW_REMOTE_LISTEN = "dxl.AllowRemoteListen"
+OPT_TRANSPORT = "dxl.Transport"
+OPT_AUTH_TOKEN = "dxl.AuthToken"
+TRANSPORTS = ("auto", "cma", "tcp")
+ENV_TRANSPORT = "DXL_TRANSPORT"
+ENV_AUTH_TOKEN = "DXL_AUTH_TOKEN"
+SECRET_OPTIONS = frozenset({OPT_AUTH_TOKEN})  # never shown by repr or logs
 
 
 def _flag(value: bool) -> str:
@@ -118,6 +125,8 @@ class LLMConfig:
         self._heartbeat_interval_ms: int | None = None
         self._transfer_threads: int | None = None
         self._allow_remote_listen: bool | None = None
+        self._transport: str | None = None
+        self._auth_token: str | None = None
 
     # -- option dict ----------------------------------------------------------------------
 
@@ -210,6 +219,10 @@ class LLMConfig:
             opts[OPT_TRANSFER_THREADS] = str(int(self._transfer_threads))
         if self._allow_remote_listen is not None:
             opts[OPT_ALLOW_REMOTE_LISTEN] = _flag(self._allow_remote_listen)
+        if self._transport is not None:
+            opts[OPT_TRANSPORT] = self._transport
+        if self._auth_token is not None:
+            opts[OPT_AUTH_TOKEN] = self._auth_token
 
     # -- reference properties -------------------------------------------------------------
 
@@ -518,9 +531,37 @@ class LLMConfig:
         check_isinstance("allow_remote_listen", value, bool, allow_none=False)
         self._allow_remote_listen = value
 
+    @property
+    def transport(self) -> str:
+        """dxl extension: ``"auto"`` (cma on one host, tcp otherwise), ``"cma"`` or ``"tcp"``,
+        ``dxl.Transport``; the environment variable ``DXL_TRANSPORT`` applies when unset."""
+        return self._transport or "auto"
+
+    @transport.setter
+    def transport(self, value: str) -> None:
+        check_isinstance("transport", value, str, allow_none=False)
+        ensure(value in TRANSPORTS, f"transport must be one of {TRANSPORTS}, got {value!r}")
+        self._transport = value
+
+    @property
+    def auth_token(self) -> str | None:
+        """dxl extension: shared secret that authenticates links and data connections,
+        ``dxl.AuthToken``; ``DXL_AUTH_TOKEN`` applies when unset. Never logged."""
+        return self._auth_token
+
+    @auth_token.setter
+    def auth_token(self, value: str) -> None:
+        check_isinstance("auth_token", value, str, allow_none=False)
+        ensure(bool(value), "auth_token must not be empty")
+        self._auth_token = value
+
     def __repr__(self) -> str:
         # Built on a copy: repr must not change what generate_options has accumulated.
-        return f"LLMConfig({self._build(dict(self._options))!r})"
+        shown = {
+            k: ("***" if k in SECRET_OPTIONS else v)
+            for k, v in self._build(dict(self._options)).items()
+        }
+        return f"LLMConfig({shown!r})"
 
 
 LlmConfig = LLMConfig
@@ -702,6 +743,15 @@ def _check_ascend_options(opts: dict[str, str], has_listen: bool) -> None:
         ensure(has_listen, f"option {OPT_TRANSFER_BACKEND}=hixl requires {OPT_LISTEN_IP_INFO}")
 
 
+def _parse_transport(opts: dict[str, str]) -> str:
+    value = opts.get(OPT_TRANSPORT) or os.environ.get(ENV_TRANSPORT) or "auto"
+    ensure(
+        value in TRANSPORTS,
+        f"option {OPT_TRANSPORT} (or ${ENV_TRANSPORT}) must be one of {TRANSPORTS}, got {value!r}",
+    )
+    return value
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """Typed engine settings parsed from an ``init`` option dict.
@@ -718,6 +768,8 @@ class EngineOptions:
         heartbeat_interval_ms: dxl: link heartbeat period.
         transfer_threads: dxl: transfer worker threads.
         allow_remote_listen: dxl: listen on non-loopback without a shared secret.
+        transport: dxl: ``auto``, ``cma`` or ``tcp`` (option, else ``DXL_TRANSPORT``).
+        auth_token: dxl: shared secret (option, else ``DXL_AUTH_TOKEN``); never shown.
         link_total_time_s: ``llm.LinkTotalTime`` (0 = default).
         link_retry_count: ``llm.LinkRetryCount``.
         raw: A copy of every option, unknown ones included.
@@ -734,9 +786,11 @@ class EngineOptions:
     heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS
     transfer_threads: int = DEFAULT_TRANSFER_THREADS
     allow_remote_listen: bool = False
+    transport: str = "auto"
+    auth_token: str | None = field(default=None, repr=False)
     link_total_time_s: int = 0
     link_retry_count: int = 1
-    raw: dict[str, str] = field(default_factory=dict)
+    raw: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> EngineOptions:
@@ -777,6 +831,8 @@ class EngineOptions:
                 opts, OPT_TRANSFER_THREADS, DEFAULT_TRANSFER_THREADS, 1, MAX_TRANSFER_THREADS
             ),
             allow_remote_listen=_parse_flag(opts, OPT_ALLOW_REMOTE_LISTEN, False),
+            transport=_parse_transport(opts),
+            auth_token=opts.get(OPT_AUTH_TOKEN) or os.environ.get(ENV_AUTH_TOKEN) or None,
             link_total_time_s=_parse_uint(opts, OPT_LINK_TOTAL_TIME, 0, 0, UINT32_MAX),
             link_retry_count=_parse_uint(opts, OPT_LINK_RETRY_COUNT, 1, 1, _MAX_LINK_RETRY_COUNT),
             raw=opts,

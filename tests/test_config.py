@@ -520,3 +520,24 @@ def test_listen_from_options_absent_or_empty() -> None:
     assert listen_from_options({"other": "1.2.3.4:5"}) is None
     with pytest.raises(TypeError, match=r"llm\.listenIpInfo must be str, got int"):
         listen_from_options({"llm.listenIpInfo": 5})
+
+
+def test_transport_and_secret_options(monkeypatch):
+    cfg = LLMConfig()
+    cfg.transport = "tcp"
+    cfg.auth_token = "s3cret"
+    opts = cfg.generate_options()
+    assert opts["dxl.Transport"] == "tcp" and opts["dxl.AuthToken"] == "s3cret"
+    assert "s3cret" not in repr(cfg)
+    parsed = EngineOptions.from_options(opts)
+    assert (parsed.transport, parsed.auth_token) == ("tcp", "s3cret")
+    assert "s3cret" not in repr(parsed)
+    with pytest.raises(LLMException, match="transport"):
+        cfg.transport = "rdma"
+    monkeypatch.setenv("DXL_TRANSPORT", "cma")
+    monkeypatch.setenv("DXL_AUTH_TOKEN", "from-env")
+    parsed = EngineOptions.from_options({})
+    assert (parsed.transport, parsed.auth_token) == ("cma", "from-env")
+    monkeypatch.setenv("DXL_TRANSPORT", "bogus")
+    with pytest.raises(LLMException, match="DXL_TRANSPORT"):
+        EngineOptions.from_options({})
