@@ -417,6 +417,8 @@ class Engine(ContiguousOps, LayerwiseOps, LocalOps):
             try:
                 await link.channel.request(kind, timeout_s, **fields)
             except LLMException as exc:
+                if link.closed:  # the link went away meanwhile: nobody left to tell
+                    return
                 log.warning("dxl: unlinking cluster %d: %s", link.peer.cluster_id, exc)
                 link.channel.close(f"no answer to {kind}: {exc}")
 

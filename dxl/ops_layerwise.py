@@ -113,12 +113,7 @@ class LayerwiseOps:
         num_layers = local.layout.num_tensors // TENSORS_PER_LAYER
         src_arr = np.asarray(src_blocks, dtype=np.int64)
         dst_arr = np.asarray(dst_blocks, dtype=np.int64)
-        if local.layout.blocks:
-            if not src_blocks:
-                raise args.param_invalid(
-                    op, "a blocks src_cache needs src_block_indices (blocks -> contiguous is "
-                    "not supported)"
-                )
+        if local.layout.blocks:  # without indices, whole layers move (the reference sample)
             args.check_blocks_in_range(op, "src_block_indices", src_arr, local.layout.units)
         dests = [
             self._layerwise_dest(op, cfg, num_layers, local)
@@ -268,6 +263,10 @@ class LayerwiseOps:
         """The pieces of one layer: blocks -> blocks, contiguous batch -> blocks, or
         contiguous batch -> contiguous destination."""
         src_unit = local.layout.unit_bytes
+        if local.layout.blocks and not src_blocks.size:  # whole tensors of the layer
+            size = local.layout.tensor_size
+            return coalesce(dst_bases.astype(np.uint64), src_bases.astype(np.uint64),
+                            np.full(src_bases.size, size, dtype=np.uint64))
         if local.layout.blocks:  # blocks -> blocks
             if dst_block_bytes and dst_block_bytes < src_unit:
                 raise args.param_invalid(op, "destination blocks are smaller than source blocks")

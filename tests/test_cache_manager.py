@@ -216,6 +216,18 @@ async def test_transfer_cache_async_layer_by_layer(make_peer):
         assert await task.wait_async() == [S.LLM_KV_CACHE_NOT_EXIST]
         assert await peer.acall("untouched", name="kv", tensors=everything, blocks=[1])
 
+        # no block indices: whole layers move, as the reference's sample calls it
+        sync = Layers(layers)
+        for ev in sync.ready:
+            ev.set()
+        whole = dxl.TransferWithCacheKeyConfig(dxl.BlocksCacheKey(D_ID, 0), range(2, 3),
+                                               range(2, 3))
+        task = await eng.transfer_cache_async(cache, sync, [whole])
+        assert await task.wait_async() == [S.LLM_SUCCESS]
+        args = dict(tensors=[4, 5], dst_blocks=list(range(blocks)), src_seed=9,
+                    src_tensors=[4, 5], src_blocks=list(range(blocks)))
+        assert await peer.acall("matches", name="kv", args=args)
+
         with pytest.raises(TypeError):
             await eng.transfer_cache_async(cache, None, [cfg], [1], [1])
         with pytest.raises(dxl.LLMException):
