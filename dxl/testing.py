@@ -9,6 +9,7 @@ access to the source process.
 from __future__ import annotations
 
 import ctypes
+import mmap
 
 import numpy as np
 
@@ -19,6 +20,21 @@ _WORD = 8
 
 def _tensor_salt(seed: int, tensor: int) -> np.uint64:
     return np.uint64(((seed & 0xFFFF) << 48) | ((tensor & 0xFFFF) << 32))
+
+
+_HUGE = 2 << 20
+
+
+def _huge_page_words(words: int) -> np.ndarray:
+    """Anonymous memory advised for transparent huge pages, 2 MiB aligned (what a framework
+    gets from a THP-enabled allocator, e.g. PyTorch with THP_MEM_ALLOC_ENABLE=1)."""
+    nbytes = words * _WORD
+    region = mmap.mmap(-1, nbytes + _HUGE)
+    offset = -ctypes.addressof(ctypes.c_char.from_buffer(region)) % _HUGE
+    view = memoryview(region)[offset:offset + nbytes]
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE, offset - offset % mmap.PAGESIZE, nbytes)
+    return np.frombuffer(view, dtype=np.uint64)
 
 
 class KVBuffers:
@@ -32,7 +48,13 @@ class KVBuffers:
     """
 
     def __init__(
-        self, num_tensors: int, num_blocks: int, block_bytes: int, seed: int = 0, fill: bool = True
+        self,
+        num_tensors: int,
+        num_blocks: int,
+        block_bytes: int,
+        seed: int = 0,
+        fill: bool = True,
+        huge_pages: bool = False,
     ) -> None:
         if block_bytes % _WORD:
             raise ValueError(f"block_bytes must be a multiple of {_WORD}, got {block_bytes}")
@@ -44,11 +66,11 @@ class KVBuffers:
         words = num_blocks * block_bytes // _WORD
         self.words: list[np.ndarray] = []
         for t in range(num_tensors):
+            w = _huge_page_words(words) if huge_pages else np.empty(words, dtype=np.uint64)
             if fill:
-                w = np.arange(words, dtype=np.uint64)
+                w[:] = np.arange(words, dtype=np.uint64)
                 w ^= _tensor_salt(seed, t)
             else:  # touch every page now, as a framework's initialised KV cache would be
-                w = np.empty(words, dtype=np.uint64)
                 w.fill(0)
             self.words.append(w)
 

@@ -33,13 +33,17 @@ class Peer:
     """Handle of a child process running one Engine."""
 
     def __init__(
-        self, cluster_id: int, role: str = "PROMPT", options: dict[str, str] | None = None
+        self,
+        cluster_id: int,
+        role: str = "PROMPT",
+        options: dict[str, str] | None = None,
+        netns: str | None = None,
     ) -> None:
         opts = {"llm.listenIpInfo": "127.0.0.1:0", "dxl.HeartbeatIntervalMs": "200"}
         opts.update(options or {})
         self.cluster_id = cluster_id
         self._conn, child = CTX.Pipe()
-        self.proc = CTX.Process(target=_child_main, args=(child, cluster_id, role, opts))
+        self.proc = CTX.Process(target=_child_main, args=(child, cluster_id, role, opts, netns))
         self.proc.start()
         child.close()
         self.address, self.pid = self._wait_reply(DEFAULT_DEADLINE_S)
@@ -86,7 +90,13 @@ class Peer:
         self._conn.close()
 
 
-def _child_main(conn: Any, cluster_id: int, role: str, options: dict[str, str]) -> None:
+def _child_main(
+    conn: Any, cluster_id: int, role: str, options: dict[str, str], netns: str | None
+) -> None:
+    if netns is not None:  # another "host": join its network namespace before any socket
+        from netns import enter_netns
+
+        enter_netns(netns)
     asyncio.run(_serve(conn, cluster_id, role, options))
 
 
