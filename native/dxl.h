@@ -166,3 +166,151 @@ typedef struct {
 /* Fills *out_p (caller-owned, not NULL) with a snapshot of the counters; each field is read
  * atomically, the set is not one atomic snapshot. */
 void dxl_counters(dxl_counters_t *out_p);
+
+/* ================================================================================================
+ * tcp transport (native/dxl_tcp.c)
+ *
+ * Moves piece lists between engines on different hosts over TCP. Python opens, authenticates and
+ * owns the sockets (dxl/tcp.py, dxl/auth.py); this layer only moves request frames and bytes.
+ *
+ * Wire format (all integers little-endian). A request is
+ *     header  (DXL_TCP_HDR_BYTES = 32): u32 magic DXL_TCP_REQ_MAGIC, u16 version DXL_TCP_VERSION,
+ *             u16 op (DXL_TCP_OP_READ: the client pulls from the server's memory;
+ *             DXL_TCP_OP_WRITE: the client pushes into it), u64 request id, u64 piece count n
+ *             (<= DXL_TCP_MAX_PIECES), u64 total bytes
+ *     table   n x (u64 addr, u64 len): ranges in the server's memory, each len at most
+ *             DXL_TCP_MAX_PIECE_LEN, addr + len not wrapping, the lens summing exactly to total
+ *     payload (WRITE only) total bytes, piece after piece in table order.
+ * The reply is
+ *     header  (32): u32 magic DXL_TCP_REP_MAGIC, u16 version, u16 op (echoed), u64 request id
+ *             (echoed), i32 status (DXL_OK or a negative DXL_E_* code), u32 detail (for
+ *             DXL_E_RANGE the index of the first refused piece, else 0), u64 total (bytes that
+ *             follow for a READ, bytes stored for a WRITE; 0 on error)
+ *     data    (READ with status DXL_OK only) total bytes, in table order.
+ * A well-formed request that the registry refuses (DXL_E_RANGE) gets an error reply and the
+ * connection stays usable (a refused WRITE's payload is read and discarded first). A malformed one
+ * (bad magic or version, unknown op, too many pieces, a piece too long or wrapping, lens that do
+ * not sum to total: DXL_E_PROTO or DXL_E_UNSUPPORTED) gets an error reply, then that connection,
+ * and only that one, is closed.
+ * ============================================================================================== */
+
+#define DXL_E_TIMEDOUT -11 /* the call's timeout expired before the transfer finished */
+#define DXL_E_PEER -12     /* the peer closed or reset the connection (EOF, ECONNRESET, EPIPE...) */
+#define DXL_E_PROTO -13    /* a malformed frame: bad magic/version, wrong id or byte count */
+#define DXL_E_REMOTE -14   /* the peer's data server refused the request (its status: result) */
+
+#define DXL_TCP_VERSION 1
+#define DXL_TCP_REQ_MAGIC 0x51545844 /* "DXTQ" as little-endian bytes */
+#define DXL_TCP_REP_MAGIC 0x52545844 /* "DXTR" */
+#define DXL_TCP_OP_READ 1
+#define DXL_TCP_OP_WRITE 2
+#define DXL_TCP_HDR_BYTES 32
+/* Most table entries in one request; dxl_tcp_transfer sends longer lists as several requests. */
+#define DXL_TCP_MAX_PIECES 65536
+/* Longest table entry (1 GiB); dxl_tcp_transfer cuts longer pieces into several entries. */
+#define DXL_TCP_MAX_PIECE_LEN 1073741824
+/* Most streams one dxl_tcp_transfer call takes. */
+#define DXL_TCP_MAX_STREAMS 64
+/* Most threads of one data server. */
+#define DXL_TCP_MAX_THREADS 16
+
+/* ---- data server ---- */
+
+/* A data server: threads, each with an epoll set, serving connections handed over with
+ * dxl_tcp_server_adopt(). Every request is checked against the process-wide region registry
+ * (dxl_region_check_pieces) before any memory is touched; only registered memory is ever read or
+ * written. Sockets are non-blocking with one state machine per connection, so a slow or stalled
+ * client delays no other connection. */
+typedef struct dxl_tcp_server dxl_tcp_server_t;
+
+typedef struct {
+    uint64_t conns_adopted;     /**< connections handed over (monotonic) */
+    uint64_t conns_live;        /**< connections open now */
+    uint64_t conns_dropped;     /**< closed for a malformed request, I/O error or EOF mid-frame */
+    uint64_t requests_served;   /**< requests answered with DXL_OK (monotonic) */
+    uint64_t requests_rejected; /**< requests answered with an error status (monotonic) */
+    uint64_t bytes_sent;        /**< data bytes served to READ requests (monotonic) */
+    uint64_t bytes_received;    /**< data bytes stored by WRITE requests (monotonic) */
+    uint64_t requests_aborted;  /**< requests cut off by dxl_tcp_server_fence's timeout */
+} dxl_tcp_server_stats_t;
+
+/* Starts a data server with `threads` threads (1..DXL_TCP_MAX_THREADS, else DXL_E_INVAL). On
+ * success *server_p receives a handle the caller owns and must release with dxl_tcp_server_stop().
+ * The threads block all signals. */
+int dxl_tcp_server_start(int threads, dxl_tcp_server_t **server_p);
+
+/* Hands a connected, already authenticated stream socket to the server, which makes it
+ * non-blocking and serves requests on it until the peer closes it, it breaks, or the server
+ * stops. Ownership: on DXL_OK the server owns fd and closes it; the caller must not use or close
+ * it again. On failure the caller still owns fd. DXL_E_INVAL: NULL server, fd < 0, or the server
+ * is stopping; DXL_E_NOMEM; DXL_E_IO (fcntl or epoll_ctl failed, errno saved). */
+int dxl_tcp_server_adopt(dxl_tcp_server_t *server, int fd);
+
+/* Waits until no request that was touching memory when this call began still does, so that
+ * memory unregistered (dxl_region_remove) before this call may be freed once it returns: later
+ * requests are checked against the registry as it is now. Requests still running after
+ * timeout_ms (< 0: no limit) have their connections closed (their clients see DXL_E_PEER); the
+ * call waits for that, which takes at most one non-blocking syscall per connection. If aborted_p
+ * is not NULL it receives how many were closed. DXL_OK, or DXL_E_INVAL for a NULL server. */
+int dxl_tcp_server_fence(dxl_tcp_server_t *server, int timeout_ms, uint64_t *aborted_p);
+
+/* Fills *out_p (caller-owned, not NULL) with the server's counters; each field is read
+ * atomically, the set is not one snapshot. NULL server: all zero. */
+void dxl_tcp_server_stats(const dxl_tcp_server_t *server, dxl_tcp_server_stats_t *out_p);
+
+/* Stops the threads (joined before it returns), closes every adopted connection and frees the
+ * server; NULL is a no-op. The caller must not use the handle afterwards, nor call this while
+ * another call on the same server is running. */
+void dxl_tcp_server_stop(dxl_tcp_server_t *server);
+
+/* Data servers started and not yet stopped, process-wide (a leak counter for tests). */
+uint64_t dxl_tcp_servers_live(void);
+
+/* ---- client ---- */
+
+typedef struct {
+    uint64_t bytes_done;    /**< data bytes moved (received into local memory for a READ,
+                                 confirmed stored by the server for a WRITE) */
+    uint64_t broken_mask;   /**< bit i set: fds[i] was left in the middle of a frame (failure,
+                                 timeout, or stopped because another stream failed) and must be
+                                 closed and reconnected, never reused */
+    int streams_used;       /**< fds[0 .. streams_used) carried requests */
+    int remote_status;      /**< on DXL_E_REMOTE: the server's status (a DXL_E_* code), else 0 */
+    uint32_t remote_detail; /**< on DXL_E_REMOTE: the server's detail field */
+} dxl_tcp_result_t;
+
+/* Moves n pieces between this process and a peer's data server over nfds (1..DXL_TCP_MAX_STREAMS)
+ * connected, authenticated stream sockets to that server: write = 0 is a READ (remote -> local, a
+ * pull), write = 1 a WRITE (local -> remote, a push). Piece i is len[i] bytes at local[i] here and
+ * remote[i] in the peer; pieces of length 0 are skipped and n == 0 is a no-op. fds, local, remote
+ * and len are caller-owned arrays read during the call only; the caller keeps owning the sockets.
+ * A blocking socket waits inside each syscall for at most 50 ms at a time (SO_RCVTIMEO and
+ * SO_SNDTIMEO, restored before the call returns); a non-blocking one waits in poll.
+ *
+ * A call of T bytes uses k = min(nfds, T / dxl_tcp_stream_threshold()) streams (at least 1),
+ * fds[0 .. k): the byte range is cut into k contiguous parts of roughly equal bytes, each moved on
+ * its own stream by its own thread (the calling thread takes the first), as requests of at most
+ * DXL_TCP_MAX_PIECES entries. Replies scatter straight into local memory and writes gather
+ * straight from it (readv/writev-style, up to DXL_IOV_MAX entries per syscall, partial returns
+ * resumed at the exact byte). Each reply's magic, version, op, request id, status and byte count
+ * are checked.
+ *
+ * timeout_ms (> 0, or < 0 for no limit; 0 is DXL_E_INVAL) bounds the whole call. Errors:
+ * DXL_E_INVAL (bad arguments, ranges that wrap), DXL_E_TIMEDOUT, DXL_E_PEER (EOF, reset, broken
+ * pipe; errno saved), DXL_E_PROTO (a reply that does not match its request), DXL_E_REMOTE (the
+ * server refused: result_p->remote_status says why), DXL_E_FAULT (a local range is not mapped),
+ * DXL_E_NOMEM, DXL_E_IO. The first failure stops the other streams. On failure the destination may
+ * hold any mix of old and new bytes, and every stream in broken_mask must be closed. The other
+ * streams are at a frame boundary and may be reused: they finished their requests, or got a
+ * refusal of a well-formed request (DXL_E_REMOTE with remote_status DXL_E_RANGE), after which the
+ * server keeps the connection.
+ *
+ * result_p (not NULL, caller-owned) is written on success and failure alike. While the call runs
+ * it counts in dxl_counters_t.ops_inflight. */
+int dxl_tcp_transfer(const int *fds, int nfds, int write, const uint64_t *local,
+                     const uint64_t *remote, const uint64_t *len, uint64_t n, int timeout_ms,
+                     dxl_tcp_result_t *result_p);
+
+/* Sets the fewest bytes worth one more stream in dxl_tcp_transfer (default 4 MiB) and returns
+ * the previous value; 0 only reads it. Process-wide; for tuning and benchmarks. */
+uint64_t dxl_tcp_stream_threshold(uint64_t min_bytes_per_stream);

@@ -20,7 +20,11 @@
     XX(DXL_E_NOENT, "unknown id")                                                           \
     XX(DXL_E_RANGE, "piece outside every registered region")                                \
     XX(DXL_E_IO, "system call failed")                                                      \
-    XX(DXL_E_UNSUPPORTED, "not supported by this kernel or build")
+    XX(DXL_E_UNSUPPORTED, "not supported by this kernel or build")                          \
+    XX(DXL_E_TIMEDOUT, "timed out")                                                         \
+    XX(DXL_E_PEER, "peer closed or reset the connection")                                   \
+    XX(DXL_E_PROTO, "malformed or mismatched protocol frame")                               \
+    XX(DXL_E_REMOTE, "the peer's data server refused the request")
 
 const char *dxl_strerror(int code)
 {
