@@ -8,10 +8,8 @@ awaited at once without stalling it. One native call moves a whole request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-import os
 import secrets
 import time
 import uuid
@@ -23,18 +21,19 @@ import numpy as np
 from . import _ffi, args, wire
 from ._validate import check_int32, check_int64, check_isinstance, check_uint64
 from .config import EngineOptions, LLMConfig, listen_from_options
-from .control import Channel, read_message
+from .control import Channel
 from .errors import LLMException, LLMStatusCode
 from .executor import NativeExecutor
 from .keys import KeyTable
 from .link import Link, PeerInfo
+from .linking import LinkSetup
 from .ops_contiguous import ContiguousOps
 from .ops_layerwise import LayerwiseOps
 from .ops_local import LocalOps
 from .plan import Pieces, block_pieces
 from .registry import Layout, LocalCache, RemoteCache, RemoteRegistry
 from .stats import OpStats
-from .transport import CmaTransport, Transport, TransportClosed, host_identity
+from .transport import Transport, TransportClosed, Unreachable
 from .types import (
     BlocksCacheKey,
     Cache,
@@ -51,11 +50,10 @@ log = logging.getLogger("dxl")
 T = TypeVar("T")
 Status = LLMStatusCode
 
-HANDSHAKE_TIMEOUT_S = 5.0  # a connection that says nothing valid this long is dropped
 MAX_PARALLEL_LINKS = 16  # clusters linked concurrently per call, as the reference
 
 
-class Engine(ContiguousOps, LayerwiseOps, LocalOps):
+class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
     """An async KV-cache transfer engine; one per prefill or decode instance.
 
     Use as ``async with Engine(cluster_id, role, config) as eng: ...``. Coroutines carry the
@@ -94,6 +92,8 @@ class Engine(ContiguousOps, LayerwiseOps, LocalOps):
         self._links: dict[int, Link] = {}
         self._linking: set[int] = set()
         self._server: asyncio.Server | None = None
+        self._data = None  # the native tcp data server, while listening
+        self._probe_region = 0
         self._executor: NativeExecutor | None = None
         self._host_pool = None
         self._registry_lock = asyncio.Lock()
@@ -148,23 +148,13 @@ class Engine(ContiguousOps, LayerwiseOps, LocalOps):
             await self.close()
             raise
 
-    async def _listen(self, listen: tuple[str, int]) -> None:
-        ip, port = listen
-        try:
-            self._server = await asyncio.start_server(self._on_accept, ip, port)
-        except OSError as exc:
-            raise args.fail(
-                "init", Status.LLM_FAILED, f"cannot listen on {ip}:{port}: {exc.strerror or exc}"
-            ) from None
-        log.info("dxl: cluster %d listening on %s:%d", self._cluster_id, *self.listen_address)
-
     async def close(self) -> None:
         """Unlink everything (locally), stop listening, and release all native resources."""
         if self._state in ("closing", "closed"):
             return
         self._state = "closing"
         if self._server is not None:
-            self._server.close()
+            self._server.close()  # no new links while the old ones go
         for link in list(self._links.values()):
             link.channel.close("engine closed")
         await asyncio.gather(*self._closing_links, *self._background, return_exceptions=True)
@@ -173,10 +163,8 @@ class Engine(ContiguousOps, LayerwiseOps, LocalOps):
             self._release_regions(entry)
         self._caches.clear()
         self._blocks_by_model.clear()
+        await self._stop_listening()  # stops the data server too, after its regions went
         self._close_pools()
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
         if self._executor is not None:
             self._executor.shutdown()
         self._state = "closed"
@@ -394,6 +382,7 @@ class Engine(ContiguousOps, LayerwiseOps, LocalOps):
                 await self._broadcast("reg_del", id=cache_id, gen=entry.gen)
         await entry.usage.wait_idle(float("inf"))  # local copies always finish: wait them out
         self._release_regions(entry)
+        await self._fence_data_server()  # tcp requests that passed the check have finished
         self._free_pool_memory(entry)
 
     async def _republish(self, entry: LocalCache) -> None:
@@ -461,168 +450,6 @@ class Engine(ContiguousOps, LayerwiseOps, LocalOps):
                 raise args.param_invalid(
                     op, f"clusters[{i}].local_ip_info_list is empty; call append_local_ip_info"
                 )
-
-    async def _link_one(self, info: LLMClusterInfo, timeout_s: float) -> LLMStatusCode:
-        peer_id = info.remote_cluster_id
-        if peer_id == self._cluster_id:
-            log.error("dxl: link_clusters: cluster %d cannot link to itself", peer_id)
-            return Status.LLM_PARAM_INVALID
-        if peer_id in self._links:
-            return Status.LLM_ALREADY_LINK
-        if peer_id in self._linking:
-            return Status.LLM_PROCESSING_LINK
-        if len(info.remote_ip_info_list) != 1:
-            log.error("dxl: link_clusters: cluster %d needs exactly one remote ip", peer_id)
-            return Status.LLM_PARAM_INVALID
-        ip, port = info.remote_endpoint()
-        self._linking.add(peer_id)
-        writer: asyncio.StreamWriter | None = None
-        try:
-            async with asyncio.timeout(timeout_s):
-                reader, writer = await asyncio.open_connection(ip, port)
-                async with self._registry_lock:
-                    writer.write(self._hello(peer_id))
-                    msg = await read_message(reader)
-                    if msg["t"] == "reject":
-                        log.error(
-                            "dxl: link to cluster %d at %s:%d rejected by the peer: %s",
-                            peer_id, ip, port, msg["message"],
-                        )
-                        return _status(msg["code"], Status.LLM_LINK_FAILED)
-                    if msg["t"] != "welcome":
-                        raise wire.FrameError(f"expected welcome, got {msg['t']}")
-                    peer = PeerInfo.from_wire(msg)
-                    if peer.cluster_id != peer_id:
-                        log.error(
-                            "dxl: %s:%d is cluster %d, not the cluster %d asked for",
-                            ip, port, peer.cluster_id, peer_id,
-                        )
-                        return Status.LLM_LINK_FAILED
-                    transport = await self._open_transport(peer)
-                    self._add_link(peer, reader, writer, transport, msg["caches"], initiator=True)
-                    writer = None
-        except TimeoutError:
-            log.error("dxl: link to cluster %d at %s:%d timed out", peer_id, ip, port)
-            return Status.LLM_LINK_FAILED
-        except (OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
-            log.error("dxl: link to cluster %d at %s:%d failed: %s", peer_id, ip, port, exc)
-            return Status.LLM_LINK_FAILED
-        except LLMException as exc:
-            log.error("dxl: link to cluster %d at %s:%d failed: %s", peer_id, ip, port, exc)
-            return exc.status_code
-        finally:
-            self._linking.discard(peer_id)
-            if writer is not None:
-                writer.close()
-        return Status.LLM_SUCCESS
-
-    def _hello(self, expect_cluster_id: int) -> bytes:
-        return wire.encode(
-            "hello",
-            proto=wire.PROTOCOL_VERSION,
-            cluster_id=self._cluster_id,
-            expect_cluster_id=expect_cluster_id,
-            role=int(self._role),
-            incarnation=self.incarnation,
-            host=host_identity(),
-            pid=os.getpid(),
-            probe=[int(self._probe.ctypes.data), int(self._probe[0])],
-            force=True,  # we hold no link to it, so any link it holds to us is stale
-            caches=self._advertised(),
-        )
-
-    async def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Server side of the handshake. Garbage or silence closes this connection only."""
-        try:
-            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
-                msg = await read_message(reader)
-            if msg["t"] != "hello":
-                raise wire.FrameError(f"expected hello, got {msg['t']}")
-            peer = PeerInfo.from_wire(msg)
-            code, why = self._check_hello(msg, peer)
-            if code == Status.LLM_SUCCESS:
-                try:
-                    transport = await self._open_transport(peer)
-                except LLMException as exc:
-                    code, why = exc.status_code, str(exc)
-            if code != Status.LLM_SUCCESS:
-                log.error("dxl: refused link from cluster %d: %s", peer.cluster_id, why)
-                writer.write(wire.encode("reject", code=int(code), message=why))
-                await writer.drain()
-                writer.close()
-                return
-            old = self._links.get(peer.cluster_id)
-            if old is not None:  # the peer restarted or lost its end: drop our stale one
-                old.channel.close("peer re-linked")
-            writer.write(
-                wire.encode(
-                    "welcome",
-                    proto=wire.PROTOCOL_VERSION,
-                    cluster_id=self._cluster_id,
-                    role=int(self._role),
-                    incarnation=self.incarnation,
-                    host=host_identity(),
-                    pid=os.getpid(),
-                    probe=[int(self._probe.ctypes.data), int(self._probe[0])],
-                    caches=self._advertised(),
-                )
-            )
-            self._add_link(peer, reader, writer, transport, msg["caches"], initiator=False)
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
-            log.warning("dxl: dropped an incoming connection: %s", exc or type(exc).__name__)
-            writer.close()
-
-    def _check_hello(self, msg: dict[str, Any], peer: PeerInfo) -> tuple[LLMStatusCode, str]:
-        if self._state != "running":
-            return Status.LLM_LINK_FAILED, "engine is closing"
-        if msg["proto"] != wire.PROTOCOL_VERSION:
-            return Status.LLM_LINK_FAILED, f"protocol {msg['proto']} != {wire.PROTOCOL_VERSION}"
-        if msg["expect_cluster_id"] != self._cluster_id:
-            return Status.LLM_LINK_FAILED, (
-                f"the client asked for cluster {msg['expect_cluster_id']} but this is cluster "
-                f"{self._cluster_id} (LLMClusterInfo.remote_cluster_id must match the peer)"
-            )
-        if peer.cluster_id == self._cluster_id:
-            return Status.LLM_LINK_FAILED, f"peer uses this engine's cluster id {peer.cluster_id}"
-        if peer.cluster_id in self._linking:
-            return Status.LLM_PROCESSING_LINK, "a link to that cluster is being set up"
-        if not msg["force"] and peer.cluster_id in self._links:
-            return Status.LLM_ALREADY_LINK, f"cluster {peer.cluster_id} is already linked"
-        return Status.LLM_SUCCESS, ""
-
-    async def _open_transport(self, peer: PeerInfo) -> Transport:
-        """Pick the transport for a peer and prove it works by reading the peer's probe."""
-        if peer.host != host_identity():
-            raise args.fail(
-                "link_clusters",
-                Status.LLM_LINK_FAILED,
-                f"cluster {peer.cluster_id} runs on another host or pid namespace; only the "
-                "same-host cma transport exists in this build",
-            )
-        try:
-            transport = CmaTransport(peer.pid, self._opts.transfer_threads)
-            got = np.zeros(1, dtype=np.uint64)
-            addr, token = peer.probe
-            probe = Pieces(
-                np.array([got.ctypes.data], dtype=np.uint64),
-                np.array([addr], dtype=np.uint64),
-                np.array([8], dtype=np.uint64),
-            )
-            await self._run_native(transport.read, probe)
-        except _ffi.NativeError as exc:
-            raise args.fail(
-                "link_clusters",
-                Status.LLM_LINK_FAILED,
-                f"cross-memory attach to cluster {peer.cluster_id} (pid {peer.pid}) failed: {exc}",
-            ) from None
-        if int(got[0]) != token:
-            transport.close()
-            raise args.fail(
-                "link_clusters",
-                Status.LLM_LINK_FAILED,
-                f"pid {peer.pid} is not the process of cluster {peer.cluster_id} (probe mismatch)",
-            )
-        return transport
 
     def _add_link(
         self,
@@ -752,10 +579,7 @@ class Engine(ContiguousOps, LayerwiseOps, LocalOps):
         current = self.listen_address
         same_port = listen is not None and current is not None and 0 != listen[1] == current[1]
         if not same_port:
-            if self._server is not None:
-                self._server.close()
-                await self._server.wait_closed()
-                self._server = None
+            await self._stop_listening()
             if listen is not None:
                 await self._listen(listen)
         self._role = role
@@ -970,13 +794,31 @@ class Engine(ContiguousOps, LayerwiseOps, LocalOps):
         link_stats.record(nbytes, count, elapsed)
 
     def _transfer_error(self, op: str, link: Link, exc: Exception) -> LLMException:
+        """Map a transport failure to the status the caller sees; a dead peer ends its link,
+        a timeout does not (stance 9)."""
         peer = link.peer.cluster_id
-        if isinstance(exc, TransportClosed) or getattr(exc, "name", "") == "DXL_E_SRCH":
-            link.channel.close(f"peer process {link.peer.pid} is gone")
+        name = getattr(exc, "name", "")
+        if isinstance(link.transport, Unreachable):
+            return args.fail(op, Status.LLM_FEATURE_NOT_ENABLED, link.transport.reason)
+        if isinstance(exc, TransportClosed) or name in ("DXL_E_SRCH", "DXL_E_PEER"):
+            link.channel.close(f"peer {link.peer.address} (pid {link.peer.pid}) is gone")
             return args.fail(
                 op, Status.LLM_LINK_FAILED, f"cluster {peer} (pid {link.peer.pid}) is gone: {exc}"
             )
-        if getattr(exc, "name", "") == "DXL_E_FAULT":
+        if name == "DXL_E_TIMEDOUT":
+            return args.fail(
+                op,
+                Status.LLM_TIMEOUT,
+                f"cluster {peer} did not complete the transfer within sync_kv_timeout "
+                f"({self._opts.sync_kv_timeout_ms} ms): {exc}",
+            )
+        if name == "DXL_E_REMOTE":
+            return args.fail(
+                op,
+                Status.LLM_KV_CACHE_NOT_EXIST,
+                f"cluster {peer} refused the request (its registration changed): {exc}",
+            )
+        if name == "DXL_E_FAULT":
             return args.fail(
                 op,
                 Status.LLM_SUSPECT_REMOTE_ERROR,
@@ -1004,6 +846,7 @@ class Engine(ContiguousOps, LayerwiseOps, LocalOps):
             "transports": transports,
             "pull": self._pull_stats.snapshot(),
             "push": self._push_stats.snapshot(),
+            "data_server": self._data.stats() if self._data is not None else None,
             "native": {
                 "regions_live": counters.regions_live,
                 "peers_open": counters.peers_open,
@@ -1015,13 +858,6 @@ class Engine(ContiguousOps, LayerwiseOps, LocalOps):
 
 def _overall(results: list[LLMStatusCode]) -> LLMStatusCode:
     return next((r for r in results if r != Status.LLM_SUCCESS), Status.LLM_SUCCESS)
-
-
-def _status(code: int, default: LLMStatusCode) -> LLMStatusCode:
-    try:
-        return LLMStatusCode(code)
-    except ValueError:
-        return default
 
 
 __all__ = ["Engine"]

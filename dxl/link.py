@@ -22,9 +22,11 @@ class PeerInfo:
     host: str
     pid: int
     probe: tuple[int, int]
+    address: str  # the peer's IP as this side reaches it (its data server listens there)
+    data_port: int  # 0: the peer runs no data server (it does not listen)
 
     @classmethod
-    def from_wire(cls, msg: dict[str, Any]) -> PeerInfo:
+    def from_wire(cls, msg: dict[str, Any], address: str) -> PeerInfo:
         addr, token = msg["probe"]
         return cls(
             msg["cluster_id"],
@@ -33,6 +35,8 @@ class PeerInfo:
             msg["host"],
             msg["pid"],
             (addr, token),
+            address,
+            msg["data_port"],
         )
 
 

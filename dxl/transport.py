@@ -17,7 +17,7 @@ from .plan import Pieces
 
 
 class TransportClosed(Exception):
-    """The link that owned this transport was torn down while a request wanted it."""
+    """The transport cannot be used: its link was torn down, or it never had a data path."""
 
 
 class Transport(Protocol):
@@ -72,6 +72,25 @@ class CmaTransport:
         peer, self._peer = self._peer, None
         if peer is not None:
             _ffi.ffi.release(peer)
+
+
+class Unreachable:
+    """Stands for the missing data path to a peer that neither shares our host nor runs a
+    data server: the peer can reach us, we cannot reach it."""
+
+    name = "none"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def read(self, pieces: Pieces) -> int:
+        raise TransportClosed(self.reason)
+
+    def write(self, pieces: Pieces) -> int:
+        raise TransportClosed(self.reason)
+
+    def close(self) -> None:
+        pass
 
 
 @functools.cache

@@ -50,7 +50,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "incarnation": _STR,
         "host": _STR,
         "pid": _INT,
-        "probe": _LIST,  # [address, token]: 8 bytes the peer may read to prove CMA works
+        "probe": _LIST,  # [address, token]: 8 bytes the peer reads to prove its transport
+        "data_port": _INT,  # port of the native data server on the same host, 0 if none
         "force": _BOOL,
         "caches": _LIST,
     },
@@ -62,6 +63,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "host": _STR,
         "pid": _INT,
         "probe": _LIST,
+        "data_port": _INT,
         "caches": _LIST,
     },
     "reject": {"code": _INT, "message": _STR},
