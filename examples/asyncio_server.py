@@ -50,7 +50,9 @@ async def serve(args: argparse.Namespace, prefill_address: tuple[str, int]) -> i
     queue: asyncio.Queue[tuple[int, list[int]] | None] = asyncio.Queue()
     failures = 0
 
-    async with dxl.Engine(2, dxl.LLMRole.DECODER) as eng:
+    cfg = dxl.LLMConfig()
+    cfg.transport = args.transport
+    async with dxl.Engine(2, dxl.LLMRole.DECODER, cfg) as eng:
         cache = await eng.register_blocks_cache(kv.desc(), kv.addrs)
         info = dxl.LLMClusterInfo()
         info.remote_cluster_id = PREFILL_ID
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-blocks", type=int, default=32)
     p.add_argument("--arrival-ms", type=float, default=2.0)
     p.add_argument("--decode-ms", type=float, default=5.0)
+    p.add_argument("--transport", choices=("auto", "cma", "tcp"), default="auto")
     args = p.parse_args(argv)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()

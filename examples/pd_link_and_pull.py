@@ -8,6 +8,7 @@ a summary. Exit status 0 means every byte was right.
 
     python examples/pd_link_and_pull.py                  # 32 layers x K,V x 512 blocks of 32 KiB
     python examples/pd_link_and_pull.py --layers 8 --blocks 128 --requests 32
+    python examples/pd_link_and_pull.py --transport tcp        # the network path
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ async def prefill_main(args: argparse.Namespace, conn: mp.connection.Connection)
     kv = KVBuffers(2 * args.layers, args.blocks, block_bytes(args), seed=PREFILL_SEED)
     cfg = dxl.LLMConfig()
     cfg.listen_ip_info = "127.0.0.1:0"
+    cfg.transport = args.transport
     async with dxl.Engine(PREFILL_ID, dxl.LLMRole.PROMPT, cfg) as eng:
         await eng.register_blocks_cache(
             kv.desc(), kv.addrs, dxl.BlocksCacheKey(PREFILL_ID, 0), remote_accessible=True
@@ -54,7 +56,9 @@ async def decode_main(args: argparse.Namespace, address: tuple[str, int]) -> dic
     info.append_local_ip_info("127.0.0.1", 0)
     info.append_remote_ip_info(*address)
     rng = np.random.default_rng(args.seed)
-    async with dxl.Engine(DECODE_ID, dxl.LLMRole.DECODER) as eng:
+    cfg = dxl.LLMConfig()
+    cfg.transport = args.transport
+    async with dxl.Engine(DECODE_ID, dxl.LLMRole.DECODER, cfg) as eng:
         cache = await eng.register_blocks_cache(kv.desc(), kv.addrs)
         ret, _ = await eng.link_clusters([info], timeout=5000)
         if ret != dxl.LLMStatusCode.LLM_SUCCESS:
@@ -128,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-blocks", type=int, default=64, help="largest block table")
     p.add_argument("--concurrency", type=int, default=4, help="pulls in flight")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transport", choices=("auto", "cma", "tcp"), default="auto",
+                   help="auto: cma on one host; tcp: the network path (loopback here)")
     args = p.parse_args(argv)
     if not 1 <= args.min_blocks <= args.max_blocks <= args.blocks:
         p.error("need 1 <= --min-blocks <= --max-blocks <= --blocks")

@@ -28,6 +28,13 @@ def test_pd_link_and_pull_demo():
     assert "(cma)" in out
 
 
+def test_pd_demo_over_tcp():
+    out = run("pd_link_and_pull.py", "--layers", "2", "--blocks", "32", "--requests", "8",
+              "--max-blocks", "8", "--transport", "tcp")
+    assert "verified: every byte matches" in out
+    assert "(tcp)" in out
+
+
 def test_asyncio_server_example():
     out = run("asyncio_server.py", "--layers", "2", "--blocks", "64", "--requests", "8",
               "--max-blocks", "8")
