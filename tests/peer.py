@@ -12,6 +12,7 @@ import asyncio
 import multiprocessing as mp
 import os
 import signal
+import time
 from typing import Any
 
 import numpy as np
@@ -75,7 +76,13 @@ class Peer:
         return info
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig``; for SIGSTOP, return only once the process really is stopped (signal
+        delivery is asynchronous, and a test must not race the stop)."""
         os.kill(self.proc.pid, sig)
+        if sig == signal.SIGSTOP:
+            deadline = time.monotonic() + 5
+            while _state(self.proc.pid) not in ("T", "t") and time.monotonic() < deadline:
+                time.sleep(0.001)
 
     def stop(self) -> None:
         if self.proc.is_alive():
@@ -88,6 +95,15 @@ class Peer:
             self.proc.kill()
             self.proc.join(5)
         self._conn.close()
+
+
+def _state(pid: int) -> str:
+    """The scheduler state letter of a process (R, S, T, Z...), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "?"
 
 
 def _child_main(
