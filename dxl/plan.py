@@ -65,10 +65,27 @@ def block_pieces(
         dst_blocks, src_blocks: block indices (same length, already range-checked).
         block_bytes: bytes per block, equal on both sides.
     """
+    # Coalesce in block space first (a few thousand ids), then expand per tensor: runs of
+    # consecutive block pairs become one piece per tensor without materialising every block.
+    starts, counts = _runs(dst_blocks, src_blocks)
     bb = U64(block_bytes)
-    return offset_pieces(
-        dst_bases, src_bases, dst_blocks.astype(U64) * bb, src_blocks.astype(U64) * bb, block_bytes
-    )
+    lengths = counts.astype(U64) * bb
+    dst = (dst_bases.astype(U64)[:, None] + (dst_blocks[starts].astype(U64) * bb)[None, :])
+    src = (src_bases.astype(U64)[:, None] + (src_blocks[starts].astype(U64) * bb)[None, :])
+    pieces = Pieces(dst.ravel(), src.ravel(), np.tile(lengths, dst_bases.size))
+    if starts.size == 1:  # whole runs per tensor: adjacent tensors of one allocation merge too
+        return coalesce(pieces.dst, pieces.src, pieces.length)
+    return pieces
+
+
+def _runs(dst_blocks: np.ndarray, src_blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start index and length of each run of pairs consecutive on both sides."""
+    if dst_blocks.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    brk = (np.diff(dst_blocks) != 1) | (np.diff(src_blocks) != 1)
+    starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
+    counts = np.diff(np.concatenate((starts, [dst_blocks.size])))
+    return starts, counts
 
 
 def offset_pieces(
