@@ -24,6 +24,7 @@ class PeerInfo:
     probe: tuple[int, int]
     address: str  # the peer's IP as this side reaches it (its data server listens there)
     data_port: int  # 0: the peer runs no data server (it does not listen)
+    pool: tuple[int, int, int] | None  # (fd, base, size) of its memfd HOST pool
 
     @classmethod
     def from_wire(cls, msg: dict[str, Any], address: str) -> PeerInfo:
@@ -37,6 +38,7 @@ class PeerInfo:
             (addr, token),
             address,
             msg["data_port"],
+            tuple(msg["pool"]) if msg["pool"] else None,  # type: ignore[arg-type]
         )
 
 

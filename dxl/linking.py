@@ -28,6 +28,7 @@ from .control import read_message
 from .errors import LLMException, LLMStatusCode
 from .link import PeerInfo
 from .plan import Pieces
+from .shm import PeerPool
 from .tcp import DataServer, TcpTransport
 from .transport import CmaTransport, Transport, Unreachable, host_identity
 
@@ -176,6 +177,11 @@ class LinkSetup:
             "pid": os.getpid(),
             "probe": [int(self._probe.ctypes.data), int(self._probe[0])],
             "data_port": self._data.address[1] if self._data is not None else 0,
+            "pool": (
+                [self._host_pool.fd, self._host_pool.base, self._host_pool.size]
+                if self._host_pool is not None
+                else []
+            ),
             "caches": self._advertised(),
         }
 
@@ -256,7 +262,9 @@ class LinkSetup:
         errors = []
         if choice in ("auto", "cma") and same_host:
             try:
-                return await self._proven(peer, CmaTransport(peer.pid, self._opts.transfer_threads))
+                cma = await self._proven(peer, CmaTransport(peer.pid, self._opts.transfer_threads))
+                self._map_peer_pool(peer, cma)
+                return cma
             except (_ffi.NativeError, LLMException) as exc:
                 if choice == "cma":
                     raise _link_failed(f"cma to cluster {peer.cluster_id} failed: {exc}") from None
@@ -283,6 +291,17 @@ class LinkSetup:
         log.info("dxl: %s; it can still pull from and push to cluster %d", reason,
                  self._cluster_id)
         return Unreachable(reason)
+
+    @staticmethod
+    def _map_peer_pool(peer: PeerInfo, cma: Transport) -> None:
+        """Map the peer's memfd pool, so pulls from caches it allocated are plain memcpy."""
+        if peer.pool is None or not isinstance(cma, CmaTransport):
+            return
+        fd, base, size = peer.pool
+        try:
+            cma.attach_pool(PeerPool(peer.pid, fd, base, size))
+        except OSError as exc:  # still correct over cma, only slower
+            log.info("dxl: cannot map the pool of cluster %d: %s", peer.cluster_id, exc)
 
     async def _proven(self, peer: PeerInfo, transport: Transport) -> Transport:
         """Read the peer's probe through ``transport``; the token proves the right process."""

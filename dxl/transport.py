@@ -14,6 +14,7 @@ from typing import Protocol
 
 from . import _ffi
 from .plan import Pieces
+from .shm import PeerPool
 
 
 class TransportClosed(Exception):
@@ -31,16 +32,26 @@ class Transport(Protocol):
 
 
 class CmaTransport:
-    """process_vm_readv/writev against one peer process, watched through its pidfd."""
+    """process_vm_readv/writev against one peer process, watched through its pidfd.
 
-    name = "cma"
+    With the peer's memfd pool mapped (:meth:`attach_pool`), requests whose remote pieces all
+    lie in the pool are copied with memcpy threads instead: no syscall per piece.
+    """
 
     def __init__(self, pid: int, threads: int) -> None:
         out = _ffi.ffi.new("dxl_peer_t **")
         _ffi.check(_ffi.lib.dxl_peer_open(pid, out), f"open peer process {pid}")
         self._peer = _ffi.ffi.gc(out[0], _ffi.lib.dxl_peer_close)
         self._threads = threads
+        self._pool: PeerPool | None = None
         self.pid = pid
+
+    @property
+    def name(self) -> str:
+        return "cma+shm" if self._pool is not None else "cma"
+
+    def attach_pool(self, pool: PeerPool) -> None:
+        self._pool = pool
 
     def alive(self) -> bool:
         return self._peer is not None and bool(_ffi.lib.dxl_peer_alive(self._peer))
@@ -54,6 +65,9 @@ class CmaTransport:
     def _move(self, write: int, local, remote, pieces: Pieces) -> int:
         if self._peer is None:
             raise TransportClosed("cma transport is closed")
+        pool = self._pool
+        if pool is not None and pool.covers(remote, pieces.length):
+            return self._copy_shared(write, local, pool.translate(remote), pieces)
         done = _ffi.ffi.new("uint64_t *")
         rc = _ffi.lib.dxl_cma_transfer(
             self._peer,
@@ -68,8 +82,28 @@ class CmaTransport:
         _ffi.check(rc, "cma push" if write else "cma pull")
         return int(done[0])
 
+    def _copy_shared(self, write: int, local, remote, pieces: Pieces) -> int:
+        dst, src = (remote, local) if write else (local, remote)
+        _ffi.check(
+            _ffi.lib.dxl_copy_pieces(
+                _ffi.as_u64_ptr(dst),
+                _ffi.as_u64_ptr(src),
+                _ffi.as_u64_ptr(pieces.length),
+                pieces.count,
+                self._threads,
+            ),
+            "shm copy",
+        )
+        # a dead owner's pool outlives it in our mapping: its bytes cannot be trusted
+        if not _ffi.lib.dxl_peer_alive(self._peer):
+            raise _ffi.NativeError(_ffi.lib.DXL_E_SRCH, "shm copy", 3)
+        return pieces.nbytes
+
     def close(self) -> None:
         peer, self._peer = self._peer, None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
         if peer is not None:
             _ffi.ffi.release(peer)
 

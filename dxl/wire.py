@@ -52,6 +52,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "pid": _INT,
         "probe": _LIST,  # [address, token]: 8 bytes the peer reads to prove its transport
         "data_port": _INT,  # port of the native data server on the same host, 0 if none
+        "pool": _LIST,  # [fd, base, size] of the memfd HOST pool, [] without one
         "force": _BOOL,
         "caches": _LIST,
     },
@@ -64,6 +65,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "pid": _INT,
         "probe": _LIST,
         "data_port": _INT,
+        "pool": _LIST,
         "caches": _LIST,
     },
     "reject": {"code": _INT, "message": _STR},
@@ -117,6 +119,8 @@ def _check_message(msg: Any) -> None:
     _check_fields(f"{kind} message", msg, schema, extra=("t",))
     if kind in ("hello", "welcome"):
         _check_probe(msg["probe"])
+        if msg["pool"]:
+            _check_u64_list("pool", msg["pool"], 3)
         for entry in msg["caches"]:
             check_cache_entry(entry)
     elif kind == "reg_add":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 import dxl
@@ -261,3 +262,45 @@ def test_rank_table_and_v1_entry_points_are_refused_clearly():
             assert err.value.status_code == S.LLM_PARAM_INVALID
     finally:
         dd.finalize()
+
+
+async def test_pulls_from_allocated_caches_use_the_shared_pool(make_peer):
+    """A same-host peer's pool is mapped at link time: pulls and pushes into caches it
+    allocated are memcpy (transport "cma+shm"), with the same safety as cma."""
+    peer = make_peer(P_ID, options=POOL)
+    peer.call("allocate", name="kv", num_tensors=TENSORS, num_blocks=16, block_bytes=4096,
+              seed=3, model_id=0)
+    buf = KVBuffers(TENSORS, 16, 4096, fill=False)
+    async with await decoder(peer) as eng:
+        assert eng.stats()["links"][P_ID]["transport"] == "cma+shm"
+        cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
+        await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [3, 4, 9], [0, 1, 2])
+        assert buf.matches(ALL, [0, 1, 2], 3, ALL, [3, 4, 9])
+        await eng.push_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [0], [15])
+        args = dict(tensors=ALL, dst_blocks=[15], src_seed=3, src_tensors=ALL, src_blocks=[3])
+        assert await peer.acall("matches", name="kv", args=args)
+        await peer.acall("deallocate", name="kv")
+        with pytest.raises(dxl.LLMException) as err:
+            await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [3], [5])
+        assert err.value.status_code == S.LLM_KV_CACHE_NOT_EXIST
+        assert buf.untouched(ALL, [5])
+
+
+async def test_shared_pool_of_a_killed_peer_is_never_read(make_peer):
+    peer = make_peer(P_ID, options=POOL)
+    peer.call("allocate", name="kv", num_tensors=TENSORS, num_blocks=16, block_bytes=4096,
+              seed=3, model_id=0)
+    buf = KVBuffers(TENSORS, 16, 4096, fill=False)
+    async with await decoder(peer) as eng:
+        cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
+        link = eng._links[P_ID]
+        peer.kill()
+        peer.proc.join(5)
+        # call the transport directly: the engine would also see the closed control link
+        from dxl.plan import block_pieces
+        remote = link.registry.blocks_by_model[0]
+        pieces = block_pieces(np.asarray(buf.addrs, dtype=np.uint64), remote.layout.addrs,
+                              np.array([0]), np.array([1]), 4096)
+        with pytest.raises(dxl._ffi.NativeError, match="DXL_E_SRCH"):
+            link.transport.read(pieces)
+        del cache
