@@ -1,0 +1,237 @@
+"""What the user sees: a one-line progress bar on stderr and the tables at the end.
+
+A result that was not verified, or that failed, is never shown as a number: the table prints
+``UNVERIFIED`` or ``FAILED`` and the reason is listed under it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+import time
+from typing import Any, TextIO
+
+from .workload import format_size
+
+
+class Progress:
+    """``[#####-----]  42%  1:05 eta 1:30  cma pull async c1 64K: pass 2/3 dxl`` on one line."""
+
+    def __init__(self, total: int, enabled: bool, stream: TextIO | None = None) -> None:
+        self.total = max(1, total)
+        self.done = 0
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self._label = ""
+        self._t0 = time.monotonic()
+        self._shown = 0
+
+    def label(self, text: str) -> None:
+        self._label = text
+        self._draw()
+
+    def advance(self, units: int, text: str) -> None:
+        self.done = min(self.total, self.done + units)
+        self._label = text
+        self._draw()
+
+    def _draw(self) -> None:
+        if not self.enabled:
+            return
+        width = 24
+        frac = self.done / self.total
+        fill = int(frac * width)
+        elapsed = time.monotonic() - self._t0
+        eta = f" eta {_clock(elapsed / frac - elapsed)}" if 0 < frac < 1 else ""
+        line = f"[{'#' * fill}{'-' * (width - fill)}] {frac:4.0%} {_clock(elapsed)}{eta}  "
+        line += self._label
+        cols = shutil.get_terminal_size((100, 20)).columns - 1
+        line = line[:cols]
+        self.stream.write("\r" + line + " " * max(0, self._shown - len(line)))
+        self.stream.flush()
+        self._shown = len(line)
+
+    def close(self) -> None:
+        """Erase the bar."""
+        if self.enabled and self._shown:
+            self.stream.write("\r" + " " * self._shown + "\r")
+            self.stream.flush()
+            self._shown = 0
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 60}:{s % 60:02d}"
+
+
+def machine_line() -> str:
+    """``dxl 0.1.0 | 2 CPUs (model) | Linux 6.x | Python 3.11.7``: the context of a table."""
+    from .. import __version__
+
+    model = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model
+            )
+    except OSError:
+        pass
+    return (
+        f"dxl {__version__} | {os.cpu_count()} CPUs ({model}) | {platform.system()} "
+        f"{platform.release()} | Python {platform.python_version()}"
+    )
+
+
+def _num(value: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _status(row: dict[str, Any]) -> str | None:
+    """None when the row has a verified result, else what to print instead of a number."""
+    if row.get("verified") and not row.get("error"):
+        return None
+    return "UNVERIFIED" if row.get("link_transport") else "FAILED"
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
+    widths = [
+        max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)
+    ]
+    fmt = "| " + " | ".join(f"{{:>{w}}}" for w in widths) + " |"
+    lines = [fmt.format(*header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += [fmt.format(*r) for r in body]
+    return lines
+
+
+def bench_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Throughput rows as a markdown table (medians over passes)."""
+    header = [
+        "B",
+        "k",
+        "pieces",
+        "MiB/req",
+        "pages",
+        "transport",
+        "op",
+        "api",
+        "conc",
+        "dxl GB/s",
+        "memcpy GB/s",
+        "socket GB/s",
+        "ratio",
+        "vs",
+        "p50 ms",
+        "p99 ms",
+    ]
+    body = []
+    for r in rows:
+        bl = r.get("baselines") or {}
+        bad = _status(r)
+        link = r.get("link_transport")
+        transport = r["transport"] if link in (None, r["transport"]) else f"{r['transport']}>{link}"
+        body.append(
+            [
+                format_size(r["block_bytes"]),
+                str(r["blocks_per_request"]),
+                str(r["pieces_per_request"]),
+                f"{r['request_bytes'] / (1 << 20):.0f}",
+                "THP" if r.get("huge_pages") else "4K",
+                transport,
+                r["op"],
+                r["api"],
+                str(r["concurrency"]),
+                bad or _num(r["gbps"]),
+                _num(bl.get("memcpy", {}).get("gbps")),
+                _num(bl.get("raw_socket", {}).get("gbps")),
+                bad or _num(r["ratio"]),
+                {"memcpy": "memcpy", "raw_socket": "socket"}.get(r.get("baseline") or "", "-"),
+                bad or _num(r["p50_us"] and r["p50_us"] / 1e3),
+                bad or _num(r["p99_us"] and r["p99_us"] / 1e3),
+            ]
+        )
+    return _markdown(header, body)
+
+
+def overhead_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One-piece request latency rows as a markdown table."""
+    header = [
+        "transport",
+        "op",
+        "api",
+        "B",
+        "dxl p50 us",
+        "dxl p99 us",
+        "mean us",
+        "native p50 us",
+        "added us",
+        "memcpy p50 us",
+    ]
+    body = []
+    for r in rows:
+        bad = _status(r)
+        body.append(
+            [
+                r.get("link_transport") or r["transport"],
+                r["op"],
+                r["api"],
+                format_size(r["block_bytes"]),
+                bad or _num(r["p50_us"], "{:.1f}"),
+                bad or _num(r["p99_us"], "{:.1f}"),
+                bad or _num(r.get("mean_us"), "{:.1f}"),
+                _num(r.get("native_p50_us"), "{:.1f}"),
+                bad or _num(r.get("added_us"), "{:.1f}"),
+                _num(r.get("memcpy_p50_us"), "{:.1f}"),
+            ]
+        )
+    return _markdown(header, body)
+
+
+def plan_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Planning-time rows as a markdown table."""
+    header = ["request", "block ids", "pieces in", "pieces out", "median ms", "best ms"]
+    body = [
+        [
+            f"{r['tokens'] // 1024}k tokens x {r['layers']} layers",
+            r["ids"],
+            str(r["pieces_in"]),
+            str(r["pieces_out"]),
+            f"{r['median_ms']:.3f}",
+            f"{r['best_ms']:.3f}",
+        ]
+        for r in rows
+    ]
+    return _markdown(header, body)
+
+
+def render(rows: list[dict[str, Any]], command: str) -> str:
+    """Every table for ``rows``, with the machine and the command, and the failures below."""
+    out = [machine_line(), f"command: {command}", ""]
+    bench = [r for r in rows if r.get("mode") == "bench"]
+    over = [r for r in rows if r.get("mode") == "overhead"]
+    plan = [r for r in rows if r.get("mode") == "plan"]
+    if bench:
+        out += [
+            "Throughput (GB/s = 1e9 B/s of payload; medians over passes; ratio = dxl / "
+            "the baseline of the link's transport):",
+            "",
+            *bench_table(bench),
+            "",
+        ]
+    if over:
+        out += [
+            "One-piece request latency (medians over passes of each pass's p50/p99):",
+            "",
+            *overhead_table(over),
+            "",
+        ]
+    if plan:
+        out += ["Planning (dxl.plan.block_pieces):", "", *plan_table(plan), ""]
+    failed = [r for r in rows if r.get("error")]
+    for r in failed:
+        out.append(
+            f"{_status(r)}: {r['transport']} {r['op']} {r['api']} c{r['concurrency']} "
+            f"{format_size(r['block_bytes'])}: {r['error']}"
+        )
+    return "\n".join(out).rstrip() + "\n"

@@ -1,0 +1,340 @@
+"""``dxl bench``: argument parsing, shapes, verification, and tiny end-to-end smoke runs.
+
+Nothing here asserts a speed: benchmarks measure speed, tests only check that every number
+printed is a verified one and that a corrupted destination never yields a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dxl.bench import cli, report
+from dxl.bench.workload import (
+    Workload,
+    clear,
+    corrupt,
+    destination_buffers,
+    pass_tables,
+    shape_for,
+    source_buffers,
+    thp_mib,
+    verify,
+)
+
+SMOKE = ["--cache-mib", "8", "--layers", "4", "--requests", "3", "--warmup", "1", "--passes", "1"]
+
+
+def run_bench(*args: str, timeout: float = 120) -> tuple[int, list[dict], str]:
+    """Run ``python -m dxl.bench`` and return (exit code, JSON rows, stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dxl.bench", *args, "--json", "--no-progress"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    return proc.returncode, rows, proc.stderr
+
+
+# ---------------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4K", 4096),
+        ("4k", 4096),
+        ("16KiB", 16384),
+        ("64KB", 65536),
+        ("256K", 262144),
+        ("1M", 1 << 20),
+        ("2G", 2 << 30),
+        ("4096", 4096),
+        (" 8 ", 8),
+    ],
+)
+def test_parse_size(text: str, expected: int) -> None:
+    assert cli.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "K", "4X", "-4K", "0", "12", "1.5M", "4KK"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.parse_size(text)
+
+
+def test_block_bytes_flag_takes_several_sizes() -> None:
+    args = cli.bench_parser().parse_args(["--block-bytes", "4K", "16K", "65536", "1M"])
+    assert args.block_bytes == [4096, 16384, 65536, 1 << 20]
+    with pytest.raises(SystemExit):
+        cli.bench_parser().parse_args(["--block-bytes", "4Q"])
+
+
+def test_defaults_cover_cma_tcp_pull_push_and_five_sizes() -> None:
+    todo = cli.workloads(cli.bench_parser().parse_args([]))
+    assert {(w.transport, w.op) for w in todo} == {
+        ("cma", "pull"),
+        ("cma", "push"),
+        ("tcp", "pull"),
+        ("tcp", "push"),
+    }
+    assert sorted({w.block_bytes for w in todo}) == [
+        4 << 10,
+        16 << 10,
+        64 << 10,
+        256 << 10,
+        1 << 20,
+    ]
+    assert all(w.requests == 20 and w.passes == 3 and w.api == "async" for w in todo)
+
+
+def test_shapes_follow_the_anchors() -> None:
+    # N = max(4k, 512 MiB / (2L * B)), k = 64 cut to keep a request <= 256 MiB (L = 32)
+    assert shape_for(4 << 10, 32) == (2048, 64)
+    assert shape_for(16 << 10, 32) == (512, 64)
+    assert shape_for(64 << 10, 32) == (256, 64)
+    assert shape_for(256 << 10, 32) == (64, 16)
+    assert shape_for(1 << 20, 32) == (16, 4)
+    assert shape_for(4 << 10, 32, k=8) == (2048, 8)
+    blocks, k = shape_for(64 << 10, 4, cache_mib=8)  # a shrunk cache shrinks the request too
+    assert k * 8 * (64 << 10) <= 4 << 20 and blocks >= 4 * k
+
+
+def test_request_ids_are_seeded_distinct_and_fresh() -> None:
+    a = pass_tables(0, 0, 100, 10, 5)
+    assert all(len(set(t.tolist())) == 10 for t in a)
+    assert [t.tolist() for t in a] == [t.tolist() for t in pass_tables(0, 0, 100, 10, 5)]
+    assert a[0].tolist() != a[1].tolist()
+    assert a[0].tolist() != pass_tables(0, 1, 100, 10, 1)[0].tolist()
+
+
+# ------------------------------------------------------------------------------ verification
+
+
+def _small() -> Workload:
+    return Workload("cma", "pull", "async", 64, 2, num_blocks=16, blocks_per_request=4)
+
+
+def _copy(dst, src, blocks) -> None:
+    for t in range(dst.num_tensors):
+        dst.blocks(t)[blocks] = src.blocks(t)[blocks]
+
+
+def test_verify_accepts_a_correct_copy() -> None:
+    w = _small()
+    src, dst = source_buffers(w), destination_buffers(w)
+    blocks = np.array([3, 9, 1])
+    _copy(dst, src, blocks)
+    assert verify(dst, blocks)
+    assert verify(dst, blocks, strict=True)
+    assert thp_mib(src, dst) == 0  # 4 KiB pages unless --huge-pages
+
+
+def test_verify_rejects_corruption_missing_and_stray_blocks() -> None:
+    w = _small()
+    src, dst = source_buffers(w), destination_buffers(w)
+    blocks = np.array([3, 9, 1])
+    _copy(dst, src, blocks)
+    corrupt(dst, 9)
+    assert not verify(dst, blocks)
+    clear(dst)
+    _copy(dst, src, blocks[:2])  # block 1 never arrived
+    assert not verify(dst, blocks)
+    clear(dst)
+    _copy(dst, src, np.array([3, 9, 1, 5]))  # block 5 written although not asked for
+    assert verify(dst, blocks)
+    assert not verify(dst, blocks, strict=True)
+
+
+def test_report_never_prints_a_number_for_an_unverified_row() -> None:
+    row = {
+        "mode": "bench",
+        "transport": "cma",
+        "link_transport": "cma",
+        "op": "pull",
+        "api": "async",
+        "block_bytes": 4096,
+        "blocks_per_request": 64,
+        "pieces_per_request": 4096,
+        "request_bytes": 16 << 20,
+        "concurrency": 1,
+        "gbps": 1.234,
+        "ratio": 0.567,
+        "p50_us": 8888.0,
+        "p99_us": 9999.0,
+        "baseline": "memcpy",
+        "baselines": {},
+        "verified": False,
+        "error": "bytes differ",
+    }
+    text = report.render([row], "dxl bench")
+    assert "UNVERIFIED" in text
+    assert "1.23" not in text and "0.57" not in text and "8.89" not in text
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_info_prints_features_and_versions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["info"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["features"]) >= {"version", "cma", "tcp", "cuda"}
+    assert out["dxl"] and out["python"]
+
+
+def test_plot_without_matplotlib_fails_before_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    with pytest.raises(SystemExit, match=r"dxl\[bench\]"):
+        cli.bench_main(["--plot", "x.png"])
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.multiproc
+@pytest.mark.cma
+def test_smoke_cma_pull_and_push_are_verified() -> None:
+    rc, rows, err = run_bench(
+        "--transport", "cma", "--op", "pull", "push", "--block-bytes", "4K", "64K", *SMOKE
+    )
+    assert rc == 0, err
+    assert [(r["op"], r["block_bytes"]) for r in rows] == [
+        ("pull", 4096),
+        ("push", 4096),
+        ("pull", 65536),
+        ("push", 65536),
+    ]
+    for r in rows:
+        assert r["verified"] is True and r["error"] is None, r
+        assert r["link_transport"] == "cma" and r["baseline"] == "memcpy"
+        assert r["gbps"] > 0 and r["baseline_gbps"] > 0 and r["ratio"] > 0
+        assert 0 < r["p50_us"] <= r["p99_us"]
+        assert len(r["gbps_passes"]) == len(r["baseline_passes"]) == 1
+        assert r["pieces_per_request"] == r["blocks_per_request"] * 8
+    assert "| 64K |" in err  # the table goes to stderr with --json
+
+
+@pytest.mark.multiproc
+@pytest.mark.cma
+def test_corrupted_destination_gives_no_number() -> None:
+    rc, rows, err = run_bench(
+        "--transport",
+        "cma",
+        "--op",
+        "pull",
+        "push",
+        "--block-bytes",
+        "4K",
+        "--debug-corrupt",
+        *SMOKE,
+    )
+    assert rc == 1
+    assert len(rows) == 2
+    for r in rows:
+        assert r["verified"] is False
+        assert r["gbps"] is None and r["ratio"] is None and r["p50_us"] is None
+        assert r["gbps_passes"] is None
+    assert err.count("UNVERIFIED") >= 2
+
+
+@pytest.mark.multiproc
+@pytest.mark.cma
+def test_a_failed_configuration_does_not_stop_the_run() -> None:
+    # Until the tcp transport lands the tcp row fails (without a number); after, it is verified.
+    rc, rows, _ = run_bench(
+        "--transport", "tcp", "cma", "--op", "pull", "--block-bytes", "4K", *SMOKE
+    )
+    tcp, cma = rows
+    assert cma["verified"] is True and cma["gbps"] > 0
+    if tcp["verified"]:
+        assert tcp["link_transport"] == "tcp" and tcp["baseline"] == "raw_socket"
+        assert tcp["gbps"] > 0 and tcp["baselines"]["raw_socket"]["gbps"] > 0
+        assert rc == 0
+    else:
+        assert tcp["error"] and tcp["gbps"] is None and tcp["ratio"] is None
+        assert rc == 1
+
+
+@pytest.mark.multiproc
+@pytest.mark.cma
+def test_overhead_mode_reports_one_piece_latency_and_planning() -> None:
+    rc, rows, err = run_bench(
+        "--overhead",
+        "--transport",
+        "cma",
+        "--op",
+        "pull",
+        "--api",
+        "async",
+        "sync",
+        "--requests",
+        "30",
+        "--warmup",
+        "3",
+        "--passes",
+        "1",
+    )
+    assert rc == 0, err
+    over = [r for r in rows if r["mode"] == "overhead"]
+    plan = [r for r in rows if r["mode"] == "plan"]
+    assert [r["api"] for r in over] == ["async", "sync"]
+    for r in over:
+        assert r["verified"] and r["pieces_per_request"] == 1
+        assert 0 < r["p50_us"] <= r["p99_us"] and r["native_p50_us"] > 0
+    assert {r["ids"] for r in plan} == {"random", "consecutive"}
+    assert all(r["pieces_in"] == 8192 * 128 and r["median_ms"] > 0 for r in plan)
+
+
+def _row(**kw: object) -> dict:
+    row = {
+        "mode": "bench",
+        "transport": "cma",
+        "link_transport": "cma",
+        "op": "pull",
+        "api": "async",
+        "block_bytes": 4096,
+        "blocks_per_request": 64,
+        "pieces_per_request": 4096,
+        "request_bytes": 16 << 20,
+        "concurrency": 1,
+        "gbps": 2.5,
+        "ratio": 0.5,
+        "p50_us": 6000.0,
+        "p99_us": 7000.0,
+        "baseline": "memcpy",
+        "baseline_gbps": 5.0,
+        "baselines": {"memcpy": {"gbps": 5.0, "passes": [5.0]}},
+        "verified": True,
+        "error": None,
+    }
+    row.update(kw)
+    return row
+
+
+def test_from_json_replays_tables_without_measuring(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(_row()) + "\n" + json.dumps(_row(block_bytes=65536)) + "\n")
+    assert cli.bench_main(["--from-json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "|  4K |" in out and "| 64K |" in out and "2.50" in out
+    path.write_text(json.dumps(_row(verified=False, error="bytes differ")) + "\n")
+    assert cli.bench_main(["--from-json", str(path)]) == 1
+
+
+def test_plot_writes_a_png(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from dxl.bench.plot import plot
+
+    out = tmp_path / "bench.png"
+    rows = [_row(), _row(block_bytes=65536, gbps=8.0), _row(verified=False, gbps=None)]
+    assert plot(rows, str(out)) == 1
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
