@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check dxl tests examples benchmarks native
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/cma_vs_memcpy.py
+	$(BIN)/dxl bench --transport cma tcp --op pull push --block-bytes 4K 16K 64K 256K 1M --passes 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info dxl/_dxl_native*.so dxl/_dxl_native.c

@@ -47,7 +47,7 @@ def features() -> dict[str, Any]:
     return {
         "version": _ffi.ffi.string(_ffi.lib.DXL_VERSION).decode(),
         "cma": bool(_ffi.lib.DXL_HAS_CMA) and _ffi.lib.dxl_cma_self_test() == 0,
-        "tcp": False,
+        "tcp": True,  # the native data server and client are always built
         "cuda": False,
     }
 

@@ -29,7 +29,8 @@ def _huge_page_words(words: int) -> np.ndarray:
     """Anonymous memory advised for transparent huge pages, 2 MiB aligned (what a framework
     gets from a THP-enabled allocator, e.g. PyTorch with THP_MEM_ALLOC_ENABLE=1)."""
     nbytes = words * _WORD
-    region = mmap.mmap(-1, nbytes + _HUGE)
+    # private anonymous memory: shared (the default for fd -1) follows shmem_enabled, not THP
+    region = mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     offset = -ctypes.addressof(ctypes.c_char.from_buffer(region)) % _HUGE
     view = memoryview(region)[offset:offset + nbytes]
     if hasattr(mmap, "MADV_HUGEPAGE"):
