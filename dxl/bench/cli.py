@@ -147,6 +147,13 @@ def bench_parser(prog: str = "dxl bench") -> argparse.ArgumentParser:
         action="store_true",
         help="allocate every KV tensor on transparent huge pages (default: 4 KiB pages)",
     )
+    a(
+        "--memory",
+        choices=("registered", "allocated"),
+        default="registered",
+        help="target KV memory: framework memory registered with dxl (default), or a cache dxl "
+        "allocates from its memfd pool (same-host peers then copy it with memcpy)",
+    )
     a("--seed", type=_non_negative, default=0, help="request block ids seed (default 0)")
     a(
         "--overhead",
@@ -221,6 +228,7 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
                                 mode="overhead" if overhead else "bench",
                                 debug_corrupt=args.debug_corrupt,
                                 huge_pages=args.huge_pages,
+                                memory=args.memory,
                                 tensors_override=1 if overhead else None,
                             )
                         )

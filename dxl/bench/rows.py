@@ -34,6 +34,7 @@ def row_base(w: Workload) -> dict[str, Any]:
         "loop": w.loop if w.api == "async" else None,
         "seed": w.seed,
         "huge_pages": w.huge_pages,
+        "memory": w.memory,
         "dxl_version": __version__,
         "cpus": os.cpu_count(),
         "machine": machine_line(),

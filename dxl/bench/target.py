@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import traceback
 from multiprocessing.connection import Connection
@@ -18,6 +19,7 @@ from typing import Any
 from .baselines import RawSocketServer
 from .engines import LogCapture, engine_config, run_loop
 from .workload import (
+    SOURCE_SEED,
     TARGET_ID,
     Workload,
     clear,
@@ -30,16 +32,31 @@ from .workload import (
 
 
 async def _serve(w: Workload, conn: Connection, logs: LogCapture) -> None:
-    from .. import BlocksCacheKey, Engine, LLMRole
+    from .. import BlocksCacheKey, CacheDesc, DataType, Engine, LLMRole, Placement
+    from ..testing import KVBuffers
 
-    kv = source_buffers(w) if w.op == "pull" else destination_buffers(w)
     loop = asyncio.get_running_loop()
     raw = RawSocketServer(w.request_bytes)
+    cfg = engine_config(w, listen=True)
+    if w.memory == "allocated":  # dxl's memfd pool: one region per tensor, 64 KiB pages
+        per_tensor = -(-w.num_blocks * w.block_bytes // (64 << 10)) * (64 << 10)
+        cfg.host_mem_pool_cfg = json.dumps(
+            {"memory_size": w.tensors * per_tensor, "page_shift": 16}
+        )
     try:
-        async with Engine(TARGET_ID, LLMRole.PROMPT, engine_config(w, listen=True)) as eng:
-            await eng.register_blocks_cache(
-                kv.desc(), kv.addrs, BlocksCacheKey(TARGET_ID, 0), remote_accessible=True
-            )
+        async with Engine(TARGET_ID, LLMRole.PROMPT, cfg) as eng:
+            key = BlocksCacheKey(TARGET_ID, 0)
+            if w.memory == "allocated":
+                desc = CacheDesc(w.tensors, [w.num_blocks, w.block_bytes // 2],
+                                 DataType.DT_FLOAT16, Placement.HOST)
+                cache = await eng.allocate_blocks_cache(desc, key)
+                kv = KVBuffers.over(cache.tensor_addrs, w.num_blocks, w.block_bytes,
+                                    seed=SOURCE_SEED, fill=w.op == "pull")
+                if w.op != "pull":
+                    clear(kv)
+            else:
+                kv = source_buffers(w) if w.op == "pull" else destination_buffers(w)
+                await eng.register_blocks_cache(kv.desc(), kv.addrs, key, remote_accessible=True)
             conn.send(
                 (
                     "ready",

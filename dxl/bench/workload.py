@@ -73,6 +73,7 @@ class Workload:
     mode: str = "bench"  # "bench" or "overhead"
     debug_corrupt: bool = False
     huge_pages: bool = False  # KV tensors on transparent huge pages (both sides), else 4 KiB
+    memory: str = "registered"  # target memory: "registered" (framework's) or "allocated" (pool)
     tensors_override: int | None = None  # overhead mode: one tensor
 
     @property
