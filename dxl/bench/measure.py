@@ -190,7 +190,8 @@ class SyncDriver:
 
 def check_transport(asked: str, link: str) -> None:
     """Refuse a link on another transport than the one asked for (``auto`` takes any)."""
-    if asked not in ("auto", link.split("+", maxsplit=1)[0]):  # "cma+shm" is cma with the peer's pool mapped
+    base = link.split("+", maxsplit=1)[0]  # "cma+shm" is cma with the peer's pool mapped
+    if asked not in ("auto", base):
         raise BenchFailure(
             f"asked for transport {asked!r} but the link uses {link!r}: this build does not "
             f"honour dxl.Transport={asked} yet"
