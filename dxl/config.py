@@ -78,6 +78,8 @@ OPT_HEARTBEAT_INTERVAL_MS = "dxl.HeartbeatIntervalMs"
 OPT_TRANSFER_THREADS = "dxl.TransferThreads"
 OPT_ALLOW_REMOTE_LISTEN = "dxl.AllowRemoteListen"
 OPT_TRANSPORT = "dxl.Transport"
+OPT_INLINE_BYTES = "dxl.InlineBytes"
+DEFAULT_INLINE_BYTES = 64 << 10
 OPT_AUTH_TOKEN = "dxl.AuthToken"
 TRANSPORTS = ("auto", "cma", "tcp")
 ENV_TRANSPORT = "DXL_TRANSPORT"
@@ -769,6 +771,7 @@ class EngineOptions:
         transfer_threads: dxl: transfer worker threads.
         allow_remote_listen: dxl: listen on non-loopback without a shared secret.
         transport: dxl: ``auto``, ``cma`` or ``tcp`` (option, else ``DXL_TRANSPORT``).
+        inline_bytes: dxl: same-host requests up to this size run on the loop thread (0: never).
         auth_token: dxl: shared secret (option, else ``DXL_AUTH_TOKEN``); never shown.
         link_total_time_s: ``llm.LinkTotalTime`` (0 = default).
         link_retry_count: ``llm.LinkRetryCount``.
@@ -787,6 +790,7 @@ class EngineOptions:
     transfer_threads: int = DEFAULT_TRANSFER_THREADS
     allow_remote_listen: bool = False
     transport: str = "auto"
+    inline_bytes: int = DEFAULT_INLINE_BYTES
     auth_token: str | None = field(default=None, repr=False)
     link_total_time_s: int = 0
     link_retry_count: int = 1
@@ -832,6 +836,7 @@ class EngineOptions:
             ),
             allow_remote_listen=_parse_flag(opts, OPT_ALLOW_REMOTE_LISTEN, False),
             transport=_parse_transport(opts),
+            inline_bytes=_parse_uint(opts, OPT_INLINE_BYTES, DEFAULT_INLINE_BYTES, 0, 1 << 30),
             auth_token=opts.get(OPT_AUTH_TOKEN) or os.environ.get(ENV_AUTH_TOKEN) or None,
             link_total_time_s=_parse_uint(opts, OPT_LINK_TOTAL_TIME, 0, 0, UINT32_MAX),
             link_retry_count=_parse_uint(opts, OPT_LINK_RETRY_COUNT, 1, 1, _MAX_LINK_RETRY_COUNT),
