@@ -30,7 +30,7 @@ from .linking import LinkSetup
 from .ops_contiguous import ContiguousOps
 from .ops_layerwise import LayerwiseOps
 from .ops_local import LocalOps
-from .plan import Pieces, block_pieces
+from .plan import Pieces, Scratch, block_pieces
 from .registry import Layout, LocalCache, RemoteCache, RemoteRegistry
 from .stats import OpStats
 from .transport import CmaTransport, Transport, TransportClosed, Unreachable
@@ -87,6 +87,7 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         self._caches: dict[int, LocalCache] = {}
         self._blocks_by_model: dict[int, LocalCache] = {}
         self._keys = KeyTable()
+        self._scratch = Scratch()  # reused arrays for very large plans
         self._next_cache_id = 1
         self._gen = 0
         self._links: dict[int, Link] = {}
@@ -637,7 +638,7 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         args.check_blocks_in_range(op, "dst_blocks", dst, local.layout.units)
         self._check_block_bytes(op, local.layout, remote.layout)
         plan = functools.partial(
-            block_pieces, dst_bases, src_bases, dst, src, local.layout.unit_bytes
+            block_pieces, dst_bases, src_bases, dst, src, local.layout.unit_bytes, self._scratch
         )
         size = dst.size * dst_bases.size * local.layout.unit_bytes
         await self._transfer(op, link, local, remote, plan, write=False, nbytes_hint=size)
@@ -684,7 +685,7 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         args.check_blocks_in_range(op, "dst_blocks", dst, remote.layout.units)
         self._check_block_bytes(op, local.layout, remote.layout)
         plan = functools.partial(
-            block_pieces, dst_bases, src_bases, dst, src, local.layout.unit_bytes
+            block_pieces, dst_bases, src_bases, dst, src, local.layout.unit_bytes, self._scratch
         )
         size = dst.size * dst_bases.size * local.layout.unit_bytes
         await self._transfer(op, link, local, remote, plan, write=True, nbytes_hint=size)
@@ -780,7 +781,10 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
 
         def plan_and_move() -> tuple[int, int]:
             pieces = plan()
-            return move(pieces), pieces.count
+            try:
+                return move(pieces), pieces.count
+            finally:
+                pieces.release()
 
         def release() -> None:  # tied to the native call, not to the awaiting coroutine
             for usage in usages:

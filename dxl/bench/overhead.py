@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..plan import Pieces, block_pieces
+from ..plan import Pieces, Scratch, block_pieces
 from .baselines import memcpy_requests, plan_requests
 from .control import Destination
 from .measure import check_transport, make_driver, median, percentiles_us, rounded
@@ -151,11 +151,13 @@ def plan_timing(repeats: int = 30) -> list[dict[str, Any]]:
     ):
         times = []
         pieces = 0
+        scratch = Scratch()  # as the engine plans: large plans reuse its arrays
         for _ in range(repeats + 3):
             t0 = time.perf_counter()
-            plan = block_pieces(bases_dst, bases_src, ids, ids, PLAN_BLOCK_BYTES)
+            plan = block_pieces(bases_dst, bases_src, ids, ids, PLAN_BLOCK_BYTES, scratch)
             times.append(time.perf_counter() - t0)
             pieces = plan.count
+            plan.release()
         times = times[3:]
         rows.append(
             {
