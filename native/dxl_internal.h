@@ -36,6 +36,12 @@ typedef struct {
     uint64_t off;
 } dxl__pos_t;
 
+/* Cuts a piece list's bytes [0, total) into k parts at j * total / k (j = 1..k-1), each cut
+ * aligned down to `align` inside its piece, walking the pieces once. bounds has k + 1 entries;
+ * part j is [bounds[j], bounds[j + 1]). Needs n > 0 and k >= 1. */
+void dxl__cut_bytes(dxl__pos_t *bounds, uint64_t k, const uint64_t *len, uint64_t n,
+                    uint64_t total, uint64_t align);
+
 typedef struct dxl__slice dxl__slice_t;
 typedef void (*dxl__slice_func_t)(dxl__slice_t *slice);
 

@@ -79,14 +79,13 @@ void dxl__pos_advance(dxl__pos_t *pos, const uint64_t *len, uint64_t bytes)
     }
 }
 
-/* Cuts [0, total) into k slices at j * total / k (j = 1..k-1), walking the pieces once. */
-static void dxl__cut(dxl__slice_t *slices, uint64_t k, const uint64_t *len, uint64_t n,
-                     uint64_t total)
+void dxl__cut_bytes(dxl__pos_t *bounds, uint64_t k, const uint64_t *len, uint64_t n,
+                    uint64_t total, uint64_t align)
 {
     uint64_t piece = 0;
     uint64_t before = 0; /* bytes in pieces [0, piece) */
-    dxl__pos_t begin = {0, 0};
 
+    bounds[0] = (dxl__pos_t){0, 0};
     for (uint64_t j = 0; j < k; j++) {
         dxl__pos_t end = {n - 1, len[n - 1]};
         if (j + 1 < k) {
@@ -97,14 +96,12 @@ static void dxl__cut(dxl__slice_t *slices, uint64_t k, const uint64_t *len, uint
             }
             end.piece = piece;
             end.off = cut - before;
-            end.off -= end.off % DXL__SPLIT_ALIGN;
-            if (end.piece == begin.piece && end.off < begin.off) {
-                end.off = begin.off;
+            end.off -= end.off % align;
+            if (end.piece == bounds[j].piece && end.off < bounds[j].off) {
+                end.off = bounds[j].off;
             }
         }
-        slices[j].begin = begin;
-        slices[j].end = end;
-        begin = end;
+        bounds[j + 1] = end;
     }
 }
 
@@ -269,6 +266,7 @@ int dxl__run_split(const uint64_t *len, uint64_t n, uint64_t total, int max_thre
                    dxl__slice_func_t fn, const void *ctx, uint64_t *done_p)
 {
     dxl__slice_t slices[DXL__MAX_CHUNKS];
+    dxl__pos_t bounds[DXL__MAX_CHUNKS + 1];
     uint64_t min_bytes = __atomic_load_n(&dxl__split_min, __ATOMIC_RELAXED);
     uint64_t k = 1;
     uint64_t nslices = 1;
@@ -296,7 +294,11 @@ int dxl__run_split(const uint64_t *len, uint64_t n, uint64_t total, int max_thre
     for (uint64_t j = 0; j < nslices; j++) {
         slices[j] = (dxl__slice_t){.stop = &stop, .ctx = ctx, .fn = fn};
     }
-    dxl__cut(slices, nslices, len, n, total);
+    dxl__cut_bytes(bounds, nslices, len, n, total, DXL__SPLIT_ALIGN);
+    for (uint64_t j = 0; j < nslices; j++) {
+        slices[j].begin = bounds[j];
+        slices[j].end = bounds[j + 1];
+    }
 
     if (k > 1) {
         DXL__ADD(dxl__n_split, 1);

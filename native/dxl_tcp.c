@@ -1402,40 +1402,12 @@ static void *dxl__stream_main(void *arg)
     return NULL;
 }
 
-/* Cuts [0, total) into k parts at j * total / k, page-aligned inside pieces (as dxl_pool.c). */
-static void dxl__tcp_cut(dxl__stream_t *st, uint64_t k, const uint64_t *len, uint64_t n,
-                         uint64_t total)
-{
-    uint64_t piece = 0;
-    uint64_t before = 0;
-    dxl__pos_t begin = {0, 0};
-
-    for (uint64_t j = 0; j < k; j++) {
-        dxl__pos_t end = {n - 1, len[n - 1]};
-        if (j + 1 < k) {
-            uint64_t cut = (uint64_t)(((unsigned __int128)total * (j + 1)) / k);
-            while (before + len[piece] < cut) {
-                before += len[piece];
-                piece++;
-            }
-            end.piece = piece;
-            end.off = cut - before;
-            end.off -= end.off % DXL__CUT_ALIGN;
-            if (end.piece == begin.piece && end.off < begin.off) {
-                end.off = begin.off;
-            }
-        }
-        st[j].begin = begin;
-        st[j].end = end;
-        begin = end;
-    }
-}
-
 int dxl_tcp_transfer(const int *fds, int nfds, int write, const uint64_t *local,
                      const uint64_t *remote, const uint64_t *len, uint64_t n, int timeout_ms,
                      dxl_tcp_result_t *result_p)
 {
     dxl__stream_t st[DXL_TCP_MAX_STREAMS];
+    dxl__pos_t bounds[DXL_TCP_MAX_STREAMS + 1];
     pthread_t tids[DXL_TCP_MAX_STREAMS];
     int started[DXL_TCP_MAX_STREAMS];
     uint64_t total = 0;
@@ -1481,7 +1453,11 @@ int dxl_tcp_transfer(const int *fds, int nfds, int write, const uint64_t *local,
                                 .first = &first};
         started[j] = 0;
     }
-    dxl__tcp_cut(st, k, len, n, total);
+    dxl__cut_bytes(bounds, k, len, n, total, DXL__CUT_ALIGN);
+    for (uint64_t j = 0; j < k; j++) {
+        st[j].begin = bounds[j];
+        st[j].end = bounds[j + 1];
+    }
 
     DXL__ADD(dxl__n_inflight, 1);
     if (k > 1) {
