@@ -470,10 +470,10 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         link = Link(peer, channel, transport, RemoteRegistry(caches), initiator)
         self._links[peer.cluster_id] = link
 
-        async def handle(ch: Channel, msg: dict[str, Any]) -> None:
+        async def handle(_: Channel, msg: dict[str, Any]) -> None:
             await self._on_link_message(link, msg)
 
-        def on_close(ch: Channel) -> None:
+        def on_close(_: Channel) -> None:
             self._on_link_closed(link)
 
         channel.start(handle, on_close)

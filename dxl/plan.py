@@ -70,19 +70,6 @@ class Pieces:
         return cls(z, z, z)
 
 
-def tensor_selection(
-    num_tensors: int, layer_range: range | None, tensor_num_per_layer: int
-) -> np.ndarray:
-    """Tensor indices selected by a layer range (all tensors when the range is None)."""
-    if layer_range is None:
-        return np.arange(num_tensors, dtype=np.int64)
-    return np.arange(
-        layer_range.start * tensor_num_per_layer,
-        layer_range.stop * tensor_num_per_layer,
-        dtype=np.int64,
-    )
-
-
 def block_pieces(
     dst_bases: np.ndarray,
     src_bases: np.ndarray,

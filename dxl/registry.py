@@ -78,7 +78,6 @@ class RemoteCache:
     model_id: int | None
     keys: list[list[int]] = field(default_factory=list)  # [req_id, model_id, prefix_id, batch]
     usage: Usage = field(default_factory=Usage)
-    removed: bool = False
 
     @classmethod
     def from_wire(cls, entry: dict[str, Any]) -> RemoteCache:
@@ -119,7 +118,7 @@ class RemoteRegistry:
         return cache
 
     def _drop(self, cache: RemoteCache) -> None:
-        cache.removed = True  # transfers that already hold it finish; new ones cannot find it
+        # transfers that already hold it finish (its usage counts them); new ones cannot find it
         if self.blocks_by_model.get(cache.model_id) is cache:  # type: ignore[arg-type]
             del self.blocks_by_model[cache.model_id]  # type: ignore[arg-type]
         for req_id, model_id, prefix_id, _ in cache.keys:

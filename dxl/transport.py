@@ -53,9 +53,6 @@ class CmaTransport:
     def attach_pool(self, pool: PeerPool) -> None:
         self._pool = pool
 
-    def alive(self) -> bool:
-        return self._peer is not None and bool(_ffi.lib.dxl_peer_alive(self._peer))
-
     def read(self, pieces: Pieces) -> int:
         return self._move(0, pieces.dst, pieces.src, pieces)
 
