@@ -51,6 +51,7 @@ T = TypeVar("T")
 Status = LLMStatusCode
 
 MAX_PARALLEL_LINKS = 16  # clusters linked concurrently per call, as the reference
+INLINE_PER_TURN = 8  # inline copies per loop iteration: bounds the loop's stall to ~0.5 ms
 
 
 class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
@@ -88,6 +89,7 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         self._blocks_by_model: dict[int, LocalCache] = {}
         self._keys = KeyTable()
         self._scratch = Scratch()  # reused arrays for very large plans
+        self._inline_turns = 0  # inline copies in the current loop iteration
         self._next_cache_id = 1
         self._gen = 0
         self._links: dict[int, Link] = {}
@@ -173,6 +175,19 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
     def _require_running(self, op: str) -> None:
         if self._state != "running":
             raise RuntimeError(f"{op}: engine {self._cluster_id} is not running ({self._state})")
+
+    def _take_inline_turn(self) -> bool:
+        """At most INLINE_PER_TURN inline copies per loop iteration, so a burst of small
+        requests started together cannot hold the loop (the rest use the workers)."""
+        if self._inline_turns == 0:
+            asyncio.get_running_loop().call_soon(self._reset_inline_turns)
+        if self._inline_turns >= INLINE_PER_TURN:
+            return False
+        self._inline_turns += 1
+        return True
+
+    def _reset_inline_turns(self) -> None:
+        self._inline_turns = 0
 
     async def _run_native(
         self, fn: Callable[..., T], *fn_args: Any, on_done: Callable[[], None] | None = None
@@ -794,6 +809,7 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
             nbytes_hint is not None
             and nbytes_hint <= self._opts.inline_bytes
             and isinstance(transport, CmaTransport)
+            and self._take_inline_turn()
         )
         for usage in usages:
             usage.acquire()
