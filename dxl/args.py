@@ -17,14 +17,14 @@ from .errors import LLMException, LLMStatusCode
 _INT_KINDS = frozenset("iub")  # bool counts as int, as in Python and the reference
 
 
-def param_invalid(op: str, message: str) -> LLMException:
-    """The reference's engine-style failure for a rule broken by an argument."""
-    code = LLMStatusCode.LLM_PARAM_INVALID
-    return LLMException(f"{op} failed, error code is {code}, {message}.", status_code=code)
-
-
 def fail(op: str, code: LLMStatusCode, message: str) -> LLMException:
+    """The reference's engine-style failure: ``<op> failed, error code is <code>, <message>.``"""
     return LLMException(f"{op} failed, error code is {code}, {message}.", status_code=code)
+
+
+def param_invalid(op: str, message: str) -> LLMException:
+    """:func:`fail` for a rule broken by an argument."""
+    return fail(op, LLMStatusCode.LLM_PARAM_INVALID, message)
 
 
 def block_list(op: str, name: str, value: Any) -> np.ndarray:

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, ClassVar, TypeVar
 
-from ._validate import check_dict, check_isinstance, check_uint32, check_uint64
+from ._validate import check_dict, check_isinstance, check_uint32, check_uint64, ensure
 from .engine import Engine
 from .errors import LLMException, LLMStatusCode
 from .types import (
@@ -47,11 +47,6 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise LLMException(message, status_code=LLMStatusCode.LLM_PARAM_INVALID)
 
 
 class _LoopThread:
@@ -168,16 +163,16 @@ class LLMDataDist:
         peer to peer with :meth:`link_clusters`."""
         self.engine  # noqa: B018 - raises RuntimeError before init, as the reference
         check_isinstance("comm_name", comm_name, str, allow_none=False)
-        _require(bool(comm_name) and len(comm_name) < 128, "comm_name must have 1..127 chars")
+        ensure(bool(comm_name) and len(comm_name) < 128, "comm_name must have 1..127 chars")
         check_dict("cluster_rank_info", cluster_rank_info, int, int)
-        _require(len(cluster_rank_info) <= 4, "cluster_rank_info holds at most 4 members")
+        ensure(len(cluster_rank_info) <= 4, "cluster_rank_info holds at most 4 members")
         for cluster_id, rank in cluster_rank_info.items():
             check_uint64("cluster_rank_info key", cluster_id)
             check_uint32("cluster_rank_info value", rank)
         check_isinstance("rank_table", rank_table, str)
-        _require(len(cluster_rank_info) >= 2, "cluster_rank_info needs at least 2 members")
+        ensure(len(cluster_rank_info) >= 2, "cluster_rank_info needs at least 2 members")
         ranks = list(cluster_rank_info.values())
-        _require(ranks == sorted(ranks), "cluster_rank_info ranks must ascend")
+        ensure(ranks == sorted(ranks), "cluster_rank_info ranks must ascend")
         raise LLMException(
             "link failed, rank-table communication domains are Ascend HCCL resources; "
             "use link_clusters (peer-to-peer links) with dxl",

@@ -44,6 +44,7 @@ from .types import (
     LLMRole,
     Placement,
 )
+from .usage import hold
 
 log = logging.getLogger("dxl")
 
@@ -801,18 +802,13 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
             finally:
                 pieces.release()
 
-        def release() -> None:  # tied to the native call, not to the awaiting coroutine
-            for usage in usages:
-                usage.release()
-
         inline = (
             nbytes_hint is not None
             and nbytes_hint <= self._opts.inline_bytes
             and isinstance(transport, CmaTransport)
             and self._take_inline_turn()
         )
-        for usage in usages:
-            usage.acquire()
+        release = hold(usages)  # released by the native call's end, not the awaiting coroutine
         t0 = time.perf_counter()
         try:
             if inline:

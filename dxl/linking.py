@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,7 @@ from .errors import LLMException, LLMStatusCode
 from .link import PeerInfo
 from .plan import Pieces
 from .shm import PeerPool
-from .tcp import DataServer, TcpTransport
+from .tcp import DataServer, TcpTransport, _is_loopback
 from .transport import CmaTransport, Transport, Unreachable, host_identity
 
 if TYPE_CHECKING:
@@ -39,13 +38,6 @@ log = logging.getLogger("dxl")
 Status = LLMStatusCode
 
 HANDSHAKE_TIMEOUT_S = 5.0  # a connection that says nothing valid this long is dropped
-
-
-def _is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return False
 
 
 class LinkSetup:

@@ -12,6 +12,7 @@ from .errors import LLMStatusCode
 from .plan import Pieces
 from .pool import HostPool, allocate_tensors
 from .types import BlocksCacheKey, Cache, CacheDesc, CacheKey, Placement
+from .usage import hold
 
 if TYPE_CHECKING:
     from .registry import Layout, LocalCache
@@ -182,14 +183,7 @@ class LocalOps:
 
     async def _copy_local(self, pieces: Pieces, entries: list[Any]) -> None:
         """One native copy on the executor, holding the caches until it returned."""
-        usages = [e.usage for e in entries]
-        for usage in usages:
-            usage.acquire()
-
-        def release() -> None:
-            for usage in usages:
-                usage.release()
-
+        release = hold([e.usage for e in entries])
         await self._run_native(
             localcopy.run_pieces, pieces, self._opts.transfer_threads, on_done=release
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 
 class Usage:
@@ -41,3 +42,16 @@ class Usage:
         except TimeoutError:
             return self._count == 0
         return True
+
+
+def hold(usages: list[Usage]) -> Callable[[], None]:
+    """Acquire every usage now; the returned function releases them all (call it once, when
+    the native call that touches the memory has returned)."""
+    for usage in usages:
+        usage.acquire()
+
+    def release() -> None:
+        for usage in usages:
+            usage.release()
+
+    return release
