@@ -79,6 +79,7 @@ OPT_TRANSFER_THREADS = "dxl.TransferThreads"
 OPT_ALLOW_REMOTE_LISTEN = "dxl.AllowRemoteListen"
 OPT_TRANSPORT = "dxl.Transport"
 OPT_INLINE_BYTES = "dxl.InlineBytes"
+OPT_SHARE_REGISTERED = "dxl.ShareRegistered"
 DEFAULT_INLINE_BYTES = 64 << 10
 OPT_AUTH_TOKEN = "dxl.AuthToken"
 TRANSPORTS = ("auto", "cma", "tcp")
@@ -128,6 +129,7 @@ class LLMConfig:
         self._transfer_threads: int | None = None
         self._allow_remote_listen: bool | None = None
         self._transport: str | None = None
+        self._share_registered: bool | None = None
         self._auth_token: str | None = None
 
     # -- option dict ----------------------------------------------------------------------
@@ -223,6 +225,8 @@ class LLMConfig:
             opts[OPT_ALLOW_REMOTE_LISTEN] = _flag(self._allow_remote_listen)
         if self._transport is not None:
             opts[OPT_TRANSPORT] = self._transport
+        if self._share_registered is not None:
+            opts[OPT_SHARE_REGISTERED] = _flag(self._share_registered)
         if self._auth_token is not None:
             opts[OPT_AUTH_TOKEN] = self._auth_token
 
@@ -534,6 +538,18 @@ class LLMConfig:
         self._allow_remote_listen = value
 
     @property
+    def share_registered(self) -> bool:
+        """dxl extension: move registered HOST memory onto shared memory in place, so same-host
+        peers copy it with memcpy, ``dxl.ShareRegistered`` (off by default: see
+        docs/performance.md for when it is safe)."""
+        return bool(self._share_registered)
+
+    @share_registered.setter
+    def share_registered(self, value: bool) -> None:
+        check_isinstance("share_registered", value, bool, allow_none=False)
+        self._share_registered = value
+
+    @property
     def transport(self) -> str:
         """dxl extension: ``"auto"`` (cma on one host, tcp otherwise), ``"cma"`` or ``"tcp"``,
         ``dxl.Transport``; the environment variable ``DXL_TRANSPORT`` applies when unset."""
@@ -772,6 +788,7 @@ class EngineOptions:
         allow_remote_listen: dxl: listen on non-loopback without a shared secret.
         transport: dxl: ``auto``, ``cma`` or ``tcp`` (option, else ``DXL_TRANSPORT``).
         inline_bytes: dxl: same-host requests up to this size run on the loop thread (0: never).
+        share_registered: dxl: move remotely accessible registered HOST memory onto memfds.
         auth_token: dxl: shared secret (option, else ``DXL_AUTH_TOKEN``); never shown.
         link_total_time_s: ``llm.LinkTotalTime`` (0 = default).
         link_retry_count: ``llm.LinkRetryCount``.
@@ -791,6 +808,7 @@ class EngineOptions:
     allow_remote_listen: bool = False
     transport: str = "auto"
     inline_bytes: int = DEFAULT_INLINE_BYTES
+    share_registered: bool = False
     auth_token: str | None = field(default=None, repr=False)
     link_total_time_s: int = 0
     link_retry_count: int = 1
@@ -837,6 +855,7 @@ class EngineOptions:
             allow_remote_listen=_parse_flag(opts, OPT_ALLOW_REMOTE_LISTEN, False),
             transport=_parse_transport(opts),
             inline_bytes=_parse_uint(opts, OPT_INLINE_BYTES, DEFAULT_INLINE_BYTES, 0, 1 << 30),
+            share_registered=_parse_flag(opts, OPT_SHARE_REGISTERED, False),
             auth_token=opts.get(OPT_AUTH_TOKEN) or os.environ.get(ENV_AUTH_TOKEN) or None,
             link_total_time_s=_parse_uint(opts, OPT_LINK_TOTAL_TIME, 0, 0, UINT32_MAX),
             link_retry_count=_parse_uint(opts, OPT_LINK_RETRY_COUNT, 1, 1, _MAX_LINK_RETRY_COUNT),

@@ -24,7 +24,7 @@ from .config import EngineOptions, LLMConfig, listen_from_options
 from .control import Channel
 from .errors import LLMException, LLMStatusCode
 from .executor import NativeExecutor
-from .keys import KeyTable
+from .keys import Binding, KeyTable
 from .link import Link, PeerInfo
 from .linking import LinkSetup
 from .ops_contiguous import ContiguousOps
@@ -32,6 +32,7 @@ from .ops_layerwise import LayerwiseOps
 from .ops_local import LocalOps
 from .plan import Pieces, Scratch, block_pieces
 from .registry import Layout, LocalCache, RemoteCache, RemoteRegistry
+from .share import SHARED, Window
 from .stats import OpStats
 from .transport import CmaTransport, Transport, TransportClosed, Unreachable
 from .types import (
@@ -165,6 +166,8 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         for entry in self._caches.values():
             await entry.usage.wait_idle(float("inf"))
             self._release_regions(entry)
+            SHARED.release(entry.shared)  # links are gone: no peer maps it any more
+            entry.shared = []
         self._caches.clear()
         self._blocks_by_model.clear()
         await self._stop_listening()  # stops the data server too, after its regions went
@@ -275,23 +278,18 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         check first, then the books, then peers are told before this returns."""
         self._require_running(op)
         layout = self._layout(op, desc, addrs, blocks)
-        bindings = self._keys.plan_bindings(op, self._next_cache_id, cache_keys, layout.units)
-        in_use = sum(e.layout.num_tensors for e in self._caches.values())
-        limit = self._opts.max_registered_addrs
-        if in_use + len(addrs) > limit:
-            raise args.param_invalid(
-                op,
-                f"registering {len(addrs)} more addresses would make {in_use + len(addrs)}, over "
-                f"the limit of {limit} registered addresses (LLMConfig.max_registered_addrs)",
-            )
-        if model_id is not None and model_id in self._blocks_by_model:
-            other = self._blocks_by_model[model_id].cache.cache_id
-            raise args.param_invalid(
-                op, f"BlocksCacheKey model_id={model_id} is already bound to cache {other}"
-            )
+        bindings = self._check_registrable(op, layout, model_id, cache_keys)
         if remote_accessible is None:
             remote_accessible = desc.placement == Placement.DEVICE
         self._check_mapped(op, layout)
+        shared: list[Window] = []
+        if remote_accessible and pool_addrs is None and self._opts.share_registered:
+            shared = await self._share(layout)
+            try:  # other registrations may have landed while the pages moved
+                bindings = self._check_registrable(op, layout, model_id, cache_keys)
+            except BaseException:
+                SHARED.release(shared)
+                raise
         region_ids = self._add_regions(layout) if remote_accessible else []
         cache = Cache(
             self._next_cache_id,
@@ -313,6 +311,7 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
             region_ids,
             bindings=bindings,
             pool_addrs=pool_addrs,
+            shared=shared,
         )
         self._keys.bind(bindings, layout.num_tensors)
         async with self._registry_lock:
@@ -322,6 +321,44 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
             if remote_accessible:
                 await self._broadcast("reg_add", cache=entry.wire_entry())
         return cache
+
+    def _check_registrable(
+        self,
+        op: str,
+        layout: Layout,
+        model_id: int | None,
+        cache_keys: list[CacheKey] | tuple[CacheKey, ...],
+    ) -> list[Binding]:
+        """The checks against the engine's books; returns the key bindings to make."""
+        bindings = self._keys.plan_bindings(op, self._next_cache_id, cache_keys, layout.units)
+        in_use = sum(e.layout.num_tensors for e in self._caches.values())
+        limit = self._opts.max_registered_addrs
+        if in_use + layout.num_tensors > limit:
+            raise args.param_invalid(
+                op,
+                f"registering {layout.num_tensors} more addresses would make "
+                f"{in_use + layout.num_tensors}, over the limit of {limit} registered addresses "
+                "(LLMConfig.max_registered_addrs)",
+            )
+        if model_id is not None and model_id in self._blocks_by_model:
+            other = self._blocks_by_model[model_id].cache.cache_id
+            raise args.param_invalid(
+                op, f"BlocksCacheKey model_id={model_id} is already bound to cache {other}"
+            )
+        return bindings
+
+    async def _share(self, layout: Layout) -> list[Window]:
+        """Move the tensors' whole pages onto memfds (``dxl.ShareRegistered``), on the
+        executor: it copies the memory once."""
+        ranges = [(a, a + layout.tensor_size) for a in layout.addrs.tolist()]
+        got: list[list[Window]] = []
+        try:
+            await self._run_native(lambda: got.append(SHARED.share(ranges)))
+        except asyncio.CancelledError:  # the call has finished: give its shares back
+            for windows in got:
+                SHARED.release(windows)
+            raise
+        return got[0]
 
     def _layout(self, op: str, desc: CacheDesc, addrs: list[int], blocks: bool) -> Layout:
         if desc.placement != Placement.HOST:
@@ -400,6 +437,8 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         await entry.usage.wait_idle(float("inf"))  # local copies always finish: wait them out
         self._release_regions(entry)
         await self._fence_data_server()  # tcp requests that passed the check have finished
+        SHARED.release(entry.shared)  # peers confirmed: they unmapped it
+        entry.shared = []
         self._free_pool_memory(entry)
 
     async def _republish(self, entry: LocalCache) -> None:
@@ -485,6 +524,8 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         )
         link = Link(peer, channel, transport, RemoteRegistry(caches), initiator)
         self._links[peer.cluster_id] = link
+        for cache in link.registry.caches.values():
+            self._map_shared(link, cache)
 
         async def handle(_: Channel, msg: dict[str, Any]) -> None:
             await self._on_link_message(link, msg)
@@ -503,6 +544,7 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         kind = msg["t"]
         if kind == "reg_add":
             link.registry.add(msg["cache"])
+            self._map_shared(link, link.registry.caches[msg["cache"]["id"]])
             link.channel.ack(msg["rid"])
         elif kind == "reg_del":
             cache = link.registry.remove(msg["id"])
@@ -520,6 +562,8 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         """Confirm an unregistration once no transfer of ours touches that cache any more."""
         if cache is not None:
             await cache.usage.wait_idle(float("inf"))  # native copies always finish
+            if isinstance(link.transport, CmaTransport):
+                link.transport.unmap_shared(cache.cache_id)
         link.channel.ack(rid)
 
     def _spawn(self, coro: Any) -> None:

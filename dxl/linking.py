@@ -25,9 +25,9 @@ from . import _ffi, args, wire
 from .auth import AuthError, authenticate_streams
 from .control import read_message
 from .errors import LLMException, LLMStatusCode
-from .link import PeerInfo
+from .link import Link, PeerInfo
 from .plan import Pieces
-from .shm import PeerPool
+from .registry import RemoteCache
 from .tcp import DataServer, TcpTransport, _is_loopback
 from .transport import CmaTransport, Transport, Unreachable, host_identity
 
@@ -291,9 +291,29 @@ class LinkSetup:
             return
         fd, base, size = peer.pool
         try:
-            cma.attach_pool(PeerPool(peer.pid, fd, base, size))
+            cma.map_shared("pool", [(fd, 0, base, size, None)])
         except OSError as exc:  # still correct over cma, only slower
             log.info("dxl: cannot map the pool of cluster %d: %s", peer.cluster_id, exc)
+
+    @staticmethod
+    def _map_shared(link: Link, cache: RemoteCache) -> None:
+        """Map the memfd windows a same-host peer shares for one of its caches
+        (``dxl.ShareRegistered`` on its side), so pieces inside them are plain memcpy."""
+        transport = link.transport
+        if not cache.shm or not isinstance(transport, CmaTransport):
+            return
+        if transport.has_shared(cache.cache_id):  # a new version of the same registration
+            return
+        try:
+            transport.map_shared(
+                cache.cache_id,
+                [(fd, offset, base, size, ino) for fd, ino, offset, base, size in cache.shm],
+            )
+        except OSError as exc:  # still correct over cma, only slower
+            log.info(
+                "dxl: cannot map cache %d of cluster %d: %s",
+                cache.cache_id, link.peer.cluster_id, exc,
+            )
 
     async def _proven(self, peer: PeerInfo, transport: Transport) -> Transport:
         """Read the peer's probe through ``transport``; the token proves the right process."""

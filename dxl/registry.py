@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from .keys import Binding, KeyIndex, key_index
+from .share import Window
 from .types import Cache
 from .usage import Usage
 
@@ -50,6 +51,7 @@ class LocalCache:
     bindings: list[Binding] = field(default_factory=list)  # CacheKeys bound to its batches
     pool_addrs: list[int] | None = None  # allocated from a pool (freed by the engine)
     deallocated: bool = False  # deallocate_cache was called; freed once no key is bound
+    shared: list[Window] = field(default_factory=list)  # pages moved onto memfds (dxl.share)
 
     def wire_entry(self) -> dict[str, Any]:
         """The registry entry peers receive (only for remotely accessible caches)."""
@@ -65,6 +67,7 @@ class LocalCache:
             "addrs": [int(a) for a in self.layout.addrs],
             "model_id": self.model_id,
             "keys": [b.wire() for b in self.bindings],
+            "shm": [w.wire() for w in self.shared],
         }
 
 
@@ -77,6 +80,7 @@ class RemoteCache:
     layout: Layout
     model_id: int | None
     keys: list[list[int]] = field(default_factory=list)  # [req_id, model_id, prefix_id, batch]
+    shm: list[list[int]] = field(default_factory=list)  # [fd, ino, offset, base, size] (share.py)
     usage: Usage = field(default_factory=Usage)
 
     @classmethod
@@ -87,7 +91,9 @@ class RemoteCache:
             units=entry["units"],
             blocks=entry["blocks"],
         )
-        return cls(entry["id"], entry["gen"], layout, entry["model_id"], entry["keys"])
+        return cls(
+            entry["id"], entry["gen"], layout, entry["model_id"], entry["keys"], entry["shm"]
+        )
 
 
 class RemoteRegistry:

@@ -1,9 +1,10 @@
-"""A same-host peer's memfd pool, mapped into this process.
+"""Memory a same-host peer shares with us, mapped into this process.
 
-Caches that an engine allocates itself live in its memfd-backed HOST pool (:mod:`dxl.pool`).
-A peer on the same host maps that memfd once at link time (through ``/proc/<pid>/fd/<fd>``,
-which the kernel allows exactly when cross-memory attach is allowed), so a transfer whose
-remote pieces all lie in the pool is a plain multi-threaded memcpy: no syscall per piece.
+A peer shares memory through memfds: its HOST pool (caches it allocated, :mod:`dxl.pool`) and,
+with ``dxl.ShareRegistered``, registered framework memory it moved onto memfds
+(:mod:`dxl.share`). We map each once (through ``/proc/<pid>/fd/<fd>``, which the kernel allows
+exactly when cross-memory attach is allowed), so pieces inside them are a plain memcpy: no
+syscall per piece. :class:`Windows` keeps the table the native transfer consults.
 """
 
 from __future__ import annotations
@@ -11,20 +12,29 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
+from collections.abc import Hashable
 
 import numpy as np
 
 
-class PeerPool:
-    """The mapping of one peer's pool: remote addresses ``[remote_base, remote_base + size)``
-    appear here at ``[local_base, local_base + size)``."""
+class PeerMapping:
+    """The peer's ``[remote_base, remote_base + size)``, which is ``size`` bytes at ``offset``
+    in its memfd ``fd``, mapped here at ``[local_base, local_base + size)``."""
 
-    def __init__(self, pid: int, fd: int, remote_base: int, size: int) -> None:
+    def __init__(
+        self, pid: int, fd: int, offset: int, remote_base: int, size: int, ino: int | None = None
+    ) -> None:
+        if size <= 0 or offset < 0 or offset % mmap.ALLOCATIONGRANULARITY:
+            raise OSError(f"cannot map {size} bytes at offset {offset} of a memfd")
         path_fd = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
         try:
-            if os.fstat(path_fd).st_size < size:
-                raise OSError(f"pool of pid {pid} is smaller than the {size} bytes announced")
-            self._map = mmap.mmap(path_fd, size, flags=mmap.MAP_SHARED)
+            st = os.fstat(path_fd)
+            if ino is not None and st.st_ino != ino:  # the peer closed it; the number was reused
+                raise OSError(f"fd {fd} of pid {pid} is no longer the memfd it announced")
+            if st.st_size < offset + size:
+                raise OSError(f"memfd of pid {pid} is smaller than the {size} bytes announced")
+            self._map = mmap.mmap(path_fd, size, flags=mmap.MAP_SHARED, offset=offset)
         finally:
             os.close(path_fd)
         anchor = ctypes.c_char.from_buffer(self._map)
@@ -33,14 +43,78 @@ class PeerPool:
         self.remote_base = remote_base
         self.size = size
 
-    def covers(self, remote: np.ndarray, length: np.ndarray) -> bool:
-        """True if every piece ``[remote[i], remote[i] + length[i])`` lies in the pool."""
-        lo = np.uint64(self.remote_base)
-        hi = np.uint64(self.remote_base + self.size)
-        return bool(np.all((remote >= lo) & (remote + length <= hi)))
-
-    def translate(self, remote: np.ndarray) -> np.ndarray:
-        return remote - np.uint64(self.remote_base) + np.uint64(self.local_base)
-
     def close(self) -> None:
         self._map.close()
+
+
+class Windows:
+    """The peer's shared memory mapped here, by owner key (a cache id, or "pool").
+
+    :attr:`table` is what the native transfer reads: sorted, disjoint rows of
+    ``[remote_start, remote_end, local_start]`` (where memory registered twice gives overlapping
+    mappings, the first serves). A transfer uses the table it started with; a removed mapping
+    is unmapped only once no transfer is running, so no copy ever touches an unmapped page.
+    """
+
+    def __init__(self) -> None:
+        self._by_key: dict[Hashable, list[PeerMapping]] = {}
+        self.table = np.zeros((0, 3), dtype=np.uint64)
+        self._lock = threading.Lock()
+        self._running = 0
+        self._retired: list[PeerMapping] = []
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self._by_key.values())
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._by_key
+
+    def add(self, key: Hashable, mappings: list[PeerMapping]) -> None:
+        with self._lock:
+            self._retired.extend(self._by_key.pop(key, []))
+            self._by_key[key] = mappings
+            self._rebuild()
+            self._sweep()
+
+    def remove(self, key: Hashable) -> None:
+        with self._lock:
+            self._retired.extend(self._by_key.pop(key, []))
+            self._rebuild()
+            self._sweep()
+
+    def close(self) -> None:
+        with self._lock:
+            for mappings in self._by_key.values():
+                self._retired.extend(mappings)
+            self._by_key.clear()
+            self._rebuild()
+            self._sweep()
+
+    def enter(self) -> np.ndarray:
+        """Start a transfer: the table to use until :meth:`leave`."""
+        with self._lock:
+            self._running += 1
+            return self.table
+
+    def leave(self) -> None:
+        with self._lock:
+            self._running -= 1
+            self._sweep()
+
+    def _rebuild(self) -> None:
+        rows = sorted(
+            (m.remote_base, m.remote_base + m.size, m.local_base)
+            for ms in self._by_key.values()
+            for m in ms
+        )
+        keep: list[tuple[int, int, int]] = []
+        for row in rows:  # overlaps (memory registered twice): the first one serves
+            if not keep or keep[-1][1] <= row[0]:
+                keep.append(row)
+        self.table = np.array(keep, dtype=np.uint64).reshape(-1, 3)
+
+    def _sweep(self) -> None:
+        if self._running == 0:
+            for m in self._retired:
+                m.close()
+            self._retired.clear()

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Hashable
 from typing import Protocol
 
 from . import _ffi
 from .plan import Pieces
-from .shm import PeerPool
+from .shm import PeerMapping, Windows
 
 
 class TransportClosed(Exception):
@@ -34,8 +35,9 @@ class Transport(Protocol):
 class CmaTransport:
     """process_vm_readv/writev against one peer process, watched through its pidfd.
 
-    With the peer's memfd pool mapped (:meth:`attach_pool`), requests whose remote pieces all
-    lie in the pool are copied with memcpy threads instead: no syscall per piece.
+    Memory the peer shares with us (its memfd pool, registered memory it moved onto memfds) is
+    mapped here (:meth:`map_shared`): pieces inside it are copied with memcpy instead, no
+    syscall per piece; the rest of a request still goes through the syscalls.
     """
 
     def __init__(self, pid: int, threads: int) -> None:
@@ -43,15 +45,31 @@ class CmaTransport:
         _ffi.check(_ffi.lib.dxl_peer_open(pid, out), f"open peer process {pid}")
         self._peer = _ffi.ffi.gc(out[0], _ffi.lib.dxl_peer_close)
         self._threads = threads
-        self._pool: PeerPool | None = None
+        self._windows = Windows()
         self.pid = pid
 
     @property
     def name(self) -> str:
-        return "cma+shm" if self._pool is not None else "cma"
+        return "cma+shm" if len(self._windows) else "cma"
 
-    def attach_pool(self, pool: PeerPool) -> None:
-        self._pool = pool
+    def map_shared(self, key: Hashable, windows: list[tuple[int, int, int, int | None]]) -> None:
+        """Map the peer's memfd windows ``(fd, offset, remote_base, size, ino)`` under ``key``
+        (a cache id, or "pool"). Raises OSError if one cannot be mapped (then none is)."""
+        mappings: list[PeerMapping] = []
+        try:
+            for fd, offset, base, size, ino in windows:
+                mappings.append(PeerMapping(self.pid, fd, offset, base, size, ino))
+        except OSError:
+            for m in mappings:
+                m.close()
+            raise
+        self._windows.add(key, mappings)
+
+    def unmap_shared(self, key: Hashable) -> None:
+        self._windows.remove(key)
+
+    def has_shared(self, key: Hashable) -> bool:
+        return key in self._windows
 
     def read(self, pieces: Pieces) -> int:
         return self._move(0, pieces.dst, pieces.src, pieces)
@@ -62,45 +80,29 @@ class CmaTransport:
     def _move(self, write: int, local, remote, pieces: Pieces) -> int:
         if self._peer is None:
             raise TransportClosed("cma transport is closed")
-        pool = self._pool
-        if pool is not None and pool.covers(remote, pieces.length):
-            return self._copy_shared(write, local, pool.translate(remote), pieces)
-        done = _ffi.ffi.new("uint64_t *")
-        rc = _ffi.lib.dxl_cma_transfer(
-            self._peer,
-            write,
-            _ffi.as_u64_ptr(local),
-            _ffi.as_u64_ptr(remote),
-            _ffi.as_u64_ptr(pieces.length),
-            pieces.count,
-            self._threads,
-            done,
-        )
-        _ffi.check(rc, "cma push" if write else "cma pull")
-        return int(done[0])
-
-    def _copy_shared(self, write: int, local, remote, pieces: Pieces) -> int:
-        dst, src = (remote, local) if write else (local, remote)
-        _ffi.check(
-            _ffi.lib.dxl_copy_pieces(
-                _ffi.as_u64_ptr(dst),
-                _ffi.as_u64_ptr(src),
+        table = self._windows.enter()
+        try:
+            done = _ffi.ffi.new("uint64_t *")
+            rc = _ffi.lib.dxl_cma_transfer_mapped(
+                self._peer,
+                write,
+                _ffi.as_u64_ptr(local),
+                _ffi.as_u64_ptr(remote),
                 _ffi.as_u64_ptr(pieces.length),
                 pieces.count,
                 self._threads,
-            ),
-            "shm copy",
-        )
-        # a dead owner's pool outlives it in our mapping: its bytes cannot be trusted
-        if not _ffi.lib.dxl_peer_alive(self._peer):
-            raise _ffi.NativeError(_ffi.lib.DXL_E_SRCH, "shm copy", 3)
-        return pieces.nbytes
+                _ffi.as_u64_ptr(table),
+                table.shape[0],
+                done,
+            )
+        finally:
+            self._windows.leave()
+        _ffi.check(rc, "cma push" if write else "cma pull")
+        return int(done[0])
 
     def close(self) -> None:
         peer, self._peer = self._peer, None
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
+        self._windows.close()
         if peer is not None:
             _ffi.ffi.release(peer)
 

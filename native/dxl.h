@@ -124,6 +124,19 @@ int dxl_cma_transfer(const dxl_peer_t *peer, int write, const uint64_t *local,
                      const uint64_t *remote, const uint64_t *len, uint64_t n, int max_threads,
                      uint64_t *bytes_done_p);
 
+/* dxl_cma_transfer, except that pieces lying wholly inside a window the peer shares with us are
+ * copied with memcpy through our mapping of it instead of by syscall. windows holds nwin triples
+ * {remote_start, remote_end, local_start}: the peer's [remote_start, remote_end) is mapped here at
+ * local_start; sorted by remote_start, non-empty, disjoint, not wrapping (else DXL_E_INVAL). The
+ * caller keeps every window mapped for the whole call. Other pieces, and pieces only partly
+ * inside a window, go through process_vm_readv/writev as in dxl_cma_transfer. nwin == 0 is
+ * dxl_cma_transfer. The alive checks before and after cover the shared pieces too: a dead peer's
+ * mapping outlives it, but its bytes no longer mean anything. */
+int dxl_cma_transfer_mapped(const dxl_peer_t *peer, int write, const uint64_t *local,
+                            const uint64_t *remote, const uint64_t *len, uint64_t n,
+                            int max_threads, const uint64_t *windows, uint64_t nwin,
+                            uint64_t *bytes_done_p);
+
 /* Copies piece i, len[i] bytes, from src[i] to dst[i] within this process (memcpy), for n pieces;
  * pieces of length 0 are skipped and n == 0 is a no-op. Split across up to max_threads threads like
  * dxl_cma_transfer; max_threads <= 1 copies on the calling thread only. Arrays as for
@@ -152,6 +165,19 @@ int dxl_cma_self_test(void);
  * caller-owned array of n entries, read during the call only; NULL with n > 0 is DXL_E_INVAL.
  * Used to refuse registering memory a peer must never be sent to. */
 int dxl_check_readable(const uint64_t *addr, uint64_t n);
+
+/* Moves the whole pages [addr, addr + len) of this process (page aligned, len > 0) onto a new
+ * memfd, in place: same addresses, same bytes, same protection (read + write), but now backed by
+ * shared memory that a same-host peer can map (through /proc/<pid>/fd/<fd>), so its transfers
+ * become a memcpy. The range must be private anonymous read-write memory (or an earlier share)
+ * that no other thread writes during the call, and that no device or NIC has pinned (CUDA
+ * host-registered, RDMA-registered memory): those would keep using the old pages. Works chunk by
+ * chunk (chunk bytes, a multiple of the page size; 0 picks 32 MiB), so it needs only one chunk of
+ * extra memory; all-zero chunks stay holes of the memfd. On success *fd_p receives the memfd
+ * (close-on-exec; the caller owns it; the mapping keeps the memory alive without it). On failure
+ * the chunks already moved stay moved (same bytes), no fd is returned, and errno tells why:
+ * DXL_E_INVAL (bad alignment or size), DXL_E_NOMEM, DXL_E_IO. */
+int dxl_share_in_place(uint64_t addr, uint64_t len, uint64_t chunk, int *fd_p);
 
 /* ---- debug and leak counters ----------------------------------------------------------------- */
 

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -118,7 +119,55 @@ typedef struct {
     const uint64_t *local;
     const uint64_t *remote;
     const uint64_t *len;
+    const uint64_t *win; /* nwin x {remote_start, remote_end, local_start}, sorted, disjoint */
+    uint64_t nwin;
 } dxl__cma_args_t;
+
+/* The window holding all of [r, r + n) in the peer, or NULL. Checks *hint (the last hit) first:
+ * consecutive pieces almost always lie in the same tensor. */
+static const uint64_t *dxl__window(const dxl__cma_args_t *a, uint64_t r, uint64_t n,
+                                   uint64_t *hint)
+{
+    const uint64_t *w = a->win + 3 * *hint;
+    uint64_t lo = 0;
+    uint64_t hi = a->nwin;
+
+    if (r >= w[0] && r - w[0] + n <= w[1] - w[0]) {
+        return w;
+    }
+    while (lo < hi) { /* the last window starting at or below r */
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (a->win[3 * mid] <= r) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if (lo == 0) {
+        return NULL;
+    }
+    w = a->win + 3 * (lo - 1);
+    if (r - w[0] + n > w[1] - w[0]) {
+        return NULL;
+    }
+    *hint = lo - 1;
+    return w;
+}
+
+/* Copies the part of the piece at pos that lies in [pos, end) through window w, mapped here. */
+static uint64_t dxl__window_copy(const dxl__cma_args_t *a, const uint64_t *w, const dxl__pos_t *pos,
+                                 uint64_t left)
+{
+    char *local = (char *)(uintptr_t)(a->local[pos->piece] + pos->off);
+    char *mapped = (char *)(uintptr_t)(w[2] + (a->remote[pos->piece] + pos->off - w[0]));
+
+    if (a->write) {
+        memcpy(mapped, local, (size_t)left);
+    } else {
+        memcpy(local, mapped, (size_t)left);
+    }
+    return left;
+}
 
 /* Moves one slice: fill up to DXL_IOV_MAX entries from the current position, one syscall, advance
  * by what the kernel reports, repeat. Local and remote entries have equal lengths, so a short
@@ -129,6 +178,7 @@ static void dxl__cma_slice(dxl__slice_t *s)
     struct iovec liov[DXL_IOV_MAX];
     struct iovec riov[DXL_IOV_MAX];
     dxl__pos_t pos = s->begin;
+    uint64_t hint = 0;
 
     while (!dxl__pos_done(&pos, &s->end)) {
         dxl__pos_t p = pos;
@@ -138,6 +188,19 @@ static void dxl__cma_slice(dxl__slice_t *s)
         if (dxl__stopped(s)) {
             return;
         }
+        if (a->nwin > 0) { /* pieces the peer shares with us are a plain memcpy */
+            uint64_t left = dxl__piece_left(&pos, &s->end, a->len);
+            const uint64_t *w =
+                left > 0 ? dxl__window(a, a->remote[pos.piece] + pos.off, left, &hint) : NULL;
+            if (w != NULL) {
+                s->done += dxl__window_copy(a, w, &pos, left);
+            }
+            if (left == 0 || w != NULL) {
+                pos.piece++;
+                pos.off = 0;
+                continue;
+            }
+        }
         while (cnt < DXL_IOV_MAX && !dxl__pos_done(&p, &s->end)) {
             uint64_t left = dxl__piece_left(&p, &s->end, a->len);
             uint64_t chunk = left < DXL__IOV_CHUNK ? left : DXL__IOV_CHUNK;
@@ -145,6 +208,10 @@ static void dxl__cma_slice(dxl__slice_t *s)
                 p.piece++;
                 p.off = 0;
                 continue;
+            }
+            if (a->nwin > 0 && cnt > 0 && p.off == 0 &&
+                dxl__window(a, a->remote[p.piece], left, &hint) != NULL) {
+                break; /* the next piece is shared: copy it on the next turn */
             }
             liov[cnt].iov_base = (void *)(uintptr_t)(a->local[p.piece] + p.off);
             liov[cnt].iov_len = (size_t)chunk;
@@ -179,6 +246,27 @@ int dxl_cma_transfer(const dxl_peer_t *peer, int write, const uint64_t *local,
                      const uint64_t *remote, const uint64_t *len, uint64_t n, int max_threads,
                      uint64_t *bytes_done_p)
 {
+    return dxl_cma_transfer_mapped(peer, write, local, remote, len, n, max_threads, NULL, 0,
+                                   bytes_done_p);
+}
+
+/* 1 if the windows are sorted by remote start, disjoint, non-empty and do not wrap. */
+static int dxl__windows_ok(const uint64_t *win, uint64_t nwin)
+{
+    for (uint64_t i = 0; i < nwin; i++) {
+        const uint64_t *w = win + 3 * i;
+        if (w[1] <= w[0] || w[2] + (w[1] - w[0]) < w[2] || (i > 0 && w[0] < w[-2])) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+int dxl_cma_transfer_mapped(const dxl_peer_t *peer, int write, const uint64_t *local,
+                            const uint64_t *remote, const uint64_t *len, uint64_t n,
+                            int max_threads, const uint64_t *windows, uint64_t nwin,
+                            uint64_t *bytes_done_p)
+{
     dxl__cma_args_t args;
     uint64_t total = 0;
     uint64_t done = 0;
@@ -188,7 +276,8 @@ int dxl_cma_transfer(const dxl_peer_t *peer, int write, const uint64_t *local,
     if (bytes_done_p != NULL) {
         *bytes_done_p = 0;
     }
-    if (peer == NULL || (write != 0 && write != 1)) {
+    if (peer == NULL || (write != 0 && write != 1) || (nwin > 0 && windows == NULL) ||
+        (nwin > 0 && !dxl__windows_ok(windows, nwin))) {
         return dxl__fail(DXL_E_INVAL, 0);
     }
     rc = dxl__pieces_total(local, remote, len, n, &total);
@@ -203,7 +292,13 @@ int dxl_cma_transfer(const dxl_peer_t *peer, int write, const uint64_t *local,
         goto out;
     }
     args = (dxl__cma_args_t){
-        .pid = peer->pid, .write = write, .local = local, .remote = remote, .len = len};
+        .pid = peer->pid,
+        .write = write,
+        .local = local,
+        .remote = remote,
+        .len = len,
+        .win = windows,
+        .nwin = nwin};
     rc = dxl__run_split(len, n, total, max_threads, dxl__cma_slice, &args, &done);
     /* If the peer is gone now, its pid may have been reused while we copied: whatever the copy
      * said, those bytes cannot be trusted. (While it is alive its pid cannot be reused.) */

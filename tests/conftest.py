@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from peer import Peer
 
 from dxl import _ffi
+from dxl.share import SHARED
 
 
 def pytest_report_header() -> str:
@@ -30,12 +31,13 @@ def _native_counters() -> dict[str, int]:
         "regions_live": c.regions_live,
         "peers_open": c.peers_open,
         "ops_inflight": c.ops_inflight,
+        "shared_spans": SHARED.live(),  # memfds of dxl.ShareRegistered (Python side)
     }
 
 
 @pytest.fixture(autouse=True)
 def no_native_leaks() -> Iterator[None]:
-    """Every test must leave as many live regions and in-flight ops as it found."""
+    """Every test must leave as many live regions, in-flight ops and shares as it found."""
     before = _native_counters()
     yield
     gc.collect()

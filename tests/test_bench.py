@@ -223,6 +223,21 @@ def test_smoke_cma_pull_and_push_are_verified() -> None:
 
 @pytest.mark.multiproc
 @pytest.mark.cma
+@pytest.mark.parametrize("memory", ["shared", "allocated"])
+def test_smoke_shared_memory_is_verified_over_cma_shm(memory: str) -> None:
+    rc, rows, err = run_bench(
+        "--transport", "cma", "--op", "pull", "push", "--block-bytes", "16K", "--memory", memory,
+        *SMOKE,
+    )
+    assert rc == 0, err
+    assert [r["op"] for r in rows] == ["pull", "push"]
+    for r in rows:
+        assert r["verified"] is True and r["error"] is None, r
+        assert r["memory"] == memory and r["link_transport"] == "cma+shm"
+
+
+@pytest.mark.multiproc
+@pytest.mark.cma
 def test_corrupted_destination_gives_no_number() -> None:
     rc, rows, err = run_bench(
         "--transport",

@@ -105,6 +105,7 @@ def test_repr_does_not_emit_options() -> None:
         ({"transfer_threads": 64}, {"dxl.TransferThreads": "64"}),
         ({"allow_remote_listen": True}, {"dxl.AllowRemoteListen": "1"}),
         ({"allow_remote_listen": False}, {"dxl.AllowRemoteListen": "0"}),
+        ({"share_registered": True}, {"dxl.ShareRegistered": "1"}),
     ],
 )
 def test_generate_options_per_property(props: dict[str, Any], expected: dict[str, str]) -> None:
@@ -247,6 +248,7 @@ def test_none_resets_reference_optional_properties() -> None:
         ("heartbeat_interval_ms", 1.0, "heartbeat_interval_ms must be int, got float"),
         ("transfer_threads", "2", "transfer_threads must be int, got str"),
         ("allow_remote_listen", None, "allow_remote_listen must be bool, got NoneType"),
+        ("share_registered", 1, "share_registered must be bool, got int"),
     ],
 )
 def test_setter_type_errors(name: str, value: Any, match: str) -> None:
@@ -318,6 +320,7 @@ def test_engine_options_defaults() -> None:
     assert (opts.max_registered_addrs, opts.heartbeat_interval_ms) == (240, 1000)
     assert (opts.transfer_threads, opts.allow_remote_listen) == (2, False)
     assert (opts.link_total_time_s, opts.link_retry_count) == (0, 1)
+    assert opts.share_registered is False  # opt-in: see dxl/share.py
     assert opts.raw == {}
 
 
@@ -416,6 +419,7 @@ def test_engine_options_type_errors(options: Any, exc: type, match: str) -> None
         ({"ge.exec.deviceId": "x"}, "ge.exec.deviceId must be a decimal"),
         ({"llm.EnableCacheManager": "true"}, 'llm.EnableCacheManager must be "0" or "1"'),
         ({"dxl.AllowRemoteListen": "yes"}, 'dxl.AllowRemoteListen must be "0" or "1"'),
+        ({"dxl.ShareRegistered": "on"}, 'dxl.ShareRegistered must be "0" or "1"'),
         ({"dxl.TransferThreads": "65"}, r"dxl.TransferThreads must be in \[1, 64\]"),
         ({"dxl.TransferThreads": "0"}, r"dxl.TransferThreads must be in \[1, 64\]"),
         ({"dxl.MaxRegisterAddrs": "0"}, "dxl.MaxRegisterAddrs must be in"),

@@ -149,10 +149,11 @@ def bench_parser(prog: str = "dxl bench") -> argparse.ArgumentParser:
     )
     a(
         "--memory",
-        choices=("registered", "allocated"),
+        choices=("registered", "shared", "allocated"),
         default="registered",
-        help="target KV memory: framework memory registered with dxl (default), or a cache dxl "
-        "allocates from its memfd pool (same-host peers then copy it with memcpy)",
+        help="target KV memory: framework memory registered with dxl (default); the same with "
+        "dxl.ShareRegistered (moved onto memfds at registration); or a cache dxl allocates "
+        "from its memfd pool (same-host peers copy the last two with memcpy)",
     )
     a("--seed", type=_non_negative, default=0, help="request block ids seed (default 0)")
     a(
