@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arrival-ms", type=float, default=2.0)
     p.add_argument("--decode-ms", type=float, default=5.0)
     p.add_argument("--transport", choices=("auto", "cma", "tcp"), default="auto")
+    p.add_argument("--share", action="store_true",
+                   help="prefill registers with dxl.ShareRegistered (docs/api.md)")
     args = p.parse_args(argv)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()

@@ -9,6 +9,7 @@ a summary. Exit status 0 means every byte was right.
     python examples/pd_link_and_pull.py                  # 32 layers x K,V x 512 blocks of 32 KiB
     python examples/pd_link_and_pull.py --layers 8 --blocks 128 --requests 32
     python examples/pd_link_and_pull.py --transport tcp        # the network path
+    python examples/pd_link_and_pull.py --share     # prefill memory moved onto memfds (cma+shm)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ async def prefill_main(args: argparse.Namespace, conn: mp.connection.Connection)
     cfg = dxl.LLMConfig()
     cfg.listen_ip_info = "127.0.0.1:0"
     cfg.transport = args.transport
+    cfg.share_registered = args.share  # same-host decode then copies it with memcpy
     async with dxl.Engine(PREFILL_ID, dxl.LLMRole.PROMPT, cfg) as eng:
         await eng.register_blocks_cache(
             kv.desc(), kv.addrs, dxl.BlocksCacheKey(PREFILL_ID, 0), remote_accessible=True
@@ -134,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--transport", choices=("auto", "cma", "tcp"), default="auto",
                    help="auto: cma on one host; tcp: the network path (loopback here)")
+    p.add_argument("--share", action="store_true",
+                   help="prefill registers with dxl.ShareRegistered (docs/api.md)")
     args = p.parse_args(argv)
     if not 1 <= args.min_blocks <= args.max_blocks <= args.blocks:
         p.error("need 1 <= --min-blocks <= --max-blocks <= --blocks")

@@ -28,6 +28,13 @@ def test_pd_link_and_pull_demo():
     assert "(cma)" in out
 
 
+def test_pd_demo_with_shared_prefill_memory():
+    out = run("pd_link_and_pull.py", "--layers", "2", "--blocks", "32", "--requests", "8",
+              "--max-blocks", "8", "--share")
+    assert "verified: every byte matches" in out
+    assert "(cma+shm)" in out
+
+
 def test_pd_demo_over_tcp():
     out = run("pd_link_and_pull.py", "--layers", "2", "--blocks", "32", "--requests", "8",
               "--max-blocks", "8", "--transport", "tcp")
