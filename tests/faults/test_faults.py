@@ -25,14 +25,18 @@ TENSORS, BLOCKS, BB = 16, 64, 64 << 10  # 64 MiB per side: a pull of all of it t
 ALL = list(range(TENSORS))
 
 
-@pytest.fixture(params=["cma", "tcp"])
+@pytest.fixture(params=["cma", "tcp", "shared"])
 def transport(request: pytest.FixtureRequest) -> str:
+    """cma, tcp, or cma where the prefill moved its registered memory onto memfds
+    (dxl.ShareRegistered), so the decoder copies it through its mapping (cma+shm)."""
     return request.param
 
 
 def options(transport: str, **extra: str) -> dict[str, str]:
-    return {"dxl.Transport": transport, "llm.SyncKvCacheWaitTime": str(TIMEOUT_MS),
-            "dxl.HeartbeatIntervalMs": "200", **extra}
+    share = {"dxl.ShareRegistered": "1"} if transport == "shared" else {}
+    return {"dxl.Transport": "cma" if transport == "shared" else transport,
+            "llm.SyncKvCacheWaitTime": str(TIMEOUT_MS), "dxl.HeartbeatIntervalMs": "200",
+            **share, **extra}
 
 
 def start_prefill(make_peer, transport: str, cluster_id: int = 1, seed: int = 1, **kw):
@@ -47,6 +51,7 @@ class Decoder:
 
     def __init__(self, transport: str) -> None:
         self.eng = dxl.Engine(2, dxl.LLMRole.DECODER, options(transport))
+        self.transport = transport
         self.buf = KVBuffers(TENSORS, BLOCKS, BB, fill=False)
 
     async def __aenter__(self) -> Decoder:
@@ -60,6 +65,9 @@ class Decoder:
     async def link(self, *peers) -> None:
         ret, rets = await self.eng.link_clusters([p.cluster_info() for p in peers])
         assert ret == S.LLM_SUCCESS, rets
+        if self.transport == "shared":  # the faults below then hit the memcpy path
+            links = self.eng.stats()["links"]
+            assert all(links[p.cluster_id]["transport"] == "cma+shm" for p in peers), links
 
     def pull(self, cluster_id: int, src: list[int], dst: list[int]):
         return self.eng.pull_blocks(dxl.BlocksCacheKey(cluster_id, 0), self.cache, src, dst)
