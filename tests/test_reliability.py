@@ -164,3 +164,32 @@ async def test_endurance_link_and_register_cycles(make_peer, capsys):
     assert after[0] <= before[0]
     assert after[1] <= before[1]
     assert after[2] - before[2] < 32 * 1024  # KiB: a small bound for allocator noise
+
+
+async def test_shared_registrations_cycle_without_leaking(make_peer, capsys):
+    """dxl.ShareRegistered: each registration opens memfds on the owner and mappings on the
+    peer; unregistering must close both, however many times it happens."""
+    peer = make_peer(P_ID, options={"dxl.ShareRegistered": "1"})
+    cycles = 200
+    peer_fds = f"/proc/{peer.proc.pid}/fd"
+    async with dxl.Engine(D_ID, dxl.LLMRole.DECODER) as eng:
+        buf = KVBuffers(4, 16, 16384, fill=False)
+        cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
+        assert (await eng.link_clusters([peer.cluster_info()]))[0] == S.LLM_SUCCESS
+        transport = eng._links[P_ID].transport
+        before = (_resources(), len(os.listdir(peer_fds)))
+        for i in range(cycles):
+            await peer.acall("register", name="kv", num_tensors=4, num_blocks=16,
+                             block_bytes=16384, seed=i % 100, model_id=0)
+            assert len(transport._windows.table) == 4  # one memfd per tensor, mapped here
+            await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [5, 6], [5, 6])
+            assert buf.matches(range(4), [5, 6], i % 100, range(4), [5, 6])
+            await peer.acall("unregister", name="kv")
+            assert len(transport._windows.table) == 0
+        after = (_resources(), len(os.listdir(peer_fds)))
+    with capsys.disabled():
+        print(f"\nshared endurance: {cycles} register/pull/unregister cycles; decoder fds "
+              f"{before[0][0]} -> {after[0][0]}, prefill fds {before[1]} -> {after[1]}, "
+              f"decoder RSS {before[0][2] / 1024:.1f} -> {after[0][2] / 1024:.1f} MiB")
+    assert after[0][0] <= before[0][0] and after[1] <= before[1]
+    assert after[0][2] - before[0][2] < 32 * 1024  # KiB: the mappings were all unmapped
