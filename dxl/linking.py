@@ -305,10 +305,7 @@ class LinkSetup:
         if transport.has_shared(cache.cache_id):  # a new version of the same registration
             return
         try:
-            transport.map_shared(
-                cache.cache_id,
-                [(fd, offset, base, size, ino) for fd, ino, offset, base, size in cache.shm],
-            )
+            transport.map_shared(cache.cache_id, cache.shm)
         except OSError as exc:  # still correct over cma, only slower
             log.info(
                 "dxl: cannot map cache %d of cluster %d: %s",

@@ -80,7 +80,7 @@ class RemoteCache:
     layout: Layout
     model_id: int | None
     keys: list[list[int]] = field(default_factory=list)  # [req_id, model_id, prefix_id, batch]
-    shm: list[list[int]] = field(default_factory=list)  # [fd, ino, offset, base, size] (share.py)
+    shm: list[list[int]] = field(default_factory=list)  # [fd, offset, base, size, ino] (share.py)
     usage: Usage = field(default_factory=Usage)
 
     @classmethod

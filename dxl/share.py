@@ -54,7 +54,8 @@ class Window:
     size: int
 
     def wire(self) -> list[int]:
-        return [self.fd, self.ino, self.offset, self.base, self.size]
+        """As peers map it: :meth:`dxl.transport.CmaTransport.map_shared`'s order."""
+        return [self.fd, self.offset, self.base, self.size, self.ino]
 
 
 @dataclass(slots=True)

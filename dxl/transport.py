@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Protocol
 
 from . import _ffi
@@ -52,7 +52,7 @@ class CmaTransport:
     def name(self) -> str:
         return "cma+shm" if len(self._windows) else "cma"
 
-    def map_shared(self, key: Hashable, windows: list[tuple[int, int, int, int | None]]) -> None:
+    def map_shared(self, key: Hashable, windows: Sequence[Sequence[int | None]]) -> None:
         """Map the peer's memfd windows ``(fd, offset, remote_base, size, ino)`` under ``key``
         (a cache id, or "pool"). Raises OSError if one cannot be mapped (then none is)."""
         mappings: list[PeerMapping] = []

@@ -38,7 +38,7 @@ CACHE_FIELDS: dict[str, tuple[type, ...]] = {
     "addrs": _LIST,  # one base address per tensor
     "model_id": (int, type(None)),  # BlocksCacheKey.model_id bound to a blocks cache
     "keys": _LIST,  # [[req_id, model_id, prefix_id, batch_index], ...] of a contiguous cache
-    "shm": _LIST,  # [[fd, inode, offset, base, size], ...]: pages shared through memfds
+    "shm": _LIST,  # [[fd, offset, base, size, inode], ...]: pages shared through memfds
 }
 
 # Every message type and its fields. "rid" correlates a request with its "ack".
@@ -177,6 +177,6 @@ def check_cache_entry(entry: Any) -> None:
         _check_u64_list("cache entry key", key, 4)
     for window in entry["shm"]:
         _check_u64_list("cache entry shm window", window, 5)
-        fd, _, offset, base, size = window
+        fd, offset, base, size, _ = window
         if fd > 1 << 31 or size < 1 or base + size > _U64 or offset + size > _U64:
             raise FrameError("cache entry shm window is out of range")

@@ -64,12 +64,12 @@ def test_frame_length_is_bounded(header):
 def test_encode_then_decode_round_trips():
     entry = {"id": 1, "gen": 2, "blocks": True, "num_tensors": 1, "tensor_size": 64, "units": 2,
              "placement": 0, "addrs": [4096], "model_id": 0, "keys": [],
-             "shm": [[7, 12, 0, 4096, 4096]]}
+             "shm": [[7, 0, 4096, 4096, 12]]}
     frame = wire.encode("reg_add", rid=5, cache=entry)
     assert wire.frame_length(frame[:4]) == len(frame) - 4
     assert wire.decode(frame[4:]) == {"t": "reg_add", "rid": 5, "cache": entry}
-    for window in ([7, 12, 0, 4096, 0], [7, 12, 0, 2**64 - 4096, 8192], [1 << 40, 1, 0, 1, 1],
-                   [7, 12, 0, 4096], [-1, 12, 0, 4096, 4096]):
+    for window in ([7, 0, 4096, 0, 12], [7, 0, 2**64 - 4096, 8192, 12], [1 << 40, 0, 1, 1, 1],
+                   [7, 0, 4096, 4096], [-1, 0, 4096, 4096, 12]):
         bad = json.dumps({"t": "reg_add", "rid": 5, "cache": {**entry, "shm": [window]}})
         with pytest.raises(wire.FrameError, match="shm window"):
             wire.decode(bad.encode())
