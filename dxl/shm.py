@@ -17,6 +17,8 @@ from collections.abc import Hashable
 
 import numpy as np
 
+from . import _ffi
+
 
 class PeerMapping:
     """The peer's ``[remote_base, remote_base + size)``, which is ``size`` bytes at ``offset``
@@ -89,6 +91,29 @@ class Windows:
             self._by_key.clear()
             self._rebuild()
             self._sweep()
+
+    def chunks(self, key: Hashable, step: int = 64 << 20) -> list[tuple[int, int]]:
+        """``(local address, length)`` pieces of ``key``'s mappings, ``step`` bytes at most."""
+        with self._lock:
+            return [
+                (m.local_base + off, min(step, m.size - off))
+                for m in self._by_key.get(key, [])
+                for off in range(0, m.size, step)
+            ]
+
+    def prefault(self, key: Hashable, addr: int, length: int) -> bool:
+        """Fault ``[addr, addr + length)`` of ``key``'s mapping in (blocking), counted as a
+        transfer so the mapping cannot go meanwhile. False if it is gone or it failed."""
+        with self._lock:
+            if not any(
+                m.local_base <= addr < m.local_base + m.size for m in self._by_key.get(key, [])
+            ):
+                return False
+            self._running += 1
+        try:
+            return _ffi.lib.dxl_prefault(addr, length) == 0
+        finally:
+            self.leave()
 
     def enter(self) -> np.ndarray:
         """Start a transfer: the table to use until :meth:`leave`."""

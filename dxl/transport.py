@@ -71,6 +71,14 @@ class CmaTransport:
     def has_shared(self, key: Hashable) -> bool:
         return key in self._windows
 
+    def shared_chunks(self, key: Hashable) -> list[tuple[int, int]]:
+        """``key``'s mappings cut into pieces for :meth:`prefault`."""
+        return self._windows.chunks(key)
+
+    def prefault(self, key: Hashable, addr: int, length: int) -> bool:
+        """Fault one piece of ``key``'s mappings in (blocking); False once they are gone."""
+        return self._windows.prefault(key, addr, length)
+
     def read(self, pieces: Pieces) -> int:
         return self._move(0, pieces.dst, pieces.src, pieces)
 

@@ -13,6 +13,10 @@
 
 #define DXL__SHARE_CHUNK (32ull << 20)
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux >= 5.14 */
+#endif
+
 static int dxl__all_zero(const unsigned char *p, uint64_t n)
 {
     /* p[0] == 0 and every byte equals its successor: one streaming compare, no table */
@@ -78,4 +82,24 @@ int dxl_share_in_place(uint64_t addr, uint64_t len, uint64_t chunk, int *fd_p)
 fail:
     close(fd);
     return dxl__fail(err == ENOMEM || err == ENOSPC ? DXL_E_NOMEM : DXL_E_IO, err);
+}
+
+int dxl_prefault(uint64_t addr, uint64_t len)
+{
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+
+    if (addr % page || len == 0 || addr + len < addr) {
+        return dxl__fail(DXL_E_INVAL, EINVAL);
+    }
+    if (madvise((void *)(uintptr_t)addr, (size_t)len, MADV_POPULATE_WRITE) == 0) {
+        return DXL_OK;
+    }
+    if (errno != EINVAL) { /* ENOMEM: not (or no longer) mapped; EFAULT: past the file's end */
+        return dxl__fail(dxl__map_errno(errno), errno);
+    }
+    /* older kernel: a read per page maps it too (a shared mapping needs no copy on write) */
+    for (uint64_t off = 0; off < len; off += page) {
+        (void)*(volatile const unsigned char *)(uintptr_t)(addr + off);
+    }
+    return DXL_OK;
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import mmap
 import os
@@ -253,6 +254,39 @@ async def test_registrations_after_the_link_are_mapped_and_a_dead_owner_is_never
             link.transport.read(pieces)
 
 
+def resident_kib(start: int, end: int) -> int:
+    """Resident KiB of this process's mappings inside ``[start, end)`` (whole VMAs)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = start <= lo and hi <= end
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+async def test_mappings_are_prefaulted_in_the_background(make_peer):
+    """A fresh mapping would pay a page fault per 4 KiB on its first copies: the engine
+    faults the peer's shared pages in after mapping them, off the event loop."""
+    peer = make_peer(P_ID, options=SHARE)
+    await peer.acall("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS,
+                     block_bytes=BLOCK, seed=5, model_id=0)
+    async with await decoder(peer) as eng:
+        windows = eng._links[P_ID].transport._windows
+        rows = windows.table.tolist()
+        assert len(rows) == TENSORS
+        for _ in range(200):
+            kib = [resident_kib(local, local + (end - start)) for start, end, local in rows]
+            if all(k * 1024 == end - start for k, (start, end, _) in zip(kib, rows, strict=True)):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail(f"mappings not resident after 2 s: {kib} KiB")
+
+
 async def test_without_the_option_registered_memory_stays_private(make_peer):
     peer = make_peer(P_ID)
     await peer.acall("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS,
@@ -289,3 +323,20 @@ async def test_bad_input_shares_nothing_and_registrations_release_their_shares()
         assert SHARED.live() == TENSORS  # memory shared before is moved onto new memfds
 
     assert SHARED.live() == 0  # close released it
+
+
+def test_prefault_maps_pages_and_refuses_bad_ranges() -> None:
+    fd = os.memfd_create("t", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 64 * PAGE)
+    m = mmap.mmap(fd, 64 * PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    m[PAGE:PAGE + 4] = b"keep"
+    assert resident_kib(base, base + 64 * PAGE) == PAGE // 1024  # only the page just written
+    assert _ffi.lib.dxl_prefault(base, 64 * PAGE) == 0
+    assert resident_kib(base, base + 64 * PAGE) * 1024 == 64 * PAGE
+    assert m[PAGE:PAGE + 4] == b"keep" and m[0] == 0  # bytes untouched
+    assert _ffi.lib.dxl_prefault(base + 1, PAGE) == _ffi.lib.DXL_E_INVAL
+    assert _ffi.lib.dxl_prefault(base, 0) == _ffi.lib.DXL_E_INVAL
+    m.close()
+    os.close(fd)
+    assert _ffi.lib.dxl_prefault(base, PAGE) < 0  # no longer mapped: an error, no crash
