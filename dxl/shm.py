@@ -66,10 +66,12 @@ class Windows:
         self._retired: list[PeerMapping] = []
 
     def __len__(self) -> int:
-        return sum(len(m) for m in self._by_key.values())
+        with self._lock:
+            return sum(len(m) for m in self._by_key.values())
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self._by_key
+        with self._lock:
+            return key in self._by_key
 
     def add(self, key: Hashable, mappings: list[PeerMapping]) -> None:
         with self._lock:
