@@ -223,18 +223,25 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         addrs: list[int],
         blocks_cache_key: BlocksCacheKey | None = None,
         remote_accessible: bool | None = None,
+        *,
+        share: bool | None = None,
     ) -> Cache:
         """Register framework-allocated paged KV memory: ``addrs[i]`` is tensor i.
 
         Block k of tensor i is ``[k * block_bytes, (k + 1) * block_bytes)`` from ``addrs[i]``,
         with ``num_blocks = cache_desc.shape[0]``. ``remote_accessible`` defaults to True for
         DEVICE and False for HOST; only remotely accessible caches are visible to peers.
+        ``share`` (dxl extension; None: the engine's ``dxl.ShareRegistered``) moves the
+        tensors' whole pages onto memfds in place so same-host peers copy them with memcpy;
+        it needs a remotely accessible HOST cache (docs/api.md says when it is safe).
         """
         op = "register_blocks_cache"
-        self._check_register_args(op, cache_desc, addrs, remote_accessible)
+        self._check_register_args(op, cache_desc, addrs, remote_accessible, share)
         check_isinstance("blocks_cache_key", blocks_cache_key, BlocksCacheKey)
         model_id = blocks_cache_key.model_id if blocks_cache_key is not None else None
-        return await self._register(op, cache_desc, addrs, True, model_id, remote_accessible)
+        return await self._register(
+            op, cache_desc, addrs, True, model_id, remote_accessible, share=share
+        )
 
     async def register_cache(
         self,
@@ -242,24 +249,28 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         addrs: list[int],
         cache_keys: tuple[CacheKey, ...] | list[CacheKey] = (),
         remote_accessible: bool | None = None,
+        *,
+        share: bool | None = None,
     ) -> Cache:
         """Register framework-allocated contiguous memory: ``addrs[i]`` is tensor i, batch b of
-        a tensor is ``[b * stride, (b + 1) * stride)`` with ``stride = size / shape[0]``."""
+        a tensor is ``[b * stride, (b + 1) * stride)`` with ``stride = size / shape[0]``.
+        ``share`` as for :meth:`register_blocks_cache`."""
         op = "register_cache"
-        self._check_register_args(op, cache_desc, addrs, remote_accessible)
+        self._check_register_args(op, cache_desc, addrs, remote_accessible, share)
         check_isinstance("cache_keys", cache_keys, (list, tuple), allow_none=False, inner=CacheKey)
         return await self._register(
-            op, cache_desc, addrs, False, None, remote_accessible, cache_keys
+            op, cache_desc, addrs, False, None, remote_accessible, cache_keys, share=share
         )
 
     def _check_register_args(
-        self, op: str, cache_desc: Any, addrs: Any, remote_accessible: Any
+        self, op: str, cache_desc: Any, addrs: Any, remote_accessible: Any, share: Any = None
     ) -> None:
         if cache_desc is None:
             raise AttributeError(f"{op}: cache_desc is None; pass a CacheDesc")
         check_isinstance("cache_desc", cache_desc, CacheDesc)
         check_isinstance("addrs", addrs, list, allow_none=False, inner=int)
         check_isinstance("remote_accessible", remote_accessible, bool)
+        check_isinstance("share", share, bool)
         if not addrs:
             raise args.param_invalid(op, "addrs must not be empty")
 
@@ -273,6 +284,7 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         remote_accessible: bool | None,
         cache_keys: list[CacheKey] | tuple[CacheKey, ...] = (),
         pool_addrs: list[int] | None = None,
+        share: bool | None = None,
     ) -> Cache:
         """Register a cache (user memory, or ``pool_addrs`` allocated by the engine): every
         check first, then the books, then peers are told before this returns."""
@@ -282,8 +294,14 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         if remote_accessible is None:
             remote_accessible = desc.placement == Placement.DEVICE
         self._check_mapped(op, layout)
+        if share and not remote_accessible:
+            raise args.param_invalid(
+                op, "share=True needs remote_accessible=True: only memory peers read is shared"
+            )
+        if share is None:
+            share = self._opts.share_registered
         shared: list[Window] = []
-        if remote_accessible and pool_addrs is None and self._opts.share_registered:
+        if share and remote_accessible and pool_addrs is None:
             shared = await self._share(layout)
             try:  # other registrations may have landed while the pages moved
                 bindings = self._check_registrable(op, layout, model_id, cache_keys)

@@ -340,3 +340,25 @@ def test_prefault_maps_pages_and_refuses_bad_ranges() -> None:
     m.close()
     os.close(fd)
     assert _ffi.lib.dxl_prefault(base, PAGE) < 0  # no longer mapped: an error, no crash
+
+
+async def test_share_per_registration_overrides_the_engine_option():
+    buf = KVBuffers(TENSORS, BLOCKS, BLOCK)
+    async with dxl.Engine(P_ID, dxl.LLMRole.PROMPT) as eng:  # option off
+        cache = await eng.register_blocks_cache(buf.desc(), buf.addrs, remote_accessible=True,
+                                                share=True)
+        assert SHARED.live() == TENSORS
+        await eng.unregister_cache(cache.cache_id)
+        assert SHARED.live() == 0
+        before = [mappings_over(a, a + BLOCKS * BLOCK) for a in buf.addrs]
+        with pytest.raises(dxl.LLMException, match="share=True needs remote_accessible") as err:
+            await eng.register_blocks_cache(buf.desc(), buf.addrs, share=True)
+        assert err.value.status_code == S.LLM_PARAM_INVALID
+        with pytest.raises(TypeError, match="share"):
+            await eng.register_cache(buf.desc(), buf.addrs, remote_accessible=True, share="yes")
+        assert [mappings_over(a, a + BLOCKS * BLOCK) for a in buf.addrs] == before
+        assert eng.stats()["registered_addrs"] == 0
+    async with dxl.Engine(P_ID, dxl.LLMRole.PROMPT, SHARE) as eng:  # option on, call says no
+        await eng.register_cache(buf.desc(), buf.addrs, remote_accessible=True, share=False)
+        assert SHARED.live() == 0
+    assert buf.untouched(ALL, list(range(BLOCKS)))
