@@ -166,8 +166,7 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         for entry in self._caches.values():
             await entry.usage.wait_idle(float("inf"))
             self._release_regions(entry)
-            SHARED.release(entry.shared)  # links are gone: no peer maps it any more
-            entry.shared = []
+            self._release_shared(entry)  # links are gone: no peer maps it any more
         self._caches.clear()
         self._blocks_by_model.clear()
         await self._stop_listening()  # stops the data server too, after its regions went
@@ -428,6 +427,11 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
             _ffi.lib.dxl_region_remove(rid)
         entry.region_ids.clear()
 
+    @staticmethod
+    def _release_shared(entry: LocalCache) -> None:
+        SHARED.release(entry.shared)
+        entry.shared = []
+
     async def unregister_cache(self, cache_id: int) -> None:
         """Forget a registration. Linked peers are told first, and their transfers using it are
         waited for (bounded by sync_kv_timeout; a peer that does not confirm loses its link).
@@ -455,8 +459,7 @@ class Engine(LinkSetup, ContiguousOps, LayerwiseOps, LocalOps):
         await entry.usage.wait_idle(float("inf"))  # local copies always finish: wait them out
         self._release_regions(entry)
         await self._fence_data_server()  # tcp requests that passed the check have finished
-        SHARED.release(entry.shared)  # peers confirmed: they unmapped it
-        entry.shared = []
+        self._release_shared(entry)  # peers confirmed: they unmapped it
         self._free_pool_memory(entry)
 
     async def _republish(self, entry: LocalCache) -> None:

@@ -31,15 +31,13 @@ from typing import Final
 
 import numpy as np
 
+from . import _ffi
 from .args import fail
 from .config import PoolConfig
 from .errors import LLMException, LLMStatusCode
 
 __all__ = ["HostPool", "allocate_tensors"]
 
-# madvise(MADV_POPULATE_WRITE) (Linux >= 5.14): fault every page in, writable, in one call that
-# reports ENOMEM instead of meeting the OOM killer. Python 3.11's mmap module lacks the name.
-_MADV_POPULATE_WRITE: Final = 23
 _TOUCH_STRIDE: Final = 4096  # the smallest page size: touching one byte per 4 KiB faults all in
 _SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -94,6 +92,10 @@ class HostPool:
             os.ftruncate(self.fd, self.size)
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
             self._mmap = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED)
+            # The mapping never moves; drop the buffer export at once so close() can unmap.
+            anchor = ctypes.c_char.from_buffer(self._mmap)
+            self.base = ctypes.addressof(anchor)
+            del anchor
             # Advise before faulting in: a page's size is fixed when it is first faulted.
             self._advise(mmap.MADV_HUGEPAGE)
             if prefault:
@@ -105,10 +107,6 @@ class HostPool:
                 f"{exc}",
                 status_code=LLMStatusCode.LLM_OUT_OF_MEMORY,
             ) from exc
-        # The mapping never moves; drop the buffer export at once so close() can unmap.
-        anchor = ctypes.c_char.from_buffer(self._mmap)
-        self.base = ctypes.addressof(anchor)
-        del anchor
         # Free extents as offsets, sorted by start, never adjacent (merged on free).
         self._free_start: list[int] = [0]
         self._free_len: list[int] = [self.size]
@@ -123,9 +121,9 @@ class HostPool:
         return True
 
     def _prefault(self) -> None:
-        if self._advise(_MADV_POPULATE_WRITE):
+        if _ffi.lib.dxl_prefault(self.base, self.size) == 0:
             return
-        # Older kernel: write one byte per 4 KiB page (the memory is fresh, zeros change nothing).
+        # It failed: write one byte per 4 KiB page (the memory is fresh, zeros change nothing).
         view = np.frombuffer(self._mmap, dtype=np.uint8)  # type: ignore[arg-type]
         view[::_TOUCH_STRIDE] = 0
         del view

@@ -74,23 +74,23 @@ class Windows:
             return key in self._by_key
 
     def add(self, key: Hashable, mappings: list[PeerMapping]) -> None:
-        with self._lock:
-            self._retired.extend(self._by_key.pop(key, []))
-            self._by_key[key] = mappings
-            self._rebuild()
-            self._sweep()
+        self._retire([key], {key: mappings})
 
     def remove(self, key: Hashable) -> None:
-        with self._lock:
-            self._retired.extend(self._by_key.pop(key, []))
-            self._rebuild()
-            self._sweep()
+        self._retire([key])
 
     def close(self) -> None:
+        self._retire(None)
+
+    def _retire(
+        self, keys: list[Hashable] | None, new: dict[Hashable, list[PeerMapping]] | None = None
+    ) -> None:
+        """Take ``keys``' mappings (None: all) out of the table, then add ``new``. The old ones
+        are unmapped once no transfer runs."""
         with self._lock:
-            for mappings in self._by_key.values():
-                self._retired.extend(mappings)
-            self._by_key.clear()
+            for key in list(self._by_key) if keys is None else keys:
+                self._retired.extend(self._by_key.pop(key, []))
+            self._by_key.update(new or {})
             self._rebuild()
             self._sweep()
 
