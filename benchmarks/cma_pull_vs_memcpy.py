@@ -55,7 +55,7 @@ def run_target(layers: int, block_bytes: int, conn) -> None:
 def memcpy_pass(dst, src, tables: list[np.ndarray], block_bytes: int) -> float:
     """Seconds for one thread to memcpy every request's pieces between two local caches."""
     from dxl import _ffi
-    from dxl.plan import block_pieces
+    from dxl.memory.plan import block_pieces
 
     dst_bases = np.asarray(dst.addrs, dtype=np.uint64)
     src_bases = np.asarray(src.addrs, dtype=np.uint64)

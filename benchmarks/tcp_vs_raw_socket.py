@@ -83,8 +83,8 @@ def raw_serve(lsock: socket.socket, buf: np.ndarray, sock_buf: int | None) -> No
 
 async def target_main(block_bytes: int, threads: int, sock_buf: int | None, conn) -> None:
     from dxl import _ffi
-    from dxl.tcp import DataServer
     from dxl.testing import KVBuffers
+    from dxl.transport.tcp_server import DataServer
 
     blocks, k = shape_for(block_bytes)
     kv = KVBuffers(TENSORS, blocks, block_bytes, seed=SEED)
@@ -118,9 +118,9 @@ def measure(
     sock_buf: int | None,
 ) -> dict:
     from dxl import _ffi
-    from dxl.plan import block_pieces
-    from dxl.tcp import TcpTransport
+    from dxl.memory.plan import block_pieces
     from dxl.testing import KVBuffers
+    from dxl.transport.tcp import TcpTransport
 
     blocks, k = shape_for(block_bytes)
     total = k * TENSORS * block_bytes

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._dxl_native import ffi, lib
+from .errors import DxlError
 
 __all__ = [
     "HAS_CMA",
@@ -56,7 +57,7 @@ def err_name(code: int) -> str:
     return ffi.string(lib.dxl_err_name(code)).decode()
 
 
-class NativeError(Exception):
+class NativeError(DxlError):
     """A native call failed.
 
     Attributes:

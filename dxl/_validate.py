@@ -1,19 +1,28 @@
-"""Argument checks shared by the public types, mirroring the reference's conventions (spec 3.3).
+"""Every argument check of dxl, in the reference's conventions (spec 3.3), in one place.
 
 * wrong Python type (also of a list element or dict key/value) -> ``TypeError``;
 * integer outside its C width -> ``ValueError``;
 * semantic rule broken -> ``LLMException(LLM_PARAM_INVALID)``.
 
 ``bool`` passes where ``int`` is expected, as it does in the reference (it is an ``int``).
-Every message names the argument, so a caller can tell which one was wrong.
+Every message names the argument, so a caller can tell which one was wrong. The first part
+holds the checks of single values that the public types use; the second the checks of the
+engine's operations (block lists with numpy min/max, layer ranges, cache arguments, keys and
+local-copy maps), which name the operation too. Rules that depend on a registration's layout
+are checked where the layout is known (``dxl.engine.resolve``, ``dxl.memory.localcopy``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from dxl.errors import LLMStatusCode, llm_error
+import numpy as np
+
+from dxl.errors import LLMStatusCode, fail, param_invalid
+
+if TYPE_CHECKING:
+    from dxl.types import CacheKey
 
 __all__ = [
     "INT32_MAX",
@@ -21,17 +30,30 @@ __all__ = [
     "UINT16_MAX",
     "UINT32_MAX",
     "UINT64_MAX",
+    "block_list",
+    "check_blocks_in_range",
+    "check_cache_arg",
+    "check_cache_key",
+    "check_copy_block_info",
+    "check_copy_cache_args",
     "check_dict",
     "check_int32",
     "check_int64",
     "check_int64_list",
     "check_isinstance",
     "check_layer_range",
+    "check_layer_ranges",
+    "check_src_to_dst",
+    "check_tensor_num_per_layer",
     "check_uint16",
     "check_uint32",
     "check_uint64",
     "check_uint64_list",
     "ensure",
+    "is_valid_id",
+    "layer_kwargs",
+    "same_length",
+    "select_tensors",
     "type_name",
 ]
 
@@ -71,7 +93,7 @@ def ensure(
         LLMException: If ``condition`` is false.
     """
     if not condition:
-        raise llm_error(status_code, message)
+        raise fail(None, status_code, message)
 
 
 def check_isinstance(
@@ -206,3 +228,164 @@ def check_layer_range(name: str, value: Any, *, allow_none: bool = True) -> None
         0 <= value.start < value.stop,
         f"{name} must satisfy 0 <= start < stop, got {value}",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments of the engine's operations (messages name the operation)
+
+_INT_KINDS = frozenset("iub")  # bool counts as int, as in Python and the reference
+
+
+def block_list(op: str, name: str, value: Any) -> np.ndarray:
+    """A list/tuple of ints as an int64 array (TypeError for anything else)."""
+    if value is None:
+        value = ()
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"{op}: {name} must be a list or tuple of int, got {type(value).__name__}")
+    if not value:
+        return np.zeros(0, dtype=np.int64)
+    try:
+        arr = np.asarray(value)
+    except (ValueError, OverflowError):
+        arr = np.asarray(value, dtype=object)
+    if arr.ndim != 1 or arr.dtype.kind not in _INT_KINDS:
+        bad = next((v for v in value if not isinstance(v, int)), None)
+        if bad is None:  # ints too large for int64: a range error, not a type error
+            raise param_invalid(op, f"{name} holds a block index outside the int64 range")
+        raise TypeError(
+            f"{op}: {name} must be a list or tuple of int, got an element of type "
+            f"{type(bad).__name__}"
+        )
+    return arr.astype(np.int64, copy=False)
+
+
+def check_blocks_in_range(op: str, name: str, blocks: np.ndarray, num_blocks: int) -> None:
+    """Every index of ``blocks`` lies in ``[0, num_blocks)``."""
+    if blocks.size and (int(blocks.min()) < 0 or int(blocks.max()) >= num_blocks):
+        lo, hi = int(blocks.min()), int(blocks.max())
+        raise param_invalid(
+            op, f"{name} must lie in [0, {num_blocks}), got indices from {lo} to {hi}"
+        )
+
+
+def layer_kwargs(op: str, kwargs: dict[str, Any]) -> tuple[range | None, range | None, int]:
+    """The optional layer-wise keyword arguments of pull_blocks / pull_cache, checked."""
+    allowed = {"src_layer_range", "dst_layer_range", "tensor_num_per_layer"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise TypeError(f"{op}: unexpected keyword argument(s) {sorted(unknown)}")
+    tnpl = kwargs.get("tensor_num_per_layer", 2)
+    src_range = kwargs.get("src_layer_range")
+    dst_range = kwargs.get("dst_layer_range")
+    check_tensor_num_per_layer(op, tnpl)
+    check_layer_ranges(src_range, dst_range)
+    return src_range, dst_range, tnpl
+
+
+def check_tensor_num_per_layer(op: str, tnpl: Any) -> None:
+    check_uint32("tensor_num_per_layer", tnpl)
+    if tnpl == 0:
+        raise param_invalid(op, "tensor_num_per_layer must be > 0")
+
+
+def check_layer_ranges(src_range: Any, dst_range: Any) -> None:
+    check_layer_range("src_layer_range", src_range, allow_none=True)
+    check_layer_range("dst_layer_range", dst_range, allow_none=True)
+
+
+def select_tensors(
+    op: str, side: str, num_tensors: int, layer_range: range | None, tnpl: int
+) -> slice:
+    """Tensor indices [start*T, stop*T) of one side, checked against its tensor count."""
+    if layer_range is None:
+        return slice(0, num_tensors)
+    if num_tensors % tnpl:
+        raise param_invalid(
+            op,
+            f"{side} cache has {num_tensors} tensors, not a multiple of "
+            f"tensor_num_per_layer={tnpl}, so it has no layers",
+        )
+    if layer_range.stop * tnpl > num_tensors:
+        raise param_invalid(
+            op,
+            f"{side}_layer_range {layer_range} exceeds the {num_tensors // tnpl} layers of the "
+            f"{side} cache",
+        )
+    return slice(layer_range.start * tnpl, layer_range.stop * tnpl)
+
+
+def check_cache_arg(op: str, name: str, cache: Any) -> None:
+    """A Cache argument: None is dereferenced later in the reference, hence AttributeError."""
+    from dxl.types import Cache
+
+    if cache is None:
+        raise AttributeError(f"{op}: {name} is None; pass the Cache returned at registration")
+    check_isinstance(name, cache, Cache)
+
+
+def same_length(op: str, a_name: str, a: Sequence[Any], b_name: str, b: Sequence[Any]) -> None:
+    if len(a) != len(b):
+        raise param_invalid(
+            op, f"{a_name} and {b_name} must have the same length, got {len(a)} and {len(b)}"
+        )
+
+
+def is_valid_id(value: int) -> bool:
+    """A CacheKey id that is set (UINT64_MAX means "unset")."""
+    return 0 <= value < UINT64_MAX
+
+
+def check_cache_key(op: str, key: CacheKey) -> None:
+    """Exactly one of ``req_id`` / ``prefix_id`` must be valid (spec 4.4)."""
+    if is_valid_id(key.req_id) == is_valid_id(key.prefix_id):
+        raise param_invalid(
+            op,
+            f"{key!r} must have exactly one of req_id and prefix_id set (not UINT64_MAX)",
+        )
+
+
+def check_copy_cache_args(
+    dst_batch_index: Any, src_batch_index: Any, offset: Any, size: Any, req_id: Any = None
+) -> None:
+    """Types and widths of ``copy_cache``'s scalar arguments (spec 6.13).
+
+    Raises:
+        TypeError: An argument is not an int (``req_id``: int or None).
+        ValueError: Batch index outside uint32, ``offset``/``req_id`` outside uint64, ``size``
+            outside int64.
+        LLMException: ``LLM_PARAM_INVALID`` if ``size`` is neither -1 nor > 0.
+    """
+    check_uint32("dst_batch_index", dst_batch_index)
+    check_uint32("src_batch_index", src_batch_index)
+    check_uint64("offset", offset)
+    check_int64("size", size)
+    if req_id is not None:
+        check_uint64("req_id", req_id)
+    if size != -1 and size <= 0:
+        raise param_invalid(
+            "copy_cache", f"size must be -1 (to the end of the batch) or > 0, got {size}"
+        )
+
+
+def check_copy_block_info(value: Any) -> None:
+    """``copy_block_info`` must be a dict of int -> list of int (spec 6.14).
+
+    Raises:
+        TypeError: Naming the argument and the offending key or element.
+    """
+    check_dict("copy_block_info", value, int, (list, tuple))
+    for src, dsts in value.items():
+        for i, dst in enumerate(dsts):
+            if not isinstance(dst, int):
+                raise TypeError(
+                    f"copy_block_info[{src!r}][{i}] must be int, got {type(dst).__name__}"
+                )
+
+
+def check_src_to_dst(value: Any) -> None:
+    """``src_to_dst`` must be a dict of int -> int (spec 6.15).
+
+    Raises:
+        TypeError: Naming the argument and the offending key or value.
+    """
+    check_dict("src_to_dst", value, int, int)

@@ -473,7 +473,7 @@ class LLMConfig:
         try:
             info = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise param_invalid(f"cluster_info must be JSON: {exc}") from None
+            raise param_invalid(None, f"cluster_info must be JSON: {exc}") from None
         ensure(isinstance(info, dict), "cluster_info must be a JSON object")
         for entry in info.get("listen_ip_info", []):
             if isinstance(entry, dict) and isinstance(entry.get("ip"), str):
@@ -643,7 +643,7 @@ class PoolConfig:
         try:
             cfg = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise param_invalid(f"option {option} must be JSON: {exc}") from None
+            raise param_invalid(None, f"option {option} must be JSON: {exc}") from None
         ensure(isinstance(cfg, dict), f"option {option} must be a JSON object, got {text!r}")
         size = cfg.get("memory_size")
         ensure(
@@ -685,6 +685,7 @@ def parse_listen(text: str, name: str = "listen_ip_info") -> tuple[str, int]:
             socket.inet_pton(socket.AF_INET, host)
         except OSError:
             raise param_invalid(
+                None,
                 f"{name}: {host!r} is not an IPv4 address (write IPv6 as '[addr]:port')"
             ) from None
         ip = host
@@ -748,6 +749,7 @@ def _check_ascend_options(opts: dict[str, str], has_listen: bool) -> None:
             value = float(util)
         except ValueError:
             raise param_invalid(
+                None,
                 f"option {OPT_MEM_UTILIZATION} must be a number, got {util!r}"
             ) from None
         ensure(0.0 <= value <= 1.0, f"option {OPT_MEM_UTILIZATION} must be in [0, 1], got {util}")

@@ -3,7 +3,8 @@
 ``LLMDataDist`` runs one :class:`~dxl.engine.Engine` on a private event-loop thread and each
 method submits the matching coroutine and waits for it. There is no logic here beyond the
 reference's lifecycle rules (one initialised instance per process, RuntimeError before init):
-a second implementation would drift from the async one.
+a second implementation would drift from the async one. So the methods are generated from the
+Engine's (:func:`blocking`): same names, signatures and docstrings, made once.
 """
 
 from __future__ import annotations
@@ -11,31 +12,18 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import threading
-from collections.abc import Coroutine
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from ._validate import check_dict, check_isinstance, check_uint32, check_uint64, ensure
 from .engine import Engine
 from .errors import LLMException, LLMStatusCode
-from .types import (
-    BlocksCacheKey,
-    Cache,
-    CacheDesc,
-    CacheKey,
-    CacheKeyByIdAndIndex,
-    CacheTask,
-    LayerSynchronizer,
-    LLMClusterInfo,
-    LLMRole,
-    MemInfo,
-    Memtype,
-    RegisterMemStatus,
-    TransferConfig,
-    TransferWithCacheKeyConfig,
-)
+from .types import LLMRole, MemInfo, Memtype, RegisterMemStatus
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _NOT_INITIALIZED = "llm datadist is not initialized"
 
@@ -69,7 +57,26 @@ class _LoopThread:
         self.loop.close()
 
 
-class LLMDataDist:
+class _Facade:
+    """What :func:`blocking` needs of a sync facade: a way to run a coroutine of the engine."""
+
+    def _sync(self, make: Callable[[Engine], Coroutine[Any, Any, T]]) -> T:
+        raise NotImplementedError
+
+
+def blocking(
+    method: Callable[Concatenate[Engine, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[_Facade, P], T]:
+    """A sync facade method that runs the Engine coroutine ``method`` and waits for it."""
+
+    def call(self: _Facade, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._sync(lambda engine: method(engine, *args, **kwargs))
+
+    functools.update_wrapper(call, method)
+    return call
+
+
+class LLMDataDist(_Facade):
     """The reference's entry object: ``LLMDataDist(role, cluster_id)``, then ``init(options)``.
 
     Only one instance per process may be initialised at a time (``LLM_FAILED`` otherwise);
@@ -134,28 +141,14 @@ class LLMDataDist:
                 if LLMDataDist.llm_engine_instance is self:
                     LLMDataDist.llm_engine_instance = None
 
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._loop is None:
-            coro.close()
+    def _sync(self, make: Callable[[Engine], Coroutine[Any, Any, T]]) -> T:
+        if self._engine is None or self._loop is None:
             raise RuntimeError(_NOT_INITIALIZED)
-        return self._loop.call(coro)
+        return self._loop.call(make(self._engine))
 
-    def link_clusters(
-        self,
-        clusters: list[LLMClusterInfo] | tuple[LLMClusterInfo, ...],
-        timeout: int = 3000,
-    ) -> tuple[LLMStatusCode, list[LLMStatusCode]]:
-        """Link to listening peers; failures are returned per cluster, not raised."""
-        return self._call(self.engine.link_clusters(clusters, timeout))
-
-    def unlink_clusters(
-        self,
-        clusters: list[LLMClusterInfo] | tuple[LLMClusterInfo, ...],
-        timeout: int = 3000,
-        force: bool = False,
-    ) -> tuple[LLMStatusCode, list[LLMStatusCode]]:
-        """Unlink peers (``force=True``: local end only)."""
-        return self._call(self.engine.unlink_clusters(clusters, timeout, force))
+    link_clusters = blocking(Engine.link_clusters)
+    unlink_clusters = blocking(Engine.unlink_clusters)
+    switch_role = blocking(Engine.switch_role)
 
     def link(self, comm_name: str, cluster_rank_info: dict[int, int], rank_table: str) -> int:
         """Double-sided link through an HCCL rank table: arguments are checked as the
@@ -202,10 +195,6 @@ class LLMDataDist:
             status_code=LLMStatusCode.LLM_PARAM_INVALID,
         )
 
-    def switch_role(self, role: LLMRole, switch_options: dict[str, str] | None = None) -> None:
-        """Change role and listener (``llm.listenIpInfo`` in ``switch_options``)."""
-        self._call(self.engine.switch_role(role, switch_options))
-
     @property
     def cache_manager(self) -> CacheManager:
         if self._cache_manager is None:
@@ -221,171 +210,32 @@ class LLMDataDist:
         )
 
 
-class CacheManager:
+class CacheManager(_Facade):
     """The reference's v2 cache manager, obtained from ``LLMDataDist.cache_manager``."""
 
     def __init__(self, datadist: LLMDataDist) -> None:
         self._dd = datadist
 
-    def register_cache(
-        self,
-        cache_desc: CacheDesc,
-        addrs: list[int],
-        cache_keys: tuple[CacheKey, ...] | list[CacheKey] = (),
-        remote_accessible: bool | None = None,
-    ) -> Cache:
-        return self._dd._call(
-            self._dd.engine.register_cache(cache_desc, addrs, cache_keys, remote_accessible)
-        )
+    def _sync(self, make: Callable[[Engine], Coroutine[Any, Any, T]]) -> T:
+        return self._dd._sync(make)
 
-    def register_blocks_cache(
-        self,
-        cache_desc: CacheDesc,
-        addrs: list[int],
-        blocks_cache_key: BlocksCacheKey | None = None,
-        remote_accessible: bool | None = None,
-    ) -> Cache:
-        return self._dd._call(
-            self._dd.engine.register_blocks_cache(
-                cache_desc, addrs, blocks_cache_key, remote_accessible
-            )
-        )
-
-    def unregister_cache(self, cache_id: int) -> None:
-        self._dd._call(self._dd.engine.unregister_cache(cache_id))
-
-    def pull_blocks(
-        self,
-        src_cache_key: BlocksCacheKey,
-        dst_cache: Cache,
-        src_blocks: list[int] | tuple[int, ...] | None = (),
-        dst_blocks: list[int] | tuple[int, ...] = (),
-        **kwargs: Any,
-    ) -> None:
-        self._dd._call(
-            self._dd.engine.pull_blocks(src_cache_key, dst_cache, src_blocks, dst_blocks, **kwargs)
-        )
-
-    def push_blocks(
-        self,
-        dst_cache_key: BlocksCacheKey,
-        src_cache: Cache,
-        src_blocks: list[int] | tuple[int, ...] = (),
-        dst_blocks: list[int] | tuple[int, ...] = (),
-        src_layer_range: range | None = None,
-        dst_layer_range: range | None = None,
-        tensor_num_per_layer: int = 2,
-    ) -> None:
-        self._dd._call(
-            self._dd.engine.push_blocks(
-                dst_cache_key,
-                src_cache,
-                src_blocks,
-                dst_blocks,
-                src_layer_range,
-                dst_layer_range,
-                tensor_num_per_layer,
-            )
-        )
-
-    def pull_cache(
-        self,
-        cache_key: CacheKey | CacheKeyByIdAndIndex,
-        cache: Cache,
-        batch_index: int = 0,
-        size: int = -1,
-        **kwargs: Any,
-    ) -> None:
-        self._dd._call(self._dd.engine.pull_cache(cache_key, cache, batch_index, size, **kwargs))
-
-    def push_cache(
-        self,
-        dst_cache_key: CacheKeyByIdAndIndex,
-        src_cache: Cache,
-        src_batch_index: int = 0,
-        src_layer_range: range | None = None,
-        dst_layer_range: range | None = None,
-        size: int = -1,
-        tensor_num_per_layer: int = 2,
-    ) -> None:
-        self._dd._call(
-            self._dd.engine.push_cache(
-                dst_cache_key,
-                src_cache,
-                src_batch_index,
-                src_layer_range,
-                dst_layer_range,
-                size,
-                tensor_num_per_layer,
-            )
-        )
-
-    def transfer_cache_async(
-        self,
-        src_cache: Cache,
-        layer_synchronizer: LayerSynchronizer,
-        transfer_configs: list[TransferConfig | TransferWithCacheKeyConfig]
-        | tuple[TransferConfig | TransferWithCacheKeyConfig, ...],
-        src_block_indices: list[int] | tuple[int, ...] | None = None,
-        dst_block_indices: list[int] | tuple[int, ...] | None = None,
-        dst_block_memory_size: int | None = None,
-    ) -> CacheTask:
-        return self._dd._call(
-            self._dd.engine.transfer_cache_async(
-                src_cache,
-                layer_synchronizer,
-                transfer_configs,
-                src_block_indices,
-                dst_block_indices,
-                dst_block_memory_size,
-            )
-        )
-
-    def remove_cache_key(self, cache_key: CacheKey) -> None:
-        self._dd._call(self._dd.engine.remove_cache_key(cache_key))
-
-    @staticmethod
-    def check_cache_key(cache_key: CacheKey) -> None:
-        Engine.check_cache_key(cache_key)
-
-
-    def allocate_cache(
-        self, cache_desc: CacheDesc, cache_keys: list[CacheKey] | tuple[CacheKey, ...] = ()
-    ) -> Cache:
-        return self._dd._call(self._dd.engine.allocate_cache(cache_desc, cache_keys))
-
-    def allocate_blocks_cache(
-        self, cache_desc: CacheDesc, blocks_cache_key: BlocksCacheKey | None = None
-    ) -> Cache:
-        return self._dd._call(self._dd.engine.allocate_blocks_cache(cache_desc, blocks_cache_key))
-
-    def deallocate_cache(self, cache: Cache) -> None:
-        self._dd._call(self._dd.engine.deallocate_cache(cache))
-
-    def deallocate_blocks_cache(self, cache: Cache) -> None:
-        self._dd._call(self._dd.engine.deallocate_blocks_cache(cache))
-
-    def copy_cache(
-        self,
-        dst: Cache,
-        src: Cache,
-        dst_batch_index: int = 0,
-        src_batch_index: int = 0,
-        offset: int = 0,
-        size: int = -1,
-        req_id: int | None = None,
-    ) -> None:
-        self._dd._call(
-            self._dd.engine.copy_cache(
-                dst, src, dst_batch_index, src_batch_index, offset, size, req_id
-            )
-        )
-
-    def copy_blocks(self, cache: Cache, copy_block_info: dict[int, list[int]]) -> None:
-        self._dd._call(self._dd.engine.copy_blocks(cache, copy_block_info))
-
-    def swap_blocks(self, src_cache: Cache, dst_cache: Cache, src_to_dst: dict[int, int]) -> None:
-        self._dd._call(self._dd.engine.swap_blocks(src_cache, dst_cache, src_to_dst))
+    register_cache = blocking(Engine.register_cache)
+    register_blocks_cache = blocking(Engine.register_blocks_cache)
+    unregister_cache = blocking(Engine.unregister_cache)
+    allocate_cache = blocking(Engine.allocate_cache)
+    allocate_blocks_cache = blocking(Engine.allocate_blocks_cache)
+    deallocate_cache = blocking(Engine.deallocate_cache)
+    deallocate_blocks_cache = blocking(Engine.deallocate_blocks_cache)
+    pull_blocks = blocking(Engine.pull_blocks)
+    push_blocks = blocking(Engine.push_blocks)
+    pull_cache = blocking(Engine.pull_cache)
+    push_cache = blocking(Engine.push_cache)
+    transfer_cache_async = blocking(Engine.transfer_cache_async)
+    remove_cache_key = blocking(Engine.remove_cache_key)
+    check_cache_key = staticmethod(Engine.check_cache_key)
+    copy_cache = blocking(Engine.copy_cache)
+    copy_blocks = blocking(Engine.copy_blocks)
+    swap_blocks = blocking(Engine.swap_blocks)
 
     def remap_registered_memory(self, mem_infos: Any) -> None:
         """Reserved in the reference (NIC re-registration after a device memory fault): the
@@ -408,6 +258,7 @@ class CacheManager:
             "registrations to remap",
             status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
         )
+
 
 def _finalize_at_exit() -> None:
     instance = LLMDataDist.llm_engine_instance

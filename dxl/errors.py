@@ -10,10 +10,11 @@ from enum import IntEnum
 from typing import Any
 
 __all__ = [
+    "DxlError",
     "LLMException",
     "LLMStatusCode",
     "Status",
-    "llm_error",
+    "fail",
     "param_invalid",
     "status_from_code",
 ]
@@ -66,20 +67,18 @@ class LLMStatusCode(_NamedIntEnum):
     LLM_UNKNOWN_ERROR = -1
 
 
-def status_from_code(code: int) -> LLMStatusCode:
-    """Map a raw engine code to its status; unmapped codes become ``LLM_FAILED``.
+def status_from_code(code: int, default: LLMStatusCode = LLMStatusCode.LLM_FAILED) -> LLMStatusCode:
+    """The one map from a raw code (native layer, wire) to its status.
 
     Args:
-        code: An integer status from the native layer or the wire.
-
-    Returns:
-        The matching :class:`LLMStatusCode`, or ``LLM_FAILED`` (the reference's
-        ``code_2_status`` behaviour for codes without a Python member).
+        code: An integer status.
+        default: What an unmapped code becomes: ``LLM_FAILED`` as the reference's
+            ``code_2_status`` does, unless the caller knows better.
     """
     try:
         return LLMStatusCode(code)
     except ValueError:
-        return LLMStatusCode.LLM_FAILED
+        return default
 
 
 def _rebuild_llm_exception(
@@ -115,31 +114,30 @@ class LLMException(RuntimeError):
         return f"{type(self).__name__}({args}{sep}status_code={self._status_code})"
 
 
-def llm_error(status_code: LLMStatusCode, message: str) -> LLMException:
-    """Build an :class:`LLMException` (to be raised by the caller).
+def fail(op: str | None, code: LLMStatusCode, message: str) -> LLMException:
+    """The one way dxl builds the :class:`LLMException` it raises (the caller raises it).
 
     Args:
-        status_code: The status to report.
+        op: The operation that failed: the message becomes the reference's engine form
+            ``"<op> failed, error code is <code>, <message>."``. None for a value that breaks a
+            documented rule outside an operation (a constructor, an option): the message as is.
+        code: Why it failed.
         message: What failed; name the argument and the rule it broke.
-
-    Returns:
-        The exception, not yet raised.
     """
-    return LLMException(message, status_code=status_code)
+    if op is None:
+        return LLMException(message, status_code=code)
+    return LLMException(f"{op} failed, error code is {code}, {message}.", status_code=code)
 
 
-def param_invalid(message: str) -> LLMException:
-    """Build an ``LLM_PARAM_INVALID`` exception.
+def param_invalid(op: str | None, message: str) -> LLMException:
+    """:func:`fail` with ``LLM_PARAM_INVALID``: an argument broke a rule."""
+    return fail(op, LLMStatusCode.LLM_PARAM_INVALID, message)
 
-    Example: ``raise param_invalid("pull_blocks: dst_blocks must not be empty")``.
 
-    Args:
-        message: Names the argument and the rule it broke.
-
-    Returns:
-        The exception, not yet raised.
-    """
-    return LLMException(message, status_code=LLMStatusCode.LLM_PARAM_INVALID)
+class DxlError(Exception):
+    """Root of dxl's internal errors (native, transport, wire, authentication). Never raised
+    itself, and never seen by API callers: the engine maps each to an :class:`LLMException`
+    with a status code, keeping it as the ``__cause__``."""
 
 
 class Status:

@@ -117,7 +117,7 @@ class DataType(Enum):
         """
         size = _ITEMSIZE.get(self.value)
         if size is None:
-            raise param_invalid(f"data_type {self} has no fixed itemsize")
+            raise param_invalid(None, f"data_type {self} has no fixed itemsize")
         return size
 
 
@@ -263,6 +263,7 @@ class CacheDesc:
             size = math.prod(self._shape) * self._data_type.itemsize
             if any(d < 0 for d in self._shape) or size > INT64_MAX:
                 raise param_invalid(
+                    None,
                     f"CacheDesc: failed to calc tensor size, shape = {self._shape}, "
                     f"data_type = {self._data_type}"
                 )

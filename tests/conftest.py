@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from peer import Peer
 
 from dxl import _ffi
-from dxl.share import SHARED
+from dxl.memory.share import SHARED
 
 
 def pytest_report_header() -> str:

@@ -184,7 +184,7 @@ async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> 
         await eng.remove_cache_key(dxl.CacheKey(eng.cluster_id, *kw["key"]))
         return None
     if cmd == "pool":
-        pool = eng._host_pool
+        pool = eng._registrations.pool
         return None if pool is None else {"used": pool.used, "live": pool.live_count}
     if cmd == "unregister":
         await eng.unregister_cache(caches.pop(kw["name"]).cache_id)

@@ -99,7 +99,7 @@ async def test_allocation_rules():
         assert err.value.status_code == S.LLM_PARAM_INVALID
         with pytest.raises(TypeError):
             await eng.allocate_cache(None)
-        assert eng._host_pool.used == 0  # every refusal left the pool as it was
+        assert eng._registrations.pool.used == 0  # every refusal left the pool as it was
         cache = await eng.allocate_cache(desc(), [dxl.CacheKey(P_ID, 1)])
         blocks = await eng.allocate_blocks_cache(desc(), dxl.BlocksCacheKey(P_ID, 0))
         assert cache.remote_accessible and not cache.is_blocks_cache and blocks.is_blocks_cache
@@ -112,9 +112,9 @@ async def test_allocation_rules():
         await eng.deallocate_blocks_cache(blocks)
         assert blocks.tensor_addrs == []
         await eng.deallocate_cache(cache)  # key 1 still bound: memory stays
-        assert eng._host_pool.live_count == TENSORS
+        assert eng._registrations.pool.live_count == TENSORS
         await eng.remove_cache_key(dxl.CacheKey(P_ID, 1))
-        assert eng._host_pool.used == 0
+        assert eng._registrations.pool.used == 0
         user = KVBuffers(TENSORS, BATCHES, STRIDE)
         registered = await eng.register_cache(user.desc(), user.addrs)
         await eng.deallocate_cache(registered)  # user memory: a no-op
@@ -293,11 +293,11 @@ async def test_shared_pool_of_a_killed_peer_is_never_read(make_peer):
     buf = KVBuffers(TENSORS, 16, 4096, fill=False)
     async with await decoder(peer) as eng:
         cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
-        link = eng._links[P_ID]
+        link = eng._links.get(P_ID)
         peer.kill()
         peer.proc.join(5)
         # call the transport directly: the engine would also see the closed control link
-        from dxl.plan import block_pieces
+        from dxl.memory.plan import block_pieces
         remote = link.registry.blocks_by_model[0]
         pieces = block_pieces(np.asarray(buf.addrs, dtype=np.uint64), remote.layout.addrs,
                               np.array([0]), np.array([1]), 4096)

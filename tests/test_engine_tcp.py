@@ -130,7 +130,7 @@ async def test_data_port_without_the_secret_is_refused(make_peer):
     eng, cache, buf = await decoder({"dxl.AuthToken": "s"})
     async with eng:
         await eng.link_clusters([peer.cluster_info()])
-        link = eng._links[P_ID]
+        link = eng._links.get(P_ID)
         port = link.peer.data_port
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"garbage" * 100)  # no handshake: dropped

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dxl
-from dxl import wire
+from dxl.control import wire
 from dxl.testing import KVBuffers
 
 JSONISH = st.recursive(

@@ -12,19 +12,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dxl import _ffi
+from dxl._validate import check_copy_block_info, check_copy_cache_args, check_src_to_dst
 from dxl.errors import LLMException, LLMStatusCode
-from dxl.localcopy import (
+from dxl.memory.layout import Layout
+from dxl.memory.localcopy import (
     _check_disjoint,
-    check_copy_block_info,
-    check_copy_cache_args,
-    check_src_to_dst,
     plan_copy_blocks,
     plan_copy_cache,
     plan_swap_blocks,
     run_pieces,
 )
-from dxl.plan import Pieces
-from dxl.registry import Layout
+from dxl.memory.plan import Pieces
 from dxl.testing import KVBuffers
 
 INVALID = LLMStatusCode.LLM_PARAM_INVALID

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import dxl
-from dxl.plan import SCRATCH_MIN, Scratch, block_pieces
+from dxl.memory.plan import SCRATCH_MIN, Scratch, block_pieces
 from dxl.testing import KVBuffers
 
 

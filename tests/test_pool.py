@@ -13,9 +13,9 @@ import pytest
 
 from dxl.config import PoolConfig
 from dxl.errors import LLMException, LLMStatusCode
-from dxl.localcopy import plan_copy_cache, run_pieces
-from dxl.pool import HostPool, allocate_tensors
-from dxl.registry import Layout
+from dxl.memory.layout import Layout
+from dxl.memory.localcopy import plan_copy_cache, run_pieces
+from dxl.memory.pool import HostPool, allocate_tensors
 
 PAGE = 4096
 OOM = LLMStatusCode.LLM_OUT_OF_MEMORY

@@ -176,7 +176,7 @@ async def test_shared_registrations_cycle_without_leaking(make_peer, capsys):
         buf = KVBuffers(4, 16, 16384, fill=False)
         cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
         assert (await eng.link_clusters([peer.cluster_info()]))[0] == S.LLM_SUCCESS
-        transport = eng._links[P_ID].transport
+        transport = eng._links.get(P_ID).transport
         before = (_resources(), len(os.listdir(peer_fds)))
         for i in range(cycles):
             await peer.acall("register", name="kv", num_tensors=4, num_blocks=16,

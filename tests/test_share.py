@@ -14,10 +14,10 @@ import pytest
 import dxl
 from dxl import _ffi
 from dxl.errors import LLMStatusCode as S
-from dxl.plan import Pieces
-from dxl.share import PAGE, SHARED, SharedMemory, _read_vmas
+from dxl.memory.plan import Pieces
+from dxl.memory.share import PAGE, SHARED, SharedMemory, _read_vmas
 from dxl.testing import KVBuffers
-from dxl.transport import CmaTransport
+from dxl.transport.cma import CmaTransport
 
 P_ID, D_ID = 1, 2
 TENSORS, BLOCKS, BLOCK = 4, 64, 16384  # 1 MiB tensors: numpy mallocs them off page boundaries
@@ -207,7 +207,7 @@ async def test_pull_and_push_through_shared_registered_memory(make_peer):
             "/memfd:dxl-share (deleted)"}
     buf = KVBuffers(TENSORS, BLOCKS, BLOCK, fill=False)
     async with await decoder(peer) as eng:
-        link = eng._links[P_ID]
+        link = eng._links.get(P_ID)
         assert eng.stats()["links"][P_ID]["transport"] == "cma+shm"
         assert len(link.transport._windows.table) == TENSORS
         cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
@@ -238,13 +238,13 @@ async def test_registrations_after_the_link_are_mapped_and_a_dead_owner_is_never
     async with await decoder(peer) as eng:
         await peer.acall("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS,
                          block_bytes=BLOCK, seed=6, model_id=0)
-        link = eng._links[P_ID]
+        link = eng._links.get(P_ID)
         assert len(link.transport._windows.table) == TENSORS
         cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
         await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [20], [20])
         assert buf.matches(ALL, [20], 6, ALL, [20])
         remote = link.registry.blocks_by_model[0]
-        from dxl.plan import block_pieces
+        from dxl.memory.plan import block_pieces
         pieces = block_pieces(np.asarray(buf.addrs, dtype=np.uint64), remote.layout.addrs,
                               np.array([21]), np.array([21]), BLOCK)
         peer.kill()
@@ -275,7 +275,7 @@ async def test_mappings_are_prefaulted_in_the_background(make_peer):
     await peer.acall("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS,
                      block_bytes=BLOCK, seed=5, model_id=0)
     async with await decoder(peer) as eng:
-        windows = eng._links[P_ID].transport._windows
+        windows = eng._links.get(P_ID).transport._windows
         rows = windows.table.tolist()
         assert len(rows) == TENSORS
         for _ in range(200):

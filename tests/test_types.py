@@ -26,7 +26,7 @@ from dxl.errors import (
     LLMException,
     LLMStatusCode,
     Status,
-    llm_error,
+    fail,
     param_invalid,
     status_from_code,
 )
@@ -204,10 +204,14 @@ def test_llm_exception_defaults_and_status() -> None:
 
 
 def test_llm_exception_helpers_and_pickle() -> None:
-    exc = llm_error(S.LLM_NOT_YET_LINK, "pull_blocks: cluster 3 is not linked")
+    exc = fail(None, S.LLM_NOT_YET_LINK, "pull_blocks: cluster 3 is not linked")
     assert exc.status_code is S.LLM_NOT_YET_LINK
     assert str(exc) == "pull_blocks: cluster 3 is not linked"
-    exc = param_invalid("pull_blocks: dst_blocks must not be empty")
+    exc = fail("pull_blocks", S.LLM_NOT_YET_LINK, "cluster 3 is not linked")
+    assert str(exc) == (
+        "pull_blocks failed, error code is LLMStatusCode.LLM_NOT_YET_LINK, cluster 3 is not linked."
+    )
+    exc = param_invalid("pull_blocks", "dst_blocks must not be empty")
     assert exc.status_code is PARAM_INVALID
     clone = pickle.loads(pickle.dumps(exc))
     assert type(clone) is LLMException

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from .. import _ffi
-from ..plan import Pieces, block_pieces
+from ..memory.plan import Pieces, block_pieces
 
 SOCK_BUF = 4 << 20  # the tcp transport's default socket buffers
 _HEADER = struct.Struct("<BQ")  # op (0 pull: target sends; 1 push: target receives), bytes

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..plan import Pieces, Scratch, block_pieces
+from ..memory.plan import Pieces, Scratch, block_pieces
 from .baselines import memcpy_requests, plan_requests
 from .control import Destination
 from .measure import check_transport, make_driver, median, percentiles_us, rounded
@@ -37,7 +37,7 @@ def _native_floor(
     w: Workload, info: dict[str, Any], local: Any, tables: list[np.ndarray]
 ) -> list[float]:
     """Seconds of each bare ``CmaTransport`` call moving the same single pieces."""
-    from ..transport import CmaTransport
+    from ..transport.cma import CmaTransport
 
     cma = CmaTransport(info["pid"], 1)
     remote = np.uint64(info["addrs"][0])

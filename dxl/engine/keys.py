@@ -11,23 +11,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .args import param_invalid
-from .types import UINT64_MAX, CacheKey
+from .._validate import check_cache_key, is_valid_id
+from ..errors import param_invalid
+from ..types import CacheKey
 
 KeyIndex = tuple[str, int, int]  # ("req" | "prefix", id, model_id)
-
-
-def is_valid_id(value: int) -> bool:
-    return 0 <= value < UINT64_MAX
-
-
-def check_cache_key(op: str, key: CacheKey) -> None:
-    """Exactly one of ``req_id`` / ``prefix_id`` must be valid (spec 4.4)."""
-    if is_valid_id(key.req_id) == is_valid_id(key.prefix_id):
-        raise param_invalid(
-            op,
-            f"{key!r} must have exactly one of req_id and prefix_id set (not UINT64_MAX)",
-        )
 
 
 def key_index(req_id: int, model_id: int, prefix_id: int) -> KeyIndex:

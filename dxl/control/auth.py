@@ -41,6 +41,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
+from ..errors import DxlError
+
 __all__ = [
     "HELLO_BYTES",
     "PROOF_BYTES",
@@ -69,7 +71,7 @@ _ACCEPT = b"\x01"
 _REJECT = b"\x00"
 
 
-class AuthError(Exception):
+class AuthError(DxlError):
     """The authentication handshake failed; the message says which side refused what.
 
     Attributes:

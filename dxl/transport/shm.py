@@ -17,7 +17,7 @@ from collections.abc import Hashable
 
 import numpy as np
 
-from . import _ffi
+from .. import _ffi
 
 
 class PeerMapping:

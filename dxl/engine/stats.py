@@ -33,7 +33,7 @@ class OpStats:
 
     def snapshot(self) -> dict[str, Any]:
         lat = np.fromiter(self.latencies_us, dtype=np.float64)
-        p50, p99 = (np.percentile(lat, [50, 99]).tolist() if lat.size else (None, None))
+        p50, p99 = np.percentile(lat, [50, 99]).tolist() if lat.size else (None, None)
         return {
             "ops": self.ops,
             "bytes": self.bytes,

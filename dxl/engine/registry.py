@@ -7,34 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from ..memory.layout import Layout
+from ..memory.share import Window
+from ..types import Cache
 from .keys import Binding, KeyIndex, key_index
-from .share import Window
-from .types import Cache
 from .usage import Usage
-
-
-@dataclass(slots=True)
-class Layout:
-    """Byte layout shared by local and remote caches: ``num_tensors`` tensors of ``tensor_size``
-    bytes each at ``addrs``, cut into ``units`` equal units (blocks, or batches)."""
-
-    addrs: np.ndarray  # uint64, one base address per tensor
-    tensor_size: int
-    units: int
-    blocks: bool
-
-    @property
-    def num_tensors(self) -> int:
-        return int(self.addrs.size)
-
-    @property
-    def unit_bytes(self) -> int:
-        return self.tensor_size // self.units
-
-    def holds(self, addr: int, length: int) -> bool:
-        """True if ``[addr, addr + length)`` lies inside one of the tensors."""
-        ends = self.addrs + np.uint64(self.tensor_size)
-        return bool(np.any((self.addrs <= addr) & (ends >= np.uint64(addr + length))))
 
 
 @dataclass(slots=True)

@@ -1,9 +1,10 @@
 """Local copies within this process: ``copy_cache``, ``copy_blocks``, ``swap_blocks`` (spec
 6.13-6.15).
 
-Each operation is planned here with numpy into coalesced :class:`~dxl.plan.Pieces` and then
-moved by one native call, :func:`run_pieces`. The engine resolves each ``Cache`` to its
-:class:`~dxl.registry.Layout` (and answers ``LLM_KV_CACHE_NOT_EXIST`` for unknown ones); these
+Each operation is planned here with numpy into coalesced :class:`~dxl.memory.plan.Pieces` and
+then moved by one native call, :func:`run_pieces`. The engine checks the arguments' types
+(``dxl._validate``) and resolves each ``Cache`` to its :class:`~dxl.memory.layout.Layout` (and
+answers ``LLM_KV_CACHE_NOT_EXIST`` for unknown ones); these
 functions check the rules that depend on layouts and indices, in the reference's order, and
 raise before anything is copied, so a refused call leaves memory untouched.
 
@@ -23,78 +24,19 @@ dxl rules beyond the reference:
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from . import _ffi
-from ._validate import check_dict, check_int64, check_uint32, check_uint64
-from .args import param_invalid
+from .. import _ffi
+from ..errors import param_invalid
+from .layout import Layout
 from .plan import U64, Pieces, block_pieces, coalesce
-from .registry import Layout
 
 __all__ = [
-    "check_copy_block_info",
-    "check_copy_cache_args",
-    "check_src_to_dst",
     "plan_copy_blocks",
     "plan_copy_cache",
     "plan_swap_blocks",
     "run_pieces",
 ]
-
-_BLOCK_LIST = (list, tuple)
-
-
-# -- argument types (called by the engine before it resolves caches) ----------------------------
-
-
-def check_copy_cache_args(
-    dst_batch_index: Any, src_batch_index: Any, offset: Any, size: Any, req_id: Any = None
-) -> None:
-    """Types and widths of ``copy_cache``'s scalar arguments (spec 6.13).
-
-    Raises:
-        TypeError: An argument is not an int (``req_id``: int or None).
-        ValueError: Batch index outside uint32, ``offset``/``req_id`` outside uint64, ``size``
-            outside int64.
-        LLMException: ``LLM_PARAM_INVALID`` if ``size`` is neither -1 nor > 0.
-    """
-    check_uint32("dst_batch_index", dst_batch_index)
-    check_uint32("src_batch_index", src_batch_index)
-    check_uint64("offset", offset)
-    check_int64("size", size)
-    if req_id is not None:
-        check_uint64("req_id", req_id)
-    if size != -1 and size <= 0:
-        raise param_invalid(
-            "copy_cache", f"size must be -1 (to the end of the batch) or > 0, got {size}"
-        )
-
-
-def check_copy_block_info(value: Any) -> None:
-    """``copy_block_info`` must be a dict of int -> list of int (spec 6.14).
-
-    Raises:
-        TypeError: Naming the argument and the offending key or element.
-    """
-    check_dict("copy_block_info", value, int, _BLOCK_LIST)
-    for src, dsts in value.items():
-        for i, dst in enumerate(dsts):
-            if not isinstance(dst, int):
-                raise TypeError(
-                    f"copy_block_info[{src!r}][{i}] must be int, got {type(dst).__name__}"
-                )
-
-
-def check_src_to_dst(value: Any) -> None:
-    """``src_to_dst`` must be a dict of int -> int (spec 6.15).
-
-    Raises:
-        TypeError: Naming the argument and the offending key or value.
-    """
-    check_dict("src_to_dst", value, int, int)
-
 
 # -- planning -----------------------------------------------------------------------------------
 
@@ -159,7 +101,7 @@ def plan_copy_blocks(cache: Layout, copy_block_info: dict[int, list[int]]) -> Pi
 
     Args:
         cache: Layout of a blocks cache.
-        copy_block_info: Already type-checked by :func:`check_copy_block_info`.
+        copy_block_info: Already type-checked (``dxl._validate.check_copy_block_info``).
 
     Raises:
         LLMException: ``LLM_PARAM_INVALID`` for a contiguous cache, an index outside
@@ -200,7 +142,7 @@ def plan_swap_blocks(src: Layout, dst: Layout, src_to_dst: dict[int, int]) -> Pi
     Args:
         src, dst: Layouts of two blocks caches with equal block size and tensor count (any
             placement pair, see the module notes).
-        src_to_dst: Already type-checked by :func:`check_src_to_dst`.
+        src_to_dst: Already type-checked (``dxl._validate.check_src_to_dst``).
 
     Raises:
         LLMException: ``LLM_PARAM_INVALID`` for a contiguous cache, different block sizes or

@@ -17,8 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..errors import LLMException, LLMStatusCode
 from . import wire
-from .errors import LLMException, LLMStatusCode
 
 log = logging.getLogger("dxl")
 

@@ -1,4 +1,4 @@
-"""Layer-wise asynchronous push, ``transfer_cache_async`` (a mixin of the Engine).
+"""Layer-wise asynchronous push, ``transfer_cache_async``.
 
 The task runs on the engine's loop while the model computes: for each layer it waits (on a
 worker thread) for the user's ``LayerSynchronizer`` to release that layer, then pushes that
@@ -12,15 +12,13 @@ import asyncio
 import concurrent.futures
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import args
-from ._validate import check_isinstance, check_uint64, check_uint64_list
-from .errors import LLMException, LLMStatusCode
-from .plan import Pieces, coalesce, offset_pieces
-from .types import (
+from .._validate import check_blocks_in_range, check_isinstance, check_uint64, check_uint64_list
+from ..errors import LLMException, LLMStatusCode, fail, param_invalid
+from ..memory.plan import Pieces, coalesce, offset_pieces
+from ..types import (
     BlocksCacheKey,
     Cache,
     CacheKeyByIdAndIndex,
@@ -29,13 +27,14 @@ from .types import (
     TransferConfig,
     TransferWithCacheKeyConfig,
 )
-
-if TYPE_CHECKING:
-    from .link import Link
-    from .registry import LocalCache
+from .link import Link
+from .links import LinkTable
+from .mover import Mover
+from .registry import LocalCache, RemoteCache
+from .resolve import Resolver, Route
+from .state import RunState
 
 log = logging.getLogger("dxl")
-Status = LLMStatusCode
 TENSORS_PER_LAYER = 2  # the reference fixes K and V per layer for this operation
 
 
@@ -48,7 +47,13 @@ class _Dest:
 
 
 class LayerwiseOps:
-    """transfer_cache_async; relies on the Engine core's helpers."""
+    """transfer_cache_async: a background task per call, pushing layers as they are ready."""
+
+    def __init__(self, state: RunState, resolver: Resolver, links: LinkTable, mover: Mover) -> None:
+        self._state = state
+        self._resolver = resolver
+        self._links = links
+        self._mover = mover
 
     async def transfer_cache_async(
         self,
@@ -70,8 +75,10 @@ class LayerwiseOps:
         if src_cache is None:
             raise TypeError(f"{op}: src_cache must be a Cache, got None")
         check_isinstance("src_cache", src_cache, Cache)
-        for name, value in (("src_block_indices", src_block_indices),
-                            ("dst_block_indices", dst_block_indices)):
+        for name, value in (
+            ("src_block_indices", src_block_indices),
+            ("dst_block_indices", dst_block_indices),
+        ):
             check_isinstance(name, value, (list, tuple))
             if value is not None:
                 check_uint64_list(name, value)
@@ -80,11 +87,11 @@ class LayerwiseOps:
         src_blocks = list(src_block_indices or ())
         dst_blocks = list(dst_block_indices or ())
         if src_blocks and len(dst_blocks) != len(src_blocks):
-            raise args.param_invalid(
+            raise param_invalid(
                 op, "dst_block_indices must be given, with one entry per src_block_indices entry"
             )
         if not src_blocks and dst_blocks and not dst_block_memory_size:
-            raise args.param_invalid(
+            raise param_invalid(
                 op, "dst_block_memory_size is required for a contiguous source into blocks"
             )
         if layer_synchronizer is None:
@@ -98,35 +105,33 @@ class LayerwiseOps:
             inner=(TransferConfig, TransferWithCacheKeyConfig),
         )
         if dst_block_memory_size and not dst_blocks:
-            raise args.param_invalid(
-                op, "dst_block_memory_size applies only with dst_block_indices"
-            )
-        self._require_running(op)
-        local = self._local_for(op, src_cache)
+            raise param_invalid(op, "dst_block_memory_size applies only with dst_block_indices")
+        self._state.require(op)
+        local = self._resolver.local(op, src_cache)
         if local.layout.num_tensors % TENSORS_PER_LAYER:
-            raise args.param_invalid(
+            raise param_invalid(
                 op,
                 f"src_cache has {local.layout.num_tensors} tensors; K,V layers need an even count",
             )
         if src_blocks and not local.layout.blocks:
-            raise args.param_invalid(op, "src_block_indices needs a blocks src_cache")
+            raise param_invalid(op, "src_block_indices needs a blocks src_cache")
         num_layers = local.layout.num_tensors // TENSORS_PER_LAYER
         src_arr = np.asarray(src_blocks, dtype=np.int64)
         dst_arr = np.asarray(dst_blocks, dtype=np.int64)
         if local.layout.blocks:  # without indices, whole layers move (the reference sample)
-            args.check_blocks_in_range(op, "src_block_indices", src_arr, local.layout.units)
-        dests = [
-            self._layerwise_dest(op, cfg, num_layers, local)
-            for cfg in transfer_configs
-        ]
-        future: concurrent.futures.Future[list[LLMStatusCode | None]] = (
-            concurrent.futures.Future()
-        )
+            check_blocks_in_range(op, "src_block_indices", src_arr, local.layout.units)
+        dests = [self._layerwise_dest(op, cfg, num_layers, local) for cfg in transfer_configs]
+        future: concurrent.futures.Future[list[LLMStatusCode | None]] = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
-        self._spawn(
+        self._links.spawn(
             self._run_layerwise(
-                local, layer_synchronizer, dests, src_arr, dst_arr,
-                dst_block_memory_size or 0, future,
+                local,
+                layer_synchronizer,
+                dests,
+                src_arr,
+                dst_arr,
+                dst_block_memory_size or 0,
+                future,
             )
         )
         return CacheTask(len(dests), future)
@@ -140,18 +145,18 @@ class LayerwiseOps:
     ) -> _Dest:
         src_range = cfg.src_layer_range if cfg.src_layer_range is not None else range(num_layers)
         if src_range.stop > num_layers:
-            raise args.param_invalid(
+            raise param_invalid(
                 op, f"src_layer_range {src_range} exceeds the {num_layers} layers of src_cache"
             )
         if local.layout.blocks and cfg.src_batch_index != 0:
-            raise args.param_invalid(op, "src_batch_index must be 0 for a blocks src_cache")
+            raise param_invalid(op, "src_batch_index must be 0 for a blocks src_cache")
         if not local.layout.blocks and cfg.src_batch_index >= local.layout.units:
-            raise args.param_invalid(
+            raise param_invalid(
                 op, f"src_batch_index {cfg.src_batch_index} >= {local.layout.units} batches"
             )
         want = TENSORS_PER_LAYER * len(src_range)
         if isinstance(cfg, TransferConfig) and len(cfg.dst_addrs) != want:
-            raise args.param_invalid(
+            raise param_invalid(
                 op,
                 f"TransferConfig.dst_addrs needs {want} addresses (K and V of each layer), "
                 f"got {len(cfg.dst_addrs)}",
@@ -180,17 +185,17 @@ class LayerwiseOps:
                 ready = await asyncio.to_thread(synchronizer.synchronize_layer, layer, None)
                 if not ready:
                     for i in covering:
-                        results[i] = Status.LLM_PARAM_INVALID
+                        results[i] = LLMStatusCode.LLM_PARAM_INVALID
                     return
                 for i in covering:
                     code = await self._push_layer(
                         local, dests[i], layer, src_blocks, dst_blocks, dst_block_bytes
                     )
-                    if code != Status.LLM_SUCCESS:
+                    if code != LLMStatusCode.LLM_SUCCESS:
                         results[i] = code
                         return
                     if layer == dests[i].src_layers[-1]:
-                        results[i] = Status.LLM_SUCCESS
+                        results[i] = LLMStatusCode.LLM_SUCCESS
         except Exception as exc:  # a synchronizer bug fails the task, not the engine
             log.exception("dxl: transfer_cache_async task failed")
             future.set_exception(exc)
@@ -211,20 +216,20 @@ class LayerwiseOps:
         op = "transfer_cache_async"
         cfg = dest.config
         k = layer - dest.src_layers.start
-        src_bases = local.layout.addrs[layer * TENSORS_PER_LAYER:(layer + 1) * TENSORS_PER_LAYER]
+        src_bases = local.layout.addrs[layer * TENSORS_PER_LAYER : (layer + 1) * TENSORS_PER_LAYER]
         try:
-            link = self._link_for(op, cfg.dst_cluster_id)
+            link = self._links.route(op, cfg.dst_cluster_id)
             if isinstance(cfg, TransferConfig):
-                dst_bases = np.asarray(cfg.dst_addrs[2 * k:2 * k + 2], dtype=np.uint64)
+                dst_bases = np.asarray(cfg.dst_addrs[2 * k : 2 * k + 2], dtype=np.uint64)
             else:
                 remote, rbatch = self._layerwise_remote(op, link, cfg.cache_key)
                 dst_layer = cfg.dst_layer_range[k]
                 if (dst_layer + 1) * TENSORS_PER_LAYER > remote.layout.num_tensors:
-                    raise args.param_invalid(
+                    raise param_invalid(
                         op, f"dst layer {dst_layer} is beyond the destination cache's layers"
                     )
                 lo = dst_layer * TENSORS_PER_LAYER
-                dst_bases = remote.layout.addrs[lo:lo + TENSORS_PER_LAYER].copy()
+                dst_bases = remote.layout.addrs[lo : lo + TENSORS_PER_LAYER].copy()
                 if remote.layout.blocks:
                     dst_block_bytes = dst_block_bytes or remote.layout.unit_bytes
                 else:
@@ -233,21 +238,24 @@ class LayerwiseOps:
                 op, local, cfg, src_bases, src_blocks, dst_bases, dst_blocks, dst_block_bytes
             )
             # every destination piece must lie in memory the peer opened to us
-            holders = [link.registry.find(int(a), int(n))
-                       for a, n in zip(pieces.dst, pieces.length, strict=True)]
+            holders = [
+                link.registry.find(int(a), int(n))
+                for a, n in zip(pieces.dst, pieces.length, strict=True)
+            ]
             if any(h is None for h in holders):
-                raise args.fail(
+                raise fail(
                     op,
-                    Status.LLM_KV_CACHE_NOT_EXIST,
+                    LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
                     "the destination must lie inside caches the peer registered with "
                     "remote_accessible=True",
                 )
             remotes = list({id(h): h for h in holders}.values())
-            await self._transfer(op, link, local, remotes, lambda: pieces, write=True)
+            route = Route(link, local, [h for h in remotes if h is not None])
+            await self._mover.transfer(op, route, lambda: pieces, write=True)
         except LLMException as exc:
             log.error("dxl: %s layer %d: %s", op, layer, exc)
             return exc.status_code
-        return Status.LLM_SUCCESS
+        return LLMStatusCode.LLM_SUCCESS
 
     @staticmethod
     def _layer_pieces(
@@ -265,33 +273,43 @@ class LayerwiseOps:
         src_unit = local.layout.unit_bytes
         if local.layout.blocks and not src_blocks.size:  # whole tensors of the layer
             size = local.layout.tensor_size
-            return coalesce(dst_bases.astype(np.uint64), src_bases.astype(np.uint64),
-                            np.full(src_bases.size, size, dtype=np.uint64))
+            return coalesce(
+                dst_bases.astype(np.uint64),
+                src_bases.astype(np.uint64),
+                np.full(src_bases.size, size, dtype=np.uint64),
+            )
         if local.layout.blocks:  # blocks -> blocks
             if dst_block_bytes and dst_block_bytes < src_unit:
-                raise args.param_invalid(op, "destination blocks are smaller than source blocks")
+                raise param_invalid(op, "destination blocks are smaller than source blocks")
             return offset_pieces(
-                dst_bases, src_bases,
+                dst_bases,
+                src_bases,
                 dst_blocks.astype(np.uint64) * np.uint64(dst_block_bytes or src_unit),
-                src_blocks.astype(np.uint64) * np.uint64(src_unit), src_unit,
+                src_blocks.astype(np.uint64) * np.uint64(src_unit),
+                src_unit,
             )
         batch_off = cfg.src_batch_index * src_unit
         if dst_blocks.size:  # contiguous -> blocks: chunks of the batch
             if dst_blocks.size * dst_block_bytes > src_unit:
-                raise args.param_invalid(op, "dst_block_indices cover more than one batch")
+                raise param_invalid(op, "dst_block_indices cover more than one batch")
             chunks = np.arange(dst_blocks.size, dtype=np.uint64) * np.uint64(dst_block_bytes)
             return offset_pieces(
-                dst_bases, src_bases, dst_blocks.astype(np.uint64) * np.uint64(dst_block_bytes),
-                np.uint64(batch_off) + chunks, dst_block_bytes,
+                dst_bases,
+                src_bases,
+                dst_blocks.astype(np.uint64) * np.uint64(dst_block_bytes),
+                np.uint64(batch_off) + chunks,
+                dst_block_bytes,
             )
         src = src_bases.astype(np.uint64) + np.uint64(batch_off)
-        return coalesce(dst_bases.astype(np.uint64), src,
-                        np.full(src.size, src_unit, dtype=np.uint64))
+        return coalesce(
+            dst_bases.astype(np.uint64), src, np.full(src.size, src_unit, dtype=np.uint64)
+        )
 
+    @staticmethod
     def _layerwise_remote(
-        self, op: str, link: Link, key: BlocksCacheKey | CacheKeyByIdAndIndex
-    ) -> tuple[Any, int]:
+        op: str, link: Link, key: BlocksCacheKey | CacheKeyByIdAndIndex
+    ) -> tuple[RemoteCache, int]:
         if isinstance(key, BlocksCacheKey):
-            return self._remote_blocks(op, link, key), 0
-        remote, batch, _ = self._remote_batch(op, link, key)
+            return Resolver.remote_blocks(op, link, key), 0
+        remote, batch, _ = Resolver.remote_batch(op, link, key)
         return remote, batch

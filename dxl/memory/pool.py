@@ -31,10 +31,9 @@ from typing import Final
 
 import numpy as np
 
-from . import _ffi
-from .args import fail
-from .config import PoolConfig
-from .errors import LLMException, LLMStatusCode
+from .. import _ffi
+from ..config import PoolConfig
+from ..errors import LLMException, LLMStatusCode, fail
 
 __all__ = ["HostPool", "allocate_tensors"]
 

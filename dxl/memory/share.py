@@ -28,7 +28,7 @@ import re
 import threading
 from dataclasses import dataclass
 
-from . import _ffi
+from .. import _ffi
 
 log = logging.getLogger("dxl")
 

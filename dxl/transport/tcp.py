@@ -1,22 +1,19 @@
-"""The ``tcp`` transport: a native data server per engine, and a client transport per link.
+"""The ``tcp`` transport's client: one link's data path to a peer's data server.
 
-:class:`DataServer` listens on a TCP port (asyncio). Each new connection runs the
-:mod:`dxl.auth` handshake (purpose ``"data"``) with a timeout and then receives the server's
-instance id (see below); then its file descriptor is handed to the native data server
-(``dxl_tcp_server_adopt``), which serves reads and writes of registered memory only, on its own
-threads, until the connection closes. A connection that fails the handshake, or sends garbage,
-is closed; nothing else is affected.
-
-:class:`TcpTransport` is one link's data path to a peer's :class:`DataServer`: blocking
-``read(pieces)`` (pull) and ``write(pieces)`` (push), like :class:`dxl.transport.CmaTransport`.
-Each call moves the whole piece list in one native call (``dxl_tcp_transfer``) over a set of K
-parallel streams (one stream for small requests). Streams that a failed or timed-out transfer
-left mid-frame are closed at once and reopened (connect + handshake) at the next call; a stream is
-never reused out of step.
+:class:`TcpTransport` moves a request as blocking ``read(pieces)`` (pull) or ``write(pieces)``
+(push), the whole piece list in one native call (``dxl_tcp_transfer``) over a set of K parallel
+streams (one stream for small requests). Streams that a failed or timed-out transfer left
+mid-frame are closed at once and reopened (connect + handshake) at the next call; a stream is
+never reused out of step. The peer's side is :class:`dxl.transport.tcp_server.DataServer`.
 
 Instance id: the server sends a short id (the engine's incarnation) after the handshake; a
 transport built with ``expect_instance`` refuses a server with another id, so a transport never
 reconnects to a restarted peer whose memory layout it does not know.
+
+Errors: the shim's failures come back as :class:`dxl._ffi.NativeError` with its C code; what
+fails here in Python, before the shim is called (connecting, the handshake), raises
+:class:`~dxl.transport.base.PeerGone`, :class:`~dxl.transport.base.TransferTimeout` or
+:class:`~dxl.control.auth.AuthError`. :meth:`TcpTransport.failure` maps all of them to statuses.
 
 Thread-safety: ``read``/``write`` may be called from several threads at once. Each call takes a
 whole stream set from a small pool (up to ``max_sets`` sets, opened on demand; a call waits for a
@@ -28,33 +25,27 @@ Wire layout of the data streams, and the native API: ``native/dxl.h``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import errno as _errno
 import ipaddress
-import logging
-import os
 import socket
 import threading
 import time
-from typing import Any
 
 import numpy as np
 
-from . import _ffi
-from .auth import AuthError, authenticate_sock_async, authenticate_socket, normalize_secret
-from .plan import Pieces
-from .transport import TransportClosed
+from .. import _ffi
+from ..control.auth import AuthError, authenticate_socket, normalize_secret
+from ..memory.plan import Pieces
+from ..types import Placement
+from .base import Capabilities, PeerGone, TransferTimeout, Transport, TransportClosed
 
 __all__ = [
     "DEFAULT_STREAMS",
     "DEFAULT_TIMEOUT_MS",
-    "DataServer",
     "InstanceMismatch",
     "TcpTransport",
+    "is_loopback",
 ]
-
-log = logging.getLogger("dxl")
 
 DEFAULT_STREAMS = 4
 DEFAULT_TIMEOUT_MS = 30_000
@@ -64,17 +55,18 @@ DEFAULT_TIMEOUT_MS = 30_000
 # on loopback both measure the same (benchmarks/tcp_vs_raw_socket.py --sock-buf).
 DEFAULT_SOCK_BUF: int | None = None
 PURPOSE = "data"
-_MAX_INSTANCE = 255
+MAX_INSTANCE = 255
 
 
-def _tune(sock: socket.socket, sock_buf: int | None) -> None:
+def tune(sock: socket.socket, sock_buf: int | None) -> None:
+    """Options of every data stream, on both ends."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if sock_buf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sock_buf)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sock_buf)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -83,231 +75,17 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _encode_instance(instance: str) -> bytes:
+def encode_instance(instance: str) -> bytes:
+    """The instance id as the server sends it after the handshake: a length byte, then UTF-8."""
     raw = instance.encode("utf-8")
-    if len(raw) > _MAX_INSTANCE:
-        raise ValueError(f"instance id longer than {_MAX_INSTANCE} bytes")
+    if len(raw) > MAX_INSTANCE:
+        raise ValueError(f"instance id longer than {MAX_INSTANCE} bytes")
     return bytes((len(raw),)) + raw
 
 
-class InstanceMismatch(_ffi.NativeError):
+class InstanceMismatch(PeerGone):
     """The data server is another instance than the one this transport was built for (the peer
-    restarted): its registrations are unknown here, so nothing may be moved. Code DXL_E_PEER."""
-
-    def __init__(self, what: str, errno: int = 0) -> None:
-        super().__init__(_ffi.lib.DXL_E_PEER, what, errno)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.what, self.errno))
-
-
-# ------------------------------------------------------------------------------------------------
-# server
-
-
-class DataServer:
-    """An engine's native data server and the asyncio listener that feeds it.
-
-    Create with ``await DataServer.start(...)``; stop with ``await close()``.
-    """
-
-    def __init__(self) -> None:  # use start()
-        self._native: Any = None
-        self._lsock: socket.socket | None = None
-        self._accept_task: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Task[None]] = set()
-        self._secret: bytes | None = None
-        self._instance = b"\0"
-        self._auth_timeout = 10.0
-        self._sock_buf: int | None = None
-        self._max_pending = 128
-        self.address: tuple[str, int] = ("", 0)
-        self.instance = ""
-        self.auth_failures = 0
-
-    def __repr__(self) -> str:
-        return f"DataServer(address={self.address!r}, secret={'set' if self._secret else 'none'})"
-
-    @classmethod
-    async def start(
-        cls,
-        host: str,
-        port: int,
-        secret: str | bytes | None,
-        *,
-        instance: str = "",
-        threads: int = 2,
-        auth_timeout: float = 10.0,
-        sock_buf: int | None = DEFAULT_SOCK_BUF,
-        allow_insecure: bool = False,
-        backlog: int = 128,
-    ) -> DataServer:
-        """Listen on ``host:port`` (port 0: any free port, see :attr:`address`) and start the
-        native server with ``threads`` threads.
-
-        Args:
-            secret: the shared secret; None or empty: no authentication (both ends must agree).
-            instance: the id sent to every client after the handshake (the engine's incarnation).
-            auth_timeout: seconds a new connection has to complete the handshake.
-            sock_buf: SO_SNDBUF/SO_RCVBUF of accepted connections (None: kernel autotuning).
-            allow_insecure: listen without a secret on a non-loopback address. Without it that is
-                refused with ValueError: anyone who can reach the port could read and write every
-                remotely-accessible registration.
-
-        Raises:
-            ValueError: no secret on a non-loopback address without ``allow_insecure``.
-            OSError: cannot listen.
-            NativeError: the native server would not start.
-        """
-        self = cls()
-        self._secret = normalize_secret(secret)
-        if self._secret is None and not allow_insecure and not _is_loopback(host):
-            raise ValueError(
-                f"refusing to serve data on {host!r} without a shared secret: set one, listen "
-                "on a loopback address, or allow this explicitly"
-            )
-        self._instance = _encode_instance(instance)
-        self.instance = instance
-        self._auth_timeout = auth_timeout
-        self._sock_buf = sock_buf
-        out = _ffi.ffi.new("dxl_tcp_server_t **")
-        _ffi.check(_ffi.lib.dxl_tcp_server_start(threads, out), "start tcp data server")
-        self._native = out[0]
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-            family, _, _, _, sockaddr = infos[0]
-            lsock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                lsock.bind(sockaddr)
-                lsock.listen(backlog)
-                lsock.setblocking(False)
-            except BaseException:
-                lsock.close()
-                raise
-            self._lsock = lsock
-            self.address = tuple(lsock.getsockname()[:2])  # type: ignore[assignment]
-            self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
-        except BaseException:
-            await self.close()
-            raise
-        log.info("dxl: tcp data server on %s:%d", *self.address)
-        return self
-
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._lsock is not None
-        while True:
-            try:
-                conn, peer = await loop.sock_accept(self._lsock)
-            except asyncio.CancelledError:
-                raise
-            except OSError as exc:
-                if exc.errno in (_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM):
-                    log.warning("dxl: tcp data server cannot accept: %s", exc)
-                    await asyncio.sleep(0.1)
-                    continue
-                if self._lsock is None or self._lsock.fileno() < 0:
-                    return
-                log.warning("dxl: tcp data server accept failed: %s", exc)
-                await asyncio.sleep(0.01)
-                continue
-            if len(self._pending) >= self._max_pending:
-                log.warning(
-                    "dxl: tcp data server: too many handshakes in progress, refusing %s", peer
-                )
-                conn.close()
-                continue
-            task = loop.create_task(self._admit(conn, peer))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
-
-    async def _admit(self, conn: socket.socket, peer: Any) -> None:
-        """Handshake, instance id, then hand the socket to the native server."""
-        try:
-            conn.setblocking(False)
-            _tune(conn, self._sock_buf)
-            await authenticate_sock_async(
-                conn, self._secret, role="server", purpose=PURPOSE, timeout=self._auth_timeout
-            )
-            await asyncio.get_running_loop().sock_sendall(conn, self._instance)
-        except asyncio.CancelledError:
-            conn.close()
-            raise
-        except (AuthError, OSError) as exc:
-            self.auth_failures += 1
-            log.warning("dxl: tcp data server refused a connection from %s: %s", peer, exc)
-            conn.close()
-            return
-        if self._native is None:
-            conn.close()
-            return
-        fd = conn.detach()
-        rc = _ffi.lib.dxl_tcp_server_adopt(self._native, fd)
-        if rc < 0:
-            err = _ffi.lib.dxl_last_errno()
-            os.close(fd)
-            log.warning(
-                "dxl: tcp data server could not adopt a connection from %s: %s",
-                peer,
-                _ffi.NativeError(rc, "adopt", err),
-            )
-
-    def stats(self) -> dict[str, int]:
-        """The native server's counters (see ``dxl_tcp_server_stats_t``), plus handshake
-        failures."""
-        out = _ffi.ffi.new("dxl_tcp_server_stats_t *")
-        if self._native is not None:
-            _ffi.lib.dxl_tcp_server_stats(self._native, out)
-        fields = (
-            "conns_adopted",
-            "conns_live",
-            "conns_dropped",
-            "requests_served",
-            "requests_rejected",
-            "bytes_sent",
-            "bytes_received",
-            "requests_aborted",
-        )
-        result = {name: int(getattr(out, name)) for name in fields}
-        result["auth_failures"] = self.auth_failures
-        return result
-
-    def fence(self, timeout_ms: int) -> int:
-        """Blocking: wait until no request that was touching memory when called still does
-        (requests still running after ``timeout_ms`` have their connections closed). Call after
-        ``dxl_region_remove`` and before the memory may be freed; run it on an executor.
-        Returns how many connections were cut off."""
-        if self._native is None:
-            return 0
-        out = _ffi.ffi.new("uint64_t *")
-        _ffi.check(_ffi.lib.dxl_tcp_server_fence(self._native, timeout_ms, out), "tcp fence")
-        return int(out[0])
-
-    async def close(self) -> None:
-        """Stop accepting, drop handshakes in progress, stop the native server (its threads are
-        joined and every adopted connection is closed)."""
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
-            self._accept_task = None
-        for task in list(self._pending):
-            task.cancel()
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
-        if self._lsock is not None:
-            self._lsock.close()
-            self._lsock = None
-        native, self._native = self._native, None
-        if native is not None:
-            _ffi.lib.dxl_tcp_server_stop(native)
-
-
-# ------------------------------------------------------------------------------------------------
-# client
+    restarted): its registrations are unknown here, so nothing may be moved."""
 
 
 class _StreamSet:
@@ -347,7 +125,7 @@ class _StreamSet:
         self.drop((1 << len(self.socks)) - 1)
 
 
-class TcpTransport:
+class TcpTransport(Transport):
     """One link's data path to a peer's :class:`DataServer` (see the module docstring).
 
     Args:
@@ -367,10 +145,17 @@ class TcpTransport:
     Raises:
         AuthError: the handshake failed (the message says which side refused what).
         InstanceMismatch: the server is another instance than ``expect_instance``.
-        NativeError: cannot connect (DXL_E_PEER with the errno) or timed out (DXL_E_TIMEDOUT).
+        PeerGone: cannot connect.
+        TransferTimeout: connecting timed out.
     """
 
     name = "tcp"
+    caps = Capabilities(
+        same_host_only=False,
+        maps_peer_memory=False,
+        inline=False,  # a request waits on the network: never on the loop thread
+        memory=frozenset({Placement.HOST}),
+    )
 
     def __init__(
         self,
@@ -418,24 +203,20 @@ class TcpTransport:
 
     def _connect(self, deadline: float) -> socket.socket:
         """One stream: connect, handshake, instance id. Raises AuthError, InstanceMismatch,
-        NativeError (DXL_E_PEER / DXL_E_TIMEDOUT)."""
+        PeerGone, TransferTimeout."""
         host, port = self.address
         where = f"tcp data server {host}:{port}"
         left = min(deadline - time.monotonic(), self._connect_timeout_s)
         if left <= 0:
-            raise _ffi.NativeError(_ffi.lib.DXL_E_TIMEDOUT, f"connect to {where}", _errno.ETIMEDOUT)
+            raise TransferTimeout(f"connect to {where}: timed out")
         try:
             sock = socket.create_connection((host, port), timeout=left)
-        except TimeoutError:
-            raise _ffi.NativeError(
-                _ffi.lib.DXL_E_TIMEDOUT, f"connect to {where}", _errno.ETIMEDOUT
-            ) from None
+        except TimeoutError as exc:
+            raise TransferTimeout(f"connect to {where}: timed out") from exc
         except OSError as exc:
-            raise _ffi.NativeError(
-                _ffi.lib.DXL_E_PEER, f"connect to {where}", exc.errno or 0
-            ) from None
+            raise PeerGone(f"connect to {where}: {exc.strerror or exc}") from exc
         try:
-            _tune(sock, self._sock_buf)
+            tune(sock, self._sock_buf)
             left = min(deadline - time.monotonic(), self._connect_timeout_s)
             authenticate_socket(
                 sock, self._secret, role="client", purpose=PURPOSE, timeout=max(left, 0.001)
@@ -460,28 +241,25 @@ class TcpTransport:
         while len(buf) < need:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise _ffi.NativeError(
-                    _ffi.lib.DXL_E_TIMEDOUT, f"handshake with {where}", _errno.ETIMEDOUT
-                )
+                raise TransferTimeout(f"handshake with {where}: timed out")
             sock.settimeout(left)
             try:
                 chunk = sock.recv(need - len(buf))
             except TimeoutError:
                 continue
             except OSError as exc:
-                raise _ffi.NativeError(
-                    _ffi.lib.DXL_E_PEER, f"handshake with {where}", exc.errno or 0
-                ) from None
+                raise PeerGone(f"handshake with {where}: {exc.strerror or exc}") from exc
             if not chunk:
-                raise _ffi.NativeError(_ffi.lib.DXL_E_PEER, f"handshake with {where}: closed")
+                raise PeerGone(f"handshake with {where}: closed")
             buf += chunk
             if len(buf) == 1:
                 need = 1 + buf[0]
         return buf[1:].decode("utf-8", "replace")
 
     def _fill(self, ss: _StreamSet, deadline: float, raw_errors: bool = False) -> None:
-        """Open every missing stream of ``ss``. Errors other than NativeError become NativeError
-        (DXL_E_PEER) unless ``raw_errors``."""
+        """Open every missing stream of ``ss``. A refused handshake is an AuthError the first
+        time (``raw_errors``: the link is being set up) and PeerGone on a reconnect (the peer
+        changed under a live link)."""
         for i, sock in enumerate(ss.socks):
             if sock is not None:
                 continue
@@ -490,9 +268,7 @@ class TcpTransport:
             except AuthError as exc:
                 if raw_errors:
                     raise
-                raise _ffi.NativeError(
-                    _ffi.lib.DXL_E_PEER, f"reconnect to tcp data server: {exc}"
-                ) from None
+                raise PeerGone(f"reconnect to tcp data server: {exc}") from exc
             ss.socks[i] = new
             ss.fds[i] = new.fileno()
 
@@ -510,11 +286,7 @@ class TcpTransport:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise _ffi.NativeError(
-                        _ffi.lib.DXL_E_TIMEDOUT,
-                        f"tcp: all {self._max_sets} stream sets stayed busy",
-                        _errno.ETIMEDOUT,
-                    )
+                    raise TransferTimeout(f"tcp: all {self._max_sets} stream sets stayed busy")
                 self._cond.wait(left)
         try:
             ss.drop_stale()

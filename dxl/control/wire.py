@@ -12,6 +12,8 @@ import json
 import struct
 from typing import Any
 
+from ..errors import DxlError
+
 MAX_FRAME = 4 << 20  # a registry of 240 addresses is a few KiB; 4 MiB leaves room, bounds memory
 HEADER = struct.Struct(">I")
 PROTOCOL_VERSION = 1
@@ -22,7 +24,7 @@ _BOOL = (bool,)
 _LIST = (list,)
 
 
-class FrameError(ValueError):
+class FrameError(DxlError, ValueError):
     """A frame broke the wire schema; the connection that sent it is closed."""
 
 

@@ -1,44 +1,38 @@
-"""Data-path transports: objects that move a planned piece list between two processes.
+"""The ``cma`` transport: cross-memory attach (``process_vm_readv/writev``) to a same-host peer.
 
-Each transport offers blocking ``read(pieces)`` (remote -> local, a pull) and ``write(pieces)``
-(local -> remote, a push). The engine calls them on its own executor; one call moves a whole
-request. Today: ``cma`` (cross-memory attach, same host). ``tcp`` and ``cuda`` come later and
-plug in here.
+Memory the peer shares with us (its memfd pool, registered memory it moved onto memfds) is
+mapped here: pieces inside it are copied with memcpy instead, no syscall per piece; the rest of a
+request still goes through the syscalls (``dxl_cma_transfer_mapped``).
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Hashable, Sequence
-from typing import Protocol
+from typing import Any
 
-from . import _ffi
-from .plan import Pieces
+import numpy as np
+
+from .. import _ffi
+from ..memory.plan import Pieces
+from ..types import Placement
+from .base import Capabilities, Job, Transport, TransportClosed
 from .shm import PeerMapping, Windows
 
 
-class TransportClosed(Exception):
-    """The transport cannot be used: its link was torn down, or it never had a data path."""
-
-
-class Transport(Protocol):
-    name: str
-
-    def read(self, pieces: Pieces) -> int: ...
-
-    def write(self, pieces: Pieces) -> int: ...
-
-    def close(self) -> None: ...
-
-
-class CmaTransport:
+class CmaTransport(Transport):
     """process_vm_readv/writev against one peer process, watched through its pidfd.
 
     Memory the peer shares with us (its memfd pool, registered memory it moved onto memfds) is
     mapped here (:meth:`map_shared`): pieces inside it are copied with memcpy instead, no
     syscall per piece; the rest of a request still goes through the syscalls.
     """
+
+    caps = Capabilities(
+        same_host_only=True,
+        maps_peer_memory=True,
+        inline=True,
+        memory=frozenset({Placement.HOST}),
+    )
 
     def __init__(self, pid: int, threads: int) -> None:
         out = _ffi.ffi.new("dxl_peer_t **")
@@ -52,13 +46,31 @@ class CmaTransport:
     def name(self) -> str:
         return "cma+shm" if len(self._windows) else "cma"
 
-    def map_shared(self, key: Hashable, windows: Sequence[Sequence[int | None]]) -> None:
+    def share_windows(self, key: Hashable, windows: Sequence[Sequence[int]]) -> list[Job]:
         """Map the peer's memfd windows ``(fd, offset, remote_base, size, ino)`` under ``key``
-        (a cache id, or "pool"). Raises OSError if one cannot be mapped (then none is)."""
+        (a cache id, or "pool"; a key mapped already keeps its mapping). Returns the jobs that
+        fault the fresh mapping in: otherwise the first copy through it pays a page fault per
+        4 KiB page, 4-5x slower. Raises OSError if one cannot be mapped (then none is)."""
+        if key in self._windows:  # a new version of the same registration: same memory
+            return []
+        self.map_shared(key, windows)
+        return [
+            lambda addr=addr, length=length: self.prefault(key, addr, length)
+            for addr, length in self.shared_chunks(key)
+        ]
+
+    def drop_windows(self, key: Hashable) -> None:
+        self.unmap_shared(key)
+
+    def map_shared(self, key: Hashable, windows: Sequence[Sequence[int | None]]) -> None:
+        """Map the peer's memfd windows ``(fd, offset, remote_base, size, ino)`` under ``key``.
+        Raises OSError if one cannot be mapped (then none is)."""
         mappings: list[PeerMapping] = []
         try:
             for fd, offset, base, size, ino in windows:
-                mappings.append(PeerMapping(self.pid, fd, offset, base, size, ino))
+                mappings.append(
+                    PeerMapping(self.pid, _int(fd), _int(offset), _int(base), _int(size), ino)
+                )
         except OSError:
             for m in mappings:
                 m.close()
@@ -85,7 +97,7 @@ class CmaTransport:
     def write(self, pieces: Pieces) -> int:
         return self._move(1, pieces.src, pieces.dst, pieces)
 
-    def _move(self, write: int, local, remote, pieces: Pieces) -> int:
+    def _move(self, write: int, local: np.ndarray, remote: np.ndarray, pieces: Pieces) -> int:
         if self._peer is None:
             raise TransportClosed("cma transport is closed")
         table = self._windows.enter()
@@ -115,35 +127,7 @@ class CmaTransport:
             _ffi.ffi.release(peer)
 
 
-class Unreachable:
-    """Stands for the missing data path to a peer that neither shares our host nor runs a
-    data server: the peer can reach us, we cannot reach it."""
-
-    name = "none"
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def read(self, pieces: Pieces) -> int:
-        raise TransportClosed(self.reason)
-
-    def write(self, pieces: Pieces) -> int:
-        raise TransportClosed(self.reason)
-
-    def close(self) -> None:
-        pass
-
-
-@functools.cache
-def host_identity() -> str:
-    """Identify the kernel and pid namespace: CMA works only between equal identities."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = "unknown-boot"
-    try:
-        pidns = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        pidns = 0
-    return f"{boot}/pidns:{pidns}"
+def _int(value: Any) -> int:
+    if not isinstance(value, int):
+        raise OSError(f"window field {value!r} is not an integer")
+    return value

@@ -5,41 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .control import Channel
+from ..control.channel import Channel
+from ..control.hello import PeerInfo
+from ..transport import Transport
 from .registry import RemoteRegistry
 from .stats import OpStats
-from .transport import Transport
 from .usage import Usage
-
-
-@dataclass(slots=True)
-class PeerInfo:
-    """What a peer said about itself in the handshake."""
-
-    cluster_id: int
-    role: int
-    incarnation: str
-    host: str
-    pid: int
-    probe: tuple[int, int]
-    address: str  # the peer's IP as this side reaches it (its data server listens there)
-    data_port: int  # 0: the peer runs no data server (it does not listen)
-    pool: tuple[int, int, int] | None  # (fd, base, size) of its memfd HOST pool
-
-    @classmethod
-    def from_wire(cls, msg: dict[str, Any], address: str) -> PeerInfo:
-        addr, token = msg["probe"]
-        return cls(
-            msg["cluster_id"],
-            msg["role"],
-            msg["incarnation"],
-            msg["host"],
-            msg["pid"],
-            (addr, token),
-            address,
-            msg["data_port"],
-            tuple(msg["pool"]) if msg["pool"] else None,  # type: ignore[arg-type]
-        )
 
 
 @dataclass(slots=True)
@@ -58,6 +29,11 @@ class Link:
     @property
     def closed(self) -> bool:
         return self.channel.closed
+
+    def close(self, reason: str) -> None:
+        """End the link (idempotent): the channel closes, and the link table's close handler
+        retires the transport once no transfer uses it."""
+        self.channel.close(reason)
 
     def snapshot(self) -> dict[str, Any]:
         return {

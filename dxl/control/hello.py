@@ -1,0 +1,38 @@
+"""What engines say about themselves when they link (the ``hello`` and ``welcome`` frames)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class PeerInfo:
+    """What a peer said about itself in the handshake."""
+
+    cluster_id: int
+    role: int
+    incarnation: str
+    host: str
+    pid: int
+    probe: tuple[int, int]  # (address, token): 8 bytes the peer reads to prove a transport
+    address: str  # the peer's IP as this side reaches it (its data server listens there)
+    data_port: int  # 0: the peer runs no data server (it does not listen)
+    pool: tuple[int, int, int] | None  # (fd, base, size) of its memfd HOST pool
+
+    @classmethod
+    def from_wire(cls, msg: dict[str, Any], address: str) -> PeerInfo:
+        """From a decoded (schema-checked) hello or welcome frame."""
+        addr, token = msg["probe"]
+        pool = msg["pool"]
+        return cls(
+            cluster_id=msg["cluster_id"],
+            role=msg["role"],
+            incarnation=msg["incarnation"],
+            host=msg["host"],
+            pid=msg["pid"],
+            probe=(addr, token),
+            address=address,
+            data_port=msg["data_port"],
+            pool=(pool[0], pool[1], pool[2]) if pool else None,
+        )

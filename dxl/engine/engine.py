@@ -1,0 +1,209 @@
+"""The async Engine: a small facade over components with one job each.
+
+=====================  =========================================================================
+component              job
+=====================  =========================================================================
+``Mover``              worker threads, inline policy, in-use holds, stats, transport failures
+``CacheBook``          registrations, their keys and generations, native regions
+``LinkTable``          live links and the messages on them
+``Listener``           the control listener and the tcp data server
+``Handshake``          setting links up (identity, transport choice and proof)
+``Resolver``           the resolve step of every transfer (link, caches, layer selection)
+operations             ``Registrations``, ``LinkOps``, ``BlockOps``, ``ContiguousOps``,
+                       ``LayerwiseOps``, ``LocalCopies``: resolve -> plan -> move
+=====================  =========================================================================
+
+Every blocking native call runs on the mover's threads; the event loop only validates arguments
+and keeps the books, so thousands of transfers can be awaited at once. One native call moves a
+whole request. ``docs/architecture.md`` draws the components and the path of one pull.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import _ffi
+from .._validate import check_isinstance, check_uint64
+from ..config import EngineOptions, LLMConfig
+from ..types import LLMRole
+from .blocks import BlockOps
+from .book import CacheBook
+from .contiguous import ContiguousOps
+from .forward import forward
+from .handshake import Handshake
+from .layerwise import LayerwiseOps
+from .linking import LinkOps
+from .links import LinkTable
+from .listener import Listener
+from .local import LocalCopies
+from .mover import Mover
+from .registrations import Registrations
+from .resolve import Resolver
+from .state import Identity, RunState
+
+
+class Engine:
+    """An async KV-cache transfer engine; one per prefill or decode instance.
+
+    Use as ``async with Engine(cluster_id, role, config) as eng: ...``. Coroutines carry the
+    operations of LLM-DataDist's ``LLMDataDist`` and ``CacheManager`` with the same names,
+    arguments and errors.
+
+    Args:
+        cluster_id: uint64 id of this instance, unique among linked instances.
+        role: an ``LLMRole`` label (roles do not restrict transfers in v2).
+        config: an ``LLMConfig``, an option dict as produced by ``LLMConfig.generate_options()``,
+            or None for defaults. ``listen_ip_info`` makes the engine accept links.
+    """
+
+    def __init__(
+        self, cluster_id: int, role: LLMRole, config: LLMConfig | dict[str, str] | None = None
+    ) -> None:
+        check_uint64("cluster_id", cluster_id)
+        check_isinstance("role", role, LLMRole, allow_none=False)
+        if isinstance(config, LLMConfig):
+            options = dict(config.generate_options())
+        elif config is None:
+            options = {}
+        else:
+            check_isinstance("config", config, dict)
+            options = dict(config)
+        opts = self._opts = EngineOptions.from_options(options)
+        identity = self._identity = Identity(cluster_id, role)
+        state = self._state = RunState(cluster_id)
+        mover = self._mover = Mover(
+            f"dxl-{cluster_id}", opts.transfer_threads, opts.inline_bytes, opts.sync_kv_timeout_ms
+        )
+        book = self._book = CacheBook(opts.max_registered_addrs)
+        links = self._links = LinkTable(identity, opts, mover)
+        listener = self._listener = Listener(identity, opts, mover)
+        self._registrations = Registrations(opts, state, book, links, listener, mover, self)
+        handshake = Handshake(
+            identity,
+            opts,
+            state,
+            book,
+            links,
+            mover,
+            data_port=lambda: listener.data_port,
+            pool=self._registrations.pool_wire,
+        )
+        self._linking = LinkOps(identity, opts, state, links, listener, handshake)
+        resolver = Resolver(state, book, links)
+        self._contiguous = ContiguousOps(
+            opts, resolver, mover, book, links, self._registrations, state
+        )
+        self._blocks = BlockOps(resolver, mover, self._contiguous)
+        self._layerwise = LayerwiseOps(state, resolver, links, mover)
+        self._local = LocalCopies(state, resolver, mover)
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def cluster_id(self) -> int:
+        return self._identity.cluster_id
+
+    @property
+    def role(self) -> LLMRole:
+        return self._identity.role
+
+    @property
+    def incarnation(self) -> str:
+        """A fresh id per engine: peers tell a restarted engine from the one they linked."""
+        return self._identity.incarnation
+
+    @property
+    def options(self) -> EngineOptions:
+        return self._opts
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        """The (ip, port) this engine accepts links on, with the real port when 0 was asked."""
+        return self._listener.address
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> Engine:
+        if self._state.value == "new":  # an engine already started may still be a context
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Start the workers and, with ``listen_ip_info``, accept links."""
+        if self._state.value != "new":
+            raise RuntimeError(f"engine {self.cluster_id} was already started")
+        self._mover.start()
+        self._state.value = "running"
+        try:
+            self._registrations.open_pool(f"dxl-host-pool-{self.cluster_id}")
+            if self._opts.listen is not None:
+                await self._linking.listen(self._opts.listen)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Unlink everything (locally), stop listening, and release all native resources."""
+        if self._state.value in ("closing", "closed"):
+            return
+        self._state.value = "closing"
+        self._listener.stop_accepting()  # no new links while the old ones go
+        self._links.close_all("engine closed")
+        await self._links.wait_closed()
+        await self._registrations.close()
+        await self._listener.stop()  # stops the data server too, after its regions went
+        self._registrations.close_pool()
+        self._mover.shutdown()
+        self._state.value = "closed"
+
+    # ------------------------------------------------------------------ operations
+    register_blocks_cache = forward("_registrations", Registrations.register_blocks_cache)
+    register_cache = forward("_registrations", Registrations.register_cache)
+    unregister_cache = forward("_registrations", Registrations.unregister_cache)
+    allocate_cache = forward("_registrations", Registrations.allocate_cache)
+    allocate_blocks_cache = forward("_registrations", Registrations.allocate_blocks_cache)
+    deallocate_cache = forward("_registrations", Registrations.deallocate_cache)
+    deallocate_blocks_cache = forward("_registrations", Registrations.deallocate_blocks_cache)
+
+    link_clusters = forward("_linking", LinkOps.link_clusters)
+    unlink_clusters = forward("_linking", LinkOps.unlink_clusters)
+    switch_role = forward("_linking", LinkOps.switch_role)
+
+    pull_blocks = forward("_blocks", BlockOps.pull_blocks)
+    push_blocks = forward("_blocks", BlockOps.push_blocks)
+    pull_cache = forward("_contiguous", ContiguousOps.pull_cache)
+    push_cache = forward("_contiguous", ContiguousOps.push_cache)
+    remove_cache_key = forward("_contiguous", ContiguousOps.remove_cache_key)
+    check_cache_key = staticmethod(ContiguousOps.check_cache_key)
+    transfer_cache_async = forward("_layerwise", LayerwiseOps.transfer_cache_async)
+
+    copy_cache = forward("_local", LocalCopies.copy_cache)
+    copy_blocks = forward("_local", LocalCopies.copy_blocks)
+    swap_blocks = forward("_local", LocalCopies.swap_blocks)
+
+    # ------------------------------------------------------------------ observability
+    def stats(self) -> dict[str, Any]:
+        """Counters of this engine: registrations, links and per-transport traffic."""
+        native = _ffi.counters()
+        listen = self.listen_address
+        return {
+            "cluster_id": self.cluster_id,
+            "role": self.role.name,
+            "state": self._state.value,
+            "incarnation": self.incarnation,
+            "listen": "{}:{}".format(*listen) if listen else None,
+            "caches": len(self._book),
+            "registered_addrs": self._book.registered_addrs,
+            "links": self._links.snapshot(),
+            "transports": self._links.transports(),
+            **self._mover.snapshot(),
+            "data_server": self._listener.stats(),
+            "native": {
+                k: native[k]
+                for k in ("regions_live", "peers_open", "ops_inflight", "bytes_registered")
+            },
+        }
+
+
+__all__ = ["Engine"]

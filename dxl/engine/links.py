@@ -1,0 +1,232 @@
+"""The link table: an engine's live links, the messages that arrive on them, and their ends.
+
+A link is added once its handshake succeeded (:mod:`dxl.engine.handshake`). Its control channel
+then carries registry changes (``reg_add``, ``reg_del``: the peer's caches as we see them),
+``unlink``, and messages of other components, which register a handler with :meth:`on` (e.g.
+``consume`` for keyed pulls). When a link ends, its transport is closed once no transfer uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Any
+
+from ..config import EngineOptions
+from ..control import wire
+from ..control.channel import Channel
+from ..control.hello import PeerInfo
+from ..errors import LLMException, LLMStatusCode, fail, param_invalid
+from ..transport import Transport
+from .link import Link
+from .mover import Mover
+from .registry import RemoteCache, RemoteRegistry
+from .state import Identity
+
+log = logging.getLogger("dxl")
+
+MessageHandler = Callable[[Link, dict[str, Any]], Awaitable[None]]
+
+
+class LinkTable:
+    """Live links by peer cluster id, and the setups in progress."""
+
+    def __init__(self, identity: Identity, options: EngineOptions, mover: Mover) -> None:
+        self._identity = identity
+        self._opts = options
+        self._mover = mover
+        self._links: dict[int, Link] = {}
+        self.linking: set[int] = set()  # cluster ids whose link is being set up
+        self._handlers: dict[str, MessageHandler] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def on(self, kind: str, handler: MessageHandler) -> None:
+        """Route messages of ``kind`` (a type of :data:`dxl.control.wire.SCHEMAS`) to
+        ``handler``; it runs in a task of its own, so it may wait on the peer."""
+        self._handlers[kind] = handler
+
+    # ------------------------------------------------------------------ lookups
+    def get(self, cluster_id: int) -> Link | None:
+        return self._links.get(cluster_id)
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+    @property
+    def busy(self) -> bool:
+        """Links exist or are being set up."""
+        return bool(self._links or self.linking)
+
+    def route(self, op: str, cluster_id: int) -> Link:
+        """The live link an operation on ``cluster_id`` uses."""
+        if cluster_id == self._identity.cluster_id:
+            raise param_invalid(op, f"the cache key names this engine's own cluster {cluster_id}")
+        link = self._links.get(cluster_id)
+        if link is None or link.closed:
+            raise fail(op, LLMStatusCode.LLM_NOT_YET_LINK, f"cluster {cluster_id} is not linked")
+        return link
+
+    # ------------------------------------------------------------------ links coming and going
+    def add(
+        self,
+        peer: PeerInfo,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        transport: Transport,
+        caches: list[dict[str, Any]],
+        initiator: bool,
+    ) -> Link:
+        """Start a link whose handshake succeeded (its control connection and transport)."""
+        channel = Channel(
+            reader,
+            writer,
+            name=f"{self._identity.cluster_id}->{peer.cluster_id}",
+            heartbeat_s=self._opts.heartbeat_interval_ms / 1000,
+        )
+        link = Link(peer, channel, transport, RemoteRegistry(caches), initiator)
+        self._links[peer.cluster_id] = link
+        if peer.pool is not None:  # caches the peer allocated live in its memfd pool
+            fd, base, size = peer.pool
+            self._share(link, "pool", [[fd, 0, base, size, None]])
+        for cache in link.registry.caches.values():
+            self._share(link, cache.cache_id, cache.shm)
+
+        async def handle(_: Channel, msg: dict[str, Any]) -> None:
+            await self._on_message(link, msg)
+
+        def on_close(_: Channel) -> None:
+            self._on_closed(link)
+
+        channel.start(handle, on_close)
+        log.info(
+            "dxl: cluster %d linked with cluster %d (pid %d) over %s",
+            self._identity.cluster_id,
+            peer.cluster_id,
+            peer.pid,
+            transport.name,
+        )
+        return link
+
+    def _share(self, link: Link, key: Hashable, windows: Sequence[Sequence[int | None]]) -> None:
+        """Let the link's transport use memory the peer shares (if it can); still correct
+        without it, only slower."""
+        if not windows:
+            return
+        try:
+            jobs = link.transport.share_windows(key, windows)
+        except OSError as exc:
+            log.info(
+                "dxl: cannot map %s of cluster %d: %s",
+                f"cache {key}" if key != "pool" else "the pool",
+                link.peer.cluster_id,
+                exc,
+            )
+            return
+        if jobs:
+            self.spawn(self._mover.run_jobs(jobs))
+
+    def _on_closed(self, link: Link) -> None:
+        if self._links.get(link.peer.cluster_id) is link:
+            del self._links[link.peer.cluster_id]
+        log.info(
+            "dxl: link %d<->%d closed: %s",
+            self._identity.cluster_id,
+            link.peer.cluster_id,
+            link.channel.close_reason,
+        )
+
+        async def finish() -> None:
+            await link.usage.wait_idle(float("inf"))  # in-flight copies still use the transport
+            link.transport.close()
+            await link.channel.wait_closed()
+
+        task = asyncio.create_task(finish())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def close_all(self, reason: str) -> None:
+        for link in list(self._links.values()):
+            link.close(reason)
+
+    async def wait_closed(self) -> None:
+        """Wait for closed links to finish, and for background work."""
+        await asyncio.gather(*self._closing, *self._background, return_exceptions=True)
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        """Run ``coro`` in the background; the engine waits for it when it closes."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ messages
+    async def _on_message(self, link: Link, msg: dict[str, Any]) -> None:
+        kind = msg["t"]
+        if kind == "reg_add":
+            link.registry.add(msg["cache"])
+            cache = link.registry.caches[msg["cache"]["id"]]
+            self._share(link, cache.cache_id, cache.shm)
+            link.channel.ack(msg["rid"])
+        elif kind == "reg_del":
+            self.spawn(self._ack_when_idle(link, link.registry.remove(msg["id"]), msg["rid"]))
+        elif kind == "unlink":
+            link.channel.ack(msg["rid"])
+            await link.channel.drain()
+            link.close("peer unlinked")
+        elif kind in self._handlers:  # may wait on the peer: not on the read loop
+            self.spawn(self._handlers[kind](link, msg))
+        else:
+            raise wire.FrameError(f"unexpected {kind} message on a live link")
+
+    async def _ack_when_idle(self, link: Link, cache: RemoteCache | None, rid: int) -> None:
+        """Confirm an unregistration once no transfer of ours touches that cache any more."""
+        if cache is not None:
+            await cache.usage.wait_idle(float("inf"))  # native copies always finish
+            link.transport.drop_windows(cache.cache_id)
+        link.channel.ack(rid)
+
+    async def broadcast(self, kind: str, **fields: Any) -> None:
+        """Send a registry change to every live link and wait for each ack; a peer that does
+        not answer in time is unlinked, since it can no longer be trusted to see the change."""
+        timeout_s = self._opts.sync_kv_timeout_ms / 1000
+        links = [link for link in self._links.values() if not link.closed]
+
+        async def one(link: Link) -> None:
+            try:
+                await link.channel.request(kind, timeout_s, **fields)
+            except LLMException as exc:
+                if link.closed:  # the link went away meanwhile: nobody left to tell
+                    return
+                log.warning("dxl: unlinking cluster %d: %s", link.peer.cluster_id, exc)
+                link.close(f"no answer to {kind}: {exc}")
+
+        await asyncio.gather(*(one(link) for link in links))
+
+    async def unlink(self, cluster_id: int, timeout_s: float, force: bool) -> LLMStatusCode:
+        """End the link to ``cluster_id``: tell the peer and wait for its answer, or with
+        ``force`` only drop the local end (the peer notices the closed connection)."""
+        link = self._links.get(cluster_id)
+        if link is None:
+            return LLMStatusCode.LLM_SUCCESS if force else LLMStatusCode.LLM_NOT_YET_LINK
+        if force:
+            link.close("unlinked locally (force)")
+            return LLMStatusCode.LLM_SUCCESS
+        try:
+            await link.channel.request("unlink", timeout_s)
+        except LLMException as exc:
+            log.error("dxl: unlink of cluster %d: %s", cluster_id, exc)
+            link.close("unlink got no answer")
+            return LLMStatusCode.LLM_UNLINK_FAILED
+        link.close("unlinked")
+        return LLMStatusCode.LLM_SUCCESS
+
+    def snapshot(self) -> dict[int, dict[str, Any]]:
+        return {cid: link.snapshot() for cid, link in self._links.items()}
+
+    def transports(self) -> dict[str, int]:
+        """How many links use each transport."""
+        counts: dict[str, int] = {}
+        for link in self._links.values():
+            counts[link.transport.name] = counts.get(link.transport.name, 0) + 1
+        return counts

@@ -1,0 +1,228 @@
+"""The ``tcp`` transport's server: an engine's native data server and the listener feeding it.
+
+:class:`DataServer` listens on a TCP port (asyncio). Each new connection runs the
+:mod:`dxl.control.auth` handshake (purpose ``"data"``) with a timeout and then receives the
+server's instance id; then its file descriptor is handed to the native data server
+(``dxl_tcp_server_adopt``), which serves reads and writes of registered memory only, on its own
+threads, until the connection closes. A connection that fails the handshake, or sends garbage,
+is closed; nothing else is affected. The client side is :mod:`dxl.transport.tcp`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as _errno
+import logging
+import os
+import socket
+from typing import Any
+
+from .. import _ffi
+from ..control.auth import AuthError, authenticate_sock_async, normalize_secret
+from .tcp import DEFAULT_SOCK_BUF, PURPOSE, encode_instance, is_loopback, tune
+
+__all__ = ["DataServer"]
+
+log = logging.getLogger("dxl")
+
+
+class DataServer:
+    """An engine's native data server and the asyncio listener that feeds it.
+
+    Create with ``await DataServer.start(...)``; stop with ``await close()``.
+    """
+
+    def __init__(self) -> None:  # use start()
+        self._native: Any = None
+        self._lsock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+        self._secret: bytes | None = None
+        self._instance = b"\0"
+        self._auth_timeout = 10.0
+        self._sock_buf: int | None = None
+        self._max_pending = 128
+        self.address: tuple[str, int] = ("", 0)
+        self.instance = ""
+        self.auth_failures = 0
+
+    def __repr__(self) -> str:
+        return f"DataServer(address={self.address!r}, secret={'set' if self._secret else 'none'})"
+
+    @classmethod
+    async def start(
+        cls,
+        host: str,
+        port: int,
+        secret: str | bytes | None,
+        *,
+        instance: str = "",
+        threads: int = 2,
+        auth_timeout: float = 10.0,
+        sock_buf: int | None = DEFAULT_SOCK_BUF,
+        allow_insecure: bool = False,
+        backlog: int = 128,
+    ) -> DataServer:
+        """Listen on ``host:port`` (port 0: any free port, see :attr:`address`) and start the
+        native server with ``threads`` threads.
+
+        Args:
+            secret: the shared secret; None or empty: no authentication (both ends must agree).
+            instance: the id sent to every client after the handshake (the engine's incarnation).
+            auth_timeout: seconds a new connection has to complete the handshake.
+            sock_buf: SO_SNDBUF/SO_RCVBUF of accepted connections (None: kernel autotuning).
+            allow_insecure: listen without a secret on a non-loopback address. Without it that is
+                refused with ValueError: anyone who can reach the port could read and write every
+                remotely-accessible registration.
+
+        Raises:
+            ValueError: no secret on a non-loopback address without ``allow_insecure``.
+            OSError: cannot listen.
+            NativeError: the native server would not start.
+        """
+        self = cls()
+        self._secret = normalize_secret(secret)
+        if self._secret is None and not allow_insecure and not is_loopback(host):
+            raise ValueError(
+                f"refusing to serve data on {host!r} without a shared secret: set one, listen "
+                "on a loopback address, or allow this explicitly"
+            )
+        self._instance = encode_instance(instance)
+        self.instance = instance
+        self._auth_timeout = auth_timeout
+        self._sock_buf = sock_buf
+        out = _ffi.ffi.new("dxl_tcp_server_t **")
+        _ffi.check(_ffi.lib.dxl_tcp_server_start(threads, out), "start tcp data server")
+        self._native = out[0]
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            family, _, _, _, sockaddr = infos[0]
+            lsock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                lsock.bind(sockaddr)
+                lsock.listen(backlog)
+                lsock.setblocking(False)
+            except BaseException:
+                lsock.close()
+                raise
+            self._lsock = lsock
+            self.address = tuple(lsock.getsockname()[:2])  # type: ignore[assignment]
+            self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        except BaseException:
+            await self.close()
+            raise
+        log.info("dxl: tcp data server on %s:%d", *self.address)
+        return self
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._lsock is not None
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(self._lsock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                if exc.errno in (_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM):
+                    log.warning("dxl: tcp data server cannot accept: %s", exc)
+                    await asyncio.sleep(0.1)
+                    continue
+                if self._lsock is None or self._lsock.fileno() < 0:
+                    return
+                log.warning("dxl: tcp data server accept failed: %s", exc)
+                await asyncio.sleep(0.01)
+                continue
+            if len(self._pending) >= self._max_pending:
+                log.warning(
+                    "dxl: tcp data server: too many handshakes in progress, refusing %s", peer
+                )
+                conn.close()
+                continue
+            task = loop.create_task(self._admit(conn, peer))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _admit(self, conn: socket.socket, peer: Any) -> None:
+        """Handshake, instance id, then hand the socket to the native server."""
+        try:
+            conn.setblocking(False)
+            tune(conn, self._sock_buf)
+            await authenticate_sock_async(
+                conn, self._secret, role="server", purpose=PURPOSE, timeout=self._auth_timeout
+            )
+            await asyncio.get_running_loop().sock_sendall(conn, self._instance)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except (AuthError, OSError) as exc:
+            self.auth_failures += 1
+            log.warning("dxl: tcp data server refused a connection from %s: %s", peer, exc)
+            conn.close()
+            return
+        if self._native is None:
+            conn.close()
+            return
+        fd = conn.detach()
+        rc = _ffi.lib.dxl_tcp_server_adopt(self._native, fd)
+        if rc < 0:
+            err = _ffi.lib.dxl_last_errno()
+            os.close(fd)
+            log.warning(
+                "dxl: tcp data server could not adopt a connection from %s: %s",
+                peer,
+                _ffi.NativeError(rc, "adopt", err),
+            )
+
+    def stats(self) -> dict[str, int]:
+        """The native server's counters (see ``dxl_tcp_server_stats_t``), plus handshake
+        failures."""
+        out = _ffi.ffi.new("dxl_tcp_server_stats_t *")
+        if self._native is not None:
+            _ffi.lib.dxl_tcp_server_stats(self._native, out)
+        fields = (
+            "conns_adopted",
+            "conns_live",
+            "conns_dropped",
+            "requests_served",
+            "requests_rejected",
+            "bytes_sent",
+            "bytes_received",
+            "requests_aborted",
+        )
+        result = {name: int(getattr(out, name)) for name in fields}
+        result["auth_failures"] = self.auth_failures
+        return result
+
+    def fence(self, timeout_ms: int) -> int:
+        """Blocking: wait until no request that was touching memory when called still does
+        (requests still running after ``timeout_ms`` have their connections closed). Call after
+        ``dxl_region_remove`` and before the memory may be freed; run it on an executor.
+        Returns how many connections were cut off."""
+        if self._native is None:
+            return 0
+        out = _ffi.ffi.new("uint64_t *")
+        _ffi.check(_ffi.lib.dxl_tcp_server_fence(self._native, timeout_ms, out), "tcp fence")
+        return int(out[0])
+
+    async def close(self) -> None:
+        """Stop accepting, drop handshakes in progress, stop the native server (its threads are
+        joined and every adopted connection is closed)."""
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+            self._accept_task = None
+        for task in list(self._pending):
+            task.cancel()
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        if self._lsock is not None:
+            self._lsock.close()
+            self._lsock = None
+        native, self._native = self._native, None
+        if native is not None:
+            _ffi.lib.dxl_tcp_server_stop(native)
