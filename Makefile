@@ -22,8 +22,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# ruff (lint + format) on everything; mypy --strict on the package (settings in pyproject.toml)
 lint: $(STAMP)
 	$(BIN)/ruff check dxl tests examples benchmarks native
+	$(BIN)/ruff format --check dxl tests examples benchmarks native
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/dxl bench --transport cma tcp --op pull push --block-bytes 4K 16K 64K 256K 1M --passes 3

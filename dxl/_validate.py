@@ -14,8 +14,8 @@ are checked where the layout is known (``dxl.engine.resolve``, ``dxl.memory.loca
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sized
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -55,6 +55,7 @@ __all__ = [
     "same_length",
     "select_tensors",
     "type_name",
+    "uint64",
 ]
 
 UINT16_MAX = 2**16 - 1
@@ -124,7 +125,7 @@ def check_isinstance(
         raise TypeError(f"{prefix}{name} must be {type_name(classes)}, got {type(value).__name__}")
     if inner is not None:
         accepted = _as_tuple(inner)
-        for i, item in enumerate(value):
+        for i, item in enumerate(cast("Iterable[Any]", value)):  # a list or tuple here
             if not isinstance(item, accepted):
                 raise TypeError(
                     f"{prefix}{name}[{i}] must be {type_name(inner)}, got {type(item).__name__}"
@@ -194,6 +195,13 @@ def check_int64(name: str, value: Any) -> None:
 def check_uint64(name: str, value: Any) -> None:
     """Require an ``int`` in ``[0, 2**64 - 1]`` (TypeError, then ValueError)."""
     _check_int_range(name, value, 0, UINT64_MAX, "uint64")
+
+
+def uint64(name: str, value: Any) -> int:
+    """:func:`check_uint64`, returning the value typed as the int it was checked to be."""
+    check_uint64(name, value)
+    checked: int = value
+    return checked
 
 
 def check_uint64_list(name: str, values: Iterable[Any]) -> None:
@@ -323,7 +331,7 @@ def check_cache_arg(op: str, name: str, cache: Any) -> None:
     check_isinstance(name, cache, Cache)
 
 
-def same_length(op: str, a_name: str, a: Sequence[Any], b_name: str, b: Sequence[Any]) -> None:
+def same_length(op: str, a_name: str, a: Sized, b_name: str, b: Sized) -> None:
     if len(a) != len(b):
         raise param_invalid(
             op, f"{a_name} and {b_name} must have the same length, got {len(a)} and {len(b)}"

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+from collections.abc import Sequence
 
 import numpy as np
 
 from .types import CacheDesc, DataType, Placement
 
 _WORD = 8
+Indices = Sequence[int] | np.ndarray  # tensor or block indices: a list, a range, an array
 
 
 def _tensor_salt(seed: int, tensor: int) -> np.uint64:
@@ -32,7 +34,7 @@ def _huge_page_words(words: int) -> np.ndarray:
     # private anonymous memory: shared (the default for fd -1) follows shmem_enabled, not THP
     region = mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     offset = -ctypes.addressof(ctypes.c_char.from_buffer(region)) % _HUGE
-    view = memoryview(region)[offset:offset + nbytes]
+    view = memoryview(region)[offset : offset + nbytes]
     if hasattr(mmap, "MADV_HUGEPAGE"):
         region.madvise(mmap.MADV_HUGEPAGE, offset - offset % mmap.PAGESIZE, nbytes)
     return np.frombuffer(view, dtype=np.uint64)
@@ -116,11 +118,11 @@ class KVBuffers:
 
     def matches(
         self,
-        tensors: np.ndarray | list[int],
-        dst_blocks: np.ndarray | list[int],
+        tensors: Indices,
+        dst_blocks: Indices,
         src_seed: int,
-        src_tensors: np.ndarray | list[int],
-        src_blocks: np.ndarray | list[int],
+        src_tensors: Indices,
+        src_blocks: Indices,
     ) -> bool:
         """True if ``dst_blocks`` of each tensor hold the pattern of ``src_blocks`` of the
         matching source tensor (``src_seed`` names the source's pattern)."""
@@ -134,7 +136,7 @@ class KVBuffers:
                 return False
         return True
 
-    def untouched(self, tensors: list[int] | np.ndarray, blocks: list[int] | np.ndarray) -> bool:
+    def untouched(self, tensors: Indices, blocks: Indices) -> bool:
         """True if the given blocks still hold this buffer's own pattern (or zeros if unfilled)."""
         blocks = np.asarray(blocks, dtype=np.int64)
         if not blocks.size:

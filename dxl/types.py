@@ -26,6 +26,7 @@ from dxl._validate import (
     check_uint64,
     check_uint64_list,
     ensure,
+    uint64,
 )
 from dxl.errors import LLMException, LLMStatusCode, _NamedIntEnum, param_invalid
 
@@ -364,14 +365,10 @@ class CacheKey:
         req_id = params["req_id"]
         model_id = params.get("model_id", 0)
         prefix_id = params.get("prefix_id", UINT64_MAX)
-        check_uint64("cluster_id", cluster_id)
-        check_uint64("req_id", req_id)
-        check_uint64("model_id", model_id)
-        check_uint64("prefix_id", prefix_id)
-        self._cluster_id = cluster_id
-        self._req_id = req_id
-        self._model_id = model_id
-        self._prefix_id = prefix_id
+        self._cluster_id = uint64("cluster_id", cluster_id)
+        self._req_id = uint64("req_id", req_id)
+        self._model_id = uint64("model_id", model_id)
+        self._prefix_id = uint64("prefix_id", prefix_id)
 
     @property
     def cluster_id(self) -> int:
@@ -496,9 +493,9 @@ class BlocksCacheKey:
         model_id = params.get("model_id", 0)
         check_isinstance("cluster_id", cluster_id, int, allow_none=False, prefix="The first param ")
         check_isinstance("model_id", model_id, int, allow_none=False, prefix="The second param ")
-        self._cluster_id = cluster_id
+        self._cluster_id: int = cluster_id
         self._cluster_id_key = key
-        self._model_id = model_id
+        self._model_id: int = model_id
 
     @property
     def cluster_id(self) -> int:

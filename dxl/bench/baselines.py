@@ -83,7 +83,7 @@ class RawSocketServer:
                 _tune(conn)
                 if buf is None:
                     buf = np.ones(self._max, dtype=np.uint8)  # touched, like a real cache
-                view = memoryview(buf)
+                view = buf.data
                 try:
                     while True:
                         _recv_exact(conn, memoryview(hdr))
@@ -107,7 +107,7 @@ class RawSocketClient:
         self._sock = socket.create_connection(("127.0.0.1", port))
         _tune(self._sock)
         self._buf = np.ones(max_bytes, dtype=np.uint8)
-        self._view = memoryview(self._buf)
+        self._view = self._buf.data
         self._ack = bytearray(1)
 
     def request(self, op: str, nbytes: int) -> None:

@@ -31,7 +31,8 @@ class TargetControl:
         kind, value = self._recv()
         if kind != "ready":
             raise BenchFailure(str(value))
-        return value
+        ready: dict[str, Any] = value
+        return ready
 
     def ask(self, *msg: Any) -> Any:
         self.conn.send(msg)
@@ -42,7 +43,8 @@ class TargetControl:
 
     def _recv(self) -> tuple[str, Any]:
         try:
-            return self.conn.recv()
+            reply: tuple[str, Any] = self.conn.recv()
+            return reply
         except EOFError:
             raise BenchFailure("the target process exited unexpectedly") from None
 

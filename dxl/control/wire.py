@@ -96,7 +96,7 @@ def encode(kind: str, **fields: Any) -> bytes:
 
 def frame_length(header: bytes) -> int:
     """Return the body length announced by a frame header, refusing oversize frames."""
-    (length,) = HEADER.unpack(header)
+    length: int = HEADER.unpack(header)[0]
     if length == 0 or length > MAX_FRAME:
         raise FrameError(f"frame length {length} outside 1..{MAX_FRAME}")
     return length
@@ -109,7 +109,8 @@ def decode(body: bytes) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError) as exc:
         raise FrameError(f"frame is not UTF-8 JSON: {exc}") from None
     _check_message(msg)
-    return msg
+    checked: dict[str, Any] = msg
+    return checked
 
 
 def _check_message(msg: Any) -> None:

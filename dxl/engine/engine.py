@@ -170,9 +170,11 @@ class Engine:
     unlink_clusters = forward("_linking", LinkOps.unlink_clusters)
     switch_role = forward("_linking", LinkOps.switch_role)
 
-    pull_blocks = forward("_blocks", BlockOps.pull_blocks)
+    # type: ignore: mypy rejects methods with **kwargs: Any under ParamSpec, though it infers
+    # the forwarded signature right (reveal_type shows it).
+    pull_blocks = forward("_blocks", BlockOps.pull_blocks)  # type: ignore[arg-type]
     push_blocks = forward("_blocks", BlockOps.push_blocks)
-    pull_cache = forward("_contiguous", ContiguousOps.pull_cache)
+    pull_cache = forward("_contiguous", ContiguousOps.pull_cache)  # type: ignore[arg-type]
     push_cache = forward("_contiguous", ContiguousOps.push_cache)
     remove_cache_key = forward("_contiguous", ContiguousOps.remove_cache_key)
     check_cache_key = staticmethod(ContiguousOps.check_cache_key)

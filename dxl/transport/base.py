@@ -90,8 +90,12 @@ class Transport(ABC):
     """A data path to one peer (see the module docstring). Thread-safe: the engine calls
     ``read``/``write`` from several workers at once."""
 
-    name: str
     caps: Capabilities
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """The transport's name in stats and logs (``cma``, ``cma+shm``, ``tcp``...)."""
 
     @abstractmethod
     def read(self, pieces: Pieces) -> int:
@@ -109,7 +113,7 @@ class Transport(ABC):
         """Map one of this transport's failures to the status the operation fails with."""
         return native_failure(exc)
 
-    def share_windows(self, key: Hashable, windows: Sequence[Sequence[int]]) -> list[Job]:
+    def share_windows(self, key: Hashable, windows: Sequence[Sequence[int | None]]) -> list[Job]:
         """The peer shares memory through memfds (``[fd, offset, base, size, inode]`` rows)
         under ``key`` (a cache id, or ``"pool"``): use it if this transport can. Returns jobs
         for the engine's workers. A transport that cannot map peer memory ignores it."""

@@ -7,6 +7,7 @@ request still goes through the syscalls (``dxl_cma_transfer_mapped``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -46,7 +47,7 @@ class CmaTransport(Transport):
     def name(self) -> str:
         return "cma+shm" if len(self._windows) else "cma"
 
-    def share_windows(self, key: Hashable, windows: Sequence[Sequence[int]]) -> list[Job]:
+    def share_windows(self, key: Hashable, windows: Sequence[Sequence[int | None]]) -> list[Job]:
         """Map the peer's memfd windows ``(fd, offset, remote_base, size, ino)`` under ``key``
         (a cache id, or "pool"; a key mapped already keeps its mapping). Returns the jobs that
         fault the fresh mapping in: otherwise the first copy through it pays a page fault per
@@ -55,7 +56,7 @@ class CmaTransport(Transport):
             return []
         self.map_shared(key, windows)
         return [
-            lambda addr=addr, length=length: self.prefault(key, addr, length)
+            functools.partial(self.prefault, key, addr, length)
             for addr, length in self.shared_chunks(key)
         ]
 

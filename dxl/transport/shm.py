@@ -113,7 +113,7 @@ class Windows:
                 return False
             self._running += 1
         try:
-            return _ffi.lib.dxl_prefault(addr, length) == 0
+            return bool(_ffi.lib.dxl_prefault(addr, length) == 0)
         finally:
             self.leave()
 

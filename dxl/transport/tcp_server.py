@@ -110,7 +110,8 @@ class DataServer:
                 lsock.close()
                 raise
             self._lsock = lsock
-            self.address = tuple(lsock.getsockname()[:2])  # type: ignore[assignment]
+            host, port = lsock.getsockname()[:2]
+            self.address = (host, port)
             self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
         except BaseException:
             await self.close()
