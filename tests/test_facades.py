@@ -1,0 +1,87 @@
+"""The facades stay one implementation: every Engine operation has the signature of the component
+that implements it, and every sync CacheManager / LLMDataDist operation that mirrors an Engine
+coroutine has the Engine's signature (so an API change is made once)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import dxl
+from dxl.datadist import CacheManager, LLMDataDist
+from dxl.engine import Engine
+
+# What the sync facade mirrors from the async Engine, by class.
+CACHE_MANAGER_OPS = [
+    "register_cache",
+    "register_blocks_cache",
+    "unregister_cache",
+    "allocate_cache",
+    "allocate_blocks_cache",
+    "deallocate_cache",
+    "deallocate_blocks_cache",
+    "pull_blocks",
+    "push_blocks",
+    "pull_cache",
+    "push_cache",
+    "transfer_cache_async",
+    "remove_cache_key",
+    "check_cache_key",
+    "copy_cache",
+    "copy_blocks",
+    "swap_blocks",
+]
+DATADIST_OPS = ["link_clusters", "unlink_clusters", "switch_role"]
+
+
+def _public_coroutines(cls: type) -> set[str]:
+    return {
+        name
+        for name, member in vars(cls).items()
+        if not name.startswith("_") and inspect.iscoroutinefunction(member)
+    }
+
+
+def _params(fn: object) -> list[tuple[str, object, object]]:
+    """Parameters after ``self`` (static methods have none to drop)."""
+    params = list(inspect.signature(fn).parameters.values())  # type: ignore[arg-type]
+    if params and params[0].name == "self":
+        params = params[1:]
+    return [(p.name, p.kind, p.default) for p in params]
+
+
+@pytest.mark.parametrize(
+    ("facade", "names"), [(CacheManager, CACHE_MANAGER_OPS), (LLMDataDist, DATADIST_OPS)]
+)
+def test_sync_facade_has_the_engines_signatures(facade: type, names: list[str]) -> None:
+    for name in names:
+        sync, engine = getattr(facade, name), getattr(Engine, name)
+        assert _params(sync) == _params(engine), name
+        assert inspect.getdoc(sync) == inspect.getdoc(engine), name
+
+
+def test_every_engine_operation_reaches_the_sync_facade() -> None:
+    """A coroutine added to the Engine must be mirrored (or listed as async-only here)."""
+    async_only: set[str] = set()
+    mirrored = set(CACHE_MANAGER_OPS) | set(DATADIST_OPS)
+    assert _public_coroutines(Engine) - {"start", "close"} - async_only <= mirrored
+
+
+def test_engine_operations_are_their_components() -> None:
+    """The facade forwards: the signature and docstring are the implementing component's."""
+    for name in _public_coroutines(Engine) - {"start", "close"}:
+        method = getattr(Engine, name)
+        implementation = inspect.unwrap(method)
+        assert implementation is not method, f"{name} is not forwarded"
+        assert implementation.__name__ == name
+        assert inspect.getdoc(method), f"{name} has no docstring"
+
+
+async def test_a_sync_call_before_init_creates_no_coroutine(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    dd = LLMDataDist(dxl.LLMRole.DECODER, 5)
+    with pytest.raises(RuntimeError, match="not initialized"):
+        dd.link_clusters([], 1000)
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
