@@ -593,12 +593,11 @@ class LLMConfig:
     )
     mem_pool_cfg = Prop(
         OPT_MEM_POOL,
-        doc='Device pool JSON ``{"memory_size": int, "page_shift": int}``.',
+        doc='Device pool JSON ``{"memory_size": int, "page_shift": int}`` (validated, no effect).',
         default="",
         check=_text_or_unset,
         render=_as_is,
-        parse=_parse_pool,
-        field="mem_pool",
+        parse=_parse_pool,  # DEVICE pools wait for the cuda transport
     )
     host_mem_pool_cfg = Prop(
         OPT_HOST_MEM_POOL,
@@ -642,7 +641,6 @@ class LLMConfig:
         ),
         render=_decimal,
         parse=_decimal_in(0, UINT32_MAX),
-        field="link_total_time_s",
     )
     link_retry_count = Prop(
         OPT_LINK_RETRY_COUNT,
@@ -655,7 +653,6 @@ class LLMConfig:
         ),
         render=_decimal,
         parse=_decimal_in(1, _MAX_LINK_RETRY_COUNT),
-        field="link_retry_count",
     )
     local_comm_res = Prop(
         OPT_LOCAL_COMM_RES,
@@ -884,7 +881,6 @@ class EngineOptions:
     sync_kv_timeout_ms: int = DEFAULT_SYNC_KV_TIMEOUT_MS
     enable_cache_manager: bool = False
     enable_remote_cache_accessible: bool = False
-    mem_pool: PoolConfig | None = None
     host_mem_pool: PoolConfig | None = None
     max_registered_addrs: int = DEFAULT_MAX_REGISTERED_ADDRS
     heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS
@@ -894,8 +890,6 @@ class EngineOptions:
     inline_bytes: int = DEFAULT_INLINE_BYTES
     share_registered: bool = False
     auth_token: str | None = field(default=None, repr=False)
-    link_total_time_s: int = 0
-    link_retry_count: int = 1
     raw: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
