@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any
 
 import pytest
@@ -120,3 +121,15 @@ def test_properties_have_their_doc() -> None:
     for prop in PROPS:
         assert prop.doc and "\n" not in prop.doc, prop
         assert LLMConfig.__dict__[prop.name].__doc__ == prop.doc
+
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_compatibility_doc_lists_every_option() -> None:
+    text = (DOCS / "compatibility.md").read_text()
+    for opt in OPTIONS:
+        for key in opt.keys:
+            assert f"`{key}`" in text, key
+        if isinstance(opt, Prop):
+            assert f"`{opt.name}`" in text, opt.name
