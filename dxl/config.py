@@ -4,14 +4,16 @@
 ``EngineOptions.from_options`` turns such a dict back into typed, validated settings.
 
 Every option is written once, in the **option table**: the class body of :class:`LLMConfig`
-(one :class:`Prop` per property) followed by :data:`KEY_ONLY_OPTIONS` (keys that have no
-property). An entry holds the option's key(s), its one-line doc, the check of a value set on
-the property, how the value is rendered into the option dict, its default, how an engine
-parses the key's text, and the :class:`EngineOptions` field it fills. Everything else is
-driven by that table: the properties themselves, ``generate_options``, ``__repr__`` and
-``EngineOptions.from_options``. An entry without a field is "accepted without effect": it is
-validated as the reference documents, then only kept in ``EngineOptions.raw``, like the keys
-no entry knows (Ascend-only ones, unknown ones).
+(one :class:`Prop` per property) and :data:`KEY_ONLY_OPTIONS` right after it (keys that
+have no property); :data:`OPTIONS` joins the two. An entry holds the option's key(s), its
+one-line doc, the check of a value set on the property, how the value is rendered into the
+option dict, its default, how an engine parses the key's text, and the
+:class:`EngineOptions` field it fills; the hooks it names (``_check_*``, ``_render_*``,
+``_parse_*``) are defined above the class. Everything else is driven by that table: the
+properties themselves, ``generate_options``, ``__repr__`` and ``EngineOptions.from_options``.
+An entry without a field is "accepted without effect": it is validated as the reference
+documents, then only kept in ``EngineOptions.raw``, like the keys no entry knows
+(Ascend-only ones, unknown ones).
 """
 
 from __future__ import annotations
