@@ -1,18 +1,30 @@
 """Engine options: the reference's ``LLMConfig`` builder and dxl's parsed ``EngineOptions``.
 
-``LLMConfig`` (spec 4.1) turns properties into the ``Dict[str, str]`` that ``init`` takes.
-``EngineOptions.from_options`` turns such a dict back into typed, validated settings for the
-engine. Keys the engine does not use (Ascend-only ones, unknown ones) are kept in
-``EngineOptions.raw`` and otherwise ignored.
+``LLMConfig`` (spec 4.1) turns properties into the ``Dict[str, str]`` that ``init`` takes;
+``EngineOptions.from_options`` turns such a dict back into typed, validated settings.
+
+Every option is written once, in the **option table**: the class body of :class:`LLMConfig`
+(one :class:`Prop` per property) and :data:`KEY_ONLY_OPTIONS` right after it (keys that
+have no property); :data:`OPTIONS` joins the two. An entry holds the option's key(s), its
+one-line doc, the check of a value set on the property, how the value is rendered into the
+option dict, its default, how an engine parses the key's text, and the
+:class:`EngineOptions` field it fills; the hooks it names (``_check_*``, ``_render_*``,
+``_parse_*``) are defined above the class. Everything else is driven by that table: the
+properties themselves, ``generate_options``, ``__repr__`` and ``EngineOptions.from_options``.
+An entry without a field is "accepted without effect": it is validated as the reference
+documents, then only kept in ``EngineOptions.raw``, like the keys no entry knows
+(Ascend-only ones, unknown ones).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeAlias, TypeVar, overload
 
 from dxl._validate import (
     INT32_MAX,
@@ -33,10 +45,13 @@ __all__ = [
     "DEFAULT_SYNC_KV_TIMEOUT_MS",
     "DEFAULT_TRANSFER_THREADS",
     "MAX_TRANSFER_THREADS",
+    "OPTIONS",
     "EngineOptions",
     "LLMConfig",
     "LlmConfig",
+    "Option",
     "PoolConfig",
+    "Prop",
     "listen_from_options",
     "parse_listen",
 ]
@@ -46,10 +61,12 @@ DEFAULT_MAX_REGISTERED_ADDRS = 240
 DEFAULT_HEARTBEAT_INTERVAL_MS = 1000
 DEFAULT_TRANSFER_THREADS = 2
 MAX_TRANSFER_THREADS = 64
+DEFAULT_INLINE_BYTES = 64 << 10
+_MAX_INLINE_BYTES = 1 << 30
 _DEFAULT_MEM_UTILIZATION = 0.95
 _MAX_LINK_RETRY_COUNT = 100
 
-# Option keys (the reference's spelling).
+# Option keys (the reference's spelling). Other modules import these names.
 OPT_DEVICE_ID = "ge.exec.deviceId"
 OPT_SESSION_DEVICE_ID = "ge.session_device_id"
 OPT_LISTEN_IP_INFO = "llm.listenIpInfo"
@@ -80,16 +97,433 @@ OPT_ALLOW_REMOTE_LISTEN = "dxl.AllowRemoteListen"
 OPT_TRANSPORT = "dxl.Transport"
 OPT_INLINE_BYTES = "dxl.InlineBytes"
 OPT_SHARE_REGISTERED = "dxl.ShareRegistered"
-DEFAULT_INLINE_BYTES = 64 << 10
 OPT_AUTH_TOKEN = "dxl.AuthToken"
 TRANSPORTS = ("auto", "cma", "tcp")
 ENV_TRANSPORT = "DXL_TRANSPORT"
 ENV_AUTH_TOKEN = "DXL_AUTH_TOKEN"
-SECRET_OPTIONS = frozenset({OPT_AUTH_TOKEN})  # never shown by repr or logs
+
+DeviceIds: TypeAlias = int | list[int] | tuple[int, ...]
+Rendered: TypeAlias = str | Mapping[str, str]
+"""What a render hook returns: text for the entry's first key, or a whole key -> text map."""
+ParseHook: TypeAlias = Callable[[str, str, Mapping[str, str]], Any]
+"""``(text, key, options) -> field value``; raises ``LLMException`` naming ``key``."""
+AbsentHook: TypeAlias = Callable[[Mapping[str, str]], Any]
+"""``(options) -> field value`` for an option that was not given."""
+
+S = TypeVar("S")  # what the property's setter accepts
+V = TypeVar("V")  # what it stores once set (never None: None in the store means "unset")
+D = TypeVar("D")  # what the getter returns while unset
+
+
+# --------------------------------------------------------------------------------------------
+# Table entries
+
+_NO_VALUE: Any = object()  # Option.read's "not given": the EngineOptions field keeps its default
+
+
+class Option:
+    """One table entry: an option key and how an engine reads it.
+
+    Entries with an ``LLMConfig`` property are :class:`Prop`; this class alone is for keys
+    that have none (set through ``ge_options`` or the dict passed to ``init``).
+
+    Args:
+        keys: The option key(s). An engine parses the first one present in the dict.
+        doc: One line: what the option does in dxl.
+        parse: Validates and parses the key's text when an engine starts; None accepts
+            any text unchecked.
+        field: The :class:`EngineOptions` field that the parsed value fills; None means the
+            option is accepted (and validated) without effect.
+        absent: Computes the field when no key (nor ``env``) is given; None leaves the
+            field's default.
+        env: Environment variable read when the option is absent or empty.
+        implies: Keys this option defaults when it is set (both in ``generate_options`` and
+            at ``init``); a value given explicitly wins.
+        secret: Never shown by ``repr`` or logs.
+    """
+
+    def __init__(
+        self,
+        *keys: str,
+        doc: str,
+        parse: ParseHook | None = None,
+        field: str | None = None,
+        absent: AbsentHook | None = None,
+        env: str | None = None,
+        implies: Mapping[str, str] | None = None,
+        secret: bool = False,
+    ) -> None:
+        if field is not None and parse is None:
+            raise TypeError(f"option {keys}: a field needs a parse hook")
+        self.keys = keys
+        self.doc = doc
+        self.parse = parse
+        self.field = field
+        self.absent = absent
+        self.env = env
+        self.implies: Mapping[str, str] = implies or {}
+        self.secret = secret
+
+    def read(self, options: Mapping[str, str]) -> Any:
+        """Parse this option out of ``options`` (or return ``_NO_VALUE``)."""
+        key = next((k for k in self.keys if k in options), None)
+        text = None if key is None else options[key]
+        if not text and self.env is not None:
+            text = os.environ.get(self.env) or text
+        if text is None:
+            return _NO_VALUE if self.absent is None else self.absent(options)
+        if self.parse is None:
+            return _NO_VALUE
+        return self.parse(text, key or self.keys[0], options)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}{self.keys!r}"
+
+
+class Prop(Option, Generic[S, V, D]):
+    """A table entry with an ``LLMConfig`` property: a typed descriptor.
+
+    Setting the property runs ``check``, which raises the reference's exception (TypeError,
+    ValueError or ``LLMException``) or returns the value to store; returning None unsets the
+    property (the reference's "None resets"). ``generate_options`` renders every set property
+    with ``render``. Reading an unset property gives ``default``.
+
+    Args:
+        keys, doc, parse, field, absent, env, implies, secret: As for :class:`Option`.
+        default: The getter's value while unset.
+        check: ``(property name, value) -> value to store, or None to unset``.
+        render: ``stored value -> text`` for ``keys[0]``, or a whole key -> text map.
+        always: Render ``default`` even while unset.
+        copy_default: Give each instance its own copy of a mutable ``default`` on first read,
+            so in-place edits stick to that instance (the reference's ``ge_options``).
+    """
+
+    name: str
+
+    def __init__(
+        self,
+        *keys: str,
+        doc: str,
+        default: D,
+        check: Callable[[str, S], V | None],
+        render: Callable[[V], Rendered],
+        always: bool = False,
+        copy_default: bool = False,
+        parse: ParseHook | None = None,
+        field: str | None = None,
+        absent: AbsentHook | None = None,
+        env: str | None = None,
+        implies: Mapping[str, str] | None = None,
+        secret: bool = False,
+    ) -> None:
+        super().__init__(
+            *keys,
+            doc=doc,
+            parse=parse,
+            field=field,
+            absent=absent,
+            env=env,
+            implies=implies,
+            secret=secret,
+        )
+        self.default = default
+        self.check = check
+        self.render = render
+        self.always = always
+        self.copy_default = copy_default
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> Prop[S, V, D]: ...
+    @overload
+    def __get__(self, obj: LLMConfig, owner: type[Any]) -> V | D: ...
+    def __get__(self, obj: LLMConfig | None, owner: type[Any]) -> Prop[S, V, D] | V | D:
+        if obj is None:
+            return self
+        values = obj._values
+        if self.name in values:
+            stored: V = values[self.name]
+            return stored
+        if self.copy_default:
+            values[self.name] = own = copy.copy(self.default)
+            return own
+        return self.default
+
+    def __set__(self, obj: LLMConfig, value: S) -> None:
+        stored = self.check(self.name, value)
+        if stored is None:
+            obj._values.pop(self.name, None)
+        else:
+            obj._values[self.name] = stored
+
+    def write(self, opts: dict[str, str], value: V) -> None:
+        """Render ``value`` into ``opts``."""
+        rendered = self.render(value)
+        if isinstance(rendered, str):
+            opts[self.keys[0]] = rendered
+        else:
+            opts.update(rendered)
+
+    def __repr__(self) -> str:
+        return f"Prop({getattr(self, 'name', '?')}, {self.keys!r})"
+
+
+# --------------------------------------------------------------------------------------------
+# Setter checks: (property name, value) -> value to store, or None to unset. They raise the
+# reference's exceptions (spec 3.3): TypeError for a type, ValueError for a C width,
+# LLMException(LLM_PARAM_INVALID) for a rule.
+
+
+def _text_or_unset(name: str, value: str | None) -> str | None:
+    """str; ``""`` and None both mean unset (not emitted)."""
+    check_isinstance(name, value, str)
+    return value or None
+
+
+def _text(name: str, value: str | None) -> str | None:
+    """str; None unsets, but ``""`` is a value and is emitted."""
+    check_isinstance(name, value, str)
+    return value
+
+
+def _bool_or_unset(name: str, value: bool | None) -> bool | None:
+    check_isinstance(name, value, bool)
+    return value
+
+
+def _bool(name: str, value: bool) -> bool:
+    check_isinstance(name, value, bool, allow_none=False)
+    return value
+
+
+def _true_or_unset(name: str, value: bool | None) -> bool | None:
+    """bool or None; only True is kept (the reference emits the key only when True)."""
+    check_isinstance(name, value, bool)
+    return True if value else None
+
+
+def _int_or_unset(name: str, value: int | None) -> int | None:
+    check_isinstance(name, value, int)
+    return value
+
+
+def _uint32(name: str, value: int) -> int:
+    check_uint32(name, value)
+    return value
+
+
+def _int_in(
+    low: int, high: int | None, message: str, *, int32: bool = False
+) -> Callable[[str, int], int]:
+    """An int (None refused) with ``low <= value (<= high)``, else ``message`` formatted with
+    ``name``, ``value``, ``low`` and ``high``; ``int32`` adds the int32 width check."""
+
+    def check(name: str, value: int) -> int:
+        check_isinstance(name, value, int, allow_none=False)
+        ensure(
+            low <= value and (high is None or value <= high),
+            message.format(name=name, value=value, low=low, high=high),
+        )
+        if int32:
+            check_int32(name, value)
+        return value
+
+    return check
+
+
+def _check_ge_options(name: str, value: dict[str, str] | None) -> dict[str, str]:
+    check_dict(name, value, str, str, allow_none=True)
+    return {} if value is None else value
+
+
+def _check_device_id(name: str, value: DeviceIds | None) -> DeviceIds | None:
+    check_isinstance(name, value, (list, tuple, int))
+    if isinstance(value, (list, tuple)):
+        check_isinstance(name, value, (list, tuple), inner=int)
+        ensure(len(value) > 0, f"{name} must not be an empty list")
+        ids = list(value)
+    else:
+        ids = [] if value is None else [value]
+    # All signs first, then all widths: the reference's order of errors.
+    for dev in ids:
+        ensure(dev >= 0, f"{name} should be greater than or equal to zero, got {dev}")
+    for dev in ids:
+        check_int32(name, dev)
+    return value
+
+
+def _check_sync_kv_timeout(name: str, value: int | str | None) -> int | str | None:
+    check_isinstance(name, value, (int, str))
+    if value is not None:
+        if isinstance(value, str):
+            ensure(_is_ascii_digits(value), f"{name} must be digit, got {value!r}")
+        ensure(int(value) > 0, f"{name} should be greater than zero, got {value}")
+        check_int32(name, int(value))
+    return value
+
+
+def _check_fraction(name: str, value: float) -> float:
+    check_isinstance(name, value, float, allow_none=False)
+    ensure(0.0 <= value <= 1.0, f"{name} must be in range [0,1], current:{value}")
+    return value
+
+
+def _check_cluster_info(name: str, value: str | None) -> str | None:
+    """JSON object; dotted ips in ``listen_ip_info[*].ip`` become ints, as in the reference."""
+    check_isinstance(name, value, str)
+    if not value:
+        return None
+    try:
+        info = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise param_invalid(None, f"{name} must be JSON: {exc}") from None
+    ensure(isinstance(info, dict), f"{name} must be a JSON object")
+    for entry in info.get("listen_ip_info", []):
+        if isinstance(entry, dict) and isinstance(entry.get("ip"), str):
+            entry["ip"] = parse_ip(entry["ip"])
+    return json.dumps(info)
+
+
+def _check_transport(name: str, value: str) -> str:
+    check_isinstance(name, value, str, allow_none=False)
+    ensure(value in TRANSPORTS, f"{name} must be one of {TRANSPORTS}, got {value!r}")
+    return value
+
+
+def _check_secret(name: str, value: str) -> str:
+    check_isinstance(name, value, str, allow_none=False)
+    ensure(bool(value), f"{name} must not be empty")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Renderers: stored value -> option text (or a key -> text map).
+
+
+def _as_is(value: str) -> str:
+    return value
+
+
+def _decimal(value: int) -> str:
+    return str(int(value))  # int(): a bool passes the int checks and must render as 0/1
 
 
 def _flag(value: bool) -> str:
     return "1" if value else "0"
+
+
+def _merged(value: Mapping[str, str]) -> Mapping[str, str]:
+    return value
+
+
+def _render_device_id(value: DeviceIds) -> Mapping[str, str]:
+    # The reference emits both keys; for a list, the session id is the first device.
+    if isinstance(value, int):
+        return {OPT_DEVICE_ID: str(int(value)), OPT_SESSION_DEVICE_ID: str(int(value))}
+    return {
+        OPT_DEVICE_ID: ";".join(str(int(d)) for d in value),
+        OPT_SESSION_DEVICE_ID: str(int(value[0])),
+    }
+
+
+def _render_timeout(value: int | str) -> str:
+    return value if isinstance(value, str) else str(int(value))  # digit strings kept verbatim
+
+
+# --------------------------------------------------------------------------------------------
+# Parse hooks: (text, key, options) -> field value, when an engine starts.
+
+
+def _is_ascii_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _decimal_in(low: int, high: int) -> ParseHook:
+    """A decimal integer in ``[low, high]``."""
+
+    def parse(text: str, key: str, options: Mapping[str, str]) -> int:
+        ensure(_is_ascii_digits(text), f"option {key} must be a decimal integer, got {text!r}")
+        value = int(text)
+        ensure(low <= value <= high, f"option {key} must be in [{low}, {high}], got {value}")
+        return value
+
+    return parse
+
+
+def _parse_flag(text: str, key: str, options: Mapping[str, str]) -> bool:
+    ensure(text in ("0", "1"), f'option {key} must be "0" or "1", got {text!r}')
+    return text == "1"
+
+
+def _parse_device_id(text: str, key: str, options: Mapping[str, str]) -> int | None:
+    if not text:
+        return None
+    ensure(";" not in text, f"option {key}: one device per process is supported, got {text!r}")
+    value: int = _decimal_in(0, INT32_MAX)(text, key, options)
+    return value
+
+
+def _parse_listen(text: str, key: str, options: Mapping[str, str]) -> tuple[str, int] | None:
+    return parse_listen(text) if text else None  # "" = a pure client
+
+
+def _parse_pool(text: str, key: str, options: Mapping[str, str]) -> PoolConfig | None:
+    return PoolConfig.from_json(text, key) if text else None
+
+
+def _parse_fraction(text: str, key: str, options: Mapping[str, str]) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise param_invalid(None, f"option {key} must be a number, got {text!r}") from None
+    ensure(0.0 <= value <= 1.0, f"option {key} must be in [0, 1], got {text}")
+    return value
+
+
+def _parse_single_decimal(text: str, key: str, options: Mapping[str, str]) -> str:
+    ensure(_is_ascii_digits(text), f"option {key} must be one decimal integer, got {text!r}")
+    return text
+
+
+def _parse_transfer_backend(text: str, key: str, options: Mapping[str, str]) -> str:
+    # Spec 4.1: only "hixl", which needs remote-cache access (defaulted on, see
+    # _hixl_backend) and a listener.
+    if text:
+        ensure(text == "hixl", f'option {key} must be "hixl", got {text!r}')
+        ensure(
+            options.get(OPT_ENABLE_REMOTE_CACHE_ACCESSIBLE) != "0",
+            f"option {key}=hixl requires {OPT_ENABLE_REMOTE_CACHE_ACCESSIBLE}=1",
+        )
+        ensure(
+            bool(options.get(OPT_LISTEN_IP_INFO)),
+            f"option {key}=hixl requires {OPT_LISTEN_IP_INFO}",
+        )
+    return text
+
+
+def _hixl_backend(options: Mapping[str, str]) -> bool:
+    """``init`` turns remote-cache access on for the hixl backend unless it is set."""
+    return options.get(OPT_TRANSFER_BACKEND) == "hixl"
+
+
+def _parse_transport(text: str, key: str, options: Mapping[str, str]) -> str:
+    value = text or "auto"
+    ensure(
+        value in TRANSPORTS,
+        f"option {key} (or ${ENV_TRANSPORT}) must be one of {TRANSPORTS}, got {value!r}",
+    )
+    return value
+
+
+def _parse_secret(text: str, key: str, options: Mapping[str, str]) -> str | None:
+    return text or None
+
+
+# --------------------------------------------------------------------------------------------
+# The option table
 
 
 class LLMConfig:
@@ -99,40 +533,267 @@ class LLMConfig:
     emitted, except ``llm.MemoryUtilization`` (always, default ``"0.95"``). Setting a
     property to None (where the reference's type check allows it) makes it "unset" again,
     but a key already emitted stays in :attr:`options`.
+
+    The class body below is the option table: one :class:`Prop` per property, in the
+    reference's order (spec 4.1), dxl's extensions last.
     """
+
+    # Emitted first, so that every named property below overrides it.
+    ge_options: Prop[dict[str, str] | None, dict[str, str], dict[str, str]] = Prop(
+        doc="Extra engine options, emitted first and overridable by named properties.",
+        default={},
+        copy_default=True,
+        check=_check_ge_options,
+        render=_merged,
+    )
+    device_id: Prop[DeviceIds | None, DeviceIds, None] = Prop(
+        OPT_DEVICE_ID,
+        OPT_SESSION_DEVICE_ID,
+        doc="Device of this process (CUDA ordinal in dxl); None until set.",
+        default=None,
+        check=_check_device_id,
+        render=_render_device_id,
+        parse=_parse_device_id,
+        field="device_id",
+    )
+    listen_ip_info = Prop(
+        OPT_LISTEN_IP_INFO,
+        doc='``"ip:port"`` (or ``"[ipv6]:port"``) this instance listens on; ``""`` = client.',
+        default="",
+        check=_text_or_unset,
+        render=_as_is,
+        parse=_parse_listen,
+        field="listen",
+    )
+    sync_kv_timeout: Prop[int | str | None, int | str, None] = Prop(
+        OPT_SYNC_KV_TIMEOUT,
+        doc="Timeout of pull/push in ms (int or digit string); None = engine default 1000.",
+        default=None,
+        check=_check_sync_kv_timeout,
+        render=_render_timeout,
+        parse=_decimal_in(1, INT32_MAX),
+        field="sync_kv_timeout_ms",
+    )
+    enable_cache_manager = Prop(
+        OPT_ENABLE_CACHE_MANAGER,
+        doc="Select v2 (CacheManager) mode; dxl always runs v2.",
+        default=False,
+        check=_bool_or_unset,
+        render=_flag,
+        parse=_parse_flag,
+        field="enable_cache_manager",
+    )
+    enable_remote_cache_accessible = Prop(
+        OPT_ENABLE_REMOTE_CACHE_ACCESSIBLE,
+        doc="Remote-cache-accessible mode (affects ``pull_cache`` key types and consumption).",
+        default=False,
+        check=_bool_or_unset,
+        render=_flag,
+        parse=_parse_flag,
+        absent=_hixl_backend,
+        field="enable_remote_cache_accessible",
+    )
+    mem_pool_cfg = Prop(
+        OPT_MEM_POOL,
+        doc='Device pool JSON ``{"memory_size": int, "page_shift": int}`` (validated, no effect).',
+        default="",
+        check=_text_or_unset,
+        render=_as_is,
+        parse=_parse_pool,  # DEVICE pools wait for the cuda transport
+    )
+    host_mem_pool_cfg = Prop(
+        OPT_HOST_MEM_POOL,
+        doc="Host pool JSON, same schema as :attr:`mem_pool_cfg`; backs HOST ``allocate_*``.",
+        default="",
+        check=_text_or_unset,
+        render=_as_is,
+        parse=_parse_pool,
+        field="host_mem_pool",
+    )
+    buf_pool_cfg = Prop(
+        OPT_BUF_POOL,
+        doc="v1 buffer pool JSON (accepted, no effect in dxl).",
+        default="",
+        check=_text_or_unset,
+        render=_as_is,
+    )
+    rdma_traffic_class = Prop(
+        OPT_RDMA_TRAFFIC_CLASS,
+        doc="RDMA traffic class (accepted, no effect in dxl).",
+        default=None,
+        check=_uint32,
+        render=_decimal,
+        parse=_decimal_in(0, UINT32_MAX),
+    )
+    rdma_service_level = Prop(
+        OPT_RDMA_SERVICE_LEVEL,
+        doc="RDMA service level (accepted, no effect in dxl).",
+        default=None,
+        check=_uint32,
+        render=_decimal,
+        parse=_decimal_in(0, UINT32_MAX),
+    )
+    link_total_time = Prop(
+        OPT_LINK_TOTAL_TIME,
+        doc="HCCL link-setup timeout in s, 0 = default (accepted, no effect: dxl uses the "
+        "``timeout`` of ``link_clusters``).",
+        default=0,
+        check=_int_in(
+            0, UINT32_MAX, "{name} should be an integer between [0, 2^32-1], given value is {value}"
+        ),
+        render=_decimal,
+        parse=_decimal_in(0, UINT32_MAX),
+    )
+    link_retry_count = Prop(
+        OPT_LINK_RETRY_COUNT,
+        doc="HCCL link-setup retries, 1..100 (accepted, no effect in dxl).",
+        default=1,
+        check=_int_in(
+            1,
+            _MAX_LINK_RETRY_COUNT,
+            "{name} should be an integer between [{low}, {high}], given value is {value}",
+        ),
+        render=_decimal,
+        parse=_decimal_in(1, _MAX_LINK_RETRY_COUNT),
+    )
+    local_comm_res = Prop(
+        OPT_LOCAL_COMM_RES,
+        doc='Local communication resources JSON; setting it (even to "") implies v2 options.',
+        default="",
+        check=_text,
+        render=_as_is,
+        implies={OPT_ENABLE_CACHE_MANAGER: "1", OPT_ENABLE_REMOTE_CACHE_ACCESSIBLE: "1"},
+    )
+    transfer_backend = Prop(
+        OPT_TRANSFER_BACKEND,
+        doc='Transfer backend; only "hixl", with its preconditions (no effect in dxl).',
+        default="",
+        check=_text,
+        render=_as_is,
+        parse=_parse_transfer_backend,
+    )
+    global_resource_config = Prop(
+        OPT_GLOBAL_RESOURCE_CONFIG,
+        doc="HIXL resource JSON (accepted, no effect in dxl).",
+        default="",
+        check=_text,
+        render=_as_is,
+    )
+    enable_switch_role = Prop(
+        OPT_ENABLE_SWITCH_ROLE,
+        doc='Emit ``llm.EnableSwitchRole="1"`` (v1 requirement; harmless in v2).',
+        default=False,
+        check=_true_or_unset,
+        render=_flag,
+    )
+    mem_utilization = Prop(
+        OPT_MEM_UTILIZATION,
+        doc="v1 pool utilisation fraction in [0, 1] (always emitted, no effect in dxl).",
+        default=_DEFAULT_MEM_UTILIZATION,
+        always=True,
+        check=_check_fraction,
+        render=str,
+        parse=_parse_fraction,
+    )
+    deploy_res_path = Prop(
+        OPT_DEPLOY_RES_PATH,
+        doc="v1 offline option (accepted, no effect in dxl).",
+        default="",
+        check=_text_or_unset,
+        render=_as_is,
+    )
+    output_max_size = Prop(
+        OPT_OUTPUT_MAX_SIZE,
+        doc="v1 offline option (accepted, no effect in dxl).",
+        default=None,
+        check=_int_or_unset,
+        render=_decimal,
+    )
+    cluster_info = Prop(
+        OPT_CLUSTER_INFO,
+        doc="v1 offline cluster JSON; dotted ips in ``listen_ip_info[*].ip`` become ints.",
+        default="",
+        check=_check_cluster_info,
+        render=_as_is,
+    )
+
+    # -- dxl extensions -------------------------------------------------------------------
+
+    max_registered_addrs = Prop(
+        OPT_MAX_REGISTER_ADDRS,
+        doc="dxl: cap on registered addresses (default 240; spec stance 4).",
+        default=DEFAULT_MAX_REGISTERED_ADDRS,
+        check=_int_in(1, None, "{name} must be >= 1, got {value}"),
+        render=_decimal,
+        parse=_decimal_in(1, INT32_MAX),
+        field="max_registered_addrs",
+    )
+    heartbeat_interval_ms = Prop(
+        OPT_HEARTBEAT_INTERVAL_MS,
+        doc="dxl: link heartbeat period in ms (default 1000); a silent peer is dropped after 3.",
+        default=DEFAULT_HEARTBEAT_INTERVAL_MS,
+        check=_int_in(1, None, "{name} must be > 0, got {value}", int32=True),
+        render=_decimal,
+        parse=_decimal_in(1, INT32_MAX),
+        field="heartbeat_interval_ms",
+    )
+    transfer_threads = Prop(
+        OPT_TRANSFER_THREADS,
+        doc="dxl: threads that split one large request, 1..64 (default 2).",
+        default=DEFAULT_TRANSFER_THREADS,
+        check=_int_in(1, MAX_TRANSFER_THREADS, "{name} must be in [{low}, {high}], got {value}"),
+        render=_decimal,
+        parse=_decimal_in(1, MAX_TRANSFER_THREADS),
+        field="transfer_threads",
+    )
+    allow_remote_listen = Prop(
+        OPT_ALLOW_REMOTE_LISTEN,
+        doc="dxl: allow listening on a non-loopback address without a shared secret.",
+        default=False,
+        check=_bool,
+        render=_flag,
+        parse=_parse_flag,
+        field="allow_remote_listen",
+    )
+    transport = Prop(
+        OPT_TRANSPORT,
+        doc='dxl: "auto" (cma on one host, tcp otherwise), "cma" or "tcp"; '
+        "``DXL_TRANSPORT`` applies when unset.",
+        default="auto",
+        check=_check_transport,
+        render=_as_is,
+        env=ENV_TRANSPORT,
+        parse=_parse_transport,
+        field="transport",
+    )
+    share_registered = Prop(
+        OPT_SHARE_REGISTERED,
+        doc="dxl: move registered HOST memory onto shared memory in place, so same-host peers "
+        "memcpy it (off by default: docs/api.md says when it is safe).",
+        default=False,
+        check=_bool,
+        render=_flag,
+        parse=_parse_flag,
+        field="share_registered",
+    )
+    auth_token = Prop(
+        OPT_AUTH_TOKEN,
+        doc="dxl: shared secret that authenticates links and data connections; "
+        "``DXL_AUTH_TOKEN`` applies when unset. Never logged.",
+        default=None,
+        check=_check_secret,
+        render=_as_is,
+        env=ENV_AUTH_TOKEN,
+        parse=_parse_secret,
+        field="auth_token",
+        secret=True,
+    )
+
+    # -- the builder ----------------------------------------------------------------------
 
     def __init__(self) -> None:
         self._options: dict[str, str] = {}
-        self._ge_options: dict[str, str] = {}
-        self._device_id: int | list[int] | tuple[int, ...] | None = None
-        self._listen_ip_info = ""
-        self._sync_kv_timeout: int | str | None = None
-        self._enable_cache_manager: bool | None = None
-        self._enable_remote_cache_accessible: bool | None = None
-        self._mem_pool_cfg = ""
-        self._host_mem_pool_cfg = ""
-        self._buf_pool_cfg = ""
-        self._rdma_traffic_class: int | None = None
-        self._rdma_service_level: int | None = None
-        self._link_total_time: int | None = None
-        self._link_retry_count: int | None = None
-        self._local_comm_res: str | None = None
-        self._transfer_backend: str | None = None
-        self._global_resource_config: str | None = None
-        self._enable_switch_role = False
-        self._mem_utilization = _DEFAULT_MEM_UTILIZATION
-        self._deploy_res_path = ""
-        self._output_max_size: int | None = None
-        self._cluster_info = ""
-        self._max_registered_addrs: int | None = None
-        self._heartbeat_interval_ms: int | None = None
-        self._transfer_threads: int | None = None
-        self._allow_remote_listen: bool | None = None
-        self._transport: str | None = None
-        self._share_registered: bool | None = None
-        self._auth_token: str | None = None
-
-    # -- option dict ----------------------------------------------------------------------
+        self._values: dict[str, Any] = {}  # property name -> stored value; absent = unset
 
     @property
     def options(self) -> dict[str, str]:
@@ -154,424 +815,17 @@ class LLMConfig:
     gen_options = generate_options
 
     def _build(self, opts: dict[str, str]) -> dict[str, str]:
-        opts.update(self._ge_options)
-        if self._device_id is not None:
-            if isinstance(self._device_id, int):
-                opts[OPT_DEVICE_ID] = str(int(self._device_id))
-                opts[OPT_SESSION_DEVICE_ID] = str(int(self._device_id))
-            else:
-                opts[OPT_SESSION_DEVICE_ID] = str(int(self._device_id[0]))
-                opts[OPT_DEVICE_ID] = ";".join(str(int(d)) for d in self._device_id)
-        if self._sync_kv_timeout is not None:
-            timeout = self._sync_kv_timeout
-            opts[OPT_SYNC_KV_TIMEOUT] = timeout if isinstance(timeout, str) else str(int(timeout))
-        if self._deploy_res_path:
-            opts[OPT_DEPLOY_RES_PATH] = self._deploy_res_path
-        self._add_memory_options(opts)
-        self._add_connect_options(opts)
-        if self._cluster_info:
-            opts[OPT_CLUSTER_INFO] = self._cluster_info
-        if self._output_max_size is not None:
-            opts[OPT_OUTPUT_MAX_SIZE] = str(int(self._output_max_size))
-        if self._enable_switch_role:
-            opts[OPT_ENABLE_SWITCH_ROLE] = "1"
-        opts[OPT_MEM_UTILIZATION] = str(self._mem_utilization)
-        self._add_dxl_options(opts)
+        for prop in _PROPERTIES:
+            if prop.name in self._values:
+                prop.write(opts, self._values[prop.name])
+            elif prop.always:
+                prop.write(opts, prop.default)
+        for prop in _PROPERTIES:
+            if prop.name in self._values:
+                for key, text in prop.implies.items():
+                    if _BY_KEY[key].name not in self._values:  # explicitly set wins
+                        opts[key] = text
         return opts
-
-    def _add_memory_options(self, opts: dict[str, str]) -> None:
-        if self._buf_pool_cfg:
-            opts[OPT_BUF_POOL] = self._buf_pool_cfg
-        if self._mem_pool_cfg:
-            opts[OPT_MEM_POOL] = self._mem_pool_cfg
-        if self._host_mem_pool_cfg:
-            opts[OPT_HOST_MEM_POOL] = self._host_mem_pool_cfg
-        implied = self._local_comm_res is not None
-        if self._enable_cache_manager is not None:
-            opts[OPT_ENABLE_CACHE_MANAGER] = _flag(self._enable_cache_manager)
-        elif implied:
-            opts[OPT_ENABLE_CACHE_MANAGER] = "1"
-        if self._enable_remote_cache_accessible is not None:
-            opts[OPT_ENABLE_REMOTE_CACHE_ACCESSIBLE] = _flag(self._enable_remote_cache_accessible)
-        elif implied:
-            opts[OPT_ENABLE_REMOTE_CACHE_ACCESSIBLE] = "1"
-
-    def _add_connect_options(self, opts: dict[str, str]) -> None:
-        if self._listen_ip_info:
-            opts[OPT_LISTEN_IP_INFO] = self._listen_ip_info
-        if self._link_total_time is not None:
-            opts[OPT_LINK_TOTAL_TIME] = str(int(self._link_total_time))
-        if self._link_retry_count is not None:
-            opts[OPT_LINK_RETRY_COUNT] = str(int(self._link_retry_count))
-        if self._rdma_traffic_class is not None:
-            opts[OPT_RDMA_TRAFFIC_CLASS] = str(int(self._rdma_traffic_class))
-        if self._rdma_service_level is not None:
-            opts[OPT_RDMA_SERVICE_LEVEL] = str(int(self._rdma_service_level))
-        if self._local_comm_res is not None:
-            opts[OPT_LOCAL_COMM_RES] = self._local_comm_res
-        if self._transfer_backend is not None:
-            opts[OPT_TRANSFER_BACKEND] = self._transfer_backend
-        if self._global_resource_config is not None:
-            opts[OPT_GLOBAL_RESOURCE_CONFIG] = self._global_resource_config
-
-    def _add_dxl_options(self, opts: dict[str, str]) -> None:
-        if self._max_registered_addrs is not None:
-            opts[OPT_MAX_REGISTER_ADDRS] = str(int(self._max_registered_addrs))
-        if self._heartbeat_interval_ms is not None:
-            opts[OPT_HEARTBEAT_INTERVAL_MS] = str(int(self._heartbeat_interval_ms))
-        if self._transfer_threads is not None:
-            opts[OPT_TRANSFER_THREADS] = str(int(self._transfer_threads))
-        if self._allow_remote_listen is not None:
-            opts[OPT_ALLOW_REMOTE_LISTEN] = _flag(self._allow_remote_listen)
-        if self._transport is not None:
-            opts[OPT_TRANSPORT] = self._transport
-        if self._share_registered is not None:
-            opts[OPT_SHARE_REGISTERED] = _flag(self._share_registered)
-        if self._auth_token is not None:
-            opts[OPT_AUTH_TOKEN] = self._auth_token
-
-    # -- reference properties -------------------------------------------------------------
-
-    @property
-    def device_id(self) -> int | list[int] | tuple[int, ...] | None:
-        """Device of this process (CUDA ordinal in dxl); None until set."""
-        return self._device_id
-
-    @device_id.setter
-    def device_id(self, value: int | list[int] | tuple[int, ...] | None) -> None:
-        check_isinstance("device_id", value, (list, tuple, int))
-        if isinstance(value, (list, tuple)):
-            check_isinstance("device_id", value, (list, tuple), inner=int)
-            ensure(len(value) > 0, "device_id must not be an empty list")
-            ids = list(value)
-        else:
-            ids = [] if value is None else [value]
-        for dev in ids:
-            ensure(dev >= 0, f"device_id should be greater than or equal to zero, got {dev}")
-        for dev in ids:
-            check_int32("device_id", dev)
-        self._device_id = value
-
-    @property
-    def listen_ip_info(self) -> str:
-        """``"ip:port"`` (or ``"[ipv6]:port"``) this instance listens on; ``""`` = client."""
-        return self._listen_ip_info
-
-    @listen_ip_info.setter
-    def listen_ip_info(self, value: str | None) -> None:
-        check_isinstance("listen_ip_info", value, str)
-        self._listen_ip_info = value or ""
-
-    @property
-    def sync_kv_timeout(self) -> int | str | None:
-        """Timeout of pull/push in ms (int or digit string); None = engine default 1000."""
-        return self._sync_kv_timeout
-
-    @sync_kv_timeout.setter
-    def sync_kv_timeout(self, value: int | str | None) -> None:
-        check_isinstance("sync_kv_timeout", value, (int, str))
-        if value is not None:
-            if isinstance(value, str):
-                ensure(_is_ascii_digits(value), f"sync_kv_timeout must be digit, got {value!r}")
-            ensure(int(value) > 0, f"sync_kv_timeout should be greater than zero, got {value}")
-            check_int32("sync_kv_timeout", int(value))
-        self._sync_kv_timeout = value
-
-    @property
-    def ge_options(self) -> dict[str, str]:
-        """Extra engine options, emitted first and overridable by named properties."""
-        return self._ge_options
-
-    @ge_options.setter
-    def ge_options(self, value: dict[str, str] | None) -> None:
-        check_dict("ge_options", value, str, str, allow_none=True)
-        self._ge_options = {} if value is None else value
-
-    @property
-    def enable_cache_manager(self) -> bool:
-        """Select v2 (CacheManager) mode; dxl always runs v2."""
-        return bool(self._enable_cache_manager)
-
-    @enable_cache_manager.setter
-    def enable_cache_manager(self, value: bool | None) -> None:
-        check_isinstance("enable_cache_manager", value, bool)
-        self._enable_cache_manager = value
-
-    @property
-    def enable_remote_cache_accessible(self) -> bool:
-        """Remote-cache-accessible mode (affects ``pull_cache`` key types and consumption)."""
-        return bool(self._enable_remote_cache_accessible)
-
-    @enable_remote_cache_accessible.setter
-    def enable_remote_cache_accessible(self, value: bool | None) -> None:
-        check_isinstance("enable_remote_cache_accessible", value, bool)
-        self._enable_remote_cache_accessible = value
-
-    @property
-    def mem_pool_cfg(self) -> str:
-        """Device pool JSON ``{"memory_size": int, "page_shift": int}``."""
-        return self._mem_pool_cfg
-
-    @mem_pool_cfg.setter
-    def mem_pool_cfg(self, value: str | None) -> None:
-        check_isinstance("mem_pool_cfg", value, str)
-        self._mem_pool_cfg = value or ""
-
-    @property
-    def host_mem_pool_cfg(self) -> str:
-        """Host pool JSON, same schema as :attr:`mem_pool_cfg`."""
-        return self._host_mem_pool_cfg
-
-    @host_mem_pool_cfg.setter
-    def host_mem_pool_cfg(self, value: str | None) -> None:
-        check_isinstance("host_mem_pool_cfg", value, str)
-        self._host_mem_pool_cfg = value or ""
-
-    @property
-    def buf_pool_cfg(self) -> str:
-        """v1 buffer pool JSON (accepted, no effect in dxl)."""
-        return self._buf_pool_cfg
-
-    @buf_pool_cfg.setter
-    def buf_pool_cfg(self, value: str | None) -> None:
-        check_isinstance("buf_pool_cfg", value, str)
-        self._buf_pool_cfg = value or ""
-
-    @property
-    def rdma_traffic_class(self) -> int | None:
-        """RDMA traffic class (accepted, no effect in dxl)."""
-        return self._rdma_traffic_class
-
-    @rdma_traffic_class.setter
-    def rdma_traffic_class(self, value: int) -> None:
-        check_uint32("rdma_traffic_class", value)
-        self._rdma_traffic_class = value
-
-    @property
-    def rdma_service_level(self) -> int | None:
-        """RDMA service level (accepted, no effect in dxl)."""
-        return self._rdma_service_level
-
-    @rdma_service_level.setter
-    def rdma_service_level(self, value: int) -> None:
-        check_uint32("rdma_service_level", value)
-        self._rdma_service_level = value
-
-    @property
-    def link_total_time(self) -> int:
-        """Total link-setup timeout in seconds; 0 = default."""
-        return 0 if self._link_total_time is None else self._link_total_time
-
-    @link_total_time.setter
-    def link_total_time(self, value: int) -> None:
-        check_isinstance("link_total_time", value, int, allow_none=False)
-        ensure(
-            0 <= value <= UINT32_MAX,
-            f"link_total_time should be an integer between [0, 2^32-1], given value is {value}",
-        )
-        self._link_total_time = value
-
-    @property
-    def link_retry_count(self) -> int:
-        """Link-setup retries, 1..100."""
-        return 1 if self._link_retry_count is None else self._link_retry_count
-
-    @link_retry_count.setter
-    def link_retry_count(self, value: int) -> None:
-        check_isinstance("link_retry_count", value, int, allow_none=False)
-        ensure(
-            1 <= value <= _MAX_LINK_RETRY_COUNT,
-            f"link_retry_count should be an integer between [1, 100], given value is {value}",
-        )
-        self._link_retry_count = value
-
-    @property
-    def local_comm_res(self) -> str:
-        """Local communication resources JSON; setting it (even to "") implies v2 options."""
-        return "" if self._local_comm_res is None else self._local_comm_res
-
-    @local_comm_res.setter
-    def local_comm_res(self, value: str | None) -> None:
-        check_isinstance("local_comm_res", value, str)
-        self._local_comm_res = value
-
-    @property
-    def transfer_backend(self) -> str:
-        """Transfer backend (reference: only "hixl")."""
-        return "" if self._transfer_backend is None else self._transfer_backend
-
-    @transfer_backend.setter
-    def transfer_backend(self, value: str | None) -> None:
-        check_isinstance("transfer_backend", value, str)
-        self._transfer_backend = value
-
-    @property
-    def global_resource_config(self) -> str:
-        """HIXL resource JSON (accepted, no effect in dxl)."""
-        return "" if self._global_resource_config is None else self._global_resource_config
-
-    @global_resource_config.setter
-    def global_resource_config(self, value: str | None) -> None:
-        check_isinstance("global_resource_config", value, str)
-        self._global_resource_config = value
-
-    @property
-    def enable_switch_role(self) -> bool:
-        """Emit ``llm.EnableSwitchRole=1`` (v1 requirement; harmless in v2)."""
-        return self._enable_switch_role
-
-    @enable_switch_role.setter
-    def enable_switch_role(self, value: bool | None) -> None:
-        check_isinstance("enable_switch_role", value, bool)
-        self._enable_switch_role = bool(value)
-
-    @property
-    def mem_utilization(self) -> float:
-        """v1 pool utilisation fraction in [0, 1] (always emitted, default 0.95)."""
-        return self._mem_utilization
-
-    @mem_utilization.setter
-    def mem_utilization(self, value: float) -> None:
-        check_isinstance("mem_utilization", value, float, allow_none=False)
-        ensure(
-            0.0 <= value <= 1.0,
-            f"mem_utilization must be in range [0,1], current:{value}",
-        )
-        self._mem_utilization = value
-
-    @property
-    def deploy_res_path(self) -> str:
-        """v1 offline option (accepted, no effect in dxl)."""
-        return self._deploy_res_path
-
-    @deploy_res_path.setter
-    def deploy_res_path(self, value: str | None) -> None:
-        check_isinstance("deploy_res_path", value, str)
-        self._deploy_res_path = value or ""
-
-    @property
-    def output_max_size(self) -> int | None:
-        """v1 offline option (accepted, no effect in dxl)."""
-        return self._output_max_size
-
-    @output_max_size.setter
-    def output_max_size(self, value: int | None) -> None:
-        check_isinstance("output_max_size", value, int)
-        self._output_max_size = value
-
-    @property
-    def cluster_info(self) -> str:
-        """v1 offline cluster JSON; dotted ips in ``listen_ip_info[*].ip`` become ints."""
-        return self._cluster_info
-
-    @cluster_info.setter
-    def cluster_info(self, value: str | None) -> None:
-        check_isinstance("cluster_info", value, str)
-        if not value:
-            self._cluster_info = ""
-            return
-        try:
-            info = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise param_invalid(None, f"cluster_info must be JSON: {exc}") from None
-        ensure(isinstance(info, dict), "cluster_info must be a JSON object")
-        for entry in info.get("listen_ip_info", []):
-            if isinstance(entry, dict) and isinstance(entry.get("ip"), str):
-                entry["ip"] = parse_ip(entry["ip"])
-        self._cluster_info = json.dumps(info)
-
-    # -- dxl extensions -------------------------------------------------------------------
-
-    @property
-    def max_registered_addrs(self) -> int:
-        """dxl extension: cap on registered addresses (default 240), ``dxl.MaxRegisterAddrs``."""
-        if self._max_registered_addrs is None:
-            return DEFAULT_MAX_REGISTERED_ADDRS
-        return self._max_registered_addrs
-
-    @max_registered_addrs.setter
-    def max_registered_addrs(self, value: int) -> None:
-        check_isinstance("max_registered_addrs", value, int, allow_none=False)
-        ensure(value >= 1, f"max_registered_addrs must be >= 1, got {value}")
-        self._max_registered_addrs = value
-
-    @property
-    def heartbeat_interval_ms(self) -> int:
-        """dxl extension: link heartbeat period in ms (default 1000),
-        ``dxl.HeartbeatIntervalMs``."""
-        if self._heartbeat_interval_ms is None:
-            return DEFAULT_HEARTBEAT_INTERVAL_MS
-        return self._heartbeat_interval_ms
-
-    @heartbeat_interval_ms.setter
-    def heartbeat_interval_ms(self, value: int) -> None:
-        check_isinstance("heartbeat_interval_ms", value, int, allow_none=False)
-        ensure(value > 0, f"heartbeat_interval_ms must be > 0, got {value}")
-        check_int32("heartbeat_interval_ms", value)
-        self._heartbeat_interval_ms = value
-
-    @property
-    def transfer_threads(self) -> int:
-        """dxl extension: transfer worker threads, 1..64 (default 2), ``dxl.TransferThreads``."""
-        return (
-            DEFAULT_TRANSFER_THREADS if self._transfer_threads is None else self._transfer_threads
-        )
-
-    @transfer_threads.setter
-    def transfer_threads(self, value: int) -> None:
-        check_isinstance("transfer_threads", value, int, allow_none=False)
-        ensure(
-            1 <= value <= MAX_TRANSFER_THREADS,
-            f"transfer_threads must be in [1, {MAX_TRANSFER_THREADS}], got {value}",
-        )
-        self._transfer_threads = value
-
-    @property
-    def allow_remote_listen(self) -> bool:
-        """dxl extension: allow listening on a non-loopback address without a shared secret,
-        ``dxl.AllowRemoteListen``."""
-        return bool(self._allow_remote_listen)
-
-    @allow_remote_listen.setter
-    def allow_remote_listen(self, value: bool) -> None:
-        check_isinstance("allow_remote_listen", value, bool, allow_none=False)
-        self._allow_remote_listen = value
-
-    @property
-    def share_registered(self) -> bool:
-        """dxl extension: move registered HOST memory onto shared memory in place, so same-host
-        peers copy it with memcpy, ``dxl.ShareRegistered`` (off by default: see
-        docs/performance.md for when it is safe)."""
-        return bool(self._share_registered)
-
-    @share_registered.setter
-    def share_registered(self, value: bool) -> None:
-        check_isinstance("share_registered", value, bool, allow_none=False)
-        self._share_registered = value
-
-    @property
-    def transport(self) -> str:
-        """dxl extension: ``"auto"`` (cma on one host, tcp otherwise), ``"cma"`` or ``"tcp"``,
-        ``dxl.Transport``; the environment variable ``DXL_TRANSPORT`` applies when unset."""
-        return self._transport or "auto"
-
-    @transport.setter
-    def transport(self, value: str) -> None:
-        check_isinstance("transport", value, str, allow_none=False)
-        ensure(value in TRANSPORTS, f"transport must be one of {TRANSPORTS}, got {value!r}")
-        self._transport = value
-
-    @property
-    def auth_token(self) -> str | None:
-        """dxl extension: shared secret that authenticates links and data connections,
-        ``dxl.AuthToken``; ``DXL_AUTH_TOKEN`` applies when unset. Never logged."""
-        return self._auth_token
-
-    @auth_token.setter
-    def auth_token(self, value: str) -> None:
-        check_isinstance("auth_token", value, str, allow_none=False)
-        ensure(bool(value), "auth_token must not be empty")
-        self._auth_token = value
 
     def __repr__(self) -> str:
         # Built on a copy: repr must not change what generate_options has accumulated.
@@ -584,32 +838,88 @@ class LLMConfig:
 
 LlmConfig = LLMConfig
 
+# Keys with no LLMConfig property (the reference has none for them): set them in
+# ``ge_options`` or in the dict given to ``init``.
+KEY_ONLY_OPTIONS: tuple[Option, ...] = (
+    Option(
+        OPT_FLOW_GRAPH_MEM_MAX_SIZE,
+        doc="v1 bound on total KV memory: one decimal integer (validated, no effect in dxl).",
+        parse=_parse_single_decimal,
+    ),
+    Option(
+        OPT_INLINE_BYTES,
+        doc="dxl: same-host requests up to this many bytes run on the loop thread "
+        "(default 65536; 0: never).",
+        parse=_decimal_in(0, _MAX_INLINE_BYTES),
+        field="inline_bytes",
+    ),
+)
+
+_PROPERTIES: tuple[Prop[Any, Any, Any], ...] = tuple(
+    v for v in vars(LLMConfig).values() if isinstance(v, Prop)
+)
+# Key-only entries go first: init checks ge.flowGraphMemMaxSize before anything else (spec 5.2).
+OPTIONS: tuple[Option, ...] = (*KEY_ONLY_OPTIONS, *_PROPERTIES)
+"""The whole option table, in the order an engine reads it."""
+_BY_KEY: dict[str, Prop[Any, Any, Any]] = {k: p for p in _PROPERTIES for k in p.keys}
+SECRET_OPTIONS = frozenset(k for opt in OPTIONS if opt.secret for k in opt.keys)
+
 
 # --------------------------------------------------------------------------------------------
 # Parsing an option dict
 
 
-def _is_ascii_digits(text: str) -> bool:
-    return text.isascii() and text.isdigit()
+@dataclass(frozen=True)
+class EngineOptions:
+    """Typed engine settings parsed from an ``init`` option dict.
 
+    Each field is filled by the table entry that names it (see that entry's doc); an absent
+    option leaves the default below. ``raw`` is a copy of every option, unknown ones
+    included. ``auth_token`` is never shown.
+    """
 
-def _parse_uint(opts: dict[str, str], key: str, default: int, low: int, high: int) -> int:
-    """Parse a decimal option in ``[low, high]``; absent -> ``default``."""
-    text = opts.get(key)
-    if text is None:
-        return default
-    ensure(_is_ascii_digits(text), f"option {key} must be a decimal integer, got {text!r}")
-    value = int(text)
-    ensure(low <= value <= high, f"option {key} must be in [{low}, {high}], got {value}")
-    return value
+    device_id: int | None = None
+    listen: tuple[str, int] | None = None
+    sync_kv_timeout_ms: int = DEFAULT_SYNC_KV_TIMEOUT_MS
+    enable_cache_manager: bool = False
+    enable_remote_cache_accessible: bool = False
+    host_mem_pool: PoolConfig | None = None
+    max_registered_addrs: int = DEFAULT_MAX_REGISTERED_ADDRS
+    heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS
+    transfer_threads: int = DEFAULT_TRANSFER_THREADS
+    allow_remote_listen: bool = False
+    transport: str = "auto"
+    inline_bytes: int = DEFAULT_INLINE_BYTES
+    share_registered: bool = False
+    auth_token: str | None = field(default=None, repr=False)
+    raw: dict[str, str] = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> EngineOptions:
+        """Validate and parse an option dict (the caller's dict is not modified).
 
-def _parse_flag(opts: dict[str, str], key: str, default: bool) -> bool:
-    text = opts.get(key)
-    if text is None:
-        return default
-    ensure(text in ("0", "1"), f'option {key} must be "0" or "1", got {text!r}')
-    return text == "1"
+        Options are read in table order. Setting ``llm.LocalCommRes`` (or
+        ``llm.TransferBackend=hixl`` for the remote-accessible flag) defaults the
+        cache-manager flags to on, as ``init`` does.
+
+        Raises:
+            TypeError: ``options`` not a dict, or a key or value not a str.
+            LLMException: ``LLM_PARAM_INVALID`` naming the option for a bad value.
+        """
+        check_dict("options", options, str, str)
+        raw = dict(options)
+        # What init sees: the caller's options plus the keys that set ones imply.
+        seen = dict(raw)
+        for opt in OPTIONS:
+            if any(k in raw for k in opt.keys):
+                for key, text in opt.implies.items():
+                    seen.setdefault(key, text)
+        fields: dict[str, Any] = {}
+        for opt in OPTIONS:
+            value = opt.read(seen)
+            if opt.field is not None and value is not _NO_VALUE:
+                fields[opt.field] = value
+        return cls(**fields, raw=raw)
 
 
 @dataclass(frozen=True)
@@ -709,157 +1019,4 @@ def listen_from_options(opts: dict[str, Any]) -> tuple[str, int] | None:
     if text is None:
         return None
     check_isinstance(OPT_LISTEN_IP_INFO, text, str)
-    if not text:
-        return None
-    return parse_listen(text)
-
-
-def _parse_device_id(opts: dict[str, str]) -> int | None:
-    text = opts.get(OPT_DEVICE_ID, opts.get(OPT_SESSION_DEVICE_ID))
-    if text is None or text == "":
-        return None
-    key = OPT_DEVICE_ID if OPT_DEVICE_ID in opts else OPT_SESSION_DEVICE_ID
-    ensure(
-        ";" not in text,
-        f"option {key}: one device per process is supported, got {text!r}",
-    )
-    return _parse_uint(opts, key, 0, 0, INT32_MAX)
-
-
-def _parse_pool(opts: dict[str, str], key: str) -> PoolConfig | None:
-    text = opts.get(key)
-    if not text:
-        return None
-    return PoolConfig.from_json(text, key)
-
-
-def _check_ascend_options(opts: dict[str, str], has_listen: bool) -> None:
-    """Validate options that have no effect in dxl, as the reference documents them."""
-    mem_max = opts.get(OPT_FLOW_GRAPH_MEM_MAX_SIZE)
-    if mem_max is not None:
-        ensure(
-            _is_ascii_digits(mem_max),
-            f"option {OPT_FLOW_GRAPH_MEM_MAX_SIZE} must be one decimal integer, got {mem_max!r}",
-        )
-    for key in (OPT_RDMA_TRAFFIC_CLASS, OPT_RDMA_SERVICE_LEVEL):
-        _parse_uint(opts, key, 0, 0, UINT32_MAX)
-    util = opts.get(OPT_MEM_UTILIZATION)
-    if util is not None:
-        try:
-            value = float(util)
-        except ValueError:
-            raise param_invalid(
-                None,
-                f"option {OPT_MEM_UTILIZATION} must be a number, got {util!r}"
-            ) from None
-        ensure(0.0 <= value <= 1.0, f"option {OPT_MEM_UTILIZATION} must be in [0, 1], got {util}")
-    backend = opts.get(OPT_TRANSFER_BACKEND)
-    if backend:
-        ensure(backend == "hixl", f'option {OPT_TRANSFER_BACKEND} must be "hixl", got {backend!r}')
-        ensure(
-            opts.get(OPT_ENABLE_REMOTE_CACHE_ACCESSIBLE) != "0",
-            f"option {OPT_TRANSFER_BACKEND}=hixl requires {OPT_ENABLE_REMOTE_CACHE_ACCESSIBLE}=1",
-        )
-        ensure(has_listen, f"option {OPT_TRANSFER_BACKEND}=hixl requires {OPT_LISTEN_IP_INFO}")
-
-
-def _parse_transport(opts: dict[str, str]) -> str:
-    value = opts.get(OPT_TRANSPORT) or os.environ.get(ENV_TRANSPORT) or "auto"
-    ensure(
-        value in TRANSPORTS,
-        f"option {OPT_TRANSPORT} (or ${ENV_TRANSPORT}) must be one of {TRANSPORTS}, got {value!r}",
-    )
-    return value
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """Typed engine settings parsed from an ``init`` option dict.
-
-    Attributes:
-        device_id: CUDA ordinal, or None when only host memory is used.
-        listen: ``(ip, port)`` of the control listener, or None (client only).
-        sync_kv_timeout_ms: Timeout of each pull/push.
-        enable_cache_manager: ``llm.EnableCacheManager`` (dxl always runs v2).
-        enable_remote_cache_accessible: ``llm.EnableRemoteCacheAccessible``.
-        mem_pool: Device pool, if configured.
-        host_mem_pool: Host pool, if configured.
-        max_registered_addrs: dxl: cap on registered addresses.
-        heartbeat_interval_ms: dxl: link heartbeat period.
-        transfer_threads: dxl: transfer worker threads.
-        allow_remote_listen: dxl: listen on non-loopback without a shared secret.
-        transport: dxl: ``auto``, ``cma`` or ``tcp`` (option, else ``DXL_TRANSPORT``).
-        inline_bytes: dxl: same-host requests up to this size run on the loop thread (0: never).
-        share_registered: dxl: move remotely accessible registered HOST memory onto memfds.
-        auth_token: dxl: shared secret (option, else ``DXL_AUTH_TOKEN``); never shown.
-        link_total_time_s: ``llm.LinkTotalTime`` (0 = default).
-        link_retry_count: ``llm.LinkRetryCount``.
-        raw: A copy of every option, unknown ones included.
-    """
-
-    device_id: int | None = None
-    listen: tuple[str, int] | None = None
-    sync_kv_timeout_ms: int = DEFAULT_SYNC_KV_TIMEOUT_MS
-    enable_cache_manager: bool = False
-    enable_remote_cache_accessible: bool = False
-    mem_pool: PoolConfig | None = None
-    host_mem_pool: PoolConfig | None = None
-    max_registered_addrs: int = DEFAULT_MAX_REGISTERED_ADDRS
-    heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS
-    transfer_threads: int = DEFAULT_TRANSFER_THREADS
-    allow_remote_listen: bool = False
-    transport: str = "auto"
-    inline_bytes: int = DEFAULT_INLINE_BYTES
-    share_registered: bool = False
-    auth_token: str | None = field(default=None, repr=False)
-    link_total_time_s: int = 0
-    link_retry_count: int = 1
-    raw: dict[str, str] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def from_options(cls, options: dict[str, str]) -> EngineOptions:
-        """Validate and parse an option dict (the caller's dict is not modified).
-
-        Setting ``llm.LocalCommRes`` (or ``llm.TransferBackend=hixl`` for the
-        remote-accessible flag) defaults the cache-manager flags to on, as ``init`` does.
-
-        Raises:
-            TypeError: ``options`` not a dict, or a key or value not a str.
-            LLMException: ``LLM_PARAM_INVALID`` naming the option for a bad value.
-        """
-        check_dict("options", options, str, str)
-        opts = dict(options)
-        listen = listen_from_options(opts)
-        _check_ascend_options(opts, listen is not None)
-        implied = OPT_LOCAL_COMM_RES in opts
-        hixl = opts.get(OPT_TRANSFER_BACKEND) == "hixl"
-        return cls(
-            device_id=_parse_device_id(opts),
-            listen=listen,
-            sync_kv_timeout_ms=_parse_uint(
-                opts, OPT_SYNC_KV_TIMEOUT, DEFAULT_SYNC_KV_TIMEOUT_MS, 1, INT32_MAX
-            ),
-            enable_cache_manager=_parse_flag(opts, OPT_ENABLE_CACHE_MANAGER, implied),
-            enable_remote_cache_accessible=_parse_flag(
-                opts, OPT_ENABLE_REMOTE_CACHE_ACCESSIBLE, implied or hixl
-            ),
-            mem_pool=_parse_pool(opts, OPT_MEM_POOL),
-            host_mem_pool=_parse_pool(opts, OPT_HOST_MEM_POOL),
-            max_registered_addrs=_parse_uint(
-                opts, OPT_MAX_REGISTER_ADDRS, DEFAULT_MAX_REGISTERED_ADDRS, 1, INT32_MAX
-            ),
-            heartbeat_interval_ms=_parse_uint(
-                opts, OPT_HEARTBEAT_INTERVAL_MS, DEFAULT_HEARTBEAT_INTERVAL_MS, 1, INT32_MAX
-            ),
-            transfer_threads=_parse_uint(
-                opts, OPT_TRANSFER_THREADS, DEFAULT_TRANSFER_THREADS, 1, MAX_TRANSFER_THREADS
-            ),
-            allow_remote_listen=_parse_flag(opts, OPT_ALLOW_REMOTE_LISTEN, False),
-            transport=_parse_transport(opts),
-            inline_bytes=_parse_uint(opts, OPT_INLINE_BYTES, DEFAULT_INLINE_BYTES, 0, 1 << 30),
-            share_registered=_parse_flag(opts, OPT_SHARE_REGISTERED, False),
-            auth_token=opts.get(OPT_AUTH_TOKEN) or os.environ.get(ENV_AUTH_TOKEN) or None,
-            link_total_time_s=_parse_uint(opts, OPT_LINK_TOTAL_TIME, 0, 0, UINT32_MAX),
-            link_retry_count=_parse_uint(opts, OPT_LINK_RETRY_COUNT, 1, 1, _MAX_LINK_RETRY_COUNT),
-            raw=opts,
-        )
+    return _parse_listen(text, OPT_LISTEN_IP_INFO, opts)

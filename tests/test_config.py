@@ -189,7 +189,8 @@ def test_representative_full_config() -> None:
     assert opts.listen == ("127.0.0.1", 26000)
     assert opts.sync_kv_timeout_ms == 3000
     assert opts.enable_cache_manager and opts.enable_remote_cache_accessible
-    assert opts.mem_pool == PoolConfig(104857600, 16)
+    # llm.MemPoolConfig is validated but fills no field: DEVICE pools wait for the cuda transport.
+    assert opts.raw["llm.MemPoolConfig"] == '{"memory_size": 104857600}'
     assert opts.transfer_threads == 4
 
 
@@ -316,10 +317,9 @@ def test_engine_options_defaults() -> None:
     assert opts.sync_kv_timeout_ms == 1000
     assert not opts.enable_cache_manager
     assert not opts.enable_remote_cache_accessible
-    assert opts.mem_pool is None and opts.host_mem_pool is None
+    assert opts.host_mem_pool is None
     assert (opts.max_registered_addrs, opts.heartbeat_interval_ms) == (240, 1000)
     assert (opts.transfer_threads, opts.allow_remote_listen) == (2, False)
-    assert (opts.link_total_time_s, opts.link_retry_count) == (0, 1)
     assert opts.share_registered is False  # opt-in: see dxl/share.py
     assert opts.raw == {}
 
@@ -349,12 +349,12 @@ def test_engine_options_parse_everything() -> None:
     assert opts.listen == ("2001:db8::1", 26000)
     assert opts.sync_kv_timeout_ms == 2500
     assert opts.enable_cache_manager and not opts.enable_remote_cache_accessible
-    assert opts.mem_pool == PoolConfig(memory_size=104857600, page_shift=21)
-    assert opts.mem_pool.page_size == 2 * 1024 * 1024
+    # llm.MemPoolConfig, llm.LinkTotalTime and llm.LinkRetryCount are validated (see
+    # test_engine_options_param_invalid) but fill no field: dxl does not use them.
     assert opts.host_mem_pool == PoolConfig(memory_size=4096, page_shift=16)
+    assert PoolConfig.from_json(options["llm.MemPoolConfig"], "k").page_size == 2 * 1024 * 1024
     assert (opts.max_registered_addrs, opts.heartbeat_interval_ms) == (1000, 200)
     assert (opts.transfer_threads, opts.allow_remote_listen) == (8, True)
-    assert (opts.link_total_time_s, opts.link_retry_count) == (30, 3)
     assert opts.raw == options
     assert opts.raw is not options
     with pytest.raises(AttributeError):
@@ -474,7 +474,8 @@ def test_pool_config_bounds_and_host_pool_name() -> None:
         lambda: EngineOptions.from_options({"llm.HostMemPoolConfig": "{}"}),
         "llm.HostMemPoolConfig: memory_size",
     )
-    assert EngineOptions.from_options({"llm.MemPoolConfig": ""}).mem_pool is None
+    assert EngineOptions.from_options({"llm.HostMemPoolConfig": ""}).host_mem_pool is None
+    EngineOptions.from_options({"llm.MemPoolConfig": ""})  # "" = no pool, not a JSON error
 
 
 # ------------------------------------------------------------------------------------------
