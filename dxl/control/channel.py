@@ -3,8 +3,9 @@
 A :class:`Channel` owns an asyncio stream pair. It reads frames in one task and hands each
 decoded message to a handler; ``request()`` sends a message carrying a request id and awaits the
 matching ``ack``. A heartbeat task sends ``ping`` every interval, and silence for
-``HEARTBEAT_MISSES`` intervals closes the channel, so a stopped or vanished peer is noticed even
-when no transfer is running. Any malformed frame closes this channel only.
+``HEARTBEAT_MISSES`` of the *peer's* intervals (each side announces its own in the handshake)
+closes the channel, so a stopped or vanished peer is noticed even when no transfer is running.
+Any malformed frame closes this channel only.
 """
 
 from __future__ import annotations
@@ -44,11 +45,14 @@ class Channel:
         *,
         name: str,
         heartbeat_s: float,
+        peer_heartbeat_s: float | None = None,
     ) -> None:
         self.name = name
         self._reader = reader
         self._writer = writer
         self._heartbeat_s = heartbeat_s
+        # the peer pings at its own interval: silence is judged by the slower of the two
+        self._silence_s = HEARTBEAT_MISSES * max(heartbeat_s, peer_heartbeat_s or heartbeat_s)
         self._rids = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._last_rx = time.monotonic()
@@ -134,7 +138,7 @@ class Channel:
             while not self.closed:
                 await asyncio.sleep(self._heartbeat_s)
                 silent = time.monotonic() - self._last_rx
-                if silent > self._heartbeat_s * HEARTBEAT_MISSES:
+                if silent > self._silence_s:
                     self.close(f"peer silent for {silent * 1000:.0f} ms (heartbeat)")
                     return
                 self.send("ping")

@@ -19,6 +19,7 @@ class PeerInfo:
     address: str  # the peer's IP as this side reaches it (its data server listens there)
     data_port: int  # 0: the peer runs no data server (it does not listen)
     pool: tuple[int, int, int] | None  # (fd, base, size) of its memfd HOST pool
+    heartbeat_ms: int  # it pings at least this often
 
     @classmethod
     def from_wire(cls, msg: dict[str, Any], address: str) -> PeerInfo:
@@ -35,4 +36,5 @@ class PeerInfo:
             address=address,
             data_port=msg["data_port"],
             pool=(pool[0], pool[1], pool[2]) if pool else None,
+            heartbeat_ms=msg["heartbeat_ms"],
         )

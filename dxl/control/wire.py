@@ -16,7 +16,7 @@ from ..errors import DxlError
 
 MAX_FRAME = 4 << 20  # a registry of 240 addresses is a few KiB; 4 MiB leaves room, bounds memory
 HEADER = struct.Struct(">I")
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 _INT = (int,)
 _STR = (str,)
@@ -56,6 +56,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "probe": _LIST,  # [address, token]: 8 bytes the peer reads to prove its transport
         "data_port": _INT,  # port of the native data server on the same host, 0 if none
         "pool": _LIST,  # [fd, base, size] of the memfd HOST pool, [] without one
+        "heartbeat_ms": _INT,  # the sender pings at least this often
         "force": _BOOL,
         "caches": _LIST,
     },
@@ -69,6 +70,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "probe": _LIST,
         "data_port": _INT,
         "pool": _LIST,
+        "heartbeat_ms": _INT,
         "caches": _LIST,
     },
     "reject": {"code": _INT, "message": _STR},

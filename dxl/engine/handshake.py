@@ -146,6 +146,7 @@ class Handshake:
             "probe": self._identity.probe_wire,
             "data_port": self._data_port(),
             "pool": self._pool(),
+            "heartbeat_ms": self._opts.heartbeat_interval_ms,
             "caches": self._book.advertised(),
         }
 

@@ -84,6 +84,7 @@ class LinkTable:
             writer,
             name=f"{self._identity.cluster_id}->{peer.cluster_id}",
             heartbeat_s=self._opts.heartbeat_interval_ms / 1000,
+            peer_heartbeat_s=peer.heartbeat_ms / 1000,
         )
         link = Link(peer, channel, transport, RemoteRegistry(caches), initiator)
         self._links[peer.cluster_id] = link
