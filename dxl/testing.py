@@ -27,6 +27,18 @@ def _tensor_salt(seed: int, tensor: int) -> np.uint64:
 _HUGE = 2 << 20
 
 
+def anonymous_words(words: int, offset_bytes: int = 0) -> np.ndarray:
+    """``words`` uint64 words on a private anonymous mapping of their own, starting
+    ``offset_bytes`` (a multiple of 8) into it: what a framework's large tensors get from its
+    allocator, never the ``brk`` heap (which a small or reused ``np.empty`` may come from, and
+    which ``dxl.ShareRegistered`` refuses). Zero-filled; unmapped when the array is freed."""
+    nbytes = words * _WORD
+    region = mmap.mmap(
+        -1, max(nbytes + offset_bytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    )
+    return np.frombuffer(memoryview(region)[offset_bytes : offset_bytes + nbytes], np.uint64)
+
+
 def _huge_page_words(words: int) -> np.ndarray:
     """Anonymous memory advised for transparent huge pages, 2 MiB aligned (what a framework
     gets from a THP-enabled allocator, e.g. PyTorch with THP_MEM_ALLOC_ENABLE=1)."""
@@ -69,7 +81,7 @@ class KVBuffers:
         words = num_blocks * block_bytes // _WORD
         self.words: list[np.ndarray] = []
         for t in range(num_tensors):
-            w = _huge_page_words(words) if huge_pages else np.empty(words, dtype=np.uint64)
+            w = _huge_page_words(words) if huge_pages else anonymous_words(words)
             if fill:
                 w[:] = np.arange(words, dtype=np.uint64)
                 w ^= _tensor_salt(seed, t)

@@ -169,15 +169,25 @@ int dxl_check_readable(const uint64_t *addr, uint64_t n);
 /* Moves the whole pages [addr, addr + len) of this process (page aligned, len > 0) onto a new
  * memfd, in place: same addresses, same bytes, same protection (read + write), but now backed by
  * shared memory that a same-host peer can map (through /proc/<pid>/fd/<fd>), so its transfers
- * become a memcpy. The range must be private anonymous read-write memory (or an earlier share)
- * that no other thread writes during the call, and that no device or NIC has pinned (CUDA
- * host-registered, RDMA-registered memory): those would keep using the old pages. Works chunk by
- * chunk (chunk bytes, a multiple of the page size; 0 picks 32 MiB), so it needs only one chunk of
- * extra memory; all-zero chunks stay holes of the memfd. On success *fd_p receives the memfd
- * (close-on-exec; the caller owns it; the mapping keeps the memory alive without it). On failure
- * the chunks already moved stay moved (same bytes), no fd is returned, and errno tells why:
- * DXL_E_INVAL (bad alignment or size), DXL_E_NOMEM, DXL_E_IO. */
+ * become a memcpy. The range must be private anonymous read-write memory (or memory this function
+ * moved before) that no device or NIC has pinned (CUDA host-registered, RDMA-registered memory):
+ * those would keep using the old pages. Works chunk by chunk (chunk bytes, a multiple of the page
+ * size; 0 picks 32 MiB), so it needs only one chunk of extra memory; all-zero chunks stay holes of
+ * the memfd. Each chunk is write-protected with userfaultfd while it moves: another thread that
+ * writes to it meanwhile waits in the kernel and its write lands on the new page (a system call
+ * writing into it fails with EFAULT where only user-mode faults can be handled), so no write is
+ * lost. The memfd is sealed against shrinking and growing. On success *fd_p receives the memfd
+ * (close-on-exec; the caller owns it and releases it with dxl_share_release()). On failure
+ * nothing stays shared (chunks already moved are private again, same bytes), no fd is returned,
+ * and: DXL_E_INVAL (bad alignment or size), DXL_E_UNSUPPORTED (no userfaultfd write protection
+ * on this kernel or for this memory: nothing was moved), DXL_E_NOMEM, DXL_E_IO. */
 int dxl_share_in_place(uint64_t addr, uint64_t len, uint64_t chunk, int *fd_p);
+
+/* Makes [addr, addr + len), which dxl_share_in_place() moved onto the memfd fd (from offset 0),
+ * private again: a private mapping of the same memfd, so every byte written so far stays, later
+ * writes copy the page (fork() copies it; peers that still map the memfd no longer see it). The
+ * caller then closes fd. DXL_E_INVAL, or the mapped mmap error. */
+int dxl_share_release(uint64_t addr, uint64_t len, int fd);
 
 /* Faults the pages of [addr, addr + len) (page aligned) into this process's page tables,
  * writable, without touching their bytes: madvise(MADV_POPULATE_WRITE), or on kernels without it

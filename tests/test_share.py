@@ -16,7 +16,7 @@ from dxl import _ffi
 from dxl.errors import LLMStatusCode as S
 from dxl.memory.plan import Pieces
 from dxl.memory.share import PAGE, SHARED, SharedMemory, _read_vmas
-from dxl.testing import KVBuffers
+from dxl.testing import KVBuffers, anonymous_words
 from dxl.transport.cma import CmaTransport
 
 P_ID, D_ID = 1, 2
@@ -46,7 +46,8 @@ def interior(addr: int, nbytes: int) -> tuple[int, int]:
 
 def test_share_keeps_addresses_and_bytes_and_shares_whole_pages_only() -> None:
     table = SharedMemory()
-    a = np.arange(3 << 17, dtype=np.uint64)  # 3 MiB, malloc'd: starts inside a page
+    a = anonymous_words(3 << 17, offset_bytes=24)  # 3 MiB, starting inside a page
+    a[:] = np.arange(a.size, dtype=np.uint64)
     ref = a.copy()
     addr = a.ctypes.data
     lo, hi = interior(addr, a.nbytes)
@@ -74,7 +75,8 @@ def test_share_keeps_addresses_and_bytes_and_shares_whole_pages_only() -> None:
 
 def test_the_same_memory_shared_twice_is_one_memfd() -> None:
     table = SharedMemory()
-    a = np.ones(1 << 18, dtype=np.uint64)
+    a = anonymous_words(1 << 18)
+    a[:] = 1
     addr = a.ctypes.data
     [w1] = table.share([(addr, addr + a.nbytes)])
     [w2] = table.share([(addr + PAGE, addr + a.nbytes - PAGE)])  # inside the first: referenced
@@ -126,7 +128,8 @@ def test_locked_and_file_backed_memory_is_left_alone() -> None:
 
 def test_a_range_partly_shared_already_is_left_alone() -> None:
     table = SharedMemory()
-    a = np.ones(1 << 18, dtype=np.uint64)
+    a = anonymous_words(1 << 18)
+    a[:] = 1
     addr = a.ctypes.data
     [w] = table.share([(addr, addr + a.nbytes // 2)])
     assert table.share([(addr + PAGE * 8, addr + a.nbytes)]) == []
@@ -134,7 +137,8 @@ def test_a_range_partly_shared_already_is_left_alone() -> None:
 
 
 def test_vmas_are_read_with_their_flags() -> None:
-    a = np.ones(1 << 18, dtype=np.uint64)
+    a = anonymous_words(1 << 18)
+    a[:] = 1
     vma = next(v for v in _read_vmas() if v.start <= a.ctypes.data < v.end)
     assert vma.perms == "rw-p" and {"rd", "wr"} <= vma.flags
 
@@ -209,7 +213,10 @@ async def test_pull_and_push_through_shared_registered_memory(make_peer):
     async with await decoder(peer) as eng:
         link = eng._links.get(P_ID)
         assert eng.stats()["links"][P_ID]["transport"] == "cma+shm"
-        assert len(link.transport._windows.table) == TENSORS
+        table = link.transport._windows.table  # rows [remote_start, remote_end, local_start]
+        for a in addrs:  # tensors that touch share one window: each tensor's pages are in one
+            lo, hi = interior(a, BLOCKS * BLOCK)
+            assert ((table[:, 0] <= lo) & (table[:, 1] >= hi)).any()
         cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
         key = dxl.BlocksCacheKey(P_ID, 0)
         # first and last blocks touch the partial pages (cma); the others are memcpy
@@ -239,7 +246,11 @@ async def test_registrations_after_the_link_are_mapped_and_a_dead_owner_is_never
         await peer.acall("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS,
                          block_bytes=BLOCK, seed=6, model_id=0)
         link = eng._links.get(P_ID)
-        assert len(link.transport._windows.table) == TENSORS
+        addrs = await peer.acall("addrs", name="kv")
+        table = link.transport._windows.table  # rows [remote_start, remote_end, local_start]
+        for a in addrs:  # tensors that touch share one window: each tensor's pages are in one
+            lo, hi = interior(a, BLOCKS * BLOCK)
+            assert ((table[:, 0] <= lo) & (table[:, 1] >= hi)).any()
         cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
         await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [20], [20])
         assert buf.matches(ALL, [20], 6, ALL, [20])
@@ -277,7 +288,7 @@ async def test_mappings_are_prefaulted_in_the_background(make_peer):
     async with await decoder(peer) as eng:
         windows = eng._links.get(P_ID).transport._windows
         rows = windows.table.tolist()
-        assert len(rows) == TENSORS
+        assert 1 <= len(rows) <= TENSORS  # tensors that touch share one window
         for _ in range(200):
             kib = [resident_kib(local, local + (end - start)) for start, end, local in rows]
             if all(k * 1024 == end - start for k, (start, end, _) in zip(kib, rows, strict=True)):
@@ -304,7 +315,7 @@ async def test_bad_input_shares_nothing_and_registrations_release_their_shares()
         key = dxl.BlocksCacheKey(P_ID, 0)
         first = await eng.register_blocks_cache(buf.desc(), buf.addrs, key, remote_accessible=True)
         spans = SHARED.live()
-        assert spans == TENSORS  # separate allocations: one memfd each
+        assert 1 <= spans <= TENSORS  # one memfd per run of touching tensors
         other = KVBuffers(TENSORS, BLOCKS, BLOCK, seed=2)
         before = [mappings_over(a, a + BLOCKS * BLOCK) for a in other.addrs]
         with pytest.raises(dxl.LLMException) as err:  # model_id taken: checked before sharing
@@ -320,7 +331,7 @@ async def test_bad_input_shares_nothing_and_registrations_release_their_shares()
         assert SHARED.live() == 0
         await eng.unregister_cache(local.cache_id)
         await eng.register_blocks_cache(buf.desc(), buf.addrs, key, remote_accessible=True)
-        assert SHARED.live() == TENSORS  # memory shared before is moved onto new memfds
+        assert SHARED.live() == spans  # memory shared before is moved onto new memfds
 
     assert SHARED.live() == 0  # close released it
 
@@ -347,7 +358,7 @@ async def test_share_per_registration_overrides_the_engine_option():
     async with dxl.Engine(P_ID, dxl.LLMRole.PROMPT) as eng:  # option off
         cache = await eng.register_blocks_cache(buf.desc(), buf.addrs, remote_accessible=True,
                                                 share=True)
-        assert SHARED.live() == TENSORS
+        assert SHARED.live() >= 1  # one memfd per run of touching tensors
         await eng.unregister_cache(cache.cache_id)
         assert SHARED.live() == 0
         before = [mappings_over(a, a + BLOCKS * BLOCK) for a in buf.addrs]

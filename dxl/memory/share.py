@@ -9,14 +9,17 @@ addresses and bytes, now backed by shared memory (``dxl_share_in_place``).
 
 Only whole pages inside a registered tensor move (a tensor's first and last partial page stay
 private and keep going through cma), and only from private anonymous read-write mappings with no
-unusual flags (the malloc heap included: brk, trimming and reuse work on shared pages too):
-memory that is locked, or that a device or NIC may have pinned (device mappings,
-``MADV_DONTFORK``), is left alone. It stays opt-in because nothing tells from user space that
-memory was pinned with ``cudaHostRegister``: such a device would keep using the old pages.
+unusual flags: the ``brk`` heap, memory that is locked, or that a device or NIC may have pinned
+(device mappings, ``MADV_DONTFORK``), is left alone. It stays opt-in because nothing tells from
+user space that memory was pinned with ``cudaHostRegister``: such a device would keep using the
+old pages.
 
-Shares are process-wide (several engines, or caches, may register the same memory) and counted:
-the memfd is closed when the last registration using it goes; the memory stays mapped, shared
-and valid for its owner.
+Safety: the move write-protects each chunk with userfaultfd, so a write by another thread during
+the move waits and then lands on the new page (never lost); without userfaultfd write protection
+nothing moves. The memfds are sealed against shrinking and growing. Shares are process-wide
+(several engines, or caches, may register the same memory) and counted: when the last
+registration using a span goes, its pages become private again (a private mapping of the same
+bytes: ``fork()`` copies them, and no peer sees later writes) and the memfd is closed.
 """
 
 from __future__ import annotations
@@ -110,13 +113,22 @@ class SharedMemory:
         return windows
 
     def release(self, windows: list[Window]) -> None:
-        """Drop the registrations' references; a span without any closes its memfd."""
+        """Drop the registrations' references; a span without any becomes private memory again
+        and its memfd is closed. Callers release only after peers unmapped it."""
         with self._lock:
             for w in windows:
                 span = next(s for s in self._spans if s.fd == w.fd and s.ino == w.ino)
                 span.refs -= 1
                 if span.refs == 0:
                     self._spans.remove(span)
+                    rc = _ffi.lib.dxl_share_release(span.start, span.end - span.start, span.fd)
+                    if rc < 0:  # still mapped and valid, only shared: say so, lose nothing
+                        log.warning(
+                            "dxl: %#x-%#x stays on shared memory: %s",
+                            span.start,
+                            span.end,
+                            _ffi.NativeError(rc, "unshare", _ffi.lib.dxl_last_errno()),
+                        )
                     os.close(span.fd)
 
     def live(self) -> int:
@@ -130,8 +142,16 @@ class SharedMemory:
         fd_out = _ffi.ffi.new("int *")
         try:
             _ffi.check(_ffi.lib.dxl_share_in_place(lo, hi - lo, 0, fd_out), "share memory")
-        except _ffi.NativeError as exc:  # chunks moved so far keep their bytes
-            log.warning("dxl: sharing %#x-%#x failed (%s); it stays on cma", lo, hi, exc)
+        except _ffi.NativeError as exc:  # nothing stays moved; every byte is where it was
+            if exc.code == _ffi.lib.DXL_E_UNSUPPORTED:
+                log.warning(
+                    "dxl: %#x-%#x is not shared: moving memory safely needs userfaultfd write "
+                    "protection (Linux >= 5.14 with userfaultfd allowed); it stays on cma",
+                    lo,
+                    hi,
+                )
+            else:
+                log.warning("dxl: sharing %#x-%#x failed (%s); it stays on cma", lo, hi, exc)
             return None
         fd = int(fd_out[0])
         span = _Span(lo, hi, fd, os.fstat(fd).st_ino, refs=1)
@@ -170,8 +190,10 @@ def _unshareable(vmas: list[_Vma], lo: int, hi: int) -> str:
             continue
         if vma.start > at:
             return f"{at:#x} is not mapped"
-        private_anon = vma.perms == "rw-p" and vma.path in ("", "[heap]")
-        ours = vma.perms == "rw-s" and vma.path.startswith(MEMFD_NAME)
+        if vma.path == "[heap]":  # brk memory: the allocator grows and trims it under us
+            return "it is brk heap memory (allocate KV memory with mmap, as large arrays are)"
+        private_anon = vma.perms == "rw-p" and vma.path == ""
+        ours = vma.perms in ("rw-s", "rw-p") and vma.path.startswith(MEMFD_NAME)  # shared before
         if not (private_anon or ours):
             return f"mapping {vma.perms} {vma.path or '(anonymous)'} is not private memory"
         odd = vma.flags - _PLAIN_FLAGS
