@@ -12,6 +12,7 @@ import pytest
 from peer import PeerError
 
 import dxl
+from dxl.control.auth import HELLO_BYTES
 from dxl.testing import KVBuffers
 
 pytestmark = [pytest.mark.multiproc]
@@ -139,7 +140,7 @@ async def test_data_port_without_the_secret_is_refused(make_peer):
                 data = s.recv(1024)
             except ConnectionResetError:
                 data = b""
-            assert len(data) <= 64  # at most the server's greeting, never memory
+            assert len(data) <= HELLO_BYTES  # at most the server's greeting, never memory
         await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [8], [8])  # still serving
         assert buf.matches(ALL, [8], 7, ALL, [8])
 

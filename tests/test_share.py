@@ -164,7 +164,9 @@ def test_mapped_transfer_mixes_memcpy_and_cma_and_checks_windows() -> None:
         np.full(3, PAGE, dtype=np.uint64),
     )
     table = np.array([[rbase, rbase + 4 * PAGE, lbase]], dtype=np.uint64)
-    peer = CmaTransport(os.getpid(), 2)._peer
+    out = _ffi.ffi.new("dxl_peer_t **")  # the native call itself, towards ourselves
+    assert _ffi.lib.dxl_peer_open(os.getpid(), out) == 0
+    peer = _ffi.ffi.gc(out[0], _ffi.lib.dxl_peer_close)
     done = _ffi.ffi.new("uint64_t *")
     rc = _ffi.lib.dxl_cma_transfer_mapped(
         peer, 0, _ffi.as_u64_ptr(pieces.dst), _ffi.as_u64_ptr(pieces.src),
@@ -173,6 +175,8 @@ def test_mapped_transfer_mixes_memcpy_and_cma_and_checks_windows() -> None:
     assert rc == 0 and done[0] == 3 * PAGE
     assert np.array_equal(dst[:512], remote[:512])
     assert np.array_equal(dst[512:1024], other)
+    with pytest.raises(ValueError, match="this very process"):  # never through the transport
+        CmaTransport(os.getpid(), 2)
     assert np.array_equal(dst[1024:], remote[1536:])
     bad = np.array([[rbase, rbase, lbase]], dtype=np.uint64)  # empty window
     overlap = np.array([[rbase, rbase + 2 * PAGE, lbase], [rbase + PAGE, rbase + 3 * PAGE, lbase]],

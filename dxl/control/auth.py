@@ -4,9 +4,10 @@ Both ends of a new connection prove to each other that they hold the same shared
 sending it. The exchange is symmetric and has three fixed-size steps, each sent by both sides
 before either reads the other's (so neither waits on the other to speak first)::
 
-    hello    (56 bytes)  b"DXLA", version, flags (bit 0: "I have a secret"), 2 zero bytes,
-                         purpose (16 bytes, NUL-padded), a fresh 32-byte random nonce
-    proof    (32 bytes)  HMAC-SHA256(secret, "dxl-auth-v1" | purpose | sender's role |
+    hello    (72 bytes)  b"DXLA", version, flags (bit 0: "I have a secret"), 2 zero bytes,
+                         purpose (16 bytes, NUL-padded), key id (16 bytes: which secret, zeros
+                         for the deployment's), a fresh 32-byte random nonce
+    proof    (32 bytes)  HMAC-SHA256(secret, "dxl-auth-v2" | purpose | key id | sender's role |
                          client nonce | server nonce)
     verdict  (1 byte)    1 if the peer's proof checked out, else 0
 
@@ -20,6 +21,11 @@ error which side rejected which proof.
 Without a secret on either side, the exchange stops after the hellos: both sides see the other's
 flag and agree to skip authentication. If only one side has a secret, both fail with an
 :class:`AuthError` that says which side has one and which does not.
+
+Key ids: a server may hold many secrets and pick the one the client names. The engine's data
+servers do: every link has its own key (:func:`link_key`, derived from the link handshake's two
+challenges and the deployment secret), a data connection names its link's key id, and a key the
+server no longer holds (the link ended) is refused. So data access is per link, not per secret.
 
 The secret never appears in a message, log line, exception or ``repr``.
 
@@ -45,6 +51,7 @@ from ..errors import DxlError
 
 __all__ = [
     "HELLO_BYTES",
+    "KEY_ID_BYTES",
     "PROOF_BYTES",
     "VERDICT_BYTES",
     "AuthError",
@@ -53,20 +60,23 @@ __all__ = [
     "authenticate_sock_async",
     "authenticate_socket",
     "authenticate_streams",
+    "link_key",
     "normalize_secret",
 ]
 
 Role = Literal["client", "server"]
 
 MAGIC = b"DXLA"
-VERSION = 1
+VERSION = 2
 FLAG_SECRET = 0x01
 NONCE_BYTES = 32
 PURPOSE_BYTES = 16
-HELLO_BYTES = 4 + 1 + 1 + 2 + PURPOSE_BYTES + NONCE_BYTES
+KEY_ID_BYTES = 16
+HELLO_BYTES = 4 + 1 + 1 + 2 + PURPOSE_BYTES + KEY_ID_BYTES + NONCE_BYTES
 PROOF_BYTES = hashlib.sha256().digest_size
 VERDICT_BYTES = 1
-_LABEL = b"dxl-auth-v1"
+_LABEL = b"dxl-auth-v2"
+KeyLookup = Callable[[bytes], bytes | None]  # key id -> secret, None if unknown
 _ACCEPT = b"\x01"
 _REJECT = b"\x00"
 
@@ -77,7 +87,8 @@ class AuthError(DxlError):
     Attributes:
         reason: a short machine-readable cause: ``"not-dxl"``, ``"version"``, ``"purpose"``,
             ``"secret-missing-here"``, ``"secret-missing-peer"``, ``"rejected-by-peer"``,
-            ``"rejected-here"``, ``"rejected-both"``, ``"closed"`` or ``"timeout"``.
+            ``"rejected-here"``, ``"rejected-both"``, ``"unknown-key"``, ``"closed"`` or
+        ``"timeout"``.
     """
 
     def __init__(self, message: str, reason: str) -> None:
@@ -109,15 +120,37 @@ class Handshake:
     :meth:`on_verdict`, which raises :class:`AuthError` unless both proofs were accepted.
     """
 
-    __slots__ = ("_accepted", "_nonce", "_peer_nonce", "_purpose", "_secret", "role")
+    __slots__ = (
+        "_accepted",
+        "_key_id",
+        "_keys",
+        "_nonce",
+        "_peer_nonce",
+        "_purpose",
+        "_secret",
+        "role",
+    )
 
-    def __init__(self, secret: str | bytes | None, role: Role, purpose: str) -> None:
+    def __init__(
+        self,
+        secret: str | bytes | KeyLookup | None,
+        role: Role,
+        purpose: str,
+        *,
+        key_id: bytes = b"",
+    ) -> None:
+        """``secret``: the shared secret, or (server) a lookup from the key id the client names
+        to its secret; ``key_id`` (client): which of the server's secrets this one is."""
         if role not in ("client", "server"):
             raise ValueError(f"role must be 'client' or 'server', not {role!r}")
         raw = purpose.encode("ascii")
         if not raw or len(raw) > PURPOSE_BYTES:
             raise ValueError(f"purpose must be 1 to {PURPOSE_BYTES} ASCII characters")
-        self._secret = normalize_secret(secret)
+        if len(key_id) > KEY_ID_BYTES:
+            raise ValueError(f"key_id must be at most {KEY_ID_BYTES} bytes")
+        self._keys = secret if callable(secret) else None
+        self._secret = None if callable(secret) else normalize_secret(secret)
+        self._key_id = key_id.ljust(KEY_ID_BYTES, b"\0")
         self.role: Role = role
         self._purpose = raw.ljust(PURPOSE_BYTES, b"\0")
         self._nonce = secrets.token_bytes(NONCE_BYTES)
@@ -129,11 +162,11 @@ class Handshake:
 
     @property
     def has_secret(self) -> bool:
-        return self._secret is not None
+        return self._secret is not None or self._keys is not None
 
     def hello(self) -> bytes:
-        flags = FLAG_SECRET if self._secret is not None else 0
-        return MAGIC + bytes((VERSION, flags, 0, 0)) + self._purpose + self._nonce
+        flags = FLAG_SECRET if self.has_secret else 0
+        return MAGIC + bytes((VERSION, flags, 0, 0)) + self._purpose + self._key_id + self._nonce
 
     def on_hello(self, data: bytes) -> bytes | None:
         """Check the peer's hello: this side's proof to send, or None when neither side has a
@@ -155,7 +188,19 @@ class Handshake:
                 f"the {peer} opened a {theirs!r} connection, this {self.role} expected {ours!r}",
                 "purpose",
             )
-        self._peer_nonce = data[8 + PURPOSE_BYTES :]
+        key_at = 8 + PURPOSE_BYTES
+        self._peer_nonce = data[key_at + KEY_ID_BYTES :]
+        # the client names the key and the server must hold it (the server's own hello, sent
+        # before it read the client's, names none); both proofs then cover the named key id
+        if self._keys is not None:
+            self._key_id = data[key_at : key_at + KEY_ID_BYTES]
+            self._secret = normalize_secret(self._keys(self._key_id))
+            if self._secret is None:
+                raise AuthError(
+                    f"authentication failed: the {peer} named a key this {self.role} does not "
+                    "hold (its link ended, or it never existed)",
+                    "unknown-key",
+                )
         peer_has = bool(flags & FLAG_SECRET)
         if peer_has and self._secret is None:
             raise AuthError(
@@ -179,7 +224,9 @@ class Handshake:
             client_nonce, server_nonce = self._nonce, self._peer_nonce
         else:
             client_nonce, server_nonce = self._peer_nonce, self._nonce
-        msg = b"|".join((_LABEL, self._purpose, sender.encode(), client_nonce, server_nonce))
+        msg = b"|".join(
+            (_LABEL, self._purpose, self._key_id, sender.encode(), client_nonce, server_nonce)
+        )
         return hmac.new(self._secret, msg, hashlib.sha256).digest()
 
     def on_proof(self, data: bytes) -> bytes:
@@ -211,6 +258,20 @@ class Handshake:
             "secrets differ)",
             "rejected-by-peer",
         )
+
+
+def link_key(
+    secret: str | bytes | None, client_challenge: bytes, server_challenge: bytes
+) -> tuple[bytes, bytes]:
+    """``(key id, key)`` of one link's data connections, derived from the two challenges its
+    handshake exchanged and the deployment secret (if any): only the two ends of that link know
+    the key, and it is new for every link."""
+    base = normalize_secret(secret) or b""
+    key = hmac.new(
+        base, b"|".join((b"dxl-link-v1", client_challenge, server_challenge)), hashlib.sha256
+    ).digest()
+    key_id = hmac.new(key, b"dxl-link-id", hashlib.sha256).digest()[:KEY_ID_BYTES]
+    return key_id, key
 
 
 async def _run_async(
@@ -255,11 +316,12 @@ class _Deadline:
 
 def authenticate_socket(
     sock: socket.socket,
-    secret: str | bytes | None,
+    secret: str | bytes | KeyLookup | None,
     *,
     role: Role,
     purpose: str = "data",
     timeout: float = 10.0,
+    key_id: bytes = b"",
 ) -> None:
     """Run the handshake on a connected blocking socket, within ``timeout`` seconds in all.
 
@@ -269,7 +331,7 @@ def authenticate_socket(
         AuthError: refused, not a dxl peer, closed, or too slow.
         OSError: the socket failed.
     """
-    hs = Handshake(secret, role, purpose)
+    hs = Handshake(secret, role, purpose, key_id=key_id)
     deadline = _Deadline(timeout)
     old = sock.gettimeout()
 
@@ -305,11 +367,12 @@ def authenticate_socket(
 
 async def authenticate_sock_async(
     sock: socket.socket,
-    secret: str | bytes | None,
+    secret: str | bytes | KeyLookup | None,
     *,
     role: Role,
     purpose: str = "data",
     timeout: float = 10.0,
+    key_id: bytes = b"",
 ) -> None:
     """Run the handshake on a non-blocking socket with the running loop's ``sock_*`` calls.
 
@@ -321,7 +384,7 @@ async def authenticate_sock_async(
         OSError: the socket failed.
     """
     loop = asyncio.get_running_loop()
-    hs = Handshake(secret, role, purpose)
+    hs = Handshake(secret, role, purpose, key_id=key_id)
 
     async def recv_exactly(n: int) -> bytes:
         buf = bytearray()
@@ -347,11 +410,12 @@ async def authenticate_sock_async(
 async def authenticate_streams(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    secret: str | bytes | None,
+    secret: str | bytes | KeyLookup | None,
     *,
     role: Role,
     purpose: str = "link",
     timeout: float = 10.0,
+    key_id: bytes = b"",
 ) -> None:
     """Run the handshake over asyncio streams (the engine's control connection).
 
@@ -359,7 +423,7 @@ async def authenticate_streams(
         AuthError: refused, not a dxl peer, closed, or too slow.
         OSError: the connection failed.
     """
-    hs = Handshake(secret, role, purpose)
+    hs = Handshake(secret, role, purpose, key_id=key_id)
 
     async def recv_exactly(n: int) -> bytes:
         try:

@@ -28,10 +28,13 @@ HEARTBEAT_MISSES = 3
 Handler = Callable[["Channel", dict[str, Any]], Awaitable[None]]
 
 
-async def read_message(reader: asyncio.StreamReader) -> dict[str, Any]:
-    """Read one frame and decode it (raises FrameError, IncompleteReadError)."""
+async def read_message(
+    reader: asyncio.StreamReader, max_frame: int = wire.MAX_FRAME
+) -> dict[str, Any]:
+    """Read one frame of at most ``max_frame`` bytes and decode it (raises FrameError,
+    IncompleteReadError)."""
     header = await reader.readexactly(wire.HEADER.size)
-    body = await reader.readexactly(wire.frame_length(header))
+    body = await reader.readexactly(wire.frame_length(header, max_frame))
     return wire.decode(body)
 
 
@@ -119,6 +122,8 @@ class Channel:
                     fut = self._waiters.get(msg["rid"])
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
+                elif kind == "probe":  # liveness: answered here, whatever the owner does
+                    self.ack(msg["rid"])
                 elif kind != "ping":
                     await handler(self, msg)
         except (asyncio.IncompleteReadError, ConnectionError):

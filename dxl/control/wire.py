@@ -15,8 +15,11 @@ from typing import Any
 from ..errors import DxlError
 
 MAX_FRAME = 4 << 20  # a registry of 240 addresses is a few KiB; 4 MiB leaves room, bounds memory
+# Before a peer is linked (hello, welcome) nothing big is needed: a stranger announcing a huge
+# frame must not make us buffer it.
+PRELINK_MAX_FRAME = 16 << 10
 HEADER = struct.Struct(">I")
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 _INT = (int,)
 _STR = (str,)
@@ -44,39 +47,33 @@ CACHE_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 # Every message type and its fields. "rid" correlates a request with its "ack".
+# What an engine says about itself in hello (client) and welcome (server).
+_ABOUT: dict[str, tuple[type, ...]] = {
+    "proto": _INT,
+    "cluster_id": _INT,
+    "role": _INT,
+    "incarnation": _STR,
+    "host": _STR,  # declared: only the kernel's view (dxl.control.peercred) decides same-host
+    "pid": _INT,  # declared: used only once the kernel proved this pid holds the connection
+    "probe": _LIST,  # [address, token]: 8 bytes the peer reads to prove its transport
+    "data_port": _INT,  # port of the native data server on the same host, 0 if none
+    "pool": _LIST,  # [fd, base, size] of the memfd HOST pool, [] without one
+    "heartbeat_ms": _INT,  # the sender pings at least this often
+    "challenge": _STR,  # 64 hex digits, fresh per link: both feed the link's data key
+}
+
+# Every message type and its fields. "rid" correlates a request with its "ack". A link is set up
+# with hello -> welcome -> ready (client) -> ready (server), or a reject at any step; registries
+# travel in the ready frames, once both transports are proven.
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
-    "hello": {
-        "proto": _INT,
-        "cluster_id": _INT,
-        "expect_cluster_id": _INT,
-        "role": _INT,
-        "incarnation": _STR,
-        "host": _STR,
-        "pid": _INT,
-        "probe": _LIST,  # [address, token]: 8 bytes the peer reads to prove its transport
-        "data_port": _INT,  # port of the native data server on the same host, 0 if none
-        "pool": _LIST,  # [fd, base, size] of the memfd HOST pool, [] without one
-        "heartbeat_ms": _INT,  # the sender pings at least this often
-        "force": _BOOL,
-        "caches": _LIST,
-    },
-    "welcome": {
-        "proto": _INT,
-        "cluster_id": _INT,
-        "role": _INT,
-        "incarnation": _STR,
-        "host": _STR,
-        "pid": _INT,
-        "probe": _LIST,
-        "data_port": _INT,
-        "pool": _LIST,
-        "heartbeat_ms": _INT,
-        "caches": _LIST,
-    },
+    "hello": {**_ABOUT, "expect_cluster_id": _INT},
+    "welcome": _ABOUT,
+    "ready": {"caches": _LIST},
     "reject": {"code": _INT, "message": _STR},
     "reg_add": {"rid": _INT, "cache": (dict,)},
     "reg_del": {"rid": _INT, "id": _INT, "gen": _INT},
     "unlink": {"rid": _INT},
+    "probe": {"rid": _INT},  # are you there? (before a new link may replace this one)
     # a pull through a CacheKey finished: the owner may consume the key (spec section 1)
     "consume": {"rid": _INT, "id": _INT, "key": _LIST, "tensors": _LIST},
     "ack": {"rid": _INT, "code": _INT, "message": _STR},
@@ -96,11 +93,11 @@ def encode(kind: str, **fields: Any) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def frame_length(header: bytes) -> int:
+def frame_length(header: bytes, max_frame: int = MAX_FRAME) -> int:
     """Return the body length announced by a frame header, refusing oversize frames."""
     length: int = HEADER.unpack(header)[0]
-    if length == 0 or length > MAX_FRAME:
-        raise FrameError(f"frame length {length} outside 1..{MAX_FRAME}")
+    if length == 0 or length > max_frame:
+        raise FrameError(f"frame length {length} outside 1..{max_frame}")
     return length
 
 
@@ -108,8 +105,9 @@ def decode(body: bytes) -> dict[str, Any]:
     """Decode and validate one frame body; raise FrameError on anything off-schema."""
     try:
         msg = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FrameError(f"frame is not UTF-8 JSON: {exc}") from None
+    # deep nesting raises RecursionError, a number too long ValueError: input, not our bug
+    except (UnicodeDecodeError, ValueError, RecursionError, OverflowError) as exc:
+        raise FrameError(f"frame is not UTF-8 JSON: {type(exc).__name__}") from None
     _check_message(msg)
     checked: dict[str, Any] = msg
     return checked
@@ -127,6 +125,12 @@ def _check_message(msg: Any) -> None:
         _check_probe(msg["probe"])
         if msg["pool"]:
             _check_u64_list("pool", msg["pool"], 3)
+        _check_challenge(msg["challenge"])
+        if not 1 <= msg["heartbeat_ms"] <= 1 << 31:
+            raise FrameError("heartbeat_ms must be in [1, 2^31]")
+        if len(msg["incarnation"]) > 64 or len(msg["host"]) > 256:
+            raise FrameError("incarnation or host is too long")
+    elif kind == "ready":
         for entry in msg["caches"]:
             check_cache_entry(entry)
     elif kind == "reg_add":
@@ -164,6 +168,11 @@ def _check_u64_list(what: str, values: Any, length: int | None = None) -> None:
 
 def _check_probe(probe: Any) -> None:
     _check_u64_list("probe", probe, 2)
+
+
+def _check_challenge(challenge: str) -> None:
+    if len(challenge) != 64 or any(c not in "0123456789abcdef" for c in challenge):
+        raise FrameError("challenge must be 64 lowercase hex digits")
 
 
 def check_cache_entry(entry: Any) -> None:

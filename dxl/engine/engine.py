@@ -78,7 +78,7 @@ class Engine:
         links = self._links = LinkTable(identity, opts, mover)
         listener = self._listener = Listener(identity, opts, mover)
         self._registrations = Registrations(opts, state, book, links, listener, mover, self)
-        handshake = Handshake(
+        handshake = self._handshake = Handshake(
             identity,
             opts,
             state,
@@ -134,6 +134,7 @@ class Engine:
         if self._state.value != "new":
             raise RuntimeError(f"engine {self.cluster_id} was already started")
         self._mover.start()
+        self._handshake.start()
         self._state.value = "running"
         try:
             self._registrations.open_pool(f"dxl-host-pool-{self.cluster_id}")
@@ -149,6 +150,7 @@ class Engine:
             return
         self._state.value = "closing"
         self._listener.stop_accepting()  # no new links while the old ones go
+        await self._handshake.close()
         self._links.close_all("engine closed")
         await self._links.wait_closed()
         await self._registrations.close()

@@ -1,10 +1,25 @@
 """The link handshake, on both sides.
 
-A link starts with the HMAC handshake of :mod:`dxl.control.auth` on the control connection
-(skipped by agreement when neither side has a secret), then ``hello``/``welcome`` frames that
-carry identities, registries and the data-server port. Each side then opens its transport to the
-other and proves it (:mod:`dxl.transport.select`); a successful handshake becomes a link in the
-:class:`~dxl.engine.links.LinkTable`.
+On a new control connection both sides first run the HMAC handshake of :mod:`dxl.control.auth`
+(skipped by agreement when neither has a secret: then the peer must be a process of the same user
+on this host, as the kernel reports it, unless ``allow_remote_listen`` says the network is
+trusted). Then::
+
+    client                                   server
+    hello   (identity, challenge)    ->      checks it; a live link the peer set up before is
+                                             replaced only if it no longer answers a probe
+            <-    welcome (identity, challenge)
+    both derive the link's data key from the two challenges (and the secret)
+    opens its transport, proves it
+    ready   (its caches)             ->      opens its transport, proves it
+            <-    ready (its caches)         link up (the caches it sent and the link's entry
+    link up                                  in the table are made in one step)
+
+A peer's declared pid counts only once the kernel shows that process holds the other end of
+this connection (:mod:`dxl.control.peercred`), and never when it is this process: otherwise no
+same-host transport is used towards it. Everything is bounded: the client's ``link_clusters``
+timeout, the server's pre-authentication and handshake deadlines, the size of frames before a
+link exists, and the number of handshakes in progress (the oldest is shed).
 """
 
 from __future__ import annotations
@@ -12,26 +27,46 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from ..config import EngineOptions
 from ..control import wire
-from ..control.auth import AuthError, authenticate_streams
+from ..control.auth import AuthError, authenticate_streams, link_key
 from ..control.channel import read_message
 from ..control.hello import PeerInfo
+from ..control.peercred import PeerSocket, holds_socket, peer_socket
 from ..errors import LLMException, LLMStatusCode, status_from_code
+from ..guard import PendingCap, RateLimitedLog
 from ..transport import Transport, host_identity
 from ..transport.select import OpenContext, open_transport
 from ..types import LLMClusterInfo
 from .book import CacheBook
+from .executor import NativeExecutor
 from .links import LinkTable
 from .mover import Mover
 from .state import Identity, RunState
 
 log = logging.getLogger("dxl")
+limited = RateLimitedLog(log)
 
-HANDSHAKE_TIMEOUT_S = 5.0  # a connection that says nothing valid this long is dropped
+PREAUTH_TIMEOUT_S = 2.0  # a new connection must authenticate and say hello this fast
+HANDSHAKE_TIMEOUT_S = 5.0  # and complete the whole handshake (transports included) this fast
+MAX_PENDING = 32  # handshakes in progress on the server side; the oldest is shed
+PROBE_TIMEOUT_S = 1.0  # a live link that does not answer this fast may be replaced
+SETUP_THREADS = 4  # blocking parts of link setup (opening tcp streams, the probe read)
+
+Code = LLMStatusCode
+
+
+class Refused(Exception):
+    """This side refuses the link: the status to return, and why (sent as a reject)."""
+
+    def __init__(self, code: LLMStatusCode, why: str) -> None:
+        super().__init__(why)
+        self.code = code
 
 
 class Handshake:
@@ -57,6 +92,19 @@ class Handshake:
         self._mover = mover
         self._data_port = data_port
         self._pool = pool
+        self._pending = PendingCap(MAX_PENDING)
+        self._setup: NativeExecutor | None = None
+
+    def start(self) -> None:
+        self._setup = NativeExecutor(SETUP_THREADS, f"dxl-link-{self._identity.cluster_id}")
+
+    async def close(self) -> None:
+        """Stop accepting handshakes (those in progress are cancelled) and the setup threads."""
+        tasks = self._pending.cancel_all()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._setup is not None:
+            self._setup.shutdown()
+            self._setup = None
 
     # ------------------------------------------------------------------ client side
     async def connect(self, info: LLMClusterInfo, timeout_s: float) -> LLMStatusCode:
@@ -65,19 +113,22 @@ class Handshake:
         assert peer_id is not None  # checked by link_clusters
         if peer_id == self._identity.cluster_id:
             log.error("dxl: link_clusters: cluster %d cannot link to itself", peer_id)
-            return LLMStatusCode.LLM_PARAM_INVALID
-        if self._links.get(peer_id) is not None:
-            return LLMStatusCode.LLM_ALREADY_LINK
+            return Code.LLM_PARAM_INVALID
+        own = self._links.own(peer_id)
+        if own is not None and not own.closed:
+            return Code.LLM_ALREADY_LINK
         if peer_id in self._links.linking:
-            return LLMStatusCode.LLM_PROCESSING_LINK
+            return Code.LLM_PROCESSING_LINK
         if len(info.remote_ip_info_list) != 1:
             log.error("dxl: link_clusters: cluster %d needs exactly one remote ip", peer_id)
-            return LLMStatusCode.LLM_PARAM_INVALID
+            return Code.LLM_PARAM_INVALID
         ip, port = info.remote_endpoint()
+        where = f"cluster {peer_id} at {ip}:{port}"
         self._links.linking.add(peer_id)
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(timeout_s):
+                deadline = asyncio.get_running_loop().time() + timeout_s
                 reader, writer = await asyncio.open_connection(ip, port)
                 await authenticate_streams(
                     reader,
@@ -87,141 +138,286 @@ class Handshake:
                     purpose="link",
                     timeout=timeout_s,
                 )
-                async with self._book.lock:
-                    writer.write(self._hello(peer_id))
-                    msg = await read_message(reader)
-                    if msg["t"] == "reject":
-                        log.error(
-                            "dxl: link to cluster %d at %s:%d rejected by the peer: %s",
-                            peer_id, ip, port, msg["message"],
-                        )  # fmt: skip
-                        return status_from_code(msg["code"], LLMStatusCode.LLM_LINK_FAILED)
-                    if msg["t"] != "welcome":
-                        raise wire.FrameError(f"expected welcome, got {msg['t']}")
-                    peer = PeerInfo.from_wire(msg, ip)
-                    if peer.cluster_id != peer_id:
-                        log.error(
-                            "dxl: %s:%d is cluster %d, not the cluster %d asked for",
-                            ip, port, peer.cluster_id, peer_id,
-                        )  # fmt: skip
-                        return LLMStatusCode.LLM_LINK_FAILED
-                    transport = await self._open_transport(peer)
-                    self._links.add(peer, reader, writer, transport, msg["caches"], initiator=True)
-                    writer = None
+                kernel = self._trusted(writer)
+                async with self._book.lock:  # our caches, sent in ready, stay as sent
+                    await self._client_steps(reader, writer, peer_id, ip, kernel, deadline)
+                    writer = None  # the link owns it now
+        except Refused as exc:
+            log.error("dxl: link to %s refused: %s", where, exc)
+            return exc.code
         except TimeoutError:
-            log.error("dxl: link to cluster %d at %s:%d timed out", peer_id, ip, port)
-            return LLMStatusCode.LLM_LINK_FAILED
+            log.error("dxl: link to %s timed out (%.0f ms)", where, timeout_s * 1000)
+            return Code.LLM_LINK_FAILED
         except AuthError as exc:
-            log.error(
-                "dxl: link to cluster %d at %s:%d not authenticated: %s", peer_id, ip, port, exc
-            )
-            return LLMStatusCode.LLM_LINK_FAILED
+            log.error("dxl: link to %s not authenticated: %s", where, exc)
+            return Code.LLM_LINK_FAILED
         except (OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
-            log.error("dxl: link to cluster %d at %s:%d failed: %s", peer_id, ip, port, exc)
-            return LLMStatusCode.LLM_LINK_FAILED
+            log.error("dxl: link to %s failed: %s", where, exc or type(exc).__name__)
+            return Code.LLM_LINK_FAILED
         except LLMException as exc:
-            log.error("dxl: link to cluster %d at %s:%d failed: %s", peer_id, ip, port, exc)
+            log.error("dxl: link to %s failed: %s", where, exc)
             return exc.status_code
         finally:
             self._links.linking.discard(peer_id)
             if writer is not None:
                 writer.close()
-        return LLMStatusCode.LLM_SUCCESS
+        return Code.LLM_SUCCESS
 
-    def _hello(self, expect_cluster_id: int) -> bytes:
-        # force: we hold no link to it, so any link it holds to us is stale
-        return wire.encode(
-            "hello", expect_cluster_id=expect_cluster_id, force=True, **self._about_us()
-        )
-
-    def _about_us(self) -> dict[str, Any]:
-        """What this engine says about itself in hello and welcome."""
-        return {
-            "proto": wire.PROTOCOL_VERSION,
-            "cluster_id": self._identity.cluster_id,
-            "role": int(self._identity.role),
-            "incarnation": self._identity.incarnation,
-            "host": host_identity(),
-            "pid": os.getpid(),
-            "probe": self._identity.probe_wire,
-            "data_port": self._data_port(),
-            "pool": self._pool(),
-            "heartbeat_ms": self._opts.heartbeat_interval_ms,
-            "caches": self._book.advertised(),
-        }
+    async def _client_steps(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer_id: int,
+        ip: str,
+        kernel: PeerSocket | None,
+        deadline: float,
+    ) -> None:
+        challenge = secrets.token_bytes(32)
+        writer.write(self._frame("hello", challenge, expect_cluster_id=peer_id))
+        msg = await _expect(reader, "welcome", wire.PRELINK_MAX_FRAME)
+        peer = PeerInfo.from_wire(msg, ip)
+        if peer.cluster_id != peer_id:
+            raise Refused(
+                Code.LLM_LINK_FAILED,
+                f"{ip} is cluster {peer.cluster_id}, not the cluster {peer_id} asked for",
+            )
+        key_id, key = link_key(self._opts.auth_token, challenge, bytes.fromhex(msg["challenge"]))
+        self._links.add_key(key_id, key)  # the peer's transport may connect from now on
+        transport: Transport | None = None
+        try:
+            try:
+                transport = await self._open_transport(peer, kernel, key_id, key, deadline)
+            except LLMException as exc:
+                writer.write(wire.encode("reject", code=int(exc.status_code), message=str(exc)))
+                raise
+            writer.write(wire.encode("ready", caches=self._book.advertised()))
+            msg = await _expect(reader, "ready", wire.MAX_FRAME)
+            self._links.add(peer, reader, writer, transport, msg["caches"], True, key_id)
+            transport = None
+        finally:
+            if transport is not None:  # the link did not come up: nothing may use it
+                transport.close()
+                self._links.drop_key(key_id)
 
     # ------------------------------------------------------------------ server side
     async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Server side of the handshake. Garbage, silence or a wrong secret closes this
-        connection only."""
-        host = writer.get_extra_info("peername", ("", 0))[0]
+        """Server side of the handshake. Garbage, silence, a stranger or a wrong secret closes
+        this connection only; nothing raised here reaches the event loop."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._pending.admit(task)  # sheds the oldest handshake when too many are in progress
+        host = str(writer.get_extra_info("peername", ("?", 0))[0])
         try:
-            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
-                await authenticate_streams(
-                    reader,
-                    writer,
-                    self._opts.auth_token,
-                    role="server",
-                    purpose="link",
-                    timeout=HANDSHAKE_TIMEOUT_S,
-                )
-                msg = await read_message(reader)
-            if msg["t"] != "hello":
-                raise wire.FrameError(f"expected hello, got {msg['t']}")
-            peer = PeerInfo.from_wire(msg, host)
-            code, why = self._check_hello(msg, peer)
-            transport: Transport | None = None
-            if code == LLMStatusCode.LLM_SUCCESS:
-                try:
-                    transport = await self._open_transport(peer)
-                except LLMException as exc:
-                    code, why = exc.status_code, str(exc)
-            if transport is None:
-                log.error("dxl: refused link from cluster %d: %s", peer.cluster_id, why)
-                writer.write(wire.encode("reject", code=int(code), message=why))
-                await writer.drain()
-                writer.close()
-                return
-            old = self._links.get(peer.cluster_id)
-            if old is not None:  # the peer restarted or lost its end: drop our stale one
-                old.close("peer re-linked")
-            writer.write(wire.encode("welcome", **self._about_us()))
-            self._links.add(peer, reader, writer, transport, msg["caches"], initiator=False)
+            await self._server_steps(reader, writer, host)
+        except Refused as exc:
+            limited.warning("refused-link", "dxl: refused a link from %s: %s", host, exc)
+            writer.write(wire.encode("reject", code=int(exc.code), message=str(exc)))
+            await _drain_quietly(writer)
+            writer.close()
         except AuthError as exc:
-            log.warning("dxl: refused an unauthenticated connection from %s: %s", host, exc)
+            limited.warning(
+                "auth", "dxl: refused an unauthenticated connection from %s: %s", host, exc
+            )
             writer.close()
         except (TimeoutError, OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
-            log.warning("dxl: dropped an incoming connection: %s", exc or type(exc).__name__)
+            limited.warning(
+                "dropped", "dxl: dropped an incoming connection from %s: %s", host,
+                exc or type(exc).__name__,
+            )  # fmt: skip
+            writer.close()
+        except asyncio.CancelledError:  # shed for a newer handshake, or the engine closes
+            writer.close()
+        except Exception:  # a bug must cost this connection only, never the listener
+            log.exception("dxl: link handshake with %s failed", host)
             writer.close()
 
-    def _check_hello(self, msg: dict[str, Any], peer: PeerInfo) -> tuple[LLMStatusCode, str]:
+    async def _server_steps(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HANDSHAKE_TIMEOUT_S
+        async with asyncio.timeout(PREAUTH_TIMEOUT_S):
+            await authenticate_streams(
+                reader,
+                writer,
+                self._opts.auth_token,
+                role="server",
+                purpose="link",
+                timeout=PREAUTH_TIMEOUT_S,
+            )
+            kernel = self._trusted(writer)
+            msg = await _expect(reader, "hello", wire.PRELINK_MAX_FRAME)
+        peer = PeerInfo.from_wire(msg, host)
+        self._check_hello(msg, peer)
+        if peer.cluster_id in self._links.accepting:
+            raise Refused(Code.LLM_PROCESSING_LINK, "a link from that cluster is being set up")
+        self._links.accepting.add(peer.cluster_id)
+        transport: Transport | None = None
+        key_id = b""
+        linked = False
+        try:
+            # a live link the peer set up before stays: no stranger may evict it, and the peer
+            # itself holds it still; one that no longer answers is replaced
+            stale = self._links.theirs(peer.cluster_id)
+            if stale is not None and await self._links.alive(stale, PROBE_TIMEOUT_S):
+                raise Refused(Code.LLM_ALREADY_LINK, f"cluster {peer.cluster_id} is already linked")
+            async with asyncio.timeout_at(deadline):
+                challenge = secrets.token_bytes(32)
+                key_id, key = link_key(
+                    self._opts.auth_token, bytes.fromhex(msg["challenge"]), challenge
+                )
+                self._links.add_key(key_id, key)
+                writer.write(self._frame("welcome", challenge))
+                ready = await _expect(reader, "ready", wire.MAX_FRAME)
+                transport = await self._open_transport(peer, kernel, key_id, key, deadline)
+            if stale is not None:  # it did not answer: the peer restarted or lost its end
+                stale.close("the peer set up a new link")
+            # one step: the caches we announce and the link that will hear of later changes
+            writer.write(wire.encode("ready", caches=self._book.advertised()))
+            self._links.add(peer, reader, writer, transport, ready["caches"], False, key_id)
+            linked = True
+        except LLMException as exc:
+            raise Refused(exc.status_code, str(exc)) from exc
+        finally:
+            self._links.accepting.discard(peer.cluster_id)
+            if not linked:  # nothing may use what this setup opened
+                if transport is not None:
+                    transport.close()
+                if key_id:
+                    self._links.drop_key(key_id)
+
+    def _check_hello(self, msg: dict[str, Any], peer: PeerInfo) -> None:
         if not self._state.running:
-            return LLMStatusCode.LLM_LINK_FAILED, "engine is closing"
+            raise Refused(Code.LLM_LINK_FAILED, "engine is closing")
         if msg["proto"] != wire.PROTOCOL_VERSION:
-            return (
-                LLMStatusCode.LLM_LINK_FAILED,
-                f"protocol {msg['proto']} != {wire.PROTOCOL_VERSION}",
+            raise Refused(
+                Code.LLM_LINK_FAILED, f"protocol {msg['proto']} != {wire.PROTOCOL_VERSION}"
             )
         me = self._identity.cluster_id
         if msg["expect_cluster_id"] != me:
-            return LLMStatusCode.LLM_LINK_FAILED, (
+            raise Refused(
+                Code.LLM_LINK_FAILED,
                 f"the client asked for cluster {msg['expect_cluster_id']} but this is cluster "
-                f"{me} (LLMClusterInfo.remote_cluster_id must match the peer)"
+                f"{me} (LLMClusterInfo.remote_cluster_id must match the peer)",
             )
         if peer.cluster_id == me:
-            return LLMStatusCode.LLM_LINK_FAILED, f"peer uses this engine's cluster id {me}"
-        if peer.cluster_id in self._links.linking:
-            return LLMStatusCode.LLM_PROCESSING_LINK, "a link to that cluster is being set up"
-        if not msg["force"] and self._links.get(peer.cluster_id) is not None:
-            return LLMStatusCode.LLM_ALREADY_LINK, f"cluster {peer.cluster_id} is already linked"
-        return LLMStatusCode.LLM_SUCCESS, ""
+            raise Refused(Code.LLM_LINK_FAILED, f"peer uses this engine's cluster id {me}")
 
-    async def _open_transport(self, peer: PeerInfo) -> Transport:
+    # ------------------------------------------------------------------ both sides
+    def _trusted(self, writer: asyncio.StreamWriter) -> PeerSocket | None:
+        """The kernel's view of the peer's socket (None: not on this host). Without a shared
+        secret only a process of our own user on this host may link, unless the network is
+        declared trusted (``allow_remote_listen``)."""
+        sock: socket.socket | None = writer.get_extra_info("socket")
+        kernel = peer_socket(sock) if sock is not None else None
+        if self._opts.auth_token is None and not self._opts.allow_remote_listen:
+            if kernel is None:
+                raise Refused(
+                    Code.LLM_LINK_FAILED,
+                    "without a shared secret only processes of this host may link (set "
+                    "LLMConfig.auth_token on both sides, or allow_remote_listen on a trusted "
+                    "network)",
+                )
+            if kernel.uid != os.getuid():
+                raise Refused(
+                    Code.LLM_LINK_FAILED,
+                    f"without a shared secret only processes of user {os.getuid()} may link "
+                    f"(the peer runs as user {kernel.uid}); set LLMConfig.auth_token",
+                )
+        return kernel
+
+    def _proven_pid(self, peer: PeerInfo, kernel: PeerSocket | None) -> int:
+        """The peer's pid if the kernel shows that process holds the other end of this
+        connection and it is not this process; else 0 (no same-host transport to it)."""
+        if kernel is None:
+            return 0
+        if peer.pid == os.getpid():
+            log.info("dxl: cluster %d is this very process: no cma to it", peer.cluster_id)
+            return 0
+        if not holds_socket(peer.pid, kernel.inode):
+            limited.warning(
+                "pid-proof",
+                "dxl: cluster %d says it is pid %d, but that process does not hold the "
+                "connection: no same-host transport to it",
+                peer.cluster_id,
+                peer.pid,
+            )
+            return 0
+        return peer.pid
+
+    async def _open_transport(
+        self,
+        peer: PeerInfo,
+        kernel: PeerSocket | None,
+        key_id: bytes,
+        key: bytes,
+        deadline: float,
+    ) -> Transport:
         ctx = OpenContext(
             cluster_id=self._identity.cluster_id,
-            secret=self._opts.auth_token,
+            pid=self._proven_pid(peer, kernel),
+            key_id=key_id,
+            key=key,
             threads=self._opts.transfer_threads,
             timeout_ms=self._opts.sync_kv_timeout_ms,
-            run=self._mover.run,
+            deadline=deadline,
+            run=self._run_setup,
         )
         return await open_transport(peer, self._opts.transport, ctx)
+
+    async def _run_setup(self, fn: Any) -> Any:
+        """A blocking part of link setup, on the setup threads (never the transfer workers).
+        If the setup gives up meanwhile (its deadline), whatever the call opens is closed."""
+        assert self._setup is not None
+        fut = self._setup.submit(fn)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(_close_result)
+            raise
+
+    def _frame(self, kind: str, challenge: bytes, **extra: Any) -> bytes:
+        """hello or welcome: what this engine says about itself."""
+        return wire.encode(
+            kind,
+            proto=wire.PROTOCOL_VERSION,
+            cluster_id=self._identity.cluster_id,
+            role=int(self._identity.role),
+            incarnation=self._identity.incarnation,
+            host=host_identity(),
+            pid=os.getpid(),
+            probe=self._identity.probe_wire,
+            data_port=self._data_port(),
+            pool=self._pool(),
+            heartbeat_ms=self._opts.heartbeat_interval_ms,
+            challenge=challenge.hex(),
+            **extra,
+        )
+
+
+async def _expect(reader: asyncio.StreamReader, kind: str, max_frame: int) -> dict[str, Any]:
+    """The next frame, which must be ``kind`` (a reject becomes :class:`Refused`)."""
+    msg = await read_message(reader, max_frame)
+    if msg["t"] == "reject":
+        raise Refused(
+            status_from_code(msg["code"], Code.LLM_LINK_FAILED),
+            f"rejected by the peer: {msg['message']}",
+        )
+    if msg["t"] != kind:
+        raise wire.FrameError(f"expected {kind}, got {msg['t']}")
+    return msg
+
+
+def _close_result(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        close = getattr(fut.result(), "close", None)
+        if close is not None:
+            close()
+
+
+async def _drain_quietly(writer: asyncio.StreamWriter) -> None:
+    try:
+        async with asyncio.timeout(0.5):
+            await writer.drain()
+    except (TimeoutError, OSError):
+        pass

@@ -22,6 +22,7 @@ class Link:
     transport: Transport
     registry: RemoteRegistry
     initiator: bool  # True on the side that called link_clusters
+    key_id: bytes  # names the link's data key (dxl.control.auth.link_key)
     pull: OpStats = field(default_factory=OpStats)
     push: OpStats = field(default_factory=OpStats)
     usage: Usage = field(default_factory=Usage)  # transfers in flight over this link

@@ -40,7 +40,7 @@ class LinkOps:
         self._handshake = handshake
 
     async def listen(self, listen: tuple[str, int]) -> None:
-        await self._listener.start(listen, self._handshake.accept)
+        await self._listener.start(listen, self._handshake.accept, self._links.key_for)
 
     async def link_clusters(
         self,

@@ -1,16 +1,20 @@
 """The link table: an engine's live links, the messages that arrive on them, and their ends.
 
-A link is added once its handshake succeeded (:mod:`dxl.engine.handshake`). Its control channel
-then carries registry changes (``reg_add``, ``reg_del``: the peer's caches as we see them),
-``unlink``, and messages of other components, which register a handler with :meth:`on` (e.g.
-``consume`` for keyed pulls). When a link ends, its transport is closed once no transfer uses it.
+A link is added once its handshake succeeded (:mod:`dxl.engine.handshake`). Each side's
+``link_clusters`` makes a link of its own, so two engines may hold two links to each other (one
+each side set up, as LLM-DataDist's per-side links); transfers use the link this engine set up
+and, where it has none, the one the peer set up. A link's control channel carries registry
+changes (``reg_add``, ``reg_del``: the peer's caches as we see them), ``unlink``, and messages of
+other components, which register a handler with :meth:`LinkTable.on` (e.g. ``consume`` for keyed
+pulls). Each link also has its own data key: the data server admits a tcp connection only for a
+live link, and when a link ends its key goes and its data connections are cut at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 from ..config import EngineOptions
@@ -27,17 +31,23 @@ from .state import Identity
 log = logging.getLogger("dxl")
 
 MessageHandler = Callable[[Link, dict[str, Any]], Awaitable[None]]
+Revoke = Callable[[bytes], None]
 
 
 class LinkTable:
-    """Live links by peer cluster id, and the setups in progress."""
+    """Live links by peer cluster id (the one we set up, the one the peer set up), and setups
+    in progress."""
 
     def __init__(self, identity: Identity, options: EngineOptions, mover: Mover) -> None:
         self._identity = identity
         self._opts = options
         self._mover = mover
-        self._links: dict[int, Link] = {}
-        self.linking: set[int] = set()  # cluster ids whose link is being set up
+        self._own: dict[int, Link] = {}  # links this engine set up (link_clusters)
+        self._theirs: dict[int, Link] = {}  # links peers set up to this engine
+        self.linking: set[int] = set()  # our setups in progress, by peer cluster id
+        self.accepting: set[int] = set()  # peers' setups in progress
+        self._keys: dict[bytes, bytes] = {}  # data key id -> key, of links set up or live
+        self.revoke: Revoke | None = None  # cuts a key's data connections (the data server)
         self._handlers: dict[str, MessageHandler] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._closing: set[asyncio.Task[None]] = set()
@@ -49,24 +59,53 @@ class LinkTable:
 
     # ------------------------------------------------------------------ lookups
     def get(self, cluster_id: int) -> Link | None:
-        return self._links.get(cluster_id)
+        """The live link transfers to ``cluster_id`` use: ours, else the peer's."""
+        for table in (self._own, self._theirs):
+            link = table.get(cluster_id)
+            if link is not None and not link.closed:
+                return link
+        return None
+
+    def own(self, cluster_id: int) -> Link | None:
+        return self._own.get(cluster_id)
+
+    def theirs(self, cluster_id: int) -> Link | None:
+        return self._theirs.get(cluster_id)
+
+    def __iter__(self) -> Iterator[Link]:
+        return iter([*self._own.values(), *self._theirs.values()])
 
     def __len__(self) -> int:
-        return len(self._links)
+        return len(self._own) + len(self._theirs)
 
     @property
     def busy(self) -> bool:
         """Links exist or are being set up."""
-        return bool(self._links or self.linking)
+        return bool(self._own or self._theirs or self.linking or self.accepting)
 
     def route(self, op: str, cluster_id: int) -> Link:
         """The live link an operation on ``cluster_id`` uses."""
         if cluster_id == self._identity.cluster_id:
             raise param_invalid(op, f"the cache key names this engine's own cluster {cluster_id}")
-        link = self._links.get(cluster_id)
-        if link is None or link.closed:
+        link = self.get(cluster_id)
+        if link is None:
             raise fail(op, LLMStatusCode.LLM_NOT_YET_LINK, f"cluster {cluster_id} is not linked")
         return link
+
+    # ------------------------------------------------------------------ data keys
+    def add_key(self, key_id: bytes, key: bytes) -> None:
+        """A link being set up may open data connections with this key from now on."""
+        self._keys[key_id] = key
+
+    def drop_key(self, key_id: bytes) -> None:
+        """No data connection with this key any more: refused from now on, and the open ones
+        cut."""
+        if self._keys.pop(key_id, None) is not None and self.revoke is not None:
+            self.revoke(key_id)
+
+    def key_for(self, key_id: bytes) -> bytes | None:
+        """The data server's lookup: the key of a live (or setting-up) link, else None."""
+        return self._keys.get(key_id)
 
     # ------------------------------------------------------------------ links coming and going
     def add(
@@ -77,6 +116,7 @@ class LinkTable:
         transport: Transport,
         caches: list[dict[str, Any]],
         initiator: bool,
+        key_id: bytes,
     ) -> Link:
         """Start a link whose handshake succeeded (its control connection and transport)."""
         channel = Channel(
@@ -86,8 +126,8 @@ class LinkTable:
             heartbeat_s=self._opts.heartbeat_interval_ms / 1000,
             peer_heartbeat_s=peer.heartbeat_ms / 1000,
         )
-        link = Link(peer, channel, transport, RemoteRegistry(caches), initiator)
-        self._links[peer.cluster_id] = link
+        link = Link(peer, channel, transport, RemoteRegistry(caches), initiator, key_id)
+        (self._own if initiator else self._theirs)[peer.cluster_id] = link
         if peer.pool is not None:  # caches the peer allocated live in its memfd pool
             fd, base, size = peer.pool
             self._share(link, "pool", [[fd, 0, base, size, None]])
@@ -102,11 +142,12 @@ class LinkTable:
 
         channel.start(handle, on_close)
         log.info(
-            "dxl: cluster %d linked with cluster %d (pid %d) over %s",
+            "dxl: cluster %d linked with cluster %d (pid %d) over %s (set up by %s)",
             self._identity.cluster_id,
             peer.cluster_id,
             peer.pid,
             transport.name,
+            "us" if initiator else "the peer",
         )
         return link
 
@@ -129,12 +170,15 @@ class LinkTable:
             self.spawn(self._mover.run_jobs(jobs))
 
     def _on_closed(self, link: Link) -> None:
-        if self._links.get(link.peer.cluster_id) is link:
-            del self._links[link.peer.cluster_id]
+        table = self._own if link.initiator else self._theirs
+        if table.get(link.peer.cluster_id) is link:
+            del table[link.peer.cluster_id]
+        self.drop_key(link.key_id)  # its data connections end now, not when idle
         log.info(
-            "dxl: link %d<->%d closed: %s",
+            "dxl: link %d<->%d (set up by %s) closed: %s",
             self._identity.cluster_id,
             link.peer.cluster_id,
+            "us" if link.initiator else "the peer",
             link.channel.close_reason,
         )
 
@@ -148,7 +192,7 @@ class LinkTable:
         task.add_done_callback(self._closing.discard)
 
     def close_all(self, reason: str) -> None:
-        for link in list(self._links.values()):
+        for link in list(self):
             link.close(reason)
 
     async def wait_closed(self) -> None:
@@ -160,6 +204,16 @@ class LinkTable:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def alive(self, link: Link, timeout_s: float) -> bool:
+        """Whether the peer still answers on ``link`` (a probe and its ack)."""
+        if link.closed:
+            return False
+        try:
+            await link.channel.request("probe", timeout_s)
+        except LLMException:
+            return False
+        return not link.closed
 
     # ------------------------------------------------------------------ messages
     async def _on_message(self, link: Link, msg: dict[str, Any]) -> None:
@@ -191,7 +245,7 @@ class LinkTable:
         """Send a registry change to every live link and wait for each ack; a peer that does
         not answer in time is unlinked, since it can no longer be trusted to see the change."""
         timeout_s = self._opts.sync_kv_timeout_ms / 1000
-        links = [link for link in self._links.values() if not link.closed]
+        links = [link for link in self if not link.closed]
 
         async def one(link: Link) -> None:
             try:
@@ -205,9 +259,10 @@ class LinkTable:
         await asyncio.gather(*(one(link) for link in links))
 
     async def unlink(self, cluster_id: int, timeout_s: float, force: bool) -> LLMStatusCode:
-        """End the link to ``cluster_id``: tell the peer and wait for its answer, or with
-        ``force`` only drop the local end (the peer notices the closed connection)."""
-        link = self._links.get(cluster_id)
+        """End our link to ``cluster_id`` (or, if we set none up, the peer's): tell the peer
+        and wait for its answer, or with ``force`` only drop the local end (the peer notices
+        the closed connection)."""
+        link = self._own.get(cluster_id) or self._theirs.get(cluster_id)
         if link is None:
             return LLMStatusCode.LLM_SUCCESS if force else LLMStatusCode.LLM_NOT_YET_LINK
         if force:
@@ -223,11 +278,19 @@ class LinkTable:
         return LLMStatusCode.LLM_SUCCESS
 
     def snapshot(self) -> dict[int, dict[str, Any]]:
-        return {cid: link.snapshot() for cid, link in self._links.items()}
+        """Per peer: the link transfers use, and how many links we hold to it."""
+        shown: dict[int, dict[str, Any]] = {}
+        for cid in {*self._own, *self._theirs}:
+            link = self.get(cid) or self._own.get(cid) or self._theirs[cid]
+            shown[cid] = {
+                **link.snapshot(),
+                "links": int(cid in self._own) + int(cid in self._theirs),
+            }
+        return shown
 
     def transports(self) -> dict[str, int]:
         """How many links use each transport."""
         counts: dict[str, int] = {}
-        for link in self._links.values():
+        for link in self:
             counts[link.transport.name] = counts.get(link.transport.name, 0) + 1
         return counts

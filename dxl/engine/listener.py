@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import _ffi
 from ..config import EngineOptions
+from ..control.auth import KeyLookup
 from ..errors import LLMStatusCode, fail, param_invalid
 from ..transport.tcp import is_loopback
 from ..transport.tcp_server import DataServer
@@ -45,9 +46,12 @@ class Listener:
         """The data server's port, 0 when not listening (peers then cannot use tcp to us)."""
         return self.data.address[1] if self.data is not None else 0
 
-    async def start(self, listen: tuple[str, int], on_accept: AcceptHandler) -> None:
+    async def start(
+        self, listen: tuple[str, int], on_accept: AcceptHandler, keys: KeyLookup
+    ) -> None:
         """Accept links on ``listen`` (each connection goes to ``on_accept``) and serve our
-        memory to tcp peers on the same address."""
+        memory to tcp peers on the same address, to connections that authenticate with the
+        key of a live link (``keys``)."""
         ip, port = listen
         secret = self._opts.auth_token
         if not is_loopback(ip) and secret is None and not self._opts.allow_remote_listen:
@@ -60,7 +64,7 @@ class Listener:
         try:
             self._server = await asyncio.start_server(on_accept, ip, port)
             self.data = await DataServer.start(
-                ip, 0, secret, instance=self._identity.incarnation, allow_insecure=True
+                ip, 0, keys, instance=self._identity.incarnation, allow_insecure=True
             )
         except OSError as exc:
             await self.stop()

@@ -98,11 +98,12 @@ class Transport(ABC):
         """The transport's name in stats and logs (``cma``, ``cma+shm``, ``tcp``...)."""
 
     @abstractmethod
-    def read(self, pieces: Pieces) -> int:
-        """Pull: ``pieces.src`` (the peer's memory) -> ``pieces.dst`` (ours). Bytes moved."""
+    def read(self, pieces: Pieces, timeout_ms: int | None = None) -> int:
+        """Pull: ``pieces.src`` (the peer's memory) -> ``pieces.dst`` (ours). Bytes moved.
+        ``timeout_ms`` bounds a transport that waits on the peer (None: its own bound)."""
 
     @abstractmethod
-    def write(self, pieces: Pieces) -> int:
+    def write(self, pieces: Pieces, timeout_ms: int | None = None) -> int:
         """Push: ``pieces.src`` (ours) -> ``pieces.dst`` (the peer's memory). Bytes moved."""
 
     @abstractmethod
@@ -163,10 +164,10 @@ class Unreachable(Transport):
     def __init__(self, reason: str) -> None:
         self.reason = reason
 
-    def read(self, pieces: Pieces) -> int:
+    def read(self, pieces: Pieces, timeout_ms: int | None = None) -> int:
         raise TransportClosed(self.reason)
 
-    def write(self, pieces: Pieces) -> int:
+    def write(self, pieces: Pieces, timeout_ms: int | None = None) -> int:
         raise TransportClosed(self.reason)
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ request still goes through the syscalls (``dxl_cma_transfer_mapped``).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -36,6 +37,8 @@ class CmaTransport(Transport):
     )
 
     def __init__(self, pid: int, threads: int) -> None:
+        if pid == os.getpid():  # never: a peer naming our pid would aim our copies at ourselves
+            raise ValueError("cma towards this very process is refused")
         out = _ffi.ffi.new("dxl_peer_t **")
         _ffi.check(_ffi.lib.dxl_peer_open(pid, out), f"open peer process {pid}")
         self._peer = _ffi.ffi.gc(out[0], _ffi.lib.dxl_peer_close)
@@ -92,10 +95,11 @@ class CmaTransport(Transport):
         """Fault one piece of ``key``'s mappings in (blocking); False once they are gone."""
         return self._windows.prefault(key, addr, length)
 
-    def read(self, pieces: Pieces) -> int:
+    # The syscalls never wait on the peer (it need not even run): no timeout to apply.
+    def read(self, pieces: Pieces, timeout_ms: int | None = None) -> int:
         return self._move(0, pieces.dst, pieces.src, pieces)
 
-    def write(self, pieces: Pieces) -> int:
+    def write(self, pieces: Pieces, timeout_ms: int | None = None) -> int:
         return self._move(1, pieces.src, pieces.dst, pieces)
 
     def _move(self, write: int, local: np.ndarray, remote: np.ndarray, pieces: Pieces) -> int:

@@ -1,44 +1,57 @@
 """Choosing and opening the transport of a new link, and proving it reaches the right process.
 
-The link asks for ``auto`` (the first transport in :data:`AUTO_ORDER` that both sides can use),
-or names one (``dxl.Transport``: ``cma``, ``tcp``). Each candidate is opened and then proven: we
-read the peer's 8-byte probe through it, whose token the peer sent in its hello, so a transport
-that reaches another process (a reused pid, a wrong port) is refused. A new transport plugs in
-by adding an :class:`Opener` here; the engine does not change.
+The link asks for ``auto`` (the first transport in :data:`AUTO_ORDER` that can reach the peer),
+or names one (``dxl.Transport``: ``cma``, ``tcp``). A same-host transport is tried only towards
+a process the kernel proved to be the peer (its pid holds the other end of the link's control
+connection; never this very process): a peer's declared pid or host decides nothing. Each
+candidate is opened and then proven: we read the peer's 8-byte probe through it. tcp data
+connections authenticate with the link's own key. Everything happens within the link's
+deadline, on the link-setup threads, never on the engine's transfer workers. A new transport
+plugs in by adding an :class:`Opener` here; the engine does not change.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from ..control.hello import PeerInfo
 from ..errors import DxlError, LLMException, LLMStatusCode, fail
 from ..memory.plan import Pieces
-from .base import Transport, Unreachable, host_identity
+from .base import TransferTimeout, Transport, Unreachable
 from .cma import CmaTransport
 from .tcp import TcpTransport
 
 __all__ = ["AUTO_ORDER", "OPENERS", "OpenContext", "open_transport"]
 
 log = logging.getLogger("dxl")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
 class OpenContext:
-    """What opening a transport needs from the engine."""
+    """What opening a transport needs from the link being set up."""
 
     cluster_id: int  # this engine, for messages
-    secret: str | None
+    pid: int  # the peer's pid as the kernel proved it; 0: not proven (no same-host transport)
+    key_id: bytes  # the link's data key (tcp data connections authenticate with it)
+    key: bytes
     threads: int  # threads one request may split across
-    timeout_ms: int  # bound of each transfer
+    timeout_ms: int  # bound of each later transfer
+    deadline: float  # loop time by which the link must be up
     run: Callable[[Callable[[], Any]], Awaitable[Any]]  # runs a blocking call off the loop
+
+    def left_s(self) -> float:
+        """Seconds left before the deadline (TransferTimeout when none)."""
+        left = self.deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise TransferTimeout("the link's timeout expired while opening its transport")
+        return left
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +63,7 @@ class Opener:
 
 
 async def _open_cma(peer: PeerInfo, ctx: OpenContext) -> Transport:
-    return CmaTransport(peer.pid, ctx.threads)
+    return CmaTransport(ctx.pid, ctx.threads)
 
 
 async def _open_tcp(peer: PeerInfo, ctx: OpenContext) -> Transport:
@@ -60,9 +73,11 @@ async def _open_tcp(peer: PeerInfo, ctx: OpenContext) -> Transport:
         functools.partial(
             TcpTransport,
             (peer.address, peer.data_port),
-            ctx.secret,
+            ctx.key,
+            key_id=ctx.key_id,
             expect_instance=peer.incarnation,
             timeout_ms=ctx.timeout_ms,
+            connect_timeout_s=ctx.left_s(),
         )
     )
     return transport
@@ -84,30 +99,29 @@ async def open_transport(peer: PeerInfo, choice: str, ctx: OpenContext) -> Trans
     :data:`OPENERS`).
 
     Returns :class:`Unreachable` when no transport can reach the peer but the peer can still
-    reach us (it runs no data server and shares no host with us).
+    reach us (it runs no data server and is not a proven process of this host).
 
     Raises:
         LLMException: ``LLM_LINK_FAILED`` when the chosen transport cannot be opened or
-            proven.
+            proven in time.
     """
-    same_host = peer.host == host_identity()
     names = AUTO_ORDER if choice == "auto" else (choice,)
     errors: list[str] = []
     no_data_server = False
     for name in names:
         opener = OPENERS[name]
-        if opener.same_host_only and not same_host:
+        if opener.same_host_only and not ctx.pid:
             if choice != "auto":
                 raise _link_failed(
-                    f"transport {name} was asked for, but cluster {peer.cluster_id} runs on "
-                    "another host or pid namespace"
+                    f"transport {name} was asked for, but cluster {peer.cluster_id} is not a "
+                    "process of this host (as the kernel sees it), or it is this very process"
                 )
             continue
         try:
             return await _proven(peer, await opener.open(peer, ctx), ctx)
         except _NoDataServer:
             no_data_server = True
-        except (DxlError, OSError, LLMException) as exc:  # AuthError, NativeError are DxlErrors
+        except (DxlError, OSError, LLMException) as exc:  # AuthError, NativeError: DxlErrors
             if choice != "auto" or name == names[-1]:
                 where = f"at {peer.address}:{peer.data_port} " if name == "tcp" else ""
                 raise _link_failed(
@@ -125,7 +139,8 @@ async def open_transport(peer: PeerInfo, choice: str, ctx: OpenContext) -> Trans
 
 
 async def _proven(peer: PeerInfo, transport: Transport, ctx: OpenContext) -> Transport:
-    """Read the peer's probe through ``transport``; the token proves the right process."""
+    """Read the peer's probe through ``transport``: the data path works and reaches the right
+    process."""
     got = np.zeros(1, dtype=np.uint64)
     addr, token = peer.probe
     probe = Pieces(
@@ -134,7 +149,8 @@ async def _proven(peer: PeerInfo, transport: Transport, ctx: OpenContext) -> Tra
         np.array([8], dtype=np.uint64),
     )
     try:
-        await ctx.run(functools.partial(transport.read, probe))
+        timeout_ms = max(1, int(ctx.left_s() * 1000))
+        await ctx.run(functools.partial(transport.read, probe, timeout_ms))
     except BaseException:
         transport.close()
         raise

@@ -130,7 +130,9 @@ class TcpTransport(Transport):
 
     Args:
         address: the peer data server's (host, port).
-        secret: the shared secret (None or empty: none; the server must agree).
+        secret: the shared secret (None or empty: none; the server must agree), or the link's
+            key (with ``key_id``).
+        key_id: names ``secret`` among the server's keys (the engine's per-link keys).
         streams: K, parallel streams per request (1..64); requests under
             ``dxl_tcp_stream_threshold()`` bytes per stream use fewer.
         timeout_ms: bound on each read/write call, reconnects and waiting for a free stream set
@@ -162,6 +164,7 @@ class TcpTransport(Transport):
         address: tuple[str, int],
         secret: str | bytes | None,
         *,
+        key_id: bytes = b"",
         streams: int = DEFAULT_STREAMS,
         timeout_ms: int = DEFAULT_TIMEOUT_MS,
         connect_timeout_s: float = 10.0,
@@ -175,6 +178,7 @@ class TcpTransport(Transport):
             raise ValueError("timeout_ms and max_sets must be positive")
         self.address = (address[0], int(address[1]))
         self._secret = normalize_secret(secret)
+        self._key_id = key_id
         self._streams = streams
         self._timeout_ms = timeout_ms
         self._connect_timeout_s = connect_timeout_s
@@ -206,7 +210,9 @@ class TcpTransport(Transport):
         PeerGone, TransferTimeout."""
         host, port = self.address
         where = f"tcp data server {host}:{port}"
-        left = min(deadline - time.monotonic(), self._connect_timeout_s)
+        # connect, handshake and instance id together within the connect timeout
+        deadline = min(deadline, time.monotonic() + self._connect_timeout_s)
+        left = deadline - time.monotonic()
         if left <= 0:
             raise TransferTimeout(f"connect to {where}: timed out")
         try:
@@ -217,9 +223,14 @@ class TcpTransport(Transport):
             raise PeerGone(f"connect to {where}: {exc.strerror or exc}") from exc
         try:
             tune(sock, self._sock_buf)
-            left = min(deadline - time.monotonic(), self._connect_timeout_s)
+            left = deadline - time.monotonic()
             authenticate_socket(
-                sock, self._secret, role="client", purpose=PURPOSE, timeout=max(left, 0.001)
+                sock,
+                self._secret,
+                role="client",
+                purpose=PURPOSE,
+                timeout=max(left, 0.001),
+                key_id=self._key_id,
             )
             instance = self._read_instance(sock, deadline, where)
         except BaseException:

@@ -19,7 +19,7 @@ import socket
 from typing import Any
 
 from .. import _ffi
-from ..control.auth import AuthError, authenticate_sock_async, normalize_secret
+from ..control.auth import AuthError, KeyLookup, authenticate_sock_async, normalize_secret
 from .tcp import DEFAULT_SOCK_BUF, PURPOSE, encode_instance, is_loopback, tune
 
 __all__ = ["DataServer"]
@@ -38,7 +38,7 @@ class DataServer:
         self._lsock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
-        self._secret: bytes | None = None
+        self._secret: bytes | KeyLookup | None = None
         self._instance = b"\0"
         self._auth_timeout = 10.0
         self._sock_buf: int | None = None
@@ -55,7 +55,7 @@ class DataServer:
         cls,
         host: str,
         port: int,
-        secret: str | bytes | None,
+        secret: str | bytes | KeyLookup | None,
         *,
         instance: str = "",
         threads: int = 2,
@@ -68,7 +68,9 @@ class DataServer:
         native server with ``threads`` threads.
 
         Args:
-            secret: the shared secret; None or empty: no authentication (both ends must agree).
+            secret: the shared secret (None or empty: no authentication, both ends must agree),
+                or a lookup from the key id a client names to its key (the engine's per-link
+                keys: a connection for a link that ended is refused).
             instance: the id sent to every client after the handshake (the engine's incarnation).
             auth_timeout: seconds a new connection has to complete the handshake.
             sock_buf: SO_SNDBUF/SO_RCVBUF of accepted connections (None: kernel autotuning).
@@ -82,7 +84,7 @@ class DataServer:
             NativeError: the native server would not start.
         """
         self = cls()
-        self._secret = normalize_secret(secret)
+        self._secret = secret if callable(secret) else normalize_secret(secret)
         if self._secret is None and not allow_insecure and not is_loopback(host):
             raise ValueError(
                 f"refusing to serve data on {host!r} without a shared secret: set one, listen "
