@@ -202,7 +202,7 @@ typedef struct {
 void dxl_counters(dxl_counters_t *out_p);
 
 /* ================================================================================================
- * tcp transport (native/dxl_tcp.c)
+ * tcp transport (native/dxl_tcp_wire.c, dxl_tcp_server.c, dxl_tcp_client.c)
  *
  * Moves piece lists between engines on different hosts over TCP. Python opens, authenticates and
  * owns the sockets (dxl/tcp.py, dxl/auth.py); this layer only moves request frames and bytes.
