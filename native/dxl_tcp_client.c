@@ -1,13 +1,12 @@
 /*
  * dxl_tcp_client.c: the tcp transport's client, dxl_tcp_transfer(), which moves a piece list to
- * or from one peer's data server over K streams, and its stream threshold. API: native/dxl.h;
- * frames: dxl_tcp_wire.c.
+ * or from one peer's data server over K streams, one contiguous part per stream, run as tasks of
+ * the shared worker pool (dxl_pool.c), and its stream threshold. API: native/dxl.h; frames:
+ * dxl_tcp_wire.c.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
-#include <pthread.h>
-#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,7 +14,6 @@
 #include <sys/time.h>
 #include <sys/uio.h>
 #include <time.h>
-#include <unistd.h>
 
 #include "dxl.h"
 #include "dxl_internal.h"
@@ -30,7 +28,6 @@
 /* Internal: this stream stopped because another one failed. */
 #define DXL__ABORTED 1
 #define DXL__CUT_ALIGN 4096u
-#define DXL__STREAM_STACK (256u << 10)
 
 static uint64_t dxl__stream_min = DXL__STREAM_MIN_DEFAULT;
 static uint64_t dxl__next_request_id = 1;
@@ -48,13 +45,6 @@ static uint64_t dxl__now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static void dxl__block_signals(sigset_t *old)
-{
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, old);
 }
 
 typedef struct {
@@ -379,10 +369,14 @@ static void dxl__stream_run(dxl__stream_t *s)
     }
 }
 
-static void *dxl__stream_main(void *arg)
+/* A task of the shared worker pool: stream j of the array ctx. Streams are independent (each
+ * waits only for its own connection's server side), so the pool may run them in any order, on
+ * fewer threads than streams. */
+static void dxl__stream_task(void *ctx, uint64_t j)
 {
-    dxl__stream_run(arg);
-    return NULL;
+    dxl__stream_t *st = ctx;
+
+    dxl__stream_run(&st[j]);
 }
 
 int dxl_tcp_transfer(const int *fds, int nfds, int write, const uint64_t *local,
@@ -391,8 +385,6 @@ int dxl_tcp_transfer(const int *fds, int nfds, int write, const uint64_t *local,
 {
     dxl__stream_t st[DXL_TCP_MAX_STREAMS];
     dxl__pos_t bounds[DXL_TCP_MAX_STREAMS + 1];
-    pthread_t tids[DXL_TCP_MAX_STREAMS];
-    int started[DXL_TCP_MAX_STREAMS];
     uint64_t total = 0;
     uint64_t k;
     uint64_t deadline = 0;
@@ -434,7 +426,6 @@ int dxl_tcp_transfer(const int *fds, int nfds, int write, const uint64_t *local,
                                 .deadline = deadline,
                                 .stop = &stop,
                                 .first = &first};
-        started[j] = 0;
     }
     dxl__cut_bytes(bounds, k, len, n, total, DXL__CUT_ALIGN);
     for (uint64_t j = 0; j < k; j++) {
@@ -443,34 +434,11 @@ int dxl_tcp_transfer(const int *fds, int nfds, int write, const uint64_t *local,
     }
 
     DXL__ADD(dxl__n_inflight, 1);
-    if (k > 1) {
-        pthread_attr_t attr;
-        sigset_t old;
-        int have_attr = pthread_attr_init(&attr) == 0;
-        if (have_attr) {
-            (void)pthread_attr_setstacksize(&attr, DXL__STREAM_STACK);
-        }
-        dxl__block_signals(&old);
-        for (uint64_t j = 1; j < k; j++) {
-            started[j] = pthread_create(&tids[j], have_attr ? &attr : NULL, dxl__stream_main,
-                                        &st[j]) == 0;
-        }
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
-        if (have_attr) {
-            pthread_attr_destroy(&attr);
-        }
-    }
-    dxl__stream_run(&st[0]);
-    for (uint64_t j = 1; j < k; j++) {
-        if (!started[j]) {
-            dxl__stream_run(&st[j]); /* no thread: run it here, after the others */
-        }
-    }
-    for (uint64_t j = 1; j < k; j++) {
-        if (started[j]) {
-            pthread_join(tids[j], NULL);
-        }
-    }
+    /* The calling thread takes stream 0; the pool's workers (at most DXL_MAX_THREADS - 1, shared
+     * with the cma path) take the others as they are free, and the calling thread moves any
+     * stream none has picked up itself, after its own. With a busy pool that is slower than a
+     * thread per stream, never stuck; and no call pays for creating threads. */
+    dxl__pool_run(k, (int)k - 1, dxl__stream_task, st);
     DXL__SUB(dxl__n_inflight, 1);
 
     result_p->streams_used = (int)k;
