@@ -212,7 +212,7 @@ typedef struct {
 void dxl_counters(dxl_counters_t *out_p);
 
 /* ================================================================================================
- * tcp transport (native/dxl_tcp.c)
+ * tcp transport (native/dxl_tcp_wire.c, dxl_tcp_server.c, dxl_tcp_client.c)
  *
  * Moves piece lists between engines on different hosts over TCP. Python opens, authenticates and
  * owns the sockets (dxl/tcp.py, dxl/auth.py); this layer only moves request frames and bytes.
@@ -333,8 +333,10 @@ typedef struct {
  *
  * A call of T bytes uses k = min(nfds, T / dxl_tcp_stream_threshold()) streams (at least 1),
  * fds[0 .. k): the byte range is cut into k contiguous parts of roughly equal bytes, each moved on
- * its own stream by its own thread (the calling thread takes the first), as requests of at most
- * DXL_TCP_MAX_PIECES entries. Replies scatter straight into local memory and writes gather
+ * its own stream as requests of at most DXL_TCP_MAX_PIECES entries. The calling thread moves the
+ * first part and workers of the pool that dxl_cma_transfer uses (at most DXL_MAX_THREADS - 1)
+ * move the others in parallel; parts no worker is free to take the calling thread moves itself,
+ * one after another. Replies scatter straight into local memory and writes gather
  * straight from it (readv/writev-style, up to DXL_IOV_MAX entries per syscall, partial returns
  * resumed at the exact byte). Each reply's magic, version, op, request id, status and byte count
  * are checked.

@@ -28,6 +28,21 @@ extern uint64_t dxl__n_split;
 #define DXL__ADD(var, v) ((void)__atomic_fetch_add(&(var), (uint64_t)(v), __ATOMIC_RELAXED))
 #define DXL__SUB(var, v) ((void)__atomic_fetch_sub(&(var), (uint64_t)(v), __ATOMIC_RELAXED))
 
+/* ---- the worker pool (dxl_pool.c) ---- */
+
+typedef void (*dxl__task_func_t)(void *ctx, uint64_t j);
+
+/* Runs fn(ctx, j) once for every task j in [0, ntasks) and returns when all have finished. The
+ * calling thread runs task 0, then it and up to `helpers` workers of the process-wide pool (at
+ * most DXL_MAX_THREADS - 1 in all, started on first need, all signals blocked) claim the other
+ * tasks in order. The caller never waits for a busy or slow-to-wake pool: it runs every task no
+ * worker has picked up itself, one after another, and waits only for tasks that workers have
+ * started. So tasks must be correct when run one after another on one thread, and a task must
+ * never wait for another task, of this call or any other, to start or finish: that one may be
+ * queued behind it, to run on the same thread. Writes of the tasks are visible to the caller when
+ * this returns. */
+void dxl__pool_run(uint64_t ntasks, int helpers, dxl__task_func_t fn, void *ctx);
+
 /* ---- piece lists cut into chunks for threads (dxl_pool.c) ---- */
 
 /* A position in a piece list: byte `off` of piece `piece`. */

@@ -1,15 +1,17 @@
 /*
- * dxl_pool.c: cutting a piece list into per-thread byte ranges, and the small persistent worker
- * pool that runs them.
+ * dxl_pool.c: the small persistent worker pool of the shim, and cutting a piece list into
+ * per-thread byte ranges that run on it.
  *
- * A call that may use k threads cuts its bytes into S >= k chunks of roughly equal size, posts
- * itself as a job, wakes k - 1 workers and starts claiming chunks itself, in order, through an
- * atomic counter; a worker that wakes up joins and claims chunks the same way. So a call never
- * waits on a busy or slow-to-wake pool: at worst the caller copies everything itself, as without
- * threads, and the chunks balance the load between threads that start late. Once all chunks are
- * claimed the caller withdraws the job and waits for the workers still on it.
- * Workers are started on first need (at most DXL_MAX_THREADS - 1, all signals blocked) and then
- * sleep on a condition variable; a forked child starts with an empty pool.
+ * The pool runs jobs of independent tasks (dxl__pool_run). A caller posts its job, wakes up to
+ * the number of workers it may use and runs task 0 itself, then claims the other tasks in order
+ * through an atomic counter; a worker that wakes up joins and claims tasks the same way. So a call
+ * never waits on a busy or slow-to-wake pool: at worst the caller runs every task itself, as
+ * without threads. Once all tasks are claimed the job is withdrawn and the caller waits only for
+ * the workers still running one. Workers are started on first need (at most DXL_MAX_THREADS - 1,
+ * all signals blocked) and then sleep on a condition variable; a forked child starts with an empty
+ * pool. Users: dxl__run_split (cma and local copies: S >= k chunks of roughly equal size for k
+ * threads, so that chunks balance the load between threads that start late) and the tcp client
+ * (one task per stream).
  */
 #include <pthread.h>
 #include <signal.h>
@@ -30,6 +32,7 @@
 /* Slice boundaries inside a piece are rounded down to this, so threads copy whole pages. */
 #define DXL__SPLIT_ALIGN 4096u
 #define DXL__WORKER_STACK (128u << 10)
+#define DXL__POOL_MAX (DXL_MAX_THREADS - 1)
 
 static uint64_t dxl__split_min = DXL__SPLIT_DEFAULT;
 
@@ -107,13 +110,14 @@ void dxl__cut_bytes(dxl__pos_t *bounds, uint64_t k, const uint64_t *len, uint64_
 
 /* ---- the pool ---- */
 
-/* One split call, on its caller's stack. */
+/* One dxl__pool_run call, on its caller's stack. */
 typedef struct dxl__job {
     struct dxl__job *next;
     struct dxl__job *prev;
-    dxl__slice_t *slices;
-    uint64_t nslices;
-    uint64_t claim;  /* next slice to run (atomic) */
+    dxl__task_func_t fn;
+    void *ctx;
+    uint64_t ntasks;
+    uint64_t claim;  /* next task to run (atomic) */
     int helpers;     /* workers on this job now (pool lock) */
     int max_helpers; /* how many may join */
     int queued;      /* still offered to workers (pool lock) */
@@ -175,15 +179,15 @@ static void dxl__q_unlink(dxl__job_t *job)
     job->queued = 0;
 }
 
-/* Runs unclaimed slices of the job until none is left. */
+/* Runs unclaimed tasks of the job until none is left. */
 static void dxl__job_work(dxl__job_t *job)
 {
     for (;;) {
-        uint64_t i = __atomic_fetch_add(&job->claim, 1, __ATOMIC_RELAXED);
-        if (i >= job->nslices) {
+        uint64_t j = __atomic_fetch_add(&job->claim, 1, __ATOMIC_RELAXED);
+        if (j >= job->ntasks) {
             return;
         }
-        job->slices[i].fn(&job->slices[i]);
+        job->fn(job->ctx, j);
     }
 }
 
@@ -203,6 +207,9 @@ static void *dxl__pool_main(void *unused)
         pthread_mutex_unlock(&dxl__pool_mu);
         dxl__job_work(job);
         pthread_mutex_lock(&dxl__pool_mu);
+        /* Nothing is left to claim: let no one else join. Left queued, it would send idle workers
+         * round this loop until its caller finishes its last task, which may take long. */
+        dxl__q_unlink(job);
         /* The last touch of job: once helpers is 0 and it is unqueued its caller returns. */
         if (--job->helpers == 0) {
             pthread_cond_broadcast(&dxl__pool_left);
@@ -236,10 +243,26 @@ static void dxl__pool_grow(int want)
     pthread_attr_destroy(&attr);
 }
 
-/* Runs all slices with up to `helpers` workers besides the calling thread. */
-static void dxl__pool_run(dxl__slice_t *slices, uint64_t nslices, int helpers)
+void dxl__pool_run(uint64_t ntasks, int helpers, dxl__task_func_t fn, void *ctx)
 {
-    dxl__job_t job = {.slices = slices, .nslices = nslices, .max_helpers = helpers};
+    dxl__job_t job = {.fn = fn, .ctx = ctx, .ntasks = ntasks, .claim = 1};
+
+    if (ntasks == 0) {
+        return;
+    }
+    if (helpers > DXL__POOL_MAX) {
+        helpers = DXL__POOL_MAX;
+    }
+    if ((uint64_t)helpers > ntasks - 1) {
+        helpers = (int)(ntasks - 1);
+    }
+    if (helpers < 1) {
+        for (uint64_t j = 0; j < ntasks; j++) {
+            fn(ctx, j);
+        }
+        return;
+    }
+    job.max_helpers = helpers;
 
     pthread_once(&dxl__pool_once, dxl__pool_init);
     pthread_mutex_lock(&dxl__pool_mu);
@@ -252,6 +275,7 @@ static void dxl__pool_run(dxl__slice_t *slices, uint64_t nslices, int helpers)
     }
     pthread_mutex_unlock(&dxl__pool_mu);
 
+    fn(ctx, 0); /* claim starts at 1: task 0 is the caller's */
     dxl__job_work(&job);
 
     pthread_mutex_lock(&dxl__pool_mu);
@@ -260,6 +284,13 @@ static void dxl__pool_run(dxl__slice_t *slices, uint64_t nslices, int helpers)
         pthread_cond_wait(&dxl__pool_left, &dxl__pool_mu);
     }
     pthread_mutex_unlock(&dxl__pool_mu);
+}
+
+static void dxl__slice_task(void *ctx, uint64_t j)
+{
+    dxl__slice_t *slices = ctx;
+
+    slices[j].fn(&slices[j]);
 }
 
 int dxl__run_split(const uint64_t *len, uint64_t n, uint64_t total, int max_threads,
@@ -302,7 +333,7 @@ int dxl__run_split(const uint64_t *len, uint64_t n, uint64_t total, int max_thre
 
     if (k > 1) {
         DXL__ADD(dxl__n_split, 1);
-        dxl__pool_run(slices, nslices, (int)k - 1);
+        dxl__pool_run(nslices, (int)k - 1, dxl__slice_task, slices);
     } else {
         fn(&slices[0]);
     }

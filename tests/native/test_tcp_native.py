@@ -283,6 +283,173 @@ def test_adopt_failure_leaves_fd_with_caller(server: Server) -> None:
         os.close(w)
 
 
+# ---- streams run on the shared worker pool -------------------------------------------------------
+#
+# dxl_tcp_transfer runs its streams as tasks of the pool that split cma transfers and local copies
+# use: the calling thread takes stream 0, at most DXL_MAX_THREADS - 1 workers take others, and the
+# calling thread runs whatever no worker picked up.
+
+
+def test_more_streams_than_the_pool_has_workers(
+    server: Server, region: Region, stream_threshold: None
+) -> None:
+    """DXL_TCP_MAX_STREAMS streams, far more than the pool's workers: every stream still carries
+    its part, byte-exact, in both directions."""
+    nstreams = lib.DXL_TCP_MAX_STREAMS
+    assert nstreams > lib.DXL_MAX_THREADS
+    rng = np.random.default_rng(21)
+    socks = [server.connect() for _ in range(nstreams)]
+    remote, length = random_pieces(rng, 2000, 16 * MiB, 8192, region.addr)
+    total = int(length.sum())
+    assert total >= nstreams * (64 << 10)  # every stream gets a part
+    local = np.zeros(16 * MiB, dtype=np.uint8)
+    local_addr = remote - np.uint64(region.addr) + np.uint64(local.ctypes.data)
+
+    rc, _, res = transfer(socks, 0, local_addr, remote, length)
+    assert rc == lib.DXL_OK, err_name(rc)
+    assert res.streams_used == nstreams
+    assert res.bytes_done == total and res.broken_mask == 0
+    base = local.ctypes.data
+    assert gather(local, base, local_addr, length) == gather(
+        region.buf, region.addr, remote, length
+    )
+
+    local[:] = rng.integers(0, 256, local.size, dtype=np.uint8)
+    rc, _, res = transfer(socks, 1, local_addr, remote, length)
+    assert rc == lib.DXL_OK, err_name(rc)
+    assert res.bytes_done == total and res.broken_mask == 0
+    assert gather(region.buf, region.addr, remote, length) == gather(
+        local, base, local_addr, length
+    )
+    stats = server.wait_stats(bytes_sent=total, conns_live=nstreams)
+    assert stats["requests_rejected"] == 0 and stats["conns_dropped"] == 0
+    assert stats["conns_live"] == nstreams
+
+
+def split_copy_ok(seed: int, threads: int = 4, size: int = 2 * MiB) -> bool:
+    """One local copy of random pieces split across `threads` (with a 16 KiB split threshold)."""
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, 256, size, dtype=np.uint8)
+    dst = np.zeros(size, dtype=np.uint8)
+    off, lens = random_pieces(rng, 500, size // 2, 2000, 0)
+    old = lib.dxl_split_threshold(16 << 10)
+    try:
+        rc = lib.dxl_copy_pieces(
+            as_u64_ptr(off + np.uint64(dst.ctypes.data)),
+            as_u64_ptr(off + np.uint64(src.ctypes.data)),
+            as_u64_ptr(lens),
+            len(lens),
+            threads,
+        )
+    finally:
+        lib.dxl_split_threshold(old)
+    return rc == lib.DXL_OK and gather(dst, 0, off, lens) == gather(src, 0, off, lens)
+
+
+def test_split_copies_run_while_streams_hold_every_worker(stream_threshold: None) -> None:
+    """A transfer on DXL_MAX_THREADS streams that nobody answers (no timeout) holds the calling
+    thread and every pool worker. Split copies started meanwhile never wait for the busy pool: they
+    finish, on their calling threads, while that transfer is still blocked."""
+    nstreams = lib.DXL_MAX_THREADS
+    pairs = [tcp_pair() for _ in range(nstreams)]
+    local = np.zeros(nstreams * (64 << 10), dtype=np.uint8)
+    la = np.array([local.ctypes.data], dtype=np.uint64)
+    ra = np.array([0x10000], dtype=np.uint64)
+    ln = np.array([local.size], dtype=np.uint64)
+    out: list[tuple[int, int, Any]] = []
+    caller = threading.Thread(
+        target=lambda: out.append(transfer([c for c, _ in pairs], 0, la, ra, ln, timeout_ms=-1))
+    )
+    caller.start()
+    try:
+        # Every stream has sent its request: all of them are running, each on its own thread.
+        for _, silent in pairs:
+            assert len(recv_exactly(silent, REQ.size, timeout=30)) == REQ.size
+        copies: list[bool] = []
+        workers = [
+            threading.Thread(target=lambda k=k: copies.extend(split_copy_ok(k) for _ in range(3)))
+            for k in range(3)
+        ]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        assert copies == [True] * 9
+        assert caller.is_alive() and not out  # the streams are still waiting for replies
+    finally:
+        for _, silent in pairs:
+            silent.close()  # EOF: the transfer fails and returns
+        caller.join()
+        for client, _ in pairs:
+            client.close()
+    rc, _, res = out[0]
+    assert rc == lib.DXL_E_PEER, err_name(rc)
+    assert res.streams_used == nstreams and res.broken_mask == (1 << nstreams) - 1
+
+
+def test_concurrent_transfers_and_split_copies_share_the_pool(
+    server: Server, region: Region, stream_threshold: None
+) -> None:
+    """Several callers, each with its own streams and its own part of the memory, alongside split
+    copies: every byte arrives and every call returns."""
+    ncallers, nstreams, span = 3, 6, 4 * MiB
+    results: list[bool] = []
+    socks = [[server.connect() for _ in range(nstreams)] for _ in range(ncallers)]
+
+    def caller(k: int) -> None:
+        rng = np.random.default_rng(100 + k)
+        base = region.addr + k * span
+        remote, length = random_pieces(rng, 400, span, 8192, base)
+        local = np.zeros(span, dtype=np.uint8)
+        local_addr = remote - np.uint64(base) + np.uint64(local.ctypes.data)
+        total = int(length.sum())
+        for i in range(4):
+            write = i % 2
+            if write:
+                local[:] = rng.integers(0, 256, span, dtype=np.uint8)
+            rc, _, res = transfer(socks[k], write, local_addr, remote, length)
+            here = gather(local, local.ctypes.data, local_addr, length)
+            there = gather(region.buf, region.addr, remote, length)
+            results.append(rc == lib.DXL_OK and res.bytes_done == total and here == there)
+
+    def copier(k: int) -> None:
+        results.extend(split_copy_ok(1000 + k * 10 + i) for i in range(4))
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(ncallers)]
+    threads += [threading.Thread(target=copier, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * (ncallers * 4 + 2 * 4)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_transfer_in_a_forked_child(server: Server, region: Region, stream_threshold: None) -> None:
+    """The pool's workers do not survive fork: a child's multi-stream transfer starts its own."""
+    socks = [server.connect() for _ in range(4)]
+    local = np.zeros(MiB, dtype=np.uint8)
+    la = np.array([local.ctypes.data], dtype=np.uint64)
+    ra = np.array([region.addr], dtype=np.uint64)
+    ln = np.array([MiB], dtype=np.uint64)
+    rc, _, res = transfer(socks, 0, la, ra, ln)  # the pool has workers now
+    assert rc == lib.DXL_OK and res.streams_used == 4
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            child = Server()
+            csocks = [child.connect() for _ in range(4)]
+            local[:] = 0
+            rc, _, res = transfer(csocks, 0, la, ra, ln)
+            ok = rc == lib.DXL_OK and res.streams_used == 4
+            ok = ok and local.tobytes() == region.buf[:MiB].tobytes()
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 # ---- crafted requests: only registered memory is ever touched ------------------------------------
 
 

@@ -1,18 +1,17 @@
 /*
- * dxl_tcp.c: the tcp transport. A data server (threads with epoll, serving connections that
- * Python accepted and authenticated) and a client, dxl_tcp_transfer(), that moves a piece list
- * over K streams to one peer's data server. Wire format and API: native/dxl.h.
+ * dxl_tcp_server.c: the tcp transport's data server. Threads with epoll serve connections that
+ * Python accepted and authenticated (dxl_tcp_server_adopt), answering READ and WRITE requests
+ * against registered memory; start, adopt, fence, stats and stop are the API (native/dxl.h).
+ * Frames are decoded by dxl_tcp_wire.c.
  *
- * Server safety argument, in one place: a request's table is read completely, then
- * dxl__srv_check() (the only function that turns peer input into permission) validates every
- * entry and the byte total and asks the region registry about every piece; only after DXL_OK are
- * iovecs over those addresses built (dxl__srv_on_table). Nothing else in this file builds an iovec
- * from peer input. Refused WRITE payloads go to a per-thread scratch buffer.
+ * Safety argument, in one place: a request's table is read completely, then dxl__srv_check()
+ * (the only function that turns peer input into permission) validates every entry and the byte
+ * total and asks the region registry about every piece; only after DXL_OK are iovecs over those
+ * addresses built (dxl__srv_on_table). Nothing else in the tcp transport builds an iovec from peer
+ * input. Refused WRITE payloads go to a per-thread scratch buffer.
  */
-#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
@@ -21,173 +20,13 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "dxl.h"
 #include "dxl_internal.h"
-
-_Static_assert(DXL_TCP_HDR_BYTES == 32, "header layout below is 32 bytes");
-
-/* ---- little-endian encoding ---- */
-
-static void dxl__put16(unsigned char *p, uint16_t v)
-{
-    v = htole16(v);
-    memcpy(p, &v, sizeof(v));
-}
-
-static void dxl__put32(unsigned char *p, uint32_t v)
-{
-    v = htole32(v);
-    memcpy(p, &v, sizeof(v));
-}
-
-static void dxl__put64(unsigned char *p, uint64_t v)
-{
-    v = htole64(v);
-    memcpy(p, &v, sizeof(v));
-}
-
-static uint16_t dxl__get16(const unsigned char *p)
-{
-    uint16_t v;
-    memcpy(&v, p, sizeof(v));
-    return le16toh(v);
-}
-
-static uint32_t dxl__get32(const unsigned char *p)
-{
-    uint32_t v;
-    memcpy(&v, p, sizeof(v));
-    return le32toh(v);
-}
-
-static uint64_t dxl__get64(const unsigned char *p)
-{
-    uint64_t v;
-    memcpy(&v, p, sizeof(v));
-    return le64toh(v);
-}
-
-/* Request header: magic@0 version@4 op@6 id@8 n@16 total@24. */
-typedef struct {
-    uint32_t magic;
-    uint16_t version;
-    uint16_t op;
-    uint64_t id;
-    uint64_t n;
-    uint64_t total;
-} dxl__req_t;
-
-/* Reply header: magic@0 version@4 op@6 id@8 status@16 detail@20 total@24. */
-typedef struct {
-    uint32_t magic;
-    uint16_t version;
-    uint16_t op;
-    uint64_t id;
-    int32_t status;
-    uint32_t detail;
-    uint64_t total;
-} dxl__rep_t;
-
-static void dxl__req_encode(unsigned char *b, uint16_t op, uint64_t id, uint64_t n, uint64_t total)
-{
-    dxl__put32(b, DXL_TCP_REQ_MAGIC);
-    dxl__put16(b + 4, DXL_TCP_VERSION);
-    dxl__put16(b + 6, op);
-    dxl__put64(b + 8, id);
-    dxl__put64(b + 16, n);
-    dxl__put64(b + 24, total);
-}
-
-static dxl__req_t dxl__req_decode(const unsigned char *b)
-{
-    return (dxl__req_t){.magic = dxl__get32(b),
-                        .version = dxl__get16(b + 4),
-                        .op = dxl__get16(b + 6),
-                        .id = dxl__get64(b + 8),
-                        .n = dxl__get64(b + 16),
-                        .total = dxl__get64(b + 24)};
-}
-
-static void dxl__rep_encode(unsigned char *b, uint16_t op, uint64_t id, int32_t status,
-                            uint32_t detail, uint64_t total)
-{
-    dxl__put32(b, DXL_TCP_REP_MAGIC);
-    dxl__put16(b + 4, DXL_TCP_VERSION);
-    dxl__put16(b + 6, op);
-    dxl__put64(b + 8, id);
-    dxl__put32(b + 16, (uint32_t)status);
-    dxl__put32(b + 20, detail);
-    dxl__put64(b + 24, total);
-}
-
-static dxl__rep_t dxl__rep_decode(const unsigned char *b)
-{
-    return (dxl__rep_t){.magic = dxl__get32(b),
-                        .version = dxl__get16(b + 4),
-                        .op = dxl__get16(b + 6),
-                        .id = dxl__get64(b + 8),
-                        .status = (int32_t)dxl__get32(b + 16),
-                        .detail = dxl__get32(b + 20),
-                        .total = dxl__get64(b + 24)};
-}
-
-/* ---- small helpers ---- */
-
-static uint64_t dxl__now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-/* Maps an errno from a socket call to a DXL_E_* code. */
-static int dxl__sock_code(int err)
-{
-    switch (err) {
-    case ECONNRESET:
-    case EPIPE:
-    case ENOTCONN:
-    case ECONNABORTED:
-    case ECONNREFUSED:
-    case ESHUTDOWN:
-    case ETIMEDOUT: /* the kernel gave up on the connection (retransmissions, keepalive) */
-    case EHOSTUNREACH:
-    case EHOSTDOWN:
-    case ENETUNREACH:
-    case ENETDOWN:
-    case ENETRESET:
-        return DXL_E_PEER;
-    case EBADF:
-    case ENOTSOCK:
-    case EINVAL:
-        return DXL_E_INVAL;
-    case EFAULT:
-        return DXL_E_FAULT;
-    case ENOMEM:
-    case ENOBUFS:
-        return DXL_E_NOMEM;
-    default:
-        return DXL_E_IO;
-    }
-}
-
-/* Consumes `bytes` from the front of iov[*i ..], leaving *i at the first entry with bytes left. */
-static void dxl__iov_advance(struct iovec *iov, size_t cnt, size_t *i, size_t bytes)
-{
-    while (*i < cnt && bytes >= iov[*i].iov_len) {
-        bytes -= iov[*i].iov_len;
-        (*i)++;
-    }
-    if (*i < cnt && bytes > 0) {
-        iov[*i].iov_base = (char *)iov[*i].iov_base + bytes;
-        iov[*i].iov_len -= bytes;
-    }
-}
+#include "dxl_tcp_internal.h"
 
 static void dxl__block_signals(sigset_t *old)
 {
@@ -195,10 +34,6 @@ static void dxl__block_signals(sigset_t *old)
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, old);
 }
-
-/* ================================================================================================
- * data server
- * ============================================================================================== */
 
 #define DXL__SRV_EVENTS 64
 /* Syscalls one connection may make per wakeup before the thread turns to the next ready one. */
@@ -217,6 +52,8 @@ enum {
 };
 
 typedef struct dxl__srv_thread dxl__srv_thread_t;
+
+_Static_assert(sizeof(struct iovec) >= DXL__TCP_ENTRY_BYTES, "a raw table fits in iov[1 .. n]");
 
 typedef struct dxl__conn {
     struct dxl__conn *next; /* live list of th (th->mu) */
@@ -466,8 +303,7 @@ static void dxl__srv_on_table(dxl__conn_t *c)
     int rc;
 
     for (uint64_t i = 0; i < n; i++) {
-        addr[i] = dxl__get64(raw + 16 * i);
-        len[i] = dxl__get64(raw + 16 * i + 8);
+        dxl__entry_get(raw, i, &addr[i], &len[i]);
     }
     /* Busy before the check, so that dxl_tcp_server_fence either sees this request or runs
      * before the check (and then after the dxl_region_remove it fences, which the check sees). */
@@ -520,20 +356,17 @@ static void dxl__srv_on_table(dxl__conn_t *c)
 
 static void dxl__srv_on_header(dxl__conn_t *c)
 {
+    int rc;
+
     c->req = dxl__req_decode(c->hdr);
-    if (c->req.magic != DXL_TCP_REQ_MAGIC) {
-        dxl__srv_malformed(c, DXL_E_PROTO, 0);
-    } else if (c->req.version != DXL_TCP_VERSION) {
-        dxl__srv_malformed(c, DXL_E_UNSUPPORTED, 0);
-    } else if (c->req.op != DXL_TCP_OP_READ && c->req.op != DXL_TCP_OP_WRITE) {
-        dxl__srv_malformed(c, DXL_E_PROTO, 0);
-    } else if (c->req.n > DXL_TCP_MAX_PIECES) {
-        dxl__srv_malformed(c, DXL_E_PROTO, 0);
+    rc = dxl__req_check(&c->req);
+    if (rc != DXL_OK) {
+        dxl__srv_malformed(c, rc, 0);
     } else if (dxl__srv_reserve(c, c->req.n) != DXL_OK) {
         dxl__srv_malformed(c, DXL_E_NOMEM, 0);
     } else {
         c->raw_got = 0;
-        c->raw_need = (size_t)c->req.n * 16;
+        c->raw_need = (size_t)c->req.n * DXL__TCP_ENTRY_BYTES;
         c->state = DXL__ST_TABLE;
         if (c->raw_need == 0) {
             dxl__srv_on_table(c);
@@ -1038,469 +871,4 @@ void dxl_tcp_server_stop(dxl_tcp_server_t *srv)
     dxl__srv_join(srv);
     dxl__srv_destroy(srv);
     DXL__SUB(dxl__n_tcp_servers, 1);
-}
-
-/* ================================================================================================
- * client
- * ============================================================================================== */
-
-/* Fewest bytes worth one more stream. Loopback on a 2-core VM (benchmarks/tcp_vs_raw_socket.py)
- * gains nothing from more streams; across a network several flows help: from 4 MiB a call uses
- * two. */
-#define DXL__STREAM_MIN_DEFAULT (4u << 20)
-/* How often a stream waiting in poll looks whether another stream failed. */
-#define DXL__POLL_SLICE_MS 50
-/* Internal: this stream stopped because another one failed. */
-#define DXL__ABORTED 1
-#define DXL__CUT_ALIGN 4096u
-#define DXL__STREAM_STACK (256u << 10)
-
-static uint64_t dxl__stream_min = DXL__STREAM_MIN_DEFAULT;
-static uint64_t dxl__next_request_id = 1;
-
-uint64_t dxl_tcp_stream_threshold(uint64_t min_bytes_per_stream)
-{
-    if (min_bytes_per_stream == 0) {
-        return __atomic_load_n(&dxl__stream_min, __ATOMIC_RELAXED);
-    }
-    return __atomic_exchange_n(&dxl__stream_min, min_bytes_per_stream, __ATOMIC_RELAXED);
-}
-
-typedef struct {
-    /* in */
-    int index;
-    int fd;
-    int write;
-    const uint64_t *local;
-    const uint64_t *remote;
-    const uint64_t *len;
-    dxl__pos_t begin;
-    dxl__pos_t end;
-    uint64_t deadline; /* CLOCK_MONOTONIC ns, 0: none */
-    int *stop;         /* shared: set by the first stream that fails */
-    int *first;        /* shared: index of that stream */
-    /* state */
-    int blocking;  /* fd is in blocking mode: wait inside the syscalls, bounded by SO_*TIMEO */
-    int timeo_ms;  /* the SO_RCVTIMEO/SO_SNDTIMEO now set on fd by us, -1: not touched */
-    struct timeval saved_rcv;
-    struct timeval saved_snd;
-    /* out */
-    uint64_t done;
-    int rc;
-    int err;
-    int broken;
-    int32_t remote_status;
-    uint32_t remote_detail;
-} dxl__stream_t;
-
-/* Waits until s->fd is ready for `events` (or in error), the deadline passes or another stream
- * failed: DXL_OK, DXL_E_TIMEDOUT, DXL__ABORTED or an errno code. */
-static int dxl__wait(dxl__stream_t *s, short events)
-{
-    for (;;) {
-        struct pollfd p = {.fd = s->fd, .events = events, .revents = 0};
-        int slice = DXL__POLL_SLICE_MS;
-        int r;
-
-        if (__atomic_load_n(s->stop, __ATOMIC_RELAXED)) {
-            return DXL__ABORTED;
-        }
-        if (s->deadline != 0) {
-            uint64_t now = dxl__now_ns();
-            uint64_t left_ms;
-            if (now >= s->deadline) {
-                return DXL_E_TIMEDOUT;
-            }
-            left_ms = (s->deadline - now + 999999) / 1000000;
-            slice = left_ms < (uint64_t)slice ? (int)left_ms : slice;
-        }
-        r = poll(&p, 1, slice);
-        if (r > 0) {
-            return DXL_OK; /* ready, or POLLERR/POLLHUP: the next syscall says which */
-        }
-        if (r < 0 && errno != EINTR) {
-            s->err = errno;
-            return dxl__sock_code(errno);
-        }
-    }
-}
-
-/* Blocking sockets: how long the next syscall may wait (the poll slice, or less before the
- * deadline), set as SO_RCVTIMEO and SO_SNDTIMEO when it changes. DXL_OK, DXL_E_TIMEDOUT or
- * DXL__ABORTED. */
-static int dxl__arm_timeo(dxl__stream_t *s)
-{
-    int ms = DXL__POLL_SLICE_MS;
-
-    if (__atomic_load_n(s->stop, __ATOMIC_RELAXED)) {
-        return DXL__ABORTED;
-    }
-    if (s->deadline != 0) {
-        uint64_t now = dxl__now_ns();
-        uint64_t left_ms;
-        if (now >= s->deadline) {
-            return DXL_E_TIMEDOUT;
-        }
-        left_ms = (s->deadline - now + 999999) / 1000000;
-        ms = left_ms < (uint64_t)ms ? (int)left_ms : ms;
-    }
-    if (ms != s->timeo_ms) {
-        struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
-        socklen_t tl = sizeof(tv);
-        if (s->timeo_ms < 0 &&
-            (getsockopt(s->fd, SOL_SOCKET, SO_RCVTIMEO, &s->saved_rcv, &tl) != 0 ||
-             getsockopt(s->fd, SOL_SOCKET, SO_SNDTIMEO, &s->saved_snd, &tl) != 0)) {
-            s->blocking = 0; /* cannot bound the wait: fall back to poll */
-            return DXL_OK;
-        }
-        if (setsockopt(s->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) != 0 ||
-            setsockopt(s->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) != 0) {
-            s->blocking = 0;
-        }
-        s->timeo_ms = ms;
-    }
-    return DXL_OK;
-}
-
-/* Sends (send = 1) or receives all bytes of iov[0 .. cnt), which it consumes, in syscalls of up
- * to DXL_IOV_MAX entries, resuming partial ones at the exact byte. A blocking socket waits inside
- * the syscall (MSG_WAITALL for receives: one syscall per batch, as a plain blocking reader), for
- * at most the poll slice at a time; a non-blocking one waits in poll. Either way the stop flag
- * and the deadline are looked at between waits. Received bytes are added to *moved_p if not
- * NULL. DXL_OK, DXL_E_PEER on EOF, or a failure code. */
-static int dxl__io_all(dxl__stream_t *s, struct iovec *iov, size_t cnt, int send,
-                       uint64_t *moved_p)
-{
-    size_t i = 0;
-
-    while (i < cnt && iov[i].iov_len == 0) {
-        i++;
-    }
-    while (i < cnt) {
-        size_t left = cnt - i;
-        struct msghdr m = {.msg_iov = iov + i,
-                           .msg_iovlen = left < DXL_IOV_MAX ? left : DXL_IOV_MAX};
-        int flags = send ? MSG_NOSIGNAL : 0;
-        ssize_t r;
-
-        if (__atomic_load_n(s->stop, __ATOMIC_RELAXED)) {
-            return DXL__ABORTED;
-        }
-        if (s->blocking) {
-            int rc = dxl__arm_timeo(s);
-            if (rc != DXL_OK) {
-                return rc;
-            }
-        }
-        if (s->blocking) {
-            flags |= send ? 0 : MSG_WAITALL;
-        } else {
-            flags |= MSG_DONTWAIT;
-        }
-        r = send ? sendmsg(s->fd, &m, flags) : recvmsg(s->fd, &m, flags);
-        if (r < 0) {
-            int e = errno;
-            int rc;
-            if (e == EINTR) {
-                continue;
-            }
-            if (e != EAGAIN && e != EWOULDBLOCK) {
-                s->err = e;
-                return dxl__sock_code(e);
-            }
-            if (s->blocking) {
-                continue; /* the slice passed with nothing moved: look at stop and deadline */
-            }
-            rc = dxl__wait(s, send ? POLLOUT : POLLIN);
-            if (rc != DXL_OK) {
-                return rc;
-            }
-            continue;
-        }
-        if (r == 0) {
-            s->err = 0;
-            return DXL_E_PEER; /* EOF before the frame was complete */
-        }
-        if (moved_p != NULL) {
-            *moved_p += (uint64_t)r;
-        }
-        dxl__iov_advance(iov, cnt, &i, (size_t)r);
-        while (i < cnt && iov[i].iov_len == 0) {
-            i++;
-        }
-    }
-    return DXL_OK;
-}
-
-/* Checks a reply against its request: DXL_OK, DXL_E_REMOTE (a refusal, recorded in s) or
- * DXL_E_PROTO. */
-static int dxl__check_reply(dxl__stream_t *s, const unsigned char *b, uint16_t op, uint64_t id,
-                            uint64_t bytes)
-{
-    dxl__rep_t rep = dxl__rep_decode(b);
-
-    if (rep.magic != DXL_TCP_REP_MAGIC || rep.version != DXL_TCP_VERSION || rep.op != op ||
-        rep.id != id) {
-        return DXL_E_PROTO;
-    }
-    if (rep.status != DXL_OK) {
-        if (rep.status > 0 || rep.total != 0) {
-            return DXL_E_PROTO;
-        }
-        s->remote_status = rep.status;
-        s->remote_detail = rep.detail;
-        return DXL_E_REMOTE;
-    }
-    return rep.total == bytes ? DXL_OK : DXL_E_PROTO;
-}
-
-/* After a failed send: if the server has already answered (it refuses a malformed request and
- * closes), read its verdict without waiting, for a better error than a reset. */
-static int dxl__salvage_reply(dxl__stream_t *s, uint16_t op, uint64_t id, int rc)
-{
-    unsigned char b[DXL_TCP_HDR_BYTES];
-    ssize_t r;
-
-    do {
-        r = recv(s->fd, b, sizeof(b), MSG_DONTWAIT | MSG_PEEK);
-    } while (r < 0 && errno == EINTR);
-    if (r == (ssize_t)sizeof(b) && dxl__check_reply(s, b, op, id, 0) == DXL_E_REMOTE) {
-        return DXL_E_REMOTE;
-    }
-    return rc;
-}
-
-/* Counts the table entries [begin, end) needs, stopping at `cap`. */
-static uint64_t dxl__count_entries(const dxl__stream_t *s, uint64_t cap)
-{
-    dxl__pos_t p = s->begin;
-    uint64_t count = 0;
-
-    while (count < cap && !dxl__pos_done(&p, &s->end)) {
-        uint64_t left = dxl__piece_left(&p, &s->end, s->len);
-        if (left == 0) {
-            p.piece++;
-            p.off = 0;
-            continue;
-        }
-        count += (left + DXL_TCP_MAX_PIECE_LEN - 1) / DXL_TCP_MAX_PIECE_LEN;
-        p.piece++;
-        p.off = 0;
-    }
-    return count < cap ? count : cap;
-}
-
-/* Moves [begin, end) on one stream, as requests of at most DXL_TCP_MAX_PIECES entries. */
-static int dxl__stream_move(dxl__stream_t *s)
-{
-    const uint16_t op = s->write ? DXL_TCP_OP_WRITE : DXL_TCP_OP_READ;
-    uint64_t cap = dxl__count_entries(s, DXL_TCP_MAX_PIECES);
-    unsigned char hreq[DXL_TCP_HDR_BYTES];
-    unsigned char hrep[DXL_TCP_HDR_BYTES];
-    unsigned char *table;
-    struct iovec *iov;
-    dxl__pos_t pos = s->begin;
-    int rc = DXL_OK;
-
-    if (cap == 0) {
-        return DXL_OK;
-    }
-    table = malloc((size_t)cap * 16);
-    iov = malloc((size_t)(cap + 2) * sizeof(*iov));
-    if (table == NULL || iov == NULL) {
-        free(table);
-        free(iov);
-        s->err = ENOMEM;
-        return DXL_E_NOMEM;
-    }
-    while (rc == DXL_OK && !dxl__pos_done(&pos, &s->end)) {
-        dxl__pos_t p = pos;
-        uint64_t m = 0;
-        uint64_t bytes = 0;
-        uint64_t id = __atomic_fetch_add(&dxl__next_request_id, 1, __ATOMIC_RELAXED);
-        struct iovec rep = {.iov_base = hrep, .iov_len = sizeof(hrep)};
-
-        while (m < cap && !dxl__pos_done(&p, &s->end)) {
-            uint64_t left = dxl__piece_left(&p, &s->end, s->len);
-            uint64_t chunk = left < DXL_TCP_MAX_PIECE_LEN ? left : DXL_TCP_MAX_PIECE_LEN;
-            if (left == 0) {
-                p.piece++;
-                p.off = 0;
-                continue;
-            }
-            dxl__put64(table + 16 * m, s->remote[p.piece] + p.off);
-            dxl__put64(table + 16 * m + 8, chunk);
-            iov[2 + m] = (struct iovec){.iov_base = (void *)(uintptr_t)(s->local[p.piece] + p.off),
-                                        .iov_len = (size_t)chunk};
-            m++;
-            bytes += chunk;
-            p.off += chunk;
-        }
-        if (m == 0) {
-            break;
-        }
-        dxl__req_encode(hreq, op, id, m, bytes);
-        iov[0] = (struct iovec){.iov_base = hreq, .iov_len = sizeof(hreq)};
-        iov[1] = (struct iovec){.iov_base = table, .iov_len = (size_t)m * 16};
-
-        /* READ: header + table out, reply header in, data scattered into local memory.
-         * WRITE: header + table + data gathered from local memory out, reply header in. */
-        rc = dxl__io_all(s, iov, s->write ? m + 2 : 2, 1, NULL);
-        if (rc == DXL_E_PEER) {
-            rc = dxl__salvage_reply(s, op, id, rc);
-            break;
-        }
-        if (rc == DXL_OK) {
-            rc = dxl__io_all(s, &rep, 1, 0, NULL);
-        }
-        if (rc == DXL_OK) {
-            rc = dxl__check_reply(s, hrep, op, id, bytes);
-        }
-        if (rc == DXL_OK && !s->write) {
-            rc = dxl__io_all(s, iov + 2, m, 0, &s->done);
-        } else if (rc == DXL_OK) {
-            s->done += bytes;
-        }
-        pos = p;
-    }
-    free(table);
-    free(iov);
-    return rc;
-}
-
-static void dxl__stream_run(dxl__stream_t *s)
-{
-    int flags = fcntl(s->fd, F_GETFL);
-    int rc;
-
-    s->blocking = flags >= 0 && !(flags & O_NONBLOCK);
-    s->timeo_ms = -1;
-    rc = dxl__stream_move(s);
-    if (s->timeo_ms >= 0) { /* leave the socket as the caller gave it */
-        (void)setsockopt(s->fd, SOL_SOCKET, SO_RCVTIMEO, &s->saved_rcv, sizeof(s->saved_rcv));
-        (void)setsockopt(s->fd, SOL_SOCKET, SO_SNDTIMEO, &s->saved_snd, sizeof(s->saved_snd));
-    }
-
-    s->rc = rc;
-    if (rc == DXL_OK) {
-        return;
-    }
-    /* Only a refusal of a well-formed request (the server keeps the connection) leaves the stream
-     * at a frame boundary; anything else leaves it mid-frame or closed. */
-    s->broken = !(rc == DXL_E_REMOTE && s->remote_status == DXL_E_RANGE);
-    if (rc != DXL__ABORTED) {
-        int none = -1;
-        __atomic_compare_exchange_n(s->first, &none, s->index, 0, __ATOMIC_ACQ_REL,
-                                    __ATOMIC_RELAXED);
-        __atomic_store_n(s->stop, 1, __ATOMIC_RELAXED);
-    }
-}
-
-static void *dxl__stream_main(void *arg)
-{
-    dxl__stream_run(arg);
-    return NULL;
-}
-
-int dxl_tcp_transfer(const int *fds, int nfds, int write, const uint64_t *local,
-                     const uint64_t *remote, const uint64_t *len, uint64_t n, int timeout_ms,
-                     dxl_tcp_result_t *result_p)
-{
-    dxl__stream_t st[DXL_TCP_MAX_STREAMS];
-    dxl__pos_t bounds[DXL_TCP_MAX_STREAMS + 1];
-    pthread_t tids[DXL_TCP_MAX_STREAMS];
-    int started[DXL_TCP_MAX_STREAMS];
-    uint64_t total = 0;
-    uint64_t k;
-    uint64_t deadline = 0;
-    int stop = 0;
-    int first = -1;
-    int rc;
-
-    if (result_p == NULL) {
-        return dxl__fail(DXL_E_INVAL, 0);
-    }
-    memset(result_p, 0, sizeof(*result_p));
-    if (fds == NULL || nfds < 1 || nfds > DXL_TCP_MAX_STREAMS || (write != 0 && write != 1) ||
-        timeout_ms == 0) {
-        return dxl__fail(DXL_E_INVAL, 0);
-    }
-    for (int i = 0; i < nfds; i++) {
-        if (fds[i] < 0) {
-            return dxl__fail(DXL_E_INVAL, 0);
-        }
-    }
-    rc = dxl__pieces_total(local, remote, len, n, &total);
-    if (rc != DXL_OK || total == 0) {
-        return rc;
-    }
-
-    k = total / __atomic_load_n(&dxl__stream_min, __ATOMIC_RELAXED);
-    k = k > (uint64_t)nfds ? (uint64_t)nfds : k;
-    k = k < 1 ? 1 : k;
-    if (timeout_ms > 0) {
-        deadline = dxl__now_ns() + (uint64_t)timeout_ms * 1000000ull;
-    }
-    for (uint64_t j = 0; j < k; j++) {
-        st[j] = (dxl__stream_t){.index = (int)j,
-                                .fd = fds[j],
-                                .write = write,
-                                .local = local,
-                                .remote = remote,
-                                .len = len,
-                                .deadline = deadline,
-                                .stop = &stop,
-                                .first = &first};
-        started[j] = 0;
-    }
-    dxl__cut_bytes(bounds, k, len, n, total, DXL__CUT_ALIGN);
-    for (uint64_t j = 0; j < k; j++) {
-        st[j].begin = bounds[j];
-        st[j].end = bounds[j + 1];
-    }
-
-    DXL__ADD(dxl__n_inflight, 1);
-    if (k > 1) {
-        pthread_attr_t attr;
-        sigset_t old;
-        int have_attr = pthread_attr_init(&attr) == 0;
-        if (have_attr) {
-            (void)pthread_attr_setstacksize(&attr, DXL__STREAM_STACK);
-        }
-        dxl__block_signals(&old);
-        for (uint64_t j = 1; j < k; j++) {
-            started[j] = pthread_create(&tids[j], have_attr ? &attr : NULL, dxl__stream_main,
-                                        &st[j]) == 0;
-        }
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
-        if (have_attr) {
-            pthread_attr_destroy(&attr);
-        }
-    }
-    dxl__stream_run(&st[0]);
-    for (uint64_t j = 1; j < k; j++) {
-        if (!started[j]) {
-            dxl__stream_run(&st[j]); /* no thread: run it here, after the others */
-        }
-    }
-    for (uint64_t j = 1; j < k; j++) {
-        if (started[j]) {
-            pthread_join(tids[j], NULL);
-        }
-    }
-    DXL__SUB(dxl__n_inflight, 1);
-
-    result_p->streams_used = (int)k;
-    for (uint64_t j = 0; j < k; j++) {
-        result_p->bytes_done += st[j].done;
-        if (st[j].broken) {
-            result_p->broken_mask |= 1ull << j;
-        }
-    }
-    if (first < 0) {
-        return DXL_OK;
-    }
-    result_p->remote_status = st[first].remote_status;
-    result_p->remote_detail = st[first].remote_detail;
-    return dxl__fail(st[first].rc, st[first].err);
 }
