@@ -98,6 +98,8 @@ OPT_TRANSPORT = "dxl.Transport"
 OPT_INLINE_BYTES = "dxl.InlineBytes"
 OPT_SHARE_REGISTERED = "dxl.ShareRegistered"
 OPT_AUTH_TOKEN = "dxl.AuthToken"
+OPT_RANK_TABLE_BASE_PORT = "dxl.RankTableBasePort"
+DEFAULT_RANK_TABLE_BASE_PORT = 27100
 TRANSPORTS = ("auto", "cma", "tcp")
 ENV_TRANSPORT = "DXL_TRANSPORT"
 ENV_AUTH_TOKEN = "DXL_AUTH_TOKEN"
@@ -635,14 +637,15 @@ class LLMConfig:
     )
     link_total_time = Prop(
         OPT_LINK_TOTAL_TIME,
-        doc="HCCL link-setup timeout in s, 0 = default (accepted, no effect: dxl uses the "
-        "``timeout`` of ``link_clusters``).",
+        doc="Rank-table ``link()`` setup timeout in s, 0 = default (120 s, the reference's "
+        "HCCL_CONNECT_TIMEOUT); ``link_clusters`` uses its own ``timeout``.",
         default=0,
         check=_int_in(
             0, UINT32_MAX, "{name} should be an integer between [0, 2^32-1], given value is {value}"
         ),
         render=_decimal,
         parse=_decimal_in(0, UINT32_MAX),
+        field="link_total_time_s",
     )
     link_retry_count = Prop(
         OPT_LINK_RETRY_COUNT,
@@ -719,6 +722,16 @@ class LLMConfig:
 
     # -- dxl extensions -------------------------------------------------------------------
 
+    rank_table_base_port = Prop(
+        OPT_RANK_TABLE_BASE_PORT,
+        doc="dxl: rank-table ``link()``: rank r listens on its device (or host) IP at this port "
+        f"plus r (default {DEFAULT_RANK_TABLE_BASE_PORT}).",
+        default=DEFAULT_RANK_TABLE_BASE_PORT,
+        check=_int_in(1, UINT16_MAX, "{name} must be in [1, 65535], got {value}"),
+        render=_decimal,
+        parse=_decimal_in(1, UINT16_MAX),
+        field="rank_table_base_port",
+    )
     max_registered_addrs = Prop(
         OPT_MAX_REGISTER_ADDRS,
         doc="dxl: cap on registered addresses (default 240; spec stance 4).",
@@ -892,6 +905,8 @@ class EngineOptions:
     inline_bytes: int = DEFAULT_INLINE_BYTES
     share_registered: bool = False
     auth_token: str | None = field(default=None, repr=False)
+    link_total_time_s: int = 0
+    rank_table_base_port: int = DEFAULT_RANK_TABLE_BASE_PORT
     raw: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -995,8 +1010,7 @@ def parse_listen(text: str, name: str = "listen_ip_info") -> tuple[str, int]:
             socket.inet_pton(socket.AF_INET, host)
         except OSError:
             raise param_invalid(
-                None,
-                f"{name}: {host!r} is not an IPv4 address (write IPv6 as '[addr]:port')"
+                None, f"{name}: {host!r} is not an IPv4 address (write IPv6 as '[addr]:port')"
             ) from None
         ip = host
     ensure(_is_ascii_digits(port_text), f"{name}: port must be decimal, got {port_text!r}")

@@ -17,10 +17,10 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
-from ._validate import check_dict, check_isinstance, check_uint32, check_uint64, ensure
+from ._validate import check_isinstance, check_uint64
 from .engine import Engine
 from .errors import LLMException, LLMStatusCode
-from .types import LLMRole, MemInfo, Memtype, RegisterMemStatus
+from .types import LLMRole, MemInfo, Memtype
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -150,42 +150,9 @@ class LLMDataDist(_Facade):
     unlink_clusters = blocking(Engine.unlink_clusters)
     switch_role = blocking(Engine.switch_role)
 
-    def link(self, comm_name: str, cluster_rank_info: dict[int, int], rank_table: str) -> int:
-        """Double-sided link through an HCCL rank table: arguments are checked as the
-        reference does, then refused, since rank tables describe Ascend devices; dxl links
-        peer to peer with :meth:`link_clusters`."""
-        self.engine  # noqa: B018 - raises RuntimeError before init, as the reference
-        check_isinstance("comm_name", comm_name, str, allow_none=False)
-        ensure(bool(comm_name) and len(comm_name) < 128, "comm_name must have 1..127 chars")
-        check_dict("cluster_rank_info", cluster_rank_info, int, int)
-        ensure(len(cluster_rank_info) <= 4, "cluster_rank_info holds at most 4 members")
-        for cluster_id, rank in cluster_rank_info.items():
-            check_uint64("cluster_rank_info key", cluster_id)
-            check_uint32("cluster_rank_info value", rank)
-        check_isinstance("rank_table", rank_table, str)
-        ensure(len(cluster_rank_info) >= 2, "cluster_rank_info needs at least 2 members")
-        ranks = list(cluster_rank_info.values())
-        ensure(ranks == sorted(ranks), "cluster_rank_info ranks must ascend")
-        raise LLMException(
-            "link failed, rank-table communication domains are Ascend HCCL resources; "
-            "use link_clusters (peer-to-peer links) with dxl",
-            status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
-        )
-
-    def unlink(self, comm_id: int) -> None:
-        """Counterpart of :meth:`link`; no domain can exist, so every id is unknown."""
-        self.engine  # noqa: B018
-        check_uint64("comm_id", comm_id)
-        raise LLMException(
-            f"unlink failed, no communication domain {comm_id} (dxl has no rank-table links)",
-            status_code=LLMStatusCode.LLM_PARAM_INVALID,
-        )
-
-    def query_register_mem_status(self, comm_id: int) -> RegisterMemStatus:
-        """Status of a :meth:`link` domain; none can exist in dxl, so FAILED."""
-        self.engine  # noqa: B018
-        check_uint64("comm_id", comm_id)
-        return RegisterMemStatus.FAILED
+    link = blocking(Engine.link)
+    unlink = blocking(Engine.unlink)
+    query_register_mem_status = blocking(Engine.query_register_mem_status)
 
     def check_link_status(self, remote_cluster_id: int) -> None:
         """v1 only; in v2 mode the reference raises LLM_PARAM_INVALID, and so does dxl."""

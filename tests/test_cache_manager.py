@@ -3,6 +3,8 @@ layer-wise transfer_cache_async push, across two processes where data moves."""
 
 from __future__ import annotations
 
+import json
+
 import threading
 
 import numpy as np
@@ -217,17 +219,20 @@ async def test_transfer_cache_async_layer_by_layer(make_peer):
         assert await task.wait_async() == [S.LLM_KV_CACHE_NOT_EXIST]
         assert await peer.acall("untouched", name="kv", tensors=everything, blocks=[1])
 
-        # no block indices: whole layers move, as the reference's sample calls it
+        # no block indices: one stride of the blocks cache (block 0) per tensor of the layer,
+        # as the reference's cache entry of a blocks cache is one block; the rest untouched
         sync = Layers(layers)
         for ev in sync.ready:
             ev.set()
-        whole = dxl.TransferWithCacheKeyConfig(dxl.BlocksCacheKey(D_ID, 0), range(2, 3),
+        first = dxl.TransferWithCacheKeyConfig(dxl.BlocksCacheKey(D_ID, 0), range(2, 3),
                                                range(2, 3))
-        task = await eng.transfer_cache_async(cache, sync, [whole])
+        before = peer.call("read", name="kv", tensors=[4, 5], blocks=list(range(1, blocks)))
+        task = await eng.transfer_cache_async(cache, sync, [first])
         assert await task.wait_async() == [S.LLM_SUCCESS]
-        args = dict(tensors=[4, 5], dst_blocks=list(range(blocks)), src_seed=9,
-                    src_tensors=[4, 5], src_blocks=list(range(blocks)))
+        args = dict(tensors=[4, 5], dst_blocks=[0], src_seed=9, src_tensors=[4, 5],
+                    src_blocks=[0])
         assert await peer.acall("matches", name="kv", args=args)
+        assert peer.call("read", name="kv", tensors=[4, 5], blocks=list(range(1, blocks))) == before
 
         with pytest.raises(TypeError):
             await eng.transfer_cache_async(cache, None, [cfg], [1], [1])
@@ -237,24 +242,36 @@ async def test_transfer_cache_async_layer_by_layer(make_peer):
             await eng.transfer_cache_async(None, sync, [cfg])
 
 
-def test_rank_table_and_v1_entry_points_are_refused_clearly():
+def test_rank_table_arguments_and_v1_entry_points_are_checked():
     dd = dxl.LLMDataDist(dxl.LLMRole.PROMPT, 5)
     with pytest.raises(RuntimeError, match="not initialized"):
-        dd.link("c", {1: 0, 2: 1}, "{}")
+        dd.link("c", {5: 0, 2: 1}, "{}")
     dd.init({})
     try:
         with pytest.raises(dxl.LLMException) as err:
-            dd.link("", {1: 0, 2: 1}, "{}")
+            dd.link("", {5: 0, 2: 1}, "{}")
         assert err.value.status_code == S.LLM_PARAM_INVALID
         with pytest.raises(TypeError):
-            dd.link("c", {1: "0"}, "{}")
+            dd.link("c", {5: "0"}, "{}")
         with pytest.raises(dxl.LLMException) as err:
-            dd.link("c", {1: 1, 2: 0}, "{}")
+            dd.link("c", {5: 1, 2: 0}, "{}")
         assert err.value.status_code == S.LLM_PARAM_INVALID
-        with pytest.raises(dxl.LLMException, match="link_clusters") as err:
-            dd.link("c", {1: 0, 2: 1}, "{}")
-        assert err.value.status_code == S.LLM_FEATURE_NOT_ENABLED
-        assert dd.query_register_mem_status(1) == dxl.RegisterMemStatus.FAILED
+        table = {"server_list": [{"host_ip": "127.0.0.1", "device": [
+            {"device_id": "0", "rank_id": "0"}, {"device_id": "1", "rank_id": "1"}]}]}
+        for bad, why in (("{", "not JSON"), ("[]", "server_list"),
+                         (json.dumps({"server_list": [{"device": [{"rank_id": "0"}]}]}),
+                          "address"),
+                         (json.dumps({"server_list": [{"host_ip": "x", "device": [
+                             {"rank_id": "0"}, {"rank_id": "1"}]}]}), "not an IP")):
+            with pytest.raises(dxl.LLMException, match=why) as err:
+                dd.link("c", {5: 0, 2: 1}, bad)
+            assert err.value.status_code == S.LLM_PARAM_INVALID
+        with pytest.raises(dxl.LLMException, match="rank 7 of cluster 2") as err:
+            dd.link("c", {5: 0, 2: 7}, json.dumps(table))
+        with pytest.raises(dxl.LLMException, match="cluster id 5 is not a member") as err:
+            dd.link("c", {1: 0, 2: 1}, json.dumps(table))
+        assert dd.engine.listen_address is None  # every refusal left the engine as it was
+        assert dd.query_register_mem_status(1) == dxl.RegisterMemStatus.FAILED  # no comm 1
         for call in (lambda: dd.check_link_status(1), lambda: dd.kv_cache_manager,
                      lambda: dd.unlink(1)):
             with pytest.raises(dxl.LLMException) as err:

@@ -32,7 +32,14 @@ CACHE_MANAGER_OPS = [
     "copy_blocks",
     "swap_blocks",
 ]
-DATADIST_OPS = ["link_clusters", "unlink_clusters", "switch_role"]
+DATADIST_OPS = [
+    "link_clusters",
+    "unlink_clusters",
+    "switch_role",
+    "link",
+    "unlink",
+    "query_register_mem_status",
+]
 
 
 def _public_coroutines(cls: type) -> set[str]:

@@ -31,7 +31,7 @@ ROUND_TRIP: dict[str, tuple[dict[str, Any], Any]] = {
     "llm.BufPoolCfg": ({"buf_pool_cfg": '{"buf_cfg": []}'}, NO_FIELD),
     "llm.RdmaTrafficClass": ({"rdma_traffic_class": 132}, NO_FIELD),
     "llm.RdmaServiceLevel": ({"rdma_service_level": 4}, NO_FIELD),
-    "llm.LinkTotalTime": ({"link_total_time": 30}, NO_FIELD),
+    "llm.LinkTotalTime": ({"link_total_time": 30}, 30),
     "llm.LinkRetryCount": ({"link_retry_count": 3}, NO_FIELD),
     "llm.LocalCommRes": ({"local_comm_res": ""}, NO_FIELD),
     "llm.TransferBackend": (
@@ -51,6 +51,7 @@ ROUND_TRIP: dict[str, tuple[dict[str, Any], Any]] = {
     "dxl.Transport": ({"transport": "tcp"}, "tcp"),
     "dxl.ShareRegistered": ({"share_registered": True}, True),
     "dxl.AuthToken": ({"auth_token": "s3cret"}, "s3cret"),
+    "dxl.RankTableBasePort": ({"rank_table_base_port": 31000}, 31000),
 }
 
 PROPS = [opt for opt in OPTIONS if isinstance(opt, Prop)]

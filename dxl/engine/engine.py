@@ -37,6 +37,7 @@ from .links import LinkTable
 from .listener import Listener
 from .local import LocalCopies
 from .mover import Mover
+from .ranktable import RankTableLinks
 from .registrations import Registrations
 from .resolve import Resolver
 from .state import Identity, RunState
@@ -89,6 +90,9 @@ class Engine:
             pool=self._registrations.pool_wire,
         )
         self._linking = LinkOps(identity, opts, state, links, listener, handshake)
+        self._ranktable = RankTableLinks(
+            identity, opts, state, links, listener, self._linking, handshake
+        )
         resolver = Resolver(state, book, links)
         self._contiguous = ContiguousOps(
             opts, resolver, mover, book, links, self._registrations, state
@@ -151,6 +155,7 @@ class Engine:
         self._state.value = "closing"
         self._listener.stop_accepting()  # no new links while the old ones go
         await self._handshake.close()
+        await self._ranktable.close()
         self._links.close_all("engine closed")
         await self._links.wait_closed()
         await self._registrations.close()
@@ -171,6 +176,9 @@ class Engine:
     link_clusters = forward("_linking", LinkOps.link_clusters)
     unlink_clusters = forward("_linking", LinkOps.unlink_clusters)
     switch_role = forward("_linking", LinkOps.switch_role)
+    link = forward("_ranktable", RankTableLinks.link)
+    unlink = forward("_ranktable", RankTableLinks.unlink)
+    query_register_mem_status = forward("_ranktable", RankTableLinks.query_register_mem_status)
 
     # type: ignore: mypy rejects methods with **kwargs: Any under ParamSpec, though it infers
     # the forwarded signature right (reveal_type shows it).

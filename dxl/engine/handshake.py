@@ -107,8 +107,11 @@ class Handshake:
             self._setup = None
 
     # ------------------------------------------------------------------ client side
-    async def connect(self, info: LLMClusterInfo, timeout_s: float) -> LLMStatusCode:
-        """Link to the peer ``info`` names; failures are returned (and logged), not raised."""
+    async def connect(
+        self, info: LLMClusterInfo, timeout_s: float, *, quiet: bool = False
+    ) -> LLMStatusCode:
+        """Link to the peer ``info`` names; failures are returned (and logged, at debug level
+        when ``quiet``: a caller that retries), not raised."""
         peer_id = info.remote_cluster_id
         assert peer_id is not None  # checked by link_clusters
         if peer_id == self._identity.cluster_id:
@@ -124,6 +127,7 @@ class Handshake:
             return Code.LLM_PARAM_INVALID
         ip, port = info.remote_endpoint()
         where = f"cluster {peer_id} at {ip}:{port}"
+        failed = log.debug if quiet else log.error
         self._links.linking.add(peer_id)
         writer: asyncio.StreamWriter | None = None
         try:
@@ -143,19 +147,19 @@ class Handshake:
                     await self._client_steps(reader, writer, peer_id, ip, kernel, deadline)
                     writer = None  # the link owns it now
         except Refused as exc:
-            log.error("dxl: link to %s refused: %s", where, exc)
+            failed("dxl: link to %s refused: %s", where, exc)
             return exc.code
         except TimeoutError:
-            log.error("dxl: link to %s timed out (%.0f ms)", where, timeout_s * 1000)
+            failed("dxl: link to %s timed out (%.0f ms)", where, timeout_s * 1000)
             return Code.LLM_LINK_FAILED
         except AuthError as exc:
-            log.error("dxl: link to %s not authenticated: %s", where, exc)
+            failed("dxl: link to %s not authenticated: %s", where, exc)
             return Code.LLM_LINK_FAILED
         except (OSError, asyncio.IncompleteReadError, wire.FrameError) as exc:
-            log.error("dxl: link to %s failed: %s", where, exc or type(exc).__name__)
+            failed("dxl: link to %s failed: %s", where, exc or type(exc).__name__)
             return Code.LLM_LINK_FAILED
         except LLMException as exc:
-            log.error("dxl: link to %s failed: %s", where, exc)
+            failed("dxl: link to %s failed: %s", where, exc)
             return exc.status_code
         finally:
             self._links.linking.discard(peer_id)

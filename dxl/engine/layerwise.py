@@ -118,7 +118,7 @@ class LayerwiseOps:
         num_layers = local.layout.num_tensors // TENSORS_PER_LAYER
         src_arr = np.asarray(src_blocks, dtype=np.int64)
         dst_arr = np.asarray(dst_blocks, dtype=np.int64)
-        if local.layout.blocks:  # without indices, whole layers move (the reference sample)
+        if local.layout.blocks:
             check_blocks_in_range(op, "src_block_indices", src_arr, local.layout.units)
         dests = [self._layerwise_dest(op, cfg, num_layers, local) for cfg in transfer_configs]
         future: concurrent.futures.Future[list[LLMStatusCode | None]] = concurrent.futures.Future()
@@ -268,17 +268,12 @@ class LayerwiseOps:
         dst_blocks: np.ndarray,
         dst_block_bytes: int,
     ) -> Pieces:
-        """The pieces of one layer: blocks -> blocks, contiguous batch -> blocks, or
-        contiguous batch -> contiguous destination."""
+        """The pieces of one layer: blocks -> blocks, or one source unit (a contiguous
+        cache's batch ``src_batch_index``; without block indices, a blocks cache's block 0, as
+        the reference's cache entry for a blocks cache is one block wide) -> destination blocks
+        or the destination's start (its batch, for a contiguous destination key)."""
         src_unit = local.layout.unit_bytes
-        if local.layout.blocks and not src_blocks.size:  # whole tensors of the layer
-            size = local.layout.tensor_size
-            return coalesce(
-                dst_bases.astype(np.uint64),
-                src_bases.astype(np.uint64),
-                np.full(src_bases.size, size, dtype=np.uint64),
-            )
-        if local.layout.blocks:  # blocks -> blocks
+        if local.layout.blocks and src_blocks.size:  # blocks -> blocks
             if dst_block_bytes and dst_block_bytes < src_unit:
                 raise param_invalid(op, "destination blocks are smaller than source blocks")
             return offset_pieces(
