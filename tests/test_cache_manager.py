@@ -4,7 +4,6 @@ layer-wise transfer_cache_async push, across two processes where data moves."""
 from __future__ import annotations
 
 import json
-
 import threading
 
 import numpy as np
