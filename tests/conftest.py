@@ -59,7 +59,6 @@ def make_peer() -> Iterator:
         peer.stop()
 
 
-
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
     """Run every async test on the standard loop and on uvloop: the engine must work on both."""
     factories = {"asyncio": asyncio.new_event_loop}

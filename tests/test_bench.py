@@ -226,7 +226,15 @@ def test_smoke_cma_pull_and_push_are_verified() -> None:
 @pytest.mark.parametrize("memory", ["shared", "allocated"])
 def test_smoke_shared_memory_is_verified_over_cma_shm(memory: str) -> None:
     rc, rows, err = run_bench(
-        "--transport", "cma", "--op", "pull", "push", "--block-bytes", "16K", "--memory", memory,
+        "--transport",
+        "cma",
+        "--op",
+        "pull",
+        "push",
+        "--block-bytes",
+        "16K",
+        "--memory",
+        memory,
         *SMOKE,
     )
     assert rc == 0, err

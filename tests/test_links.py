@@ -24,8 +24,15 @@ D_ID = 2
 
 def start_prefill(make_peer, cluster_id, seed, **kw):
     peer = make_peer(cluster_id, **kw)
-    peer.call("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS, block_bytes=BB,
-              seed=seed, model_id=0)
+    peer.call(
+        "register",
+        name="kv",
+        num_tensors=TENSORS,
+        num_blocks=BLOCKS,
+        block_bytes=BB,
+        seed=seed,
+        model_id=0,
+    )
     return peer
 
 
@@ -74,8 +81,15 @@ async def test_registration_after_link_reaches_peer_before_return(make_peer):
         with pytest.raises(dxl.LLMException) as err:
             await eng.pull_blocks(dxl.BlocksCacheKey(1, 0), cache, [0], [0])
         assert err.value.status_code == S.LLM_KV_CACHE_NOT_EXIST
-        await peer.acall("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS,
-                         block_bytes=BB, seed=9, model_id=0)  # returns after our ack
+        await peer.acall(
+            "register",
+            name="kv",
+            num_tensors=TENSORS,
+            num_blocks=BLOCKS,
+            block_bytes=BB,
+            seed=9,
+            model_id=0,
+        )  # returns after our ack
         await eng.pull_blocks(dxl.BlocksCacheKey(1, 0), cache, [3], [4])
         assert buf.matches(range(TENSORS), [4], 9, range(TENSORS), [3])
         await peer.acall("unregister", name="kv")  # returns only after we stopped using it
@@ -111,8 +125,9 @@ async def test_killed_prefill_fails_fast_and_others_keep_working(make_peer):
     sync_kv_timeout_ms = 1000
     p1 = start_prefill(make_peer, 1, seed=1)
     p2 = start_prefill(make_peer, 3, seed=3)
-    eng, cache, buf = await decoder_with_cache({"llm.SyncKvCacheWaitTime": "1000",
-                                                "dxl.HeartbeatIntervalMs": "200"})
+    eng, cache, buf = await decoder_with_cache(
+        {"llm.SyncKvCacheWaitTime": "1000", "dxl.HeartbeatIntervalMs": "200"}
+    )
     async with eng:
         ret, _ = await eng.link_clusters([p1.cluster_info(), p2.cluster_info()])
         assert ret == S.LLM_SUCCESS
@@ -154,8 +169,12 @@ async def test_garbage_on_the_listening_port(make_peer):
     host, port = peer.address
     rng = np.random.default_rng(0)
     payloads = [rng.bytes(n) for n in (1, 7, 64, 4096, 100_000)]
-    payloads += [b"\xff\xff\xff\xff" + b"x" * 16, b"\x00\x00\x00\x05{}}}}", b"\x00\x00\x00\x02[]",
-                 b"\x00\x00\x00\x0b{\"t\":\"ack\"}"]
+    payloads += [
+        b"\xff\xff\xff\xff" + b"x" * 16,
+        b"\x00\x00\x00\x05{}}}}",
+        b"\x00\x00\x00\x02[]",
+        b'\x00\x00\x00\x0b{"t":"ack"}',
+    ]
     for data in payloads:
         with socket.create_connection((host, port), timeout=5) as s:
             s.sendall(data)
@@ -194,10 +213,14 @@ async def test_256_concurrent_pulls_keep_the_loop_responsive(make_peer):
         src = rng.integers(0, BLOCKS, size=(n, 2))
         tick = asyncio.create_task(ticker())
         await asyncio.sleep(0.01)
-        await asyncio.gather(*(
-            eng.pull_blocks(dxl.BlocksCacheKey(1, 0), cache, src[i].tolist(), [2 * i, 2 * i + 1])
-            for i in range(n)
-        ))
+        await asyncio.gather(
+            *(
+                eng.pull_blocks(
+                    dxl.BlocksCacheKey(1, 0), cache, src[i].tolist(), [2 * i, 2 * i + 1]
+                )
+                for i in range(n)
+            )
+        )
         stop.set()
         await tick
         assert buf.matches(range(TENSORS), np.arange(2 * n), 5, range(TENSORS), src.ravel())

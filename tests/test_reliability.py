@@ -30,8 +30,15 @@ def inflight() -> int:
 @pytest.fixture
 def big_prefill(make_peer):
     peer = make_peer(P_ID)
-    peer.call("register", name="kv", num_tensors=BIG_TENSORS, num_blocks=BIG_BLOCKS,
-              block_bytes=BIG_BB, seed=4, model_id=0)
+    peer.call(
+        "register",
+        name="kv",
+        num_tensors=BIG_TENSORS,
+        num_blocks=BIG_BLOCKS,
+        block_bytes=BIG_BB,
+        seed=4,
+        model_id=0,
+    )
     return peer
 
 
@@ -67,8 +74,10 @@ async def test_close_with_transfers_in_flight(big_prefill):
     cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
     await eng.link_clusters([big_prefill.cluster_info()])
     blocks = list(range(BIG_BLOCKS))
-    pulls = [asyncio.create_task(eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, blocks,
-                                                 blocks)) for _ in range(4)]
+    pulls = [
+        asyncio.create_task(eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, blocks, blocks))
+        for _ in range(4)
+    ]
     await asyncio.sleep(0.001)
     t0 = time.monotonic()
     await eng.close()
@@ -84,8 +93,9 @@ async def test_close_with_transfers_in_flight(big_prefill):
 def test_sync_api_from_many_threads(make_peer):
     """The facade serialises calls from any thread onto its loop: concurrent use is safe."""
     peer = make_peer(P_ID)
-    peer.call("register", name="kv", num_tensors=4, num_blocks=64, block_bytes=4096, seed=6,
-              model_id=0)
+    peer.call(
+        "register", name="kv", num_tensors=4, num_blocks=64, block_bytes=4096, seed=6, model_id=0
+    )
     dd = dxl.LLMDataDist(dxl.LLMRole.DECODER, D_ID)
     dd.init({})
     try:
@@ -123,8 +133,9 @@ def _resources() -> tuple[int, int, int]:
 
 async def test_endurance_link_and_register_cycles(make_peer, capsys):
     peer = make_peer(P_ID)
-    peer.call("register", name="kv", num_tensors=4, num_blocks=16, block_bytes=4096, seed=8,
-              model_id=0)
+    peer.call(
+        "register", name="kv", num_tensors=4, num_blocks=16, block_bytes=4096, seed=8, model_id=0
+    )
     link_cycles, reg_cycles = 1000, 10_000
     async with dxl.Engine(D_ID, dxl.LLMRole.DECODER) as eng:
         buf = KVBuffers(4, 16, 4096, fill=False)
@@ -179,8 +190,15 @@ async def test_shared_registrations_cycle_without_leaking(make_peer, capsys):
         transport = eng._links[P_ID].transport
         before = (_resources(), len(os.listdir(peer_fds)))
         for i in range(cycles):
-            await peer.acall("register", name="kv", num_tensors=4, num_blocks=16,
-                             block_bytes=16384, seed=i % 100, model_id=0)
+            await peer.acall(
+                "register",
+                name="kv",
+                num_tensors=4,
+                num_blocks=16,
+                block_bytes=16384,
+                seed=i % 100,
+                model_id=0,
+            )
             assert len(transport._windows.table) == 4  # one memfd per tensor, mapped here
             await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [5, 6], [5, 6])
             assert buf.matches(range(4), [5, 6], i % 100, range(4), [5, 6])
@@ -188,8 +206,10 @@ async def test_shared_registrations_cycle_without_leaking(make_peer, capsys):
             assert len(transport._windows.table) == 0
         after = (_resources(), len(os.listdir(peer_fds)))
     with capsys.disabled():
-        print(f"\nshared endurance: {cycles} register/pull/unregister cycles; decoder fds "
-              f"{before[0][0]} -> {after[0][0]}, prefill fds {before[1]} -> {after[1]}, "
-              f"decoder RSS {before[0][2] / 1024:.1f} -> {after[0][2] / 1024:.1f} MiB")
+        print(
+            f"\nshared endurance: {cycles} register/pull/unregister cycles; decoder fds "
+            f"{before[0][0]} -> {after[0][0]}, prefill fds {before[1]} -> {after[1]}, "
+            f"decoder RSS {before[0][2] / 1024:.1f} -> {after[0][2] / 1024:.1f} MiB"
+        )
     assert after[0][0] <= before[0][0] and after[1] <= before[1]
     assert after[0][2] - before[0][2] < 32 * 1024  # KiB: the mappings were all unmapped

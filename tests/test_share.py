@@ -163,20 +163,36 @@ def test_mapped_transfer_mixes_memcpy_and_cma_and_checks_windows() -> None:
     peer = CmaTransport(os.getpid(), 2)._peer
     done = _ffi.ffi.new("uint64_t *")
     rc = _ffi.lib.dxl_cma_transfer_mapped(
-        peer, 0, _ffi.as_u64_ptr(pieces.dst), _ffi.as_u64_ptr(pieces.src),
-        _ffi.as_u64_ptr(pieces.length), 3, 1, _ffi.as_u64_ptr(table), 1, done,
+        peer,
+        0,
+        _ffi.as_u64_ptr(pieces.dst),
+        _ffi.as_u64_ptr(pieces.src),
+        _ffi.as_u64_ptr(pieces.length),
+        3,
+        1,
+        _ffi.as_u64_ptr(table),
+        1,
+        done,
     )
     assert rc == 0 and done[0] == 3 * PAGE
     assert np.array_equal(dst[:512], remote[:512])
     assert np.array_equal(dst[512:1024], other)
     assert np.array_equal(dst[1024:], remote[1536:])
     bad = np.array([[rbase, rbase, lbase]], dtype=np.uint64)  # empty window
-    overlap = np.array([[rbase, rbase + 2 * PAGE, lbase], [rbase + PAGE, rbase + 3 * PAGE, lbase]],
-                       dtype=np.uint64)
+    overlap = np.array(
+        [[rbase, rbase + 2 * PAGE, lbase], [rbase + PAGE, rbase + 3 * PAGE, lbase]], dtype=np.uint64
+    )
     for windows in (bad, overlap):
         rc = _ffi.lib.dxl_cma_transfer_mapped(
-            peer, 0, _ffi.as_u64_ptr(pieces.dst), _ffi.as_u64_ptr(pieces.src),
-            _ffi.as_u64_ptr(pieces.length), 3, 1, _ffi.as_u64_ptr(windows), windows.shape[0],
+            peer,
+            0,
+            _ffi.as_u64_ptr(pieces.dst),
+            _ffi.as_u64_ptr(pieces.src),
+            _ffi.as_u64_ptr(pieces.length),
+            3,
+            1,
+            _ffi.as_u64_ptr(windows),
+            windows.shape[0],
             done,
         )
         assert rc == _ffi.lib.DXL_E_INVAL
@@ -198,13 +214,21 @@ async def decoder(peer, options=None):
 
 async def test_pull_and_push_through_shared_registered_memory(make_peer):
     peer = make_peer(P_ID, options=SHARE)
-    await peer.acall("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS,
-                     block_bytes=BLOCK, seed=5, model_id=0)
+    await peer.acall(
+        "register",
+        name="kv",
+        num_tensors=TENSORS,
+        num_blocks=BLOCKS,
+        block_bytes=BLOCK,
+        seed=5,
+        model_id=0,
+    )
     addrs = await peer.acall("addrs", name="kv")
     for a in addrs:  # the peer's tensors now sit on memfds, but for their partial edge pages
         lo, hi = interior(a, BLOCKS * BLOCK)
         assert {n for _, _, n in mappings_over(lo, hi, str(peer.proc.pid))} == {
-            "/memfd:dxl-share (deleted)"}
+            "/memfd:dxl-share (deleted)"
+        }
     buf = KVBuffers(TENSORS, BLOCKS, BLOCK, fill=False)
     async with await decoder(peer) as eng:
         link = eng._links[P_ID]
@@ -216,12 +240,18 @@ async def test_pull_and_push_through_shared_registered_memory(make_peer):
         src = [0, 1, 17, 40, BLOCKS - 1]
         await eng.pull_blocks(key, cache, src, [0, 1, 2, 3, 4])
         assert buf.matches(ALL, [0, 1, 2, 3, 4], 5, ALL, src)
-        await eng.pull_blocks(key, cache, [9], [9], src_layer_range=range(1, 2),
-                              dst_layer_range=range(1, 2))
+        await eng.pull_blocks(
+            key, cache, [9], [9], src_layer_range=range(1, 2), dst_layer_range=range(1, 2)
+        )
         assert buf.matches([2, 3], [9], 5, [2, 3], [9]) and buf.untouched([0, 1], [9])
         await eng.push_blocks(key, cache, [0, 4], [BLOCKS - 1, 30])
-        args = dict(tensors=ALL, dst_blocks=[BLOCKS - 1, 30], src_seed=5, src_tensors=ALL,
-                    src_blocks=[0, BLOCKS - 1])
+        args = dict(
+            tensors=ALL,
+            dst_blocks=[BLOCKS - 1, 30],
+            src_seed=5,
+            src_tensors=ALL,
+            src_blocks=[0, BLOCKS - 1],
+        )
         assert await peer.acall("matches", name="kv", args=args)
         await peer.acall("unregister", name="kv")  # the decoder unmaps before it confirms
         assert len(link.transport._windows.table) == 0
@@ -236,8 +266,15 @@ async def test_registrations_after_the_link_are_mapped_and_a_dead_owner_is_never
     peer = make_peer(P_ID, options=SHARE)
     buf = KVBuffers(TENSORS, BLOCKS, BLOCK, fill=False)
     async with await decoder(peer) as eng:
-        await peer.acall("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS,
-                         block_bytes=BLOCK, seed=6, model_id=0)
+        await peer.acall(
+            "register",
+            name="kv",
+            num_tensors=TENSORS,
+            num_blocks=BLOCKS,
+            block_bytes=BLOCK,
+            seed=6,
+            model_id=0,
+        )
         link = eng._links[P_ID]
         assert len(link.transport._windows.table) == TENSORS
         cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
@@ -245,8 +282,14 @@ async def test_registrations_after_the_link_are_mapped_and_a_dead_owner_is_never
         assert buf.matches(ALL, [20], 6, ALL, [20])
         remote = link.registry.blocks_by_model[0]
         from dxl.plan import block_pieces
-        pieces = block_pieces(np.asarray(buf.addrs, dtype=np.uint64), remote.layout.addrs,
-                              np.array([21]), np.array([21]), BLOCK)
+
+        pieces = block_pieces(
+            np.asarray(buf.addrs, dtype=np.uint64),
+            remote.layout.addrs,
+            np.array([21]),
+            np.array([21]),
+            BLOCK,
+        )
         peer.kill()
         peer.proc.join(5)
         # the mapping outlives the owner, but its bytes cannot be trusted: the copy fails
@@ -272,8 +315,15 @@ async def test_mappings_are_prefaulted_in_the_background(make_peer):
     """A fresh mapping would pay a page fault per 4 KiB on its first copies: the engine
     faults the peer's shared pages in after mapping them, off the event loop."""
     peer = make_peer(P_ID, options=SHARE)
-    await peer.acall("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS,
-                     block_bytes=BLOCK, seed=5, model_id=0)
+    await peer.acall(
+        "register",
+        name="kv",
+        num_tensors=TENSORS,
+        num_blocks=BLOCKS,
+        block_bytes=BLOCK,
+        seed=5,
+        model_id=0,
+    )
     async with await decoder(peer) as eng:
         windows = eng._links[P_ID].transport._windows
         rows = windows.table.tolist()
@@ -289,11 +339,19 @@ async def test_mappings_are_prefaulted_in_the_background(make_peer):
 
 async def test_without_the_option_registered_memory_stays_private(make_peer):
     peer = make_peer(P_ID)
-    await peer.acall("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS,
-                     block_bytes=BLOCK, seed=5, model_id=0)
+    await peer.acall(
+        "register",
+        name="kv",
+        num_tensors=TENSORS,
+        num_blocks=BLOCKS,
+        block_bytes=BLOCK,
+        seed=5,
+        model_id=0,
+    )
     for a in await peer.acall("addrs", name="kv"):
-        assert all("memfd" not in n for _, _, n in
-                   mappings_over(a, a + BLOCKS * BLOCK, str(peer.proc.pid)))
+        assert all(
+            "memfd" not in n for _, _, n in mappings_over(a, a + BLOCKS * BLOCK, str(peer.proc.pid))
+        )
     async with await decoder(peer) as eng:
         assert eng.stats()["links"][P_ID]["transport"] == "cma"
 
@@ -330,11 +388,11 @@ def test_prefault_maps_pages_and_refuses_bad_ranges() -> None:
     os.ftruncate(fd, 64 * PAGE)
     m = mmap.mmap(fd, 64 * PAGE)
     base = ctypes.addressof(ctypes.c_char.from_buffer(m))
-    m[PAGE:PAGE + 4] = b"keep"
+    m[PAGE : PAGE + 4] = b"keep"
     assert resident_kib(base, base + 64 * PAGE) == PAGE // 1024  # only the page just written
     assert _ffi.lib.dxl_prefault(base, 64 * PAGE) == 0
     assert resident_kib(base, base + 64 * PAGE) * 1024 == 64 * PAGE
-    assert m[PAGE:PAGE + 4] == b"keep" and m[0] == 0  # bytes untouched
+    assert m[PAGE : PAGE + 4] == b"keep" and m[0] == 0  # bytes untouched
     assert _ffi.lib.dxl_prefault(base + 1, PAGE) == _ffi.lib.DXL_E_INVAL
     assert _ffi.lib.dxl_prefault(base, 0) == _ffi.lib.DXL_E_INVAL
     m.close()
@@ -345,8 +403,9 @@ def test_prefault_maps_pages_and_refuses_bad_ranges() -> None:
 async def test_share_per_registration_overrides_the_engine_option():
     buf = KVBuffers(TENSORS, BLOCKS, BLOCK)
     async with dxl.Engine(P_ID, dxl.LLMRole.PROMPT) as eng:  # option off
-        cache = await eng.register_blocks_cache(buf.desc(), buf.addrs, remote_accessible=True,
-                                                share=True)
+        cache = await eng.register_blocks_cache(
+            buf.desc(), buf.addrs, remote_accessible=True, share=True
+        )
         assert SHARED.live() == TENSORS
         await eng.unregister_cache(cache.cache_id)
         assert SHARED.live() == 0

@@ -34,15 +34,26 @@ def transport(request: pytest.FixtureRequest) -> str:
 
 def options(transport: str, **extra: str) -> dict[str, str]:
     share = {"dxl.ShareRegistered": "1"} if transport == "shared" else {}
-    return {"dxl.Transport": "cma" if transport == "shared" else transport,
-            "llm.SyncKvCacheWaitTime": str(TIMEOUT_MS), "dxl.HeartbeatIntervalMs": "200",
-            **share, **extra}
+    return {
+        "dxl.Transport": "cma" if transport == "shared" else transport,
+        "llm.SyncKvCacheWaitTime": str(TIMEOUT_MS),
+        "dxl.HeartbeatIntervalMs": "200",
+        **share,
+        **extra,
+    }
 
 
 def start_prefill(make_peer, transport: str, cluster_id: int = 1, seed: int = 1, **kw):
     peer = make_peer(cluster_id, options=options(transport, **kw))
-    peer.call("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS, block_bytes=BB,
-              seed=seed, model_id=0)
+    peer.call(
+        "register",
+        name="kv",
+        num_tensors=TENSORS,
+        num_blocks=BLOCKS,
+        block_bytes=BB,
+        seed=seed,
+        model_id=0,
+    )
     return peer
 
 
@@ -159,8 +170,11 @@ async def test_stopped_past_the_timeout_then_resumed(make_peer, transport):
         p1.kill(signal.SIGSTOP)
         try:
             if transport == "tcp":  # nobody answers on the data stream: a timeout
-                await expect_failure(d.pull(1, list(range(BLOCKS)), list(range(BLOCKS))),
-                                     TIMEOUT_MS / 1000 + 1, codes=(S.LLM_TIMEOUT,))
+                await expect_failure(
+                    d.pull(1, list(range(BLOCKS)), list(range(BLOCKS))),
+                    TIMEOUT_MS / 1000 + 1,
+                    codes=(S.LLM_TIMEOUT,),
+                )
             else:  # a stopped process's memory stays readable: cma still delivers
                 await d.pull(1, [5], [5])
                 assert d.buf.matches(ALL, [5], 1, ALL, [5])
@@ -215,8 +229,15 @@ async def test_restarted_peer_with_same_id_and_port(make_peer, transport):
         await asyncio.sleep(0.1)
         p1b = make_peer(1, options=options(transport, **{"llm.listenIpInfo": f"127.0.0.1:{port}"}))
         await expect_failure(d.pull(1, [0], [0]), 1.5)  # the old incarnation is never used
-        p1b.call("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS, block_bytes=BB,
-                 seed=9, model_id=0)
+        p1b.call(
+            "register",
+            name="kv",
+            num_tensors=TENSORS,
+            num_blocks=BLOCKS,
+            block_bytes=BB,
+            seed=9,
+            model_id=0,
+        )
         await d.link(p1b)
         assert d.eng.stats()["links"][1]["peer_incarnation"] != old
         await d.pull(1, [2], [2])
