@@ -13,6 +13,11 @@ so the event loop (and the engine on it) keeps running while it waits, and ``obs
 
 A deadline is a bound on a wait that should end far sooner, not a measured duration: pick it
 generous (seconds), so that a loaded machine only makes the test slower, never failing.
+
+Races: ``await start_until_in_flight(start, what)`` starts work until a native transfer is seen
+in flight (``ops_inflight()`` > 0) while it still runs, retrying when it finished first, and
+fails when that never happens; a test that kills, stops, cancels or unlinks "mid-transfer"
+uses it so that the race it exists for is really hit.
 """
 
 from __future__ import annotations
@@ -99,3 +104,45 @@ async def async_wait_until(
             raise _expired(what, deadline_s, value)
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, max_s)
+
+
+def ops_inflight() -> int:
+    """Native transfers (cma, memcpy, tcp) running in this process now: dxl_counters_t's
+    ops_inflight, the observable sign that a transfer has really started and not yet ended."""
+    from dxl import _ffi
+
+    return _ffi.counters()["ops_inflight"]
+
+
+async def start_until_in_flight(
+    start: Callable[[], list[asyncio.Task[Any]]],
+    what: str,
+    *,
+    in_flight: Callable[[], Any] = ops_inflight,
+    tries: int = 20,
+    deadline_s: float = 30.0,
+) -> list[asyncio.Task[Any]]:
+    """Set up a race: ``start()`` starts work and returns its tasks; return them once
+    ``in_flight()`` is seen while they still run (e.g. a native copy under way), so that what
+    the test does next (kill the peer, cancel, unlink...) really lands mid-transfer.
+
+    A try whose tasks all finish before that is seen is awaited (its errors propagate) and
+    started again; after ``tries`` the test fails: the race it exists for was never hit."""
+    for _ in range(tries):
+        tasks = start()
+
+        def seen(tasks: list[asyncio.Task[Any]] = tasks) -> str | None:
+            if all(t.done() for t in tasks):
+                return "finished"
+            return "in flight" if in_flight() else None
+
+        outcome = await async_wait_until(
+            seen, deadline_s, f"{what} to be in flight or finish", first_s=0.0002, max_s=0.001
+        )
+        if outcome == "in flight":
+            return tasks
+        await asyncio.gather(*tasks)
+    raise WaitTimeout(
+        f"{what} finished before it was seen in flight, {tries} times: the race this test "
+        "needs was never hit"
+    )
