@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from waiting import async_wait_until
+from waiting import WaitTimeout, async_wait_until
 
 import dxl
 from dxl.testing import KVBuffers
@@ -192,6 +192,30 @@ async def test_garbage_on_the_listening_port(make_peer):
     finally:
         idle.close()
     assert peer.proc.is_alive()
+
+
+@pytest.mark.xfail(
+    reason="library bug: dxl/control.py Channel._heartbeat_loop drops a link after 3 of its "
+    "own intervals of silence, but the other end pings at its own interval",
+    strict=True,
+)
+async def test_an_idle_link_survives_different_heartbeat_intervals(make_peer):
+    """Nothing in the docs asks both ends to use the same dxl.HeartbeatIntervalMs, yet each
+    end judges the other silent after 3 of its own intervals while the other pings at its own:
+    the peer (200 ms, so 600 ms of silence allowed) drops a decoder that pings every 1000 ms
+    (the default) as soon as the link is idle."""
+    peer = start_prefill(make_peer, 1, seed=1)  # heartbeat every 200 ms (tests/peer.py)
+    async with dxl.Engine(D_ID, dxl.LLMRole.DECODER) as eng:  # default: every 1000 ms
+        assert (await eng.link_clusters([peer.cluster_info()]))[0] == S.LLM_SUCCESS
+        # Idle time is the thing under test: the wait returns early only if the link drops;
+        # 3 s is 3 of our intervals and 15 of the peer's.
+        with pytest.raises(WaitTimeout):
+            await async_wait_until(
+                lambda links: 1 not in links,
+                3.0,
+                "an idle link to be dropped",
+                observe=lambda: eng.stats()["links"],
+            )
 
 
 async def test_256_concurrent_pulls_leave_the_loop_turning(make_peer):

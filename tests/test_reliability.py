@@ -148,7 +148,11 @@ async def test_endurance_link_and_register_cycles(make_peer, capsys):
         "register", name="kv", num_tensors=4, num_blocks=16, block_bytes=4096, seed=8, model_id=0
     )
     link_cycles, reg_cycles = 1000, 10_000
-    async with dxl.Engine(D_ID, dxl.LLMRole.DECODER) as eng:
+    # The peer's heartbeat interval (200 ms): with the default (1000 ms) here, the peer drops
+    # the link once the register cycles (which send it nothing) outlast its 3 x 200 ms of
+    # silence, as test_links::test_an_idle_link_survives_different_heartbeat_intervals shows.
+    hb = {"dxl.HeartbeatIntervalMs": "200"}
+    async with dxl.Engine(D_ID, dxl.LLMRole.DECODER, hb) as eng:
         buf = KVBuffers(4, 16, 4096, fill=False)
         info = peer.cluster_info()
         # warm up once so lazily created things (threads, caches) exist before measuring
