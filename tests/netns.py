@@ -47,8 +47,10 @@ class TwoHosts:
             _ip("link", "add", self._veth_a, "type", "veth", "peer", "name", self._veth_b)
             _ip("link", "set", self._veth_a, "netns", self.ns_a)
             _ip("link", "set", self._veth_b, "netns", self.ns_b)
-            for ns, dev, addr in ((self.ns_a, self._veth_a, self.ip_a),
-                                  (self.ns_b, self._veth_b, self.ip_b)):
+            for ns, dev, addr in (
+                (self.ns_a, self._veth_a, self.ip_a),
+                (self.ns_b, self._veth_b, self.ip_b),
+            ):
                 _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
                 _ip("-n", ns, "link", "set", dev, "up")
                 _ip("-n", ns, "link", "set", "lo", "up")
@@ -63,8 +65,7 @@ class TwoHosts:
 
     def __exit__(self, *exc: object) -> None:
         for ns in (self.ns_a, self.ns_b):  # deleting a namespace removes its veth end too
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10,
-                           check=False)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
 
 
 def enter_netns(name: str) -> None:
