@@ -63,6 +63,16 @@ class TwoHosts:
         """Take the veth down in namespace a (the cable is pulled mid-transfer)."""
         _ip("-n", self.ns_a, "link", "set", self._veth_a, "down")
 
+    def received_b(self, pid: int) -> int:
+        """Bytes received so far by namespace b's end of the veth, read from
+        ``/proc/<pid>/net/dev`` of process ``pid``, which lives in namespace b."""
+        with open(f"/proc/{pid}/net/dev") as f:
+            for line in f:
+                name, sep, fields = line.partition(":")
+                if sep and name.strip() == self._veth_b:
+                    return int(fields.split()[0])
+        raise LookupError(f"{self._veth_b} is not in the namespace of pid {pid}")
+
     def __exit__(self, *exc: object) -> None:
         for ns in (self.ns_a, self.ns_b):  # deleting a namespace removes its veth end too
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)

@@ -12,10 +12,10 @@ import asyncio
 import multiprocessing as mp
 import os
 import signal
-import time
 from typing import Any
 
 import numpy as np
+from waiting import wait_until
 
 CTX = mp.get_context("spawn")
 DEFAULT_DEADLINE_S = 30.0
@@ -80,9 +80,12 @@ class Peer:
         delivery is asynchronous, and a test must not race the stop)."""
         os.kill(self.proc.pid, sig)
         if sig == signal.SIGSTOP:
-            deadline = time.monotonic() + 5
-            while _state(self.proc.pid) not in ("T", "t") and time.monotonic() < deadline:
-                time.sleep(0.001)
+            wait_until(
+                lambda state: state in ("T", "t"),
+                10,
+                f"peer {self.cluster_id} (pid {self.proc.pid}) to be stopped",
+                observe=lambda: _state(self.proc.pid),
+            )
 
     def stop(self) -> None:
         if self.proc.is_alive():

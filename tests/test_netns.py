@@ -10,6 +10,7 @@ import time
 import pytest
 from netns import TwoHosts, netns_available
 from peer import PeerError
+from waiting import wait_until
 
 import dxl
 
@@ -126,12 +127,32 @@ def test_veth_down_mid_transfer_fails_within_the_timeout(make_peer, hosts):
     prefill, decode = pair(
         make_peer, hosts, tensors=64, blocks=64, bb=64 << 10, **{"llm.SyncKvCacheWaitTime": "1000"}
     )
-    thread, outcome = _pull_in_thread(decode, 64)  # 256 MiB
-    time.sleep(0.01)
+    for _ in range(5):  # until the cable is pulled while the pull's bytes are crossing it
+        before = hosts.received_b(decode.pid)
+        thread, outcome = _pull_in_thread(decode, 64)  # 256 MiB
+
+        def crossing(before: int = before, thread: threading.Thread = thread) -> str | None:
+            if hosts.received_b(decode.pid) - before >= 1 << 20:
+                return "crossing"
+            return None if thread.is_alive() else "finished"
+
+        seen = wait_until(
+            crossing,
+            20,
+            "the pull's bytes to cross the veth",
+            first_s=0.0002,
+            max_s=0.001,
+        )
+        if seen == "crossing":
+            break
+        thread.join(20)
+        assert outcome["result"] == "ok", outcome
+    else:
+        pytest.fail("every pull finished before its bytes were seen crossing the veth")
     hosts.down()
     thread.join(20)
     result = outcome["result"]
-    if result == "ok":  # the transfer won the race against the cable; the next one cannot
+    if result == "ok":  # its last bytes were across before the cable went; the next one cannot
         thread, outcome = _pull_in_thread(decode, 64)
         thread.join(20)
         result = outcome["result"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import mmap
 import os
@@ -10,6 +9,7 @@ import tempfile
 
 import numpy as np
 import pytest
+from waiting import async_wait_until
 
 import dxl
 from dxl import _ffi
@@ -328,13 +328,15 @@ async def test_mappings_are_prefaulted_in_the_background(make_peer):
         windows = eng._links[P_ID].transport._windows
         rows = windows.table.tolist()
         assert len(rows) == TENSORS
-        for _ in range(200):
-            kib = [resident_kib(local, local + (end - start)) for start, end, local in rows]
-            if all(k * 1024 == end - start for k, (start, end, _) in zip(kib, rows, strict=True)):
-                break
-            await asyncio.sleep(0.01)
-        else:
-            pytest.fail(f"mappings not resident after 2 s: {kib} KiB")
+        sizes_kib = [(end - start) // 1024 for start, end, _ in rows]
+        await async_wait_until(
+            lambda kib: kib == sizes_kib,
+            10,
+            f"every mapped window resident ({sizes_kib} KiB)",
+            observe=lambda: [
+                resident_kib(local, local + (end - start)) for start, end, local in rows
+            ],
+        )
 
 
 async def test_without_the_option_registered_memory_stays_private(make_peer):

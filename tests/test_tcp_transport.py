@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from waiting import ops_inflight, wait_until
 
 from dxl import _ffi
 from dxl.auth import (
@@ -458,7 +459,7 @@ def test_peer_killed_mid_transfer_fails_within_the_timeout(fresh_child: Child) -
     )
     t0 = time.monotonic()
     t.start()
-    time.sleep(0.3)
+    wait_until(ops_inflight, 10, "the read to be in flight (the stopped child cannot answer it)")
     os.kill(fresh_child.proc.pid, signal.SIGKILL)
     t.join(10)
     elapsed = time.monotonic() - t0
