@@ -7,6 +7,7 @@ printed is a verified one and that a corrupted destination never yields a number
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from dxl.bench import cli, report
+from dxl.bench.runner import run_all
 from dxl.bench.workload import (
     Workload,
     clear,
@@ -308,21 +310,30 @@ def test_corrupted_destination_gives_no_number() -> None:
 
 
 @pytest.mark.multiproc
+def test_smoke_tcp_pull_is_verified_against_the_raw_socket() -> None:
+    rc, rows, err = run_bench("--transport", "tcp", "--op", "pull", "--block-bytes", "4K", *SMOKE)
+    assert rc == 0, err
+    [tcp] = rows
+    assert tcp["verified"] is True and tcp["error"] is None, tcp
+    assert tcp["link_transport"] == "tcp" and tcp["baseline"] == "raw_socket"
+    assert tcp["gbps"] > 0 and tcp["baselines"]["raw_socket"]["gbps"] > 0 and tcp["ratio"] > 0
+
+
+@pytest.mark.multiproc
 @pytest.mark.cma
 def test_a_failed_configuration_does_not_stop_the_run() -> None:
-    # Until the tcp transport lands the tcp row fails (without a number); after, it is verified.
-    rc, rows, _ = run_bench(
-        "--transport", "tcp", "cma", "--op", "pull", "--block-bytes", "4K", *SMOKE
-    )
-    tcp, cma = rows
-    assert cma["verified"] is True and cma["gbps"] > 0
-    if tcp["verified"]:
-        assert tcp["link_transport"] == "tcp" and tcp["baseline"] == "raw_socket"
-        assert tcp["gbps"] > 0 and tcp["baselines"]["raw_socket"]["gbps"] > 0
-        assert rc == 0
-    else:
-        assert tcp["error"] and tcp["gbps"] is None and tcp["ratio"] is None
-        assert rc == 1
+    """The first configuration fails (its engines refuse the transport); the next one still
+    runs and is verified, and the failure is reported without a number."""
+    args = ["--transport", "cma", "--op", "pull", "--block-bytes", "4K", *SMOKE]
+    [good] = cli.workloads(cli.bench_parser().parse_args(args))
+    bad = dataclasses.replace(good, transport="bogus")
+    rows: list[dict] = []
+    run_all([bad, good], report.Progress(2, enabled=False), 120, rows.append)
+    failed, ok = rows
+    assert "transport must be one of" in failed["error"], failed
+    assert failed["verified"] is False and failed["gbps"] is None and failed["ratio"] is None
+    assert ok["verified"] is True and ok["error"] is None and ok["gbps"] > 0
+    assert "FAILED: bogus pull async c1 4K: " in report.render(rows, "dxl bench")
 
 
 @pytest.mark.multiproc
