@@ -7,7 +7,7 @@ import asyncio
 import threading
 
 import pytest
-from waiting import WaitTimeout, async_wait_until, wait_until
+from waiting import WaitTimeout, async_wait_until, start_until_in_flight, wait_until
 
 
 def test_returns_the_value_that_satisfied_the_predicate() -> None:
@@ -50,3 +50,32 @@ async def test_async_waits_let_the_loop_run_and_take_awaitables() -> None:
     assert await async_wait_until(lambda v: 2 in v, 10, "link 2", observe=links) == [1, 2]
     with pytest.raises(WaitTimeout, match=r"waiting for link 3; last observed: \[1, 2\]"):
         await async_wait_until(lambda v: 3 in v, 0.05, "link 3", observe=links)
+
+
+async def test_a_race_is_retried_until_work_is_seen_in_flight() -> None:
+    tries: list[asyncio.Event] = []
+
+    async def work(gate: asyncio.Event) -> None:
+        if len(tries) > 1:  # the first try finishes before anyone looks
+            await gate.wait()
+
+    def start() -> list[asyncio.Task[None]]:
+        tries.append(asyncio.Event())
+        return [asyncio.create_task(work(tries[-1]))]
+
+    [task] = await start_until_in_flight(start, "the work", in_flight=lambda: len(tries) > 1)
+    assert len(tries) == 2 and not task.done()  # returned while it still runs
+    tries[-1].set()
+    await task
+
+
+async def test_a_race_never_hit_fails_naming_it() -> None:
+    starts: list[int] = []
+
+    def start() -> list[asyncio.Task[None]]:
+        starts.append(1)
+        return [asyncio.create_task(asyncio.sleep(0))]
+
+    with pytest.raises(WaitTimeout, match=r"a no-op finished before it was seen in flight, 3 "):
+        await start_until_in_flight(start, "a no-op", in_flight=lambda: False, tries=3)
+    assert len(starts) == 3

@@ -1,11 +1,12 @@
 """Waiting for an observable effect, with a deadline, instead of sleeping a guessed time.
 
 ``wait_until(predicate, deadline_s, what)`` polls ``predicate()`` (short sleeps, doubling from
-``first_s`` up to ``max_s``) until it returns something truthy, and returns that value. If the
+``first_s`` up to ``max_s``) until it returns something truthy, and returns that. If the
 deadline passes first it fails the test with an AssertionError naming ``what`` and the last
 value observed. ``observe`` splits the two: ``observe()`` is what is looked at (and reported),
-``predicate(value)`` decides; e.g. ``wait_until(lambda links: 1 not in links, 5, "link 1
-dropped", observe=lambda: eng.stats()["links"])`` reports the links it last saw.
+``predicate(value)`` decides, and the value observed is returned; e.g. ``wait_until(lambda
+links: 1 not in links, 5, "link 1 dropped", observe=lambda: eng.stats()["links"])`` reports the
+links it last saw.
 
 ``await async_wait_until(...)`` is the same for coroutines: it sleeps with ``asyncio.sleep``,
 so the event loop (and the engine on it) keeps running while it waits, and ``observe`` or
