@@ -6,7 +6,8 @@ import asyncio
 import gc
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -24,24 +25,56 @@ def pytest_report_header() -> str:
     return f"dxl {dxl.__version__}, features: {dxl.features()}"
 
 
-def _native_counters() -> dict[str, int]:
-    c = _ffi.ffi.new("dxl_counters_t *")
-    _ffi.lib.dxl_counters(c)
+def _live_resources() -> dict[str, int]:
+    """What a test must give back: native regions (and their bytes), peer handles, ops in
+    flight, tcp data servers, and shared spans."""
+    c = _ffi.counters()
     return {
-        "regions_live": c.regions_live,
-        "peers_open": c.peers_open,
-        "ops_inflight": c.ops_inflight,
+        "regions_live": c["regions_live"],
+        "bytes_registered": c["bytes_registered"],
+        "peers_open": c["peers_open"],
+        "ops_inflight": c["ops_inflight"],
+        "tcp_servers_live": int(_ffi.lib.dxl_tcp_servers_live()),
         "shared_spans": SHARED.live(),  # memfds of dxl.ShareRegistered (Python side)
     }
 
 
+# Every loop an async test runs on comes from pytest_asyncio_loop_factories below, which
+# installs this handler: what reaches it (a task's exception nobody retrieved, a callback that
+# raised, an error while the loop shuts down) is recorded and fails the test.
+UNHANDLED: list[dict[str, Any]] = []
+
+
+def _record_unhandled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    UNHANDLED.append(context)
+    loop.default_exception_handler(context)  # still logged as usual
+
+
+def _describe(context: dict[str, Any]) -> str:
+    exc = context.get("exception")
+    what = f"{type(exc).__name__}: {exc}" if exc is not None else "no exception"
+    return f"{context.get('message', '?')} ({what})"
+
+
 @pytest.fixture(autouse=True)
 def no_native_leaks() -> Iterator[None]:
-    """Every test must leave as many live regions, in-flight ops and shares as it found."""
-    before = _native_counters()
+    """Every test must leave as many live regions, registered bytes, in-flight ops, tcp data
+    servers and shares as it found, and no exception may reach an event loop's exception
+    handler during it.
+
+    It is set up before pytest-asyncio's runner (autouse fixtures come first), so its teardown
+    runs after the test's loop was shut down: errors raised while the runner cancels leftover
+    tasks are seen too, and gc.collect() reports tasks whose exception nobody retrieved."""
+    UNHANDLED.clear()
+    before = _live_resources()
     yield
     gc.collect()
-    assert _native_counters() == before
+    after = _live_resources()
+    unhandled = [_describe(c) for c in UNHANDLED]
+    UNHANDLED.clear()
+    leaked = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert not leaked, f"leaked (before, after): {leaked}"
+    assert not unhandled, f"exceptions reached the event loop's handler: {unhandled}"
 
 
 @pytest.fixture
@@ -59,13 +92,23 @@ def make_peer() -> Iterator:
         peer.stop()
 
 
-
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
     """Run every async test on the standard loop and on uvloop: the engine must work on both."""
-    factories = {"asyncio": asyncio.new_event_loop}
+    factories = {"asyncio": _recording(asyncio.new_event_loop)}
     try:
         import uvloop
     except ImportError:  # uvloop is optional: the asyncio run still covers everything
         return factories
-    factories["uvloop"] = uvloop.new_event_loop
+    factories["uvloop"] = _recording(uvloop.new_event_loop)
     return factories
+
+
+def _recording(factory: Callable[[], asyncio.AbstractEventLoop]) -> Callable[[], Any]:
+    """``factory`` whose loops send what reaches their exception handler to UNHANDLED."""
+
+    def new_loop() -> asyncio.AbstractEventLoop:
+        loop = factory()
+        loop.set_exception_handler(_record_unhandled)
+        return loop
+
+    return new_loop

@@ -47,8 +47,10 @@ class TwoHosts:
             _ip("link", "add", self._veth_a, "type", "veth", "peer", "name", self._veth_b)
             _ip("link", "set", self._veth_a, "netns", self.ns_a)
             _ip("link", "set", self._veth_b, "netns", self.ns_b)
-            for ns, dev, addr in ((self.ns_a, self._veth_a, self.ip_a),
-                                  (self.ns_b, self._veth_b, self.ip_b)):
+            for ns, dev, addr in (
+                (self.ns_a, self._veth_a, self.ip_a),
+                (self.ns_b, self._veth_b, self.ip_b),
+            ):
                 _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
                 _ip("-n", ns, "link", "set", dev, "up")
                 _ip("-n", ns, "link", "set", "lo", "up")
@@ -61,10 +63,19 @@ class TwoHosts:
         """Take the veth down in namespace a (the cable is pulled mid-transfer)."""
         _ip("-n", self.ns_a, "link", "set", self._veth_a, "down")
 
+    def received_b(self, pid: int) -> int:
+        """Bytes received so far by namespace b's end of the veth, read from
+        ``/proc/<pid>/net/dev`` of process ``pid``, which lives in namespace b."""
+        with open(f"/proc/{pid}/net/dev") as f:
+            for line in f:
+                name, sep, fields = line.partition(":")
+                if sep and name.strip() == self._veth_b:
+                    return int(fields.split()[0])
+        raise LookupError(f"{self._veth_b} is not in the namespace of pid {pid}")
+
     def __exit__(self, *exc: object) -> None:
         for ns in (self.ns_a, self.ns_b):  # deleting a namespace removes its veth end too
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10,
-                           check=False)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
 
 
 def enter_netns(name: str) -> None:

@@ -12,10 +12,10 @@ import asyncio
 import multiprocessing as mp
 import os
 import signal
-import time
 from typing import Any
 
 import numpy as np
+from waiting import wait_until
 
 CTX = mp.get_context("spawn")
 DEFAULT_DEADLINE_S = 30.0
@@ -80,9 +80,12 @@ class Peer:
         delivery is asynchronous, and a test must not race the stop)."""
         os.kill(self.proc.pid, sig)
         if sig == signal.SIGSTOP:
-            deadline = time.monotonic() + 5
-            while _state(self.proc.pid) not in ("T", "t") and time.monotonic() < deadline:
-                time.sleep(0.001)
+            wait_until(
+                lambda state: state in ("T", "t"),
+                10,
+                f"peer {self.cluster_id} (pid {self.proc.pid}) to be stopped",
+                observe=lambda: _state(self.proc.pid),
+            )
 
     def stop(self) -> None:
         if self.proc.is_alive():
@@ -144,8 +147,13 @@ async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> 
     from dxl.testing import KVBuffers
 
     if cmd == "register":
-        buf = KVBuffers(kw["num_tensors"], kw["num_blocks"], kw["block_bytes"], kw["seed"],
-                        fill=kw.get("fill", True))
+        buf = KVBuffers(
+            kw["num_tensors"],
+            kw["num_blocks"],
+            kw["block_bytes"],
+            kw["seed"],
+            fill=kw.get("fill", True),
+        )
         if kw.get("contiguous"):
             keys = [dxl.CacheKey(eng.cluster_id, *k) for k in kw.get("keys", ())]
             cache = await eng.register_cache(
@@ -161,8 +169,7 @@ async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> 
         return cache.cache_id
     if cmd == "allocate":
         shape = [kw["num_blocks"], kw["block_bytes"] // 2]
-        desc = dxl.CacheDesc(kw["num_tensors"], shape, dxl.DataType.DT_FLOAT16,
-                             dxl.Placement.HOST)
+        desc = dxl.CacheDesc(kw["num_tensors"], shape, dxl.DataType.DT_FLOAT16, dxl.Placement.HOST)
         if kw.get("contiguous"):
             keys = [dxl.CacheKey(eng.cluster_id, *k) for k in kw.get("keys", ())]
             cache = await eng.allocate_cache(desc, keys)
@@ -170,15 +177,19 @@ async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> 
             cache = await eng.allocate_blocks_cache(
                 desc, dxl.BlocksCacheKey(eng.cluster_id, kw.get("model_id", 0))
             )
-        buffers[kw["name"]] = KVBuffers.over(cache.tensor_addrs, kw["num_blocks"],
-                                             kw["block_bytes"], kw["seed"])
+        buffers[kw["name"]] = KVBuffers.over(
+            cache.tensor_addrs, kw["num_blocks"], kw["block_bytes"], kw["seed"]
+        )
         caches[kw["name"]] = cache
         return cache.cache_id
     if cmd == "deallocate":
         cache = caches.pop(kw["name"])
         buffers.pop(kw["name"])
-        await (eng.deallocate_cache(cache) if not cache.is_blocks_cache
-               else eng.deallocate_blocks_cache(cache))
+        await (
+            eng.deallocate_cache(cache)
+            if not cache.is_blocks_cache
+            else eng.deallocate_blocks_cache(cache)
+        )
         return cache.tensor_addrs
     if cmd == "remove_key":
         await eng.remove_cache_key(dxl.CacheKey(eng.cluster_id, *kw["key"]))
@@ -205,14 +216,22 @@ async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> 
         ret, _ = await eng.link_clusters([info], kw.get("timeout", 3000))
         return int(ret)
     if cmd == "pull":
-        await eng.pull_blocks(dxl.BlocksCacheKey(kw["cluster_id"], kw.get("model_id", 0)),
-                              caches[kw["name"]], kw["src_blocks"], kw["dst_blocks"],
-                              **kw.get("kwargs", {}))
+        await eng.pull_blocks(
+            dxl.BlocksCacheKey(kw["cluster_id"], kw.get("model_id", 0)),
+            caches[kw["name"]],
+            kw["src_blocks"],
+            kw["dst_blocks"],
+            **kw.get("kwargs", {}),
+        )
         return None
     if cmd == "push":
-        await eng.push_blocks(dxl.BlocksCacheKey(kw["cluster_id"], kw.get("model_id", 0)),
-                              caches[kw["name"]], kw["src_blocks"], kw["dst_blocks"],
-                              **kw.get("kwargs", {}))
+        await eng.push_blocks(
+            dxl.BlocksCacheKey(kw["cluster_id"], kw.get("model_id", 0)),
+            caches[kw["name"]],
+            kw["src_blocks"],
+            kw["dst_blocks"],
+            **kw.get("kwargs", {}),
+        )
         return None
     if cmd == "switch_role":
         await eng.switch_role(dxl.LLMRole[kw["role"]], kw.get("options"))

@@ -7,6 +7,7 @@ printed is a verified one and that a corrupted destination never yields a number
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from dxl.bench import cli, report
+from dxl.bench.runner import run_all
 from dxl.bench.workload import (
     Workload,
     clear,
@@ -179,6 +181,46 @@ def test_report_never_prints_a_number_for_an_unverified_row() -> None:
     assert "1.23" not in text and "0.57" not in text and "8.89" not in text
 
 
+def _overhead_row(**kw: object) -> dict:
+    row = {
+        "mode": "overhead",
+        "transport": "cma",
+        "link_transport": "cma",
+        "op": "pull",
+        "api": "async",
+        "loop": "uvloop",
+        "block_bytes": 4096,
+        "concurrency": 1,
+        "p50_us": 50.0,
+        "p99_us": 90.0,
+        "verified": True,
+        "error": None,
+        "loop_burst": 256,
+        "loop_tick_ms": 1.0,
+        "loop_dxl_stall_max_us": 7340.0,
+        "loop_dxl_stall_p99_us": 6120.0,
+        "loop_baseline_stall_max_us": 3670.0,
+        "loop_baseline_stall_p99_us": 3060.0,
+        "loop_idle_stall_max_us": 1110.0,
+        "loop_stall_max_ratio": 2.0,
+        "loop_stall_p99_ratio": 2.0,
+    }
+    row.update(kw)
+    return row
+
+
+def test_report_shows_the_loop_stall_beside_its_baselines_and_only_when_verified() -> None:
+    text = report.render([_overhead_row()], "dxl bench --overhead")
+    assert "Event-loop stall while bursts" in text and "1.0 ms timer" in text
+    assert "| uvloop |   256 |       7.34 |       6.12 |         3.67 |" in text
+    assert "2.00" in text
+    bad = _overhead_row(verified=False, error="bytes differ", op="push")
+    text = report.render([bad], "dxl bench --overhead")
+    assert "UNVERIFIED" in text and "7.34" not in text and "6.12" not in text
+    sync = _overhead_row(api="sync", loop=None, loop_burst=None)
+    assert "Event-loop stall" not in report.render([sync], "dxl bench --overhead")
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -226,7 +268,15 @@ def test_smoke_cma_pull_and_push_are_verified() -> None:
 @pytest.mark.parametrize("memory", ["shared", "allocated"])
 def test_smoke_shared_memory_is_verified_over_cma_shm(memory: str) -> None:
     rc, rows, err = run_bench(
-        "--transport", "cma", "--op", "pull", "push", "--block-bytes", "16K", "--memory", memory,
+        "--transport",
+        "cma",
+        "--op",
+        "pull",
+        "push",
+        "--block-bytes",
+        "16K",
+        "--memory",
+        memory,
         *SMOKE,
     )
     assert rc == 0, err
@@ -260,21 +310,30 @@ def test_corrupted_destination_gives_no_number() -> None:
 
 
 @pytest.mark.multiproc
+def test_smoke_tcp_pull_is_verified_against_the_raw_socket() -> None:
+    rc, rows, err = run_bench("--transport", "tcp", "--op", "pull", "--block-bytes", "4K", *SMOKE)
+    assert rc == 0, err
+    [tcp] = rows
+    assert tcp["verified"] is True and tcp["error"] is None, tcp
+    assert tcp["link_transport"] == "tcp" and tcp["baseline"] == "raw_socket"
+    assert tcp["gbps"] > 0 and tcp["baselines"]["raw_socket"]["gbps"] > 0 and tcp["ratio"] > 0
+
+
+@pytest.mark.multiproc
 @pytest.mark.cma
 def test_a_failed_configuration_does_not_stop_the_run() -> None:
-    # Until the tcp transport lands the tcp row fails (without a number); after, it is verified.
-    rc, rows, _ = run_bench(
-        "--transport", "tcp", "cma", "--op", "pull", "--block-bytes", "4K", *SMOKE
-    )
-    tcp, cma = rows
-    assert cma["verified"] is True and cma["gbps"] > 0
-    if tcp["verified"]:
-        assert tcp["link_transport"] == "tcp" and tcp["baseline"] == "raw_socket"
-        assert tcp["gbps"] > 0 and tcp["baselines"]["raw_socket"]["gbps"] > 0
-        assert rc == 0
-    else:
-        assert tcp["error"] and tcp["gbps"] is None and tcp["ratio"] is None
-        assert rc == 1
+    """The first configuration fails (its engines refuse the transport); the next one still
+    runs and is verified, and the failure is reported without a number."""
+    args = ["--transport", "cma", "--op", "pull", "--block-bytes", "4K", *SMOKE]
+    [good] = cli.workloads(cli.bench_parser().parse_args(args))
+    bad = dataclasses.replace(good, transport="bogus")
+    rows: list[dict] = []
+    run_all([bad, good], report.Progress(2, enabled=False), 120, rows.append)
+    failed, ok = rows
+    assert "transport must be one of" in failed["error"], failed
+    assert failed["verified"] is False and failed["gbps"] is None and failed["ratio"] is None
+    assert ok["verified"] is True and ok["error"] is None and ok["gbps"] > 0
+    assert "FAILED: bogus pull async c1 4K: " in report.render(rows, "dxl bench")
 
 
 @pytest.mark.multiproc
@@ -305,6 +364,21 @@ def test_overhead_mode_reports_one_piece_latency_and_planning() -> None:
         assert 0 < r["p50_us"] <= r["p99_us"] and r["native_p50_us"] > 0
     assert {r["ids"] for r in plan} == {"random", "consecutive"}
     assert all(r["pieces_in"] == 8192 * 128 and r["median_ms"] > 0 for r in plan)
+    # the event loop's stall under bursts of 30 concurrent requests, beside its same-run
+    # baselines (async API only: the sync facade's loop is not the application's)
+    stall, sync = over
+    assert stall["loop_burst"] == 30 and stall["loop_tick_ms"] == 1.0
+    for phase in ("dxl", "baseline", "idle"):
+        worst, p99 = stall[f"loop_{phase}_stall_max_us"], stall[f"loop_{phase}_stall_p99_us"]
+        assert 0 <= p99 <= worst, (phase, stall)
+        assert len(stall[f"loop_{phase}_stall_max_us_passes"]) == 1
+    for stat in ("max", "p99"):
+        base = stall[f"loop_baseline_stall_{stat}_us"]
+        expect = round(stall[f"loop_dxl_stall_{stat}_us"] / base, 2) if base else None
+        assert stall[f"loop_stall_{stat}_ratio"] == expect
+    assert all(v is None for k, v in sync.items() if k.startswith("loop_")), sync
+    assert "Event-loop stall while bursts of concurrent one-piece requests run" in err
+    assert "| uvloop |    30 |" in err or "| asyncio |    30 |" in err  # the async row only
 
 
 def _row(**kw: object) -> dict:

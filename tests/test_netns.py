@@ -10,6 +10,7 @@ import time
 import pytest
 from netns import TwoHosts, netns_available
 from peer import PeerError
+from waiting import wait_until
 
 import dxl
 
@@ -28,15 +29,33 @@ SECRET = {"dxl.AuthToken": "netns-test-secret", "dxl.Transport": "tcp"}
 def pair(make_peer, hosts: TwoHosts, tensors: int, blocks: int, bb: int, **opts: str):
     """A prefill in namespace a and a decode in namespace b, linked over the veth."""
     common = {**SECRET, "dxl.HeartbeatIntervalMs": "300", **opts}
-    prefill = make_peer(P_ID, options={**common, "llm.listenIpInfo": f"{hosts.ip_a}:0"},
-                        netns=hosts.ns_a)
-    decode = make_peer(D_ID, role="DECODER",
-                       options={**common, "llm.listenIpInfo": f"{hosts.ip_b}:0"},
-                       netns=hosts.ns_b)
-    prefill.call("register", name="kv", num_tensors=tensors, num_blocks=blocks, block_bytes=bb,
-                 seed=5, model_id=0)
-    decode.call("register", name="kv", num_tensors=tensors, num_blocks=blocks, block_bytes=bb,
-                seed=6, model_id=0)
+    prefill = make_peer(
+        P_ID, options={**common, "llm.listenIpInfo": f"{hosts.ip_a}:0"}, netns=hosts.ns_a
+    )
+    decode = make_peer(
+        D_ID,
+        role="DECODER",
+        options={**common, "llm.listenIpInfo": f"{hosts.ip_b}:0"},
+        netns=hosts.ns_b,
+    )
+    prefill.call(
+        "register",
+        name="kv",
+        num_tensors=tensors,
+        num_blocks=blocks,
+        block_bytes=bb,
+        seed=5,
+        model_id=0,
+    )
+    decode.call(
+        "register",
+        name="kv",
+        num_tensors=tensors,
+        num_blocks=blocks,
+        block_bytes=bb,
+        seed=6,
+        model_id=0,
+    )
     assert decode.call("link", cluster_id=P_ID, address=list(prefill.address)) == 0
     return prefill, decode
 
@@ -53,17 +72,29 @@ def test_pull_and_push_across_the_veth(make_peer, hosts):
     everything = list(range(8))
     src, dst = [3, 17, 18, 19, 60], [0, 1, 2, 40, 63]
     decode.call("pull", name="kv", cluster_id=P_ID, src_blocks=src, dst_blocks=dst)
-    args = dict(tensors=everything, dst_blocks=dst, src_seed=5, src_tensors=everything,
-                src_blocks=src)
+    args = dict(
+        tensors=everything, dst_blocks=dst, src_seed=5, src_tensors=everything, src_blocks=src
+    )
     assert decode.call("matches", name="kv", args=args)
     assert decode.call("untouched", name="kv", tensors=everything, blocks=[3, 4, 39, 62])
-    decode.call("pull", name="kv", cluster_id=P_ID, src_blocks=[7], dst_blocks=[10],
-                kwargs=dict(src_layer_range=range(0, 1), dst_layer_range=range(3, 4)))
+    decode.call(
+        "pull",
+        name="kv",
+        cluster_id=P_ID,
+        src_blocks=[7],
+        dst_blocks=[10],
+        kwargs=dict(src_layer_range=range(0, 1), dst_layer_range=range(3, 4)),
+    )
     args = dict(tensors=[6, 7], dst_blocks=[10], src_seed=5, src_tensors=[0, 1], src_blocks=[7])
     assert decode.call("matches", name="kv", args=args)
     decode.call("push", name="kv", cluster_id=P_ID, src_blocks=[11, 12], dst_blocks=[30, 31])
-    args = dict(tensors=everything, dst_blocks=[30, 31], src_seed=6, src_tensors=everything,
-                src_blocks=[11, 12])
+    args = dict(
+        tensors=everything,
+        dst_blocks=[30, 31],
+        src_seed=6,
+        src_tensors=everything,
+        src_blocks=[11, 12],
+    )
     assert prefill.call("matches", name="kv", args=args)
     assert prefill.call("untouched", name="kv", tensors=everything, blocks=[29, 32])
 
@@ -74,8 +105,14 @@ def _pull_in_thread(decode, blocks: int):
     def run() -> None:
         t0 = time.monotonic()
         try:
-            decode.call("pull", deadline_s=20, name="kv", cluster_id=P_ID,
-                        src_blocks=list(range(blocks)), dst_blocks=list(range(blocks)))
+            decode.call(
+                "pull",
+                deadline_s=20,
+                name="kv",
+                cluster_id=P_ID,
+                src_blocks=list(range(blocks)),
+                dst_blocks=list(range(blocks)),
+            )
             outcome["result"] = "ok"
         except PeerError as exc:
             outcome["result"] = exc
@@ -87,14 +124,35 @@ def _pull_in_thread(decode, blocks: int):
 
 
 def test_veth_down_mid_transfer_fails_within_the_timeout(make_peer, hosts):
-    prefill, decode = pair(make_peer, hosts, tensors=64, blocks=64, bb=64 << 10,
-                           **{"llm.SyncKvCacheWaitTime": "1000"})
-    thread, outcome = _pull_in_thread(decode, 64)  # 256 MiB
-    time.sleep(0.01)
+    prefill, decode = pair(
+        make_peer, hosts, tensors=64, blocks=64, bb=64 << 10, **{"llm.SyncKvCacheWaitTime": "1000"}
+    )
+    for _ in range(5):  # until the cable is pulled while the pull's bytes are crossing it
+        before = hosts.received_b(decode.pid)
+        thread, outcome = _pull_in_thread(decode, 64)  # 256 MiB
+
+        def crossing(before: int = before, thread: threading.Thread = thread) -> str | None:
+            if hosts.received_b(decode.pid) - before >= 1 << 20:
+                return "crossing"
+            return None if thread.is_alive() else "finished"
+
+        seen = wait_until(
+            crossing,
+            20,
+            "the pull's bytes to cross the veth",
+            first_s=0.0002,
+            max_s=0.001,
+        )
+        if seen == "crossing":
+            break
+        thread.join(20)
+        assert outcome["result"] == "ok", outcome
+    else:
+        pytest.fail("every pull finished before its bytes were seen crossing the veth")
     hosts.down()
     thread.join(20)
     result = outcome["result"]
-    if result == "ok":  # the transfer won the race against the cable; the next one cannot
+    if result == "ok":  # its last bytes were across before the cable went; the next one cannot
         thread, outcome = _pull_in_thread(decode, 64)
         thread.join(20)
         result = outcome["result"]
@@ -105,14 +163,20 @@ def test_veth_down_mid_transfer_fails_within_the_timeout(make_peer, hosts):
 
 
 def test_stopped_and_killed_prefill_across_the_veth(make_peer, hosts):
-    prefill, decode = pair(make_peer, hosts, tensors=8, blocks=64, bb=16384,
-                           **{"llm.SyncKvCacheWaitTime": "500"})
+    prefill, decode = pair(
+        make_peer, hosts, tensors=8, blocks=64, bb=16384, **{"llm.SyncKvCacheWaitTime": "500"}
+    )
     prefill.kill(signal.SIGSTOP)
     try:
         t0 = time.monotonic()
         with pytest.raises(PeerError) as err:
-            decode.call("pull", name="kv", cluster_id=P_ID, src_blocks=list(range(64)),
-                        dst_blocks=list(range(64)))
+            decode.call(
+                "pull",
+                name="kv",
+                cluster_id=P_ID,
+                src_blocks=list(range(64)),
+                dst_blocks=list(range(64)),
+            )
         assert time.monotonic() - t0 < 0.5 + 1.5
         assert err.value.status_code in (S.LLM_TIMEOUT, S.LLM_NOT_YET_LINK)
     finally:

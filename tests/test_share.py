@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import mmap
 import os
@@ -10,6 +9,7 @@ import tempfile
 
 import numpy as np
 import pytest
+from waiting import async_wait_until
 
 import dxl
 from dxl import _ffi
@@ -169,8 +169,16 @@ def test_mapped_transfer_mixes_memcpy_and_cma_and_checks_windows() -> None:
     peer = _ffi.ffi.gc(out[0], _ffi.lib.dxl_peer_close)
     done = _ffi.ffi.new("uint64_t *")
     rc = _ffi.lib.dxl_cma_transfer_mapped(
-        peer, 0, _ffi.as_u64_ptr(pieces.dst), _ffi.as_u64_ptr(pieces.src),
-        _ffi.as_u64_ptr(pieces.length), 3, 1, _ffi.as_u64_ptr(table), 1, done,
+        peer,
+        0,
+        _ffi.as_u64_ptr(pieces.dst),
+        _ffi.as_u64_ptr(pieces.src),
+        _ffi.as_u64_ptr(pieces.length),
+        3,
+        1,
+        _ffi.as_u64_ptr(table),
+        1,
+        done,
     )
     assert rc == 0 and done[0] == 3 * PAGE
     assert np.array_equal(dst[:512], remote[:512])
@@ -179,12 +187,20 @@ def test_mapped_transfer_mixes_memcpy_and_cma_and_checks_windows() -> None:
         CmaTransport(os.getpid(), 2)
     assert np.array_equal(dst[1024:], remote[1536:])
     bad = np.array([[rbase, rbase, lbase]], dtype=np.uint64)  # empty window
-    overlap = np.array([[rbase, rbase + 2 * PAGE, lbase], [rbase + PAGE, rbase + 3 * PAGE, lbase]],
-                       dtype=np.uint64)
+    overlap = np.array(
+        [[rbase, rbase + 2 * PAGE, lbase], [rbase + PAGE, rbase + 3 * PAGE, lbase]], dtype=np.uint64
+    )
     for windows in (bad, overlap):
         rc = _ffi.lib.dxl_cma_transfer_mapped(
-            peer, 0, _ffi.as_u64_ptr(pieces.dst), _ffi.as_u64_ptr(pieces.src),
-            _ffi.as_u64_ptr(pieces.length), 3, 1, _ffi.as_u64_ptr(windows), windows.shape[0],
+            peer,
+            0,
+            _ffi.as_u64_ptr(pieces.dst),
+            _ffi.as_u64_ptr(pieces.src),
+            _ffi.as_u64_ptr(pieces.length),
+            3,
+            1,
+            _ffi.as_u64_ptr(windows),
+            windows.shape[0],
             done,
         )
         assert rc == _ffi.lib.DXL_E_INVAL
@@ -206,13 +222,21 @@ async def decoder(peer, options=None):
 
 async def test_pull_and_push_through_shared_registered_memory(make_peer):
     peer = make_peer(P_ID, options=SHARE)
-    await peer.acall("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS,
-                     block_bytes=BLOCK, seed=5, model_id=0)
+    await peer.acall(
+        "register",
+        name="kv",
+        num_tensors=TENSORS,
+        num_blocks=BLOCKS,
+        block_bytes=BLOCK,
+        seed=5,
+        model_id=0,
+    )
     addrs = await peer.acall("addrs", name="kv")
     for a in addrs:  # the peer's tensors now sit on memfds, but for their partial edge pages
         lo, hi = interior(a, BLOCKS * BLOCK)
         assert {n for _, _, n in mappings_over(lo, hi, str(peer.proc.pid))} == {
-            "/memfd:dxl-share (deleted)"}
+            "/memfd:dxl-share (deleted)"
+        }
     buf = KVBuffers(TENSORS, BLOCKS, BLOCK, fill=False)
     async with await decoder(peer) as eng:
         link = eng._links.get(P_ID)
@@ -227,12 +251,18 @@ async def test_pull_and_push_through_shared_registered_memory(make_peer):
         src = [0, 1, 17, 40, BLOCKS - 1]
         await eng.pull_blocks(key, cache, src, [0, 1, 2, 3, 4])
         assert buf.matches(ALL, [0, 1, 2, 3, 4], 5, ALL, src)
-        await eng.pull_blocks(key, cache, [9], [9], src_layer_range=range(1, 2),
-                              dst_layer_range=range(1, 2))
+        await eng.pull_blocks(
+            key, cache, [9], [9], src_layer_range=range(1, 2), dst_layer_range=range(1, 2)
+        )
         assert buf.matches([2, 3], [9], 5, [2, 3], [9]) and buf.untouched([0, 1], [9])
         await eng.push_blocks(key, cache, [0, 4], [BLOCKS - 1, 30])
-        args = dict(tensors=ALL, dst_blocks=[BLOCKS - 1, 30], src_seed=5, src_tensors=ALL,
-                    src_blocks=[0, BLOCKS - 1])
+        args = dict(
+            tensors=ALL,
+            dst_blocks=[BLOCKS - 1, 30],
+            src_seed=5,
+            src_tensors=ALL,
+            src_blocks=[0, BLOCKS - 1],
+        )
         assert await peer.acall("matches", name="kv", args=args)
         await peer.acall("unregister", name="kv")  # the decoder unmaps before it confirms
         assert len(link.transport._windows.table) == 0
@@ -247,8 +277,15 @@ async def test_registrations_after_the_link_are_mapped_and_a_dead_owner_is_never
     peer = make_peer(P_ID, options=SHARE)
     buf = KVBuffers(TENSORS, BLOCKS, BLOCK, fill=False)
     async with await decoder(peer) as eng:
-        await peer.acall("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS,
-                         block_bytes=BLOCK, seed=6, model_id=0)
+        await peer.acall(
+            "register",
+            name="kv",
+            num_tensors=TENSORS,
+            num_blocks=BLOCKS,
+            block_bytes=BLOCK,
+            seed=6,
+            model_id=0,
+        )
         link = eng._links.get(P_ID)
         addrs = await peer.acall("addrs", name="kv")
         table = link.transport._windows.table  # rows [remote_start, remote_end, local_start]
@@ -260,8 +297,14 @@ async def test_registrations_after_the_link_are_mapped_and_a_dead_owner_is_never
         assert buf.matches(ALL, [20], 6, ALL, [20])
         remote = link.registry.blocks_by_model[0]
         from dxl.memory.plan import block_pieces
-        pieces = block_pieces(np.asarray(buf.addrs, dtype=np.uint64), remote.layout.addrs,
-                              np.array([21]), np.array([21]), BLOCK)
+
+        pieces = block_pieces(
+            np.asarray(buf.addrs, dtype=np.uint64),
+            remote.layout.addrs,
+            np.array([21]),
+            np.array([21]),
+            BLOCK,
+        )
         peer.kill()
         peer.proc.join(5)
         # the mapping outlives the owner, but its bytes cannot be trusted: the copy fails
@@ -287,28 +330,45 @@ async def test_mappings_are_prefaulted_in_the_background(make_peer):
     """A fresh mapping would pay a page fault per 4 KiB on its first copies: the engine
     faults the peer's shared pages in after mapping them, off the event loop."""
     peer = make_peer(P_ID, options=SHARE)
-    await peer.acall("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS,
-                     block_bytes=BLOCK, seed=5, model_id=0)
+    await peer.acall(
+        "register",
+        name="kv",
+        num_tensors=TENSORS,
+        num_blocks=BLOCKS,
+        block_bytes=BLOCK,
+        seed=5,
+        model_id=0,
+    )
     async with await decoder(peer) as eng:
         windows = eng._links.get(P_ID).transport._windows
         rows = windows.table.tolist()
         assert 1 <= len(rows) <= TENSORS  # tensors that touch share one window
-        for _ in range(200):
-            kib = [resident_kib(local, local + (end - start)) for start, end, local in rows]
-            if all(k * 1024 == end - start for k, (start, end, _) in zip(kib, rows, strict=True)):
-                break
-            await asyncio.sleep(0.01)
-        else:
-            pytest.fail(f"mappings not resident after 2 s: {kib} KiB")
+        sizes_kib = [(end - start) // 1024 for start, end, _ in rows]
+        await async_wait_until(
+            lambda kib: kib == sizes_kib,
+            10,
+            f"every mapped window resident ({sizes_kib} KiB)",
+            observe=lambda: [
+                resident_kib(local, local + (end - start)) for start, end, local in rows
+            ],
+        )
 
 
 async def test_without_the_option_registered_memory_stays_private(make_peer):
     peer = make_peer(P_ID)
-    await peer.acall("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS,
-                     block_bytes=BLOCK, seed=5, model_id=0)
+    await peer.acall(
+        "register",
+        name="kv",
+        num_tensors=TENSORS,
+        num_blocks=BLOCKS,
+        block_bytes=BLOCK,
+        seed=5,
+        model_id=0,
+    )
     for a in await peer.acall("addrs", name="kv"):
-        assert all("memfd" not in n for _, _, n in
-                   mappings_over(a, a + BLOCKS * BLOCK, str(peer.proc.pid)))
+        assert all(
+            "memfd" not in n for _, _, n in mappings_over(a, a + BLOCKS * BLOCK, str(peer.proc.pid))
+        )
     async with await decoder(peer) as eng:
         assert eng.stats()["links"][P_ID]["transport"] == "cma"
 
@@ -345,11 +405,11 @@ def test_prefault_maps_pages_and_refuses_bad_ranges() -> None:
     os.ftruncate(fd, 64 * PAGE)
     m = mmap.mmap(fd, 64 * PAGE)
     base = ctypes.addressof(ctypes.c_char.from_buffer(m))
-    m[PAGE:PAGE + 4] = b"keep"
+    m[PAGE : PAGE + 4] = b"keep"
     assert resident_kib(base, base + 64 * PAGE) == PAGE // 1024  # only the page just written
     assert _ffi.lib.dxl_prefault(base, 64 * PAGE) == 0
     assert resident_kib(base, base + 64 * PAGE) * 1024 == 64 * PAGE
-    assert m[PAGE:PAGE + 4] == b"keep" and m[0] == 0  # bytes untouched
+    assert m[PAGE : PAGE + 4] == b"keep" and m[0] == 0  # bytes untouched
     assert _ffi.lib.dxl_prefault(base + 1, PAGE) == _ffi.lib.DXL_E_INVAL
     assert _ffi.lib.dxl_prefault(base, 0) == _ffi.lib.DXL_E_INVAL
     m.close()
@@ -360,8 +420,9 @@ def test_prefault_maps_pages_and_refuses_bad_ranges() -> None:
 async def test_share_per_registration_overrides_the_engine_option():
     buf = KVBuffers(TENSORS, BLOCKS, BLOCK)
     async with dxl.Engine(P_ID, dxl.LLMRole.PROMPT) as eng:  # option off
-        cache = await eng.register_blocks_cache(buf.desc(), buf.addrs, remote_accessible=True,
-                                                share=True)
+        cache = await eng.register_blocks_cache(
+            buf.desc(), buf.addrs, remote_accessible=True, share=True
+        )
         assert SHARED.live() >= 1  # one memfd per run of touching tensors
         await eng.unregister_cache(cache.cache_id)
         assert SHARED.live() == 0

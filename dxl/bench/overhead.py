@@ -7,6 +7,17 @@ same pass, the bare native call for that piece (``CmaTransport.read``/``write``:
 ``process_vm_readv``/``writev``, cma links only) and a one-piece ``memcpy``. The difference
 between dxl and the native floor is what the engine adds per request.
 
+With the async API it also measures how long the event loop stalls while bursts of
+concurrent one-piece requests run (``loop_stall``): a timer ticks every ``STALL_TICK_S`` on the
+engine's loop and each tick's lateness is a stall sample. A burst starts ``min(num_blocks,
+requests)`` requests at once (distinct blocks, one each) and awaits them all; bursts follow one
+another until at least ``requests`` requests ran and ``STALL_MIN_TICKS`` ticks were sampled.
+The baseline, measured in the same pass (in alternating order), is the same bursts of no-op
+jobs awaited on a ``ThreadPoolExecutor`` with as many threads as the engine's executor: what
+any asyncio application pays to offload that many calls. The idle loop's tick lateness is
+reported beside them. The row carries each phase's worst and p99 stall (medians over passes)
+and the ratios dxl / baseline.
+
 ``plan_timing`` (parent side): ``dxl.plan.block_pieces`` for a 128k-token, 64-layer request
 (8192 blocks of 16 tokens x 128 tensors = 1,048,576 pieces), random ids (nothing coalesces)
 and consecutive ids (everything per tensor coalesces).
@@ -14,8 +25,10 @@ and consecutive ids (everything per tensor coalesces).
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -23,7 +36,8 @@ import numpy as np
 from ..memory.plan import Pieces, Scratch, block_pieces
 from .baselines import memcpy_requests, plan_requests
 from .control import Destination
-from .measure import check_transport, make_driver, median, percentiles_us, rounded
+from .engines import engine_config
+from .measure import AsyncDriver, check_transport, make_driver, median, percentiles_us, rounded
 from .rows import row_base
 from .workload import Workload, destination_buffers, pass_tables, source_buffers
 
@@ -31,6 +45,10 @@ PLAN_TOKENS = 128 * 1024
 PLAN_TOKENS_PER_BLOCK = 16
 PLAN_LAYERS = 64
 PLAN_BLOCK_BYTES = 16 * 8 * 128 * 2  # 16 tokens x 8 KV heads x 128 dims x fp16 = 32 KiB
+
+STALL_TICK_S = 0.001  # the ticker's period on the loop; a stall is a tick's lateness
+STALL_MIN_TICKS = 100  # stall samples per phase and pass, at least
+STALL_MAX_BURSTS = 1000  # a bound should bursts keep the ticker from ever running
 
 
 def _native_floor(
@@ -66,6 +84,80 @@ def _native_floor(
     return lat
 
 
+async def _tick(samples: list[float], stop: asyncio.Event, limit: int | None = None) -> None:
+    """Sleep ``STALL_TICK_S`` again and again and record how late each wake-up was (seconds),
+    until ``stop`` is set or ``limit`` samples were taken."""
+    clock = time.perf_counter
+    while limit is None or len(samples) < limit:
+        t0 = clock()
+        await asyncio.sleep(STALL_TICK_S)
+        if stop.is_set():
+            return
+        samples.append(max(0.0, clock() - t0 - STALL_TICK_S))
+
+
+async def _stalls_during(burst: Callable[[], Awaitable[Any]], bursts: int) -> list[float]:
+    """Tick lateness while ``burst()`` runs back to back: at least ``bursts`` times, and until
+    ``STALL_MIN_TICKS`` samples were taken (at most ``STALL_MAX_BURSTS`` times)."""
+    samples: list[float] = []
+    stop = asyncio.Event()
+    ticker = asyncio.create_task(_tick(samples, stop))
+    done = 0
+    while done < bursts or (len(samples) < STALL_MIN_TICKS and done < STALL_MAX_BURSTS):
+        await burst()
+        done += 1
+    stop.set()
+    await ticker
+    return samples
+
+
+def _stall_figures(samples: list[float]) -> tuple[float, float]:
+    """(worst, p99) of stall samples, in microseconds; (0, 0) for no sample."""
+    if not samples:
+        return 0.0, 0.0
+    return max(samples) * 1e6, percentiles_us(samples)[1]
+
+
+def _loop_stalls(
+    driver: AsyncDriver, w: Workload, dest: Destination, p: int
+) -> tuple[dict[str, tuple[float, float]], bool]:
+    """One pass of the loop-stall measurement: ``{"idle"|"dxl"|"baseline": (worst, p99)}`` in
+    microseconds, and whether every block the dxl bursts moved verifies."""
+    n = min(w.num_blocks, w.requests)
+    bursts = -(-w.requests // n)
+    ids = np.random.default_rng([w.seed, p, 1]).permutation(n).tolist()
+    move = driver._move  # the driver's bound request: await move([block]) moves one block
+    assert move is not None
+    workers = max(4, 2 * engine_config(w, listen=False).transfer_threads)  # as the engine's
+
+    def noop() -> None:
+        return None
+
+    async def measure() -> dict[str, tuple[float, float]]:
+        loop = asyncio.get_running_loop()
+        idle: list[float] = []
+        await _tick(idle, asyncio.Event(), limit=STALL_MIN_TICKS)
+        out = {"idle": _stall_figures(idle)}
+
+        async def dxl_burst() -> None:
+            await asyncio.gather(*(move([b]) for b in ids))
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="bench-noop") as pool:
+
+            async def noop_burst() -> None:
+                await asyncio.gather(*(loop.run_in_executor(pool, noop) for _ in ids))
+
+            await noop_burst()  # start the pool's threads before measuring
+            order = [("dxl", dxl_burst), ("baseline", noop_burst)]
+            for name, burst in order if p % 2 == 0 else order[::-1]:
+                out[name] = _stall_figures(await _stalls_during(burst, bursts))
+        return out
+
+    dest.clear()
+    figures = driver._call(measure())
+    return figures, dest.verify(np.array(ids, dtype=np.int64))
+
+
 def overhead(
     w: Workload,
     target: Any,
@@ -85,6 +177,7 @@ def overhead(
     means: list[float] = []
     native: list[float] = []
     copy: list[float] = []
+    stalls: dict[str, list[tuple[float, float]]] = {"idle": [], "dxl": [], "baseline": []}
     verified = True
     try:
         link = driver.open(tuple(info["address"]), local)
@@ -110,6 +203,12 @@ def overhead(
             plans = plan_requests(mdst.addrs, msrc.addrs, tables, w.block_bytes)
             _, mlat = memcpy_requests(plans)
             copy.append(percentiles_us(mlat[w.warmup :])[0])
+            if isinstance(driver, AsyncDriver):
+                progress(0, f"{w.label}: loop stall pass {p + 1}/{w.passes}")
+                figures, ok = _loop_stalls(driver, w, dest, p)
+                verified &= ok
+                for name, pair in figures.items():
+                    stalls[name].append(pair)
             progress(1, f"{w.label}: overhead pass {p + 1}/{w.passes}")
     finally:
         driver.close()
@@ -129,12 +228,42 @@ def overhead(
         "native_p50_us_passes": rounded(native, 2) if native else None,
         "memcpy_p50_us": round(median(copy), 2),
         "added_us": round(p50 - floor, 2) if ok and floor is not None else None,
+        **_stall_fields(stalls, w, ok),
         "gbps": None,
         "baseline": "native-call" if floor is not None else None,
         "baseline_gbps": None,
         "ratio": None,
         "error": None if ok else "destination bytes differ from the source: UNVERIFIED",
     }
+
+
+def _stall_fields(
+    stalls: dict[str, list[tuple[float, float]]], w: Workload, ok: bool
+) -> dict[str, Any]:
+    """The row's ``loop_*`` fields: medians over passes of each phase's worst and p99 stall
+    (microseconds) and the ratios dxl / baseline; all None without the async API or when the
+    bytes did not verify."""
+    measured = bool(stalls["dxl"])
+    fields: dict[str, Any] = {
+        "loop_burst": min(w.num_blocks, w.requests) if measured else None,
+        "loop_tick_ms": STALL_TICK_S * 1e3 if measured else None,
+    }
+    for phase in ("dxl", "baseline", "idle"):
+        for i, stat in enumerate(("max", "p99")):
+            values = [pair[i] for pair in stalls[phase]]
+            fields[f"loop_{phase}_stall_{stat}_us"] = (
+                round(median(values), 1) if ok and values else None
+            )
+            fields[f"loop_{phase}_stall_{stat}_us_passes"] = (
+                rounded(values, 1) if ok and values else None
+            )
+    for stat in ("max", "p99"):
+        mine = fields[f"loop_dxl_stall_{stat}_us"]
+        base = fields[f"loop_baseline_stall_{stat}_us"]
+        fields[f"loop_stall_{stat}_ratio"] = (
+            round(mine / base, 2) if mine is not None and base else None
+        )
+    return fields
 
 
 def plan_timing(repeats: int = 30) -> list[dict[str, Any]]:

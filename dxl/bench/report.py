@@ -188,6 +188,47 @@ def overhead_table(rows: list[dict[str, Any]]) -> list[str]:
     return _markdown(header, body)
 
 
+def loop_stall_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Event-loop stall rows (overhead rows of the async API) as a markdown table."""
+    header = [
+        "transport",
+        "op",
+        "loop",
+        "burst",
+        "dxl max ms",
+        "dxl p99 ms",
+        "no-op max ms",
+        "no-op p99 ms",
+        "idle max ms",
+        "ratio max",
+        "ratio p99",
+    ]
+    body = []
+    for r in rows:
+        bad = _status(r)
+
+        def ms(key: str, r: dict[str, Any] = r) -> str:
+            value = r.get(key)
+            return _num(None if value is None else value / 1e3, "{:.2f}")
+
+        body.append(
+            [
+                r.get("link_transport") or r["transport"],
+                r["op"],
+                r.get("loop") or "-",
+                str(r.get("loop_burst") or "-"),
+                bad or ms("loop_dxl_stall_max_us"),
+                bad or ms("loop_dxl_stall_p99_us"),
+                ms("loop_baseline_stall_max_us"),
+                ms("loop_baseline_stall_p99_us"),
+                ms("loop_idle_stall_max_us"),
+                bad or _num(r.get("loop_stall_max_ratio")),
+                bad or _num(r.get("loop_stall_p99_ratio")),
+            ]
+        )
+    return _markdown(header, body)
+
+
 def plan_table(rows: list[dict[str, Any]]) -> list[str]:
     """Planning-time rows as a markdown table."""
     header = ["request", "block ids", "pieces in", "pieces out", "median ms", "best ms"]
@@ -211,6 +252,7 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
     bench = [r for r in rows if r.get("mode") == "bench"]
     over = [r for r in rows if r.get("mode") == "overhead"]
     plan = [r for r in rows if r.get("mode") == "plan"]
+    stall = [r for r in over if r.get("api") == "async" and "loop_burst" in r]
     if bench:
         out += [
             "Throughput (GB/s = 1e9 B/s of payload; medians over passes; ratio = dxl / "
@@ -224,6 +266,16 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
             "One-piece request latency (medians over passes of each pass's p50/p99):",
             "",
             *overhead_table(over),
+            "",
+        ]
+    if stall:
+        out += [
+            "Event-loop stall while bursts of concurrent one-piece requests run (lateness of a "
+            f"{stall[0].get('loop_tick_ms', '?')} ms timer on the loop; medians over passes; "
+            "no-op = the same bursts of no-op jobs on a thread pool, measured in the same pass; "
+            "ratio = dxl / no-op):",
+            "",
+            *loop_stall_table(stall),
             "",
         ]
     if plan:

@@ -12,6 +12,7 @@ import socket
 import time
 
 import pytest
+from waiting import async_wait_until, start_until_in_flight
 
 import dxl
 from dxl.testing import KVBuffers
@@ -34,15 +35,26 @@ def transport(request: pytest.FixtureRequest) -> str:
 
 def options(transport: str, **extra: str) -> dict[str, str]:
     share = {"dxl.ShareRegistered": "1"} if transport == "shared" else {}
-    return {"dxl.Transport": "cma" if transport == "shared" else transport,
-            "llm.SyncKvCacheWaitTime": str(TIMEOUT_MS), "dxl.HeartbeatIntervalMs": "200",
-            **share, **extra}
+    return {
+        "dxl.Transport": "cma" if transport == "shared" else transport,
+        "llm.SyncKvCacheWaitTime": str(TIMEOUT_MS),
+        "dxl.HeartbeatIntervalMs": "200",
+        **share,
+        **extra,
+    }
 
 
 def start_prefill(make_peer, transport: str, cluster_id: int = 1, seed: int = 1, **kw):
     peer = make_peer(cluster_id, options=options(transport, **kw))
-    peer.call("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS, block_bytes=BB,
-              seed=seed, model_id=0)
+    peer.call(
+        "register",
+        name="kv",
+        num_tensors=TENSORS,
+        num_blocks=BLOCKS,
+        block_bytes=BB,
+        seed=seed,
+        model_id=0,
+    )
     return peer
 
 
@@ -103,9 +115,11 @@ async def test_killed_during_a_pull(make_peer, transport):
     async with Decoder(transport) as d:
         await d.link(p1, p3)
         half = list(range(BLOCKS // 2))
-        pulls = [asyncio.create_task(d.pull(1, half, half)) for _ in range(4)]
-        await asyncio.sleep(0.005)
-        p1.kill()
+        pulls = await start_until_in_flight(
+            lambda: [asyncio.create_task(d.pull(1, half, half)) for _ in range(4)],
+            "a pull from the prefill",
+        )
+        p1.kill()  # a copy was under way an instant ago
         t0 = time.monotonic()
         results = await asyncio.gather(*pulls, return_exceptions=True)
         assert time.monotonic() - t0 < TIMEOUT_MS / 1000 + 1
@@ -159,16 +173,29 @@ async def test_stopped_past_the_timeout_then_resumed(make_peer, transport):
         p1.kill(signal.SIGSTOP)
         try:
             if transport == "tcp":  # nobody answers on the data stream: a timeout
-                await expect_failure(d.pull(1, list(range(BLOCKS)), list(range(BLOCKS))),
-                                     TIMEOUT_MS / 1000 + 1, codes=(S.LLM_TIMEOUT,))
+                await expect_failure(
+                    d.pull(1, list(range(BLOCKS)), list(range(BLOCKS))),
+                    TIMEOUT_MS / 1000 + 1,
+                    codes=(S.LLM_TIMEOUT,),
+                )
             else:  # a stopped process's memory stays readable: cma still delivers
                 await d.pull(1, [5], [5])
                 assert d.buf.matches(ALL, [5], 1, ALL, [5])
-            await asyncio.sleep(0.8)  # past three heartbeats: the link is dropped
+            await async_wait_until(  # three heartbeats missed: the link is dropped
+                lambda links: 1 not in links,
+                10,
+                "the heartbeat to drop the link to the stopped peer",
+                observe=lambda: d.eng.stats()["links"],
+            )
             await expect_failure(d.pull(1, [6], [6]), 1.0, codes=(S.LLM_NOT_YET_LINK,))
         finally:
             p1.kill(signal.SIGCONT)
-        await asyncio.sleep(0.3)
+        await async_wait_until(  # resumed, it answers and has dropped its end of the old link
+            lambda links: links == [],
+            10,
+            "the resumed peer to drop its end of the link",
+            observe=lambda: p1.acall("links"),
+        )
         await d.link(p1)  # resumed: it can be linked again
         await d.pull(1, [7], [7])
         assert d.buf.matches(ALL, [7], 1, ALL, [7])
@@ -179,8 +206,10 @@ async def test_unlink_while_transfers_are_in_flight(make_peer, transport):
     async with Decoder(transport) as d:
         await d.link(p1)
         half = list(range(BLOCKS // 2))
-        pulls = [asyncio.create_task(d.pull(1, half, half)) for _ in range(3)]
-        await asyncio.sleep(0.002)
+        pulls = await start_until_in_flight(
+            lambda: [asyncio.create_task(d.pull(1, half, half)) for _ in range(3)],
+            "a pull from the prefill",
+        )
         _, rets = await d.eng.unlink_clusters([p1.cluster_info()])
         assert rets == [S.LLM_SUCCESS]
         for r in await asyncio.gather(*pulls, return_exceptions=True):
@@ -194,8 +223,10 @@ async def test_unregister_while_a_peer_reads(make_peer, transport):
     async with Decoder(transport) as d:
         await d.link(p1)
         everything = list(range(BLOCKS))
-        reading = asyncio.create_task(d.pull(1, everything, everything))
-        await asyncio.sleep(0.001)
+        [reading] = await start_until_in_flight(
+            lambda: [asyncio.create_task(d.pull(1, everything, everything))],
+            "a pull of the whole cache",
+        )
         await p1.acall("unregister", name="kv")  # returns once our read has stopped
         result = (await asyncio.gather(reading, return_exceptions=True))[0]
         assert result is None or isinstance(result, dxl.LLMException), result
@@ -212,11 +243,17 @@ async def test_restarted_peer_with_same_id_and_port(make_peer, transport):
         old = d.eng.stats()["links"][1]["peer_incarnation"]
         p1.kill()
         p1.proc.join(5)
-        await asyncio.sleep(0.1)
         p1b = make_peer(1, options=options(transport, **{"llm.listenIpInfo": f"127.0.0.1:{port}"}))
         await expect_failure(d.pull(1, [0], [0]), 1.5)  # the old incarnation is never used
-        p1b.call("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS, block_bytes=BB,
-                 seed=9, model_id=0)
+        p1b.call(
+            "register",
+            name="kv",
+            num_tensors=TENSORS,
+            num_blocks=BLOCKS,
+            block_bytes=BB,
+            seed=9,
+            model_id=0,
+        )
         await d.link(p1b)
         assert d.eng.stats()["links"][1]["peer_incarnation"] != old
         await d.pull(1, [2], [2])

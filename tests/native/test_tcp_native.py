@@ -11,9 +11,11 @@ connections.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import struct
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from waiting import wait_until
 
 from dxl._ffi import NativeError, as_u64_ptr, check, err_name, ffi, lib
 
@@ -30,6 +33,11 @@ READ, WRITE = lib.DXL_TCP_OP_READ, lib.DXL_TCP_OP_WRITE
 MiB = 1 << 20
 
 # Each test adds regions to the process-wide registry and removes them (conftest checks).
+
+
+def bytes_queued(sock: socket.socket) -> int:
+    """Bytes received on ``sock`` and not read yet (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -65,12 +73,13 @@ class Server:
 
     def wait_stats(self, **want: int) -> dict[str, int]:
         """The counters once they show `want` (a server thread counts a READ as served just
-        after its last byte left, so a client may get there first), or after 5 s."""
-        deadline = time.monotonic() + 5
-        while True:
-            stats = self.stats()
-            if all(stats[k] == v for k, v in want.items()) or time.monotonic() > deadline:
-                return stats
+        after its last byte left, so a client may get there first); fails after 10 s."""
+        return wait_until(
+            lambda stats: all(stats[k] == v for k, v in want.items()),
+            10,
+            f"server counters {want}",
+            observe=self.stats,
+        )
 
     def stop(self) -> None:
         if self.ptr is not None:
@@ -602,10 +611,7 @@ def test_garbage_and_truncated_frames(server: Server, region: Region) -> None:
     assert_serves(server, region)  # the stalled ones do not block others
     for s in (h, t, w):
         s.close()
-    deadline = time.monotonic() + 5
-    while server.stats()["conns_dropped"] < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.stats()["conns_dropped"] == 4
+    server.wait_stats(conns_dropped=4)
     assert server.stats()["conns_live"] == 1  # assert_serves's connection
 
 
@@ -774,7 +780,9 @@ def test_fence_waits_for_requests_in_flight_and_cuts_off_stalled_ones(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
     # A 16 MiB READ that the client never reads: the server is stuck mid-reply (busy).
     send_request(sock, READ, [(region.addr, 16 * MiB)])
-    time.sleep(0.1)
+    wait_until(  # the reply has begun: the server is busy with the request
+        lambda: bytes_queued(sock), 10, "the first bytes of the reply to arrive"
+    )
     aborted = ffi.new("uint64_t *")
     t0 = time.monotonic()
     assert lib.dxl_tcp_server_fence(server.ptr, 100, aborted) == lib.DXL_OK
