@@ -246,6 +246,21 @@ async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> 
         return buffers[kw["name"]].addrs
     if cmd == "links":
         return sorted(eng.stats()["links"])
+    if cmd == "stats":
+        return eng.stats()
+    if cmd == "canary":  # unregistered memory an attacker would love to reach
+        from dxl.testing import anonymous_words
+
+        words = anonymous_words(kw.get("words", 4096))
+        words[:] = np.arange(words.size, dtype=np.uint64) ^ np.uint64(0xC0FFEE)
+        buffers["canary:" + kw["name"]] = words  # type: ignore[assignment]
+        return int(words.ctypes.data), int(words.nbytes)
+    if cmd == "canary_intact":
+        words = buffers["canary:" + kw["name"]]
+        return bool(np.array_equal(words, np.arange(words.size, dtype=np.uint64) ^ np.uint64(0xC0FFEE)))
+    if cmd == "rss_kib":
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
     if cmd == "stop":
         return None
     raise ValueError(f"unknown command {cmd}")

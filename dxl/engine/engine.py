@@ -138,7 +138,6 @@ class Engine:
         if self._state.value != "new":
             raise RuntimeError(f"engine {self.cluster_id} was already started")
         self._mover.start()
-        self._handshake.start()
         self._state.value = "running"
         try:
             self._registrations.open_pool(f"dxl-host-pool-{self.cluster_id}")

@@ -44,7 +44,6 @@ from ..transport import Transport, host_identity
 from ..transport.select import OpenContext, open_transport
 from ..types import LLMClusterInfo
 from .book import CacheBook
-from .executor import NativeExecutor
 from .links import LinkTable
 from .mover import Mover
 from .state import Identity, RunState
@@ -56,7 +55,6 @@ PREAUTH_TIMEOUT_S = 2.0  # a new connection must authenticate and say hello this
 HANDSHAKE_TIMEOUT_S = 5.0  # and complete the whole handshake (transports included) this fast
 MAX_PENDING = 32  # handshakes in progress on the server side; the oldest is shed
 PROBE_TIMEOUT_S = 1.0  # a live link that does not answer this fast may be replaced
-SETUP_THREADS = 4  # blocking parts of link setup (opening tcp streams, the probe read)
 
 Code = LLMStatusCode
 
@@ -93,18 +91,11 @@ class Handshake:
         self._data_port = data_port
         self._pool = pool
         self._pending = PendingCap(MAX_PENDING)
-        self._setup: NativeExecutor | None = None
-
-    def start(self) -> None:
-        self._setup = NativeExecutor(SETUP_THREADS, f"dxl-link-{self._identity.cluster_id}")
 
     async def close(self) -> None:
-        """Stop accepting handshakes (those in progress are cancelled) and the setup threads."""
+        """Stop accepting handshakes: those in progress are cancelled."""
         tasks = self._pending.cancel_all()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._setup is not None:
-            self._setup.shutdown()
-            self._setup = None
 
     # ------------------------------------------------------------------ client side
     async def connect(
@@ -365,20 +356,8 @@ class Handshake:
             threads=self._opts.transfer_threads,
             timeout_ms=self._opts.sync_kv_timeout_ms,
             deadline=deadline,
-            run=self._run_setup,
         )
         return await open_transport(peer, self._opts.transport, ctx)
-
-    async def _run_setup(self, fn: Any) -> Any:
-        """A blocking part of link setup, on the setup threads (never the transfer workers).
-        If the setup gives up meanwhile (its deadline), whatever the call opens is closed."""
-        assert self._setup is not None
-        fut = self._setup.submit(fn)
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            fut.add_done_callback(_close_result)
-            raise
 
     def _frame(self, kind: str, challenge: bytes, **extra: Any) -> bytes:
         """hello or welcome: what this engine says about itself."""
@@ -410,13 +389,6 @@ async def _expect(reader: asyncio.StreamReader, kind: str, max_frame: int) -> di
     if msg["t"] != kind:
         raise wire.FrameError(f"expected {kind}, got {msg['t']}")
     return msg
-
-
-def _close_result(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        close = getattr(fut.result(), "close", None)
-        if close is not None:
-            close()
 
 
 async def _drain_quietly(writer: asyncio.StreamWriter) -> None:

@@ -3,21 +3,21 @@
 The link asks for ``auto`` (the first transport in :data:`AUTO_ORDER` that can reach the peer),
 or names one (``dxl.Transport``: ``cma``, ``tcp``). A same-host transport is tried only towards
 a process the kernel proved to be the peer (its pid holds the other end of the link's control
-connection; never this very process): a peer's declared pid or host decides nothing. Each
-candidate is opened and then proven: we read the peer's 8-byte probe through it. tcp data
-connections authenticate with the link's own key. Everything happens within the link's
-deadline, on the link-setup threads, never on the engine's transfer workers. A new transport
-plugs in by adding an :class:`Opener` here; the engine does not change.
+connection; never this very process): a peer's declared pid or host decides nothing, and we
+read the peer's 8-byte probe through it to check the data path. tcp streams are opened and
+authenticated with the link's own key, which proves the data server is the peer's. All of it
+runs on the event loop within the link's deadline (a cma probe read never waits on the peer;
+tcp streams open asynchronously): no thread waits on a silent or slow peer, and the engine's
+transfer workers are never used. A new transport plugs in by adding an :class:`Opener` here;
+the engine does not change.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from ..errors import DxlError, LLMException, LLMStatusCode, fail
 from ..memory.plan import Pieces
 from .base import TransferTimeout, Transport, Unreachable
 from .cma import CmaTransport
-from .tcp import TcpTransport
+from .tcp import DEFAULT_STREAMS, TcpTransport, open_streams
 
 __all__ = ["AUTO_ORDER", "OPENERS", "OpenContext", "open_transport"]
 
@@ -44,7 +44,6 @@ class OpenContext:
     threads: int  # threads one request may split across
     timeout_ms: int  # bound of each later transfer
     deadline: float  # loop time by which the link must be up
-    run: Callable[[Callable[[], Any]], Awaitable[Any]]  # runs a blocking call off the loop
 
     def left_s(self) -> float:
         """Seconds left before the deadline (TransferTimeout when none)."""
@@ -63,24 +62,30 @@ class Opener:
 
 
 async def _open_cma(peer: PeerInfo, ctx: OpenContext) -> Transport:
-    return CmaTransport(ctx.pid, ctx.threads)
+    transport = CmaTransport(ctx.pid, ctx.threads)
+    try:
+        _check_probe(peer, transport)
+    except BaseException:
+        transport.close()
+        raise
+    return transport
 
 
 async def _open_tcp(peer: PeerInfo, ctx: OpenContext) -> Transport:
     if not peer.data_port:
         raise _NoDataServer
-    transport: Transport = await ctx.run(
-        functools.partial(
-            TcpTransport,
-            (peer.address, peer.data_port),
-            ctx.key,
-            key_id=ctx.key_id,
-            expect_instance=peer.incarnation,
-            timeout_ms=ctx.timeout_ms,
-            connect_timeout_s=ctx.left_s(),
-        )
+    address = (peer.address, peer.data_port)
+    streams = await open_streams(
+        address, ctx.key, ctx.key_id, peer.incarnation, DEFAULT_STREAMS, ctx.left_s()
     )
-    return transport
+    return TcpTransport(
+        address,
+        ctx.key,
+        key_id=ctx.key_id,
+        expect_instance=peer.incarnation,
+        timeout_ms=ctx.timeout_ms,
+        first_streams=streams,
+    )
 
 
 class _NoDataServer(DxlError):
@@ -118,7 +123,7 @@ async def open_transport(peer: PeerInfo, choice: str, ctx: OpenContext) -> Trans
                 )
             continue
         try:
-            return await _proven(peer, await opener.open(peer, ctx), ctx)
+            return await opener.open(peer, ctx)
         except _NoDataServer:
             no_data_server = True
         except (DxlError, OSError, LLMException) as exc:  # AuthError, NativeError: DxlErrors
@@ -138,9 +143,9 @@ async def open_transport(peer: PeerInfo, choice: str, ctx: OpenContext) -> Trans
     return Unreachable(reason)
 
 
-async def _proven(peer: PeerInfo, transport: Transport, ctx: OpenContext) -> Transport:
-    """Read the peer's probe through ``transport``: the data path works and reaches the right
-    process."""
+def _check_probe(peer: PeerInfo, transport: Transport) -> None:
+    """Read the peer's probe through a same-host transport (on the loop: the copy never waits on
+    the peer): the data path works and the process holds the token it announced."""
     got = np.zeros(1, dtype=np.uint64)
     addr, token = peer.probe
     probe = Pieces(
@@ -148,19 +153,12 @@ async def _proven(peer: PeerInfo, transport: Transport, ctx: OpenContext) -> Tra
         np.array([addr], dtype=np.uint64),
         np.array([8], dtype=np.uint64),
     )
-    try:
-        timeout_ms = max(1, int(ctx.left_s() * 1000))
-        await ctx.run(functools.partial(transport.read, probe, timeout_ms))
-    except BaseException:
-        transport.close()
-        raise
+    transport.read(probe)
     if int(got[0]) != token:
-        transport.close()
         raise _link_failed(
             f"the {transport.name} peer is not the process of cluster {peer.cluster_id} "
             "(probe mismatch)"
         )
-    return transport
 
 
 def _link_failed(message: str) -> LLMException:

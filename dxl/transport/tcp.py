@@ -25,6 +25,7 @@ Wire layout of the data streams, and the native API: ``native/dxl.h``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import socket
@@ -34,7 +35,12 @@ import time
 import numpy as np
 
 from .. import _ffi
-from ..control.auth import AuthError, authenticate_socket, normalize_secret
+from ..control.auth import (
+    AuthError,
+    authenticate_sock_async,
+    authenticate_socket,
+    normalize_secret,
+)
 from ..memory.plan import Pieces
 from ..types import Placement
 from .base import Capabilities, PeerGone, TransferTimeout, Transport, TransportClosed
@@ -171,6 +177,7 @@ class TcpTransport(Transport):
         max_sets: int = 4,
         expect_instance: str | None = None,
         sock_buf: int | None = DEFAULT_SOCK_BUF,
+        first_streams: list[socket.socket] | None = None,  # from open_streams
     ) -> None:
         if not 1 <= streams <= _ffi.lib.DXL_TCP_MAX_STREAMS:
             raise ValueError(f"streams must be 1..{_ffi.lib.DXL_TCP_MAX_STREAMS}, not {streams}")
@@ -193,7 +200,15 @@ class TcpTransport(Transport):
         self.instance: str | None = None
         first = _StreamSet(streams)
         try:
-            self._fill(first, time.monotonic() + timeout_ms / 1000, raw_errors=True)
+            if first_streams is not None:  # opened (and proven) already: see open_streams
+                if len(first_streams) != streams:
+                    raise ValueError(f"first_streams must hold {streams} sockets")
+                for i, sock in enumerate(first_streams):
+                    first.socks[i] = sock
+                    first.fds[i] = sock.fileno()
+                self.instance = expect_instance
+            else:
+                self._fill(first, time.monotonic() + timeout_ms / 1000, raw_errors=True)
         except BaseException:
             first.close()
             raise
@@ -393,3 +408,77 @@ class TcpTransport(Transport):
             self._cond.notify_all()
         for ss in idle:
             ss.close()
+
+
+async def open_streams(
+    address: tuple[str, int],
+    secret: bytes | None,
+    key_id: bytes,
+    expect_instance: str,
+    count: int,
+    timeout_s: float,
+    sock_buf: int | None = DEFAULT_SOCK_BUF,
+) -> list[socket.socket]:
+    """Open, authenticate and check ``count`` streams to a data server on the running loop,
+    within ``timeout_s`` in all: no thread waits on a silent or slow server (a link being set up
+    uses this; a live transport reconnects on its transfer thread). The mutual handshake with the
+    link's key proves the server is the linked peer's. Returns blocking sockets for
+    ``TcpTransport(first_streams=...)``.
+
+    Raises:
+        AuthError, InstanceMismatch, PeerGone, TransferTimeout.
+    """
+    loop = asyncio.get_running_loop()
+    host, port = address
+    where = f"tcp data server {host}:{port}"
+    opened: list[socket.socket] = []
+
+    async def one() -> None:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        opened.append(sock)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, sockaddr)
+        except OSError as exc:
+            raise PeerGone(f"connect to {where}: {exc.strerror or exc}") from exc
+        tune(sock, sock_buf)
+        await authenticate_sock_async(
+            sock, secret, role="client", purpose=PURPOSE, timeout=timeout_s, key_id=key_id
+        )
+        head = await _recv_async(loop, sock, 1, where)
+        instance = (await _recv_async(loop, sock, head[0], where)).decode("utf-8", "replace")
+        if instance != expect_instance:
+            raise InstanceMismatch(
+                f"{where} is instance {instance!r}, not {expect_instance!r}: the peer restarted"
+            )
+        sock.setblocking(True)
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*(one() for _ in range(count)))
+    except TimeoutError as exc:
+        for sock in opened:
+            sock.close()
+        raise TransferTimeout(f"opening streams to {where}: timed out") from exc
+    except BaseException:
+        for sock in opened:
+            sock.close()
+        raise
+    return opened
+
+
+async def _recv_async(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, where: str
+) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        try:
+            chunk = await loop.sock_recv(sock, n - len(buf))
+        except OSError as exc:
+            raise PeerGone(f"handshake with {where}: {exc.strerror or exc}") from exc
+        if not chunk:
+            raise PeerGone(f"handshake with {where}: closed")
+        buf += chunk
+    return buf

@@ -20,7 +20,9 @@ from dxl.control.auth import authenticate_socket, link_key
 HEADER = struct.Struct(">I")
 
 
-def connect(address: tuple[str, int], secret: str | None = None, timeout: float = 5.0) -> socket.socket:
+def connect(
+    address: tuple[str, int], secret: str | None = None, timeout: float = 5.0
+) -> socket.socket:
     """A control connection, authenticated with ``secret`` (None: the no-secret exchange)."""
     sock = socket.create_connection(address, timeout=timeout)
     authenticate_socket(sock, secret, role="client", purpose="link", timeout=timeout)
@@ -99,7 +101,9 @@ class Link:
         if self.welcome["t"] != "welcome":
             self.ready = self.welcome
             return
-        self.key_id, self.key = link_key(secret, challenge, bytes.fromhex(self.welcome["challenge"]))
+        self.key_id, self.key = link_key(
+            secret, challenge, bytes.fromhex(self.welcome["challenge"])
+        )
         send(self.sock, "ready", caches=caches or [])
         self.ready = recv(self.sock)
 
