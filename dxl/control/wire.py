@@ -76,6 +76,23 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "probe": {"rid": _INT},  # are you there? (before a new link may replace this one)
     # a pull through a CacheKey finished: the owner may consume the key (spec section 1)
     "consume": {"rid": _INT, "id": _INT, "key": _LIST, "tensors": _LIST},
+    # request handoff (dxl.handoff): offers by id on the offering engine, with their token
+    "fetch": {
+        "rid": _INT,
+        "offer": _INT,
+        "token": _STR,
+        "cache": _INT,  # the fetcher's destination cache (advertised to the offerer)
+        "blocks": _LIST,  # destination block ids, one per offered block
+        "per_layer": _BOOL,  # report each layer as it lands
+    },
+    "layer": {"offer": _INT, "lo": _INT, "hi": _INT},  # layers [lo, hi) of an offer landed
+    "fetched": {"offer": _INT, "code": _INT, "message": _STR},  # a fetch ended
+    "renew": {"rid": _INT, "offer": _INT, "token": _STR},
+    "claim": {"rid": _INT, "offer": _INT, "token": _STR},  # push mode: write into this offer
+    "pushed": {"rid": _INT, "offer": _INT, "lo": _INT, "hi": _INT},
+    "complete": {"rid": _INT, "offer": _INT, "code": _INT, "message": _STR},
+    # cancel an offer; "mine": it is the sender's offer (the receiver holds a claim on it)
+    "abort": {"rid": _INT, "offer": _INT, "token": _STR, "mine": _BOOL},
     "ack": {"rid": _INT, "code": _INT, "message": _STR},
     "ping": {},
 }
@@ -135,6 +152,8 @@ def _check_message(msg: Any) -> None:
             check_cache_entry(entry)
     elif kind == "reg_add":
         check_cache_entry(msg["cache"])
+    elif kind == "fetch":
+        _check_u64_list("fetch blocks", msg["blocks"])
     elif kind == "consume":
         _check_u64_list("consume key", msg["key"], 4)
         _check_u64_list("consume tensors", msg["tensors"], 2)

@@ -25,6 +25,7 @@ from typing import Any
 from .. import _ffi
 from .._validate import check_isinstance, check_uint64
 from ..config import EngineOptions, LLMConfig
+from ..handoff.handoff import Handoff
 from ..types import LLMRole
 from .blocks import BlockOps
 from .book import CacheBook
@@ -100,6 +101,9 @@ class Engine:
         self._blocks = BlockOps(resolver, mover, self._contiguous)
         self._layerwise = LayerwiseOps(state, resolver, links, mover)
         self._local = LocalCopies(state, resolver, mover)
+        self._handoff = Handoff(
+            identity, opts, state, links, self._linking, listener, mover, resolver
+        )
 
     # ------------------------------------------------------------------ identity
     @property
@@ -118,6 +122,11 @@ class Engine:
     @property
     def options(self) -> EngineOptions:
         return self._opts
+
+    @property
+    def handoff(self) -> Handoff:
+        """Request handoff: offer, fetch, push, abort, finished offers (docs/handoff.md)."""
+        return self._handoff
 
     @property
     def listen_address(self) -> tuple[str, int] | None:
@@ -155,6 +164,7 @@ class Engine:
         self._listener.stop_accepting()  # no new links while the old ones go
         await self._handshake.close()
         await self._ranktable.close()
+        await self._handoff.close()
         self._links.close_all("engine closed")
         await self._links.wait_closed()
         await self._registrations.close()
@@ -210,6 +220,7 @@ class Engine:
             "transports": self._links.transports(),
             **self._mover.snapshot(),
             "data_server": self._listener.stats(),
+            "handoff": self._handoff.stats(),
             "native": {
                 k: native[k]
                 for k in ("regions_live", "peers_open", "ops_inflight", "bytes_registered")

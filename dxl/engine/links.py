@@ -49,6 +49,7 @@ class LinkTable:
         self._keys: dict[bytes, bytes] = {}  # data key id -> key, of links set up or live
         self.revoke: Revoke | None = None  # cuts a key's data connections (the data server)
         self._handlers: dict[str, MessageHandler] = {}
+        self._closed_watchers: list[Callable[[Link], None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -56,6 +57,10 @@ class LinkTable:
         """Route messages of ``kind`` (a type of :data:`dxl.control.wire.SCHEMAS`) to
         ``handler``; it runs in a task of its own, so it may wait on the peer."""
         self._handlers[kind] = handler
+
+    def watch_closed(self, watcher: Callable[[Link], None]) -> None:
+        """Call ``watcher(link)`` (on the loop) whenever a link ends."""
+        self._closed_watchers.append(watcher)
 
     # ------------------------------------------------------------------ lookups
     def get(self, cluster_id: int) -> Link | None:
@@ -174,6 +179,8 @@ class LinkTable:
         if table.get(link.peer.cluster_id) is link:
             del table[link.peer.cluster_id]
         self.drop_key(link.key_id)  # its data connections end now, not when idle
+        for watcher in self._closed_watchers:
+            watcher(link)
         log.info(
             "dxl: link %d<->%d (set up by %s) closed: %s",
             self._identity.cluster_id,

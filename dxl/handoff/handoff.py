@@ -1,0 +1,982 @@
+"""Request handoff: offer -> ticket -> fetch -> done, with leases, aborts and exactly-once ends.
+
+**Pull mode** (the prefill's blocks are the source). The prefill calls :meth:`Handoff.offer`:
+the blocks are held for the request, under a lease, and a :class:`~dxl.handoff.Ticket` comes
+back for the router. The decode calls :meth:`Handoff.fetch` with the ticket and its own
+destination blocks: it links if needed and asks for the offer; the *prefill* then writes the
+blocks into the decode's (its transport pushes them, whole or layer by layer), and tells the
+decode how it ended. **Push mode** (the decode's blocks are the destination) mirrors it: the
+decode offers destination blocks (:meth:`Handoff.offer_destination`); the prefill claims the
+offer and pushes into it as layers finish (:meth:`Handoff.push`), then :meth:`Handoff.complete`.
+
+In both modes the engine that owns the source blocks performs the copy, so an offer is fenced
+on every transport alike: an offer that ended has no copy in flight (ending waits for the copy
+that runs), and none starts after; a fetcher that gives up (timeout, abort) gets the holder's
+confirmation that nothing will write into its blocks any more before its call returns. Each
+offer ends exactly once, with a reason (:class:`~dxl.handoff.Ended`): done, failed, aborted, or
+expired (the lease ran out before anyone claimed it; a decode that is not ready renews it, and a
+fetch waiting for a free slot renews it by itself). The offering side sees every end in
+:meth:`Handoff.finished` / :meth:`Handoff.poll_finished`, after which the blocks may be reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import inspect
+import itertools
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .._validate import block_list, check_blocks_in_range, check_cache_arg, check_isinstance
+from ..config import EngineOptions
+from ..engine.link import Link
+from ..engine.linking import LinkOps
+from ..engine.links import LinkTable
+from ..engine.listener import Listener
+from ..engine.mover import Mover
+from ..engine.registry import LocalCache, RemoteCache
+from ..engine.resolve import Resolver, Route
+from ..engine.state import Identity, RunState
+from ..engine.stats import OpStats
+from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
+from ..memory.plan import block_pieces
+from ..types import Cache, LLMClusterInfo
+from .ticket import Ended, FetchError, Finished, Ticket
+
+log = logging.getLogger("dxl")
+Code = LLMStatusCode
+TicketLike = Ticket | Mapping[str, Any] | str | bytes
+LayerCallback = Callable[[int, int], Awaitable[None] | None]  # (first layer, stop layer)
+
+DEFAULT_LEASE_S = 30.0  # as vLLM's NIXL connector
+DEFAULT_FETCH_TIMEOUT_S = 30.0
+DEFAULT_MAX_FETCHES = 64  # fetches in flight per engine; more wait (renewing their leases)
+ABORT_TIMEOUT_S = 5.0  # the other side confirms an abort within this, or loses its link
+
+
+@dataclass(slots=True)
+class _Offer:
+    """An offer of this engine (pull: our blocks are the source; push: the destination)."""
+
+    offer_id: int
+    kind: str
+    request_id: str
+    token: str
+    entry: LocalCache
+    blocks: np.ndarray
+    layers: range | None
+    tnpl: int
+    lease_s: float
+    timer: asyncio.TimerHandle | None = None
+    claimer: Link | None = None
+    ended: Ended | None = None
+    aborting: bool = False
+    moving: int = 0  # our copies of this offer in flight (pull mode)
+    task: asyncio.Task[None] | None = None  # pull mode: the copy serving the claim
+    on_layer: LayerCallback | None = None  # push mode: the decode's per-layer callback
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(slots=True)
+class _Claim:
+    """A push-mode offer of another engine that this engine claimed and pushes into."""
+
+    link: Link
+    ticket: Ticket
+    moving: int = 0
+    aborted: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(slots=True)
+class _Fetch:
+    """A fetch of this engine waiting for the offerer's copy."""
+
+    link: Link
+    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+
+
+class HandoffStats:
+    """Counters per engine and per peer (``stats()`` gives them as a dict)."""
+
+    def __init__(self) -> None:
+        self.offers = 0
+        self.ended: dict[str, int] = {e.value: 0 for e in Ended}
+        self.renewals = 0
+        self.fetches = OpStats()  # latency of fetches this engine made
+        self.fetch_failures: dict[str, int] = {}
+        self.per_peer: dict[int, dict[str, int]] = {}
+
+    def peer(self, cluster_id: int | None) -> dict[str, int]:
+        return self.per_peer.setdefault(cluster_id if cluster_id is not None else -1, {})
+
+    def count(self, cluster_id: int | None, what: str, n: int = 1) -> None:
+        counters = self.peer(cluster_id)
+        counters[what] = counters.get(what, 0) + n
+
+
+class Handoff:
+    """The handoff layer of one engine (see the module docstring); ``engine.handoff``."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        options: EngineOptions,
+        state: RunState,
+        links: LinkTable,
+        linking: LinkOps,
+        listener: Listener,
+        mover: Mover,
+        resolver: Resolver,
+    ) -> None:
+        self._identity = identity
+        self._opts = options
+        self._state = state
+        self._links = links
+        self._linking = linking
+        self._listener = listener
+        self._mover = mover
+        self._resolver = resolver
+        self._offers: dict[int, _Offer] = {}
+        self._by_request: dict[str, int] = {}
+        self._claims: dict[tuple[int, int], _Claim] = {}
+        self._fetches: dict[tuple[int, int], _Fetch] = {}
+        self._ids = itertools.count(1)
+        self._finished: deque[Finished] = deque()
+        self._finished_event = asyncio.Event()
+        self._slots: asyncio.Semaphore | None = None
+        self.max_fetches = DEFAULT_MAX_FETCHES
+        self._stats = HandoffStats()
+        for kind, handler in (
+            ("fetch", self._on_fetch),
+            ("layer", self._on_layer),
+            ("fetched", self._on_fetched),
+            ("renew", self._on_renew),
+            ("claim", self._on_claim),
+            ("pushed", self._on_pushed),
+            ("complete", self._on_complete),
+            ("abort", self._on_abort),
+        ):
+            links.on(kind, handler)
+        links.watch_closed(self._on_link_closed)
+
+    # ================================================================== offering side
+    async def offer(
+        self,
+        request_id: str,
+        cache: Cache,
+        block_ids: Sequence[int],
+        *,
+        layers: range | None = None,
+        tensors_per_layer: int = 2,
+        lease_s: float | None = None,
+        num_tokens: int | None = None,
+    ) -> Ticket:
+        """Hold ``block_ids`` of ``cache`` for ``request_id`` until a fetcher took them, or the
+        lease (``lease_s``, default 30 s, renewable) ran out; returns the ticket for the router.
+
+        The blocks must stay untouched until :meth:`finished` reports the offer ended."""
+        return self._new_offer(
+            "offer",
+            "pull",
+            request_id,
+            cache,
+            block_ids,
+            layers,
+            tensors_per_layer,
+            lease_s,
+            num_tokens,
+            None,
+        )
+
+    async def offer_destination(
+        self,
+        request_id: str,
+        cache: Cache,
+        block_ids: Sequence[int],
+        *,
+        layers: range | None = None,
+        tensors_per_layer: int = 2,
+        lease_s: float | None = None,
+        on_layer: LayerCallback | None = None,
+    ) -> Ticket:
+        """Push mode: offer ``block_ids`` of ``cache`` (remotely accessible) as the destination
+        of ``request_id``; the engine that claims the ticket pushes into them. ``on_layer(lo,
+        hi)`` is called as layers land. Ends as :meth:`offer` does."""
+        if not cache.remote_accessible:
+            raise param_invalid(
+                "offer_destination",
+                "cache must be registered with remote_accessible=True: the pusher writes it",
+            )
+        return self._new_offer(
+            "offer_destination",
+            "push",
+            request_id,
+            cache,
+            block_ids,
+            layers,
+            tensors_per_layer,
+            lease_s,
+            None,
+            on_layer,
+        )
+
+    def _new_offer(
+        self,
+        op: str,
+        kind: str,
+        request_id: str,
+        cache: Cache,
+        block_ids: Sequence[int],
+        layers: range | None,
+        tnpl: int,
+        lease_s: float | None,
+        num_tokens: int | None,
+        on_layer: LayerCallback | None,
+    ) -> Ticket:
+        check_isinstance("request_id", request_id, str, allow_none=False)
+        check_cache_arg(op, "cache", cache)
+        check_isinstance("layers", layers, range)
+        if not request_id or len(request_id) > 512:
+            raise param_invalid(op, "request_id must have 1..512 characters")
+        if request_id in self._by_request:
+            raise fail(op, Code.LLM_REPEAT_REQUEST, f"request {request_id!r} is offered already")
+        lease = DEFAULT_LEASE_S if lease_s is None else float(lease_s)
+        if not 0 < lease <= 24 * 3600:
+            raise param_invalid(op, f"lease_s must be in (0, 86400], got {lease_s}")
+        self._state.require(op)
+        entry = self._resolver.local(op, cache)
+        if not entry.layout.blocks:
+            raise param_invalid(op, "cache must be a blocks cache")
+        blocks = block_list(op, "block_ids", list(block_ids))
+        if blocks.size == 0:
+            raise param_invalid(op, "block_ids must not be empty")
+        check_blocks_in_range(op, "block_ids", blocks, entry.layout.units)
+        _layer_tensors(op, entry, layers, tnpl)
+        address = self._listener.address
+        if address is None:
+            raise fail(
+                op,
+                Code.LLM_FEATURE_NOT_ENABLED,
+                "the offering engine must listen (listen_ip_info): fetchers link to it",
+            )
+        offer = _Offer(
+            next(self._ids),
+            kind,
+            request_id,
+            secrets.token_hex(16),
+            entry,
+            blocks,
+            layers,
+            tnpl,
+            lease,
+            on_layer=on_layer,
+        )
+        offer.idle.set()
+        self._offers[offer.offer_id] = offer
+        self._by_request[request_id] = offer.offer_id
+        self._arm_lease(offer)
+        self._stats.offers += 1
+        return Ticket(
+            kind=kind,
+            cluster_id=self._identity.cluster_id,
+            incarnation=self._identity.incarnation,
+            endpoint=_endpoint(address),
+            request_id=request_id,
+            offer_id=offer.offer_id,
+            token=offer.token,
+            cache_id=entry.cache.cache_id,
+            block_ids=[int(b) for b in blocks.tolist()],
+            layers=(layers.start, layers.stop) if layers is not None else None,
+            tensors_per_layer=tnpl,
+            block_bytes=entry.layout.unit_bytes,
+            num_tensors=entry.layout.num_tensors,
+            num_tokens=num_tokens,
+            lease_ms=int(lease * 1000),
+        )
+
+    def _arm_lease(self, offer: _Offer) -> None:
+        if offer.timer is not None:
+            offer.timer.cancel()
+        loop = asyncio.get_running_loop()
+        offer.timer = loop.call_later(offer.lease_s, self._lease_ran_out, offer.offer_id)
+
+    def _lease_ran_out(self, offer_id: int) -> None:
+        offer = self._offers.get(offer_id)
+        if offer is None or offer.ended is not None:
+            return
+        if offer.claimer is None:
+            self._end(offer, Ended.EXPIRED, "the lease ran out before anyone claimed the offer")
+        elif offer.kind == "push":  # the pusher stopped making progress: take the blocks back
+            self._links.spawn(self._abort_offer(offer, "the pusher made no progress in its lease"))
+
+    def _end(self, offer: _Offer, reason: Ended, detail: str = "") -> bool:
+        """End an offer, once: later calls change nothing. True if this call ended it."""
+        if offer.ended is not None:
+            return False
+        offer.ended = reason
+        if offer.timer is not None:
+            offer.timer.cancel()
+        self._offers.pop(offer.offer_id, None)
+        self._by_request.pop(offer.request_id, None)
+        peer = offer.claimer.peer.cluster_id if offer.claimer is not None else None
+        self._stats.ended[reason.value] += 1
+        self._stats.count(peer, reason.value)
+        self._finished.append(
+            Finished(
+                offer.request_id,
+                offer.offer_id,
+                offer.kind,
+                reason,
+                peer,
+                [int(b) for b in offer.blocks.tolist()],
+                detail,
+            )
+        )
+        self._finished_event.set()
+        if reason is not Ended.DONE:
+            log.info("dxl: handoff of %r ended %s: %s", offer.request_id, reason.value, detail)
+        return True
+
+    async def finished(self) -> AsyncIterator[Finished]:
+        """Every offer of this engine that ends, as it ends (each exactly once)."""
+        while True:
+            while self._finished:
+                yield self._finished.popleft()
+            self._finished_event.clear()
+            await self._finished_event.wait()
+
+    def poll_finished(self) -> list[Finished]:
+        """The offers that ended since the last call (each exactly once)."""
+        out = list(self._finished)
+        self._finished.clear()
+        return out
+
+    def live(self) -> int:
+        """Offers of this engine not ended yet."""
+        return len(self._offers)
+
+    # ------------------------------------------------------------------ serving a fetch
+    async def _on_fetch(self, link: Link, msg: dict[str, Any]) -> None:
+        offer = self._offers.get(msg["offer"])
+        try:
+            if offer is None or offer.kind != "pull" or not _token_ok(offer, msg["token"]):
+                raise fail("fetch", Code.LLM_KV_CACHE_NOT_EXIST, "no such live offer")
+            if offer.claimer is not None:
+                raise fail("fetch", Code.LLM_REPEAT_REQUEST, "the offer was fetched already")
+            remote = link.registry.caches.get(msg["cache"])
+            dst = _dst_blocks(offer, remote, msg["blocks"])
+        except LLMException as exc:
+            link.channel.ack(msg["rid"], int(exc.status_code), str(exc))
+            return
+        offer.claimer = link
+        if offer.timer is not None:
+            offer.timer.cancel()
+        link.channel.ack(msg["rid"])
+        assert remote is not None
+        offer.task = asyncio.create_task(self._serve(offer, link, remote, dst, msg["per_layer"]))
+
+    async def _serve(
+        self, offer: _Offer, link: Link, remote: RemoteCache, dst: np.ndarray, per_layer: bool
+    ) -> None:
+        """Write the offered blocks into the fetcher's (whole, or layer by layer), then tell it
+        how the offer ended."""
+        code, message = Code.LLM_SUCCESS, ""
+        groups = _layer_groups(offer, per_layer)
+        try:
+            for lo, hi in groups:
+                if offer.aborting:
+                    break
+                await self._copy(offer, link, remote, dst, lo, hi)
+                if per_layer:
+                    link.channel.send("layer", offer=offer.offer_id, lo=lo, hi=hi)
+            if offer.aborting:
+                code, message = Code.LLM_FAILED, "aborted"
+                self._end(offer, Ended.ABORTED, "aborted during the fetch")
+            else:
+                self._end(offer, Ended.DONE)
+                self._stats.count(link.peer.cluster_id, "bytes_sent", _nbytes(offer, groups))
+        except LLMException as exc:
+            code, message = exc.status_code, str(exc)
+            self._end(offer, Ended.FAILED, message)
+        finally:
+            link.channel.send("fetched", offer=offer.offer_id, code=int(code), message=message)
+
+    async def _copy(
+        self, offer: _Offer, link: Link, remote: RemoteCache, dst: np.ndarray, lo: int, hi: int
+    ) -> None:
+        """One native write of layers [lo, hi) of the offer into the same layers of the remote
+        cache (both sides hold the same model: layer numbers match)."""
+        t = offer.tnpl
+        src_bases = offer.entry.layout.addrs[lo * t : hi * t]
+        dst_bases = remote.layout.addrs[lo * t : hi * t]
+        bb = offer.entry.layout.unit_bytes
+
+        def plan() -> Any:
+            return block_pieces(dst_bases, src_bases, dst, offer.blocks, bb)
+
+        offer.moving += 1
+        offer.idle.clear()
+        try:
+            route = Route(link, offer.entry, [remote])
+            await self._mover.transfer(
+                "handoff", route, plan, write=True, nbytes_hint=dst.size * src_bases.size * bb
+            )
+        finally:
+            offer.moving -= 1
+            if offer.moving == 0:
+                offer.idle.set()
+
+    # ------------------------------------------------------------------ ending offers
+    async def abort(self, ticket: TicketLike | str) -> None:
+        """Cancel an offer: ours (by ticket or request id), or one we fetch from or push into.
+        Returns once no copy of it is in flight and none will start; the other engine is told."""
+        if isinstance(ticket, str) and ticket in self._by_request:
+            await self._abort_offer(self._offers[self._by_request[ticket]], "aborted here")
+            return
+        t = Ticket.of(ticket)
+        if (
+            t.cluster_id == self._identity.cluster_id
+            and t.incarnation == self._identity.incarnation
+        ):
+            offer = self._offers.get(t.offer_id)
+            if offer is not None and _token_ok(offer, t.token):
+                await self._abort_offer(offer, "aborted here")
+            return
+        key = (t.cluster_id, t.offer_id)
+        claim = self._claims.pop(key, None)
+        if claim is not None:  # push mode: we stop pushing, then tell the offerer
+            claim.aborted = True
+            await claim.idle.wait()
+        link = self._links.get(t.cluster_id)
+        if link is not None and link.peer.incarnation == t.incarnation:
+            with contextlib.suppress(LLMException):
+                await link.channel.request(
+                    "abort", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token, mine=False
+                )
+
+    async def _abort_offer(self, offer: _Offer, why: str) -> None:
+        """Abort one of our offers: stop our copy (pull) or the claimer's (push) first."""
+        if offer.ended is not None:
+            return
+        offer.aborting = True
+        if offer.kind == "pull" and offer.task is not None:
+            await asyncio.gather(offer.task, return_exceptions=True)  # it ends the offer
+        elif offer.kind == "push" and offer.claimer is not None:
+            link = offer.claimer
+            try:
+                await link.channel.request(
+                    "abort", ABORT_TIMEOUT_S, offer=offer.offer_id, token=offer.token, mine=True
+                )
+            except LLMException as exc:  # it cannot confirm it stopped: it loses the link
+                link.close(f"no answer to a handoff abort: {exc}")
+        self._end(offer, Ended.ABORTED, why)
+
+    async def _on_abort(self, link: Link, msg: dict[str, Any]) -> None:
+        if msg["mine"]:  # the sender's offer, which we push into: stop, then confirm
+            claim = self._claims.pop((link.peer.cluster_id, msg["offer"]), None)
+            if claim is not None:
+                claim.aborted = True
+                await claim.idle.wait()
+        else:  # our offer, which the sender fetches or pushes into
+            offer = self._offers.get(msg["offer"])
+            if offer is not None and _token_ok(offer, msg["token"]):
+                if offer.kind == "pull":
+                    await self._abort_offer(offer, "aborted by the fetcher")
+                else:  # the claimer itself aborts: it stopped pushing already
+                    self._end(offer, Ended.ABORTED, "aborted by the pusher")
+        link.channel.ack(msg["rid"])
+
+    def _on_link_closed(self, link: Link) -> None:
+        for offer in list(self._offers.values()):
+            if offer.claimer is link and offer.kind == "push":
+                self._end(
+                    offer, Ended.FAILED, f"the pusher's link closed: {link.channel.close_reason}"
+                )
+        for fetch in list(self._fetches.values()):
+            if fetch.link is link:
+                fetch.events.put_nowait(("closed", link.channel.close_reason))
+        for key, claim in list(self._claims.items()):
+            if claim.link is link:
+                claim.aborted = True
+                del self._claims[key]
+
+    # ------------------------------------------------------------------ renewing
+    async def renew(self, ticket: TicketLike) -> None:
+        """Extend a live offer's lease by its full length (a decode that is not ready yet)."""
+        t = Ticket.of(ticket)
+        link = await self._link_to("renew", t, ABORT_TIMEOUT_S)
+        ack = await link.channel.request("renew", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token)
+        if ack["code"]:
+            raise fail("renew", status_from_code(ack["code"]), ack["message"])
+        self._stats.renewals += 1
+
+    async def _on_renew(self, link: Link, msg: dict[str, Any]) -> None:
+        offer = self._offers.get(msg["offer"])
+        if offer is None or not _token_ok(offer, msg["token"]) or offer.claimer is not None:
+            link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no live offer")
+            return
+        self._arm_lease(offer)
+        self._stats.count(link.peer.cluster_id, "renewals")
+        link.channel.ack(msg["rid"])
+
+    # ================================================================== fetching side
+    async def fetch(
+        self,
+        ticket: TicketLike,
+        cache: Cache,
+        block_ids: Sequence[int],
+        *,
+        on_layer: LayerCallback | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Take the blocks a ticket offers into ``block_ids`` of ``cache`` (one per offered
+        block; ``cache`` registered with ``remote_accessible=True``: the offerer writes it).
+        ``on_layer(lo, hi)`` is called as layers [lo, hi) land. Links to the offerer if needed.
+
+        Raises:
+            FetchError: the fetch failed, timed out or was aborted: ``partial_blocks`` may hold
+                partial data. The offer ended on the offering side (it frees its blocks).
+            LLMException: bad arguments (``LLM_PARAM_INVALID``), nothing moved.
+        """
+        op = "fetch"
+        t = Ticket.of(ticket)
+        if t.kind != "pull":
+            raise param_invalid(op, "a push-mode ticket is pushed into (push), not fetched")
+        check_cache_arg(op, "cache", cache)
+        self._state.require(op)
+        entry = self._resolver.local(op, cache)
+        dst = block_list(op, "block_ids", list(block_ids))
+        _check_destination(op, entry, dst, t)
+        deadline_s = DEFAULT_FETCH_TIMEOUT_S if timeout_s is None else float(timeout_s)
+        t0 = time.perf_counter()
+        partial = [int(b) for b in dst.tolist()]
+        link = await self._link_to(op, t, deadline_s, partial)
+        async with self._fetch_slot(t, link):
+            await self._run_fetch(t, link, entry, dst, on_layer, deadline_s, partial)
+        self._stats.fetches.record(_ticket_bytes(t), len(partial), time.perf_counter() - t0)
+        self._stats.count(t.cluster_id, "fetched")
+
+    @contextlib.asynccontextmanager
+    async def _fetch_slot(self, t: Ticket, link: Link) -> AsyncIterator[None]:
+        """At most ``max_fetches`` fetches in flight; one that waits keeps its lease alive."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_fetches)
+        slots = self._slots
+        if slots.locked():
+            renewer = asyncio.create_task(self._keep_renewing(t, link))
+            try:
+                await slots.acquire()
+            finally:
+                renewer.cancel()
+        else:
+            await slots.acquire()
+        try:
+            yield
+        finally:
+            slots.release()
+
+    async def _keep_renewing(self, t: Ticket, link: Link) -> None:
+        period = max(0.05, t.lease_ms / 1000 / 3)
+        while True:
+            await asyncio.sleep(period)
+            with contextlib.suppress(LLMException):
+                await link.channel.request(
+                    "renew", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token
+                )
+                self._stats.renewals += 1
+
+    async def _run_fetch(
+        self,
+        t: Ticket,
+        link: Link,
+        entry: LocalCache,
+        dst: np.ndarray,
+        on_layer: LayerCallback | None,
+        deadline_s: float,
+        partial: list[int],
+    ) -> None:
+        key = (t.cluster_id, t.offer_id)
+        fetch = _Fetch(link)
+        self._fetches[key] = fetch
+        try:
+            async with asyncio.timeout(deadline_s):
+                ack = await link.channel.request(
+                    "fetch",
+                    deadline_s,
+                    offer=t.offer_id,
+                    token=t.token,
+                    cache=entry.cache.cache_id,
+                    blocks=partial,
+                    per_layer=on_layer is not None,
+                )
+                if ack["code"]:
+                    raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
+                while True:
+                    kind, value = await fetch.events.get()
+                    if kind == "layer" and on_layer is not None:
+                        result = on_layer(*value)
+                        if inspect.isawaitable(result):
+                            await result
+                    elif kind == "fetched":
+                        code, message = value
+                        if code:
+                            raise self._failed(t, status_from_code(code), message, partial)
+                        return
+                    elif kind == "closed":
+                        raise self._failed(
+                            t, Code.LLM_LINK_FAILED, f"the link closed: {value}", partial
+                        )
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            # the offerer may still be writing our blocks: it must stop before we return
+            with contextlib.suppress(LLMException):
+                await asyncio.shield(
+                    link.channel.request(
+                        "abort", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token, mine=False
+                    )
+                )
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise self._failed(
+                t, Code.LLM_TIMEOUT, f"no end within {deadline_s} s", partial
+            ) from exc
+        except LLMException as exc:
+            if isinstance(exc, FetchError):
+                raise
+            raise self._failed(t, exc.status_code, str(exc), partial) from exc
+        finally:
+            self._fetches.pop(key, None)
+
+    def _failed(self, t: Ticket, code: LLMStatusCode, why: str, partial: list[int]) -> FetchError:
+        self._stats.fetch_failures[code.name] = self._stats.fetch_failures.get(code.name, 0) + 1
+        self._stats.count(t.cluster_id, "fetch_failed")
+        return FetchError(
+            f"handoff of request {t.request_id!r} from cluster {t.cluster_id} failed: {why}",
+            status_code=code if code != Code.LLM_SUCCESS else Code.LLM_FAILED,
+            request_id=t.request_id,
+            partial_blocks=partial,
+        )
+
+    async def _on_layer(self, link: Link, msg: dict[str, Any]) -> None:
+        fetch = self._fetches.get((link.peer.cluster_id, msg["offer"]))
+        if fetch is not None and fetch.link is link:
+            fetch.events.put_nowait(("layer", (msg["lo"], msg["hi"])))
+
+    async def _on_fetched(self, link: Link, msg: dict[str, Any]) -> None:
+        fetch = self._fetches.get((link.peer.cluster_id, msg["offer"]))
+        if fetch is not None and fetch.link is link:
+            fetch.events.put_nowait(("fetched", (msg["code"], msg["message"])))
+
+    # ================================================================== push mode, pusher side
+    async def push(
+        self,
+        ticket: TicketLike,
+        cache: Cache,
+        block_ids: Sequence[int],
+        *,
+        layers: range | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Push mode: write ``block_ids`` of ``cache`` into the destination blocks a push
+        ticket offers (all its layers, or ``layers``, absolute layer numbers of the ticket's
+        range, e.g. one layer as the model finishes it). Claims the offer on first use.
+
+        Raises:
+            FetchError: the offer is gone, aborted or the push failed (``partial_blocks``: the
+                destination blocks that may hold partial data).
+        """
+        op = "push"
+        t = Ticket.of(ticket)
+        if t.kind != "push":
+            raise param_invalid(op, "a pull-mode ticket is fetched, not pushed into")
+        check_cache_arg(op, "cache", cache)
+        check_isinstance("layers", layers, range)
+        self._state.require(op)
+        entry = self._resolver.local(op, cache)
+        src = block_list(op, "block_ids", list(block_ids))
+        _check_destination(op, entry, src, t)
+        span = (
+            range(*t.layers)
+            if t.layers is not None
+            else range(t.num_tensors // t.tensors_per_layer)
+        )
+        todo = span if layers is None else layers
+        if todo.step != 1 or todo.start < span.start or todo.stop > span.stop or not todo:
+            raise param_invalid(op, f"layers {layers} must lie within the ticket's {span}")
+        timeout = DEFAULT_FETCH_TIMEOUT_S if timeout_s is None else float(timeout_s)
+        dst_blocks = [int(b) for b in t.block_ids]
+        claim = await self._claim(t, timeout, dst_blocks)
+        remote = claim.link.registry.caches.get(t.cache_id)
+        if remote is None or claim.aborted:
+            raise self._failed(t, Code.LLM_KV_CACHE_NOT_EXIST, "the offer is gone", dst_blocks)
+        tp = t.tensors_per_layer
+        src_bases = entry.layout.addrs[todo.start * tp : todo.stop * tp]
+        dst_bases = remote.layout.addrs[todo.start * tp : todo.stop * tp]
+        dst = np.asarray(t.block_ids, dtype=np.int64)
+        bb = entry.layout.unit_bytes
+        claim.moving += 1
+        claim.idle.clear()
+        try:
+            if claim.aborted:
+                raise self._failed(t, Code.LLM_FAILED, "the offer was aborted", dst_blocks)
+            route = Route(claim.link, entry, [remote])
+            await self._mover.transfer(
+                op,
+                route,
+                lambda: block_pieces(dst_bases, src_bases, dst, src, bb),
+                write=True,
+                nbytes_hint=src.size * src_bases.size * bb,
+            )
+        except LLMException as exc:
+            if isinstance(exc, FetchError):
+                raise
+            raise self._failed(t, exc.status_code, str(exc), dst_blocks) from exc
+        finally:
+            claim.moving -= 1
+            if claim.moving == 0:
+                claim.idle.set()
+        ack = await self._request(
+            claim.link,
+            "pushed",
+            timeout,
+            t,
+            dst_blocks,
+            offer=t.offer_id,
+            lo=todo.start,
+            hi=todo.stop,
+        )
+        if ack["code"]:
+            raise self._failed(t, status_from_code(ack["code"]), ack["message"], dst_blocks)
+
+    async def complete(self, ticket: TicketLike, *, failed: str = "") -> None:
+        """Push mode: every layer was pushed (or ``failed``: why not): the destination's offer
+        ends done (or failed) on its engine, exactly once."""
+        t = Ticket.of(ticket)
+        claim = self._claims.pop((t.cluster_id, t.offer_id), None)
+        if claim is None:
+            raise fail("complete", Code.LLM_KV_CACHE_NOT_EXIST, "this engine holds no such claim")
+        code = Code.LLM_FAILED if failed else Code.LLM_SUCCESS
+        ack = await self._request(
+            claim.link,
+            "complete",
+            DEFAULT_FETCH_TIMEOUT_S,
+            t,
+            [int(b) for b in t.block_ids],
+            offer=t.offer_id,
+            code=int(code),
+            message=failed,
+        )
+        if ack["code"]:
+            raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
+
+    async def _claim(self, t: Ticket, timeout: float, dst_blocks: list[int]) -> _Claim:
+        key = (t.cluster_id, t.offer_id)
+        claim = self._claims.get(key)
+        if claim is not None:
+            return claim
+        link = await self._link_to("push", t, timeout, dst_blocks)
+        ack = await self._request(
+            link, "claim", timeout, t, dst_blocks, offer=t.offer_id, token=t.token
+        )
+        if ack["code"]:
+            raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
+        claim = self._claims.get(key)  # a concurrent push may have claimed it meanwhile
+        if claim is None:
+            claim = self._claims[key] = _Claim(link, t)
+            claim.idle.set()
+        return claim
+
+    async def _request(
+        self, link: Link, kind: str, timeout: float, t: Ticket, partial: list[int], **fields: Any
+    ) -> dict[str, Any]:
+        try:
+            return await link.channel.request(kind, timeout, **fields)
+        except LLMException as exc:
+            raise self._failed(t, exc.status_code, str(exc), partial) from exc
+
+    # ------------------------------------------------------------------ push mode, offerer side
+    async def _on_claim(self, link: Link, msg: dict[str, Any]) -> None:
+        offer = self._offers.get(msg["offer"])
+        if offer is None or offer.kind != "push" or not _token_ok(offer, msg["token"]):
+            link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no such live offer")
+            return
+        if offer.claimer is not None and offer.claimer is not link:
+            link.channel.ack(msg["rid"], int(Code.LLM_REPEAT_REQUEST), "claimed by another engine")
+            return
+        offer.claimer = link
+        self._arm_lease(offer)  # from now on the lease bounds the pusher's progress
+        link.channel.ack(msg["rid"])
+
+    async def _on_pushed(self, link: Link, msg: dict[str, Any]) -> None:
+        offer = self._offers.get(msg["offer"])
+        if offer is None or offer.claimer is not link:
+            link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no such claimed offer")
+            return
+        self._arm_lease(offer)
+        if offer.on_layer is not None:
+            try:
+                result = offer.on_layer(msg["lo"], msg["hi"])
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # the application's callback: its bug is not the peer's
+                log.exception("dxl: on_layer callback of %r failed", offer.request_id)
+        link.channel.ack(msg["rid"])
+
+    async def _on_complete(self, link: Link, msg: dict[str, Any]) -> None:
+        offer = self._offers.get(msg["offer"])
+        if offer is None or offer.claimer is not link:
+            link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no such claimed offer")
+            return
+        if msg["code"]:
+            self._end(offer, Ended.FAILED, msg["message"] or "the pusher failed")
+        else:
+            self._end(offer, Ended.DONE)
+        link.channel.ack(msg["rid"])
+
+    # ================================================================== both sides
+    async def _link_to(
+        self, op: str, t: Ticket, timeout: float, partial: list[int] | None = None
+    ) -> Link:
+        """The live link to the engine a ticket names (linking to its endpoint if needed); a
+        ticket of another incarnation (the offerer restarted) or engine is refused."""
+        if t.cluster_id == self._identity.cluster_id:
+            raise param_invalid(op, "the ticket names this engine")
+        link = self._links.get(t.cluster_id)
+        if link is None:
+            ip, _, port = t.endpoint.rpartition(":")
+            info = LLMClusterInfo()
+            info.remote_cluster_id = t.cluster_id
+            info.append_local_ip_info("127.0.0.1", 0)
+            info.append_remote_ip_info(ip.strip("[]"), int(port))
+            await self._linking.link_clusters([info], max(1, int(min(timeout, 30) * 1000)))
+            link = self._links.get(t.cluster_id)
+        if link is None:
+            raise self._failed(
+                t, Code.LLM_LINK_FAILED, f"cannot link to {t.endpoint}", partial or []
+            )
+        if link.peer.incarnation != t.incarnation:
+            raise self._failed(
+                t,
+                Code.LLM_KV_CACHE_NOT_EXIST,
+                "the ticket is for another incarnation of that engine (it restarted)",
+                partial or [],
+            )
+        return link
+
+    def stats(self) -> dict[str, Any]:
+        s = self._stats
+        return {
+            "offers_live": len(self._offers),
+            "offers": s.offers,
+            "ended": dict(s.ended),
+            "renewals": s.renewals,
+            "fetch": s.fetches.snapshot(),
+            "fetch_failures": dict(s.fetch_failures),
+            "fetches_in_flight": len(self._fetches),
+            "claims": len(self._claims),
+            "per_peer": {k: dict(v) for k, v in s.per_peer.items()},
+        }
+
+    async def close(self) -> None:
+        """Engine shutdown: every live offer ends (aborted), every fetch fails."""
+        for offer in list(self._offers.values()):
+            offer.aborting = True
+            if offer.task is not None:
+                await asyncio.gather(offer.task, return_exceptions=True)
+            self._end(offer, Ended.ABORTED, "the engine closed")
+        for fetch in list(self._fetches.values()):
+            fetch.events.put_nowait(("closed", "the engine closed"))
+
+
+# ---------------------------------------------------------------------- helpers
+def _token_ok(offer: _Offer, token: str) -> bool:
+    return hmac.compare_digest(offer.token.encode(), token.encode())
+
+
+def _endpoint(address: tuple[str, int]) -> str:
+    ip, port = address
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _layer_tensors(op: str, entry: LocalCache, layers: range | None, tnpl: int) -> None:
+    n = entry.layout.num_tensors
+    if tnpl < 1 or n % tnpl:
+        raise param_invalid(op, f"the cache's {n} tensors are not whole layers of {tnpl}")
+    if layers is not None and (
+        layers.step != 1 or not 0 <= layers.start < layers.stop or layers.stop * tnpl > n
+    ):
+        raise param_invalid(op, f"layers {layers} must lie within the cache's {n // tnpl} layers")
+
+
+def _check_destination(op: str, entry: LocalCache, blocks: np.ndarray, t: Ticket) -> None:
+    """Our side of a handoff must match the ticket: one block per offered block, same block
+    size, enough tensors for the layers."""
+    if blocks.size != len(t.block_ids):
+        raise param_invalid(
+            op, f"block_ids must name {len(t.block_ids)} blocks (one per offered block)"
+        )
+    check_blocks_in_range(op, "block_ids", blocks, entry.layout.units)
+    if entry.layout.unit_bytes != t.block_bytes:
+        raise param_invalid(
+            op, f"block sizes differ: here {entry.layout.unit_bytes}, offered {t.block_bytes}"
+        )
+    stop = t.layers[1] if t.layers is not None else t.num_tensors // t.tensors_per_layer
+    if entry.layout.num_tensors < stop * t.tensors_per_layer:
+        raise param_invalid(op, f"the cache has fewer tensors than the offer's layers (to {stop})")
+
+
+def _dst_blocks(offer: _Offer, remote: RemoteCache | None, blocks: list[int]) -> np.ndarray:
+    """Check a fetcher's destination against the offer (on the offering side)."""
+    if remote is None or not remote.layout.blocks:
+        raise fail(
+            "fetch",
+            Code.LLM_KV_CACHE_NOT_EXIST,
+            "the destination is not a remotely accessible blocks cache of the fetcher",
+        )
+    dst = np.asarray(blocks, dtype=np.int64)
+    if dst.size != offer.blocks.size or (
+        dst.size and (dst.min() < 0 or dst.max() >= remote.layout.units)
+    ):
+        raise param_invalid("fetch", "destination blocks do not match the offer")
+    if remote.layout.unit_bytes != offer.entry.layout.unit_bytes:
+        raise param_invalid("fetch", "destination block size differs from the offer's")
+    stop = offer.layers.stop if offer.layers is not None else _n_layers(offer)
+    if remote.layout.num_tensors < stop * offer.tnpl:
+        raise param_invalid("fetch", "the destination has fewer tensors than the offer's layers")
+    return dst
+
+
+def _n_layers(offer: _Offer) -> int:
+    if offer.layers is not None:
+        return len(offer.layers)
+    return offer.entry.layout.num_tensors // offer.tnpl
+
+
+def _layer_groups(offer: _Offer, per_layer: bool) -> list[tuple[int, int]]:
+    span = offer.layers if offer.layers is not None else range(_n_layers(offer))
+    if per_layer:
+        return [(layer, layer + 1) for layer in span]
+    return [(span.start, span.stop)]
+
+
+def _nbytes(offer: _Offer, groups: list[tuple[int, int]]) -> int:
+    layers = sum(hi - lo for lo, hi in groups)
+    return layers * offer.tnpl * int(offer.blocks.size) * offer.entry.layout.unit_bytes
+
+
+def _ticket_bytes(t: Ticket) -> int:
+    layers = (
+        (t.layers[1] - t.layers[0])
+        if t.layers is not None
+        else t.num_tensors // t.tensors_per_layer
+    )
+    return layers * t.tensors_per_layer * len(t.block_ids) * t.block_bytes
