@@ -18,6 +18,8 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.cma]
 def test_every_sample_flow_is_here():
     assert set(SCRIPTS) == {
         "host_swap.py",
+        "link_late_member.py",
+        "pull_blocks.py",
         "pull_blocks_xpyd.py",
         "pull_cache.py",
         "pull_from_cache_to_blocks.py",
