@@ -19,6 +19,7 @@ def test_every_sample_flow_is_here():
     assert set(SCRIPTS) == {
         "host_swap.py",
         "link_late_member.py",
+        "mutual_link.py",
         "pull_blocks.py",
         "pull_blocks_xpyd.py",
         "pull_cache.py",
