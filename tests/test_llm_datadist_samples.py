@@ -28,6 +28,7 @@ def test_every_sample_flow_is_here():
         "push_cache.py",
         "switch_role.py",
         "transfer_cache_async.py",
+        "transfer_cache_async_first_block.py",
     }
 
 
