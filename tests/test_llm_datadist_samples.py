@@ -29,6 +29,7 @@ def test_every_sample_flow_is_here():
         "switch_role.py",
         "transfer_cache_async.py",
         "transfer_cache_async_first_block.py",
+        "vllm_ascend_connector.py",
     }
 
 
