@@ -16,8 +16,11 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.cma]
 
 
 def test_every_sample_flow_is_here():
-    assert set(SCRIPTS) >= {
+    assert set(SCRIPTS) == {
         "host_swap.py",
+        "link_late_member.py",
+        "mutual_link.py",
+        "pull_blocks.py",
         "pull_blocks_xpyd.py",
         "pull_cache.py",
         "pull_from_cache_to_blocks.py",
@@ -25,6 +28,8 @@ def test_every_sample_flow_is_here():
         "push_cache.py",
         "switch_role.py",
         "transfer_cache_async.py",
+        "transfer_cache_async_first_block.py",
+        "vllm_ascend_connector.py",
     }
 
 
@@ -32,7 +37,10 @@ def test_every_sample_flow_is_here():
 def test_sample_flow(script: str):
     proc = subprocess.run(
         [sys.executable, str(SAMPLES / script)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out

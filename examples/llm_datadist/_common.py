@@ -9,6 +9,10 @@ What every flow changes from its reference sample:
   reached the same step, with what each role posted there (a listen address, say). Every wait
   has a deadline and every role a hard one, so a broken flow fails, never hangs.
 - **127.0.0.1 and ephemeral ports**, posted out of band, instead of fixed ports (26000...).
+  Rank-table flows (``link()``) build the reference's one-server rank table with 127.0.0.1 as
+  every device's IP, and set ``rank_table_base_port`` on both sides to a base from
+  :func:`free_port_base` (dxl puts rank ``r`` at that base + ``r``), instead of HCCL's device
+  network.
 - **HOST memory** (numpy arrays from :func:`host_kv`, filled with a pattern unique per 8-byte
   word) instead of NPU tensors, and no ``device_id``; a cache a peer reads or writes is
   registered with ``remote_accessible=True``, since dxl's default for HOST memory is False
@@ -19,7 +23,9 @@ What every flow changes from its reference sample:
 from __future__ import annotations
 
 import faulthandler
+import json
 import multiprocessing as mp
+import random
 import socket
 import sys
 import time
@@ -103,6 +109,70 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def free_port_base(count: int = 2) -> int:
+    """A port ``base`` such that ``base .. base + count - 1`` are free now, for
+    ``LLMConfig.rank_table_base_port``. It lies below the kernel's ephemeral range, so no
+    outgoing connection or port-0 listener takes one of them before the flow listens there."""
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    for _ in range(200):
+        base = random.randrange(10000, max(10001, low - count))
+        socks = [socket.socket() for _ in range(count)]
+        try:
+            for i, s in enumerate(socks):
+                s.bind((LOCALHOST, base + i))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return base
+    raise SampleError(f"no {count} consecutive free ports")
+
+
+def single_server_rank_table(num_devices: int = 2) -> str:
+    """The rank table the reference's samples build for one host (``_build_single_rank_table``
+    of ``pull_sample_common.py``), with 127.0.0.1 as every device's IP and as the host's."""
+    devices = [
+        {"device_id": str(i), "device_ip": LOCALHOST, "rank_id": str(i)} for i in range(num_devices)
+    ]
+    server = {"device": devices, "host_ip": LOCALHOST, "server_id": "1"}
+    return json.dumps(
+        {"server_count": "1", "status": "completed", "version": "1.2", "server_list": [server]}
+    )
+
+
+def wait_registered(datadist: dxl.LLMDataDist, comm_id: int) -> None:
+    """Poll ``query_register_mem_status(comm_id)`` until ``OK``, as the reference's ``link()``
+    does (it sleeps 1 s between polls; here 20 ms, under the flow's deadline); ``FAILED`` is an
+    error."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        status = datadist.query_register_mem_status(comm_id)
+        if status == dxl.RegisterMemStatus.OK:
+            return
+        expect(status != dxl.RegisterMemStatus.FAILED, f"comm {comm_id}: link failed")
+        expect(time.monotonic() < deadline, f"comm {comm_id} still {status!r}")
+        time.sleep(0.02)
+
+
+def link(
+    datadist: dxl.LLMDataDist,
+    rank_table: str,
+    cluster_rank_info: dict[int, int] | None = None,
+    comm_name: str = "link",
+) -> int:
+    """The reference's ``pull_sample_common.link()``: ``link("link", {1: 0, 2: 1},
+    rank_table)``, then poll until the comm's memory is registered; returns the comm id."""
+    comm_id = datadist.link(comm_name, cluster_rank_info or {1: 0, 2: 1}, rank_table)
+    wait_registered(datadist, comm_id)
+    return comm_id
 
 
 Role = Callable[["Flow"], None]  # a module-level function, or a partial of one

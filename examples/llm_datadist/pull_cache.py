@@ -1,28 +1,37 @@
-"""The decode pulls CacheKey(1, 0) and (1, 1) of a pool-allocated cache, consuming the keys.
+"""Both sides link() by rank table; the decode pulls CacheKey(1, 0) and (1, 1), consuming them.
 
-Reproduces the reference's ``pull_cache_sample.py`` (spec section 12.4): both engines enable
-the cache manager with a memory pool; the prefill calls ``allocate_cache(desc,
-[CacheKey(prompt_cluster_id=1, req_id=0), CacheKey(1, req_id=1), ...])`` and fills the cache;
-the decode calls ``allocate_cache(desc)``, ``pull_cache(CacheKey(1, 0), cache,
-batch_index=0)`` and ``pull_cache(CacheKey(1, 1), cache, batch_index=1)``; the prefill then
-calls ``remove_cache_key`` for each key and ``deallocate_cache``; the decode deallocates too.
+Reproduces the reference's ``pull_cache_sample.py`` (spec section 12.4): both engines enable the
+cache manager with a memory pool and run the sample's ``link()`` first:
 
-Besides what every flow here changes (see ``_common.py``): ``link_clusters`` replaces the
-rank-table ``link()`` / ``query_register_mem_status`` / ``unlink(comm_id)`` steps, which dxl
-does not have yet (the prefill listens, the decode links); the pools are
-``host_mem_pool_cfg``, not the sample's DEVICE ``mem_pool_cfg``; the prefill binds a third key
-the decode never pulls, for ``remove_cache_key`` to unbind, and the decode checks that a
-consumed and a removed key can no longer be pulled (``LLM_KV_CACHE_NOT_EXIST``).
+    comm_id = datadist.link("link", {1: 0, 2: 1}, json.dumps(rank_table))
+    while datadist.query_register_mem_status(comm_id) != RegisterMemStatus.OK:  # FAILED: error
+        time.sleep(1)
+
+then the prefill calls ``allocate_cache(desc, [CacheKey(prompt_cluster_id=1, req_id=0,
+model_id=0), CacheKey(1, req_id=1, model_id=0)])`` and fills the cache; the decode calls
+``allocate_cache(desc)``, ``pull_cache(CacheKey(1, 0, 0), cache, batch_index=0)`` and
+``pull_cache(CacheKey(1, 1, 0), cache, batch_index=1)``, ``deallocate_cache`` and
+``unlink(comm_id)``; the prefill calls ``remove_cache_key`` for each key, ``deallocate_cache``
+and ``unlink(comm_id)``; both finalize. The caches are allocated after linking, as in the
+sample: dxl tells linked peers of a registration before the call returns.
+
+Besides what every flow here changes (see ``_common.py``): the rank table is the sample's
+one-server table with 127.0.0.1 as both devices' IP, and both sides set ``rank_table_base_port``
+to a free base (dxl puts rank r at that port + r); barriers replace the sample's sleeps; the
+pools are ``host_mem_pool_cfg``, not the sample's DEVICE ``mem_pool_cfg``; the prefill binds a
+third key the decode never pulls, for ``remove_cache_key`` to unbind, and the decode checks that
+a consumed and a removed key can no longer be pulled (``LLM_KV_CACHE_NOT_EXIST``).
 
     python examples/llm_datadist/pull_cache.py
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import _common
-from _common import LOCALHOST, Flow, cluster_info, expect, expect_ok, init_datadist
+from _common import Flow, expect, init_datadist
 
 import dxl
 from dxl.testing import KVBuffers
@@ -31,46 +40,56 @@ PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 1, 2
 PROMPT_SEED = 1
 ALL = range(4)
 BATCHES = range(3)  # the sample's 2 batches, plus one whose key is never pulled
-CACHE_DESC = dxl.CacheDesc(num_tensors=len(ALL), shape=[len(BATCHES), 64 * 1024],
-                           data_type=dxl.DataType.DT_FLOAT16, placement=dxl.Placement.HOST)
+CACHE_DESC = dxl.CacheDesc(
+    num_tensors=len(ALL),
+    shape=[len(BATCHES), 64 * 1024],
+    data_type=dxl.DataType.DT_FLOAT16,
+    placement=dxl.Placement.HOST,
+)
 BATCH_BYTES = CACHE_DESC.size // len(BATCHES)  # 128 KiB
-CACHE_KEYS = [dxl.CacheKey(prompt_cluster_id=PROMPT_CLUSTER_ID, req_id=i) for i in BATCHES]
+CACHE_KEYS = [
+    dxl.CacheKey(prompt_cluster_id=PROMPT_CLUSTER_ID, req_id=i, model_id=0) for i in BATCHES
+]
 
 
-def init(role: dxl.LLMRole, cluster_id: int, **config: str) -> dxl.LLMDataDist:
+def init(role: dxl.LLMRole, cluster_id: int, base_port: int) -> dxl.LLMDataDist:
     # 8 MiB pools (the sample's is 1 GiB of device memory); allocations round to 64 KiB pages
-    return init_datadist(role, cluster_id, enable_cache_manager=True,
-                         host_mem_pool_cfg='{"memory_size": 8388608}', **config)
+    return init_datadist(
+        role,
+        cluster_id,
+        enable_cache_manager=True,
+        host_mem_pool_cfg='{"memory_size": 8388608}',
+        rank_table_base_port=base_port,
+    )
 
 
-def run_prompt_sample(flow: Flow) -> None:
-    datadist = init(dxl.LLMRole.PROMPT, PROMPT_CLUSTER_ID, listen_ip_info=f"{LOCALHOST}:0")
+def run_prompt_sample(base_port: int, flow: Flow) -> None:
+    datadist = init(dxl.LLMRole.PROMPT, PROMPT_CLUSTER_ID, base_port)
+    comm_id = _common.link(datadist, _common.single_server_rank_table())
     cache_manager = datadist.cache_manager
     cache = cache_manager.allocate_cache(CACHE_DESC, CACHE_KEYS)
     KVBuffers.over(cache.tensor_addrs, len(BATCHES), BATCH_BYTES, PROMPT_SEED)  # fill it
-    flow.barrier("prompt prepared", datadist.engine.listen_address)
+    flow.barrier("prompt prepared")  # the decode's "wait prompt prepared"
     flow.barrier("decoder pulled")
     # keys 0 and 1 were consumed by the pulls (no-ops here); key 2 was never pulled
     for cache_key in CACHE_KEYS:
         cache_manager.remove_cache_key(cache_key)
     flow.barrier("keys removed")
-    flow.barrier("decoder checked")
+    flow.barrier("decoder done")  # the prefill's 30 s wait
     cache_manager.deallocate_cache(cache)
     expect(cache.tensor_addrs == [], "deallocate_cache left tensor_addrs")
-    flow.barrier("prompt deallocated")  # while linked, as the sample (it unlinks after)
-    flow.barrier("unlink end")
+    datadist.unlink(comm_id)
     datadist.finalize()
 
 
-def run_decoder_sample(flow: Flow) -> None:
-    datadist = init(dxl.LLMRole.DECODER, DECODER_CLUSTER_ID)
+def run_decoder_sample(base_port: int, flow: Flow) -> None:
+    datadist = init(dxl.LLMRole.DECODER, DECODER_CLUSTER_ID, base_port)
+    comm_id = _common.link(datadist, _common.single_server_rank_table())
     cache_manager = datadist.cache_manager
     cache = cache_manager.allocate_cache(CACHE_DESC)
     kv = KVBuffers.over(cache.tensor_addrs, len(BATCHES), BATCH_BYTES, fill=False)
-    prompt_address = flow.barrier("prompt prepared")["prompt"]
+    flow.barrier("prompt prepared")
 
-    cluster = cluster_info(PROMPT_CLUSTER_ID, prompt_address)
-    expect_ok(datadist.link_clusters([cluster], 5000), "link_clusters")
     cache_key_0, cache_key_1, cache_key_2 = CACHE_KEYS
     cache_manager.pull_cache(cache_key_0, cache, batch_index=0)
     cache_manager.pull_cache(cache_key_1, cache, batch_index=1)
@@ -81,14 +100,19 @@ def run_decoder_sample(flow: Flow) -> None:
     flow.barrier("keys removed")
     _common.expect_status(not_exist, cache_manager.pull_cache, cache_key_2, cache, 2)  # removed
     expect(kv.untouched(ALL, [2]), "batch 2 was written")
-    flow.barrier("decoder checked")
-    flow.barrier("prompt deallocated")
 
     cache_manager.deallocate_cache(cache)
-    expect_ok(datadist.unlink_clusters([cluster], 5000), "unlink_clusters")
-    flow.barrier("unlink end")
+    datadist.unlink(comm_id)
+    flow.barrier("decoder done")
     datadist.finalize()
 
 
 if __name__ == "__main__":
-    sys.exit(Flow.run(__doc__, prompt=run_prompt_sample, decoder=run_decoder_sample))
+    base = _common.free_port_base()
+    sys.exit(
+        Flow.run(
+            __doc__,
+            prompt=functools.partial(run_prompt_sample, base),
+            decoder=functools.partial(run_decoder_sample, base),
+        )
+    )
