@@ -517,13 +517,9 @@ def test_rank_table_same_rank_in_two_comms_on_one_host_with_distinct_device_ips(
         assert d.call("untouched", name="kv", tensors=ALL, blocks=[0, *range(2, BLOCKS)])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: over tcp, an engine reaches its peer's data server at the address the "
-    "peer's control connection came from (127.0.0.1 here), not the IP the peer listens on "
-    "(127.0.0.3), so the link fails; cma (the same-host default) is not affected",
-)
 def test_rank_table_distinct_device_ips_over_tcp(make_comm_peer):
+    """Each engine listens on its own IP while its connections leave from 127.0.0.1: the peer's
+    data server is reached at the IP it names in its hello, not the connection's source."""
     base = free_base()
     opts = {"dxl.RankTableBasePort": str(base), "dxl.Transport": "tcp", "llm.LinkTotalTime": "2"}
     p = make_comm_peer(P_ID, **opts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,10 @@ class PeerInfo:
 
     @classmethod
     def from_wire(cls, msg: dict[str, Any], address: str) -> PeerInfo:
-        """From a decoded (schema-checked) hello or welcome frame."""
+        """From a decoded (schema-checked) hello or welcome frame; ``address`` is where its
+        control connection came from, the data server's address unless it names its own (a
+        multi-homed peer, or one whose connections leave from another IP than it listens on).
+        Whatever it names, a tcp transport there must authenticate with the link's key."""
         addr, token = msg["probe"]
         pool = msg["pool"]
         return cls(
@@ -33,8 +37,17 @@ class PeerInfo:
             host=msg["host"],
             pid=msg["pid"],
             probe=(addr, token),
-            address=address,
+            address=_data_ip(msg["data_ip"]) or address,
             data_port=msg["data_port"],
             pool=(pool[0], pool[1], pool[2]) if pool else None,
             heartbeat_ms=msg["heartbeat_ms"],
         )
+
+
+def _data_ip(text: str) -> str:
+    """A specific IP the peer's data server listens on, or "" (none named, or a wildcard)."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return ""
+    return "" if ip.is_unspecified else str(ip)

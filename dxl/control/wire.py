@@ -56,7 +56,9 @@ _ABOUT: dict[str, tuple[type, ...]] = {
     "host": _STR,  # declared: only the kernel's view (dxl.control.peercred) decides same-host
     "pid": _INT,  # declared: used only once the kernel proved this pid holds the connection
     "probe": _LIST,  # [address, token]: 8 bytes the peer reads to prove its transport
-    "data_port": _INT,  # port of the native data server on the same host, 0 if none
+    "data_port": _INT,  # port of the native data server, 0 if none
+    # the IP it listens on; "" (a wildcard listen): where the control connection came from
+    "data_ip": _STR,
     "pool": _LIST,  # [fd, base, size] of the memfd HOST pool, [] without one
     "heartbeat_ms": _INT,  # the sender pings at least this often
     "challenge": _STR,  # 64 hex digits, fresh per link: both feed the link's data key
@@ -145,7 +147,7 @@ def _check_message(msg: Any) -> None:
         _check_challenge(msg["challenge"])
         if not 1 <= msg["heartbeat_ms"] <= 1 << 31:
             raise FrameError("heartbeat_ms must be in [1, 2^31]")
-        if len(msg["incarnation"]) > 64 or len(msg["host"]) > 256:
+        if len(msg["incarnation"]) > 64 or len(msg["host"]) > 256 or len(msg["data_ip"]) > 64:
             raise FrameError("incarnation or host is too long")
     elif kind == "ready":
         for entry in msg["caches"]:

@@ -88,6 +88,7 @@ class Engine:
             links,
             mover,
             data_port=lambda: listener.data_port,
+            data_ip=lambda: listener.data_ip,
             pool=self._registrations.pool_wire,
         )
         self._linking = LinkOps(identity, opts, state, links, listener, handshake)

@@ -80,6 +80,7 @@ class Handshake:
         links: LinkTable,
         mover: Mover,
         data_port: Callable[[], int],
+        data_ip: Callable[[], str],
         pool: Callable[[], list[int]],
     ) -> None:
         self._identity = identity
@@ -89,6 +90,7 @@ class Handshake:
         self._links = links
         self._mover = mover
         self._data_port = data_port
+        self._data_ip = data_ip
         self._pool = pool
         self._pending = PendingCap(MAX_PENDING)
 
@@ -371,6 +373,7 @@ class Handshake:
             pid=os.getpid(),
             probe=self._identity.probe_wire,
             data_port=self._data_port(),
+            data_ip=self._data_ip(),
             pool=self._pool(),
             heartbeat_ms=self._opts.heartbeat_interval_ms,
             challenge=challenge.hex(),

@@ -42,6 +42,11 @@ class Listener:
         return host, port
 
     @property
+    def data_ip(self) -> str:
+        """The IP the data server listens on, "" when not listening."""
+        return str(self.data.address[0]) if self.data is not None else ""
+
+    @property
     def data_port(self) -> int:
         """The data server's port, 0 when not listening (peers then cannot use tcp to us)."""
         return self.data.address[1] if self.data is not None else 0

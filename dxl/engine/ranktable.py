@@ -206,6 +206,10 @@ def rank_endpoints(
     op: str, rank_table: str, cluster_rank_info: dict[int, int], base_port: int
 ) -> dict[int, Endpoint]:
     """Each member's endpoint by the rule of the module docstring."""
+    if not isinstance(rank_table, str):  # None passes the reference's type check; not here
+        raise param_invalid(
+            op, f"rank_table must be a JSON string, got {type(rank_table).__name__}"
+        )
     try:
         table: Any = json.loads(rank_table)
     except (ValueError, RecursionError) as exc:

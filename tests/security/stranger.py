@@ -76,6 +76,7 @@ def about(
         "pid": os.getpid() if pid is None else pid,
         "probe": list(probe),
         "data_port": data_port,
+        "data_ip": "",
         "pool": [],
         "heartbeat_ms": 1000,
         "challenge": (challenge or secrets.token_bytes(32)).hex(),
