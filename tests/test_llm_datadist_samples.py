@@ -32,7 +32,10 @@ def test_every_sample_flow_is_here():
 def test_sample_flow(script: str):
     proc = subprocess.run(
         [sys.executable, str(SAMPLES / script)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out

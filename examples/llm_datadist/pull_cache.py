@@ -31,16 +31,25 @@ PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 1, 2
 PROMPT_SEED = 1
 ALL = range(4)
 BATCHES = range(3)  # the sample's 2 batches, plus one whose key is never pulled
-CACHE_DESC = dxl.CacheDesc(num_tensors=len(ALL), shape=[len(BATCHES), 64 * 1024],
-                           data_type=dxl.DataType.DT_FLOAT16, placement=dxl.Placement.HOST)
+CACHE_DESC = dxl.CacheDesc(
+    num_tensors=len(ALL),
+    shape=[len(BATCHES), 64 * 1024],
+    data_type=dxl.DataType.DT_FLOAT16,
+    placement=dxl.Placement.HOST,
+)
 BATCH_BYTES = CACHE_DESC.size // len(BATCHES)  # 128 KiB
 CACHE_KEYS = [dxl.CacheKey(prompt_cluster_id=PROMPT_CLUSTER_ID, req_id=i) for i in BATCHES]
 
 
 def init(role: dxl.LLMRole, cluster_id: int, **config: str) -> dxl.LLMDataDist:
     # 8 MiB pools (the sample's is 1 GiB of device memory); allocations round to 64 KiB pages
-    return init_datadist(role, cluster_id, enable_cache_manager=True,
-                         host_mem_pool_cfg='{"memory_size": 8388608}', **config)
+    return init_datadist(
+        role,
+        cluster_id,
+        enable_cache_manager=True,
+        host_mem_pool_cfg='{"memory_size": 8388608}',
+        **config,
+    )
 
 
 def run_prompt_sample(flow: Flow) -> None:

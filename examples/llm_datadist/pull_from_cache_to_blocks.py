@@ -31,19 +31,31 @@ from dxl.testing import KVBuffers
 PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 1, 2
 PROMPT_SEED = 1
 ALL = range(4)
-PROMPT_DESC = dxl.CacheDesc(num_tensors=len(ALL), shape=[2, 128 * 1024],  # 256 KiB batches
-                            data_type=dxl.DataType.DT_FLOAT16, placement=dxl.Placement.HOST)
+PROMPT_DESC = dxl.CacheDesc(
+    num_tensors=len(ALL),
+    shape=[2, 128 * 1024],  # 256 KiB batches
+    data_type=dxl.DataType.DT_FLOAT16,
+    placement=dxl.Placement.HOST,
+)
 BLOCKS = range(8)  # of a quarter batch each
-DECODER_DESC = dxl.CacheDesc(num_tensors=len(ALL), shape=[len(BLOCKS), 32 * 1024],
-                             data_type=dxl.DataType.DT_FLOAT16, placement=dxl.Placement.HOST)
+DECODER_DESC = dxl.CacheDesc(
+    num_tensors=len(ALL),
+    shape=[len(BLOCKS), 32 * 1024],
+    data_type=dxl.DataType.DT_FLOAT16,
+    placement=dxl.Placement.HOST,
+)
 DST_BLOCKS = [5, 2, 7, 0]  # quarter i of the prefill's batch 0 -> decode block DST_BLOCKS[i]
 CACHE_KEY = dxl.CacheKey(prompt_cluster_id=PROMPT_CLUSTER_ID, req_id=0, model_id=0)
 
 
 def run_prompt_sample(flow: Flow) -> None:
-    datadist = init_datadist(dxl.LLMRole.PROMPT, PROMPT_CLUSTER_ID, enable_cache_manager=True,
-                             host_mem_pool_cfg='{"memory_size": 4194304}',
-                             listen_ip_info=f"{LOCALHOST}:0")
+    datadist = init_datadist(
+        dxl.LLMRole.PROMPT,
+        PROMPT_CLUSTER_ID,
+        enable_cache_manager=True,
+        host_mem_pool_cfg='{"memory_size": 4194304}',
+        listen_ip_info=f"{LOCALHOST}:0",
+    )
     cache_manager = datadist.cache_manager
     cache = cache_manager.allocate_cache(PROMPT_DESC, [CACHE_KEY])
     KVBuffers.over(cache.tensor_addrs, 2, PROMPT_DESC.size // 2, PROMPT_SEED)  # fill it
@@ -67,12 +79,20 @@ def run_decoder_sample(flow: Flow) -> None:
     expect_ok(datadist.link_clusters([cluster], 5000), "link_clusters")
     cache_manager.pull_blocks(CACHE_KEY, cache, src_blocks=[], dst_blocks=DST_BLOCKS)
     # the prefill's batch 0 is its first four decode-sized blocks
-    expect(kv.matches(ALL, DST_BLOCKS, PROMPT_SEED, ALL, range(4)),
-           f"blocks {DST_BLOCKS} do not hold the quarters of batch 0")
+    expect(
+        kv.matches(ALL, DST_BLOCKS, PROMPT_SEED, ALL, range(4)),
+        f"blocks {DST_BLOCKS} do not hold the quarters of batch 0",
+    )
     others = sorted(set(BLOCKS) - set(DST_BLOCKS))
     expect(kv.untouched(ALL, others), f"blocks {others} were written")
-    _common.expect_status(dxl.LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, cache_manager.pull_blocks,
-                          CACHE_KEY, cache, [], [1])  # the key was consumed
+    _common.expect_status(
+        dxl.LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+        cache_manager.pull_blocks,
+        CACHE_KEY,
+        cache,
+        [],
+        [1],
+    )  # the key was consumed
     flow.barrier("decoder pulled")
     flow.barrier("prompt deallocated")
 
