@@ -319,6 +319,21 @@ def test_a_decode_aborted_mid_fetch_frees_both_sides(workers) -> None:
     assert not dkv.block(0, 3).any()
 
 
+def test_decode_blocks_that_do_not_fit_the_offer_fail_the_load_and_release(workers) -> None:
+    dw = workers["make"](FakeKV())
+    d = SchedulerSide(_cfg(), BS)
+    req = _decode_req(_offered_params())  # 3 blocks offered
+    d.after_alloc(req, lambda: [7], 10, hit_blocks=0)  # but only 1 new block
+    plan = d.build_plan({}, (), lambda r: [])
+    [load] = plan.loads
+    assert load.refused and load.block_ids == (7,)
+    assert len(plan.releases) == 1  # the prefill need not wait for its lease
+    dw.start(plan)
+    got = _results(dw, "finished_recving")
+    assert got.finished_recving == got.failed_recving == {"d1"}
+    assert got.failed_block_ids == {7}
+
+
 def test_the_dropped_offer_is_never_reported(workers) -> None:
     pkv = FakeKV(seed=3)
     pw = workers["make"](pkv)

@@ -102,6 +102,7 @@ class Load:
     request_id: str
     tickets: tuple[dict[str, Any], ...]
     block_ids: tuple[int, ...]
+    refused: str = ""  # not loadable (why): reported as a failed load at once
 
 
 @dataclass(slots=True)
@@ -190,7 +191,11 @@ class SchedulerSide:
         request: RequestLike,
         unhashed_block_ids: Callable[[], Sequence[int]],
         num_external_tokens: int,
+        hit_blocks: int | None = None,
     ) -> None:
+        """``update_state_after_alloc``: ``unhashed_block_ids()`` the request's new blocks,
+        ``hit_blocks`` how many blocks its local prefix-cache hit holds (vLLM sets
+        ``num_computed_tokens`` only later; None: read it from there)."""
         params = request.kv_transfer_params
         if not params:
             return
@@ -208,19 +213,19 @@ class SchedulerSide:
             self._plan.releases.append(tickets)
             return
         offered = len(tickets[0]["block_ids"])
-        hit_blocks = request.num_computed_tokens // self.block_size
+        if hit_blocks is None:
+            hit_blocks = request.num_computed_tokens // self.block_size
         need = offered - hit_blocks
-        blocks = tuple(int(b) for b in unhashed_block_ids())[: max(need, 0)]
+        new = tuple(int(b) for b in unhashed_block_ids())
+        blocks = new[: max(need, 0)]
         if need <= 0 or len(blocks) != need:
-            log.warning(
-                "dxl: request %s: %d new blocks for %d offered past a %d-block local hit; "
-                "releasing the offer",
-                request.request_id,
-                len(blocks),
-                offered,
-                hit_blocks,
-            )
+            # the request is parked for a load already: it must end as a failed one (vLLM's
+            # kv_load_failure_policy applies), and the prefill need not wait for its lease
+            why = f"{len(new)} new blocks for {offered} offered past a {hit_blocks}-block local hit"
+            log.warning("dxl: request %s: %s", request.request_id, why)
             self._plan.releases.append(tickets)
+            self._plan.loads.append(Load(request.request_id, (), new, why))
+            self._loading.add(request.request_id)
             return
         self._plan.loads.append(Load(request.request_id, tickets, blocks))
         self._loading.add(request.request_id)

@@ -183,7 +183,7 @@ class WorkerSide:
         for req_id in plan.cancels:  # the fetch asks the prefill to stop, then reports
             loop.call_soon_threadsafe(self._cancel_fetch, req_id)
         for load in plan.loads:
-            ticket = self._my_ticket(load.tickets)
+            ticket = None if load.refused else self._my_ticket(load.tickets)
             if ticket is None:
                 with self._lock:
                     self._fail(load.request_id, load.block_ids)
