@@ -173,6 +173,7 @@ class WorkerSide:
             dropped = [oid for oid in plan.dropped if self._ends.pop(oid, None) is None]
             self._dropped.update(dropped)
             made = [self._made[oid] for oid in dropped if oid in self._made]
+        self._pending_aborts = [f for f in self._pending_aborts if not f.done()]
         for p in made:
             self._pending_aborts.append(self._submit(self._abort_offer(p)))
         for tickets in plan.releases:
