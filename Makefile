@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv install demo test lint bench clean
+.PHONY: venv install demo test lint bench clean venv-vllm test-vllm
 
 venv: $(STAMP)
 
@@ -28,8 +28,27 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check dxl tests examples benchmarks native
 	$(BIN)/mypy
 
+# vLLM connector tests in their own environment: vllm==0.33.* with its CUDA torch is several GB
+# (~9.5 GB installed), too much for the default venv. dxl is installed into it too (editable).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml setup.py native/*.h native/*.c native/build_ffi.py
+	@start=$$(date +%s); \
+	(test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)) && \
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip && \
+	DXL_WERROR=1 $(VLLM_VENV)/bin/pip install -q -e '.[vllm,test]' && \
+	echo "$(VLLM_VENV): vllm installed in $$(( $$(date +%s) - start )) s, $$(du -sh $(VLLM_VENV) | cut -f1)"
+	touch $(VLLM_STAMP)
+
+venv-vllm: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	@$(VLLM_VENV)/bin/python -c "import importlib.metadata as m; print('vllm', m.version('vllm'), '/ torch', m.version('torch'))"
+	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/integrations
+
 bench: $(STAMP)
 	$(BIN)/dxl bench --transport cma tcp --op pull push --block-bytes 4K 16K 64K 256K 1M --passes 3
 
 clean:
-	rm -rf $(VENV) build *.egg-info dxl/_dxl_native*.so dxl/_dxl_native.c
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info dxl/_dxl_native*.so dxl/_dxl_native.c

@@ -42,8 +42,9 @@ async def target_main(layers: int, block_bytes: int, conn) -> None:
     cfg = dxl.LLMConfig()
     cfg.listen_ip_info = "127.0.0.1:0"
     async with dxl.Engine(TARGET_ID, dxl.LLMRole.PROMPT, cfg) as eng:
-        await eng.register_blocks_cache(kv.desc(), kv.addrs, dxl.BlocksCacheKey(TARGET_ID, 0),
-                                        remote_accessible=True)
+        await eng.register_blocks_cache(
+            kv.desc(), kv.addrs, dxl.BlocksCacheKey(TARGET_ID, 0), remote_accessible=True
+        )
         conn.send(eng.listen_address)
         await asyncio.get_running_loop().run_in_executor(None, conn.recv)
 
@@ -62,13 +63,25 @@ def memcpy_pass(dst, src, tables: list[np.ndarray], block_bytes: int) -> float:
     plans = [block_pieces(dst_bases, src_bases, t, t, block_bytes) for t in tables]
     t0 = time.perf_counter()
     for p in plans:
-        _ffi.check(_ffi.lib.dxl_copy_pieces(_ffi.as_u64_ptr(p.dst), _ffi.as_u64_ptr(p.src),
-                                            _ffi.as_u64_ptr(p.length), p.count, 1), "memcpy")
+        _ffi.check(
+            _ffi.lib.dxl_copy_pieces(
+                _ffi.as_u64_ptr(p.dst),
+                _ffi.as_u64_ptr(p.src),
+                _ffi.as_u64_ptr(p.length),
+                p.count,
+                1,
+            ),
+            "memcpy",
+        )
     return time.perf_counter() - t0
 
 
 async def measure(
-    layers: int, block_bytes: int, address: tuple[str, int], passes: int, requests: int,
+    layers: int,
+    block_bytes: int,
+    address: tuple[str, int],
+    passes: int,
+    requests: int,
     threads: int,
 ) -> dict:
     import dxl
@@ -110,13 +123,22 @@ async def measure(
     if not verified:  # an unverified speed is not a result
         g = dxl_gbps = None  # type: ignore[assignment]
     return {
-        "transport": "cma", "op": "pull", "block_bytes": block_bytes, "layers": layers,
-        "blocks_per_request": k, "pieces_per_request": k * tensors,
-        "gbps": g and round(g, 3), "baseline": "memcpy-1thread", "baseline_gbps": round(b, 3),
-        "ratio": g and round(g / b, 3), "passes": passes, "requests_per_pass": requests,
+        "transport": "cma",
+        "op": "pull",
+        "block_bytes": block_bytes,
+        "layers": layers,
+        "blocks_per_request": k,
+        "pieces_per_request": k * tensors,
+        "gbps": g and round(g, 3),
+        "baseline": "memcpy-1thread",
+        "baseline_gbps": round(b, 3),
+        "ratio": g and round(g / b, 3),
+        "passes": passes,
+        "requests_per_pass": requests,
         "transfer_threads": threads,
         "gbps_passes": dxl_gbps and [round(x, 3) for x in dxl_gbps],
-        "baseline_passes": [round(x, 3) for x in base_gbps], "verified": bool(verified),
+        "baseline_passes": [round(x, 3) for x in base_gbps],
+        "verified": bool(verified),
     }
 
 
@@ -153,10 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             if not row["verified"]:
                 print(f"cma pull {bb // 1024:>5} KiB: UNVERIFIED (bytes differ), no result")
                 continue
-            print(f"cma pull {bb // 1024:>5} KiB x {row['pieces_per_request']} pieces: "
-                  f"{row['gbps']:.2f} GB/s vs memcpy {row['baseline_gbps']:.2f} GB/s -> "
-                  f"ratio {row['ratio']:.2f} (passes {row['gbps_passes']} / "
-                  f"{row['baseline_passes']})", flush=True)
+            print(
+                f"cma pull {bb // 1024:>5} KiB x {row['pieces_per_request']} pieces: "
+                f"{row['gbps']:.2f} GB/s vs memcpy {row['baseline_gbps']:.2f} GB/s -> "
+                f"ratio {row['ratio']:.2f} (passes {row['gbps_passes']} / "
+                f"{row['baseline_passes']})",
+                flush=True,
+            )
     return 0 if ok else 1
 
 

@@ -266,7 +266,7 @@ class CacheDesc:
                 raise param_invalid(
                     None,
                     f"CacheDesc: failed to calc tensor size, shape = {self._shape}, "
-                    f"data_type = {self._data_type}"
+                    f"data_type = {self._data_type}",
                 )
             self._size = size
         return self._size

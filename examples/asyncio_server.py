@@ -68,8 +68,9 @@ async def serve(args: argparse.Namespace, prefill_address: tuple[str, int]) -> i
             blocks = await allocator.take(len(prompt_blocks))
             t0 = time.perf_counter()
             try:
-                await eng.pull_blocks(dxl.BlocksCacheKey(PREFILL_ID, 0), cache, prompt_blocks,
-                                      blocks)
+                await eng.pull_blocks(
+                    dxl.BlocksCacheKey(PREFILL_ID, 0), cache, prompt_blocks, blocks
+                )
             except dxl.LLMException as exc:  # a real server would re-route the request
                 failures += 1
                 print(f"request {req_id}: pull failed: {exc}")
@@ -78,8 +79,10 @@ async def serve(args: argparse.Namespace, prefill_address: tuple[str, int]) -> i
             ms = (time.perf_counter() - t0) * 1e3
             ok = kv.matches(range(tensors), blocks, PREFILL_SEED, range(tensors), prompt_blocks)
             failures += not ok
-            print(f"request {req_id}: {len(blocks)} blocks pulled in {ms:.2f} ms, "
-                  f"{'verified' if ok else 'MISMATCH'}")
+            print(
+                f"request {req_id}: {len(blocks)} blocks pulled in {ms:.2f} ms, "
+                f"{'verified' if ok else 'MISMATCH'}"
+            )
             await asyncio.sleep(args.decode_ms / 1000)  # the model's decode steps
             await allocator.give_back(blocks)
 
@@ -100,9 +103,11 @@ async def serve(args: argparse.Namespace, prefill_address: tuple[str, int]) -> i
         await router_task
         await asyncio.gather(*in_flight)
         pull = eng.stats()["pull"]
-        print(f"served {args.requests} requests, {pull['bytes'] / 2**20:.1f} MiB pulled, "
-              f"p50 {pull['p50_us'] / 1e3:.2f} ms, p99 {pull['p99_us'] / 1e3:.2f} ms, "
-              f"failures {failures}")
+        print(
+            f"served {args.requests} requests, {pull['bytes'] / 2**20:.1f} MiB pulled, "
+            f"p50 {pull['p50_us'] / 1e3:.2f} ms, p99 {pull['p99_us'] / 1e3:.2f} ms, "
+            f"failures {failures}"
+        )
     return 1 if failures else 0
 
 
@@ -118,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arrival-ms", type=float, default=2.0)
     p.add_argument("--decode-ms", type=float, default=5.0)
     p.add_argument("--transport", choices=("auto", "cma", "tcp"), default="auto")
-    p.add_argument("--share", action="store_true",
-                   help="prefill registers with dxl.ShareRegistered (docs/api.md)")
+    p.add_argument(
+        "--share",
+        action="store_true",
+        help="prefill registers with dxl.ShareRegistered (docs/api.md)",
+    )
     args = p.parse_args(argv)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()

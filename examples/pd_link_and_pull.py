@@ -91,7 +91,7 @@ async def decode_main(args: argparse.Namespace, address: tuple[str, int]) -> dic
             if cursor + table.size > args.blocks:  # decode cache full: finish, reuse blocks
                 await asyncio.gather(*pending)
                 pending, cursor = [], 0
-            pending.append(asyncio.ensure_future(one(table, free[cursor:cursor + table.size])))
+            pending.append(asyncio.ensure_future(one(table, free[cursor : cursor + table.size])))
             cursor += table.size
         await asyncio.gather(*pending)
         wall = time.perf_counter() - t_start
@@ -134,10 +134,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-blocks", type=int, default=64, help="largest block table")
     p.add_argument("--concurrency", type=int, default=4, help="pulls in flight")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--transport", choices=("auto", "cma", "tcp"), default="auto",
-                   help="auto: cma on one host; tcp: the network path (loopback here)")
-    p.add_argument("--share", action="store_true",
-                   help="prefill registers with dxl.ShareRegistered (docs/api.md)")
+    p.add_argument(
+        "--transport",
+        choices=("auto", "cma", "tcp"),
+        default="auto",
+        help="auto: cma on one host; tcp: the network path (loopback here)",
+    )
+    p.add_argument(
+        "--share",
+        action="store_true",
+        help="prefill registers with dxl.ShareRegistered (docs/api.md)",
+    )
     args = p.parse_args(argv)
     if not 1 <= args.min_blocks <= args.max_blocks <= args.blocks:
         p.error("need 1 <= --min-blocks <= --max-blocks <= --blocks")

@@ -19,10 +19,16 @@ from dxl import _ffi
 from dxl.memory.share import SHARED
 
 
-def pytest_report_header() -> str:
+def pytest_report_header() -> list[str]:
+    import importlib.metadata
+
     import dxl
 
-    return f"dxl {dxl.__version__}, features: {dxl.features()}"
+    try:  # tests/integrations run against it (make test-vllm), or are skipped
+        vllm = f"vllm {importlib.metadata.version('vllm')}"
+    except importlib.metadata.PackageNotFoundError:
+        vllm = "vllm not installed: tests/integrations are skipped (make test-vllm runs them)"
+    return [f"dxl {dxl.__version__}, features: {dxl.features()}", vllm]
 
 
 def _live_resources() -> dict[str, int]:

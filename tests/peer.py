@@ -257,9 +257,10 @@ async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> 
         return int(words.ctypes.data), int(words.nbytes)
     if cmd == "canary_intact":
         words = buffers["canary:" + kw["name"]]
-        return bool(np.array_equal(words, np.arange(words.size, dtype=np.uint64) ^ np.uint64(0xC0FFEE)))
+        expected = np.arange(words.size, dtype=np.uint64) ^ np.uint64(0xC0FFEE)
+        return bool(np.array_equal(words, expected))
     if cmd == "rss_kib":
-        with open("/proc/self/statm") as f:
+        with open("/proc/self/statm") as f:  # noqa: ASYNC230 (procfs: never blocks)
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
     if cmd == "stop":
         return None

@@ -23,8 +23,7 @@ POOL = {"llm.HostMemPoolConfig": '{"memory_size": 8388608, "page_shift": 12}'}
 
 
 def desc(num_tensors=TENSORS, units=BATCHES, unit_bytes=STRIDE, placement=dxl.Placement.HOST):
-    return dxl.CacheDesc(num_tensors, [units, unit_bytes // 2], dxl.DataType.DT_FLOAT16,
-                         placement)
+    return dxl.CacheDesc(num_tensors, [units, unit_bytes // 2], dxl.DataType.DT_FLOAT16, placement)
 
 
 async def decoder(peer, options=None):
@@ -36,9 +35,16 @@ async def decoder(peer, options=None):
 
 async def test_pull_consumes_keys_of_allocated_caches(make_peer):
     peer = make_peer(P_ID, options=POOL)
-    cid = peer.call("allocate", name="kv", contiguous=True, num_tensors=TENSORS,
-                    num_blocks=BATCHES, block_bytes=STRIDE, seed=7,
-                    keys=[(10, 0, U), (11, 0, U), (U, 0, 3)])
+    cid = peer.call(
+        "allocate",
+        name="kv",
+        contiguous=True,
+        num_tensors=TENSORS,
+        num_blocks=BATCHES,
+        block_bytes=STRIDE,
+        seed=7,
+        keys=[(10, 0, U), (11, 0, U), (U, 0, 3)],
+    )
     assert cid == 1  # cache ids start at 1: samples hard-code CacheKeyByIdAndIndex(..., 1, 0)
     buf = KVBuffers(TENSORS, BATCHES, STRIDE, fill=False)
     async with await decoder(peer) as eng:
@@ -49,10 +55,20 @@ async def test_pull_consumes_keys_of_allocated_caches(make_peer):
             await eng.pull_cache(dxl.CacheKey(P_ID, 10), cache, 1)
         assert err.value.status_code == S.LLM_KV_CACHE_NOT_EXIST
         # layer-wise: the key goes once every tensor of the batch was pulled
-        await eng.pull_cache(dxl.CacheKey(P_ID, 11), cache, 1, src_layer_range=range(0, 1),
-                             dst_layer_range=range(0, 1))
-        await eng.pull_cache(dxl.CacheKey(P_ID, 11), cache, 1, src_layer_range=range(1, 2),
-                             dst_layer_range=range(1, 2))
+        await eng.pull_cache(
+            dxl.CacheKey(P_ID, 11),
+            cache,
+            1,
+            src_layer_range=range(0, 1),
+            dst_layer_range=range(0, 1),
+        )
+        await eng.pull_cache(
+            dxl.CacheKey(P_ID, 11),
+            cache,
+            1,
+            src_layer_range=range(1, 2),
+            dst_layer_range=range(1, 2),
+        )
         assert buf.matches(ALL, [1], 7, ALL, [1])
         with pytest.raises(dxl.LLMException):
             await eng.pull_cache(dxl.CacheKey(P_ID, 11), cache, 1)
@@ -73,8 +89,16 @@ async def test_pull_consumes_keys_of_allocated_caches(make_peer):
 
 async def test_remote_cache_accessible_mode_keeps_keys(make_peer):
     peer = make_peer(P_ID, options={**POOL, "llm.EnableRemoteCacheAccessible": "1"})
-    peer.call("allocate", name="kv", contiguous=True, num_tensors=TENSORS, num_blocks=BATCHES,
-              block_bytes=STRIDE, seed=7, keys=[(10, 0, U)])
+    peer.call(
+        "allocate",
+        name="kv",
+        contiguous=True,
+        num_tensors=TENSORS,
+        num_blocks=BATCHES,
+        block_bytes=STRIDE,
+        seed=7,
+        keys=[(10, 0, U)],
+    )
     buf = KVBuffers(TENSORS, BATCHES, STRIDE, fill=False)
     async with await decoder(peer) as eng:
         cache = await eng.register_cache(buf.desc(), buf.addrs)
@@ -174,8 +198,16 @@ class Layers(dxl.LayerSynchronizer):
 async def test_transfer_cache_async_layer_by_layer(make_peer):
     layers, blocks, bb = 3, 8, 1024
     peer = make_peer(D_ID, role="DECODER")
-    peer.call("register", name="kv", num_tensors=2 * layers, num_blocks=blocks, block_bytes=bb,
-              seed=0, model_id=0, fill=False)
+    peer.call(
+        "register",
+        name="kv",
+        num_tensors=2 * layers,
+        num_blocks=blocks,
+        block_bytes=bb,
+        seed=0,
+        model_id=0,
+        fill=False,
+    )
     src = KVBuffers(2 * layers, blocks, bb, seed=9)
     everything = list(range(2 * layers))
     async with dxl.Engine(P_ID, dxl.LLMRole.PROMPT) as eng:
@@ -183,16 +215,22 @@ async def test_transfer_cache_async_layer_by_layer(make_peer):
         info = peer.cluster_info()
         assert (await eng.link_clusters([info]))[0] == S.LLM_SUCCESS
         sync = Layers(layers)
-        cfg = dxl.TransferWithCacheKeyConfig(dxl.BlocksCacheKey(D_ID, 0), range(0, layers),
-                                             range(0, layers))
+        cfg = dxl.TransferWithCacheKeyConfig(
+            dxl.BlocksCacheKey(D_ID, 0), range(0, layers), range(0, layers)
+        )
         task = await eng.transfer_cache_async(cache, sync, [cfg], [1, 2], [6, 7])
         sync.ready[0].set()
         for layer in range(1, layers):  # nothing beyond a released layer moves
             sync.ready[layer].set()
         assert await task.wait_async() == [S.LLM_SUCCESS]
         assert task.synchronize() == S.LLM_SUCCESS
-        args = dict(tensors=everything, dst_blocks=[6, 7], src_seed=9, src_tensors=everything,
-                    src_blocks=[1, 2])
+        args = dict(
+            tensors=everything,
+            dst_blocks=[6, 7],
+            src_seed=9,
+            src_tensors=everything,
+            src_blocks=[1, 2],
+        )
         assert await peer.acall("matches", name="kv", args=args)
 
         # raw destination addresses (TransferConfig) for layers 1..2 into peer layers 0..1
@@ -204,8 +242,7 @@ async def test_transfer_cache_async_layer_by_layer(make_peer):
         task = await eng.transfer_cache_async(cache, sync, [tcfg], [5], [0])
         assert await task.wait_async() == [S.LLM_PARAM_INVALID]  # layer 2 was refused
         assert sync.asked == [1, 2]
-        args = dict(tensors=[0, 1], dst_blocks=[0], src_seed=9, src_tensors=[2, 3],
-                    src_blocks=[5])
+        args = dict(tensors=[0, 1], dst_blocks=[0], src_seed=9, src_tensors=[2, 3], src_blocks=[5])
         assert await peer.acall("matches", name="kv", args=args)
         assert await peer.acall("untouched", name="kv", tensors=[2, 3], blocks=[0])
 
@@ -223,13 +260,13 @@ async def test_transfer_cache_async_layer_by_layer(make_peer):
         sync = Layers(layers)
         for ev in sync.ready:
             ev.set()
-        first = dxl.TransferWithCacheKeyConfig(dxl.BlocksCacheKey(D_ID, 0), range(2, 3),
-                                               range(2, 3))
+        first = dxl.TransferWithCacheKeyConfig(
+            dxl.BlocksCacheKey(D_ID, 0), range(2, 3), range(2, 3)
+        )
         before = peer.call("read", name="kv", tensors=[4, 5], blocks=list(range(1, blocks)))
         task = await eng.transfer_cache_async(cache, sync, [first])
         assert await task.wait_async() == [S.LLM_SUCCESS]
-        args = dict(tensors=[4, 5], dst_blocks=[0], src_seed=9, src_tensors=[4, 5],
-                    src_blocks=[0])
+        args = dict(tensors=[4, 5], dst_blocks=[0], src_seed=9, src_tensors=[4, 5], src_blocks=[0])
         assert await peer.acall("matches", name="kv", args=args)
         assert peer.call("read", name="kv", tensors=[4, 5], blocks=list(range(1, blocks))) == before
 
@@ -255,13 +292,32 @@ def test_rank_table_arguments_and_v1_entry_points_are_checked():
         with pytest.raises(dxl.LLMException) as err:
             dd.link("c", {5: 1, 2: 0}, "{}")
         assert err.value.status_code == S.LLM_PARAM_INVALID
-        table = {"server_list": [{"host_ip": "127.0.0.1", "device": [
-            {"device_id": "0", "rank_id": "0"}, {"device_id": "1", "rank_id": "1"}]}]}
-        for bad, why in (("{", "not JSON"), ("[]", "server_list"),
-                         (json.dumps({"server_list": [{"device": [{"rank_id": "0"}]}]}),
-                          "address"),
-                         (json.dumps({"server_list": [{"host_ip": "x", "device": [
-                             {"rank_id": "0"}, {"rank_id": "1"}]}]}), "not an IP")):
+        table = {
+            "server_list": [
+                {
+                    "host_ip": "127.0.0.1",
+                    "device": [
+                        {"device_id": "0", "rank_id": "0"},
+                        {"device_id": "1", "rank_id": "1"},
+                    ],
+                }
+            ]
+        }
+        for bad, why in (
+            ("{", "not JSON"),
+            ("[]", "server_list"),
+            (json.dumps({"server_list": [{"device": [{"rank_id": "0"}]}]}), "address"),
+            (
+                json.dumps(
+                    {
+                        "server_list": [
+                            {"host_ip": "x", "device": [{"rank_id": "0"}, {"rank_id": "1"}]}
+                        ]
+                    }
+                ),
+                "not an IP",
+            ),
+        ):
             with pytest.raises(dxl.LLMException, match=why) as err:
                 dd.link("c", {5: 0, 2: 1}, bad)
             assert err.value.status_code == S.LLM_PARAM_INVALID
@@ -271,8 +327,11 @@ def test_rank_table_arguments_and_v1_entry_points_are_checked():
             dd.link("c", {1: 0, 2: 1}, json.dumps(table))
         assert dd.engine.listen_address is None  # every refusal left the engine as it was
         assert dd.query_register_mem_status(1) == dxl.RegisterMemStatus.FAILED  # no comm 1
-        for call in (lambda: dd.check_link_status(1), lambda: dd.kv_cache_manager,
-                     lambda: dd.unlink(1)):
+        for call in (
+            lambda: dd.check_link_status(1),
+            lambda: dd.kv_cache_manager,
+            lambda: dd.unlink(1),
+        ):
             with pytest.raises(dxl.LLMException) as err:
                 call()
             assert err.value.status_code == S.LLM_PARAM_INVALID
@@ -284,8 +343,15 @@ async def test_pulls_from_allocated_caches_use_the_shared_pool(make_peer):
     """A same-host peer's pool is mapped at link time: pulls and pushes into caches it
     allocated are memcpy (transport "cma+shm"), with the same safety as cma."""
     peer = make_peer(P_ID, options=POOL)
-    peer.call("allocate", name="kv", num_tensors=TENSORS, num_blocks=16, block_bytes=4096,
-              seed=3, model_id=0)
+    peer.call(
+        "allocate",
+        name="kv",
+        num_tensors=TENSORS,
+        num_blocks=16,
+        block_bytes=4096,
+        seed=3,
+        model_id=0,
+    )
     buf = KVBuffers(TENSORS, 16, 4096, fill=False)
     async with await decoder(peer) as eng:
         assert eng.stats()["links"][P_ID]["transport"] == "cma+shm"
@@ -304,8 +370,15 @@ async def test_pulls_from_allocated_caches_use_the_shared_pool(make_peer):
 
 async def test_shared_pool_of_a_killed_peer_is_never_read(make_peer):
     peer = make_peer(P_ID, options=POOL)
-    peer.call("allocate", name="kv", num_tensors=TENSORS, num_blocks=16, block_bytes=4096,
-              seed=3, model_id=0)
+    peer.call(
+        "allocate",
+        name="kv",
+        num_tensors=TENSORS,
+        num_blocks=16,
+        block_bytes=4096,
+        seed=3,
+        model_id=0,
+    )
     buf = KVBuffers(TENSORS, 16, 4096, fill=False)
     async with await decoder(peer) as eng:
         cache = await eng.register_blocks_cache(buf.desc(), buf.addrs)
@@ -314,9 +387,15 @@ async def test_shared_pool_of_a_killed_peer_is_never_read(make_peer):
         peer.proc.join(5)
         # call the transport directly: the engine would also see the closed control link
         from dxl.memory.plan import block_pieces
+
         remote = link.registry.blocks_by_model[0]
-        pieces = block_pieces(np.asarray(buf.addrs, dtype=np.uint64), remote.layout.addrs,
-                              np.array([0]), np.array([1]), 4096)
+        pieces = block_pieces(
+            np.asarray(buf.addrs, dtype=np.uint64),
+            remote.layout.addrs,
+            np.array([0]),
+            np.array([1]),
+            4096,
+        )
         with pytest.raises(dxl._ffi.NativeError, match="DXL_E_SRCH"):
             link.transport.read(pieces)
         del cache

@@ -21,8 +21,16 @@ ALL = list(range(TENSORS))
 def prefill(make_peer):
     peer = make_peer(P_ID)
     # contiguous cache id 1: batch 0 <- req 10, batch 1 unused, batch 2 <- prefix 5
-    peer.call("register", name="kv", contiguous=True, num_tensors=TENSORS, num_blocks=BATCHES,
-              block_bytes=STRIDE, seed=7, keys=[(10, 0, U), (U, 0, U), (U, 0, 5)])
+    peer.call(
+        "register",
+        name="kv",
+        contiguous=True,
+        num_tensors=TENSORS,
+        num_blocks=BATCHES,
+        block_bytes=STRIDE,
+        seed=7,
+        keys=[(10, 0, U), (U, 0, U), (U, 0, 5)],
+    )
     return peer
 
 
@@ -62,8 +70,13 @@ async def test_pull_cache_size_and_layers(prefill):
         assert not buf.blocks(0)[1, 128:].any()
         ref = KVBuffers(TENSORS, BATCHES, STRIDE, seed=7)
         assert (head == ref.blocks(0)[0, :128]).all()
-        await eng.pull_cache(dxl.CacheKey(P_ID, 10), cache, batch_index=2,
-                             src_layer_range=range(1, 2), dst_layer_range=range(0, 1))
+        await eng.pull_cache(
+            dxl.CacheKey(P_ID, 10),
+            cache,
+            batch_index=2,
+            src_layer_range=range(1, 2),
+            dst_layer_range=range(0, 1),
+        )
         assert buf.matches([0, 1], [2], 7, [2, 3], [0])
         assert buf.untouched([2, 3], [2])
 
@@ -74,24 +87,40 @@ PULL_CACHE_ERRORS = [
     ("batch_index range", dict(batch_index=BATCHES), dxl.LLMException, S.LLM_PARAM_INVALID),
     ("size zero", dict(size=0), dxl.LLMException, S.LLM_PARAM_INVALID),
     ("size over stride", dict(size=STRIDE + 8), dxl.LLMException, S.LLM_PARAM_INVALID),
-    ("both ids", dict(cache_key=dxl.CacheKey(P_ID, 10, 0, 5)), dxl.LLMException,
-     S.LLM_PARAM_INVALID),
+    (
+        "both ids",
+        dict(cache_key=dxl.CacheKey(P_ID, 10, 0, 5)),
+        dxl.LLMException,
+        S.LLM_PARAM_INVALID,
+    ),
     ("no id", dict(cache_key=dxl.CacheKey(P_ID, U)), dxl.LLMException, S.LLM_PARAM_INVALID),
-    ("unknown key", dict(cache_key=dxl.CacheKey(P_ID, 11)), dxl.LLMException,
-     S.LLM_KV_CACHE_NOT_EXIST),
-    ("unknown id", dict(cache_key=dxl.CacheKeyByIdAndIndex(P_ID, 9, 0)), dxl.LLMException,
-     S.LLM_KV_CACHE_NOT_EXIST),
-    ("batch missing", dict(cache_key=dxl.CacheKeyByIdAndIndex(P_ID, 1, BATCHES)),
-     dxl.LLMException, S.LLM_KV_CACHE_NOT_EXIST),
+    (
+        "unknown key",
+        dict(cache_key=dxl.CacheKey(P_ID, 11)),
+        dxl.LLMException,
+        S.LLM_KV_CACHE_NOT_EXIST,
+    ),
+    (
+        "unknown id",
+        dict(cache_key=dxl.CacheKeyByIdAndIndex(P_ID, 9, 0)),
+        dxl.LLMException,
+        S.LLM_KV_CACHE_NOT_EXIST,
+    ),
+    (
+        "batch missing",
+        dict(cache_key=dxl.CacheKeyByIdAndIndex(P_ID, 1, BATCHES)),
+        dxl.LLMException,
+        S.LLM_KV_CACHE_NOT_EXIST,
+    ),
     ("not linked", dict(cache_key=dxl.CacheKey(5, 10)), dxl.LLMException, S.LLM_NOT_YET_LINK),
-    ("own cluster", dict(cache_key=dxl.CacheKey(D_ID, 10)), dxl.LLMException,
-     S.LLM_PARAM_INVALID),
+    ("own cluster", dict(cache_key=dxl.CacheKey(D_ID, 10)), dxl.LLMException, S.LLM_PARAM_INVALID),
     ("tnpl", dict(kwargs=dict(tensor_num_per_layer=0)), dxl.LLMException, S.LLM_PARAM_INVALID),
 ]
 
 
-@pytest.mark.parametrize(("what", "override", "exc", "code"), PULL_CACHE_ERRORS,
-                         ids=[c[0] for c in PULL_CACHE_ERRORS])
+@pytest.mark.parametrize(
+    ("what", "override", "exc", "code"), PULL_CACHE_ERRORS, ids=[c[0] for c in PULL_CACHE_ERRORS]
+)
 async def test_pull_cache_errors(prefill, what, override, exc, code):
     buf = KVBuffers(TENSORS, BATCHES, STRIDE, fill=False)
     eng, cache = await linked(prefill, buf)
@@ -99,8 +128,9 @@ async def test_pull_cache_errors(prefill, what, override, exc, code):
         call = dict(cache_key=dxl.CacheKey(P_ID, 10), batch_index=0, size=-1, kwargs={})
         call.update(override)
         with pytest.raises(exc) as err:
-            await eng.pull_cache(call["cache_key"], cache, call["batch_index"], call["size"],
-                                 **call["kwargs"])
+            await eng.pull_cache(
+                call["cache_key"], cache, call["batch_index"], call["size"], **call["kwargs"]
+            )
         if code is not None:
             assert err.value.status_code == code
         assert buf.untouched(ALL, list(range(BATCHES)))
@@ -140,8 +170,16 @@ async def test_pull_blocks_from_contiguous(prefill):
 
 async def test_push_cache(make_peer):
     peer = make_peer(P_ID)
-    peer.call("register", name="kv", contiguous=True, num_tensors=TENSORS, num_blocks=BATCHES,
-              block_bytes=STRIDE, seed=7, fill=False)
+    peer.call(
+        "register",
+        name="kv",
+        contiguous=True,
+        num_tensors=TENSORS,
+        num_blocks=BATCHES,
+        block_bytes=STRIDE,
+        seed=7,
+        fill=False,
+    )
     src = KVBuffers(TENSORS, BATCHES, STRIDE, seed=3)
     eng, cache = await linked(peer, src)
     async with eng:
@@ -149,15 +187,22 @@ async def test_push_cache(make_peer):
         args = dict(tensors=ALL, dst_blocks=[2], src_seed=3, src_tensors=ALL, src_blocks=[1])
         assert peer.call("matches", name="kv", args=args)
         assert peer.call("untouched", name="kv", tensors=ALL, blocks=[0, 1, 3])
-        await eng.push_cache(dxl.CacheKeyByIdAndIndex(P_ID, 1, 0), cache, 3,
-                             src_layer_range=range(0, 1), dst_layer_range=range(1, 2))
-        args = dict(tensors=[2, 3], dst_blocks=[0], src_seed=3, src_tensors=[0, 1],
-                    src_blocks=[3])
+        await eng.push_cache(
+            dxl.CacheKeyByIdAndIndex(P_ID, 1, 0),
+            cache,
+            3,
+            src_layer_range=range(0, 1),
+            dst_layer_range=range(1, 2),
+        )
+        args = dict(tensors=[2, 3], dst_blocks=[0], src_seed=3, src_tensors=[0, 1], src_blocks=[3])
         assert peer.call("matches", name="kv", args=args)
         assert peer.call("untouched", name="kv", tensors=[0, 1], blocks=[0])
-        for bad, exc in ((dict(size=16), dxl.LLMException), (dict(src_batch_index=-1), ValueError),
-                         (dict(dst_cache_key=dxl.CacheKey(P_ID, 1)), TypeError),
-                         (dict(dst_cache_key=None), TypeError)):
+        for bad, exc in (
+            (dict(size=16), dxl.LLMException),
+            (dict(src_batch_index=-1), ValueError),
+            (dict(dst_cache_key=dxl.CacheKey(P_ID, 1)), TypeError),
+            (dict(dst_cache_key=None), TypeError),
+        ):
             call = dict(dst_cache_key=dxl.CacheKeyByIdAndIndex(P_ID, 1, 0), src_cache=cache)
             call.update(bad)
             with pytest.raises(exc):
@@ -170,12 +215,14 @@ async def test_key_binding_rules():
     other = KVBuffers(TENSORS, BATCHES, STRIDE)
     async with dxl.Engine(P_ID, dxl.LLMRole.PROMPT) as eng:
         with pytest.raises(dxl.LLMException, match="only 4 batches") as err:
-            await eng.register_cache(buf.desc(), buf.addrs,
-                                     [dxl.CacheKey(P_ID, i) for i in range(5)])
+            await eng.register_cache(
+                buf.desc(), buf.addrs, [dxl.CacheKey(P_ID, i) for i in range(5)]
+            )
         assert err.value.status_code == S.LLM_PARAM_INVALID
         with pytest.raises(dxl.LLMException, match="twice"):
-            await eng.register_cache(buf.desc(), buf.addrs,
-                                     [dxl.CacheKey(P_ID, 1), dxl.CacheKey(P_ID, 1)])
+            await eng.register_cache(
+                buf.desc(), buf.addrs, [dxl.CacheKey(P_ID, 1), dxl.CacheKey(P_ID, 1)]
+            )
         with pytest.raises(TypeError, match="cache_keys"):
             await eng.register_cache(buf.desc(), buf.addrs, [dxl.BlocksCacheKey(P_ID, 0)])
         assert eng.stats()["caches"] == 0
@@ -194,12 +241,20 @@ async def test_key_binding_rules():
 
 async def test_switch_role_moves_the_listener(make_peer):
     peer = make_peer(P_ID)
-    peer.call("register", name="kv", num_tensors=TENSORS, num_blocks=8, block_bytes=1024, seed=1,
-              model_id=0)
+    peer.call(
+        "register",
+        name="kv",
+        num_tensors=TENSORS,
+        num_blocks=8,
+        block_bytes=1024,
+        seed=1,
+        model_id=0,
+    )
     buf = KVBuffers(TENSORS, 8, 1024, fill=False)
     async with dxl.Engine(D_ID, dxl.LLMRole.DECODER) as eng:
-        cache = await eng.register_blocks_cache(buf.desc(), buf.addrs, dxl.BlocksCacheKey(D_ID, 0),
-                                                remote_accessible=True)
+        cache = await eng.register_blocks_cache(
+            buf.desc(), buf.addrs, dxl.BlocksCacheKey(D_ID, 0), remote_accessible=True
+        )
         assert (await eng.link_clusters([peer.cluster_info()]))[0] == S.LLM_SUCCESS
         with pytest.raises(dxl.LLMException) as err:
             await eng.switch_role(dxl.LLMRole.PROMPT, {"llm.listenIpInfo": "127.0.0.1:0"})
@@ -211,9 +266,15 @@ async def test_switch_role_moves_the_listener(make_peer):
         assert await peer.acall("switch_role", role="DECODER") is None
         ret = await peer.acall("link", cluster_id=D_ID, address=list(eng.listen_address))
         assert ret == S.LLM_SUCCESS
-        await peer.acall("push", name="kv", cluster_id=D_ID, model_id=0, src_blocks=[0, 1],
-                         dst_blocks=[5, 6], kwargs=dict(src_layer_range=range(0, 1),
-                                                        dst_layer_range=range(1, 2)))
+        await peer.acall(
+            "push",
+            name="kv",
+            cluster_id=D_ID,
+            model_id=0,
+            src_blocks=[0, 1],
+            dst_blocks=[5, 6],
+            kwargs=dict(src_layer_range=range(0, 1), dst_layer_range=range(1, 2)),
+        )
         assert buf.matches([2, 3], [5, 6], 1, [0, 1], [0, 1])
         assert buf.untouched([0, 1], [5, 6])
         # force-unlink is local: both ends call it, as the reference's sample does

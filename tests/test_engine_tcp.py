@@ -26,8 +26,15 @@ TCP = {"dxl.Transport": "tcp"}
 
 def prefill(make_peer, options=None, cluster_id=P_ID, seed=7):
     peer = make_peer(cluster_id, options={**TCP, **(options or {})})
-    peer.call("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS, block_bytes=BB,
-              seed=seed, model_id=0)
+    peer.call(
+        "register",
+        name="kv",
+        num_tensors=TENSORS,
+        num_blocks=BLOCKS,
+        block_bytes=BB,
+        seed=seed,
+        model_id=0,
+    )
     return peer
 
 
@@ -38,8 +45,9 @@ async def decoder(options=None, listen=False):
     eng = dxl.Engine(D_ID, dxl.LLMRole.DECODER, opts)
     await eng.start()
     buf = KVBuffers(TENSORS, BLOCKS, BB, fill=False)
-    cache = await eng.register_blocks_cache(buf.desc(), buf.addrs, dxl.BlocksCacheKey(D_ID, 0),
-                                            remote_accessible=True)
+    cache = await eng.register_blocks_cache(
+        buf.desc(), buf.addrs, dxl.BlocksCacheKey(D_ID, 0), remote_accessible=True
+    )
     return eng, cache, buf
 
 
@@ -53,17 +61,25 @@ async def test_pull_and_push_over_tcp(make_peer):
         await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, src, dst)
         assert buf.matches(ALL, dst, 7, ALL, src)
         assert buf.untouched(ALL, [4, 5, 39, 42])
-        await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [1, 2], [50, 51],
-                              src_layer_range=range(1, 2), dst_layer_range=range(0, 1))
+        await eng.pull_blocks(
+            dxl.BlocksCacheKey(P_ID, 0),
+            cache,
+            [1, 2],
+            [50, 51],
+            src_layer_range=range(1, 2),
+            dst_layer_range=range(0, 1),
+        )
         assert buf.matches([0, 1], [50, 51], 7, [2, 3], [1, 2])
         assert buf.untouched([2, 3], [50, 51])
         # push from us into the prefill, and from the prefill into us (symmetric link)
         await eng.push_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [0, 1], [20, 21])
-        args = dict(tensors=ALL, dst_blocks=[20, 21], src_seed=7, src_tensors=ALL,
-                    src_blocks=[5, 9])
+        args = dict(
+            tensors=ALL, dst_blocks=[20, 21], src_seed=7, src_tensors=ALL, src_blocks=[5, 9]
+        )
         assert await peer.acall("matches", name="kv", args=args)
-        await peer.acall("push", name="kv", cluster_id=D_ID, model_id=0, src_blocks=[33],
-                         dst_blocks=[60])
+        await peer.acall(
+            "push", name="kv", cluster_id=D_ID, model_id=0, src_blocks=[33], dst_blocks=[60]
+        )
         assert buf.matches(ALL, [60], 7, ALL, [33])
         assert eng.stats()["data_server"]["requests_served"] >= 1
 
@@ -106,8 +122,9 @@ async def test_a_peer_that_does_not_listen_cannot_be_reached_over_tcp(make_peer)
         await eng.link_clusters([peer.cluster_info()])
         await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [4], [4])  # we reach it
         with pytest.raises(PeerError) as err:
-            await peer.acall("push", name="kv", cluster_id=D_ID, model_id=0, src_blocks=[1],
-                             dst_blocks=[1])
+            await peer.acall(
+                "push", name="kv", cluster_id=D_ID, model_id=0, src_blocks=[1], dst_blocks=[1]
+            )
         assert err.value.status_code == S.LLM_FEATURE_NOT_ENABLED
         assert "does not listen" in str(err.value)
         assert buf.untouched(ALL, [1])
@@ -164,16 +181,18 @@ async def test_killed_tcp_peer_fails_in_time_and_others_continue(make_peer):
 
 async def test_stopped_tcp_peer_times_out_without_breaking_the_link(make_peer):
     peer = prefill(make_peer, options={"dxl.HeartbeatIntervalMs": "2000"})
-    eng, cache, buf = await decoder({"llm.SyncKvCacheWaitTime": "300",
-                                     "dxl.HeartbeatIntervalMs": "2000"})
+    eng, cache, buf = await decoder(
+        {"llm.SyncKvCacheWaitTime": "300", "dxl.HeartbeatIntervalMs": "2000"}
+    )
     async with eng:
         await eng.link_clusters([peer.cluster_info()])
         peer.kill(signal.SIGSTOP)
         try:
             t0 = time.monotonic()
             with pytest.raises(dxl.LLMException) as err:
-                await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, list(range(64)),
-                                      list(range(64)))
+                await eng.pull_blocks(
+                    dxl.BlocksCacheKey(P_ID, 0), cache, list(range(64)), list(range(64))
+                )
             assert time.monotonic() - t0 < 1.5
             assert err.value.status_code == S.LLM_TIMEOUT
         finally:

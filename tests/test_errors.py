@@ -18,10 +18,25 @@ P_ID, D_ID = 1, 2
 @pytest.fixture
 def prefill(make_peer):
     peer = make_peer(P_ID)
-    peer.call("register", name="kv", num_tensors=TENSORS, num_blocks=BLOCKS, block_bytes=BB,
-              seed=7, model_id=0)
-    peer.call("register", name="private", num_tensors=TENSORS, num_blocks=BLOCKS,
-              block_bytes=BB, seed=8, model_id=1, remote_accessible=False)
+    peer.call(
+        "register",
+        name="kv",
+        num_tensors=TENSORS,
+        num_blocks=BLOCKS,
+        block_bytes=BB,
+        seed=7,
+        model_id=0,
+    )
+    peer.call(
+        "register",
+        name="private",
+        num_tensors=TENSORS,
+        num_blocks=BLOCKS,
+        block_bytes=BB,
+        seed=8,
+        model_id=1,
+        remote_accessible=False,
+    )
     return peer
 
 
@@ -51,51 +66,130 @@ PULL_CASES = [
     ("dst_blocks float", dict(dst_blocks=[0.5]), TypeError, None, "dst_blocks"),
     ("dst_blocks empty", dict(dst_blocks=[]), dxl.LLMException, S.LLM_PARAM_INVALID, "empty"),
     ("src_blocks empty", dict(src_blocks=[]), dxl.LLMException, S.LLM_PARAM_INVALID, "empty"),
-    ("length mismatch", dict(src_blocks=[0, 1]), dxl.LLMException, S.LLM_PARAM_INVALID,
-     "same length"),
-    ("remote block too big", dict(src_blocks=[BLOCKS]), dxl.LLMException, S.LLM_PARAM_INVALID,
-     "src_blocks"),
-    ("remote block negative", dict(src_blocks=[-1]), dxl.LLMException, S.LLM_PARAM_INVALID,
-     "src_blocks"),
-    ("local block too big", dict(dst_blocks=[BLOCKS + 5]), dxl.LLMException,
-     S.LLM_PARAM_INVALID, "dst_blocks"),
-    ("unlinked cluster", dict(src_cache_key=dxl.BlocksCacheKey(99, 0)), dxl.LLMException,
-     S.LLM_NOT_YET_LINK, "99"),
-    ("own cluster", dict(src_cache_key=dxl.BlocksCacheKey(D_ID, 0)), dxl.LLMException,
-     S.LLM_PARAM_INVALID, "own cluster"),
-    ("unknown key", dict(src_cache_key=dxl.BlocksCacheKey(P_ID, 5)), dxl.LLMException,
-     S.LLM_KV_CACHE_NOT_EXIST, "model_id=5"),
-    ("not remotely accessible", dict(src_cache_key=dxl.BlocksCacheKey(P_ID, 1)),
-     dxl.LLMException, S.LLM_KV_CACHE_NOT_EXIST, "remote_accessible=True"),
-    ("tensor_num_per_layer 0", dict(kwargs=dict(tensor_num_per_layer=0)), dxl.LLMException,
-     S.LLM_PARAM_INVALID, "tensor_num_per_layer"),
-    ("tensor_num_per_layer type", dict(kwargs=dict(tensor_num_per_layer="2")), TypeError, None,
-     "tensor_num_per_layer"),
-    ("layer range step", dict(kwargs=dict(src_layer_range=range(0, 2, 2))), dxl.LLMException,
-     S.LLM_PARAM_INVALID, "src_layer_range"),
-    ("layer range type", dict(kwargs=dict(dst_layer_range=[0, 1])), TypeError, None,
-     "dst_layer_range"),
-    ("layer range beyond cache", dict(kwargs=dict(src_layer_range=range(0, 3),
-                                                  dst_layer_range=range(0, 3))),
-     dxl.LLMException, S.LLM_PARAM_INVALID, "exceeds"),
-    ("layer counts differ", dict(kwargs=dict(src_layer_range=range(0, 1),
-                                             dst_layer_range=range(0, 2))),
-     dxl.LLMException, S.LLM_PARAM_INVALID, "same number of tensors"),
+    (
+        "length mismatch",
+        dict(src_blocks=[0, 1]),
+        dxl.LLMException,
+        S.LLM_PARAM_INVALID,
+        "same length",
+    ),
+    (
+        "remote block too big",
+        dict(src_blocks=[BLOCKS]),
+        dxl.LLMException,
+        S.LLM_PARAM_INVALID,
+        "src_blocks",
+    ),
+    (
+        "remote block negative",
+        dict(src_blocks=[-1]),
+        dxl.LLMException,
+        S.LLM_PARAM_INVALID,
+        "src_blocks",
+    ),
+    (
+        "local block too big",
+        dict(dst_blocks=[BLOCKS + 5]),
+        dxl.LLMException,
+        S.LLM_PARAM_INVALID,
+        "dst_blocks",
+    ),
+    (
+        "unlinked cluster",
+        dict(src_cache_key=dxl.BlocksCacheKey(99, 0)),
+        dxl.LLMException,
+        S.LLM_NOT_YET_LINK,
+        "99",
+    ),
+    (
+        "own cluster",
+        dict(src_cache_key=dxl.BlocksCacheKey(D_ID, 0)),
+        dxl.LLMException,
+        S.LLM_PARAM_INVALID,
+        "own cluster",
+    ),
+    (
+        "unknown key",
+        dict(src_cache_key=dxl.BlocksCacheKey(P_ID, 5)),
+        dxl.LLMException,
+        S.LLM_KV_CACHE_NOT_EXIST,
+        "model_id=5",
+    ),
+    (
+        "not remotely accessible",
+        dict(src_cache_key=dxl.BlocksCacheKey(P_ID, 1)),
+        dxl.LLMException,
+        S.LLM_KV_CACHE_NOT_EXIST,
+        "remote_accessible=True",
+    ),
+    (
+        "tensor_num_per_layer 0",
+        dict(kwargs=dict(tensor_num_per_layer=0)),
+        dxl.LLMException,
+        S.LLM_PARAM_INVALID,
+        "tensor_num_per_layer",
+    ),
+    (
+        "tensor_num_per_layer type",
+        dict(kwargs=dict(tensor_num_per_layer="2")),
+        TypeError,
+        None,
+        "tensor_num_per_layer",
+    ),
+    (
+        "layer range step",
+        dict(kwargs=dict(src_layer_range=range(0, 2, 2))),
+        dxl.LLMException,
+        S.LLM_PARAM_INVALID,
+        "src_layer_range",
+    ),
+    (
+        "layer range type",
+        dict(kwargs=dict(dst_layer_range=[0, 1])),
+        TypeError,
+        None,
+        "dst_layer_range",
+    ),
+    (
+        "layer range beyond cache",
+        dict(kwargs=dict(src_layer_range=range(0, 3), dst_layer_range=range(0, 3))),
+        dxl.LLMException,
+        S.LLM_PARAM_INVALID,
+        "exceeds",
+    ),
+    (
+        "layer counts differ",
+        dict(kwargs=dict(src_layer_range=range(0, 1), dst_layer_range=range(0, 2))),
+        dxl.LLMException,
+        S.LLM_PARAM_INVALID,
+        "same number of tensors",
+    ),
     ("unknown kwarg", dict(kwargs=dict(bogus=1)), TypeError, None, "bogus"),
 ]
 
 
-@pytest.mark.parametrize(("what", "override", "exc", "code", "fragment"), PULL_CASES,
-                         ids=[c[0] for c in PULL_CASES])
+@pytest.mark.parametrize(
+    ("what", "override", "exc", "code", "fragment"), PULL_CASES, ids=[c[0] for c in PULL_CASES]
+)
 async def test_pull_blocks_errors(decoder, what, override, exc, code, fragment):
     eng, cache, buf = decoder
-    call = dict(src_cache_key=dxl.BlocksCacheKey(P_ID, 0), dst_cache=cache,
-                src_blocks=[1], dst_blocks=[2], kwargs={})
+    call = dict(
+        src_cache_key=dxl.BlocksCacheKey(P_ID, 0),
+        dst_cache=cache,
+        src_blocks=[1],
+        dst_blocks=[2],
+        kwargs={},
+    )
     call.update(override)
     before = snapshot(eng)
     with pytest.raises(exc, match=fragment) as err:
-        await eng.pull_blocks(call["src_cache_key"], call["dst_cache"], call["src_blocks"],
-                              call["dst_blocks"], **call["kwargs"])
+        await eng.pull_blocks(
+            call["src_cache_key"],
+            call["dst_cache"],
+            call["src_blocks"],
+            call["dst_blocks"],
+            **call["kwargs"],
+        )
     if code is not None:
         assert err.value.status_code == code
     assert snapshot(eng) == before
@@ -122,31 +216,67 @@ async def test_pull_into_contiguous_cache_refused(decoder):
 
 
 PUSH_CASES = [
-    ("key wrong type", dict(dst_cache_key=dxl.CacheKey(P_ID, 0)), TypeError, None,
-     "dst_cache_key"),
+    ("key wrong type", dict(dst_cache_key=dxl.CacheKey(P_ID, 0)), TypeError, None, "dst_cache_key"),
     ("cache None", dict(src_cache=None), AttributeError, None, "src_cache"),
     ("dst_blocks empty", dict(dst_blocks=[]), dxl.LLMException, S.LLM_PARAM_INVALID, "empty"),
-    ("length mismatch", dict(src_blocks=[1, 2]), dxl.LLMException, S.LLM_PARAM_INVALID,
-     "same length"),
-    ("remote block out of range", dict(dst_blocks=[BLOCKS]), dxl.LLMException,
-     S.LLM_PARAM_INVALID, "dst_blocks"),
-    ("local block out of range", dict(src_blocks=[-3]), dxl.LLMException,
-     S.LLM_PARAM_INVALID, "src_blocks"),
-    ("unlinked", dict(dst_cache_key=dxl.BlocksCacheKey(42, 0)), dxl.LLMException,
-     S.LLM_NOT_YET_LINK, "42"),
-    ("not remotely accessible", dict(dst_cache_key=dxl.BlocksCacheKey(P_ID, 1)),
-     dxl.LLMException, S.LLM_KV_CACHE_NOT_EXIST, "remote_accessible=True"),
-    ("range step", dict(dst_layer_range=range(0, 4, 2)), dxl.LLMException, S.LLM_PARAM_INVALID,
-     "dst_layer_range"),
+    (
+        "length mismatch",
+        dict(src_blocks=[1, 2]),
+        dxl.LLMException,
+        S.LLM_PARAM_INVALID,
+        "same length",
+    ),
+    (
+        "remote block out of range",
+        dict(dst_blocks=[BLOCKS]),
+        dxl.LLMException,
+        S.LLM_PARAM_INVALID,
+        "dst_blocks",
+    ),
+    (
+        "local block out of range",
+        dict(src_blocks=[-3]),
+        dxl.LLMException,
+        S.LLM_PARAM_INVALID,
+        "src_blocks",
+    ),
+    (
+        "unlinked",
+        dict(dst_cache_key=dxl.BlocksCacheKey(42, 0)),
+        dxl.LLMException,
+        S.LLM_NOT_YET_LINK,
+        "42",
+    ),
+    (
+        "not remotely accessible",
+        dict(dst_cache_key=dxl.BlocksCacheKey(P_ID, 1)),
+        dxl.LLMException,
+        S.LLM_KV_CACHE_NOT_EXIST,
+        "remote_accessible=True",
+    ),
+    (
+        "range step",
+        dict(dst_layer_range=range(0, 4, 2)),
+        dxl.LLMException,
+        S.LLM_PARAM_INVALID,
+        "dst_layer_range",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("what", "override", "exc", "code", "fragment"), PUSH_CASES,
-                         ids=[c[0] for c in PUSH_CASES])
+@pytest.mark.parametrize(
+    ("what", "override", "exc", "code", "fragment"), PUSH_CASES, ids=[c[0] for c in PUSH_CASES]
+)
 async def test_push_blocks_errors(decoder, prefill, what, override, exc, code, fragment):
     eng, cache, _ = decoder
-    call = dict(dst_cache_key=dxl.BlocksCacheKey(P_ID, 0), src_cache=cache, src_blocks=[1],
-                dst_blocks=[2], src_layer_range=None, dst_layer_range=None)
+    call = dict(
+        dst_cache_key=dxl.BlocksCacheKey(P_ID, 0),
+        src_cache=cache,
+        src_blocks=[1],
+        dst_blocks=[2],
+        src_layer_range=None,
+        dst_layer_range=None,
+    )
     call.update(override)
     before = snapshot(eng)
     with pytest.raises(exc, match=fragment) as err:
@@ -170,13 +300,21 @@ REGISTER_CASES = [
     ("addr unmapped", dict(addrs="unmapped"), dxl.LLMException, S.LLM_PARAM_INVALID, "mapped"),
     ("key wrong type", dict(key=dxl.CacheKey(1, 2)), TypeError, None, "blocks_cache_key"),
     ("remote_accessible type", dict(remote_accessible=1), TypeError, None, "remote_accessible"),
-    ("model_id taken", dict(key=dxl.BlocksCacheKey(D_ID, 0)), dxl.LLMException,
-     S.LLM_PARAM_INVALID, "model_id=0"),
+    (
+        "model_id taken",
+        dict(key=dxl.BlocksCacheKey(D_ID, 0)),
+        dxl.LLMException,
+        S.LLM_PARAM_INVALID,
+        "model_id=0",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("what", "override", "exc", "code", "fragment"), REGISTER_CASES,
-                         ids=[c[0] for c in REGISTER_CASES])
+@pytest.mark.parametrize(
+    ("what", "override", "exc", "code", "fragment"),
+    REGISTER_CASES,
+    ids=[c[0] for c in REGISTER_CASES],
+)
 async def test_register_errors(what, override, exc, code, fragment):
     buf = KVBuffers(TENSORS, BLOCKS, BB, seed=1)
     async with dxl.Engine(D_ID, dxl.LLMRole.DECODER) as eng:
@@ -194,8 +332,9 @@ async def test_register_errors(what, override, exc, code, fragment):
             call["addrs"] = addrs[call["addrs"]]
         before = snapshot(eng)
         with pytest.raises(exc, match=fragment) as err:
-            await eng.register_blocks_cache(call["cache_desc"], call["addrs"], call["key"],
-                                            call["remote_accessible"])
+            await eng.register_blocks_cache(
+                call["cache_desc"], call["addrs"], call["key"], call["remote_accessible"]
+            )
         if code is not None:
             assert err.value.status_code == code
         assert snapshot(eng) == before

@@ -15,35 +15,77 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.cma]
 def run(script: str, *args: str) -> str:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), *args],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
 
 def test_pd_link_and_pull_demo():
-    out = run("pd_link_and_pull.py", "--layers", "4", "--blocks", "64", "--requests", "16",
-              "--max-blocks", "16")
+    out = run(
+        "pd_link_and_pull.py",
+        "--layers",
+        "4",
+        "--blocks",
+        "64",
+        "--requests",
+        "16",
+        "--max-blocks",
+        "16",
+    )
     assert "verified: every byte matches" in out
     assert "(cma)" in out
 
 
 def test_pd_demo_with_shared_prefill_memory():
-    out = run("pd_link_and_pull.py", "--layers", "2", "--blocks", "32", "--requests", "8",
-              "--max-blocks", "8", "--share")
+    out = run(
+        "pd_link_and_pull.py",
+        "--layers",
+        "2",
+        "--blocks",
+        "32",
+        "--requests",
+        "8",
+        "--max-blocks",
+        "8",
+        "--share",
+    )
     assert "verified: every byte matches" in out
     assert "(cma+shm)" in out
 
 
 def test_pd_demo_over_tcp():
-    out = run("pd_link_and_pull.py", "--layers", "2", "--blocks", "32", "--requests", "8",
-              "--max-blocks", "8", "--transport", "tcp")
+    out = run(
+        "pd_link_and_pull.py",
+        "--layers",
+        "2",
+        "--blocks",
+        "32",
+        "--requests",
+        "8",
+        "--max-blocks",
+        "8",
+        "--transport",
+        "tcp",
+    )
     assert "verified: every byte matches" in out
     assert "(tcp)" in out
 
 
 def test_asyncio_server_example():
-    out = run("asyncio_server.py", "--layers", "2", "--blocks", "64", "--requests", "8",
-              "--max-blocks", "8")
+    out = run(
+        "asyncio_server.py",
+        "--layers",
+        "2",
+        "--blocks",
+        "64",
+        "--requests",
+        "8",
+        "--max-blocks",
+        "8",
+    )
     assert out.count("verified") == 8
     assert "failures 0" in out

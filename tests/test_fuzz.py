@@ -21,8 +21,9 @@ from dxl.testing import KVBuffers
 
 JSONISH = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=6)
+    ),
     max_leaves=20,
 )
 
@@ -38,9 +39,14 @@ def test_decoder_accepts_only_schema_valid_frames(body):
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.sampled_from(sorted(wire.SCHEMAS)), st.dictionaries(
-    st.sampled_from(sorted({f for s in wire.SCHEMAS.values() for f in s} | {"x"})), JSONISH,
-    max_size=10))
+@given(
+    st.sampled_from(sorted(wire.SCHEMAS)),
+    st.dictionaries(
+        st.sampled_from(sorted({f for s in wire.SCHEMAS.values() for f in s} | {"x"})),
+        JSONISH,
+        max_size=10,
+    ),
+)
 def test_decoder_on_structured_garbage(kind, fields):
     body = json.dumps({"t": kind, **fields}).encode()
     try:
@@ -62,24 +68,43 @@ def test_frame_length_is_bounded(header):
 
 
 def test_encode_then_decode_round_trips():
-    entry = {"id": 1, "gen": 2, "blocks": True, "num_tensors": 1, "tensor_size": 64, "units": 2,
-             "placement": 0, "addrs": [4096], "model_id": 0, "keys": [],
-             "shm": [[7, 0, 4096, 4096, 12]]}
+    entry = {
+        "id": 1,
+        "gen": 2,
+        "blocks": True,
+        "num_tensors": 1,
+        "tensor_size": 64,
+        "units": 2,
+        "placement": 0,
+        "addrs": [4096],
+        "model_id": 0,
+        "keys": [],
+        "shm": [[7, 0, 4096, 4096, 12]],
+    }
     frame = wire.encode("reg_add", rid=5, cache=entry)
     assert wire.frame_length(frame[:4]) == len(frame) - 4
     assert wire.decode(frame[4:]) == {"t": "reg_add", "rid": 5, "cache": entry}
-    for window in ([7, 0, 4096, 0, 12], [7, 0, 2**64 - 4096, 8192, 12], [1 << 40, 0, 1, 1, 1],
-                   [7, 0, 4096, 4096], [-1, 0, 4096, 4096, 12]):
+    for window in (
+        [7, 0, 4096, 0, 12],
+        [7, 0, 2**64 - 4096, 8192, 12],
+        [1 << 40, 0, 1, 1, 1],
+        [7, 0, 4096, 4096],
+        [-1, 0, 4096, 4096, 12],
+    ):
         bad = json.dumps({"t": "reg_add", "rid": 5, "cache": {**entry, "shm": [window]}})
         with pytest.raises(wire.FrameError, match="shm window"):
             wire.decode(bad.encode())
 
 
 ANY = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**65), 2**65), st.floats(allow_nan=False),
-    st.text(max_size=3), st.lists(st.integers(-5, 70), max_size=6),
-    st.tuples(st.integers(-5, 70)), st.builds(range, st.integers(-2, 5), st.integers(-2, 5),
-                                               st.sampled_from([1, 2, -1])),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**65), 2**65),
+    st.floats(allow_nan=False),
+    st.text(max_size=3),
+    st.lists(st.integers(-5, 70), max_size=6),
+    st.tuples(st.integers(-5, 70)),
+    st.builds(range, st.integers(-2, 5), st.integers(-2, 5), st.sampled_from([1, 2, -1])),
 )
 DOCUMENTED = (TypeError, ValueError, AttributeError, dxl.LLMException)
 SHARED_FIXTURE = [HealthCheck.function_scoped_fixture]  # module-scoped: state is checked anyway
@@ -91,30 +116,33 @@ def engine_with_cache():
     dd = dxl.LLMDataDist(dxl.LLMRole.DECODER, 3)
     dd.init({"dxl.MaxRegisterAddrs": "240"})
     buf = KVBuffers(4, 64, 256, seed=2)
-    cache = dd.cache_manager.register_blocks_cache(buf.desc(), buf.addrs,
-                                                   dxl.BlocksCacheKey(3, 0))
+    cache = dd.cache_manager.register_blocks_cache(buf.desc(), buf.addrs, dxl.BlocksCacheKey(3, 0))
     yield dd, cache, buf
     dd.finalize()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=SHARED_FIXTURE)
-@given(src=ANY, dst=ANY, key_cluster=st.integers(0, 5), extra=st.dictionaries(
-    st.sampled_from(["src_layer_range", "dst_layer_range", "tensor_num_per_layer"]), ANY,
-    max_size=3))
-def test_pull_blocks_raises_only_documented_errors(engine_with_cache, src, dst, key_cluster,
-                                                   extra):
+@given(
+    src=ANY,
+    dst=ANY,
+    key_cluster=st.integers(0, 5),
+    extra=st.dictionaries(
+        st.sampled_from(["src_layer_range", "dst_layer_range", "tensor_num_per_layer"]),
+        ANY,
+        max_size=3,
+    ),
+)
+def test_pull_blocks_raises_only_documented_errors(engine_with_cache, src, dst, key_cluster, extra):
     dd, cache, buf = engine_with_cache
     before = dd.engine.stats()["registered_addrs"]
     with pytest.raises(DOCUMENTED):
-        dd.cache_manager.pull_blocks(dxl.BlocksCacheKey(key_cluster, 0), cache, src, dst,
-                                     **extra)
+        dd.cache_manager.pull_blocks(dxl.BlocksCacheKey(key_cluster, 0), cache, src, dst, **extra)
     assert dd.engine.stats()["registered_addrs"] == before
     assert buf.untouched(range(4), np.arange(64))
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=SHARED_FIXTURE)
-@given(shape=st.lists(st.integers(-3, 70), max_size=4), num=st.integers(-2, 300), addrs=ANY,
-       ra=ANY)
+@given(shape=st.lists(st.integers(-3, 70), max_size=4), num=st.integers(-2, 300), addrs=ANY, ra=ANY)
 def test_register_raises_only_documented_errors(engine_with_cache, shape, num, addrs, ra):
     dd, _, _ = engine_with_cache
     before = dd.engine.stats()["caches"]

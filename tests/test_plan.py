@@ -18,8 +18,9 @@ def expected(dst_bases, src_bases, dst, src, bb):
 
 def test_runs_coalesce_per_tensor():
     bases = np.array([1 << 30, 1 << 31], dtype=np.uint64)
-    p = block_pieces(bases, bases + np.uint64(1 << 20), np.array([4, 5, 6, 9]),
-                     np.array([0, 1, 2, 7]), 64)
+    p = block_pieces(
+        bases, bases + np.uint64(1 << 20), np.array([4, 5, 6, 9]), np.array([0, 1, 2, 7]), 64
+    )
     assert p.count == 4  # two runs per tensor
     assert p.length.tolist() == [192, 64, 192, 64]
     assert p.dst.tolist()[:2] == [(1 << 30) + 4 * 64, (1 << 30) + 9 * 64]
@@ -48,8 +49,15 @@ def test_large_plans_on_scratch_equal_fresh_ones():
 async def test_a_pull_of_65536_pieces_is_byte_exact(make_peer):
     tensors, blocks, bb = 64, 2048, 64
     peer = make_peer(1)
-    peer.call("register", name="kv", num_tensors=tensors, num_blocks=blocks, block_bytes=bb,
-              seed=4, model_id=0)
+    peer.call(
+        "register",
+        name="kv",
+        num_tensors=tensors,
+        num_blocks=blocks,
+        block_bytes=bb,
+        seed=4,
+        model_id=0,
+    )
     buf = KVBuffers(tensors, blocks, bb, fill=False)
     rng = np.random.default_rng(2)
     src = rng.permutation(blocks)[:1100].tolist()

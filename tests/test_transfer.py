@@ -19,8 +19,14 @@ P_ID, D_ID = 1, 2
 
 def register_prefill(peer, name="kv", seed=7, model_id=0, **kw):
     return peer.call(
-        "register", name=name, num_tensors=TENSORS, num_blocks=BLOCKS,
-        block_bytes=BLOCK_BYTES, seed=seed, model_id=model_id, **kw,
+        "register",
+        name=name,
+        num_tensors=TENSORS,
+        num_blocks=BLOCKS,
+        block_bytes=BLOCK_BYTES,
+        seed=seed,
+        model_id=model_id,
+        **kw,
     )
 
 
@@ -60,16 +66,25 @@ async def test_pull_blocks_layer_ranges(prefill):
     async with await linked_decoder(prefill) as eng:
         cache = await eng.register_blocks_cache(dst.desc(), dst.addrs)
         await eng.pull_blocks(
-            dxl.BlocksCacheKey(P_ID, 0), cache, [3, 4], [10, 11],
-            src_layer_range=range(1, 3), dst_layer_range=range(2, 4),
+            dxl.BlocksCacheKey(P_ID, 0),
+            cache,
+            [3, 4],
+            [10, 11],
+            src_layer_range=range(1, 3),
+            dst_layer_range=range(2, 4),
         )
         # source layers 1,2 (tensors 2..5) land in destination layers 2,3 (tensors 4..7)
         assert dst.matches([4, 5, 6, 7], [10, 11], 7, [2, 3, 4, 5], [3, 4])
         assert dst.untouched([0, 1, 2, 3], [10, 11])
         # one tensor per layer: layer 5 is tensor 5
         await eng.pull_blocks(
-            dxl.BlocksCacheKey(P_ID, 0), cache, [8], [12],
-            src_layer_range=range(5, 6), dst_layer_range=range(0, 1), tensor_num_per_layer=1,
+            dxl.BlocksCacheKey(P_ID, 0),
+            cache,
+            [8],
+            [12],
+            src_layer_range=range(5, 6),
+            dst_layer_range=range(0, 1),
+            tensor_num_per_layer=1,
         )
         assert dst.matches([0], [12], 7, [5], [8])
         assert dst.untouched(list(range(1, TENSORS)), [12])
@@ -99,15 +114,25 @@ async def test_push_blocks_is_byte_exact(make_peer):
         cache = await eng.register_blocks_cache(src.desc(), src.addrs)
         await eng.push_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [1, 2, 3], [20, 21, 0])
         tensors = list(range(TENSORS))
-        args = dict(tensors=tensors, dst_blocks=[20, 21, 0], src_seed=42,
-                    src_tensors=tensors, src_blocks=[1, 2, 3])
+        args = dict(
+            tensors=tensors,
+            dst_blocks=[20, 21, 0],
+            src_seed=42,
+            src_tensors=tensors,
+            src_blocks=[1, 2, 3],
+        )
         assert peer.call("matches", name="kv", args=args)
         assert peer.call("untouched", name="kv", tensors=tensors, blocks=[4, 5, 19, 22])
         # layer-wise push: local layer 0 -> remote layer 3 only
-        await eng.push_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [9], [9],
-                              src_layer_range=range(0, 1), dst_layer_range=range(3, 4))
-        args = dict(tensors=[6, 7], dst_blocks=[9], src_seed=42, src_tensors=[0, 1],
-                    src_blocks=[9])
+        await eng.push_blocks(
+            dxl.BlocksCacheKey(P_ID, 0),
+            cache,
+            [9],
+            [9],
+            src_layer_range=range(0, 1),
+            dst_layer_range=range(3, 4),
+        )
+        args = dict(tensors=[6, 7], dst_blocks=[9], src_seed=42, src_tensors=[0, 1], src_blocks=[9])
         assert peer.call("matches", name="kv", args=args)
         assert peer.call("untouched", name="kv", tensors=[0, 1, 2, 3, 4, 5], blocks=[9])
         assert eng.stats()["push"]["ops"] == 2
@@ -122,8 +147,9 @@ async def test_symmetric_link_lets_the_listener_push(make_peer):
         await eng.register_blocks_cache(
             dst.desc(), dst.addrs, dxl.BlocksCacheKey(D_ID, 3), remote_accessible=True
         )
-        await peer.acall("push", name="kv", cluster_id=D_ID, model_id=3,
-                  src_blocks=[0, 1], dst_blocks=[7, 8])
+        await peer.acall(
+            "push", name="kv", cluster_id=D_ID, model_id=3, src_blocks=[0, 1], dst_blocks=[7, 8]
+        )
         tensors = list(range(TENSORS))
         assert dst.matches(tensors, [7, 8], 5, tensors, [0, 1])
         assert dst.untouched(tensors, [0, 6, 9])

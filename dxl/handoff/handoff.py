@@ -61,6 +61,7 @@ DEFAULT_LEASE_S = 30.0  # as vLLM's NIXL connector
 DEFAULT_FETCH_TIMEOUT_S = 30.0
 DEFAULT_MAX_FETCHES = 64  # fetches in flight per engine; more wait (renewing their leases)
 ABORT_TIMEOUT_S = 5.0  # the other side confirms an abort within this, or loses its link
+CALLER_OFFER_IDS = 1 << 32  # offer ids a caller chooses start here; the engine's stay below
 
 
 @dataclass(slots=True)
@@ -180,11 +181,18 @@ class Handoff:
         tensors_per_layer: int = 2,
         lease_s: float | None = None,
         num_tokens: int | None = None,
+        offer_id: int | None = None,
+        token: str | None = None,
     ) -> Ticket:
         """Hold ``block_ids`` of ``cache`` for ``request_id`` until a fetcher took them, or the
         lease (``lease_s``, default 30 s, renewable) ran out; returns the ticket for the router.
 
-        The blocks must stay untouched until :meth:`finished` reports the offer ended."""
+        The blocks must stay untouched until :meth:`finished` reports the offer ended.
+
+        ``offer_id`` and ``token`` (both or neither) let a caller that must hand the ticket out
+        before the offer exists choose them (a vLLM scheduler whose worker offers): the id must
+        be at least ``2**32`` (the engine picks smaller ones) and not live; the token must be a
+        random secret of at least 32 hex digits. The ticket is then predictable from them."""
         return self._new_offer(
             "offer",
             "pull",
@@ -196,6 +204,8 @@ class Handoff:
             lease_s,
             num_tokens,
             None,
+            offer_id,
+            token,
         )
 
     async def offer_destination(
@@ -242,6 +252,8 @@ class Handoff:
         lease_s: float | None,
         num_tokens: int | None,
         on_layer: LayerCallback | None,
+        offer_id: int | None = None,
+        token: str | None = None,
     ) -> Ticket:
         check_isinstance("request_id", request_id, str, allow_none=False)
         check_cache_arg(op, "cache", cache)
@@ -262,6 +274,19 @@ class Handoff:
             raise param_invalid(op, "block_ids must not be empty")
         check_blocks_in_range(op, "block_ids", blocks, entry.layout.units)
         _layer_tensors(op, entry, layers, tnpl)
+        if (offer_id is None) != (token is None):
+            raise param_invalid(op, "offer_id and token are chosen together, or neither")
+        if offer_id is not None and token is not None:
+            check_isinstance("offer_id", offer_id, int, allow_none=False)
+            check_isinstance("token", token, str, allow_none=False)
+            if not CALLER_OFFER_IDS <= offer_id < 1 << 63:
+                raise param_invalid(
+                    op, f"a chosen offer_id must be in [2**32, 2**63), got {offer_id}"
+                )
+            if len(token) < 32 or len(token) > 128 or not _is_hex(token):
+                raise param_invalid(op, "a chosen token must be 32 to 128 hex digits")
+            if offer_id in self._offers:
+                raise fail(op, Code.LLM_REPEAT_REQUEST, f"offer id {offer_id} is live already")
         address = self._listener.address
         if address is None:
             raise fail(
@@ -270,10 +295,10 @@ class Handoff:
                 "the offering engine must listen (listen_ip_info): fetchers link to it",
             )
         offer = _Offer(
-            next(self._ids),
+            next(self._ids) if offer_id is None else offer_id,
             kind,
             request_id,
-            secrets.token_hex(16),
+            secrets.token_hex(16) if token is None else token,
             entry,
             blocks,
             layers,
@@ -404,7 +429,9 @@ class Handoff:
                 self._end(offer, Ended.ABORTED, "aborted during the fetch")
             else:
                 self._end(offer, Ended.DONE)
-                self._stats.count(link.peer.cluster_id, "bytes_sent", _nbytes(offer, groups))
+                self._stats.count(
+                    link.peer.cluster_id, "bytes_sent", _nbytes(offer, groups, dst.size)
+                )
         except LLMException as exc:
             code, message = exc.status_code, str(exc)
             self._end(offer, Ended.FAILED, message)
@@ -420,9 +447,10 @@ class Handoff:
         src_bases = offer.entry.layout.addrs[lo * t : hi * t]
         dst_bases = remote.layout.addrs[lo * t : hi * t]
         bb = offer.entry.layout.unit_bytes
+        src = offer.blocks[offer.blocks.size - dst.size :]  # fewer: the fetcher takes the tail
 
         def plan() -> Any:
-            return block_pieces(dst_bases, src_bases, dst, offer.blocks, bb)
+            return block_pieces(dst_bases, src_bases, dst, src, bb)
 
         offer.moving += 1
         offer.idle.clear()
@@ -439,7 +467,8 @@ class Handoff:
     # ------------------------------------------------------------------ ending offers
     async def abort(self, ticket: TicketLike | str) -> None:
         """Cancel an offer: ours (by ticket or request id), or one we fetch from or push into.
-        Returns once no copy of it is in flight and none will start; the other engine is told."""
+        Returns once no copy of it is in flight and none will start; the other engine is told
+        (linked to first if need be)."""
         if isinstance(ticket, str) and ticket in self._by_request:
             await self._abort_offer(self._offers[self._by_request[ticket]], "aborted here")
             return
@@ -458,6 +487,9 @@ class Handoff:
             claim.aborted = True
             await claim.idle.wait()
         link = self._links.get(t.cluster_id)
+        if link is None:  # tell the offerer even if we never linked (we need nothing of it)
+            with contextlib.suppress(LLMException):
+                link = await self._link_to("abort", t, ABORT_TIMEOUT_S)
         if link is not None and link.peer.incarnation == t.incarnation:
             with contextlib.suppress(LLMException):
                 await link.channel.request(
@@ -542,6 +574,8 @@ class Handoff:
         """Take the blocks a ticket offers into ``block_ids`` of ``cache`` (one per offered
         block; ``cache`` registered with ``remote_accessible=True``: the offerer writes it).
         ``on_layer(lo, hi)`` is called as layers [lo, hi) land. Links to the offerer if needed.
+        Fewer ``block_ids`` than the ticket offers take the offer's *last* blocks (the fetcher
+        holds the first ones already, e.g. from a local prefix cache hit).
 
         Raises:
             FetchError: the fetch failed, timed out or was aborted: ``partial_blocks`` may hold
@@ -556,7 +590,7 @@ class Handoff:
         self._state.require(op)
         entry = self._resolver.local(op, cache)
         dst = block_list(op, "block_ids", list(block_ids))
-        _check_destination(op, entry, dst, t)
+        _check_destination(op, entry, dst, t, tail=True)
         deadline_s = DEFAULT_FETCH_TIMEOUT_S if timeout_s is None else float(timeout_s)
         t0 = time.perf_counter()
         partial = [int(b) for b in dst.tolist()]
@@ -898,6 +932,10 @@ class Handoff:
 
 
 # ---------------------------------------------------------------------- helpers
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
+
+
 def _token_ok(offer: _Offer, token: str) -> bool:
     return hmac.compare_digest(offer.token.encode(), token.encode())
 
@@ -917,10 +955,15 @@ def _layer_tensors(op: str, entry: LocalCache, layers: range | None, tnpl: int) 
         raise param_invalid(op, f"layers {layers} must lie within the cache's {n // tnpl} layers")
 
 
-def _check_destination(op: str, entry: LocalCache, blocks: np.ndarray, t: Ticket) -> None:
-    """Our side of a handoff must match the ticket: one block per offered block, same block
-    size, enough tensors for the layers."""
-    if blocks.size != len(t.block_ids):
+def _check_destination(
+    op: str, entry: LocalCache, blocks: np.ndarray, t: Ticket, *, tail: bool = False
+) -> None:
+    """Our side of a handoff must match the ticket: one block per offered block (``tail``: per
+    offered block of the last ones, at least one), same block size, enough tensors for the
+    layers."""
+    if tail and 0 < blocks.size < len(t.block_ids):
+        pass
+    elif blocks.size != len(t.block_ids):
         raise param_invalid(
             op, f"block_ids must name {len(t.block_ids)} blocks (one per offered block)"
         )
@@ -943,7 +986,7 @@ def _dst_blocks(offer: _Offer, remote: RemoteCache | None, blocks: list[int]) ->
             "the destination is not a remotely accessible blocks cache of the fetcher",
         )
     dst = np.asarray(blocks, dtype=np.int64)
-    if dst.size != offer.blocks.size or (
+    if not 0 < dst.size <= offer.blocks.size or (
         dst.size and (dst.min() < 0 or dst.max() >= remote.layout.units)
     ):
         raise param_invalid("fetch", "destination blocks do not match the offer")
@@ -968,9 +1011,9 @@ def _layer_groups(offer: _Offer, per_layer: bool) -> list[tuple[int, int]]:
     return [(span.start, span.stop)]
 
 
-def _nbytes(offer: _Offer, groups: list[tuple[int, int]]) -> int:
+def _nbytes(offer: _Offer, groups: list[tuple[int, int]], blocks: int) -> int:
     layers = sum(hi - lo for lo, hi in groups)
-    return layers * offer.tnpl * int(offer.blocks.size) * offer.entry.layout.unit_bytes
+    return layers * offer.tnpl * int(blocks) * offer.entry.layout.unit_bytes
 
 
 def _ticket_bytes(t: Ticket) -> int:

@@ -30,14 +30,21 @@ SWAPPED, KEPT = [0, 1], [2, 3]
 def run_decoder_sample(flow: Flow) -> None:
     datadist = init_datadist(dxl.LLMRole.DECODER, CLUSTER_ID, enable_cache_manager=True)
     cache_manager = datadist.cache_manager
-    cache_desc = dxl.CacheDesc(num_tensors=len(ALL), shape=[len(BLOCKS), 64 * 1024],
-                               data_type=dxl.DataType.DT_FLOAT, placement=dxl.Placement.HOST)
+    cache_desc = dxl.CacheDesc(
+        num_tensors=len(ALL),
+        shape=[len(BLOCKS), 64 * 1024],
+        data_type=dxl.DataType.DT_FLOAT,
+        placement=dxl.Placement.HOST,
+    )
     kv = host_kv(cache_desc, DECODER_SEED)
     cache = cache_manager.register_blocks_cache(cache_desc, kv.addrs)
 
-    cpu_cache_desc = dxl.CacheDesc(num_tensors=len(ALL), shape=[len(BLOCKS), 64 * 1024],
-                                   data_type=dxl.DataType.DT_FLOAT,
-                                   placement=dxl.Placement.HOST)
+    cpu_cache_desc = dxl.CacheDesc(
+        num_tensors=len(ALL),
+        shape=[len(BLOCKS), 64 * 1024],
+        data_type=dxl.DataType.DT_FLOAT,
+        placement=dxl.Placement.HOST,
+    )
     cpu_tensors = host_kv(cpu_cache_desc, CPU_SEED)  # the sample's torch.rand tensors
     cpu_cache = dxl.Cache.create_cpu_cache(cpu_cache_desc, cpu_tensors.addrs)
 

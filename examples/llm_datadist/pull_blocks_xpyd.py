@@ -27,8 +27,12 @@ from _common import LOCALHOST, Flow, cluster_info, expect, expect_ok, host_kv, i
 import dxl
 
 ALL = range(2)
-CACHE_DESC = dxl.CacheDesc(num_tensors=len(ALL), shape=[3, 32 * 1024],  # 128 KiB blocks
-                           data_type=dxl.DataType.DT_FLOAT, placement=dxl.Placement.HOST)
+CACHE_DESC = dxl.CacheDesc(
+    num_tensors=len(ALL),
+    shape=[3, 32 * 1024],  # 128 KiB blocks
+    data_type=dxl.DataType.DT_FLOAT,
+    placement=dxl.Placement.HOST,
+)
 
 
 def ip_port_to_int(ip_port: str) -> int:
@@ -43,8 +47,9 @@ def seed_of(cluster_id: int) -> int:
 
 def run_prompt_sample(local_ip_port: str, flow: Flow) -> None:
     cluster_id = ip_port_to_int(local_ip_port)
-    datadist = init_datadist(dxl.LLMRole.PROMPT, cluster_id, local_comm_res="",
-                             listen_ip_info=local_ip_port)
+    datadist = init_datadist(
+        dxl.LLMRole.PROMPT, cluster_id, local_comm_res="", listen_ip_info=local_ip_port
+    )
     kv = host_kv(CACHE_DESC, seed_of(cluster_id))
     cache = datadist.cache_manager.register_blocks_cache(
         CACHE_DESC, kv.addrs, dxl.BlocksCacheKey(cluster_id, 0), remote_accessible=True
@@ -57,8 +62,7 @@ def run_prompt_sample(local_ip_port: str, flow: Flow) -> None:
 
 
 def run_decoder_sample(local_ip_port: str, remote_ip_ports: list[str], flow: Flow) -> None:
-    datadist = init_datadist(dxl.LLMRole.DECODER, ip_port_to_int(local_ip_port),
-                             local_comm_res="")
+    datadist = init_datadist(dxl.LLMRole.DECODER, ip_port_to_int(local_ip_port), local_comm_res="")
     cache_manager = datadist.cache_manager
     kv = host_kv(CACHE_DESC)
     cache = cache_manager.register_blocks_cache(
@@ -74,10 +78,13 @@ def run_decoder_sample(local_ip_port: str, remote_ip_ports: list[str], flow: Flo
 
     for remote in remote_ip_ports:
         remote_id = ip_port_to_int(remote)
-        cache_manager.pull_blocks(dxl.BlocksCacheKey(remote_id, 0), cache,
-                                  src_blocks=[0, 1], dst_blocks=[0, 2])
-        expect(kv.matches(ALL, [0, 2], seed_of(remote_id), ALL, [0, 1]),
-               f"blocks [0, 2] do not hold blocks [0, 1] of prefill {remote_id}")
+        cache_manager.pull_blocks(
+            dxl.BlocksCacheKey(remote_id, 0), cache, src_blocks=[0, 1], dst_blocks=[0, 2]
+        )
+        expect(
+            kv.matches(ALL, [0, 2], seed_of(remote_id), ALL, [0, 1]),
+            f"blocks [0, 2] do not hold blocks [0, 1] of prefill {remote_id}",
+        )
         expect(kv.untouched(ALL, [1]), "block 1 was written")
 
     expect_ok(datadist.unlink_clusters(cluster_list, 5000), "unlink_clusters")
@@ -88,8 +95,12 @@ def run_decoder_sample(local_ip_port: str, remote_ip_ports: list[str], flow: Flo
 
 if __name__ == "__main__":
     *prompts, decoder = [f"{LOCALHOST}:{port}" for port in _common.free_ports(3)]
-    sys.exit(Flow.run(
-        __doc__,
-        **{f"prompt{i}": functools.partial(run_prompt_sample, p) for i, p in enumerate(prompts)},
-        decoder=functools.partial(run_decoder_sample, decoder, prompts),
-    ))
+    sys.exit(
+        Flow.run(
+            __doc__,
+            **{
+                f"prompt{i}": functools.partial(run_prompt_sample, p) for i, p in enumerate(prompts)
+            },
+            decoder=functools.partial(run_decoder_sample, decoder, prompts),
+        )
+    )

@@ -21,13 +21,18 @@ import dxl
 PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 0, 1
 PROMPT_SEED, DECODER_SEED = 1, 2  # stand for the sample's ones (prefill) and zeros (decode)
 ALL = range(2)
-CACHE_DESC = dxl.CacheDesc(num_tensors=len(ALL), shape=[3, 64 * 1024],  # 256 KiB blocks
-                           data_type=dxl.DataType.DT_FLOAT, placement=dxl.Placement.HOST)
+CACHE_DESC = dxl.CacheDesc(
+    num_tensors=len(ALL),
+    shape=[3, 64 * 1024],  # 256 KiB blocks
+    data_type=dxl.DataType.DT_FLOAT,
+    placement=dxl.Placement.HOST,
+)
 
 
 def run_prompt_sample(flow: Flow) -> None:
-    datadist = init_datadist(dxl.LLMRole.PROMPT, PROMPT_CLUSTER_ID, local_comm_res="",
-                             listen_ip_info=f"{LOCALHOST}:0")
+    datadist = init_datadist(
+        dxl.LLMRole.PROMPT, PROMPT_CLUSTER_ID, local_comm_res="", listen_ip_info=f"{LOCALHOST}:0"
+    )
     cache_manager = datadist.cache_manager
     kv = host_kv(CACHE_DESC, PROMPT_SEED)
     cache = cache_manager.register_blocks_cache(
@@ -35,8 +40,10 @@ def run_prompt_sample(flow: Flow) -> None:
     )
     flow.barrier("register end", datadist.engine.listen_address)
     flow.barrier("decoder push blocks end")
-    expect(kv.matches(ALL, [0, 2], DECODER_SEED, ALL, [0, 1]),
-           "prefill blocks [0, 2] do not hold decode blocks [0, 1]")
+    expect(
+        kv.matches(ALL, [0, 2], DECODER_SEED, ALL, [0, 1]),
+        "prefill blocks [0, 2] do not hold decode blocks [0, 1]",
+    )
     expect(kv.untouched(ALL, [1]), "prefill block 1 was written")
 
     unlink = datadist.unlink_clusters([cluster_info(DECODER_CLUSTER_ID)], 5000, force=True)
@@ -55,8 +62,9 @@ def run_decoder_sample(flow: Flow) -> None:
 
     cluster = cluster_info(PROMPT_CLUSTER_ID, prompt_address)
     expect_ok(datadist.link_clusters([cluster], 5000), "link_clusters")
-    datadist.cache_manager.push_blocks(dxl.BlocksCacheKey(PROMPT_CLUSTER_ID, 0), cache,
-                                       src_blocks=[0, 1], dst_blocks=[0, 2])
+    datadist.cache_manager.push_blocks(
+        dxl.BlocksCacheKey(PROMPT_CLUSTER_ID, 0), cache, src_blocks=[0, 1], dst_blocks=[0, 2]
+    )
     flow.barrier("decoder push blocks end")
 
     unlink = datadist.unlink_clusters([cluster_info(PROMPT_CLUSTER_ID)], 5000, force=True)

@@ -24,8 +24,12 @@ PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 0, 1
 PROMPT_SEED, DECODER_SEED = 1, 2  # stand for the sample's zeros (prefill) and ones (decode)
 ALL = range(2)
 # dim 0 of a contiguous cache is its batch: 3 batches of 256 KiB per tensor
-CACHE_DESC = dxl.CacheDesc(num_tensors=len(ALL), shape=[3, 64 * 1024],
-                           data_type=dxl.DataType.DT_FLOAT, placement=dxl.Placement.HOST)
+CACHE_DESC = dxl.CacheDesc(
+    num_tensors=len(ALL),
+    shape=[3, 64 * 1024],
+    data_type=dxl.DataType.DT_FLOAT,
+    placement=dxl.Placement.HOST,
+)
 
 
 def init(role: dxl.LLMRole, cluster_id: int) -> dxl.LLMDataDist:
@@ -39,8 +43,9 @@ def run_prompt_sample(flow: Flow) -> None:
     expect(cache.cache_id == 1, f"the first registration got cache id {cache.cache_id}")
     flow.barrier("register end", datadist.engine.listen_address)
     flow.barrier("decoder push cache end")
-    expect(kv.matches(ALL, [0], DECODER_SEED, ALL, [0]),
-           "prefill batch 0 does not hold decode batch 0")
+    expect(
+        kv.matches(ALL, [0], DECODER_SEED, ALL, [0]), "prefill batch 0 does not hold decode batch 0"
+    )
     expect(kv.untouched(ALL, [1, 2]), "prefill batches 1, 2 were written")
     flow.barrier("unlink end")
     datadist.cache_manager.unregister_cache(cache.cache_id)
@@ -57,7 +62,8 @@ def run_decoder_sample(flow: Flow) -> None:
     expect_ok(datadist.link_clusters([cluster], 5000), "link_clusters")
     datadist.cache_manager.push_cache(
         dxl.CacheKeyByIdAndIndex(cluster_id=PROMPT_CLUSTER_ID, cache_id=1, batch_index=0),
-        cache, src_batch_index=0,
+        cache,
+        src_batch_index=0,
     )
     flow.barrier("decoder push cache end")
 

@@ -31,18 +31,25 @@ PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 0, 1
 PROMPT_SEED, DECODER_SEED = 1, 2  # stand for the sample's ones (prefill) and zeros (decode)
 ALL = range(2)  # 2 tensors, one per "layer" for the push (tensor_num_per_layer=1)
 BLOCKS = range(3)
-CACHE_DESC = dxl.CacheDesc(num_tensors=len(ALL), shape=[len(BLOCKS), 64 * 1024],
-                           data_type=dxl.DataType.DT_FLOAT, placement=dxl.Placement.HOST)
+CACHE_DESC = dxl.CacheDesc(
+    num_tensors=len(ALL),
+    shape=[len(BLOCKS), 64 * 1024],
+    data_type=dxl.DataType.DT_FLOAT,
+    placement=dxl.Placement.HOST,
+)
 
 
 def force_unlink(datadist: dxl.LLMDataDist, remote_cluster_id: int) -> None:
-    expect_ok(datadist.unlink_clusters([cluster_info(remote_cluster_id)], 5000, force=True),
-              "unlink_clusters(force=True)")
+    expect_ok(
+        datadist.unlink_clusters([cluster_info(remote_cluster_id)], 5000, force=True),
+        "unlink_clusters(force=True)",
+    )
 
 
 def run_prompt_sample(flow: Flow) -> None:
-    datadist = init_datadist(dxl.LLMRole.PROMPT, PROMPT_CLUSTER_ID, local_comm_res="",
-                             listen_ip_info=f"{LOCALHOST}:0")
+    datadist = init_datadist(
+        dxl.LLMRole.PROMPT, PROMPT_CLUSTER_ID, local_comm_res="", listen_ip_info=f"{LOCALHOST}:0"
+    )
     kv = host_kv(CACHE_DESC, PROMPT_SEED)
     cache = datadist.cache_manager.register_blocks_cache(
         CACHE_DESC, kv.addrs, dxl.BlocksCacheKey(PROMPT_CLUSTER_ID, 0), remote_accessible=True
@@ -80,8 +87,9 @@ def run_decoder_sample(flow: Flow) -> None:
 
     cluster = cluster_info(PROMPT_CLUSTER_ID, prompt_address)
     expect_ok(datadist.link_clusters([cluster], 5000), "link_clusters")
-    cache_manager.pull_blocks(dxl.BlocksCacheKey(PROMPT_CLUSTER_ID, 0), cache,
-                              src_blocks=[0, 1], dst_blocks=[0, 2])
+    cache_manager.pull_blocks(
+        dxl.BlocksCacheKey(PROMPT_CLUSTER_ID, 0), cache, src_blocks=[0, 1], dst_blocks=[0, 2]
+    )
     expect(kv.matches(ALL, [0, 2], PROMPT_SEED, ALL, [0, 1]), "pulled blocks [0, 2] are wrong")
     expect(kv.untouched(ALL, [1]), "block 1 was written by the pull")
     expect_ok(datadist.unlink_clusters([cluster], 5000), "unlink_clusters")
@@ -95,10 +103,15 @@ def run_decoder_sample(flow: Flow) -> None:
     flow.barrier("decoder switch role end, listen", datadist.engine.listen_address)
 
     flow.barrier("prompt link end")
-    cache_manager.push_blocks(dxl.BlocksCacheKey(PROMPT_CLUSTER_ID, 0), cache,
-                              src_blocks=[0, 1, 2], dst_blocks=[0, 1, 2],
-                              src_layer_range=range(0, 2), dst_layer_range=range(0, 2),
-                              tensor_num_per_layer=1)
+    cache_manager.push_blocks(
+        dxl.BlocksCacheKey(PROMPT_CLUSTER_ID, 0),
+        cache,
+        src_blocks=[0, 1, 2],
+        dst_blocks=[0, 1, 2],
+        src_layer_range=range(0, 2),
+        dst_layer_range=range(0, 2),
+        tensor_num_per_layer=1,
+    )
     flow.barrier("decoder push blocks end")
 
     force_unlink(datadist, PROMPT_CLUSTER_ID)

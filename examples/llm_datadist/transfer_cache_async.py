@@ -38,8 +38,12 @@ NUM_LAYERS = 4
 PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 0, 1
 PROMPT_SEED = 1
 ALL = range(2 * NUM_LAYERS)  # K and V of each layer
-CACHE_DESC = dxl.CacheDesc(num_tensors=len(ALL), shape=[3, 32 * 1024],  # 128 KiB blocks
-                           data_type=dxl.DataType.DT_FLOAT, placement=dxl.Placement.HOST)
+CACHE_DESC = dxl.CacheDesc(
+    num_tensors=len(ALL),
+    shape=[3, 32 * 1024],  # 128 KiB blocks
+    data_type=dxl.DataType.DT_FLOAT,
+    placement=dxl.Placement.HOST,
+)
 # request 1 (destination by key) and request 2 (by address): source -> destination blocks
 KEY_SRC, KEY_DST = [0, 1], [2, 0]
 ADDR_SRC, ADDR_DST = [2], [1]
@@ -67,8 +71,13 @@ def model_forward(kv_cache: KVBuffers, synchronizer: LayerSynchronizerImpl) -> N
 
 
 def init(role: dxl.LLMRole, cluster_id: int) -> dxl.LLMDataDist:
-    return init_datadist(role, cluster_id, enable_cache_manager=True,
-                         enable_remote_cache_accessible=True, listen_ip_info=f"{LOCALHOST}:0")
+    return init_datadist(
+        role,
+        cluster_id,
+        enable_cache_manager=True,
+        enable_remote_cache_accessible=True,
+        listen_ip_info=f"{LOCALHOST}:0",
+    )
 
 
 def run_prompt_sample(flow: Flow) -> None:
@@ -94,18 +103,23 @@ def run_prompt_sample(flow: Flow) -> None:
     model.start()
     model.join(_common.DEADLINE_S)
     expect(cache_task.synchronize() == dxl.LLMStatusCode.LLM_SUCCESS, "task 1 failed")
-    expect(cache_task.get_results() == [dxl.LLMStatusCode.LLM_SUCCESS],
-           f"task 1: {cache_task.get_results()}")
+    expect(
+        cache_task.get_results() == [dxl.LLMStatusCode.LLM_SUCCESS],
+        f"task 1: {cache_task.get_results()}",
+    )
     expect(synchronizer.waited == list(range(NUM_LAYERS)), f"layers {synchronizer.waited}")
 
     # request 2: destination by raw addresses, 2 per layer (the layers are computed already)
-    transfer_config = dxl.TransferConfig(DECODER_CLUSTER_ID, decoder_kv_addrs,
-                                         range(0, NUM_LAYERS), 0)
+    transfer_config = dxl.TransferConfig(
+        DECODER_CLUSTER_ID, decoder_kv_addrs, range(0, NUM_LAYERS), 0
+    )
     cache_task = cache_manager.transfer_cache_async(
         cache, synchronizer, [transfer_config], ADDR_SRC, ADDR_DST
     )
-    expect(cache_task.get_results() == [dxl.LLMStatusCode.LLM_SUCCESS],
-           f"task 2: {cache_task.get_results()}")
+    expect(
+        cache_task.get_results() == [dxl.LLMStatusCode.LLM_SUCCESS],
+        f"task 2: {cache_task.get_results()}",
+    )
     flow.barrier("transfer cache end")
 
     expect_ok(datadist.unlink_clusters([cluster], 5000, force=True), "unlink_clusters")

@@ -59,12 +59,14 @@ def target():
 
 def still_serves(srv: Server, region: Guarded) -> None:
     sock = srv.connect()
-    sock.sendall(REQ.pack(lib.DXL_TCP_REQ_MAGIC, lib.DXL_TCP_VERSION, READ, 1, 1, 64)
-                 + struct.pack("<QQ", region.base + 100, 64))
+    sock.sendall(
+        REQ.pack(lib.DXL_TCP_REQ_MAGIC, lib.DXL_TCP_VERSION, READ, 1, 1, 64)
+        + struct.pack("<QQ", region.base + 100, 64)
+    )
     reply = recv_exactly(sock, REP.size)
     assert len(reply) == REP.size, "the server stopped answering"
     assert REP.unpack(reply)[4] == lib.DXL_OK
-    assert recv_exactly(sock, 64) == region.buf[GUARD + 100:GUARD + 164].tobytes()
+    assert recv_exactly(sock, 64) == region.buf[GUARD + 100 : GUARD + 164].tobytes()
     sock.close()
 
 
@@ -97,9 +99,12 @@ PIECE = st.tuples(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=SHARED)
-@given(op=st.sampled_from([READ, WRITE, 0, 3]), pieces=st.lists(PIECE, max_size=6),
-       total_delta=st.sampled_from([0, 0, 0, 1, -1, 2**63]),
-       n_delta=st.sampled_from([0, 0, 1, -1]))
+@given(
+    op=st.sampled_from([READ, WRITE, 0, 3]),
+    pieces=st.lists(PIECE, max_size=6),
+    total_delta=st.sampled_from([0, 0, 0, 1, -1, 2**63]),
+    n_delta=st.sampled_from([0, 0, 1, -1]),
+)
 def test_framed_requests_with_arbitrary_pieces(target, op, pieces, total_delta, n_delta):
     srv, region = target
     addrs = [(region.base + off) % 2**64 if off < 2**40 else off for off, _ in pieces]
@@ -110,10 +115,11 @@ def test_framed_requests_with_arbitrary_pieces(target, op, pieces, total_delta, 
     if op == WRITE and total <= 4 * GUARD:
         payload = bytes([0xEE]) * total  # what a writer would send
     sock = srv.connect()
-    sock.sendall(REQ.pack(lib.DXL_TCP_REQ_MAGIC, lib.DXL_TCP_VERSION, op, 9, n, total)
-                 + b"".join(struct.pack("<QQ", a, ln % 2**64) for a, ln in zip(addrs, lens,
-                                                                             strict=True))
-                 + payload)
+    sock.sendall(
+        REQ.pack(lib.DXL_TCP_REQ_MAGIC, lib.DXL_TCP_VERSION, op, 9, n, total)
+        + b"".join(struct.pack("<QQ", a, ln % 2**64) for a, ln in zip(addrs, lens, strict=True))
+        + payload
+    )
     drain(sock)
     assert region.guards_intact()  # nothing outside the registered range was written
     still_serves(srv, region)
