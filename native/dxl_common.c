@@ -93,6 +93,7 @@ uint64_t dxl__n_peers;
 uint64_t dxl__n_inflight;
 uint64_t dxl__n_bytes_registered;
 uint64_t dxl__n_split;
+uint64_t dxl__n_registries;
 
 void dxl_counters(dxl_counters_t *out_p)
 {
@@ -104,4 +105,5 @@ void dxl_counters(dxl_counters_t *out_p)
     out_p->ops_inflight = __atomic_load_n(&dxl__n_inflight, __ATOMIC_RELAXED);
     out_p->bytes_registered = __atomic_load_n(&dxl__n_bytes_registered, __ATOMIC_RELAXED);
     out_p->ops_split = __atomic_load_n(&dxl__n_split, __ATOMIC_RELAXED);
+    out_p->registries_live = __atomic_load_n(&dxl__n_registries, __ATOMIC_RELAXED);
 }

@@ -6,9 +6,10 @@
  *
  * Safety argument, in one place: a request's table is read completely, then dxl__srv_check()
  * (the only function that turns peer input into permission) validates every entry and the byte
- * total and asks the region registry about every piece; only after DXL_OK are iovecs over those
- * addresses built (dxl__srv_on_table). Nothing else in the tcp transport builds an iovec from peer
- * input. Refused WRITE payloads go to a per-thread scratch buffer.
+ * total and asks the server's own region registry (the one it was started with, never another)
+ * about every piece; only after DXL_OK are iovecs over those addresses built (dxl__srv_on_table).
+ * Nothing else in the tcp transport builds an iovec from peer input. Refused WRITE payloads go to
+ * a per-thread scratch buffer.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -102,7 +103,8 @@ struct dxl__srv_thread {
 };
 
 struct dxl_tcp_server {
-    pthread_mutex_t mu; /* adopt vs stop */
+    dxl_registry_t *reg; /* what requests are checked against (the caller's, outlives us) */
+    pthread_mutex_t mu;  /* adopt vs stop */
     int stopping;       /* written under mu, read atomically */
     int nthreads;
     dxl__srv_thread_t th[DXL_TCP_MAX_THREADS];
@@ -134,8 +136,8 @@ uint64_t dxl_tcp_servers_live(void)
  * DXL_E_PROTO (malformed: an entry longer than DXL_TCP_MAX_PIECE_LEN, a range that wraps, lens
  * that do not sum to total), DXL_E_RANGE (well-formed, but some piece is not inside one region of
  * the registry), or DXL_OK. *bad_p: the offending entry (0 for a wrong total). */
-static int dxl__srv_check(const uint64_t *addr, const uint64_t *len, uint64_t n, uint64_t total,
-                          uint64_t *bad_p)
+static int dxl__srv_check(dxl_registry_t *reg, const uint64_t *addr, const uint64_t *len,
+                          uint64_t n, uint64_t total, uint64_t *bad_p)
 {
     uint64_t sum = 0;
 
@@ -151,7 +153,7 @@ static int dxl__srv_check(const uint64_t *addr, const uint64_t *len, uint64_t n,
     if (sum != total) {
         return DXL_E_PROTO;
     }
-    if (dxl_region_check_pieces(addr, len, n, bad_p) != DXL_OK) {
+    if (dxl_region_check_pieces(reg, addr, len, n, bad_p) != DXL_OK) {
         return DXL_E_RANGE;
     }
     return DXL_OK;
@@ -308,7 +310,7 @@ static void dxl__srv_on_table(dxl__conn_t *c)
     /* Busy before the check, so that dxl_tcp_server_fence either sees this request or runs
      * before the check (and then after the dxl_region_remove it fences, which the check sees). */
     dxl__srv_set_busy(c, 1);
-    rc = dxl__srv_check(addr, len, n, c->req.total, &bad);
+    rc = dxl__srv_check(c->th->srv->reg, addr, len, n, c->req.total, &bad);
     if (rc != DXL_OK) {
         dxl__srv_set_busy(c, 0);
     }
@@ -629,7 +631,7 @@ static void dxl__srv_join(dxl_tcp_server_t *srv)
     }
 }
 
-int dxl_tcp_server_start(int threads, dxl_tcp_server_t **server_p)
+int dxl_tcp_server_start(int threads, dxl_registry_t *registry, dxl_tcp_server_t **server_p)
 {
     dxl_tcp_server_t *srv;
     pthread_condattr_t ca;
@@ -637,7 +639,7 @@ int dxl_tcp_server_start(int threads, dxl_tcp_server_t **server_p)
     int rc = DXL_OK;
     int err = 0;
 
-    if (server_p == NULL || threads < 1 || threads > DXL_TCP_MAX_THREADS) {
+    if (server_p == NULL || registry == NULL || threads < 1 || threads > DXL_TCP_MAX_THREADS) {
         return dxl__fail(DXL_E_INVAL, 0);
     }
     srv = calloc(1, sizeof(*srv));
@@ -652,6 +654,7 @@ int dxl_tcp_server_start(int threads, dxl_tcp_server_t **server_p)
     pthread_cond_init(&srv->fcv, &ca);
     pthread_condattr_destroy(&ca);
     srv->nthreads = threads;
+    srv->reg = registry;
 
     for (int i = 0; i < threads && rc == DXL_OK; i++) {
         dxl__srv_thread_t *th = &srv->th[i];

@@ -29,6 +29,7 @@ def _native_counters() -> dict[str, int]:
     _ffi.lib.dxl_counters(c)
     return {
         "regions_live": c.regions_live,
+        "registries_live": c.registries_live,
         "peers_open": c.peers_open,
         "ops_inflight": c.ops_inflight,
         "shared_spans": SHARED.live(),  # memfds of dxl.ShareRegistered (Python side)
@@ -37,7 +38,8 @@ def _native_counters() -> dict[str, int]:
 
 @pytest.fixture(autouse=True)
 def no_native_leaks() -> Iterator[None]:
-    """Every test must leave as many live regions, in-flight ops and shares as it found."""
+    """Every test must leave as many live regions and registries, in-flight ops and shares as it
+    found."""
     before = _native_counters()
     yield
     gc.collect()
@@ -57,7 +59,6 @@ def make_peer() -> Iterator:
     yield start
     for peer in peers:
         peer.stop()
-
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:

@@ -3,9 +3,11 @@
 :class:`DataServer` listens on a TCP port (asyncio). Each new connection runs the
 :mod:`dxl.control.auth` handshake (purpose ``"data"``) with a timeout and then receives the
 server's instance id; then its file descriptor is handed to the native data server
-(``dxl_tcp_server_adopt``), which serves reads and writes of registered memory only, on its own
-threads, until the connection closes. A connection that fails the handshake, or sends garbage,
-is closed; nothing else is affected. The client side is :mod:`dxl.transport.tcp`.
+(``dxl_tcp_server_adopt``), which serves reads and writes of the memory registered in the
+server's own :class:`~dxl.memory.regions.RegionRegistry` only (never another registry's, such as
+another engine's in the same process), on its own threads, until the connection closes. A
+connection that fails the handshake, or sends garbage, is closed; nothing else is affected. The
+client side is :mod:`dxl.transport.tcp`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from .. import _ffi
 from ..control.auth import AuthError, KeyLookup, authenticate_sock_async, normalize_secret
+from ..memory.regions import RegionRegistry
 from .tcp import DEFAULT_SOCK_BUF, PURPOSE, encode_instance, is_loopback, tune
 
 __all__ = ["DataServer"]
@@ -35,6 +38,7 @@ class DataServer:
 
     def __init__(self) -> None:  # use start()
         self._native: Any = None
+        self._registry: RegionRegistry | None = None
         self._lsock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -57,6 +61,7 @@ class DataServer:
         port: int,
         secret: str | bytes | KeyLookup | None,
         *,
+        registry: RegionRegistry,
         instance: str = "",
         threads: int = 2,
         auth_timeout: float = 10.0,
@@ -68,6 +73,9 @@ class DataServer:
         native server with ``threads`` threads.
 
         Args:
+            registry: the memory this server serves: every request is checked against it and
+                no other. It must stay open until :meth:`close` returned (closing it before is
+                refused).
             secret: the shared secret (None or empty: no authentication, both ends must agree),
                 or a lookup from the key id a client names to its key (the engine's per-link
                 keys: a connection for a link that ended is refused).
@@ -95,8 +103,12 @@ class DataServer:
         self._auth_timeout = auth_timeout
         self._sock_buf = sock_buf
         out = _ffi.ffi.new("dxl_tcp_server_t **")
-        _ffi.check(_ffi.lib.dxl_tcp_server_start(threads, out), "start tcp data server")
+        _ffi.check(
+            _ffi.lib.dxl_tcp_server_start(threads, registry.native, out), "start tcp data server"
+        )
         self._native = out[0]
+        registry.attach()  # after the start: close() detaches exactly when there is a server
+        self._registry = registry
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -203,7 +215,8 @@ class DataServer:
     def fence(self, timeout_ms: int) -> int:
         """Blocking: wait until no request that was touching memory when called still does
         (requests still running after ``timeout_ms`` have their connections closed). Call after
-        ``dxl_region_remove`` and before the memory may be freed; run it on an executor.
+        removing regions from its registry and before the memory may be freed; run it on an
+        executor.
         Returns how many connections were cut off."""
         if self._native is None:
             return 0
@@ -229,3 +242,6 @@ class DataServer:
         native, self._native = self._native, None
         if native is not None:
             _ffi.lib.dxl_tcp_server_stop(native)
+        registry, self._registry = self._registry, None
+        if registry is not None:
+            registry.detach()  # the server no longer reads it

@@ -1,11 +1,11 @@
 """The native tcp transport through ``dxl._ffi`` only: the data server (dxl_tcp_server_*) and the
 client (dxl_tcp_transfer), in one process over loopback TCP.
 
-The "remote" memory is a numpy buffer of this process registered in the region registry, served
-by a native server to sockets handed to it with dxl_tcp_server_adopt; the client moves bytes
-between it and a local buffer. Crafted frames (struct-packed by hand) check that the server
-refuses every out-of-range or malformed request before touching memory, and keeps serving other
-connections.
+The "remote" memory is a numpy buffer of this process registered in a region registry, served
+by a native server started with that registry to sockets handed to it with
+dxl_tcp_server_adopt; the client moves bytes between it and a local buffer. Crafted frames
+(struct-packed by hand) check that the server refuses every out-of-range or malformed request
+before touching memory, and keeps serving other connections.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ REP = struct.Struct("<IHHQiIQ")  # magic, version, op, id, status, detail, total
 READ, WRITE = lib.DXL_TCP_OP_READ, lib.DXL_TCP_OP_WRITE
 MiB = 1 << 20
 
-# Each test adds regions to the process-wide registry and removes them (conftest checks).
+# Each test adds regions to a registry of its own and removes them (conftest checks).
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -42,13 +42,35 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
-class Server:
-    """A native data server plus helpers to hand it connections."""
+class Registry:
+    """A native region registry (``dxl_registry_t``), freed by :meth:`free`."""
 
-    def __init__(self, threads: int = 2) -> None:
+    def __init__(self) -> None:
+        out = ffi.new("dxl_registry_t **")
+        check(lib.dxl_registry_new(out), "new registry")
+        self.ptr: Any = out[0]
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            lib.dxl_registry_free(self.ptr)
+            self.ptr = None
+
+
+@pytest.fixture
+def registry() -> Iterator[Registry]:
+    reg = Registry()
+    yield reg
+    reg.free()  # after the server and regions of the test (fixtures tear down in reverse)
+
+
+class Server:
+    """A native data server, serving `reg`, plus helpers to hand it connections."""
+
+    def __init__(self, reg: Registry, threads: int = 2) -> None:
         out = ffi.new("dxl_tcp_server_t **")
-        check(lib.dxl_tcp_server_start(threads, out), "start")
+        check(lib.dxl_tcp_server_start(threads, reg.ptr, out), "start")
         self.ptr = out[0]
+        self.reg = reg
         self.clients: list[socket.socket] = []
 
     def connect(self) -> socket.socket:
@@ -81,33 +103,34 @@ class Server:
 
 
 @pytest.fixture
-def server() -> Iterator[Server]:
+def server(registry: Registry) -> Iterator[Server]:
     live = lib.dxl_tcp_servers_live()
-    srv = Server()
+    srv = Server(registry)
     yield srv
     srv.stop()
     assert lib.dxl_tcp_servers_live() == live
 
 
 class Region:
-    """`size` random bytes registered in the registry (the "remote" memory)."""
+    """`size` random bytes registered in `reg` (the "remote" memory)."""
 
-    def __init__(self, size: int, seed: int = 1) -> None:
+    def __init__(self, size: int, reg: Registry, seed: int = 1) -> None:
         self.buf = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
         self.addr = self.buf.ctypes.data
+        self.reg = reg
         out = ffi.new("uint64_t *")
-        check(lib.dxl_region_add(self.addr, size, out), "register")
+        check(lib.dxl_region_add(reg.ptr, self.addr, size, out), "register")
         self.id = out[0]
 
     def remove(self) -> None:
         if self.id is not None:
-            check(lib.dxl_region_remove(self.id), "unregister")
+            check(lib.dxl_region_remove(self.reg.ptr, self.id), "unregister")
             self.id = None
 
 
 @pytest.fixture
-def region() -> Iterator[Region]:
-    r = Region(32 * MiB)
+def region(registry: Registry) -> Iterator[Region]:
+    r = Region(32 * MiB, registry)
     yield r
     r.remove()
 
@@ -258,8 +281,12 @@ def test_bad_arguments() -> None:
     eight = as_u64_ptr(np.array([8], dtype=np.uint64))
     assert lib.dxl_tcp_transfer(fds, 1, 0, wrap, p, eight, 1, 10, res) == lib.DXL_E_INVAL
     out = ffi.new("dxl_tcp_server_t **")
-    assert lib.dxl_tcp_server_start(0, out) == lib.DXL_E_INVAL
-    assert lib.dxl_tcp_server_start(lib.DXL_TCP_MAX_THREADS + 1, out) == lib.DXL_E_INVAL
+    reg = Registry()
+    assert lib.dxl_tcp_server_start(0, reg.ptr, out) == lib.DXL_E_INVAL
+    assert lib.dxl_tcp_server_start(lib.DXL_TCP_MAX_THREADS + 1, reg.ptr, out) == lib.DXL_E_INVAL
+    assert lib.dxl_tcp_server_start(1, ffi.NULL, out) == lib.DXL_E_INVAL  # no registry
+    assert lib.dxl_tcp_server_start(1, reg.ptr, ffi.NULL) == lib.DXL_E_INVAL
+    reg.free()
     assert lib.dxl_tcp_server_adopt(ffi.NULL, 0) == lib.DXL_E_INVAL
     assert lib.dxl_tcp_server_fence(ffi.NULL, 0, ffi.NULL) == lib.DXL_E_INVAL
     lib.dxl_tcp_server_stop(ffi.NULL)
@@ -438,7 +465,7 @@ def test_transfer_in_a_forked_child(server: Server, region: Region, stream_thres
     if pid == 0:
         ok = False
         try:
-            child = Server()
+            child = Server(region.reg)
             csocks = [child.connect() for _ in range(4)]
             local[:] = 0
             rc, _, res = transfer(csocks, 0, la, ra, ln)
@@ -610,7 +637,7 @@ def test_garbage_and_truncated_frames(server: Server, region: Region) -> None:
 
 
 def test_unregistered_memory_is_refused_after_removal(server: Server) -> None:
-    r = Region(1 * MiB, seed=3)
+    r = Region(1 * MiB, server.reg, seed=3)
     sock = server.connect()
     send_request(sock, READ, [(r.addr, 64)])
     assert recv_reply(sock)[0] == lib.DXL_OK
@@ -619,6 +646,36 @@ def test_unregistered_memory_is_refused_after_removal(server: Server) -> None:
     assert lib.dxl_tcp_server_fence(server.ptr, 1000, ffi.NULL) == lib.DXL_OK
     send_request(sock, READ, [(r.addr, 64)])
     assert recv_reply(sock)[0] == lib.DXL_E_RANGE
+
+
+def test_a_server_serves_its_own_registry_only(server: Server, region: Region) -> None:
+    """Two registries in one process (two engines): a server started with one refuses memory
+    registered only in the other (DXL_E_RANGE), for reads and writes, and the other registry's
+    own server serves it."""
+    other_reg = Registry()
+    other = Region(MiB, other_reg, seed=9)
+    other_srv = Server(other_reg)
+    try:
+        sock = server.connect()
+        send_request(sock, READ, [(other.addr, 64)])
+        assert recv_reply(sock)[:3] == (lib.DXL_E_RANGE, 0, 0)
+        before = other.buf.copy()
+        send_request(sock, WRITE, [(other.addr, 64)], payload=b"\xee" * 64)
+        assert recv_reply(sock)[:3] == (lib.DXL_E_RANGE, 0, 0)
+        assert np.array_equal(other.buf, before)
+        send_request(sock, READ, [(region.addr, 8), (other.addr, 8)])
+        assert recv_reply(sock)[:2] == (lib.DXL_E_RANGE, 1)  # the second piece is refused
+        assert_serves(server, region)  # its own memory: still served
+        sock2 = other_srv.connect()
+        send_request(sock2, READ, [(region.addr, 64)])  # the first server's memory: refused
+        assert recv_reply(sock2)[:3] == (lib.DXL_E_RANGE, 0, 0)
+        send_request(sock2, READ, [(other.addr, 64)])
+        assert recv_reply(sock2)[:3] == (lib.DXL_OK, 0, 64)
+        assert recv_exactly(sock2, 64) == other.buf[:64].tobytes()
+    finally:
+        other_srv.stop()
+        other.remove()
+        other_reg.free()
 
 
 # ---- the client's failure handling ---------------------------------------------------------------
@@ -643,7 +700,7 @@ def test_timeout_when_nobody_answers() -> None:
 
 
 def test_server_stopped_with_connections_open(region: Region) -> None:
-    srv = Server()
+    srv = Server(region.reg)
     socks = [srv.connect() for _ in range(2)]
     lib.dxl_tcp_server_stop(srv.ptr)
     srv.ptr = None
@@ -737,7 +794,7 @@ def test_client_validates_replies(name: str, expect: int) -> None:
 def test_one_failing_stream_stops_the_others(region: Region, stream_threshold: None) -> None:
     """Stream 1 never answers; stream 0 is served. The call fails within its timeout and marks
     exactly the streams left mid-frame."""
-    srv = Server()
+    srv = Server(region.reg)
     try:
         good = srv.connect()
         bad, silent = tcp_pair()
