@@ -295,6 +295,7 @@ typedef struct {
     uint64_t bytes_sent;        /**< data bytes served to READ requests (monotonic) */
     uint64_t bytes_received;    /**< data bytes stored by WRITE requests (monotonic) */
     uint64_t requests_aborted;  /**< requests cut off by dxl_tcp_server_fence's timeout */
+    uint64_t conns_revoked;     /**< closed because dxl_tcp_server_revoke named their tag */
 } dxl_tcp_server_stats_t;
 
 /* Starts a data server with `threads` threads (1..DXL_TCP_MAX_THREADS, else DXL_E_INVAL) that
@@ -305,11 +306,31 @@ typedef struct {
 int dxl_tcp_server_start(int threads, dxl_registry_t *registry, dxl_tcp_server_t **server_p);
 
 /* Hands a connected, already authenticated stream socket to the server, which makes it
- * non-blocking and serves requests on it until the peer closes it, it breaks, or the server
- * stops. Ownership: on DXL_OK the server owns fd and closes it; the caller must not use or close
- * it again. On failure the caller still owns fd. DXL_E_INVAL: NULL server, fd < 0, or the server
- * is stopping; DXL_E_NOMEM; DXL_E_IO (fcntl or epoll_ctl failed, errno saved). */
-int dxl_tcp_server_adopt(dxl_tcp_server_t *server, int fd);
+ * non-blocking and serves requests on it until the peer closes it, it breaks, it is revoked, or
+ * the server stops. `tag` is any value the caller groups connections by (the engine: which link
+ * key the client authenticated with), for dxl_tcp_server_revoke(). Ownership: on DXL_OK the
+ * server owns fd and closes it; the caller must not use or close it again. On failure the caller
+ * still owns fd. DXL_E_INVAL: NULL server, fd < 0, or the server is stopping; DXL_E_NOMEM;
+ * DXL_E_IO (fcntl or epoll_ctl failed, errno saved). */
+int dxl_tcp_server_adopt(dxl_tcp_server_t *server, int fd, uint64_t tag);
+
+/* Revokes every connection adopted with `tag` and still open: none of them starts another
+ * request once this returns (a request starts when its whole table has been read: from then on
+ * it is checked against the registry and may touch memory), and each is closed, so its client
+ * sees DXL_E_PEER (a request whose table completes after this call gets no reply). What is
+ * guaranteed:
+ * - no request on them touches memory unless it started before this returned;
+ * - one that did start (at most one per connection) may run its memory access to the end (its
+ *   reply may or may not be sent) and its connection is closed right after; the memory stays
+ *   registered through a revoke, so this is safe. To stop touching memory that is about to be
+ *   freed, remove its regions and call dxl_tcp_server_fence();
+ * - the others (idle, or mid-frame without touching memory) are closed by their threads at once,
+ *   after this returns (it does not wait for the closes; conns_live shows them);
+ * - connections adopted with `tag` after this returns are not affected (the caller refuses those:
+ *   an adoption is wholly before or wholly after a revoke).
+ * Does not block on connections. If closed_p is not NULL it receives how many connections were
+ * revoked by this call. DXL_OK, or DXL_E_INVAL for a NULL server. */
+int dxl_tcp_server_revoke(dxl_tcp_server_t *server, uint64_t tag, uint64_t *closed_p);
 
 /* Waits until no request that was touching memory when this call began still does, so that
  * memory unregistered (dxl_region_remove) before this call may be freed once it returns: later

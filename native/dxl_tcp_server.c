@@ -1,7 +1,8 @@
 /*
  * dxl_tcp_server.c: the tcp transport's data server. Threads with epoll serve connections that
  * Python accepted and authenticated (dxl_tcp_server_adopt), answering READ and WRITE requests
- * against registered memory; start, adopt, fence, stats and stop are the API (native/dxl.h).
+ * against registered memory; start, adopt, revoke, fence, stats and stop are the API
+ * (native/dxl.h).
  * Frames are decoded by dxl_tcp_wire.c.
  *
  * Safety argument, in one place: a request's table is read completely, then dxl__srv_check()
@@ -67,7 +68,11 @@ typedef struct dxl__conn {
     int closed;        /* on the dead list; its events in the current batch are ignored */
     int close_after;   /* close once the reply is sent (malformed request) */
     int serving;       /* a READ's data is being sent */
-    int busy;          /* th->mu: touching registered memory (READ send, WRITE receive) */
+    int busy;          /* th->mu: touching registered memory (READ send, WRITE receive); written
+                          by its thread only, which may read it without the lock */
+    int revoked;       /* th->mu; its thread reads it atomically: dxl_tcp_server_revoke named its
+                          tag, so no new request starts and the thread closes it once not busy */
+    uint64_t tag;      /* given at adoption (dxl_tcp_server_revoke) */
     int fenced;        /* th->mu: dxl_tcp_server_fence waits for this request */
     int abort;         /* th->mu: dxl_tcp_server_fence timed out: close it */
     unsigned char hdr[DXL_TCP_HDR_BYTES];
@@ -121,6 +126,7 @@ struct dxl_tcp_server {
     uint64_t bytes_sent;
     uint64_t bytes_received;
     uint64_t requests_aborted;
+    uint64_t conns_revoked;
 };
 
 static uint64_t dxl__n_tcp_servers;
@@ -169,12 +175,18 @@ static void dxl__fence_release(dxl_tcp_server_t *srv)
     pthread_mutex_unlock(&srv->fmu);
 }
 
-/* Marks c busy (touching registered memory) or not. */
-static void dxl__srv_set_busy(dxl__conn_t *c, int busy)
+/* Marks c busy (touching registered memory) or not. Returns 1, or 0 (and c stays not busy) when
+ * asked to mark it busy after dxl_tcp_server_revoke named it: under th->mu, so a revoke that has
+ * returned is seen here and no request starts after it. */
+static int dxl__srv_set_busy(dxl__conn_t *c, int busy)
 {
     int released;
 
     pthread_mutex_lock(&c->th->mu);
+    if (busy && c->revoked) {
+        pthread_mutex_unlock(&c->th->mu);
+        return 0;
+    }
     c->busy = busy;
     released = !busy && c->fenced;
     if (released) {
@@ -185,11 +197,25 @@ static void dxl__srv_set_busy(dxl__conn_t *c, int busy)
     if (released) {
         dxl__fence_release(c->th->srv);
     }
+    return 1;
+}
+
+/* 1 if c was revoked and runs no request: its thread closes it now. */
+static int dxl__srv_revoked_idle(const dxl__conn_t *c)
+{
+    return __atomic_load_n(&c->revoked, __ATOMIC_ACQUIRE) && !c->busy;
 }
 
 /* ---- connections ---- */
 
-static void dxl__srv_close(dxl__conn_t *c, int dropped)
+/* Why a connection is closed (dxl__srv_close), for the counters. */
+enum {
+    DXL__CLOSE_CLEAN,   /* EOF at a frame boundary, or the server stops */
+    DXL__CLOSE_DROPPED, /* malformed request, I/O error, EOF mid-frame, fence timeout */
+    DXL__CLOSE_REVOKED, /* dxl_tcp_server_revoke */
+};
+
+static void dxl__srv_close(dxl__conn_t *c, int why)
 {
     dxl__srv_thread_t *th = c->th;
     dxl_tcp_server_t *srv = th->srv;
@@ -197,8 +223,10 @@ static void dxl__srv_close(dxl__conn_t *c, int dropped)
 
     /* Counters first: a peer that sees the close sees them updated. */
     DXL__SUB(srv->conns_live, 1);
-    if (dropped) {
+    if (why == DXL__CLOSE_DROPPED) {
         DXL__ADD(srv->conns_dropped, 1);
+    } else if (why == DXL__CLOSE_REVOKED) {
+        DXL__ADD(srv->conns_revoked, 1);
     }
     (void)epoll_ctl(th->ep, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
@@ -308,8 +336,12 @@ static void dxl__srv_on_table(dxl__conn_t *c)
         dxl__entry_get(raw, i, &addr[i], &len[i]);
     }
     /* Busy before the check, so that dxl_tcp_server_fence either sees this request or runs
-     * before the check (and then after the dxl_region_remove it fences, which the check sees). */
-    dxl__srv_set_busy(c, 1);
+     * before the check (and then after the dxl_region_remove it fences, which the check sees).
+     * A revoked connection starts nothing: it is closed, unanswered. */
+    if (!dxl__srv_set_busy(c, 1)) {
+        dxl__srv_close(c, DXL__CLOSE_REVOKED);
+        return;
+    }
     rc = dxl__srv_check(c->th->srv->reg, addr, len, n, c->req.total, &bad);
     if (rc != DXL_OK) {
         dxl__srv_set_busy(c, 0);
@@ -400,7 +432,7 @@ static int dxl__srv_rerr(dxl__conn_t *c, ssize_t r, int clean)
     if (r < 0 && errno == EINTR) {
         return 1;
     }
-    dxl__srv_close(c, !(r == 0 && clean));
+    dxl__srv_close(c, r == 0 && clean ? DXL__CLOSE_CLEAN : DXL__CLOSE_DROPPED);
     return -1;
 }
 
@@ -436,7 +468,7 @@ static int dxl__srv_step(dxl__conn_t *c)
         if (c->hdr_got == DXL_TCP_HDR_BYTES) {
             dxl__srv_on_header(c);
         }
-        return 1;
+        return c->closed ? -1 : 1; /* an empty table went through the gate: maybe revoked */
     case DXL__ST_TABLE:
         r = recv(c->fd, (unsigned char *)(c->iov + 1) + c->raw_got, c->raw_need - c->raw_got, 0);
         if (r <= 0) {
@@ -446,7 +478,7 @@ static int dxl__srv_step(dxl__conn_t *c)
         if (c->raw_got == c->raw_need) {
             dxl__srv_on_table(c);
         }
-        return 1;
+        return c->closed ? -1 : 1; /* revoked at the gate */
     case DXL__ST_RECV:
         r = readv(c->fd, c->iov + c->iov_pos, dxl__srv_iov_batch(c));
         if (r <= 0) {
@@ -481,14 +513,15 @@ static int dxl__srv_step(dxl__conn_t *c)
             if (errno == EINTR) {
                 return 1;
             }
-            dxl__srv_close(c, 1); /* EPIPE, ECONNRESET, or EFAULT (memory unmapped under us) */
+            /* EPIPE, ECONNRESET, or EFAULT (memory unmapped under us) */
+            dxl__srv_close(c, DXL__CLOSE_DROPPED);
             return -1;
         }
         c->io_hint = (size_t)r > c->io_hint ? (size_t)r : c->io_hint;
         dxl__iov_advance(c->iov, c->iov_cnt, &c->iov_pos, (size_t)r);
         if (c->iov_pos == c->iov_cnt) {
             if (c->close_after) {
-                dxl__srv_close(c, 1);
+                dxl__srv_close(c, DXL__CLOSE_DROPPED);
                 return -1;
             }
             dxl__srv_send_done(c);
@@ -496,7 +529,7 @@ static int dxl__srv_step(dxl__conn_t *c)
         return 1;
     }
     default:
-        dxl__srv_close(c, 1);
+        dxl__srv_close(c, DXL__CLOSE_DROPPED);
         return -1;
     }
 }
@@ -504,7 +537,12 @@ static int dxl__srv_step(dxl__conn_t *c)
 static void dxl__srv_io(dxl__conn_t *c)
 {
     for (int i = 0; i < DXL__SRV_BUDGET; i++) {
-        int r = dxl__srv_step(c);
+        int r;
+        if (dxl__srv_revoked_idle(c)) { /* e.g. its last request just ended */
+            dxl__srv_close(c, DXL__CLOSE_REVOKED);
+            return;
+        }
+        r = dxl__srv_step(c);
         if (r < 0) {
             return;
         }
@@ -512,18 +550,25 @@ static void dxl__srv_io(dxl__conn_t *c)
             break;
         }
     }
+    if (dxl__srv_revoked_idle(c)) {
+        dxl__srv_close(c, DXL__CLOSE_REVOKED);
+        return;
+    }
     dxl__srv_interest(c, c->state == DXL__ST_SEND ? EPOLLOUT : EPOLLIN);
 }
 
-/* Closes the connections that a timed-out fence marked. */
+/* Closes the connections that a timed-out fence marked, and the revoked ones that run no
+ * request (a revoked one that does is closed by dxl__srv_io once its request ends). */
 static void dxl__srv_aborts(dxl__srv_thread_t *th)
 {
     for (;;) {
         dxl__conn_t *victim = NULL;
+        int aborted = 0;
         pthread_mutex_lock(&th->mu);
         for (dxl__conn_t *c = th->conns; c != NULL; c = c->next) {
-            if (c->abort) {
+            if (c->abort || (c->revoked && !c->busy)) {
                 victim = c;
+                aborted = c->abort;
                 break;
             }
         }
@@ -531,8 +576,10 @@ static void dxl__srv_aborts(dxl__srv_thread_t *th)
         if (victim == NULL) {
             return;
         }
-        DXL__ADD(th->srv->requests_aborted, 1);
-        dxl__srv_close(victim, 1);
+        if (aborted) {
+            DXL__ADD(th->srv->requests_aborted, 1);
+        }
+        dxl__srv_close(victim, victim->revoked ? DXL__CLOSE_REVOKED : DXL__CLOSE_DROPPED);
     }
 }
 
@@ -695,7 +742,7 @@ int dxl_tcp_server_start(int threads, dxl_registry_t *registry, dxl_tcp_server_t
     return DXL_OK;
 }
 
-int dxl_tcp_server_adopt(dxl_tcp_server_t *srv, int fd)
+int dxl_tcp_server_adopt(dxl_tcp_server_t *srv, int fd, uint64_t tag)
 {
     dxl__srv_thread_t *th = NULL;
     uint64_t best = 0;
@@ -738,6 +785,7 @@ int dxl_tcp_server_adopt(dxl_tcp_server_t *srv, int fd)
     }
     c->th = th;
     c->fd = fd;
+    c->tag = tag;
     c->state = DXL__ST_HDR;
     c->interest = EPOLLIN;
     c->io_hint = DXL__SRV_IO_HINT;
@@ -768,6 +816,37 @@ int dxl_tcp_server_adopt(dxl_tcp_server_t *srv, int fd)
     pthread_mutex_unlock(&srv->mu);
     DXL__ADD(srv->conns_adopted, 1);
     DXL__ADD(srv->conns_live, 1);
+    return DXL_OK;
+}
+
+int dxl_tcp_server_revoke(dxl_tcp_server_t *srv, uint64_t tag, uint64_t *closed_p)
+{
+    uint64_t marked = 0;
+
+    if (srv == NULL) {
+        return dxl__fail(DXL_E_INVAL, 0);
+    }
+    pthread_mutex_lock(&srv->mu); /* an adoption is wholly before or wholly after this */
+    for (int i = 0; i < srv->nthreads; i++) {
+        dxl__srv_thread_t *th = &srv->th[i];
+        uint64_t here = 0;
+        pthread_mutex_lock(&th->mu);
+        for (dxl__conn_t *c = th->conns; c != NULL; c = c->next) {
+            if (c->tag == tag && !c->revoked) {
+                __atomic_store_n(&c->revoked, 1, __ATOMIC_RELEASE);
+                here++;
+            }
+        }
+        pthread_mutex_unlock(&th->mu);
+        if (here > 0) {
+            dxl__srv_wake(th); /* it closes the idle ones at once */
+            marked += here;
+        }
+    }
+    pthread_mutex_unlock(&srv->mu);
+    if (closed_p != NULL) {
+        *closed_p = marked;
+    }
     return DXL_OK;
 }
 
@@ -864,6 +943,7 @@ void dxl_tcp_server_stats(const dxl_tcp_server_t *srv, dxl_tcp_server_stats_t *o
     out_p->bytes_sent = __atomic_load_n(&srv->bytes_sent, __ATOMIC_RELAXED);
     out_p->bytes_received = __atomic_load_n(&srv->bytes_received, __ATOMIC_RELAXED);
     out_p->requests_aborted = __atomic_load_n(&srv->requests_aborted, __ATOMIC_RELAXED);
+    out_p->conns_revoked = __atomic_load_n(&srv->conns_revoked, __ATOMIC_RELAXED);
 }
 
 void dxl_tcp_server_stop(dxl_tcp_server_t *srv)

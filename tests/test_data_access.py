@@ -1,13 +1,15 @@
-"""Who may touch which memory through an engine's tcp data server.
+"""Who may touch which memory through an engine's tcp data server, and for how long.
 
 Several engines in one process (each with its own region registry and data server), linked to
 each other over tcp on loopback: a data server serves its own engine's memory only, even to a
-client holding a valid data key of one of its links.
+client holding a valid data key of one of its links; and a link's data connections end when
+its key goes (``DataServer.revoke``), not when they happen to go idle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
@@ -15,8 +17,11 @@ import pytest
 
 import dxl
 from dxl import _ffi
+from dxl.control.auth import AuthError, authenticate_socket
 from dxl.memory.plan import Pieces
+from dxl.memory.regions import RegionRegistry
 from dxl.testing import KVBuffers
+from dxl.transport.tcp_server import DataServer
 
 S = dxl.LLMStatusCode
 TENSORS, BLOCKS, BB = 2, 16, 4096
@@ -124,3 +129,125 @@ async def test_a_data_server_serves_its_own_engine_only(nodes) -> None:
     assert c.buf.matches(ALL, [3, 4], 5, ALL, [1, 2])
     assert b.data_stats["requests_rejected"] == 2
     assert a.data_stats["requests_served"] == 0  # nobody talked to A
+
+
+# ---- revoking a key's connections ----------------------------------------------------------------
+
+
+def open_stream(address: tuple[str, int], key: bytes, key_id: bytes) -> socket.socket:
+    """One data connection as a TcpTransport opens it: connect, handshake, instance id."""
+    sock = socket.create_connection(address, timeout=10)
+    try:
+        authenticate_socket(sock, key, role="client", purpose="data", key_id=key_id)
+        n = sock.recv(1)[0]
+        while n:
+            n -= len(sock.recv(n))
+    except BaseException:
+        sock.close()
+        raise
+    sock.settimeout(None)
+    return sock
+
+
+def pull_rc(sock: socket.socket, addr: int, size: int = 4096) -> tuple[int, np.ndarray]:
+    """One native pull of ``size`` bytes at ``addr`` over ``sock``: (rc, the bytes)."""
+    local = np.zeros(size, dtype=np.uint8)
+    res = _ffi.ffi.new("dxl_tcp_result_t *")
+    fds = _ffi.ffi.new("int[]", [sock.fileno()])
+    p = pieces(local, addr, size)
+    rc = _ffi.lib.dxl_tcp_transfer(
+        fds,
+        1,
+        0,
+        _ffi.as_u64_ptr(p.dst),
+        _ffi.as_u64_ptr(p.src),
+        _ffi.as_u64_ptr(p.length),
+        1,
+        10_000,
+        res,
+    )
+    return rc, local
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    sock.settimeout(10)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def test_revoke_cuts_one_keys_connections_and_its_key_is_refused_after() -> None:
+    buf = np.random.default_rng(2).integers(0, 256, 1 << 20, dtype=np.uint8)
+    regions = RegionRegistry()
+    regions.add(buf.ctypes.data, buf.nbytes)
+    kid1, kid2, racing = b"\x01" * 16, b"\x02" * 16, b"\x03" * 16
+    keys = {kid1: b"k" * 32, kid2: b"q" * 32, racing: b"r" * 32}
+
+    def lookup(key_id: bytes) -> bytes | None:
+        key = keys.get(key_id)
+        if key_id == racing:  # the link ends while this handshake runs
+            keys.pop(racing, None)
+        return key
+
+    srv = await DataServer.start("127.0.0.1", 0, lookup, registry=regions)
+    try:
+        one = [await asyncio.to_thread(open_stream, srv.address, keys[kid1], kid1) for _ in "ab"]
+        two = await asyncio.to_thread(open_stream, srv.address, keys[kid2], kid2)
+        await wait_for(lambda: srv.stats()["conns_live"] == 3, "three adopted connections")
+        for sock in (*one, two):
+            rc, data = await asyncio.to_thread(pull_rc, sock, buf.ctypes.data)
+            assert rc == 0 and np.array_equal(data, buf[:4096])
+
+        del keys[kid1]  # what LinkTable.drop_key does before it calls revoke
+        assert srv.revoke(kid1) == 2
+        await wait_for(lambda: srv.stats()["conns_live"] == 1, "the two revoked ones to close")
+        assert srv.stats()["conns_revoked"] == 2
+        for sock in one:
+            rc, _ = await asyncio.to_thread(pull_rc, sock, buf.ctypes.data)
+            assert rc == _ffi.lib.DXL_E_PEER, _ffi.err_name(rc)
+        rc, data = await asyncio.to_thread(pull_rc, two, buf.ctypes.data + 4096)
+        assert rc == 0 and np.array_equal(data, buf[4096:8192])  # the other key: untouched
+
+        with pytest.raises(AuthError):  # the revoked key cannot come back
+            await asyncio.to_thread(open_stream, srv.address, b"k" * 32, kid1)
+        assert srv.stats()["auth_failures"] == 1
+        # authenticated, but its key went during the handshake: closed, never adopted
+        late = await asyncio.to_thread(open_stream, srv.address, b"r" * 32, racing)
+        assert await asyncio.to_thread(closed_by_server, late)
+        assert srv.stats()["conns_adopted"] == 3
+        for sock in (*one, two, late):
+            sock.close()
+    finally:
+        await srv.close()
+        regions.close()
+
+
+async def test_unlink_cuts_the_peers_data_connections_at_once(nodes) -> None:
+    """C links to B over tcp; data connections with the link's key (here, ones C's transport
+    does not own, so only B can close them) end when the link does, on unlink_clusters."""
+    b = await nodes(20, 5)
+    c = await nodes(30, 7)
+    assert (await c.eng.link_clusters([info(b.eng)]))[0] == S.LLM_SUCCESS
+    link = c.eng._links.get(20)  # test-only access: the link's data key, as B holds it
+    assert link is not None
+    key = b.eng._links.key_for(link.key_id)
+    assert key is not None
+    address = ("127.0.0.1", b.eng._listener.data_port)
+    socks = [await asyncio.to_thread(open_stream, address, key, link.key_id) for _ in "ab"]
+    for sock in socks:
+        rc, _ = await asyncio.to_thread(pull_rc, sock, b.buf.addrs[0])
+        assert rc == 0
+    revoked = b.data_stats["conns_revoked"]
+
+    _, rets = await c.eng.unlink_clusters([info(b.eng)])
+    assert rets == [S.LLM_SUCCESS]
+    await wait_for(
+        lambda: b.data_stats["conns_revoked"] >= revoked + len(socks), "B to revoke them"
+    )
+    for sock in socks:
+        assert await asyncio.to_thread(closed_by_server, sock)
+        sock.close()
+    await wait_for(lambda: b.data_stats["conns_live"] == 0, "B's data connections to end")
+    with pytest.raises(AuthError):
+        await asyncio.to_thread(open_stream, address, key, link.key_id)

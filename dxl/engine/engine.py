@@ -81,6 +81,7 @@ class Engine:
         book = self._book = CacheBook(opts.max_registered_addrs, regions)
         links = self._links = LinkTable(identity, opts, mover)
         listener = self._listener = Listener(identity, opts, mover, regions)
+        links.revoke = listener.revoke  # a link's key goes: its data connections to us end
         self._registrations = Registrations(opts, state, book, links, listener, mover, self)
         handshake = self._handshake = Handshake(
             identity,

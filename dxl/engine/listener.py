@@ -110,6 +110,11 @@ class Listener:
             self._regions.remove(self._probe_region)
             self._probe_region = 0
 
+    def revoke(self, key_id: bytes) -> None:
+        """A link's data key went: cut the data connections that authenticated with it."""
+        if self.data is not None:
+            self.data.revoke(key_id)
+
     async def fence(self) -> None:
         """After regions were removed: wait until no tcp request still touches them."""
         if self.data is not None:

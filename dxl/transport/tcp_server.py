@@ -8,6 +8,10 @@ server's own :class:`~dxl.memory.regions.RegionRegistry` only (never another reg
 another engine's in the same process), on its own threads, until the connection closes. A
 connection that fails the handshake, or sends garbage, is closed; nothing else is affected. The
 client side is :mod:`dxl.transport.tcp`.
+
+Each adopted connection is tagged with the key it authenticated with (:func:`key_tag` of the key
+id): :meth:`DataServer.revoke` cuts every connection of one key at once, which the engine does
+when a link ends and its key goes.
 """
 
 from __future__ import annotations
@@ -25,9 +29,15 @@ from ..control.auth import AuthError, KeyLookup, authenticate_sock_async, normal
 from ..memory.regions import RegionRegistry
 from .tcp import DEFAULT_SOCK_BUF, PURPOSE, encode_instance, is_loopback, tune
 
-__all__ = ["DataServer"]
+__all__ = ["DataServer", "key_tag"]
 
 log = logging.getLogger("dxl")
+
+
+def key_tag(key_id: bytes) -> int:
+    """The native server's connection tag for a key id: its first 8 bytes, little-endian (zeros
+    for the deployment's single secret, or no secret)."""
+    return int.from_bytes(key_id[:8].ljust(8, b"\0"), "little")
 
 
 class DataServer:
@@ -166,7 +176,7 @@ class DataServer:
         try:
             conn.setblocking(False)
             tune(conn, self._sock_buf)
-            await authenticate_sock_async(
+            key_id = await authenticate_sock_async(
                 conn, self._secret, role="server", purpose=PURPOSE, timeout=self._auth_timeout
             )
             await asyncio.get_running_loop().sock_sendall(conn, self._instance)
@@ -181,8 +191,15 @@ class DataServer:
         if self._native is None:
             conn.close()
             return
+        if callable(self._secret) and self._secret(key_id) is None:
+            # its key went (the link ended) while the handshake ran: that key's revoke has
+            # already happened and would miss this connection. No await from here to the
+            # adoption, so a later drop of the key revokes it.
+            log.info("dxl: tcp data server: a connection's link ended during its handshake")
+            conn.close()
+            return
         fd = conn.detach()
-        rc = _ffi.lib.dxl_tcp_server_adopt(self._native, fd)
+        rc = _ffi.lib.dxl_tcp_server_adopt(self._native, fd, key_tag(key_id))
         if rc < 0:
             err = _ffi.lib.dxl_last_errno()
             os.close(fd)
@@ -207,10 +224,23 @@ class DataServer:
             "bytes_sent",
             "bytes_received",
             "requests_aborted",
+            "conns_revoked",
         )
         result = {name: int(getattr(out, name)) for name in fields}
         result["auth_failures"] = self.auth_failures
         return result
+
+    def revoke(self, key_id: bytes) -> int:
+        """Cut every connection that authenticated with ``key_id``: none starts another request
+        from now on, and each is closed at once (a request already touching memory may finish
+        first; see ``dxl_tcp_server_revoke``). Does not block. Connections with that key are
+        refused from now on only if the key lookup no longer knows it: drop the key first.
+        Returns how many connections were revoked."""
+        if self._native is None:
+            return 0
+        out = _ffi.ffi.new("uint64_t *")
+        _ffi.check(_ffi.lib.dxl_tcp_server_revoke(self._native, key_tag(key_id), out), "tcp revoke")
+        return int(out[0])
 
     def fence(self, timeout_ms: int) -> int:
         """Blocking: wait until no request that was touching memory when called still does

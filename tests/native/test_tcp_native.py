@@ -11,6 +11,7 @@ before touching memory, and keeps serving other connections.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import struct
@@ -63,6 +64,9 @@ def registry() -> Iterator[Registry]:
     reg.free()  # after the server and regions of the test (fixtures tear down in reverse)
 
 
+_TAGS = itertools.count(1 << 32)
+
+
 class Server:
     """A native data server, serving `reg`, plus helpers to hand it connections."""
 
@@ -73,10 +77,19 @@ class Server:
         self.reg = reg
         self.clients: list[socket.socket] = []
 
-    def connect(self) -> socket.socket:
-        """A client socket whose other end the server now owns."""
+    def connect(self, tag: int | None = None) -> socket.socket:
+        """A client socket whose other end the server now owns, adopted with `tag` (None: a tag
+        of its own, so that no per-tag limit binds)."""
+        if tag is None:
+            tag = next(_TAGS)
         client, server = tcp_pair()
-        check(lib.dxl_tcp_server_adopt(self.ptr, server.detach()), "adopt")
+        fd = server.detach()
+        try:
+            check(lib.dxl_tcp_server_adopt(self.ptr, fd, tag), "adopt")
+        except NativeError:
+            os.close(fd)  # a failed adoption leaves the fd with us
+            client.close()
+            raise
         self.clients.append(client)
         return client
 
@@ -287,7 +300,8 @@ def test_bad_arguments() -> None:
     assert lib.dxl_tcp_server_start(1, ffi.NULL, out) == lib.DXL_E_INVAL  # no registry
     assert lib.dxl_tcp_server_start(1, reg.ptr, ffi.NULL) == lib.DXL_E_INVAL
     reg.free()
-    assert lib.dxl_tcp_server_adopt(ffi.NULL, 0) == lib.DXL_E_INVAL
+    assert lib.dxl_tcp_server_adopt(ffi.NULL, 0, 0) == lib.DXL_E_INVAL
+    assert lib.dxl_tcp_server_revoke(ffi.NULL, 0, ffi.NULL) == lib.DXL_E_INVAL
     assert lib.dxl_tcp_server_fence(ffi.NULL, 0, ffi.NULL) == lib.DXL_E_INVAL
     lib.dxl_tcp_server_stop(ffi.NULL)
     for code in ("DXL_E_TIMEDOUT", "DXL_E_PEER", "DXL_E_PROTO", "DXL_E_REMOTE"):
@@ -304,7 +318,7 @@ def test_adopt_failure_leaves_fd_with_caller(server: Server) -> None:
     r, w = os.pipe()
     os.close(r)
     try:
-        assert lib.dxl_tcp_server_adopt(server.ptr, r) == lib.DXL_E_INVAL  # closed fd: EBADF
+        assert lib.dxl_tcp_server_adopt(server.ptr, r, 1) == lib.DXL_E_INVAL  # closed fd: EBADF
         assert lib.dxl_last_errno() == 9
     finally:
         os.close(w)
@@ -676,6 +690,108 @@ def test_a_server_serves_its_own_registry_only(server: Server, region: Region) -
         other_srv.stop()
         other.remove()
         other_reg.free()
+
+
+# ---- revoking tagged connections -----------------------------------------------------------------
+
+
+def pull_ok(sock: socket.socket, region: Region, off: int = 0, size: int = 4096) -> bool:
+    local = np.zeros(size, dtype=np.uint8)
+    la = np.array([local.ctypes.data], dtype=np.uint64)
+    ra = np.array([region.addr + off], dtype=np.uint64)
+    ln = np.array([size], dtype=np.uint64)
+    rc, _, _ = transfer([sock], 0, la, ra, ln)
+    return rc == lib.DXL_OK and local.tobytes() == region.buf[off : off + size].tobytes()
+
+
+def revoke(server: Server, tag: int) -> int:
+    out = ffi.new("uint64_t *")
+    check(lib.dxl_tcp_server_revoke(server.ptr, tag, out), "revoke")
+    return int(out[0])
+
+
+def test_revoke_closes_exactly_the_tagged_connections(server: Server, region: Region) -> None:
+    tagged = [server.connect(tag=7) for _ in range(3)]
+    others = [server.connect(tag=8), server.connect(tag=7 << 32), server.connect(tag=0)]
+    assert all(pull_ok(s, region) for s in tagged + others)
+
+    assert revoke(server, 7) == 3
+    stats = server.wait_stats(conns_revoked=3, conns_live=3)
+    assert (stats["conns_revoked"], stats["conns_live"]) == (3, 3)
+    assert stats["conns_dropped"] == 0
+    for sock in tagged:  # the next request fails: the connection is gone
+        local = np.zeros(64, dtype=np.uint8)
+        la = np.array([local.ctypes.data], dtype=np.uint64)
+        ra = np.array([region.addr], dtype=np.uint64)
+        ln = np.array([64], dtype=np.uint64)
+        rc, _, res = transfer([sock], 0, la, ra, ln)
+        assert rc == lib.DXL_E_PEER, err_name(rc)
+        assert res.broken_mask == 1 and not local.any()
+    assert all(pull_ok(s, region, off=8192) for s in others)  # the rest: served as before
+    assert revoke(server, 7) == 0  # nothing left with that tag
+    assert revoke(server, 12345) == 0
+    late = server.connect(tag=7)  # adopted after the revoke: not affected (the caller's call)
+    assert pull_ok(late, region)
+    assert server.stats()["conns_revoked"] == 3
+
+
+def recv_until_closed(sock: socket.socket, limit: int) -> bytes:
+    """Everything the server sends until it closes (EOF or reset), at most `limit` + 1 bytes."""
+    sock.settimeout(30)
+    buf = bytearray()
+    with contextlib.suppress(ConnectionResetError):
+        while len(buf) <= limit:
+            chunk = sock.recv(min(1 << 20, limit + 1 - len(buf)))
+            if not chunk:
+                break
+            buf += chunk
+    return bytes(buf)
+
+
+def test_revoke_lets_a_running_request_finish_and_starts_no_new_one(
+    server: Server, region: Region
+) -> None:
+    """A READ stuck mid-reply when the revoke comes runs to its end, byte-exact, and then its
+    connection closes. With another request queued behind it, that one never starts (the close
+    then resets the connection: unread bytes were pending, so the tail may be lost)."""
+    size = 16 * MiB
+    for queued in (False, True):
+        tag = 5 + queued
+        sock = server.connect(tag=tag)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        send_request(sock, READ, [(region.addr, size)], rid=1)
+        status, _, total, _, rid = recv_reply(sock)  # the reply began: the request is running
+        assert (status, total, rid) == (lib.DXL_OK, size, 1)
+        if queued:
+            send_request(sock, READ, [(region.addr, 64)], rid=2)
+        assert revoke(server, tag) == 1
+        # it cannot end while we do not read, so it is still open (no timing involved)
+        assert server.stats()["conns_live"] == 1
+        data = recv_until_closed(sock, size)
+        if queued:  # no second reply: never more than the first request's bytes
+            assert len(data) <= size and data == region.buf[: len(data)].tobytes()
+        else:
+            assert data == region.buf[:size].tobytes()
+        stats = server.wait_stats(conns_revoked=1 + queued, conns_live=0)
+        assert (stats["conns_revoked"], stats["conns_live"]) == (1 + queued, 0)
+        assert stats["requests_served"] == 1 + queued  # the first request of each, only
+        assert stats["requests_rejected"] == 0 and stats["conns_dropped"] == 0
+
+
+def test_revoke_stops_a_write_whose_table_arrives_later(server: Server, region: Region) -> None:
+    """A request half sent when the revoke comes (header in, table not yet) is never served:
+    its table completes after the revoke, so nothing is written."""
+    sock = server.connect(tag=6)
+    before = region.buf.copy()
+    hdr = REQ.pack(lib.DXL_TCP_REQ_MAGIC, lib.DXL_TCP_VERSION, WRITE, 3, 1, 64)
+    sock.sendall(hdr)
+    assert revoke(server, 6) == 1
+    with contextlib.suppress(OSError):  # the server may already have closed it
+        sock.sendall(struct.pack("<QQ", region.addr, 64) + b"\xee" * 64)
+    assert_closed(sock)
+    server.wait_stats(conns_live=0)
+    assert np.array_equal(region.buf, before)
+    assert server.stats()["requests_served"] == 0
 
 
 # ---- the client's failure handling ---------------------------------------------------------------
