@@ -260,6 +260,7 @@ void dxl_counters(dxl_counters_t *out_p);
 #define DXL_E_PEER -12     /* the peer closed or reset the connection (EOF, ECONNRESET, EPIPE...) */
 #define DXL_E_PROTO -13    /* a malformed frame: bad magic/version, wrong id or byte count */
 #define DXL_E_REMOTE -14   /* the peer's data server refused the request (its status: result) */
+#define DXL_E_LIMIT -15    /* a data server's limit on connections was reached (adopt refused) */
 
 #define DXL_TCP_VERSION 1
 #define DXL_TCP_REQ_MAGIC 0x51545844 /* "DXTQ" as little-endian bytes */
@@ -275,6 +276,13 @@ void dxl_counters(dxl_counters_t *out_p);
 #define DXL_TCP_MAX_STREAMS 64
 /* Most threads of one data server. */
 #define DXL_TCP_MAX_THREADS 16
+/* Most connections one data server holds at once (dxl_tcp_server_adopt refuses more). */
+#define DXL_TCP_MAX_CONNS 1024
+/* Most connections with the same tag one data server holds at once (the engine: per link key). */
+#define DXL_TCP_MAX_CONNS_PER_TAG 64
+/* Most bytes of request-table buffers a connection keeps after a request: a larger request's
+ * buffers (up to ~2 MiB for DXL_TCP_MAX_PIECES entries) are freed when it ends. */
+#define DXL_TCP_CONN_BUF_KEEP 262144
 
 /* ---- data server ---- */
 
@@ -296,6 +304,11 @@ typedef struct {
     uint64_t bytes_received;    /**< data bytes stored by WRITE requests (monotonic) */
     uint64_t requests_aborted;  /**< requests cut off by dxl_tcp_server_fence's timeout */
     uint64_t conns_revoked;     /**< closed because dxl_tcp_server_revoke named their tag */
+    uint64_t conns_refused;     /**< adoptions refused with DXL_E_LIMIT (monotonic) */
+    uint64_t buffer_bytes;      /**< bytes of request-table buffers held by connections now:
+                                     ~2 KiB per idle connection, more only while a request with
+                                     a larger table runs (at most DXL_TCP_CONN_BUF_KEEP kept
+                                     after it) */
 } dxl_tcp_server_stats_t;
 
 /* Starts a data server with `threads` threads (1..DXL_TCP_MAX_THREADS, else DXL_E_INVAL) that
@@ -308,9 +321,12 @@ int dxl_tcp_server_start(int threads, dxl_registry_t *registry, dxl_tcp_server_t
 /* Hands a connected, already authenticated stream socket to the server, which makes it
  * non-blocking and serves requests on it until the peer closes it, it breaks, it is revoked, or
  * the server stops. `tag` is any value the caller groups connections by (the engine: which link
- * key the client authenticated with), for dxl_tcp_server_revoke(). Ownership: on DXL_OK the
- * server owns fd and closes it; the caller must not use or close it again. On failure the caller
- * still owns fd. DXL_E_INVAL: NULL server, fd < 0, or the server is stopping; DXL_E_NOMEM;
+ * key the client authenticated with), for dxl_tcp_server_revoke() and the per-tag limit.
+ * Ownership: on DXL_OK the server owns fd and closes it; the caller must not use or close it
+ * again. On failure the caller still owns fd (its flags as they were). DXL_E_INVAL: NULL server,
+ * fd < 0, or the server is stopping; DXL_E_LIMIT: the server already holds DXL_TCP_MAX_CONNS
+ * connections, or DXL_TCP_MAX_CONNS_PER_TAG with this tag (revoked ones count until closed;
+ * counted in conns_refused; the connections it holds are served as before); DXL_E_NOMEM;
  * DXL_E_IO (fcntl or epoll_ctl failed, errno saved). */
 int dxl_tcp_server_adopt(dxl_tcp_server_t *server, int fd, uint64_t tag);
 

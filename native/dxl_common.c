@@ -24,7 +24,8 @@
     XX(DXL_E_TIMEDOUT, "timed out")                                                         \
     XX(DXL_E_PEER, "peer closed or reset the connection")                                   \
     XX(DXL_E_PROTO, "malformed or mismatched protocol frame")                               \
-    XX(DXL_E_REMOTE, "the peer's data server refused the request")
+    XX(DXL_E_REMOTE, "the peer's data server refused the request")                          \
+    XX(DXL_E_LIMIT, "a limit on connections was reached")
 
 const char *dxl_strerror(int code)
 {

@@ -41,6 +41,8 @@ static void dxl__block_signals(sigset_t *old)
 /* Syscalls one connection may make per wakeup before the thread turns to the next ready one. */
 #define DXL__SRV_BUDGET 16
 #define DXL__SRV_SCRATCH (64u << 10)
+/* Pieces a connection's request table has room for when adopted, and again after any request
+ * whose table needed more than DXL_TCP_CONN_BUF_KEEP bytes (about 2 KiB). */
 #define DXL__SRV_INIT_PIECES 63
 /* First guess of the bytes one readv/sendmsg moves (see dxl__srv_iov_batch). */
 #define DXL__SRV_IO_HINT (128u << 10)
@@ -92,6 +94,7 @@ typedef struct dxl__conn {
     int32_t rep_status;
     uint32_t rep_detail;
     size_t io_hint; /* most bytes one readv/sendmsg moved on this connection */
+    size_t buf_bytes; /* bytes of iov + al, counted in the server's buffer_bytes once adopted */
 } dxl__conn_t;
 
 struct dxl__srv_thread {
@@ -127,6 +130,8 @@ struct dxl_tcp_server {
     uint64_t bytes_received;
     uint64_t requests_aborted;
     uint64_t conns_revoked;
+    uint64_t conns_refused;
+    uint64_t buffer_bytes;
 };
 
 static uint64_t dxl__n_tcp_servers;
@@ -253,24 +258,31 @@ static void dxl__srv_close(dxl__conn_t *c, int why)
     }
 }
 
-static void dxl__conn_free(dxl__conn_t *c)
+/* Frees c and its buffers; srv (NULL: c was never counted) loses their bytes. */
+static void dxl__conn_free(dxl_tcp_server_t *srv, dxl__conn_t *c)
 {
+    if (srv != NULL) {
+        DXL__SUB(srv->buffer_bytes, c->buf_bytes);
+    }
     free(c->iov);
     free(c->al);
     free(c);
 }
 
-/* Room for n pieces; DXL_OK or DXL_E_NOMEM (the old buffers stay). */
-static int dxl__srv_reserve(dxl__conn_t *c, uint64_t n)
+/* Bytes of the buffers for a table of n pieces: iov (n + 1 entries) and al (2n entries). */
+static size_t dxl__srv_buf_bytes(uint64_t n)
 {
-    struct iovec *iov;
-    uint64_t *al;
+    return (size_t)(n + 1) * sizeof(struct iovec) + (size_t)(n > 0 ? 2 * n : 1) * sizeof(uint64_t);
+}
 
-    if (n <= c->cap && c->iov != NULL) {
-        return DXL_OK;
-    }
-    iov = malloc((size_t)(n + 1) * sizeof(*iov));
-    al = malloc((size_t)(n > 0 ? 2 * n : 1) * sizeof(*al));
+/* Buffers with room for exactly n pieces, replacing the old ones; srv (NULL: not counted yet)
+ * follows the change in bytes. DXL_OK or DXL_E_NOMEM (the old buffers stay). */
+static int dxl__srv_resize(dxl_tcp_server_t *srv, dxl__conn_t *c, uint64_t n)
+{
+    struct iovec *iov = malloc((size_t)(n + 1) * sizeof(*iov));
+    uint64_t *al = malloc((size_t)(n > 0 ? 2 * n : 1) * sizeof(*al));
+    size_t bytes = dxl__srv_buf_bytes(n);
+
     if (iov == NULL || al == NULL) {
         free(iov);
         free(al);
@@ -278,10 +290,33 @@ static int dxl__srv_reserve(dxl__conn_t *c, uint64_t n)
     }
     free(c->iov);
     free(c->al);
+    if (srv != NULL) {
+        DXL__ADD(srv->buffer_bytes, bytes);
+        DXL__SUB(srv->buffer_bytes, c->buf_bytes);
+    }
     c->iov = iov;
     c->al = al;
     c->cap = n;
+    c->buf_bytes = bytes;
     return DXL_OK;
+}
+
+/* Room for n pieces; DXL_OK or DXL_E_NOMEM (the old buffers stay). */
+static int dxl__srv_reserve(dxl_tcp_server_t *srv, dxl__conn_t *c, uint64_t n)
+{
+    if (n <= c->cap && c->iov != NULL) {
+        return DXL_OK;
+    }
+    return dxl__srv_resize(srv, c, n);
+}
+
+/* After a request: a connection keeps at most DXL_TCP_CONN_BUF_KEEP bytes of table buffers, so
+ * that an idle one holds little memory (one large request would otherwise pin ~2 MiB). */
+static void dxl__srv_trim(dxl__conn_t *c)
+{
+    if (c->buf_bytes > DXL_TCP_CONN_BUF_KEEP) {
+        (void)dxl__srv_resize(c->th->srv, c, DXL__SRV_INIT_PIECES); /* NOMEM: keep the old */
+    }
 }
 
 static void dxl__srv_interest(dxl__conn_t *c, uint32_t events)
@@ -396,7 +431,7 @@ static void dxl__srv_on_header(dxl__conn_t *c)
     rc = dxl__req_check(&c->req);
     if (rc != DXL_OK) {
         dxl__srv_malformed(c, rc, 0);
-    } else if (dxl__srv_reserve(c, c->req.n) != DXL_OK) {
+    } else if (dxl__srv_reserve(c->th->srv, c, c->req.n) != DXL_OK) {
         dxl__srv_malformed(c, DXL_E_NOMEM, 0);
     } else {
         c->raw_got = 0;
@@ -420,6 +455,7 @@ static void dxl__srv_send_done(dxl__conn_t *c)
     }
     c->hdr_got = 0;
     c->state = DXL__ST_HDR;
+    dxl__srv_trim(c);
 }
 
 /* After a recv-like call returned r <= 0: 0 would block, 1 retry, -1 closed. EOF at a frame
@@ -614,7 +650,7 @@ static void *dxl__srv_main(void *arg)
         while (th->dead != NULL) {
             dxl__conn_t *c = th->dead;
             th->dead = c->dead_next;
-            dxl__conn_free(c);
+            dxl__conn_free(th->srv, c);
         }
     }
     return NULL;
@@ -636,13 +672,13 @@ static void dxl__srv_destroy(dxl_tcp_server_t *srv)
             dxl__conn_t *c = th->conns;
             th->conns = c->next;
             close(c->fd);
-            dxl__conn_free(c);
+            dxl__conn_free(srv, c);
             DXL__SUB(srv->conns_live, 1);
         }
         while (th->dead != NULL) {
             dxl__conn_t *c = th->dead;
             th->dead = c->dead_next;
-            dxl__conn_free(c);
+            dxl__conn_free(srv, c);
         }
         if (th->ep >= 0) {
             close(th->ep);
@@ -742,6 +778,21 @@ int dxl_tcp_server_start(int threads, dxl_registry_t *registry, dxl_tcp_server_t
     return DXL_OK;
 }
 
+/* Connections of srv adopted with `tag` and not yet closed; the caller holds srv->mu. */
+static uint64_t dxl__srv_tag_count(dxl_tcp_server_t *srv, uint64_t tag)
+{
+    uint64_t n = 0;
+
+    for (int i = 0; i < srv->nthreads; i++) {
+        pthread_mutex_lock(&srv->th[i].mu);
+        for (const dxl__conn_t *c = srv->th[i].conns; c != NULL; c = c->next) {
+            n += c->tag == tag;
+        }
+        pthread_mutex_unlock(&srv->th[i].mu);
+    }
+    return n;
+}
+
 int dxl_tcp_server_adopt(dxl_tcp_server_t *srv, int fd, uint64_t tag)
 {
     dxl__srv_thread_t *th = NULL;
@@ -755,23 +806,33 @@ int dxl_tcp_server_adopt(dxl_tcp_server_t *srv, int fd, uint64_t tag)
         return dxl__fail(DXL_E_INVAL, 0);
     }
     c = calloc(1, sizeof(*c));
-    if (c == NULL || dxl__srv_reserve(c, DXL__SRV_INIT_PIECES) != DXL_OK) {
+    if (c == NULL || dxl__srv_reserve(NULL, c, DXL__SRV_INIT_PIECES) != DXL_OK) {
         free(c);
         return dxl__fail(DXL_E_NOMEM, ENOMEM);
     }
     flags = fcntl(fd, F_GETFL);
     if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) {
         err = errno;
-        dxl__conn_free(c);
+        dxl__conn_free(NULL, c);
         return dxl__fail(err == EBADF ? DXL_E_INVAL : DXL_E_IO, err);
     }
 
+    /* Under srv->mu from the limits to the count: adoptions are the only way in, so the limits
+     * hold exactly (closes only lower the counts). */
     pthread_mutex_lock(&srv->mu);
     if (srv->stopping) {
         pthread_mutex_unlock(&srv->mu);
         (void)fcntl(fd, F_SETFL, flags);
-        dxl__conn_free(c);
+        dxl__conn_free(NULL, c);
         return dxl__fail(DXL_E_INVAL, 0);
+    }
+    if (__atomic_load_n(&srv->conns_live, __ATOMIC_RELAXED) >= DXL_TCP_MAX_CONNS ||
+        dxl__srv_tag_count(srv, tag) >= DXL_TCP_MAX_CONNS_PER_TAG) {
+        pthread_mutex_unlock(&srv->mu);
+        DXL__ADD(srv->conns_refused, 1);
+        (void)fcntl(fd, F_SETFL, flags);
+        dxl__conn_free(NULL, c);
+        return dxl__fail(DXL_E_LIMIT, 0);
     }
     for (int i = 0; i < srv->nthreads; i++) { /* the least loaded thread */
         uint64_t load;
@@ -797,6 +858,9 @@ int dxl_tcp_server_adopt(dxl_tcp_server_t *srv, int fd, uint64_t tag)
     th->conns = c;
     th->nconns++;
     pthread_mutex_unlock(&th->mu);
+    /* Counted before the thread can see it: its close subtracts what was added here. */
+    DXL__ADD(srv->conns_live, 1);
+    DXL__ADD(srv->buffer_bytes, c->buf_bytes);
 
     ev = (struct epoll_event){.events = EPOLLIN, .data.ptr = c};
     if (epoll_ctl(th->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
@@ -808,14 +872,14 @@ int dxl_tcp_server_adopt(dxl_tcp_server_t *srv, int fd, uint64_t tag)
         }
         th->nconns--;
         pthread_mutex_unlock(&th->mu);
+        DXL__SUB(srv->conns_live, 1);
         pthread_mutex_unlock(&srv->mu);
         (void)fcntl(fd, F_SETFL, flags);
-        dxl__conn_free(c);
+        dxl__conn_free(srv, c);
         return dxl__fail(err == EBADF || err == EPERM ? DXL_E_INVAL : DXL_E_IO, err);
     }
     pthread_mutex_unlock(&srv->mu);
     DXL__ADD(srv->conns_adopted, 1);
-    DXL__ADD(srv->conns_live, 1);
     return DXL_OK;
 }
 
@@ -944,6 +1008,8 @@ void dxl_tcp_server_stats(const dxl_tcp_server_t *srv, dxl_tcp_server_stats_t *o
     out_p->bytes_received = __atomic_load_n(&srv->bytes_received, __ATOMIC_RELAXED);
     out_p->requests_aborted = __atomic_load_n(&srv->requests_aborted, __ATOMIC_RELAXED);
     out_p->conns_revoked = __atomic_load_n(&srv->conns_revoked, __ATOMIC_RELAXED);
+    out_p->conns_refused = __atomic_load_n(&srv->conns_refused, __ATOMIC_RELAXED);
+    out_p->buffer_bytes = __atomic_load_n(&srv->buffer_bytes, __ATOMIC_RELAXED);
 }
 
 void dxl_tcp_server_stop(dxl_tcp_server_t *srv)

@@ -251,3 +251,32 @@ async def test_unlink_cuts_the_peers_data_connections_at_once(nodes) -> None:
     await wait_for(lambda: b.data_stats["conns_live"] == 0, "B's data connections to end")
     with pytest.raises(AuthError):
         await asyncio.to_thread(open_stream, address, key, link.key_id)
+
+
+async def test_connections_over_the_per_key_limit_are_refused(caplog) -> None:
+    buf = np.random.default_rng(4).integers(0, 256, 1 << 16, dtype=np.uint8)
+    regions = RegionRegistry()
+    regions.add(buf.ctypes.data, buf.nbytes)
+    kid, key = b"\x05" * 16, b"s" * 32
+    srv = await DataServer.start("127.0.0.1", 0, {kid: key}.get, registry=regions)
+    cap = _ffi.lib.DXL_TCP_MAX_CONNS_PER_TAG
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(cap):
+            socks.append(await asyncio.to_thread(open_stream, srv.address, key, kid))
+        await wait_for(lambda: srv.stats()["conns_live"] == cap, "the allowed connections")
+        with caplog.at_level("WARNING", logger="dxl"):
+            for _ in range(3):  # authenticated, then refused by the native limit and closed
+                extra = await asyncio.to_thread(open_stream, srv.address, key, kid)
+                assert await asyncio.to_thread(closed_by_server, extra)
+                extra.close()
+            await wait_for(lambda: srv.stats()["conns_refused"] == 3, "three refusals")
+        assert caplog.text.count("refused a connection") == 3
+        assert srv.stats()["conns_live"] == cap
+        rc, data = await asyncio.to_thread(pull_rc, socks[0], buf.ctypes.data)
+        assert rc == 0 and np.array_equal(data, buf[:4096])  # the others: served as before
+    finally:
+        for sock in socks:
+            sock.close()
+        await srv.close()
+        regions.close()

@@ -11,7 +11,10 @@ client side is :mod:`dxl.transport.tcp`.
 
 Each adopted connection is tagged with the key it authenticated with (:func:`key_tag` of the key
 id): :meth:`DataServer.revoke` cuts every connection of one key at once, which the engine does
-when a link ends and its key goes.
+when a link ends and its key goes. The native server holds at most ``DXL_TCP_MAX_CONNS``
+connections, ``DXL_TCP_MAX_CONNS_PER_TAG`` per key (more are closed after the handshake, with a
+rate-limited warning), and a connection keeps at most ``DXL_TCP_CONN_BUF_KEEP`` bytes of request
+buffers between requests.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 from .. import _ffi
 from ..control.auth import AuthError, KeyLookup, authenticate_sock_async, normalize_secret
+from ..guard import RateLimitedLog
 from ..memory.regions import RegionRegistry
 from .tcp import DEFAULT_SOCK_BUF, PURPOSE, encode_instance, is_loopback, tune
 
@@ -60,6 +64,7 @@ class DataServer:
         self.address: tuple[str, int] = ("", 0)
         self.instance = ""
         self.auth_failures = 0
+        self._warn = RateLimitedLog(log)
 
     def __repr__(self) -> str:
         return f"DataServer(address={self.address!r}, secret={'set' if self._secret else 'none'})"
@@ -203,11 +208,22 @@ class DataServer:
         if rc < 0:
             err = _ffi.lib.dxl_last_errno()
             os.close(fd)
-            log.warning(
-                "dxl: tcp data server could not adopt a connection from %s: %s",
-                peer,
-                _ffi.NativeError(rc, "adopt", err),
-            )
+            if rc == _ffi.lib.DXL_E_LIMIT:  # a peer opening connections without end
+                self._warn.warning(
+                    "adopt-limit",
+                    "dxl: tcp data server refused a connection from %s: it holds %d connections "
+                    "in all or %d with that connection's key already",
+                    peer,
+                    _ffi.lib.DXL_TCP_MAX_CONNS,
+                    _ffi.lib.DXL_TCP_MAX_CONNS_PER_TAG,
+                )
+            else:
+                self._warn.warning(
+                    "adopt",
+                    "dxl: tcp data server could not adopt a connection from %s: %s",
+                    peer,
+                    _ffi.NativeError(rc, "adopt", err),
+                )
 
     def stats(self) -> dict[str, int]:
         """The native server's counters (see ``dxl_tcp_server_stats_t``), plus handshake
@@ -225,6 +241,8 @@ class DataServer:
             "bytes_received",
             "requests_aborted",
             "conns_revoked",
+            "conns_refused",
+            "buffer_bytes",
         )
         result = {name: int(getattr(out, name)) for name in fields}
         result["auth_failures"] = self.auth_failures

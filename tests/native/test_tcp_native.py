@@ -794,6 +794,89 @@ def test_revoke_stops_a_write_whose_table_arrives_later(server: Server, region: 
     assert server.stats()["requests_served"] == 0
 
 
+# ---- limits on connections and their memory --------------------------------------------------
+
+
+def adopt_pair(server: Server, tag: int) -> tuple[int, socket.socket, socket.socket]:
+    """Offer one end of a fresh socket pair to the server: (rc, our end, the offered end)."""
+    ours, theirs = socket.socketpair()
+    rc = lib.dxl_tcp_server_adopt(server.ptr, theirs.fileno(), tag)
+    if rc == lib.DXL_OK:
+        theirs.detach()  # the server owns that fd now
+    return rc, ours, theirs
+
+
+def test_connections_per_tag_are_capped(server: Server, region: Region) -> None:
+    cap = lib.DXL_TCP_MAX_CONNS_PER_TAG
+    held = [server.connect(tag=9) for _ in range(cap)]
+    rc, ours, theirs = adopt_pair(server, 9)
+    assert rc == lib.DXL_E_LIMIT, err_name(rc)
+    assert err_name(rc) == "DXL_E_LIMIT"
+    assert lib.DXL_E_LIMIT == -15
+    assert theirs.fileno() >= 0  # refused: still ours, usable and closable
+    theirs.close()
+    ours.close()
+    stats = server.stats()
+    assert stats["conns_refused"] == 1 and stats["conns_live"] == cap
+    assert pull_ok(held[0], region) and pull_ok(held[-1], region)  # the others: served
+    assert pull_ok(server.connect(tag=10), region)  # other tags: not affected
+    held.pop().close()  # one of them goes: room for one more
+    server.wait_stats(conns_live=cap)
+    assert pull_ok(server.connect(tag=9), region)
+    assert revoke(server, 9) == cap  # a revoke: room again once they are closed
+    server.wait_stats(conns_live=1)
+    assert pull_ok(server.connect(tag=9), region)
+
+
+def test_connections_per_server_are_capped(server: Server, region: Region) -> None:
+    cap = lib.DXL_TCP_MAX_CONNS
+    mine: list[socket.socket] = []
+    try:
+        for i in range(cap - 1):
+            rc, ours, _ = adopt_pair(server, i)
+            assert rc == lib.DXL_OK, err_name(rc)
+            mine.append(ours)
+        probe = server.connect()  # the last one allowed
+        rc, ours, theirs = adopt_pair(server, cap + 1)
+        assert rc == lib.DXL_E_LIMIT, err_name(rc)
+        ours.close()
+        theirs.close()
+        assert server.stats()["conns_refused"] == 1
+        assert pull_ok(probe, region)  # the server keeps serving what it holds
+        mine.pop().close()
+        server.wait_stats(conns_live=cap - 1)
+        assert pull_ok(server.connect(), region)
+    finally:
+        for sock in mine:
+            sock.close()
+
+
+def test_a_large_request_leaves_no_large_buffers(server: Server, region: Region) -> None:
+    """After a request of DXL_TCP_MAX_PIECES entries (~2 MiB of table buffers), the connection
+    keeps at most DXL_TCP_CONN_BUF_KEEP bytes: an idle connection holds little memory."""
+    keep = lib.DXL_TCP_CONN_BUF_KEEP
+    sock = server.connect()
+    idle = server.stats()["buffer_bytes"]
+    assert 0 < idle < 4096  # one fresh connection
+    n = lib.DXL_TCP_MAX_PIECES
+    remote = (region.addr + np.arange(n, dtype=np.uint64) * 16).astype(np.uint64)
+    length = np.full(n, 8, dtype=np.uint64)
+    local = np.zeros(n * 8, dtype=np.uint8)
+    local_addr = (local.ctypes.data + np.arange(n, dtype=np.uint64) * 8).astype(np.uint64)
+    for write in (0, 1):
+        rc, _, res = transfer([sock], write, local_addr, remote, length)
+        assert rc == lib.DXL_OK and res.bytes_done == n * 8
+        stats = server.wait_stats(buffer_bytes=idle)  # trimmed as the request ends
+        assert stats["buffer_bytes"] == idle < keep
+    assert server.stats()["requests_served"] == 2
+    # a request just under the threshold keeps its buffers (no reallocation per request)
+    m = 4096
+    rc, _, _ = transfer([sock], 0, local_addr[:m], remote[:m], length[:m])
+    assert rc == lib.DXL_OK
+    stats = server.wait_stats(requests_served=3)
+    assert idle < stats["buffer_bytes"] <= keep
+
+
 # ---- the client's failure handling ---------------------------------------------------------------
 
 
