@@ -600,11 +600,13 @@ static void dxl__srv_aborts(dxl__srv_thread_t *th)
     for (;;) {
         dxl__conn_t *victim = NULL;
         int aborted = 0;
+        int revoked = 0;
         pthread_mutex_lock(&th->mu);
         for (dxl__conn_t *c = th->conns; c != NULL; c = c->next) {
             if (c->abort || (c->revoked && !c->busy)) {
                 victim = c;
                 aborted = c->abort;
+                revoked = c->revoked;
                 break;
             }
         }
@@ -615,7 +617,7 @@ static void dxl__srv_aborts(dxl__srv_thread_t *th)
         if (aborted) {
             DXL__ADD(th->srv->requests_aborted, 1);
         }
-        dxl__srv_close(victim, victim->revoked ? DXL__CLOSE_REVOKED : DXL__CLOSE_DROPPED);
+        dxl__srv_close(victim, revoked ? DXL__CLOSE_REVOKED : DXL__CLOSE_DROPPED);
     }
 }
 
