@@ -82,26 +82,25 @@ def raw_serve(lsock: socket.socket, buf: np.ndarray, sock_buf: int | None) -> No
 
 
 async def target_main(block_bytes: int, threads: int, sock_buf: int | None, conn) -> None:
-    from dxl import _ffi
+    from dxl.memory.regions import RegionRegistry
     from dxl.testing import KVBuffers
     from dxl.transport.tcp_server import DataServer
 
     blocks, k = shape_for(block_bytes)
     kv = KVBuffers(TENSORS, blocks, block_bytes, seed=SEED)
-    ids = []
+    regions = RegionRegistry()
     for addr in kv.addrs:
-        out = _ffi.ffi.new("uint64_t *")
-        _ffi.check(_ffi.lib.dxl_region_add(addr, blocks * block_bytes, out), "register")
-        ids.append(out[0])
+        regions.add(addr, blocks * block_bytes)
     raw = raw_pattern(k * TENSORS * block_bytes)
     lsock = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=raw_serve, args=(lsock, raw, sock_buf), daemon=True).start()
-    srv = await DataServer.start("127.0.0.1", 0, None, threads=threads, sock_buf=sock_buf)
+    srv = await DataServer.start(
+        "127.0.0.1", 0, None, registry=regions, threads=threads, sock_buf=sock_buf
+    )
     conn.send((srv.address, lsock.getsockname(), kv.addrs))
     await asyncio.get_running_loop().run_in_executor(None, conn.recv)
     await srv.close()
-    for i in ids:
-        _ffi.lib.dxl_region_remove(i)
+    regions.close()  # frees the regions with it
 
 
 def run_target(block_bytes: int, threads: int, sock_buf: int | None, conn) -> None:

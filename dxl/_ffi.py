@@ -121,4 +121,5 @@ def counters() -> dict[str, int]:
         "ops_inflight": int(out.ops_inflight),
         "bytes_registered": int(out.bytes_registered),
         "ops_split": int(out.ops_split),
+        "registries_live": int(out.registries_live),
     }

@@ -47,29 +47,46 @@ const char *dxl_strerror(int code);
  * The caller must not free it. */
 const char *dxl_err_name(int code);
 
-/* ---- registry of local regions --------------------------------------------------------------- */
-/* A process-wide table of the memory ranges this process lets peers touch. Regions may overlap,
- * and the same range may be registered twice (two caches over one allocation): each add gives a
- * new id, and each id is removed on its own. Ids start at 1 and are never reused. Registering
- * memory does not pin or touch it; the registry only answers bounds checks. */
+/* ---- registries of local regions ------------------------------------------------------------ */
+/* A registry is a table of the memory ranges of this process that peers may touch through one
+ * data server (an engine owns one; a data server checks every request against the registry it was
+ * started with, and against no other). Registries are independent: a region added to one is
+ * unknown to every other. Regions may overlap, and the same range may be registered twice (two
+ * caches over one allocation): each add gives a new id, and each id is removed on its own. Ids
+ * are per registry: they start at 1 and are never reused within it. Registering memory does not
+ * pin or touch it; a registry only answers bounds checks. Every function below taking a registry
+ * returns DXL_E_INVAL for a NULL one. */
+typedef struct dxl_registry dxl_registry_t;
+
+/* Creates an empty registry. On success *registry_p (not NULL, else DXL_E_INVAL) receives a
+ * handle the caller owns and must release with dxl_registry_free(). DXL_E_NOMEM, DXL_E_IO. */
+int dxl_registry_new(dxl_registry_t **registry_p);
+
+/* Frees the registry and every region still in it (they leave the counters too); NULL is a
+ * no-op. The caller must make sure that nothing uses it any more: no call on it is running and no
+ * data server started with it is still running (stop those first, dxl_tcp_server_stop). */
+void dxl_registry_free(dxl_registry_t *registry);
 
 /* Registers [base, base + len). len must be > 0 and base + len must not wrap: else DXL_E_INVAL.
- * Writes the new region's id to *id_p (caller-owned, must not be NULL). */
-int dxl_region_add(uint64_t base, uint64_t len, uint64_t *id_p);
+ * Writes the new region's id to *id_p (caller-owned, must not be NULL). DXL_E_NOMEM. */
+int dxl_region_add(dxl_registry_t *registry, uint64_t base, uint64_t len, uint64_t *id_p);
 
-/* Unregisters the region with this id: DXL_OK, or DXL_E_NOENT if no live region has it. */
-int dxl_region_remove(uint64_t id);
+/* Unregisters the region with this id: DXL_OK, or DXL_E_NOENT if no live region of this
+ * registry has it. A data server may still be touching the memory (a request that passed its
+ * check before): dxl_tcp_server_fence() waits for that. */
+int dxl_region_remove(dxl_registry_t *registry, uint64_t id);
 
-/* DXL_OK if [addr, addr + len) lies inside one live region, else DXL_E_RANGE (also when the range
- * wraps past 2^64). A zero-length range touches no memory and is always DXL_OK. */
-int dxl_region_check(uint64_t addr, uint64_t len);
+/* DXL_OK if [addr, addr + len) lies inside one live region of the registry, else DXL_E_RANGE
+ * (also when the range wraps past 2^64). A zero-length range touches no memory and is always
+ * DXL_OK. */
+int dxl_region_check(dxl_registry_t *registry, uint64_t addr, uint64_t len);
 
 /* dxl_region_check for n pieces (addr[i], len[i]), under one lock: DXL_OK if every piece passes,
  * else DXL_E_RANGE. addr and len are caller-owned arrays of n entries, read during the call only;
  * they may be NULL when n == 0 (else DXL_E_INVAL). If bad_index_p is not NULL it receives the index
  * of the first failing piece (on DXL_E_RANGE only). */
-int dxl_region_check_pieces(const uint64_t *addr, const uint64_t *len, uint64_t n,
-                            uint64_t *bad_index_p);
+int dxl_region_check_pieces(dxl_registry_t *registry, const uint64_t *addr, const uint64_t *len,
+                            uint64_t n, uint64_t *bad_index_p);
 
 /* ---- peers for cross-memory attach (CMA) ----------------------------------------------------- */
 
@@ -200,11 +217,12 @@ int dxl_prefault(uint64_t addr, uint64_t len);
 /* ---- debug and leak counters ----------------------------------------------------------------- */
 
 typedef struct {
-    uint64_t regions_live;     /**< registered regions not yet removed */
+    uint64_t regions_live;     /**< regions in live registries, over all registries */
     uint64_t peers_open;       /**< dxl_peer_t handles not yet closed */
     uint64_t ops_inflight;     /**< dxl_cma_transfer / dxl_copy_pieces calls running now */
-    uint64_t bytes_registered; /**< sum of the lengths of live regions */
+    uint64_t bytes_registered; /**< sum of the lengths of those regions */
     uint64_t ops_split;        /**< calls that ran on more than one thread (monotonic) */
+    uint64_t registries_live;  /**< dxl_registry_t handles not yet freed */
 } dxl_counters_t;
 
 /* Fills *out_p (caller-owned, not NULL) with a snapshot of the counters; each field is read
@@ -242,6 +260,7 @@ void dxl_counters(dxl_counters_t *out_p);
 #define DXL_E_PEER -12     /* the peer closed or reset the connection (EOF, ECONNRESET, EPIPE...) */
 #define DXL_E_PROTO -13    /* a malformed frame: bad magic/version, wrong id or byte count */
 #define DXL_E_REMOTE -14   /* the peer's data server refused the request (its status: result) */
+#define DXL_E_LIMIT -15    /* a data server's limit on connections was reached (adopt refused) */
 
 #define DXL_TCP_VERSION 1
 #define DXL_TCP_REQ_MAGIC 0x51545844 /* "DXTQ" as little-endian bytes */
@@ -257,14 +276,22 @@ void dxl_counters(dxl_counters_t *out_p);
 #define DXL_TCP_MAX_STREAMS 64
 /* Most threads of one data server. */
 #define DXL_TCP_MAX_THREADS 16
+/* Most connections one data server holds at once (dxl_tcp_server_adopt refuses more). */
+#define DXL_TCP_MAX_CONNS 1024
+/* Most connections with the same tag one data server holds at once (the engine: per link key). */
+#define DXL_TCP_MAX_CONNS_PER_TAG 64
+/* Most bytes of request-table buffers a connection keeps after a request: a larger request's
+ * buffers (up to ~2 MiB for DXL_TCP_MAX_PIECES entries) are freed when it ends. */
+#define DXL_TCP_CONN_BUF_KEEP 262144
 
 /* ---- data server ---- */
 
 /* A data server: threads, each with an epoll set, serving connections handed over with
- * dxl_tcp_server_adopt(). Every request is checked against the process-wide region registry
- * (dxl_region_check_pieces) before any memory is touched; only registered memory is ever read or
- * written. Sockets are non-blocking with one state machine per connection, so a slow or stalled
- * client delays no other connection. */
+ * dxl_tcp_server_adopt(). Every request is checked against the one region registry the server was
+ * started with (dxl_region_check_pieces) before any memory is touched; only memory registered
+ * there is ever read or written, never that of another registry of the process. Sockets are
+ * non-blocking with one state machine per connection, so a slow or stalled client delays no other
+ * connection. */
 typedef struct dxl_tcp_server dxl_tcp_server_t;
 
 typedef struct {
@@ -276,19 +303,50 @@ typedef struct {
     uint64_t bytes_sent;        /**< data bytes served to READ requests (monotonic) */
     uint64_t bytes_received;    /**< data bytes stored by WRITE requests (monotonic) */
     uint64_t requests_aborted;  /**< requests cut off by dxl_tcp_server_fence's timeout */
+    uint64_t conns_revoked;     /**< closed because dxl_tcp_server_revoke named their tag */
+    uint64_t conns_refused;     /**< adoptions refused with DXL_E_LIMIT (monotonic) */
+    uint64_t buffer_bytes;      /**< bytes of request-table buffers held by connections now:
+                                     ~2 KiB per idle connection, more only while a request with
+                                     a larger table runs (at most DXL_TCP_CONN_BUF_KEEP kept
+                                     after it) */
 } dxl_tcp_server_stats_t;
 
-/* Starts a data server with `threads` threads (1..DXL_TCP_MAX_THREADS, else DXL_E_INVAL). On
- * success *server_p receives a handle the caller owns and must release with dxl_tcp_server_stop().
- * The threads block all signals. */
-int dxl_tcp_server_start(int threads, dxl_tcp_server_t **server_p);
+/* Starts a data server with `threads` threads (1..DXL_TCP_MAX_THREADS, else DXL_E_INVAL) that
+ * serves the memory of `registry` (not NULL, else DXL_E_INVAL). The server keeps the registry
+ * pointer without owning it: the caller keeps the registry alive until dxl_tcp_server_stop() has
+ * returned, and may add and remove regions meanwhile. On success *server_p receives a handle the
+ * caller owns and must release with dxl_tcp_server_stop(). The threads block all signals. */
+int dxl_tcp_server_start(int threads, dxl_registry_t *registry, dxl_tcp_server_t **server_p);
 
 /* Hands a connected, already authenticated stream socket to the server, which makes it
- * non-blocking and serves requests on it until the peer closes it, it breaks, or the server
- * stops. Ownership: on DXL_OK the server owns fd and closes it; the caller must not use or close
- * it again. On failure the caller still owns fd. DXL_E_INVAL: NULL server, fd < 0, or the server
- * is stopping; DXL_E_NOMEM; DXL_E_IO (fcntl or epoll_ctl failed, errno saved). */
-int dxl_tcp_server_adopt(dxl_tcp_server_t *server, int fd);
+ * non-blocking and serves requests on it until the peer closes it, it breaks, it is revoked, or
+ * the server stops. `tag` is any value the caller groups connections by (the engine: which link
+ * key the client authenticated with), for dxl_tcp_server_revoke() and the per-tag limit.
+ * Ownership: on DXL_OK the server owns fd and closes it; the caller must not use or close it
+ * again. On failure the caller still owns fd (its flags as they were). DXL_E_INVAL: NULL server,
+ * fd < 0, or the server is stopping; DXL_E_LIMIT: the server already holds DXL_TCP_MAX_CONNS
+ * connections, or DXL_TCP_MAX_CONNS_PER_TAG with this tag (revoked ones count until closed;
+ * counted in conns_refused; the connections it holds are served as before); DXL_E_NOMEM;
+ * DXL_E_IO (fcntl or epoll_ctl failed, errno saved). */
+int dxl_tcp_server_adopt(dxl_tcp_server_t *server, int fd, uint64_t tag);
+
+/* Revokes every connection adopted with `tag` and still open: none of them starts another
+ * request once this returns (a request starts when its whole table has been read: from then on
+ * it is checked against the registry and may touch memory), and each is closed, so its client
+ * sees DXL_E_PEER (a request whose table completes after this call gets no reply). What is
+ * guaranteed:
+ * - no request on them touches memory unless it started before this returned;
+ * - one that did start (at most one per connection) may run its memory access to the end (its
+ *   reply may or may not be sent) and its connection is closed right after; the memory stays
+ *   registered through a revoke, so this is safe. To stop touching memory that is about to be
+ *   freed, remove its regions and call dxl_tcp_server_fence();
+ * - the others (idle, or mid-frame without touching memory) are closed by their threads at once,
+ *   after this returns (it does not wait for the closes; conns_live shows them);
+ * - connections adopted with `tag` after this returns are not affected (the caller refuses those:
+ *   an adoption is wholly before or wholly after a revoke).
+ * Does not block on connections. If closed_p is not NULL it receives how many connections were
+ * revoked by this call. DXL_OK, or DXL_E_INVAL for a NULL server. */
+int dxl_tcp_server_revoke(dxl_tcp_server_t *server, uint64_t tag, uint64_t *closed_p);
 
 /* Waits until no request that was touching memory when this call began still does, so that
  * memory unregistered (dxl_region_remove) before this call may be freed once it returns: later

@@ -24,7 +24,8 @@
     XX(DXL_E_TIMEDOUT, "timed out")                                                         \
     XX(DXL_E_PEER, "peer closed or reset the connection")                                   \
     XX(DXL_E_PROTO, "malformed or mismatched protocol frame")                               \
-    XX(DXL_E_REMOTE, "the peer's data server refused the request")
+    XX(DXL_E_REMOTE, "the peer's data server refused the request")                          \
+    XX(DXL_E_LIMIT, "a limit on connections was reached")
 
 const char *dxl_strerror(int code)
 {
@@ -93,6 +94,7 @@ uint64_t dxl__n_peers;
 uint64_t dxl__n_inflight;
 uint64_t dxl__n_bytes_registered;
 uint64_t dxl__n_split;
+uint64_t dxl__n_registries;
 
 void dxl_counters(dxl_counters_t *out_p)
 {
@@ -104,4 +106,5 @@ void dxl_counters(dxl_counters_t *out_p)
     out_p->ops_inflight = __atomic_load_n(&dxl__n_inflight, __ATOMIC_RELAXED);
     out_p->bytes_registered = __atomic_load_n(&dxl__n_bytes_registered, __ATOMIC_RELAXED);
     out_p->ops_split = __atomic_load_n(&dxl__n_split, __ATOMIC_RELAXED);
+    out_p->registries_live = __atomic_load_n(&dxl__n_registries, __ATOMIC_RELAXED);
 }

@@ -24,6 +24,7 @@ extern uint64_t dxl__n_peers;
 extern uint64_t dxl__n_inflight;
 extern uint64_t dxl__n_bytes_registered;
 extern uint64_t dxl__n_split;
+extern uint64_t dxl__n_registries;
 
 #define DXL__ADD(var, v) ((void)__atomic_fetch_add(&(var), (uint64_t)(v), __ATOMIC_RELAXED))
 #define DXL__SUB(var, v) ((void)__atomic_fetch_sub(&(var), (uint64_t)(v), __ATOMIC_RELAXED))

@@ -1,14 +1,16 @@
 /*
  * dxl_tcp_server.c: the tcp transport's data server. Threads with epoll serve connections that
  * Python accepted and authenticated (dxl_tcp_server_adopt), answering READ and WRITE requests
- * against registered memory; start, adopt, fence, stats and stop are the API (native/dxl.h).
+ * against registered memory; start, adopt, revoke, fence, stats and stop are the API
+ * (native/dxl.h).
  * Frames are decoded by dxl_tcp_wire.c.
  *
  * Safety argument, in one place: a request's table is read completely, then dxl__srv_check()
  * (the only function that turns peer input into permission) validates every entry and the byte
- * total and asks the region registry about every piece; only after DXL_OK are iovecs over those
- * addresses built (dxl__srv_on_table). Nothing else in the tcp transport builds an iovec from peer
- * input. Refused WRITE payloads go to a per-thread scratch buffer.
+ * total and asks the server's own region registry (the one it was started with, never another)
+ * about every piece; only after DXL_OK are iovecs over those addresses built (dxl__srv_on_table).
+ * Nothing else in the tcp transport builds an iovec from peer input. Refused WRITE payloads go to
+ * a per-thread scratch buffer.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -39,6 +41,8 @@ static void dxl__block_signals(sigset_t *old)
 /* Syscalls one connection may make per wakeup before the thread turns to the next ready one. */
 #define DXL__SRV_BUDGET 16
 #define DXL__SRV_SCRATCH (64u << 10)
+/* Pieces a connection's request table has room for when adopted, and again after any request
+ * whose table needed more than DXL_TCP_CONN_BUF_KEEP bytes (about 2 KiB). */
 #define DXL__SRV_INIT_PIECES 63
 /* First guess of the bytes one readv/sendmsg moves (see dxl__srv_iov_batch). */
 #define DXL__SRV_IO_HINT (128u << 10)
@@ -66,7 +70,11 @@ typedef struct dxl__conn {
     int closed;        /* on the dead list; its events in the current batch are ignored */
     int close_after;   /* close once the reply is sent (malformed request) */
     int serving;       /* a READ's data is being sent */
-    int busy;          /* th->mu: touching registered memory (READ send, WRITE receive) */
+    int busy;          /* th->mu: touching registered memory (READ send, WRITE receive); written
+                          by its thread only, which may read it without the lock */
+    int revoked;       /* th->mu; its thread reads it atomically: dxl_tcp_server_revoke named its
+                          tag, so no new request starts and the thread closes it once not busy */
+    uint64_t tag;      /* given at adoption (dxl_tcp_server_revoke) */
     int fenced;        /* th->mu: dxl_tcp_server_fence waits for this request */
     int abort;         /* th->mu: dxl_tcp_server_fence timed out: close it */
     unsigned char hdr[DXL_TCP_HDR_BYTES];
@@ -86,6 +94,7 @@ typedef struct dxl__conn {
     int32_t rep_status;
     uint32_t rep_detail;
     size_t io_hint; /* most bytes one readv/sendmsg moved on this connection */
+    size_t buf_bytes; /* bytes of iov + al, counted in the server's buffer_bytes once adopted */
 } dxl__conn_t;
 
 struct dxl__srv_thread {
@@ -102,7 +111,8 @@ struct dxl__srv_thread {
 };
 
 struct dxl_tcp_server {
-    pthread_mutex_t mu; /* adopt vs stop */
+    dxl_registry_t *reg; /* what requests are checked against (the caller's, outlives us) */
+    pthread_mutex_t mu;  /* adopt vs stop */
     int stopping;       /* written under mu, read atomically */
     int nthreads;
     dxl__srv_thread_t th[DXL_TCP_MAX_THREADS];
@@ -119,6 +129,9 @@ struct dxl_tcp_server {
     uint64_t bytes_sent;
     uint64_t bytes_received;
     uint64_t requests_aborted;
+    uint64_t conns_revoked;
+    uint64_t conns_refused;
+    uint64_t buffer_bytes;
 };
 
 static uint64_t dxl__n_tcp_servers;
@@ -134,8 +147,8 @@ uint64_t dxl_tcp_servers_live(void)
  * DXL_E_PROTO (malformed: an entry longer than DXL_TCP_MAX_PIECE_LEN, a range that wraps, lens
  * that do not sum to total), DXL_E_RANGE (well-formed, but some piece is not inside one region of
  * the registry), or DXL_OK. *bad_p: the offending entry (0 for a wrong total). */
-static int dxl__srv_check(const uint64_t *addr, const uint64_t *len, uint64_t n, uint64_t total,
-                          uint64_t *bad_p)
+static int dxl__srv_check(dxl_registry_t *reg, const uint64_t *addr, const uint64_t *len,
+                          uint64_t n, uint64_t total, uint64_t *bad_p)
 {
     uint64_t sum = 0;
 
@@ -151,7 +164,7 @@ static int dxl__srv_check(const uint64_t *addr, const uint64_t *len, uint64_t n,
     if (sum != total) {
         return DXL_E_PROTO;
     }
-    if (dxl_region_check_pieces(addr, len, n, bad_p) != DXL_OK) {
+    if (dxl_region_check_pieces(reg, addr, len, n, bad_p) != DXL_OK) {
         return DXL_E_RANGE;
     }
     return DXL_OK;
@@ -167,12 +180,18 @@ static void dxl__fence_release(dxl_tcp_server_t *srv)
     pthread_mutex_unlock(&srv->fmu);
 }
 
-/* Marks c busy (touching registered memory) or not. */
-static void dxl__srv_set_busy(dxl__conn_t *c, int busy)
+/* Marks c busy (touching registered memory) or not. Returns 1, or 0 (and c stays not busy) when
+ * asked to mark it busy after dxl_tcp_server_revoke named it: under th->mu, so a revoke that has
+ * returned is seen here and no request starts after it. */
+static int dxl__srv_set_busy(dxl__conn_t *c, int busy)
 {
     int released;
 
     pthread_mutex_lock(&c->th->mu);
+    if (busy && c->revoked) {
+        pthread_mutex_unlock(&c->th->mu);
+        return 0;
+    }
     c->busy = busy;
     released = !busy && c->fenced;
     if (released) {
@@ -183,11 +202,25 @@ static void dxl__srv_set_busy(dxl__conn_t *c, int busy)
     if (released) {
         dxl__fence_release(c->th->srv);
     }
+    return 1;
+}
+
+/* 1 if c was revoked and runs no request: its thread closes it now. */
+static int dxl__srv_revoked_idle(const dxl__conn_t *c)
+{
+    return __atomic_load_n(&c->revoked, __ATOMIC_ACQUIRE) && !c->busy;
 }
 
 /* ---- connections ---- */
 
-static void dxl__srv_close(dxl__conn_t *c, int dropped)
+/* Why a connection is closed (dxl__srv_close), for the counters. */
+enum {
+    DXL__CLOSE_CLEAN,   /* EOF at a frame boundary, or the server stops */
+    DXL__CLOSE_DROPPED, /* malformed request, I/O error, EOF mid-frame, fence timeout */
+    DXL__CLOSE_REVOKED, /* dxl_tcp_server_revoke */
+};
+
+static void dxl__srv_close(dxl__conn_t *c, int why)
 {
     dxl__srv_thread_t *th = c->th;
     dxl_tcp_server_t *srv = th->srv;
@@ -195,8 +228,10 @@ static void dxl__srv_close(dxl__conn_t *c, int dropped)
 
     /* Counters first: a peer that sees the close sees them updated. */
     DXL__SUB(srv->conns_live, 1);
-    if (dropped) {
+    if (why == DXL__CLOSE_DROPPED) {
         DXL__ADD(srv->conns_dropped, 1);
+    } else if (why == DXL__CLOSE_REVOKED) {
+        DXL__ADD(srv->conns_revoked, 1);
     }
     (void)epoll_ctl(th->ep, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
@@ -223,24 +258,31 @@ static void dxl__srv_close(dxl__conn_t *c, int dropped)
     }
 }
 
-static void dxl__conn_free(dxl__conn_t *c)
+/* Frees c and its buffers; srv (NULL: c was never counted) loses their bytes. */
+static void dxl__conn_free(dxl_tcp_server_t *srv, dxl__conn_t *c)
 {
+    if (srv != NULL) {
+        DXL__SUB(srv->buffer_bytes, c->buf_bytes);
+    }
     free(c->iov);
     free(c->al);
     free(c);
 }
 
-/* Room for n pieces; DXL_OK or DXL_E_NOMEM (the old buffers stay). */
-static int dxl__srv_reserve(dxl__conn_t *c, uint64_t n)
+/* Bytes of the buffers for a table of n pieces: iov (n + 1 entries) and al (2n entries). */
+static size_t dxl__srv_buf_bytes(uint64_t n)
 {
-    struct iovec *iov;
-    uint64_t *al;
+    return (size_t)(n + 1) * sizeof(struct iovec) + (size_t)(n > 0 ? 2 * n : 1) * sizeof(uint64_t);
+}
 
-    if (n <= c->cap && c->iov != NULL) {
-        return DXL_OK;
-    }
-    iov = malloc((size_t)(n + 1) * sizeof(*iov));
-    al = malloc((size_t)(n > 0 ? 2 * n : 1) * sizeof(*al));
+/* Buffers with room for exactly n pieces, replacing the old ones; srv (NULL: not counted yet)
+ * follows the change in bytes. DXL_OK or DXL_E_NOMEM (the old buffers stay). */
+static int dxl__srv_resize(dxl_tcp_server_t *srv, dxl__conn_t *c, uint64_t n)
+{
+    struct iovec *iov = malloc((size_t)(n + 1) * sizeof(*iov));
+    uint64_t *al = malloc((size_t)(n > 0 ? 2 * n : 1) * sizeof(*al));
+    size_t bytes = dxl__srv_buf_bytes(n);
+
     if (iov == NULL || al == NULL) {
         free(iov);
         free(al);
@@ -248,10 +290,33 @@ static int dxl__srv_reserve(dxl__conn_t *c, uint64_t n)
     }
     free(c->iov);
     free(c->al);
+    if (srv != NULL) {
+        DXL__ADD(srv->buffer_bytes, bytes);
+        DXL__SUB(srv->buffer_bytes, c->buf_bytes);
+    }
     c->iov = iov;
     c->al = al;
     c->cap = n;
+    c->buf_bytes = bytes;
     return DXL_OK;
+}
+
+/* Room for n pieces; DXL_OK or DXL_E_NOMEM (the old buffers stay). */
+static int dxl__srv_reserve(dxl_tcp_server_t *srv, dxl__conn_t *c, uint64_t n)
+{
+    if (n <= c->cap && c->iov != NULL) {
+        return DXL_OK;
+    }
+    return dxl__srv_resize(srv, c, n);
+}
+
+/* After a request: a connection keeps at most DXL_TCP_CONN_BUF_KEEP bytes of table buffers, so
+ * that an idle one holds little memory (one large request would otherwise pin ~2 MiB). */
+static void dxl__srv_trim(dxl__conn_t *c)
+{
+    if (c->buf_bytes > DXL_TCP_CONN_BUF_KEEP) {
+        (void)dxl__srv_resize(c->th->srv, c, DXL__SRV_INIT_PIECES); /* NOMEM: keep the old */
+    }
 }
 
 static void dxl__srv_interest(dxl__conn_t *c, uint32_t events)
@@ -306,9 +371,13 @@ static void dxl__srv_on_table(dxl__conn_t *c)
         dxl__entry_get(raw, i, &addr[i], &len[i]);
     }
     /* Busy before the check, so that dxl_tcp_server_fence either sees this request or runs
-     * before the check (and then after the dxl_region_remove it fences, which the check sees). */
-    dxl__srv_set_busy(c, 1);
-    rc = dxl__srv_check(addr, len, n, c->req.total, &bad);
+     * before the check (and then after the dxl_region_remove it fences, which the check sees).
+     * A revoked connection starts nothing: it is closed, unanswered. */
+    if (!dxl__srv_set_busy(c, 1)) {
+        dxl__srv_close(c, DXL__CLOSE_REVOKED);
+        return;
+    }
+    rc = dxl__srv_check(c->th->srv->reg, addr, len, n, c->req.total, &bad);
     if (rc != DXL_OK) {
         dxl__srv_set_busy(c, 0);
     }
@@ -362,7 +431,7 @@ static void dxl__srv_on_header(dxl__conn_t *c)
     rc = dxl__req_check(&c->req);
     if (rc != DXL_OK) {
         dxl__srv_malformed(c, rc, 0);
-    } else if (dxl__srv_reserve(c, c->req.n) != DXL_OK) {
+    } else if (dxl__srv_reserve(c->th->srv, c, c->req.n) != DXL_OK) {
         dxl__srv_malformed(c, DXL_E_NOMEM, 0);
     } else {
         c->raw_got = 0;
@@ -386,6 +455,7 @@ static void dxl__srv_send_done(dxl__conn_t *c)
     }
     c->hdr_got = 0;
     c->state = DXL__ST_HDR;
+    dxl__srv_trim(c);
 }
 
 /* After a recv-like call returned r <= 0: 0 would block, 1 retry, -1 closed. EOF at a frame
@@ -398,7 +468,7 @@ static int dxl__srv_rerr(dxl__conn_t *c, ssize_t r, int clean)
     if (r < 0 && errno == EINTR) {
         return 1;
     }
-    dxl__srv_close(c, !(r == 0 && clean));
+    dxl__srv_close(c, r == 0 && clean ? DXL__CLOSE_CLEAN : DXL__CLOSE_DROPPED);
     return -1;
 }
 
@@ -434,7 +504,7 @@ static int dxl__srv_step(dxl__conn_t *c)
         if (c->hdr_got == DXL_TCP_HDR_BYTES) {
             dxl__srv_on_header(c);
         }
-        return 1;
+        return c->closed ? -1 : 1; /* an empty table went through the gate: maybe revoked */
     case DXL__ST_TABLE:
         r = recv(c->fd, (unsigned char *)(c->iov + 1) + c->raw_got, c->raw_need - c->raw_got, 0);
         if (r <= 0) {
@@ -444,7 +514,7 @@ static int dxl__srv_step(dxl__conn_t *c)
         if (c->raw_got == c->raw_need) {
             dxl__srv_on_table(c);
         }
-        return 1;
+        return c->closed ? -1 : 1; /* revoked at the gate */
     case DXL__ST_RECV:
         r = readv(c->fd, c->iov + c->iov_pos, dxl__srv_iov_batch(c));
         if (r <= 0) {
@@ -479,14 +549,15 @@ static int dxl__srv_step(dxl__conn_t *c)
             if (errno == EINTR) {
                 return 1;
             }
-            dxl__srv_close(c, 1); /* EPIPE, ECONNRESET, or EFAULT (memory unmapped under us) */
+            /* EPIPE, ECONNRESET, or EFAULT (memory unmapped under us) */
+            dxl__srv_close(c, DXL__CLOSE_DROPPED);
             return -1;
         }
         c->io_hint = (size_t)r > c->io_hint ? (size_t)r : c->io_hint;
         dxl__iov_advance(c->iov, c->iov_cnt, &c->iov_pos, (size_t)r);
         if (c->iov_pos == c->iov_cnt) {
             if (c->close_after) {
-                dxl__srv_close(c, 1);
+                dxl__srv_close(c, DXL__CLOSE_DROPPED);
                 return -1;
             }
             dxl__srv_send_done(c);
@@ -494,7 +565,7 @@ static int dxl__srv_step(dxl__conn_t *c)
         return 1;
     }
     default:
-        dxl__srv_close(c, 1);
+        dxl__srv_close(c, DXL__CLOSE_DROPPED);
         return -1;
     }
 }
@@ -502,7 +573,12 @@ static int dxl__srv_step(dxl__conn_t *c)
 static void dxl__srv_io(dxl__conn_t *c)
 {
     for (int i = 0; i < DXL__SRV_BUDGET; i++) {
-        int r = dxl__srv_step(c);
+        int r;
+        if (dxl__srv_revoked_idle(c)) { /* e.g. its last request just ended */
+            dxl__srv_close(c, DXL__CLOSE_REVOKED);
+            return;
+        }
+        r = dxl__srv_step(c);
         if (r < 0) {
             return;
         }
@@ -510,18 +586,27 @@ static void dxl__srv_io(dxl__conn_t *c)
             break;
         }
     }
+    if (dxl__srv_revoked_idle(c)) {
+        dxl__srv_close(c, DXL__CLOSE_REVOKED);
+        return;
+    }
     dxl__srv_interest(c, c->state == DXL__ST_SEND ? EPOLLOUT : EPOLLIN);
 }
 
-/* Closes the connections that a timed-out fence marked. */
+/* Closes the connections that a timed-out fence marked, and the revoked ones that run no
+ * request (a revoked one that does is closed by dxl__srv_io once its request ends). */
 static void dxl__srv_aborts(dxl__srv_thread_t *th)
 {
     for (;;) {
         dxl__conn_t *victim = NULL;
+        int aborted = 0;
+        int revoked = 0;
         pthread_mutex_lock(&th->mu);
         for (dxl__conn_t *c = th->conns; c != NULL; c = c->next) {
-            if (c->abort) {
+            if (c->abort || (c->revoked && !c->busy)) {
                 victim = c;
+                aborted = c->abort;
+                revoked = c->revoked;
                 break;
             }
         }
@@ -529,8 +614,10 @@ static void dxl__srv_aborts(dxl__srv_thread_t *th)
         if (victim == NULL) {
             return;
         }
-        DXL__ADD(th->srv->requests_aborted, 1);
-        dxl__srv_close(victim, 1);
+        if (aborted) {
+            DXL__ADD(th->srv->requests_aborted, 1);
+        }
+        dxl__srv_close(victim, revoked ? DXL__CLOSE_REVOKED : DXL__CLOSE_DROPPED);
     }
 }
 
@@ -565,7 +652,7 @@ static void *dxl__srv_main(void *arg)
         while (th->dead != NULL) {
             dxl__conn_t *c = th->dead;
             th->dead = c->dead_next;
-            dxl__conn_free(c);
+            dxl__conn_free(th->srv, c);
         }
     }
     return NULL;
@@ -587,13 +674,13 @@ static void dxl__srv_destroy(dxl_tcp_server_t *srv)
             dxl__conn_t *c = th->conns;
             th->conns = c->next;
             close(c->fd);
-            dxl__conn_free(c);
+            dxl__conn_free(srv, c);
             DXL__SUB(srv->conns_live, 1);
         }
         while (th->dead != NULL) {
             dxl__conn_t *c = th->dead;
             th->dead = c->dead_next;
-            dxl__conn_free(c);
+            dxl__conn_free(srv, c);
         }
         if (th->ep >= 0) {
             close(th->ep);
@@ -629,7 +716,7 @@ static void dxl__srv_join(dxl_tcp_server_t *srv)
     }
 }
 
-int dxl_tcp_server_start(int threads, dxl_tcp_server_t **server_p)
+int dxl_tcp_server_start(int threads, dxl_registry_t *registry, dxl_tcp_server_t **server_p)
 {
     dxl_tcp_server_t *srv;
     pthread_condattr_t ca;
@@ -637,7 +724,7 @@ int dxl_tcp_server_start(int threads, dxl_tcp_server_t **server_p)
     int rc = DXL_OK;
     int err = 0;
 
-    if (server_p == NULL || threads < 1 || threads > DXL_TCP_MAX_THREADS) {
+    if (server_p == NULL || registry == NULL || threads < 1 || threads > DXL_TCP_MAX_THREADS) {
         return dxl__fail(DXL_E_INVAL, 0);
     }
     srv = calloc(1, sizeof(*srv));
@@ -652,6 +739,7 @@ int dxl_tcp_server_start(int threads, dxl_tcp_server_t **server_p)
     pthread_cond_init(&srv->fcv, &ca);
     pthread_condattr_destroy(&ca);
     srv->nthreads = threads;
+    srv->reg = registry;
 
     for (int i = 0; i < threads && rc == DXL_OK; i++) {
         dxl__srv_thread_t *th = &srv->th[i];
@@ -692,7 +780,22 @@ int dxl_tcp_server_start(int threads, dxl_tcp_server_t **server_p)
     return DXL_OK;
 }
 
-int dxl_tcp_server_adopt(dxl_tcp_server_t *srv, int fd)
+/* Connections of srv adopted with `tag` and not yet closed; the caller holds srv->mu. */
+static uint64_t dxl__srv_tag_count(dxl_tcp_server_t *srv, uint64_t tag)
+{
+    uint64_t n = 0;
+
+    for (int i = 0; i < srv->nthreads; i++) {
+        pthread_mutex_lock(&srv->th[i].mu);
+        for (const dxl__conn_t *c = srv->th[i].conns; c != NULL; c = c->next) {
+            n += c->tag == tag;
+        }
+        pthread_mutex_unlock(&srv->th[i].mu);
+    }
+    return n;
+}
+
+int dxl_tcp_server_adopt(dxl_tcp_server_t *srv, int fd, uint64_t tag)
 {
     dxl__srv_thread_t *th = NULL;
     uint64_t best = 0;
@@ -705,23 +808,33 @@ int dxl_tcp_server_adopt(dxl_tcp_server_t *srv, int fd)
         return dxl__fail(DXL_E_INVAL, 0);
     }
     c = calloc(1, sizeof(*c));
-    if (c == NULL || dxl__srv_reserve(c, DXL__SRV_INIT_PIECES) != DXL_OK) {
+    if (c == NULL || dxl__srv_reserve(NULL, c, DXL__SRV_INIT_PIECES) != DXL_OK) {
         free(c);
         return dxl__fail(DXL_E_NOMEM, ENOMEM);
     }
     flags = fcntl(fd, F_GETFL);
     if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) {
         err = errno;
-        dxl__conn_free(c);
+        dxl__conn_free(NULL, c);
         return dxl__fail(err == EBADF ? DXL_E_INVAL : DXL_E_IO, err);
     }
 
+    /* Under srv->mu from the limits to the count: adoptions are the only way in, so the limits
+     * hold exactly (closes only lower the counts). */
     pthread_mutex_lock(&srv->mu);
     if (srv->stopping) {
         pthread_mutex_unlock(&srv->mu);
         (void)fcntl(fd, F_SETFL, flags);
-        dxl__conn_free(c);
+        dxl__conn_free(NULL, c);
         return dxl__fail(DXL_E_INVAL, 0);
+    }
+    if (__atomic_load_n(&srv->conns_live, __ATOMIC_RELAXED) >= DXL_TCP_MAX_CONNS ||
+        dxl__srv_tag_count(srv, tag) >= DXL_TCP_MAX_CONNS_PER_TAG) {
+        pthread_mutex_unlock(&srv->mu);
+        DXL__ADD(srv->conns_refused, 1);
+        (void)fcntl(fd, F_SETFL, flags);
+        dxl__conn_free(NULL, c);
+        return dxl__fail(DXL_E_LIMIT, 0);
     }
     for (int i = 0; i < srv->nthreads; i++) { /* the least loaded thread */
         uint64_t load;
@@ -735,6 +848,7 @@ int dxl_tcp_server_adopt(dxl_tcp_server_t *srv, int fd)
     }
     c->th = th;
     c->fd = fd;
+    c->tag = tag;
     c->state = DXL__ST_HDR;
     c->interest = EPOLLIN;
     c->io_hint = DXL__SRV_IO_HINT;
@@ -746,6 +860,9 @@ int dxl_tcp_server_adopt(dxl_tcp_server_t *srv, int fd)
     th->conns = c;
     th->nconns++;
     pthread_mutex_unlock(&th->mu);
+    /* Counted before the thread can see it: its close subtracts what was added here. */
+    DXL__ADD(srv->conns_live, 1);
+    DXL__ADD(srv->buffer_bytes, c->buf_bytes);
 
     ev = (struct epoll_event){.events = EPOLLIN, .data.ptr = c};
     if (epoll_ctl(th->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
@@ -757,14 +874,45 @@ int dxl_tcp_server_adopt(dxl_tcp_server_t *srv, int fd)
         }
         th->nconns--;
         pthread_mutex_unlock(&th->mu);
+        DXL__SUB(srv->conns_live, 1);
         pthread_mutex_unlock(&srv->mu);
         (void)fcntl(fd, F_SETFL, flags);
-        dxl__conn_free(c);
+        dxl__conn_free(srv, c);
         return dxl__fail(err == EBADF || err == EPERM ? DXL_E_INVAL : DXL_E_IO, err);
     }
     pthread_mutex_unlock(&srv->mu);
     DXL__ADD(srv->conns_adopted, 1);
-    DXL__ADD(srv->conns_live, 1);
+    return DXL_OK;
+}
+
+int dxl_tcp_server_revoke(dxl_tcp_server_t *srv, uint64_t tag, uint64_t *closed_p)
+{
+    uint64_t marked = 0;
+
+    if (srv == NULL) {
+        return dxl__fail(DXL_E_INVAL, 0);
+    }
+    pthread_mutex_lock(&srv->mu); /* an adoption is wholly before or wholly after this */
+    for (int i = 0; i < srv->nthreads; i++) {
+        dxl__srv_thread_t *th = &srv->th[i];
+        uint64_t here = 0;
+        pthread_mutex_lock(&th->mu);
+        for (dxl__conn_t *c = th->conns; c != NULL; c = c->next) {
+            if (c->tag == tag && !c->revoked) {
+                __atomic_store_n(&c->revoked, 1, __ATOMIC_RELEASE);
+                here++;
+            }
+        }
+        pthread_mutex_unlock(&th->mu);
+        if (here > 0) {
+            dxl__srv_wake(th); /* it closes the idle ones at once */
+            marked += here;
+        }
+    }
+    pthread_mutex_unlock(&srv->mu);
+    if (closed_p != NULL) {
+        *closed_p = marked;
+    }
     return DXL_OK;
 }
 
@@ -861,6 +1009,9 @@ void dxl_tcp_server_stats(const dxl_tcp_server_t *srv, dxl_tcp_server_stats_t *o
     out_p->bytes_sent = __atomic_load_n(&srv->bytes_sent, __ATOMIC_RELAXED);
     out_p->bytes_received = __atomic_load_n(&srv->bytes_received, __ATOMIC_RELAXED);
     out_p->requests_aborted = __atomic_load_n(&srv->requests_aborted, __ATOMIC_RELAXED);
+    out_p->conns_revoked = __atomic_load_n(&srv->conns_revoked, __ATOMIC_RELAXED);
+    out_p->conns_refused = __atomic_load_n(&srv->conns_refused, __ATOMIC_RELAXED);
+    out_p->buffer_bytes = __atomic_load_n(&srv->buffer_bytes, __ATOMIC_RELAXED);
 }
 
 void dxl_tcp_server_stop(dxl_tcp_server_t *srv)

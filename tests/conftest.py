@@ -37,6 +37,7 @@ def _live_resources() -> dict[str, int]:
     c = _ffi.counters()
     return {
         "regions_live": c["regions_live"],
+        "registries_live": c["registries_live"],
         "bytes_registered": c["bytes_registered"],
         "peers_open": c["peers_open"],
         "ops_inflight": c["ops_inflight"],
@@ -64,7 +65,7 @@ def _describe(context: dict[str, Any]) -> str:
 
 @pytest.fixture(autouse=True)
 def no_native_leaks() -> Iterator[None]:
-    """Every test must leave as many live regions, registered bytes, in-flight ops, tcp data
+    """Every test must leave as many live regions and registries, registered bytes, in-flight ops, tcp data
     servers and shares as it found, and no exception may reach an event loop's exception
     handler during it.
 

@@ -35,6 +35,7 @@ from dxl.control.auth import (
     authenticate_streams,
 )
 from dxl.memory.plan import Pieces
+from dxl.memory.regions import RegionRegistry
 from dxl.transport import PeerGone, TransportClosed
 from dxl.transport.tcp import InstanceMismatch, TcpTransport
 from dxl.transport.tcp_server import DataServer
@@ -49,15 +50,16 @@ CHILD = r"""
 import asyncio, hashlib, json, os, sys
 import numpy as np
 from dxl import _ffi
+from dxl.memory.regions import RegionRegistry
 from dxl.transport.tcp_server import DataServer
 size, seed, secret, loop_name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 buf = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
-rid = _ffi.ffi.new("uint64_t *")
-_ffi.check(_ffi.lib.dxl_region_add(buf.ctypes.data, size, rid), "register")
+regions = RegionRegistry()
+regions.add(buf.ctypes.data, size)
 
 async def main():
-    srv = await DataServer.start("127.0.0.1", 0, secret or None, instance="child-1",
-                                 auth_timeout=1.0)
+    srv = await DataServer.start("127.0.0.1", 0, secret or None, registry=regions,
+                                 instance="child-1", auth_timeout=1.0)
     print("READY", srv.address[1], buf.ctypes.data, flush=True)
     loop = asyncio.get_running_loop()
     while True:
@@ -414,9 +416,9 @@ def test_a_reflected_proof_is_refused() -> None:
 async def test_in_process_server_and_transport() -> None:
     """DataServer on this test's loop, the blocking transport on a thread."""
     buf = np.arange(MiB, dtype=np.uint8)
-    rid = _ffi.ffi.new("uint64_t *")
-    _ffi.check(lib.dxl_region_add(buf.ctypes.data, buf.nbytes, rid), "register")
-    srv = await DataServer.start("127.0.0.1", 0, None, instance="me")
+    regions = RegionRegistry()
+    rid = regions.add(buf.ctypes.data, buf.nbytes)
+    srv = await DataServer.start("127.0.0.1", 0, None, registry=regions, instance="me")
     try:
         tr = await asyncio.to_thread(TcpTransport, srv.address, None, expect_instance="me")
         local = np.zeros(MiB, dtype=np.uint8)
@@ -433,14 +435,17 @@ async def test_in_process_server_and_transport() -> None:
         assert srv.fence(100) == 0
     finally:
         await srv.close()
-        _ffi.check(lib.dxl_region_remove(rid[0]), "unregister")
+        assert regions.remove(rid)
+        regions.close()
 
 
 async def test_no_secret_on_a_public_address_is_refused() -> None:
+    regions = RegionRegistry()
     with pytest.raises(ValueError, match="without a shared secret"):
-        await DataServer.start("0.0.0.0", 0, None)
-    srv = await DataServer.start("0.0.0.0", 0, None, allow_insecure=True)
+        await DataServer.start("0.0.0.0", 0, None, registry=regions)
+    srv = await DataServer.start("0.0.0.0", 0, None, registry=regions, allow_insecure=True)
     await srv.close()
+    regions.close()
     assert lib.dxl_tcp_servers_live() == 0
 
 

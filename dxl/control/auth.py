@@ -164,6 +164,12 @@ class Handshake:
     def has_secret(self) -> bool:
         return self._secret is not None or self._keys is not None
 
+    @property
+    def key_id(self) -> bytes:
+        """The key id (``KEY_ID_BYTES``) the proofs cover: the client's own; on a server with a
+        key lookup, the one the client named (once its hello arrived); else zeros."""
+        return self._key_id
+
     def hello(self) -> bytes:
         flags = FLAG_SECRET if self.has_secret else 0
         return MAGIC + bytes((VERSION, flags, 0, 0)) + self._purpose + self._key_id + self._nonce
@@ -373,11 +379,16 @@ async def authenticate_sock_async(
     purpose: str = "data",
     timeout: float = 10.0,
     key_id: bytes = b"",
-) -> None:
+) -> bytes:
     """Run the handshake on a non-blocking socket with the running loop's ``sock_*`` calls.
 
     Reads exactly the handshake's bytes, never more: whatever the peer sends next is still in the
     socket when this returns.
+
+    Returns:
+        The key id the handshake used (:attr:`Handshake.key_id`, ``KEY_ID_BYTES`` bytes): on a
+        server with a key lookup, the id of the key the client authenticated with (the engine's
+        data server groups connections by it, to cut a link's connections when its key goes).
 
     Raises:
         AuthError: refused, not a dxl peer, closed, or too slow.
@@ -405,6 +416,7 @@ async def authenticate_sock_async(
         raise _timeout(hs, timeout) from None
     except (ConnectionResetError, BrokenPipeError):
         raise _closed(hs) from None
+    return hs.key_id
 
 
 async def authenticate_streams(

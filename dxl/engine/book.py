@@ -2,7 +2,8 @@
 
 Every registration gets a cache id (from 1) and a generation that grows with every change peers
 must see; only remotely accessible caches are advertised. Remotely accessible memory is also
-entered in the native region registry, which the tcp data server checks every request against.
+entered in the engine's own region registry, which its tcp data server checks every request
+against (and which no other engine's data server sees).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .. import _ffi
 from ..errors import param_invalid
 from ..memory.layout import Layout
+from ..memory.regions import RegionRegistry
 from ..memory.share import Window
 from ..types import Cache, CacheDesc, CacheKey
 from .keys import Binding, KeyTable
@@ -24,10 +25,12 @@ class CacheBook:
 
     Args:
         max_addrs: most tensor addresses registered at once (``dxl.MaxRegisterAddrs``).
+        regions: the engine's region registry, where remotely accessible memory is entered.
     """
 
-    def __init__(self, max_addrs: int) -> None:
+    def __init__(self, max_addrs: int, regions: RegionRegistry) -> None:
         self._max_addrs = max_addrs
+        self._regions = regions
         self._caches: dict[int, LocalCache] = {}
         self._by_model: dict[int, LocalCache] = {}  # blocks caches by BlocksCacheKey.model_id
         self.keys = KeyTable()
@@ -101,7 +104,7 @@ class CacheBook:
             remote_accessible,
             model_id,
             self._gen,
-            _add_regions(layout) if remote_accessible else [],
+            self._add_regions(layout) if remote_accessible else [],
             bindings=bindings,
             pool_addrs=pool_addrs,
             shared=shared,
@@ -145,18 +148,19 @@ class CacheBook:
         self._caches.clear()
         self._by_model.clear()
 
+    def _add_regions(self, layout: Layout) -> list[int]:
+        ids: list[int] = []
+        try:
+            for addr in layout.addrs.tolist():
+                ids.append(self._regions.add(addr, layout.tensor_size))
+        except BaseException:
+            for rid in ids:  # all or nothing
+                self._regions.remove(rid)
+            raise
+        return ids
 
-def _add_regions(layout: Layout) -> list[int]:
-    ids = []
-    out = _ffi.ffi.new("uint64_t *")
-    for addr in layout.addrs.tolist():
-        _ffi.check(_ffi.lib.dxl_region_add(addr, layout.tensor_size, out), "register region")
-        ids.append(int(out[0]))
-    return ids
-
-
-def release_regions(entry: LocalCache) -> None:
-    """Remove the entry's native regions: the data server refuses them from now on."""
-    for rid in entry.region_ids:
-        _ffi.lib.dxl_region_remove(rid)
-    entry.region_ids.clear()
+    def release_regions(self, entry: LocalCache) -> None:
+        """Remove the entry's regions: the data server refuses them from now on."""
+        for rid in entry.region_ids:
+            self._regions.remove(rid)
+        entry.region_ids.clear()

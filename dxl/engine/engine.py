@@ -4,7 +4,8 @@
 component              job
 =====================  =========================================================================
 ``Mover``              worker threads, inline policy, in-use holds, stats, transport failures
-``CacheBook``          registrations, their keys and generations, native regions
+``CacheBook``          registrations, their keys and generations, native regions (in the
+                       engine's own ``RegionRegistry``)
 ``LinkTable``          live links and the messages on them
 ``Listener``           the control listener and the tcp data server
 ``Handshake``          setting links up (identity, transport choice and proof)
@@ -26,6 +27,7 @@ from .. import _ffi
 from .._validate import check_isinstance, check_uint64
 from ..config import EngineOptions, LLMConfig
 from ..handoff.handoff import Handoff
+from ..memory.regions import RegionRegistry
 from ..types import LLMRole
 from .blocks import BlockOps
 from .book import CacheBook
@@ -76,9 +78,12 @@ class Engine:
         mover = self._mover = Mover(
             f"dxl-{cluster_id}", opts.transfer_threads, opts.inline_bytes, opts.sync_kv_timeout_ms
         )
-        book = self._book = CacheBook(opts.max_registered_addrs)
+        # what this engine's data server may serve: its own regions, never another engine's
+        regions = self._regions = RegionRegistry()
+        book = self._book = CacheBook(opts.max_registered_addrs, regions)
         links = self._links = LinkTable(identity, opts, mover)
-        listener = self._listener = Listener(identity, opts, mover)
+        listener = self._listener = Listener(identity, opts, mover, regions)
+        links.revoke = listener.revoke  # a link's key goes: its data connections to us end
         self._registrations = Registrations(opts, state, book, links, listener, mover, self)
         handshake = self._handshake = Handshake(
             identity,
@@ -170,6 +175,7 @@ class Engine:
         await self._links.wait_closed()
         await self._registrations.close()
         await self._listener.stop()  # stops the data server too, after its regions went
+        self._regions.close()  # no server reads it any more
         self._registrations.close_pool()
         self._mover.shutdown()
         self._state.value = "closed"

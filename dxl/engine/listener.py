@@ -1,5 +1,6 @@
 """An engine's listening side: the control listener links arrive on, and the tcp data server on
-the same address that serves its remotely accessible memory to peers."""
+the same address that serves its remotely accessible memory (the engine's own region registry,
+nothing else) to peers."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .. import _ffi
 from ..config import EngineOptions
 from ..control.auth import KeyLookup
 from ..errors import LLMStatusCode, fail, param_invalid
+from ..memory.regions import RegionRegistry
 from ..transport.tcp import is_loopback
 from ..transport.tcp_server import DataServer
 from .mover import Mover
@@ -25,10 +26,13 @@ AcceptHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable
 class Listener:
     """Accepts links (``on_accept`` runs the server side of the handshake) and serves data."""
 
-    def __init__(self, identity: Identity, options: EngineOptions, mover: Mover) -> None:
+    def __init__(
+        self, identity: Identity, options: EngineOptions, mover: Mover, regions: RegionRegistry
+    ) -> None:
         self._identity = identity
         self._opts = options
         self._mover = mover
+        self._regions = regions
         self._server: asyncio.Server | None = None
         self.data: DataServer | None = None
         self._probe_region = 0
@@ -69,7 +73,12 @@ class Listener:
         try:
             self._server = await asyncio.start_server(on_accept, ip, port)
             self.data = await DataServer.start(
-                ip, 0, keys, instance=self._identity.incarnation, allow_insecure=True
+                ip,
+                0,
+                keys,
+                registry=self._regions,
+                instance=self._identity.incarnation,
+                allow_insecure=True,
             )
         except OSError as exc:
             await self.stop()
@@ -79,10 +88,7 @@ class Listener:
                 f"cannot listen on {ip}:{port}: {exc.strerror or exc}",
             ) from exc
         # the probe must be servable over tcp, like any remotely accessible memory
-        out = _ffi.ffi.new("uint64_t *")
-        probe = int(self._identity.probe.ctypes.data)
-        _ffi.check(_ffi.lib.dxl_region_add(probe, 8, out), "probe region")
-        self._probe_region = int(out[0])
+        self._probe_region = self._regions.add(int(self._identity.probe.ctypes.data), 8)
         assert self.address is not None
         log.info(
             "dxl: cluster %d listening on %s:%d (data port %d, %s)",
@@ -106,8 +112,13 @@ class Listener:
             await self.data.close()
             self.data = None
         if self._probe_region:
-            _ffi.lib.dxl_region_remove(self._probe_region)
+            self._regions.remove(self._probe_region)
             self._probe_region = 0
+
+    def revoke(self, key_id: bytes) -> None:
+        """A link's data key went: cut the data connections that authenticated with it."""
+        if self.data is not None:
+            self.data.revoke(key_id)
 
     async def fence(self) -> None:
         """After regions were removed: wait until no tcp request still touches them."""

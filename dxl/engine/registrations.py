@@ -18,7 +18,7 @@ from ..memory.layout import Layout, check_mapped, layout_of
 from ..memory.pool import HostPool, allocate_tensors
 from ..memory.share import SHARED, Window
 from ..types import BlocksCacheKey, Cache, CacheDesc, CacheKey, Placement
-from .book import CacheBook, release_regions
+from .book import CacheBook
 from .links import LinkTable
 from .listener import Listener
 from .mover import Mover
@@ -63,7 +63,7 @@ class Registrations:
         """Release everything (the links are gone: no peer uses any of it)."""
         for entry in self._book:
             await entry.usage.wait_idle(float("inf"))
-            release_regions(entry)
+            self._book.release_regions(entry)
             _release_shared(entry)
         self._book.clear()
 
@@ -202,7 +202,7 @@ class Registrations:
             if entry.remote_accessible:
                 await self._links.broadcast("reg_del", id=entry.cache.cache_id, gen=entry.gen)
         await entry.usage.wait_idle(float("inf"))  # local copies always finish: wait them out
-        release_regions(entry)
+        self._book.release_regions(entry)
         await self._listener.fence()  # tcp requests that passed the check have finished
         _release_shared(entry)  # peers confirmed: they unmapped it
         self._free_pool_memory(entry)

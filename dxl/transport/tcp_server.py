@@ -3,9 +3,18 @@
 :class:`DataServer` listens on a TCP port (asyncio). Each new connection runs the
 :mod:`dxl.control.auth` handshake (purpose ``"data"``) with a timeout and then receives the
 server's instance id; then its file descriptor is handed to the native data server
-(``dxl_tcp_server_adopt``), which serves reads and writes of registered memory only, on its own
-threads, until the connection closes. A connection that fails the handshake, or sends garbage,
-is closed; nothing else is affected. The client side is :mod:`dxl.transport.tcp`.
+(``dxl_tcp_server_adopt``), which serves reads and writes of the memory registered in the
+server's own :class:`~dxl.memory.regions.RegionRegistry` only (never another registry's, such as
+another engine's in the same process), on its own threads, until the connection closes. A
+connection that fails the handshake, or sends garbage, is closed; nothing else is affected. The
+client side is :mod:`dxl.transport.tcp`.
+
+Each adopted connection is tagged with the key it authenticated with (:func:`key_tag` of the key
+id): :meth:`DataServer.revoke` cuts every connection of one key at once, which the engine does
+when a link ends and its key goes. The native server holds at most ``DXL_TCP_MAX_CONNS``
+connections, ``DXL_TCP_MAX_CONNS_PER_TAG`` per key (more are closed after the handshake, with a
+rate-limited warning), and a connection keeps at most ``DXL_TCP_CONN_BUF_KEEP`` bytes of request
+buffers between requests.
 """
 
 from __future__ import annotations
@@ -20,11 +29,19 @@ from typing import Any
 
 from .. import _ffi
 from ..control.auth import AuthError, KeyLookup, authenticate_sock_async, normalize_secret
+from ..guard import RateLimitedLog
+from ..memory.regions import RegionRegistry
 from .tcp import DEFAULT_SOCK_BUF, PURPOSE, encode_instance, is_loopback, tune
 
-__all__ = ["DataServer"]
+__all__ = ["DataServer", "key_tag"]
 
 log = logging.getLogger("dxl")
+
+
+def key_tag(key_id: bytes) -> int:
+    """The native server's connection tag for a key id: its first 8 bytes, little-endian (zeros
+    for the deployment's single secret, or no secret)."""
+    return int.from_bytes(key_id[:8].ljust(8, b"\0"), "little")
 
 
 class DataServer:
@@ -35,6 +52,7 @@ class DataServer:
 
     def __init__(self) -> None:  # use start()
         self._native: Any = None
+        self._registry: RegionRegistry | None = None
         self._lsock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -46,6 +64,7 @@ class DataServer:
         self.address: tuple[str, int] = ("", 0)
         self.instance = ""
         self.auth_failures = 0
+        self._warn = RateLimitedLog(log)
 
     def __repr__(self) -> str:
         return f"DataServer(address={self.address!r}, secret={'set' if self._secret else 'none'})"
@@ -57,6 +76,7 @@ class DataServer:
         port: int,
         secret: str | bytes | KeyLookup | None,
         *,
+        registry: RegionRegistry,
         instance: str = "",
         threads: int = 2,
         auth_timeout: float = 10.0,
@@ -68,6 +88,9 @@ class DataServer:
         native server with ``threads`` threads.
 
         Args:
+            registry: the memory this server serves: every request is checked against it and
+                no other. It must stay open until :meth:`close` returned (closing it before is
+                refused).
             secret: the shared secret (None or empty: no authentication, both ends must agree),
                 or a lookup from the key id a client names to its key (the engine's per-link
                 keys: a connection for a link that ended is refused).
@@ -95,8 +118,12 @@ class DataServer:
         self._auth_timeout = auth_timeout
         self._sock_buf = sock_buf
         out = _ffi.ffi.new("dxl_tcp_server_t **")
-        _ffi.check(_ffi.lib.dxl_tcp_server_start(threads, out), "start tcp data server")
+        _ffi.check(
+            _ffi.lib.dxl_tcp_server_start(threads, registry.native, out), "start tcp data server"
+        )
         self._native = out[0]
+        registry.attach()  # after the start: close() detaches exactly when there is a server
+        self._registry = registry
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -154,7 +181,7 @@ class DataServer:
         try:
             conn.setblocking(False)
             tune(conn, self._sock_buf)
-            await authenticate_sock_async(
+            key_id = await authenticate_sock_async(
                 conn, self._secret, role="server", purpose=PURPOSE, timeout=self._auth_timeout
             )
             await asyncio.get_running_loop().sock_sendall(conn, self._instance)
@@ -169,16 +196,34 @@ class DataServer:
         if self._native is None:
             conn.close()
             return
+        if callable(self._secret) and self._secret(key_id) is None:
+            # its key went (the link ended) while the handshake ran: that key's revoke has
+            # already happened and would miss this connection. No await from here to the
+            # adoption, so a later drop of the key revokes it.
+            log.info("dxl: tcp data server: a connection's link ended during its handshake")
+            conn.close()
+            return
         fd = conn.detach()
-        rc = _ffi.lib.dxl_tcp_server_adopt(self._native, fd)
+        rc = _ffi.lib.dxl_tcp_server_adopt(self._native, fd, key_tag(key_id))
         if rc < 0:
             err = _ffi.lib.dxl_last_errno()
             os.close(fd)
-            log.warning(
-                "dxl: tcp data server could not adopt a connection from %s: %s",
-                peer,
-                _ffi.NativeError(rc, "adopt", err),
-            )
+            if rc == _ffi.lib.DXL_E_LIMIT:  # a peer opening connections without end
+                self._warn.warning(
+                    "adopt-limit",
+                    "dxl: tcp data server refused a connection from %s: it holds %d connections "
+                    "in all or %d with that connection's key already",
+                    peer,
+                    _ffi.lib.DXL_TCP_MAX_CONNS,
+                    _ffi.lib.DXL_TCP_MAX_CONNS_PER_TAG,
+                )
+            else:
+                self._warn.warning(
+                    "adopt",
+                    "dxl: tcp data server could not adopt a connection from %s: %s",
+                    peer,
+                    _ffi.NativeError(rc, "adopt", err),
+                )
 
     def stats(self) -> dict[str, int]:
         """The native server's counters (see ``dxl_tcp_server_stats_t``), plus handshake
@@ -195,15 +240,31 @@ class DataServer:
             "bytes_sent",
             "bytes_received",
             "requests_aborted",
+            "conns_revoked",
+            "conns_refused",
+            "buffer_bytes",
         )
         result = {name: int(getattr(out, name)) for name in fields}
         result["auth_failures"] = self.auth_failures
         return result
 
+    def revoke(self, key_id: bytes) -> int:
+        """Cut every connection that authenticated with ``key_id``: none starts another request
+        from now on, and each is closed at once (a request already touching memory may finish
+        first; see ``dxl_tcp_server_revoke``). Does not block. Connections with that key are
+        refused from now on only if the key lookup no longer knows it: drop the key first.
+        Returns how many connections were revoked."""
+        if self._native is None:
+            return 0
+        out = _ffi.ffi.new("uint64_t *")
+        _ffi.check(_ffi.lib.dxl_tcp_server_revoke(self._native, key_tag(key_id), out), "tcp revoke")
+        return int(out[0])
+
     def fence(self, timeout_ms: int) -> int:
         """Blocking: wait until no request that was touching memory when called still does
         (requests still running after ``timeout_ms`` have their connections closed). Call after
-        ``dxl_region_remove`` and before the memory may be freed; run it on an executor.
+        removing regions from its registry and before the memory may be freed; run it on an
+        executor.
         Returns how many connections were cut off."""
         if self._native is None:
             return 0
@@ -229,3 +290,6 @@ class DataServer:
         native, self._native = self._native, None
         if native is not None:
             _ffi.lib.dxl_tcp_server_stop(native)
+        registry, self._registry = self._registry, None
+        if registry is not None:
+            registry.detach()  # the server no longer reads it

@@ -24,7 +24,13 @@ from dxl import _ffi
 from dxl._ffi import NativeError, as_u64_ptr, check, ffi, lib
 
 PAGE = mmap.PAGESIZE
-LEAK_COUNTERS = ("regions_live", "peers_open", "ops_inflight", "bytes_registered")
+LEAK_COUNTERS = (
+    "regions_live",
+    "registries_live",
+    "peers_open",
+    "ops_inflight",
+    "bytes_registered",
+)
 
 cma = pytest.mark.skipif(
     not _ffi.HAS_CMA or lib.dxl_cma_self_test() != lib.DXL_OK,
@@ -202,9 +208,13 @@ def test_codes_names_and_messages() -> None:
 def test_check_raises_native_error() -> None:
     assert check(0, "fine") == 0
     assert check(7, "count") == 7
-    assert lib.dxl_region_remove(2**63) == lib.DXL_E_NOENT
+    out = ffi.new("dxl_registry_t **")
+    check(lib.dxl_registry_new(out), "new registry")
+    reg = out[0]
+    assert lib.dxl_region_remove(reg, 2**63) == lib.DXL_E_NOENT
     with pytest.raises(NativeError) as info:
-        check(lib.dxl_region_remove(2**63), "unregister")
+        check(lib.dxl_region_remove(reg, 2**63), "unregister")
+    lib.dxl_registry_free(reg)
     e = info.value
     assert (e.code, e.name, e.errno, e.what) == (-7, "DXL_E_NOENT", 0, "unregister")
     assert str(e) == "unregister: unknown id (DXL_E_NOENT)"
@@ -229,83 +239,139 @@ def test_as_u64_ptr_rejects_wrong_arrays() -> None:
 # ---- registry --------------------------------------------------------------------------------
 
 
-def add_region(base: int, length: int) -> int:
+@pytest.fixture
+def reg() -> Iterator[object]:
+    """A fresh registry, freed at the end (conftest checks that nothing stays registered)."""
+    out = ffi.new("dxl_registry_t **")
+    check(lib.dxl_registry_new(out), "new registry")
+    yield out[0]
+    lib.dxl_registry_free(out[0])
+
+
+def add_region(reg: object, base: int, length: int) -> int:
     out = ffi.new("uint64_t *")
-    check(lib.dxl_region_add(base, length, out), "add")
+    check(lib.dxl_region_add(reg, base, length, out), "add")
     return int(out[0])
 
 
-def test_registry_add_check_remove() -> None:
+def test_registry_add_check_remove(reg: object) -> None:
     start = _ffi.counters()
-    a = add_region(0x10000, 0x1000)
-    b = add_region(0x30000, 0x2000)
-    c = add_region(0x30000, 0x2000)  # the same memory again: its own id
-    d = add_region(0x8000, 0x100000)  # overlaps everything above
+    a = add_region(reg, 0x10000, 0x1000)
+    b = add_region(reg, 0x30000, 0x2000)
+    c = add_region(reg, 0x30000, 0x2000)  # the same memory again: its own id
+    d = add_region(reg, 0x8000, 0x100000)  # overlaps everything above
     assert len({a, b, c, d}) == 4 and a < b < c < d
     now = _ffi.counters()
     assert now["regions_live"] == start["regions_live"] + 4
     assert now["bytes_registered"] == start["bytes_registered"] + 0x1000 + 0x4000 + 0x100000
 
-    assert lib.dxl_region_check(0x10000, 0x1000) == lib.DXL_OK
-    assert lib.dxl_region_check(0x31000, 0x1000) == lib.DXL_OK
-    assert lib.dxl_region_check(0x108000 - 1, 1) == lib.DXL_OK
-    assert lib.dxl_region_check(0x108000 - 1, 2) == lib.DXL_E_RANGE
-    assert lib.dxl_region_check(0x7FFF, 2) == lib.DXL_E_RANGE
-    assert lib.dxl_region_check(2**64 - 1, 2) == lib.DXL_E_RANGE  # wraps
-    assert lib.dxl_region_check(1, 0) == lib.DXL_OK  # empty: touches nothing
+    assert lib.dxl_region_check(reg, 0x10000, 0x1000) == lib.DXL_OK
+    assert lib.dxl_region_check(reg, 0x31000, 0x1000) == lib.DXL_OK
+    assert lib.dxl_region_check(reg, 0x108000 - 1, 1) == lib.DXL_OK
+    assert lib.dxl_region_check(reg, 0x108000 - 1, 2) == lib.DXL_E_RANGE
+    assert lib.dxl_region_check(reg, 0x7FFF, 2) == lib.DXL_E_RANGE
+    assert lib.dxl_region_check(reg, 2**64 - 1, 2) == lib.DXL_E_RANGE  # wraps
+    assert lib.dxl_region_check(reg, 1, 0) == lib.DXL_OK  # empty: touches nothing
 
-    check(lib.dxl_region_remove(d), "remove")
-    assert lib.dxl_region_check(0x10000, 0x1000) == lib.DXL_OK
-    assert lib.dxl_region_check(0x10FFF, 2) == lib.DXL_E_RANGE  # only d spanned the gap
-    assert lib.dxl_region_check(0x20000, 1) == lib.DXL_E_RANGE
-    check(lib.dxl_region_remove(b), "remove")
-    assert lib.dxl_region_check(0x30000, 0x2000) == lib.DXL_OK  # c still covers it
-    check(lib.dxl_region_remove(c), "remove")
-    assert lib.dxl_region_check(0x30000, 1) == lib.DXL_E_RANGE
-    assert lib.dxl_region_remove(c) == lib.DXL_E_NOENT
-    check(lib.dxl_region_remove(a), "remove")
-    e = add_region(0x10000, 0x1000)
+    check(lib.dxl_region_remove(reg, d), "remove")
+    assert lib.dxl_region_check(reg, 0x10000, 0x1000) == lib.DXL_OK
+    assert lib.dxl_region_check(reg, 0x10FFF, 2) == lib.DXL_E_RANGE  # only d spanned the gap
+    assert lib.dxl_region_check(reg, 0x20000, 1) == lib.DXL_E_RANGE
+    check(lib.dxl_region_remove(reg, b), "remove")
+    assert lib.dxl_region_check(reg, 0x30000, 0x2000) == lib.DXL_OK  # c still covers it
+    check(lib.dxl_region_remove(reg, c), "remove")
+    assert lib.dxl_region_check(reg, 0x30000, 1) == lib.DXL_E_RANGE
+    assert lib.dxl_region_remove(reg, c) == lib.DXL_E_NOENT
+    check(lib.dxl_region_remove(reg, a), "remove")
+    e = add_region(reg, 0x10000, 0x1000)
     assert e > d  # ids are never reused
-    check(lib.dxl_region_remove(e), "remove")
+    check(lib.dxl_region_remove(reg, e), "remove")
     assert _ffi.counters() == start
 
 
-def test_registry_rejects_bad_regions() -> None:
+def test_registry_rejects_bad_regions(reg: object) -> None:
     out = ffi.new("uint64_t *")
-    assert lib.dxl_region_add(0x1000, 0, out) == lib.DXL_E_INVAL
-    assert lib.dxl_region_add(2**64 - 0x1000, 0x1001, out) == lib.DXL_E_INVAL
-    assert lib.dxl_region_add(0x1000, 1, ffi.NULL) == lib.DXL_E_INVAL
-    assert lib.dxl_region_add(2**64 - 0x1000, 0xFFF, out) == lib.DXL_OK  # up to the top
-    check(lib.dxl_region_remove(out[0]), "remove")
+    assert lib.dxl_region_add(reg, 0x1000, 0, out) == lib.DXL_E_INVAL
+    assert lib.dxl_region_add(reg, 2**64 - 0x1000, 0x1001, out) == lib.DXL_E_INVAL
+    assert lib.dxl_region_add(reg, 0x1000, 1, ffi.NULL) == lib.DXL_E_INVAL
+    assert lib.dxl_region_add(reg, 2**64 - 0x1000, 0xFFF, out) == lib.DXL_OK  # up to the top
+    check(lib.dxl_region_remove(reg, out[0]), "remove")
 
 
-def test_registry_check_pieces() -> None:
-    rid = add_region(0x100000, 0x10000)
+def test_registry_null_handles() -> None:
+    """A NULL registry is DXL_E_INVAL everywhere; freeing NULL is a no-op."""
+    out = ffi.new("uint64_t *")
+    addr = u64([0x1000])
+    assert lib.dxl_registry_new(ffi.NULL) == lib.DXL_E_INVAL
+    assert lib.dxl_region_add(ffi.NULL, 0x1000, 1, out) == lib.DXL_E_INVAL
+    assert lib.dxl_region_remove(ffi.NULL, 1) == lib.DXL_E_INVAL
+    assert lib.dxl_region_check(ffi.NULL, 0x1000, 1) == lib.DXL_E_INVAL
+    assert lib.dxl_region_check(ffi.NULL, 0x1000, 0) == lib.DXL_E_INVAL
+    rc = lib.dxl_region_check_pieces(ffi.NULL, as_u64_ptr(addr), as_u64_ptr(addr), 1, ffi.NULL)
+    assert rc == lib.DXL_E_INVAL
+    lib.dxl_registry_free(ffi.NULL)
+
+
+def test_registries_are_independent() -> None:
+    """Two registries in one process: a region of one is unknown to the other, ids count per
+    registry, and freeing a registry takes its remaining regions out of the counters."""
+    start = _ffi.counters()
+    pa, pb = ffi.new("dxl_registry_t **"), ffi.new("dxl_registry_t **")
+    check(lib.dxl_registry_new(pa), "new")
+    check(lib.dxl_registry_new(pb), "new")
+    a, b = pa[0], pb[0]
+    assert _ffi.counters()["registries_live"] == start["registries_live"] + 2
+    ra = add_region(a, 0x10000, 0x1000)
+    rb = add_region(b, 0x50000, 0x2000)
+    assert ra == rb == 1  # each registry counts its own ids
+    assert lib.dxl_region_check(a, 0x10000, 0x1000) == lib.DXL_OK
+    assert lib.dxl_region_check(b, 0x10000, 0x1000) == lib.DXL_E_RANGE
+    assert lib.dxl_region_check(b, 0x50000, 0x2000) == lib.DXL_OK
+    assert lib.dxl_region_check(a, 0x50000, 0x2000) == lib.DXL_E_RANGE
+    assert lib.dxl_region_remove(b, 99) == lib.DXL_E_NOENT
+    add_region(b, 0x90000, 0x3000)
+    now = _ffi.counters()
+    assert now["regions_live"] == start["regions_live"] + 3
+    assert now["bytes_registered"] == start["bytes_registered"] + 0x6000
+    lib.dxl_registry_free(b)  # with two regions still in it
+    now = _ffi.counters()
+    assert now["regions_live"] == start["regions_live"] + 1
+    assert now["bytes_registered"] == start["bytes_registered"] + 0x1000
+    assert lib.dxl_region_check(a, 0x10000, 0x1000) == lib.DXL_OK  # a is untouched
+    check(lib.dxl_region_remove(a, ra), "remove")
+    lib.dxl_registry_free(a)
+    assert _ffi.counters() == start
+
+
+def test_registry_check_pieces(reg: object) -> None:
+    rid = add_region(reg, 0x100000, 0x10000)
     try:
         addr = u64([0x100000, 0x108000, 0x10FFF0, 0x0])
         length = u64([0x10, 0x8000, 0x10, 0])  # the last is empty: fine anywhere
         bad = ffi.new("uint64_t *")
-        assert lib.dxl_region_check_pieces(as_u64_ptr(addr), as_u64_ptr(length), 4, bad) == 0
+        a, n = as_u64_ptr(addr), as_u64_ptr(length)
+        assert lib.dxl_region_check_pieces(reg, a, n, 4, bad) == 0
         length[2] = 0x11
-        rc = lib.dxl_region_check_pieces(as_u64_ptr(addr), as_u64_ptr(length), 4, bad)
+        rc = lib.dxl_region_check_pieces(reg, a, n, 4, bad)
         assert rc == lib.DXL_E_RANGE and bad[0] == 2
-        assert lib.dxl_region_check_pieces(ffi.NULL, ffi.NULL, 0, ffi.NULL) == lib.DXL_OK
-        assert lib.dxl_region_check_pieces(ffi.NULL, ffi.NULL, 1, ffi.NULL) == lib.DXL_E_INVAL
+        assert lib.dxl_region_check_pieces(reg, ffi.NULL, ffi.NULL, 0, ffi.NULL) == lib.DXL_OK
+        rc = lib.dxl_region_check_pieces(reg, ffi.NULL, ffi.NULL, 1, ffi.NULL)
+        assert rc == lib.DXL_E_INVAL
     finally:
-        check(lib.dxl_region_remove(rid), "remove")
+        check(lib.dxl_region_remove(reg, rid), "remove")
 
 
-def test_registry_many_threads() -> None:
+def test_registry_many_threads(reg: object) -> None:
     errors: list[BaseException] = []
 
     def worker(k: int) -> None:
         try:
             base = 0x1000_0000 * (k + 1)
             for i in range(300):
-                rid = add_region(base + i * 0x1000, 0x1000)
-                assert lib.dxl_region_check(base + i * 0x1000 + 8, 8) == lib.DXL_OK
-                check(lib.dxl_region_remove(rid), "remove")
-                assert lib.dxl_region_check(base + i * 0x1000 + 8, 8) == lib.DXL_E_RANGE
+                rid = add_region(reg, base + i * 0x1000, 0x1000)
+                assert lib.dxl_region_check(reg, base + i * 0x1000 + 8, 8) == lib.DXL_OK
+                check(lib.dxl_region_remove(reg, rid), "remove")
+                assert lib.dxl_region_check(reg, base + i * 0x1000 + 8, 8) == lib.DXL_E_RANGE
         except BaseException as exc:  # reported below
             errors.append(exc)
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_tcp_native import REP, REQ, Server, recv_exactly
+from test_tcp_native import REP, REQ, Registry, Server, recv_exactly
 
 from dxl._ffi import check, ffi, lib
 
@@ -31,12 +31,13 @@ SHARED = [HealthCheck.function_scoped_fixture]  # the fixtures are reset and che
 class Guarded:
     """SIZE registered bytes with GUARD unregistered bytes on each side."""
 
-    def __init__(self) -> None:
+    def __init__(self, reg: Registry) -> None:
+        self.reg = reg
         self.buf = np.random.default_rng(3).integers(0, 256, SIZE + 2 * GUARD, dtype=np.uint8)
         self.snapshot = self.buf.copy()
         self.base = self.buf.ctypes.data + GUARD
         out = ffi.new("uint64_t *")
-        check(lib.dxl_region_add(self.base, SIZE, out), "register")
+        check(lib.dxl_region_add(reg.ptr, self.base, SIZE, out), "register")
         self.id = out[0]
 
     def guards_intact(self) -> bool:
@@ -46,15 +47,17 @@ class Guarded:
         )
 
     def close(self) -> None:
-        check(lib.dxl_region_remove(self.id), "unregister")
+        check(lib.dxl_region_remove(self.reg.ptr, self.id), "unregister")
 
 
 @pytest.fixture(scope="module")
 def target():
-    srv, region = Server(), Guarded()
+    reg = Registry()
+    srv, region = Server(reg), Guarded(reg)
     yield srv, region
     srv.stop()
     region.close()
+    reg.free()
 
 
 def still_serves(srv: Server, region: Guarded) -> None:

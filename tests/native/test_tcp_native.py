@@ -1,17 +1,18 @@
 """The native tcp transport through ``dxl._ffi`` only: the data server (dxl_tcp_server_*) and the
 client (dxl_tcp_transfer), in one process over loopback TCP.
 
-The "remote" memory is a numpy buffer of this process registered in the region registry, served
-by a native server to sockets handed to it with dxl_tcp_server_adopt; the client moves bytes
-between it and a local buffer. Crafted frames (struct-packed by hand) check that the server
-refuses every out-of-range or malformed request before touching memory, and keeps serving other
-connections.
+The "remote" memory is a numpy buffer of this process registered in a region registry, served
+by a native server started with that registry to sockets handed to it with
+dxl_tcp_server_adopt; the client moves bytes between it and a local buffer. Crafted frames
+(struct-packed by hand) check that the server refuses every out-of-range or malformed request
+before touching memory, and keeps serving other connections.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import socket
 import struct
@@ -32,7 +33,7 @@ REP = struct.Struct("<IHHQiIQ")  # magic, version, op, id, status, detail, total
 READ, WRITE = lib.DXL_TCP_OP_READ, lib.DXL_TCP_OP_WRITE
 MiB = 1 << 20
 
-# Each test adds regions to the process-wide registry and removes them (conftest checks).
+# Each test adds regions to a registry of its own and removes them (conftest checks).
 
 
 def bytes_queued(sock: socket.socket) -> int:
@@ -50,19 +51,53 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
-class Server:
-    """A native data server plus helpers to hand it connections."""
+class Registry:
+    """A native region registry (``dxl_registry_t``), freed by :meth:`free`."""
 
-    def __init__(self, threads: int = 2) -> None:
+    def __init__(self) -> None:
+        out = ffi.new("dxl_registry_t **")
+        check(lib.dxl_registry_new(out), "new registry")
+        self.ptr: Any = out[0]
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            lib.dxl_registry_free(self.ptr)
+            self.ptr = None
+
+
+@pytest.fixture
+def registry() -> Iterator[Registry]:
+    reg = Registry()
+    yield reg
+    reg.free()  # after the server and regions of the test (fixtures tear down in reverse)
+
+
+_TAGS = itertools.count(1 << 32)
+
+
+class Server:
+    """A native data server, serving `reg`, plus helpers to hand it connections."""
+
+    def __init__(self, reg: Registry, threads: int = 2) -> None:
         out = ffi.new("dxl_tcp_server_t **")
-        check(lib.dxl_tcp_server_start(threads, out), "start")
+        check(lib.dxl_tcp_server_start(threads, reg.ptr, out), "start")
         self.ptr = out[0]
+        self.reg = reg
         self.clients: list[socket.socket] = []
 
-    def connect(self) -> socket.socket:
-        """A client socket whose other end the server now owns."""
+    def connect(self, tag: int | None = None) -> socket.socket:
+        """A client socket whose other end the server now owns, adopted with `tag` (None: a tag
+        of its own, so that no per-tag limit binds)."""
+        if tag is None:
+            tag = next(_TAGS)
         client, server = tcp_pair()
-        check(lib.dxl_tcp_server_adopt(self.ptr, server.detach()), "adopt")
+        fd = server.detach()
+        try:
+            check(lib.dxl_tcp_server_adopt(self.ptr, fd, tag), "adopt")
+        except NativeError:
+            os.close(fd)  # a failed adoption leaves the fd with us
+            client.close()
+            raise
         self.clients.append(client)
         return client
 
@@ -90,33 +125,34 @@ class Server:
 
 
 @pytest.fixture
-def server() -> Iterator[Server]:
+def server(registry: Registry) -> Iterator[Server]:
     live = lib.dxl_tcp_servers_live()
-    srv = Server()
+    srv = Server(registry)
     yield srv
     srv.stop()
     assert lib.dxl_tcp_servers_live() == live
 
 
 class Region:
-    """`size` random bytes registered in the registry (the "remote" memory)."""
+    """`size` random bytes registered in `reg` (the "remote" memory)."""
 
-    def __init__(self, size: int, seed: int = 1) -> None:
+    def __init__(self, size: int, reg: Registry, seed: int = 1) -> None:
         self.buf = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
         self.addr = self.buf.ctypes.data
+        self.reg = reg
         out = ffi.new("uint64_t *")
-        check(lib.dxl_region_add(self.addr, size, out), "register")
+        check(lib.dxl_region_add(reg.ptr, self.addr, size, out), "register")
         self.id = out[0]
 
     def remove(self) -> None:
         if self.id is not None:
-            check(lib.dxl_region_remove(self.id), "unregister")
+            check(lib.dxl_region_remove(self.reg.ptr, self.id), "unregister")
             self.id = None
 
 
 @pytest.fixture
-def region() -> Iterator[Region]:
-    r = Region(32 * MiB)
+def region(registry: Registry) -> Iterator[Region]:
+    r = Region(32 * MiB, registry)
     yield r
     r.remove()
 
@@ -267,9 +303,14 @@ def test_bad_arguments() -> None:
     eight = as_u64_ptr(np.array([8], dtype=np.uint64))
     assert lib.dxl_tcp_transfer(fds, 1, 0, wrap, p, eight, 1, 10, res) == lib.DXL_E_INVAL
     out = ffi.new("dxl_tcp_server_t **")
-    assert lib.dxl_tcp_server_start(0, out) == lib.DXL_E_INVAL
-    assert lib.dxl_tcp_server_start(lib.DXL_TCP_MAX_THREADS + 1, out) == lib.DXL_E_INVAL
-    assert lib.dxl_tcp_server_adopt(ffi.NULL, 0) == lib.DXL_E_INVAL
+    reg = Registry()
+    assert lib.dxl_tcp_server_start(0, reg.ptr, out) == lib.DXL_E_INVAL
+    assert lib.dxl_tcp_server_start(lib.DXL_TCP_MAX_THREADS + 1, reg.ptr, out) == lib.DXL_E_INVAL
+    assert lib.dxl_tcp_server_start(1, ffi.NULL, out) == lib.DXL_E_INVAL  # no registry
+    assert lib.dxl_tcp_server_start(1, reg.ptr, ffi.NULL) == lib.DXL_E_INVAL
+    reg.free()
+    assert lib.dxl_tcp_server_adopt(ffi.NULL, 0, 0) == lib.DXL_E_INVAL
+    assert lib.dxl_tcp_server_revoke(ffi.NULL, 0, ffi.NULL) == lib.DXL_E_INVAL
     assert lib.dxl_tcp_server_fence(ffi.NULL, 0, ffi.NULL) == lib.DXL_E_INVAL
     lib.dxl_tcp_server_stop(ffi.NULL)
     for code in ("DXL_E_TIMEDOUT", "DXL_E_PEER", "DXL_E_PROTO", "DXL_E_REMOTE"):
@@ -286,7 +327,7 @@ def test_adopt_failure_leaves_fd_with_caller(server: Server) -> None:
     r, w = os.pipe()
     os.close(r)
     try:
-        assert lib.dxl_tcp_server_adopt(server.ptr, r) == lib.DXL_E_INVAL  # closed fd: EBADF
+        assert lib.dxl_tcp_server_adopt(server.ptr, r, 1) == lib.DXL_E_INVAL  # closed fd: EBADF
         assert lib.dxl_last_errno() == 9
     finally:
         os.close(w)
@@ -447,7 +488,7 @@ def test_transfer_in_a_forked_child(server: Server, region: Region, stream_thres
     if pid == 0:
         ok = False
         try:
-            child = Server()
+            child = Server(region.reg)
             csocks = [child.connect() for _ in range(4)]
             local[:] = 0
             rc, _, res = transfer(csocks, 0, la, ra, ln)
@@ -616,7 +657,7 @@ def test_garbage_and_truncated_frames(server: Server, region: Region) -> None:
 
 
 def test_unregistered_memory_is_refused_after_removal(server: Server) -> None:
-    r = Region(1 * MiB, seed=3)
+    r = Region(1 * MiB, server.reg, seed=3)
     sock = server.connect()
     send_request(sock, READ, [(r.addr, 64)])
     assert recv_reply(sock)[0] == lib.DXL_OK
@@ -625,6 +666,221 @@ def test_unregistered_memory_is_refused_after_removal(server: Server) -> None:
     assert lib.dxl_tcp_server_fence(server.ptr, 1000, ffi.NULL) == lib.DXL_OK
     send_request(sock, READ, [(r.addr, 64)])
     assert recv_reply(sock)[0] == lib.DXL_E_RANGE
+
+
+def test_a_server_serves_its_own_registry_only(server: Server, region: Region) -> None:
+    """Two registries in one process (two engines): a server started with one refuses memory
+    registered only in the other (DXL_E_RANGE), for reads and writes, and the other registry's
+    own server serves it."""
+    other_reg = Registry()
+    other = Region(MiB, other_reg, seed=9)
+    other_srv = Server(other_reg)
+    try:
+        sock = server.connect()
+        send_request(sock, READ, [(other.addr, 64)])
+        assert recv_reply(sock)[:3] == (lib.DXL_E_RANGE, 0, 0)
+        before = other.buf.copy()
+        send_request(sock, WRITE, [(other.addr, 64)], payload=b"\xee" * 64)
+        assert recv_reply(sock)[:3] == (lib.DXL_E_RANGE, 0, 0)
+        assert np.array_equal(other.buf, before)
+        send_request(sock, READ, [(region.addr, 8), (other.addr, 8)])
+        assert recv_reply(sock)[:2] == (lib.DXL_E_RANGE, 1)  # the second piece is refused
+        assert_serves(server, region)  # its own memory: still served
+        sock2 = other_srv.connect()
+        send_request(sock2, READ, [(region.addr, 64)])  # the first server's memory: refused
+        assert recv_reply(sock2)[:3] == (lib.DXL_E_RANGE, 0, 0)
+        send_request(sock2, READ, [(other.addr, 64)])
+        assert recv_reply(sock2)[:3] == (lib.DXL_OK, 0, 64)
+        assert recv_exactly(sock2, 64) == other.buf[:64].tobytes()
+    finally:
+        other_srv.stop()
+        other.remove()
+        other_reg.free()
+
+
+# ---- revoking tagged connections -----------------------------------------------------------------
+
+
+def pull_ok(sock: socket.socket, region: Region, off: int = 0, size: int = 4096) -> bool:
+    local = np.zeros(size, dtype=np.uint8)
+    la = np.array([local.ctypes.data], dtype=np.uint64)
+    ra = np.array([region.addr + off], dtype=np.uint64)
+    ln = np.array([size], dtype=np.uint64)
+    rc, _, _ = transfer([sock], 0, la, ra, ln)
+    return rc == lib.DXL_OK and local.tobytes() == region.buf[off : off + size].tobytes()
+
+
+def revoke(server: Server, tag: int) -> int:
+    out = ffi.new("uint64_t *")
+    check(lib.dxl_tcp_server_revoke(server.ptr, tag, out), "revoke")
+    return int(out[0])
+
+
+def test_revoke_closes_exactly_the_tagged_connections(server: Server, region: Region) -> None:
+    tagged = [server.connect(tag=7) for _ in range(3)]
+    others = [server.connect(tag=8), server.connect(tag=7 << 32), server.connect(tag=0)]
+    assert all(pull_ok(s, region) for s in tagged + others)
+
+    assert revoke(server, 7) == 3
+    stats = server.wait_stats(conns_revoked=3, conns_live=3)
+    assert (stats["conns_revoked"], stats["conns_live"]) == (3, 3)
+    assert stats["conns_dropped"] == 0
+    for sock in tagged:  # the next request fails: the connection is gone
+        local = np.zeros(64, dtype=np.uint8)
+        la = np.array([local.ctypes.data], dtype=np.uint64)
+        ra = np.array([region.addr], dtype=np.uint64)
+        ln = np.array([64], dtype=np.uint64)
+        rc, _, res = transfer([sock], 0, la, ra, ln)
+        assert rc == lib.DXL_E_PEER, err_name(rc)
+        assert res.broken_mask == 1 and not local.any()
+    assert all(pull_ok(s, region, off=8192) for s in others)  # the rest: served as before
+    assert revoke(server, 7) == 0  # nothing left with that tag
+    assert revoke(server, 12345) == 0
+    late = server.connect(tag=7)  # adopted after the revoke: not affected (the caller's call)
+    assert pull_ok(late, region)
+    assert server.stats()["conns_revoked"] == 3
+
+
+def recv_until_closed(sock: socket.socket, limit: int) -> bytes:
+    """Everything the server sends until it closes (EOF or reset), at most `limit` + 1 bytes."""
+    sock.settimeout(30)
+    buf = bytearray()
+    with contextlib.suppress(ConnectionResetError):
+        while len(buf) <= limit:
+            chunk = sock.recv(min(1 << 20, limit + 1 - len(buf)))
+            if not chunk:
+                break
+            buf += chunk
+    return bytes(buf)
+
+
+def test_revoke_lets_a_running_request_finish_and_starts_no_new_one(
+    server: Server, region: Region
+) -> None:
+    """A READ stuck mid-reply when the revoke comes runs to its end, byte-exact, and then its
+    connection closes. With another request queued behind it, that one never starts (the close
+    then resets the connection: unread bytes were pending, so the tail may be lost)."""
+    size = 16 * MiB
+    for queued in (False, True):
+        tag = 5 + queued
+        sock = server.connect(tag=tag)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        send_request(sock, READ, [(region.addr, size)], rid=1)
+        status, _, total, _, rid = recv_reply(sock)  # the reply began: the request is running
+        assert (status, total, rid) == (lib.DXL_OK, size, 1)
+        if queued:
+            send_request(sock, READ, [(region.addr, 64)], rid=2)
+        assert revoke(server, tag) == 1
+        # it cannot end while we do not read, so it is still open (no timing involved)
+        assert server.stats()["conns_live"] == 1
+        data = recv_until_closed(sock, size)
+        if queued:  # no second reply: never more than the first request's bytes
+            assert len(data) <= size and data == region.buf[: len(data)].tobytes()
+        else:
+            assert data == region.buf[:size].tobytes()
+        stats = server.wait_stats(conns_revoked=1 + queued, conns_live=0)
+        assert (stats["conns_revoked"], stats["conns_live"]) == (1 + queued, 0)
+        assert stats["requests_served"] == 1 + queued  # the first request of each, only
+        assert stats["requests_rejected"] == 0 and stats["conns_dropped"] == 0
+
+
+def test_revoke_stops_a_write_whose_table_arrives_later(server: Server, region: Region) -> None:
+    """A request half sent when the revoke comes (header in, table not yet) is never served:
+    its table completes after the revoke, so nothing is written."""
+    sock = server.connect(tag=6)
+    before = region.buf.copy()
+    hdr = REQ.pack(lib.DXL_TCP_REQ_MAGIC, lib.DXL_TCP_VERSION, WRITE, 3, 1, 64)
+    sock.sendall(hdr)
+    assert revoke(server, 6) == 1
+    with contextlib.suppress(OSError):  # the server may already have closed it
+        sock.sendall(struct.pack("<QQ", region.addr, 64) + b"\xee" * 64)
+    assert_closed(sock)
+    server.wait_stats(conns_live=0)
+    assert np.array_equal(region.buf, before)
+    assert server.stats()["requests_served"] == 0
+
+
+# ---- limits on connections and their memory --------------------------------------------------
+
+
+def adopt_pair(server: Server, tag: int) -> tuple[int, socket.socket, socket.socket]:
+    """Offer one end of a fresh socket pair to the server: (rc, our end, the offered end)."""
+    ours, theirs = socket.socketpair()
+    rc = lib.dxl_tcp_server_adopt(server.ptr, theirs.fileno(), tag)
+    if rc == lib.DXL_OK:
+        theirs.detach()  # the server owns that fd now
+    return rc, ours, theirs
+
+
+def test_connections_per_tag_are_capped(server: Server, region: Region) -> None:
+    cap = lib.DXL_TCP_MAX_CONNS_PER_TAG
+    held = [server.connect(tag=9) for _ in range(cap)]
+    rc, ours, theirs = adopt_pair(server, 9)
+    assert rc == lib.DXL_E_LIMIT, err_name(rc)
+    assert err_name(rc) == "DXL_E_LIMIT"
+    assert lib.DXL_E_LIMIT == -15
+    assert theirs.fileno() >= 0  # refused: still ours, usable and closable
+    theirs.close()
+    ours.close()
+    stats = server.stats()
+    assert stats["conns_refused"] == 1 and stats["conns_live"] == cap
+    assert pull_ok(held[0], region) and pull_ok(held[-1], region)  # the others: served
+    assert pull_ok(server.connect(tag=10), region)  # other tags: not affected
+    held.pop().close()  # one of them goes: room for one more
+    server.wait_stats(conns_live=cap)
+    assert pull_ok(server.connect(tag=9), region)
+    assert revoke(server, 9) == cap  # a revoke: room again once they are closed
+    server.wait_stats(conns_live=1)
+    assert pull_ok(server.connect(tag=9), region)
+
+
+def test_connections_per_server_are_capped(server: Server, region: Region) -> None:
+    cap = lib.DXL_TCP_MAX_CONNS
+    mine: list[socket.socket] = []
+    try:
+        for i in range(cap - 1):
+            rc, ours, _ = adopt_pair(server, i)
+            assert rc == lib.DXL_OK, err_name(rc)
+            mine.append(ours)
+        probe = server.connect()  # the last one allowed
+        rc, ours, theirs = adopt_pair(server, cap + 1)
+        assert rc == lib.DXL_E_LIMIT, err_name(rc)
+        ours.close()
+        theirs.close()
+        assert server.stats()["conns_refused"] == 1
+        assert pull_ok(probe, region)  # the server keeps serving what it holds
+        mine.pop().close()
+        server.wait_stats(conns_live=cap - 1)
+        assert pull_ok(server.connect(), region)
+    finally:
+        for sock in mine:
+            sock.close()
+
+
+def test_a_large_request_leaves_no_large_buffers(server: Server, region: Region) -> None:
+    """After a request of DXL_TCP_MAX_PIECES entries (~2 MiB of table buffers), the connection
+    keeps at most DXL_TCP_CONN_BUF_KEEP bytes: an idle connection holds little memory."""
+    keep = lib.DXL_TCP_CONN_BUF_KEEP
+    sock = server.connect()
+    idle = server.stats()["buffer_bytes"]
+    assert 0 < idle < 4096  # one fresh connection
+    n = lib.DXL_TCP_MAX_PIECES
+    remote = (region.addr + np.arange(n, dtype=np.uint64) * 16).astype(np.uint64)
+    length = np.full(n, 8, dtype=np.uint64)
+    local = np.zeros(n * 8, dtype=np.uint8)
+    local_addr = (local.ctypes.data + np.arange(n, dtype=np.uint64) * 8).astype(np.uint64)
+    for write in (0, 1):
+        rc, _, res = transfer([sock], write, local_addr, remote, length)
+        assert rc == lib.DXL_OK and res.bytes_done == n * 8
+        stats = server.wait_stats(buffer_bytes=idle)  # trimmed as the request ends
+        assert stats["buffer_bytes"] == idle < keep
+    assert server.stats()["requests_served"] == 2
+    # a request just under the threshold keeps its buffers (no reallocation per request)
+    m = 4096
+    rc, _, _ = transfer([sock], 0, local_addr[:m], remote[:m], length[:m])
+    assert rc == lib.DXL_OK
+    stats = server.wait_stats(requests_served=3)
+    assert idle < stats["buffer_bytes"] <= keep
 
 
 # ---- the client's failure handling ---------------------------------------------------------------
@@ -649,7 +905,7 @@ def test_timeout_when_nobody_answers() -> None:
 
 
 def test_server_stopped_with_connections_open(region: Region) -> None:
-    srv = Server()
+    srv = Server(region.reg)
     socks = [srv.connect() for _ in range(2)]
     lib.dxl_tcp_server_stop(srv.ptr)
     srv.ptr = None
@@ -743,7 +999,7 @@ def test_client_validates_replies(name: str, expect: int) -> None:
 def test_one_failing_stream_stops_the_others(region: Region, stream_threshold: None) -> None:
     """Stream 1 never answers; stream 0 is served. The call fails within its timeout and marks
     exactly the streams left mid-frame."""
-    srv = Server()
+    srv = Server(region.reg)
     try:
         good = srv.connect()
         bad, silent = tcp_pair()
