@@ -65,9 +65,9 @@ def _describe(context: dict[str, Any]) -> str:
 
 @pytest.fixture(autouse=True)
 def no_native_leaks() -> Iterator[None]:
-    """Every test must leave as many live regions and registries, registered bytes, in-flight ops, tcp data
-    servers and shares as it found, and no exception may reach an event loop's exception
-    handler during it.
+    """Every test must leave as many live regions and registries, registered bytes, in-flight
+    ops, tcp data servers and shares as it found, and no exception may reach an event loop's
+    exception handler during it.
 
     It is set up before pytest-asyncio's runner (autouse fixtures come first), so its teardown
     runs after the test's loop was shut down: errors raised while the runner cancels leftover

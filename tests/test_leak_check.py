@@ -9,31 +9,35 @@ import numpy as np
 from conftest import UNHANDLED, _live_resources
 from waiting import async_wait_until
 
-from dxl import _ffi
+from dxl.memory.regions import RegionRegistry
 from dxl.transport.tcp_server import DataServer
 
 
 def test_a_registered_region_counts_with_its_bytes_until_removed() -> None:
     before = _live_resources()
     buf = np.zeros(3 * 4096, dtype=np.uint8)
-    rid = _ffi.ffi.new("uint64_t *")
-    _ffi.check(_ffi.lib.dxl_region_add(buf.ctypes.data, buf.nbytes, rid), "register")
+    registry = RegionRegistry()
+    rid = registry.add(buf.ctypes.data, buf.nbytes)
     try:
         during = _live_resources()
+        assert during["registries_live"] == before["registries_live"] + 1
         assert during["regions_live"] == before["regions_live"] + 1
         assert during["bytes_registered"] == before["bytes_registered"] + buf.nbytes
     finally:
-        _ffi.check(_ffi.lib.dxl_region_remove(rid[0]), "unregister")
+        registry.remove(rid)
+        registry.close()
     assert _live_resources() == before
 
 
 async def test_a_data_server_counts_until_closed() -> None:
     before = _live_resources()["tcp_servers_live"]
-    srv = await DataServer.start("127.0.0.1", 0, None)
+    registry = RegionRegistry()
+    srv = await DataServer.start("127.0.0.1", 0, None, registry=registry)
     try:
         assert _live_resources()["tcp_servers_live"] == before + 1
     finally:
         await srv.close()
+        registry.close()
     assert _live_resources()["tcp_servers_live"] == before
 
 
