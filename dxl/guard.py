@@ -17,7 +17,7 @@ class PendingCap:
     the longest to complete; a real peer completes in milliseconds)."""
 
     def __init__(self, cap: int) -> None:
-        self._cap = cap
+        self.cap = cap
         self._tasks: OrderedDict[asyncio.Task[Any], None] = OrderedDict()
         self.shed = 0  # handshakes cancelled to make room
 
@@ -25,7 +25,7 @@ class PendingCap:
         return len(self._tasks)
 
     def admit(self, task: asyncio.Task[Any]) -> None:
-        while len(self._tasks) >= self._cap:
+        while len(self._tasks) >= self.cap:
             oldest, _ = self._tasks.popitem(last=False)
             oldest.cancel()
             self.shed += 1

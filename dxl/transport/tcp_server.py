@@ -29,7 +29,7 @@ from typing import Any
 
 from .. import _ffi
 from ..control.auth import AuthError, KeyLookup, authenticate_sock_async, normalize_secret
-from ..guard import RateLimitedLog
+from ..guard import PendingCap, RateLimitedLog
 from ..memory.regions import RegionRegistry
 from .tcp import DEFAULT_SOCK_BUF, PURPOSE, encode_instance, is_loopback, tune
 
@@ -55,12 +55,13 @@ class DataServer:
         self._registry: RegionRegistry | None = None
         self._lsock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Task[None]] = set()
+        # a flood of silent connections sheds the oldest handshake rather than locking real
+        # peers out: a real peer completes its handshake in milliseconds
+        self._pending = PendingCap(128)
         self._secret: bytes | KeyLookup | None = None
         self._instance = b"\0"
         self._auth_timeout = 10.0
         self._sock_buf: int | None = None
-        self._max_pending = 128
         self.address: tuple[str, int] = ("", 0)
         self.instance = ""
         self.auth_failures = 0
@@ -166,15 +167,14 @@ class DataServer:
                 log.warning("dxl: tcp data server accept failed: %s", exc)
                 await asyncio.sleep(0.01)
                 continue
-            if len(self._pending) >= self._max_pending:
-                log.warning(
-                    "dxl: tcp data server: too many handshakes in progress, refusing %s", peer
+            if len(self._pending) >= self._pending.cap:
+                self._warn.warning(
+                    "handshake-shed",
+                    "dxl: tcp data server: %d handshakes in progress, dropping the oldest for %s",
+                    len(self._pending),
+                    peer,
                 )
-                conn.close()
-                continue
-            task = loop.create_task(self._admit(conn, peer))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            self._pending.admit(loop.create_task(self._admit(conn, peer)))
 
     async def _admit(self, conn: socket.socket, peer: Any) -> None:
         """Handshake, instance id, then hand the socket to the native server."""
@@ -280,10 +280,9 @@ class DataServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._accept_task
             self._accept_task = None
-        for task in list(self._pending):
-            task.cancel()
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        pending = self._pending.cancel_all()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._lsock is not None:
             self._lsock.close()
             self._lsock = None

@@ -89,6 +89,22 @@ def test_silent_connections_do_not_lock_real_links_out(make_peer):
     assert victim.call("links") == [DECODER]
 
 
+def test_silent_connections_to_the_data_port_do_not_lock_real_links_out(make_peer):
+    """The tcp data server's handshakes are capped like the control port's: 200 silent
+    connections shed the oldest, so a decode linking during the flood still gets its data
+    connections through."""
+    options = {"dxl.Transport": "tcp"}
+    victim = prefill(make_peer, options)
+    probe = stranger.Link(victim.address, VICTIM, stranger.about(99))  # its welcome names the port
+    data_port = probe.welcome.get("data_port")
+    probe.close()
+    assert data_port, probe.welcome
+    with silent_connections((victim.address[0], data_port), 200):
+        dec = decoder_linked(make_peer, victim, options)
+        assert pull_checked(dec, 3) < 1.0
+    assert victim.call("links") == [DECODER]
+
+
 @pytest.mark.parametrize("transport", ["cma", "tcp"])
 def test_slow_link_setups_do_not_starve_transfers(make_peer, transport):
     """40 strangers link naming a data port that accepts and never answers: their setups wait
