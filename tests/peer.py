@@ -100,6 +100,11 @@ class Peer:
         self._conn.close()
 
 
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
 def _state(pid: int) -> str:
     """The scheduler state letter of a process (R, S, T, Z...), from /proc."""
     try:
@@ -257,10 +262,11 @@ async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> 
         return int(words.ctypes.data), int(words.nbytes)
     if cmd == "canary_intact":
         words = buffers["canary:" + kw["name"]]
-        return bool(np.array_equal(words, np.arange(words.size, dtype=np.uint64) ^ np.uint64(0xC0FFEE)))
+        return bool(
+            np.array_equal(words, np.arange(words.size, dtype=np.uint64) ^ np.uint64(0xC0FFEE))
+        )
     if cmd == "rss_kib":
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+        return _rss_kib()
     if cmd == "stop":
         return None
     raise ValueError(f"unknown command {cmd}")
