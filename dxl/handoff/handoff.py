@@ -439,10 +439,13 @@ class Handoff:
     # ------------------------------------------------------------------ ending offers
     async def abort(self, ticket: TicketLike | str) -> None:
         """Cancel an offer: ours (by ticket or request id), or one we fetch from or push into.
-        Returns once no copy of it is in flight and none will start; the other engine is told."""
+        Returns once no copy of it is in flight and none will start; the other engine is told.
+        An offer that ended already (the abort lost the race) is no error: nothing changes."""
         if isinstance(ticket, str) and ticket in self._by_request:
             await self._abort_offer(self._offers[self._by_request[ticket]], "aborted here")
             return
+        if isinstance(ticket, str) and not ticket.lstrip().startswith("{"):
+            return  # a request id whose offer ended already (it lost the race): nothing to do
         t = Ticket.of(ticket)
         if (
             t.cluster_id == self._identity.cluster_id

@@ -251,3 +251,27 @@ async def test_renewed_lease_outlives_its_period(start_prefill):
         assert d.eng.stats()["handoff"]["renewals"] == renewals
         per_peer = (await prefill.aio("handoff_stats"))["per_peer"]
         assert per_peer[D_ID]["renewals"] == renewals
+
+
+async def test_abort_after_the_end_changes_nothing(start_prefill):
+    """An abort that loses the race against the end (by ticket or by request id, on either
+    side) is no error and ends nothing a second time."""
+    prefill = start_prefill()
+    ends = Ends(prefill)
+    async with decode_engine() as d:
+        ticket = await prefill.aio("offer", name="kv", request_id="r", blocks=[1])
+        await d.h.fetch(ticket, d.cache, [2])
+        assert (await ends.wait_end(ticket))["reason"] == "done"
+        await prefill.aio("abort", ticket="r")  # by request id
+        await prefill.aio("abort", ticket=ticket)
+        await d.h.abort(ticket)
+        # push mode: the decode offers, the prefill pushes and completes, then aborts come
+        push = await d.h.offer_destination("p", d.cache, [3])
+        await prefill.aio("push_layers", ticket=push.to_json(), name="kv", blocks=[4])
+        await d.h.abort("p")  # by request id
+        await d.h.abort(push)
+        await prefill.aio("abort", ticket=push.to_json())
+        [end] = d.h.poll_finished()
+        assert (end.request_id, end.reason.value) == ("p", "done")
+        assert d.holds([2], PREFILL_SEED, [1]) and d.holds([3], PREFILL_SEED, [4])
+        assert len(await ends.poll()) == 1 and await prefill.aio("live") == 0
