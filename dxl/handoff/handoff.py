@@ -150,6 +150,7 @@ class Handoff:
         self._by_request: dict[str, int] = {}
         self._claims: dict[tuple[int, int], _Claim] = {}
         self._fetches: dict[tuple[int, int], _Fetch] = {}
+        self._link_setups: dict[int, asyncio.Lock] = {}  # one link setup per peer at a time
         self._ids = itertools.count(1)
         self._finished: deque[Finished] = deque()
         self._finished_event = asyncio.Event()
@@ -461,6 +462,10 @@ class Handoff:
             claim.aborted = True
             await claim.idle.wait()
         link = self._links.get(t.cluster_id)
+        setup = self._link_setups.get(t.cluster_id)
+        if link is None and setup is not None:
+            async with setup:  # an operation of ours is linking to it: the abort follows it
+                link = self._links.get(t.cluster_id)
         if link is not None and link.peer.incarnation == t.incarnation:
             with contextlib.suppress(LLMException):
                 await link.channel.request(
@@ -855,13 +860,19 @@ class Handoff:
             raise param_invalid(op, "the ticket names this engine")
         link = self._links.get(t.cluster_id)
         if link is None:
-            ip, _, port = t.endpoint.rpartition(":")
-            info = LLMClusterInfo()
-            info.remote_cluster_id = t.cluster_id
-            info.append_local_ip_info("127.0.0.1", 0)
-            info.append_remote_ip_info(ip.strip("[]"), int(port))
-            await self._linking.link_clusters([info], max(1, int(min(timeout, 30) * 1000)))
-            link = self._links.get(t.cluster_id)
+            # the first of several operations towards a peer links; the others wait for it
+            # (a second link_clusters meanwhile would only answer LLM_PROCESSING_LINK)
+            async with self._link_setups.setdefault(t.cluster_id, asyncio.Lock()):
+                link = self._links.get(t.cluster_id)
+                if link is None:
+                    ip, _, port = t.endpoint.rpartition(":")
+                    info = LLMClusterInfo()
+                    info.remote_cluster_id = t.cluster_id
+                    info.append_local_ip_info("127.0.0.1", 0)
+                    info.append_remote_ip_info(ip.strip("[]"), int(port))
+                    timeout_ms = max(1, int(min(timeout, 30) * 1000))
+                    await self._linking.link_clusters([info], timeout_ms)
+                    link = self._links.get(t.cluster_id)
         if link is None:
             raise self._failed(
                 t, Code.LLM_LINK_FAILED, f"cannot link to {t.endpoint}", partial or []

@@ -14,6 +14,7 @@ from handoff_kit import (
     D_ID,
     DECODE_SEED,
     NEW_SEED,
+    P_ID,
     PREFILL_SEED,
     SMALL,
     Decode,
@@ -275,3 +276,29 @@ async def test_abort_after_the_end_changes_nothing(start_prefill):
         assert (end.request_id, end.reason.value) == ("p", "done")
         assert d.holds([2], PREFILL_SEED, [1]) and d.holds([3], PREFILL_SEED, [4])
         assert len(await ends.poll()) == 1 and await prefill.aio("live") == 0
+
+
+async def test_first_fetches_from_an_unlinked_prefill_share_its_link_setup(start_prefill):
+    """Fetches that start together towards a prefill this decode has no link to yet all wait
+    for the one link setup (none fails because another is linking), and an abort of another
+    offer of it, sent while that setup runs, reaches the prefill: that offer ends aborted."""
+    prefill = start_prefill()
+    ends = Ends(prefill)
+    async with decode_engine() as d:
+        tickets = [
+            await prefill.aio("offer", name="kv", request_id=f"r{i}", blocks=[i]) for i in range(6)
+        ]
+        assert P_ID not in d.eng.stats()["links"]
+        # gather starts the fetches in order, each runs to its link setup, then the abort
+        results = await asyncio.gather(
+            *(d.h.fetch(t, d.cache, [8 + i]) for i, t in enumerate(tickets[:5])),
+            d.h.abort(tickets[5]),
+            return_exceptions=True,
+        )
+        assert results == [None] * 6, results
+        for i in range(5):
+            assert d.holds([8 + i], PREFILL_SEED, [i])
+        reasons = {r["request_id"]: r["reason"] for r in await ends.poll()}
+        assert reasons == {**{f"r{i}": "done" for i in range(5)}, "r5": "aborted"}
+        assert await prefill.aio("live") == 0
+        assert len(d.eng.stats()["links"]) == 1
