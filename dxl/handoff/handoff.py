@@ -149,6 +149,7 @@ class Handoff:
         self._offers: dict[int, _Offer] = {}
         self._by_request: dict[str, int] = {}
         self._claims: dict[tuple[int, int], _Claim] = {}
+        self._claiming: dict[tuple[int, int], list[_Claim]] = {}  # asked for, not answered
         self._fetches: dict[tuple[int, int], _Fetch] = {}
         self._link_setups: dict[int, asyncio.Lock] = {}  # one link setup per peer at a time
         self._ids = itertools.count(1)
@@ -457,15 +458,15 @@ class Handoff:
                 await self._abort_offer(offer, "aborted here")
             return
         key = (t.cluster_id, t.offer_id)
-        claim = self._claims.pop(key, None)
+        claim = self._drop_claim(key)
         if claim is not None:  # push mode: we stop pushing, then tell the offerer
-            claim.aborted = True
             await claim.idle.wait()
         link = self._links.get(t.cluster_id)
         setup = self._link_setups.get(t.cluster_id)
         if link is None and setup is not None:
             async with setup:  # an operation of ours is linking to it: the abort follows it
                 link = self._links.get(t.cluster_id)
+        self._drop_claim(key)  # a push of ours that asked for it meanwhile: its answer is void
         if link is not None and link.peer.incarnation == t.incarnation:
             with contextlib.suppress(LLMException):
                 await link.channel.request(
@@ -491,9 +492,8 @@ class Handoff:
 
     async def _on_abort(self, link: Link, msg: dict[str, Any]) -> None:
         if msg["mine"]:  # the sender's offer, which we push into: stop, then confirm
-            claim = self._claims.pop((link.peer.cluster_id, msg["offer"]), None)
+            claim = self._drop_claim((link.peer.cluster_id, msg["offer"]))
             if claim is not None:
-                claim.aborted = True
                 await claim.idle.wait()
         else:  # our offer, which the sender fetches or pushes into
             offer = self._offers.get(msg["offer"])
@@ -792,15 +792,35 @@ class Handoff:
         if claim is not None:
             return claim
         link = await self._link_to("push", t, timeout, dst_blocks)
-        ack = await self._request(
-            link, "claim", timeout, t, dst_blocks, offer=t.offer_id, token=t.token
-        )
+        pending = _Claim(link, t)  # an abort while we ask marks it: the answer is void then
+        asking = self._claiming.setdefault(key, [])
+        asking.append(pending)
+        try:
+            ack = await self._request(
+                link, "claim", timeout, t, dst_blocks, offer=t.offer_id, token=t.token
+            )
+        finally:
+            asking.remove(pending)
+            if not asking:
+                self._claiming.pop(key, None)
         if ack["code"]:
             raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
+        if pending.aborted:
+            raise self._failed(t, Code.LLM_FAILED, "the offer was aborted", dst_blocks)
         claim = self._claims.get(key)  # a concurrent push may have claimed it meanwhile
         if claim is None:
-            claim = self._claims[key] = _Claim(link, t)
+            claim = self._claims[key] = pending
             claim.idle.set()
+        return claim
+
+    def _drop_claim(self, key: tuple[int, int]) -> _Claim | None:
+        """Our claim on an offer ends (aborted): the held one is returned (wait until it is
+        idle: no push of it in flight); one still being asked for is void when answered."""
+        for pending in self._claiming.get(key, ()):
+            pending.aborted = True
+        claim = self._claims.pop(key, None)
+        if claim is not None:
+            claim.aborted = True
         return claim
 
     async def _request(

@@ -5,6 +5,7 @@ of a reused block reaches the decode); the lease taking the blocks back from a s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from handoff_kit import (
@@ -200,4 +201,44 @@ async def test_push_lease_takes_the_blocks_back_from_a_stalled_pusher(start_pref
         assert (await prefill.aio("handoff_stats"))["claims"] == 0
         await ends.poll()
         assert [r["reason"] for r in ends.records] == ["expired", "aborted"]
+        assert d.h.live() == 0
+
+
+async def test_pusher_aborting_during_its_claim_writes_nothing_after(start_prefill):
+    """The pusher aborts while its first push still waits for the claim's answer: that push
+    must not go on to write (the decode ended the offer when told, and reuses the blocks), and
+    the pusher must hold no claim afterwards."""
+    prefill = start_prefill(layout=BIG)
+    src, dst = [0, 1, 2, 3], [4, 5, 6, 7]
+
+    async def one_try(d: Decode, ends: Ends, attempt: int) -> bool:
+        refill(d.buf, dst, DECODE_SEED)
+        await prefill.aio("fill", name="kv", blocks=src, seed=PREFILL_SEED)
+        seen: list[int] = []
+        ticket = await d.h.offer_destination(
+            f"r{attempt}", d.cache, dst, on_layer=lambda lo, hi: seen.append(lo)
+        )
+        t = ticket.to_json()
+        args = {"ticket": t, "name": "kv", "blocks": src}  # every layer in one write
+        pusher = await prefill.aio("spawn", command="handoff_push", args=args)
+        await prefill.aio("abort", ticket=t, name="kv", refill=src, seed=NEW_SEED)
+        record = await ends.wait_end(ticket)
+        assert record["reason"] == "aborted", record
+        with contextlib.suppress(PeerError):
+            await prefill.aio("join", tid=pusher)
+        assert words_of_seed(d.buf, dst, NEW_SEED) == 0
+        if seen:  # the push got through before the abort: it landed whole, announced
+            assert d.holds(dst, PREFILL_SEED, src)
+        else:  # the abort came first: nothing may land, before or after the offer ended
+            assert d.holds(dst, DECODE_SEED, dst), "a push landed after the pusher aborted"
+        assert (await prefill.aio("handoff_stats"))["claims"] == 0
+        # hit: the decode had accepted the claim (the record names the pusher) when the abort
+        # came, and no layer was pushed
+        return record["peer"] == P_ID and not seen
+
+    async with decode_engine(BIG) as d:
+        ends = Ends(engine=d.eng)
+        await retry_until(
+            lambda attempt: one_try(d, ends, attempt), "the abort during a claim", tries=30
+        )
         assert d.h.live() == 0
