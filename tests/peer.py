@@ -57,6 +57,7 @@ class Peer:
         options: dict[str, str] | None = None,
         netns: str | None = None,
         loop: str = "asyncio",
+        wait: bool = True,
     ) -> None:
         opts = {"llm.listenIpInfo": "127.0.0.1:0", "dxl.HeartbeatIntervalMs": "200"}
         opts.update(options or {})
@@ -68,7 +69,12 @@ class Peer:
         self.proc.start()
         child.close()
         self._alock: asyncio.Lock | None = None
-        self.address, self.pid = self._wait_reply(DEFAULT_DEADLINE_S)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, deadline_s: float = DEFAULT_DEADLINE_S) -> None:
+        """Wait for the child's engine to run (``wait=False`` starts many children at once)."""
+        self.address, self.pid = self._wait_reply(deadline_s)
 
     def call(self, cmd: str, deadline_s: float = DEFAULT_DEADLINE_S, **kwargs: Any) -> Any:
         self._conn.send((cmd, kwargs))
@@ -242,12 +248,16 @@ async def _handle_handoff(eng: Any, buffers: dict, caches: dict, cmd: str, kw: d
             num_tokens=kw.get("num_tokens"),
         )
         return ticket.to_json()
-    if cmd == "offer_many":  # [[request_id, blocks], ...] -> tickets (JSON), in order
-        cache = caches[kw["name"]]
-        return [
-            (await h.offer(rid, cache, blocks, lease_s=kw.get("lease_s"))).to_json()
-            for rid, blocks in kw["offers"]
-        ]
+    if cmd == "offer_many":  # [{request_id, blocks, [seed], [lease_s]}, ...] -> tickets (JSON)
+        out = []
+        for o in kw["offers"]:
+            if "seed" in o:  # the request's own KV: a pattern of its seed in its blocks
+                refill(buffers[kw["name"]], o["blocks"], o["seed"])
+            ticket = await h.offer(
+                o["request_id"], caches[kw["name"]], o["blocks"], lease_s=o.get("lease_s")
+            )
+            out.append(ticket.to_json())
+        return out
     if cmd == "offer_destination":
         ticket = await h.offer_destination(
             kw["request_id"],
