@@ -312,3 +312,41 @@ async def test_first_fetches_from_an_unlinked_prefill_share_its_link_setup(start
         assert reasons == {**{f"r{i}": "done" for i in range(5)}, "r5": "aborted"}
         assert await prefill.aio("live") == 0
         assert len(d.eng.stats()["links"]) == 1
+
+
+async def test_a_fetch_waiting_for_a_slot_keeps_its_offer_alive(start_prefill):
+    """With ``max_fetches`` 1 and the slot held (the first fetch's on_layer waits), a second
+    fetch waits for the slot renewing its offer's lease: a control offer with the same lease
+    expires meanwhile, the waiting one does not, and is fetched once the slot frees."""
+    prefill = start_prefill()
+    ends = Ends(prefill)
+    lease_s = 0.4
+    async with decode_engine() as d:
+        d.h.max_fetches = 1
+        first = await prefill.aio("offer", name="kv", request_id="first", blocks=[1])
+        waiting = await prefill.aio(
+            "offer", name="kv", request_id="waiting", blocks=[2], lease_s=lease_s
+        )
+        control = await prefill.aio(
+            "offer", name="kv", request_id="control", blocks=[3], lease_s=lease_s
+        )
+        release = asyncio.Event()
+        in_flight: list[int] = []
+
+        async def hold_the_slot(lo: int, hi: int) -> None:
+            in_flight.append(d.eng.stats()["handoff"]["fetches_in_flight"])
+            await release.wait()
+
+        holder = asyncio.create_task(d.h.fetch(first, d.cache, [8], on_layer=hold_the_slot))
+        await async_wait_until(lambda: in_flight, 20, "the first fetch to hold the slot")
+        second = asyncio.create_task(d.h.fetch(waiting, d.cache, [9]))
+        assert (await ends.wait_end(control))["reason"] == "expired"
+        assert not second.done() and not ends.of(waiting)  # waiting, and still offered
+        assert d.eng.stats()["handoff"]["fetches_in_flight"] == 1
+        release.set()
+        await holder
+        await second
+        assert d.holds([8, 9], PREFILL_SEED, [1, 2])
+        assert (await ends.wait_end(waiting))["reason"] == "done"
+        assert d.eng.stats()["handoff"]["renewals"] >= 1
+        assert max(in_flight) == 1
