@@ -320,7 +320,7 @@ async def test_a_fetch_waiting_for_a_slot_keeps_its_offer_alive(start_prefill):
     expires meanwhile, the waiting one does not, and is fetched once the slot frees."""
     prefill = start_prefill()
     ends = Ends(prefill)
-    lease_s = 0.4
+    lease_s = 1.0  # a waiting fetch renews every third of it
     async with decode_engine() as d:
         d.h.max_fetches = 1
         first = await prefill.aio("offer", name="kv", request_id="first", blocks=[1])

@@ -185,8 +185,10 @@ async def test_push_lease_takes_the_blocks_back_from_a_stalled_pusher(start_pref
         # never claimed: expires
         idle = await d.h.offer_destination("idle", d.cache, [1], lease_s=0.2)
         assert (await ends.wait_end(idle))["reason"] == "expired"
-        # claimed, one layer pushed, then the pusher stalls: the lease ends it
-        ticket = await d.h.offer_destination("stalled", d.cache, [2, 3], lease_s=0.5)
+        # claimed, one layer pushed, then the pusher stalls: the lease ends it (linked first,
+        # so the claim comes well within the lease)
+        await d.eng.link_clusters([prefill.cluster_info()])
+        ticket = await d.h.offer_destination("stalled", d.cache, [2, 3], lease_s=1.0)
         t = ticket.to_json()
         await prefill.aio("handoff_push", ticket=t, name="kv", blocks=[8, 9], layers=[0, 1])
         assert d.buf.matches([0, 1], [2, 3], PREFILL_SEED, [0, 1], [8, 9])
