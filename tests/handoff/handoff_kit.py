@@ -41,8 +41,10 @@ def layers_of(layout: dict[str, int]) -> int:
 
 
 def prefill_starter(make_peer: Callable[..., Peer]) -> Callable[..., Peer]:
-    """``start(cluster_id=P_ID, layout=SMALL, **peer_kw)``: a prefill child on the calling
-    test's kind of loop, with ``layout`` registered as cache "kv" (remotely accessible)."""
+    """``start(cluster_id=P_ID, layout=SMALL, seed=PREFILL_SEED, **peer_kw)``: a prefill child
+    on the calling test's kind of loop, with ``layout`` registered as cache "kv" (remotely
+    accessible). (No conftest.py here: it would shadow tests/conftest.py, which other tests
+    import as ``conftest``.)"""
 
     def start(
         cluster_id: int = P_ID,

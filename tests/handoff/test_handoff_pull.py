@@ -22,6 +22,7 @@ from handoff_kit import (
     Ends,
     decode_engine,
     layers_of,
+    prefill_starter,
     retry_until,
 )
 from patterns import layers_landed, refill, words_of_seed
@@ -35,7 +36,8 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.cma]
 S = dxl.LLMStatusCode
 
 
-async def test_done_bytes_verified_and_one_end_each_side(start_prefill):
+async def test_done_bytes_verified_and_one_end_each_side(make_peer):
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill()
     ends = Ends(prefill)
     async with decode_engine() as d:
@@ -67,7 +69,8 @@ async def test_done_bytes_verified_and_one_end_each_side(start_prefill):
     assert await ends.poll() and len(ends.records) == 2  # nothing more, even after the close
 
 
-async def test_prefill_killed_mid_fetch_then_restarted(start_prefill):
+async def test_prefill_killed_mid_fetch_then_restarted(make_peer):
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill(layout=BIG)
     port = prefill.address[1]
     dst = [0, 1, 2, 3]
@@ -104,9 +107,10 @@ async def test_prefill_killed_mid_fetch_then_restarted(start_prefill):
         assert d.holds([4, 5, 6, 7], PREFILL_SEED, [4, 5, 6, 7])
 
 
-async def test_prefill_aborts_mid_transfer_and_reuses_its_blocks(start_prefill):
+async def test_prefill_aborts_mid_transfer_and_reuses_its_blocks(make_peer):
     """The prefill aborts while its copy runs (the decode saw a layer land), and refills the
     source blocks the moment abort returns: none of the new pattern may reach the decode."""
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill(layout=BIG)
     ends = Ends(prefill)
     src, dst = [0, 1, 2, 3], [4, 5, 6, 7]
@@ -159,10 +163,11 @@ async def test_prefill_aborts_mid_transfer_and_reuses_its_blocks(start_prefill):
 
 
 @pytest.mark.parametrize("how", ["abort", "cancel"])
-async def test_decode_aborts_mid_transfer_and_reuses_its_blocks(start_prefill, how):
+async def test_decode_aborts_mid_transfer_and_reuses_its_blocks(make_peer, how):
     """The decode gives its fetch up while the prefill's copy runs (abort(ticket), or the
     fetch task cancelled), and refills the destination blocks the moment that returns: they
     keep the new pattern (nothing writes them later)."""
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill(layout=BIG)
     ends = Ends(prefill)
     src, dst = [0, 1, 2, 3], [4, 5, 6, 7]
@@ -211,7 +216,8 @@ async def test_decode_aborts_mid_transfer_and_reuses_its_blocks(start_prefill, h
         assert d.eng.stats()["handoff"]["fetches_in_flight"] == 0
 
 
-async def test_expired_lease_reported_once(start_prefill):
+async def test_expired_lease_reported_once(make_peer):
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill()
     ends = Ends(prefill)
     async with decode_engine() as d:
@@ -235,9 +241,10 @@ async def test_expired_lease_reported_once(start_prefill):
         assert [r["reason"] for r in await ends.poll()] == ["expired", "done"]
 
 
-async def test_renewed_lease_outlives_its_period(start_prefill):
+async def test_renewed_lease_outlives_its_period(make_peer):
     """The decode renews an offer while it is not ready; an offer made after it with the same
     lease, never renewed, expires first: the renewed one outlived a lease period."""
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill()
     ends = Ends(prefill)
     lease_s = 1.0
@@ -264,9 +271,10 @@ async def test_renewed_lease_outlives_its_period(start_prefill):
         assert per_peer[D_ID]["renewals"] == renewals
 
 
-async def test_abort_after_the_end_changes_nothing(start_prefill):
+async def test_abort_after_the_end_changes_nothing(make_peer):
     """An abort that loses the race against the end (by ticket or by request id, on either
     side) is no error and ends nothing a second time."""
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill()
     ends = Ends(prefill)
     async with decode_engine() as d:
@@ -288,10 +296,11 @@ async def test_abort_after_the_end_changes_nothing(start_prefill):
         assert len(await ends.poll()) == 1 and await prefill.aio("live") == 0
 
 
-async def test_first_fetches_from_an_unlinked_prefill_share_its_link_setup(start_prefill):
+async def test_first_fetches_from_an_unlinked_prefill_share_its_link_setup(make_peer):
     """Fetches that start together towards a prefill this decode has no link to yet all wait
     for the one link setup (none fails because another is linking), and an abort of another
     offer of it, sent while that setup runs, reaches the prefill: that offer ends aborted."""
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill()
     ends = Ends(prefill)
     async with decode_engine() as d:
@@ -314,10 +323,11 @@ async def test_first_fetches_from_an_unlinked_prefill_share_its_link_setup(start
         assert len(d.eng.stats()["links"]) == 1
 
 
-async def test_a_fetch_waiting_for_a_slot_keeps_its_offer_alive(start_prefill):
+async def test_a_fetch_waiting_for_a_slot_keeps_its_offer_alive(make_peer):
     """With ``max_fetches`` 1 and the slot held (the first fetch's on_layer waits), a second
     fetch waits for the slot renewing its offer's lease: a control offer with the same lease
     expires meanwhile, the waiting one does not, and is fetched once the slot frees."""
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill()
     ends = Ends(prefill)
     lease_s = 1.0  # a waiting fetch renews every third of it

@@ -19,6 +19,7 @@ from handoff_kit import (
     Ends,
     decode_engine,
     layers_of,
+    prefill_starter,
     retry_until,
 )
 from patterns import layers_landed, refill, words_of_seed
@@ -30,7 +31,8 @@ from dxl.handoff import Ended
 pytestmark = [pytest.mark.multiproc, pytest.mark.cma]
 
 
-async def test_push_layer_by_layer_then_complete(start_prefill):
+async def test_push_layer_by_layer_then_complete(make_peer):
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill()
     n_layers = layers_of(SMALL)
     async with decode_engine() as d:
@@ -68,9 +70,10 @@ async def test_push_layer_by_layer_then_complete(start_prefill):
             await prefill.aio("complete", ticket=part.to_json())
 
 
-async def test_push_aborted_by_the_decode_mid_transfer(start_prefill):
+async def test_push_aborted_by_the_decode_mid_transfer(make_peer):
     """The decode takes its destination blocks back while the prefill pushes into them, and
     reuses them at once: they keep the new pattern."""
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill(layout=BIG)
     src, dst = [0, 1, 2, 3], [4, 5, 6, 7]
 
@@ -117,9 +120,10 @@ async def test_push_aborted_by_the_decode_mid_transfer(start_prefill):
         assert d.h.live() == 0 and (await prefill.aio("handoff_stats"))["claims"] == 0
 
 
-async def test_push_aborted_by_the_prefill_mid_transfer(start_prefill):
+async def test_push_aborted_by_the_prefill_mid_transfer(make_peer):
     """The prefill stops pushing and reuses its source blocks the moment abort returns: none
     of the new pattern reaches the decode."""
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill(layout=BIG)
     src, dst = [0, 1, 2, 3], [4, 5, 6, 7]
     n_layers = layers_of(BIG)
@@ -178,7 +182,8 @@ async def test_push_aborted_by_the_prefill_mid_transfer(start_prefill):
         assert d.h.live() == 0 and (await prefill.aio("handoff_stats"))["claims"] == 0
 
 
-async def test_push_lease_takes_the_blocks_back_from_a_stalled_pusher(start_prefill):
+async def test_push_lease_takes_the_blocks_back_from_a_stalled_pusher(make_peer):
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill()
     async with decode_engine() as d:
         ends = Ends(engine=d.eng)
@@ -206,10 +211,11 @@ async def test_push_lease_takes_the_blocks_back_from_a_stalled_pusher(start_pref
         assert d.h.live() == 0
 
 
-async def test_pusher_aborting_during_its_claim_writes_nothing_after(start_prefill):
+async def test_pusher_aborting_during_its_claim_writes_nothing_after(make_peer):
     """The pusher aborts while its first push still waits for the claim's answer: that push
     must not go on to write (the decode ended the offer when told, and reuses the blocks), and
     the pusher must hold no claim afterwards."""
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill(layout=BIG)
     src, dst = [0, 1, 2, 3], [4, 5, 6, 7]
 

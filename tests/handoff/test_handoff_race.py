@@ -10,7 +10,15 @@ import asyncio
 from collections import Counter
 
 import pytest
-from handoff_kit import DECODE_SEED, PREFILL_SEED, Decode, Ends, decode_engine, layers_of
+from handoff_kit import (
+    DECODE_SEED,
+    PREFILL_SEED,
+    Decode,
+    Ends,
+    decode_engine,
+    layers_of,
+    prefill_starter,
+)
 from patterns import layers_landed, refill
 from peer import Peer, PeerError
 from waiting import async_wait_until
@@ -83,7 +91,8 @@ async def pull_round(d: Decode, prefill: Peer, ends: Ends, i: int) -> str:
     )
 
 
-async def test_pull_abort_racing_done_ends_each_offer_once(start_prefill):
+async def test_pull_abort_racing_done_ends_each_offer_once(make_peer):
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill(layout=MEDIUM)
     ends = Ends(prefill)
     outcomes: Counter[str] = Counter()
@@ -138,7 +147,8 @@ async def push_round(d: Decode, prefill: Peer, ends: Ends, i: int) -> str:
     return record["reason"]
 
 
-async def test_push_abort_racing_complete_ends_each_offer_once(start_prefill):
+async def test_push_abort_racing_complete_ends_each_offer_once(make_peer):
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill(layout=MEDIUM)
     outcomes: Counter[str] = Counter()
     async with decode_engine(MEDIUM) as d:

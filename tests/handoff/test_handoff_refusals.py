@@ -8,7 +8,17 @@ import asyncio
 import dataclasses
 
 import pytest
-from handoff_kit import D_ID, P2_ID, P_ID, PREFILL_SEED, SMALL, Ends, decode_engine, loop_kind
+from handoff_kit import (
+    D_ID,
+    P2_ID,
+    P_ID,
+    PREFILL_SEED,
+    SMALL,
+    Ends,
+    decode_engine,
+    loop_kind,
+    prefill_starter,
+)
 
 import dxl
 from dxl.handoff import FetchError, Ticket
@@ -31,7 +41,8 @@ async def refused(d, ticket: str, dst: list[int], code: S, match: str | None = N
     assert d.untouched(dst), "a refused fetch wrote into the destination"
 
 
-async def test_tickets_for_another_engine_are_refused(start_prefill):
+async def test_tickets_for_another_engine_are_refused(make_peer):
+    start_prefill = prefill_starter(make_peer)
     a = start_prefill(P_ID)
     b = start_prefill(P2_ID, seed=OTHER_SEED)
     ends_a, ends_b = Ends(a), Ends(b)
@@ -79,7 +90,8 @@ async def test_tickets_for_another_engine_are_refused(start_prefill):
         assert [r["reason"] for r in await ends_b.poll()] == ["done"]
 
 
-async def test_forged_tickets_are_refused(start_prefill):
+async def test_forged_tickets_are_refused(make_peer):
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill()
     ends = Ends(prefill)
     async with decode_engine() as d:
@@ -104,7 +116,8 @@ async def test_forged_tickets_are_refused(start_prefill):
         assert await prefill.aio("live") == 1  # "other" still waits for its fetcher
 
 
-async def test_replayed_and_second_fetches_are_refused(start_prefill, make_peer):
+async def test_replayed_and_second_fetches_are_refused(make_peer):
+    start_prefill = prefill_starter(make_peer)
     prefill = start_prefill()
     ends = Ends(prefill)
     async with decode_engine() as d:
