@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import random
@@ -109,16 +111,31 @@ class Prefill:
     dead: bool = False
 
 
-def usage() -> dict[str, int]:
-    """This process's open fds, threads and RSS (KiB)."""
+def usage() -> dict[str, Any]:
+    """This process's open fds (and how many of each kind: socket, pipe, ...), threads and RSS
+    (KiB), garbage collected first (what is unreachable is no leak)."""
+    gc.collect()
     with open("/proc/self/statm") as f:
         rss_kib = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    kinds: Counter[str] = Counter()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own fd is gone by now
+            kinds[_fd_kind(os.readlink(f"/proc/self/fd/{fd}"))] += 1
     return {
-        "fds": len(os.listdir("/proc/self/fd")),
+        "fds": sum(kinds.values()),
+        "fd_kinds": dict(sorted(kinds.items())),
         "threads": threading.active_count(),
         "os_threads": len(os.listdir("/proc/self/task")),
         "rss_kib": rss_kib,
     }
+
+
+def _fd_kind(target: str) -> str:
+    """socket, pipe, anon_inode:[eventfd], ... or file."""
+    if target.startswith("/"):
+        return "file"
+    kind = target.partition(":")[0]
+    return target if kind == "anon_inode" else kind
 
 
 class Soak:
@@ -163,6 +180,7 @@ class Soak:
         p.peer.proc.join(10)
         opts = {**self.opts, "llm.listenIpInfo": f"127.0.0.1:{p.port}"}
         p.peer.stop()
+        p.peer.proc.close()  # its sentinel pipe goes now, not when the object is collected
         p.peer = Peer(p.cluster_id, options=opts, loop=self.cfg.loop)
         p.peer.call("register", name="kv", seed=1, model_id=0, **self.layout)
         p.incarnation += 1

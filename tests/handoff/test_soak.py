@@ -52,6 +52,6 @@ def test_soak_every_offer_ends_once_on_both_sides(capsys):
     assert out["verified"] == sum(n for k, n in outcomes.items() if ": done /" in k)
     # the decode's resources are flat: the same fds and threads, RSS within a few MiB
     first, last = out["decode_usage"]["after the first wave"], out["decode_usage"]["at the end"]
-    assert last["fds"] == first["fds"], out["decode_usage"]
+    assert last["fd_kinds"] == first["fd_kinds"], out["decode_usage"]
     assert last["os_threads"] == first["os_threads"], out["decode_usage"]
     assert last["rss_kib"] - first["rss_kib"] < 32 << 10, out["decode_usage"]
