@@ -1,4 +1,5 @@
-"""Two "hosts" on one machine: network namespaces joined by a veth pair (root only).
+"""Two "hosts" on one machine: network namespaces joined by a veth pair (root only); or a star
+of many "hosts" around a hub namespace (``Star``).
 
 ``TwoHosts`` creates namespaces ``dxl-<tag>-a`` and ``dxl-<tag>-b`` with addresses
 10.231.<n>.1/24 and 10.231.<n>.2/24 on the two ends of one veth pair, and removes everything
@@ -76,6 +77,54 @@ class TwoHosts:
     def __exit__(self, *exc: object) -> None:
         for ns in (self.ns_a, self.ns_b):  # deleting a namespace removes its veth end too
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
+
+
+class Star:
+    """Context manager: ``n`` "hosts" (namespaces ``dxl-<tag>-h<i>``) each joined to a hub
+    namespace (``dxl-<tag>-hub``) by a veth pair of its own: host i is 10.234.<s+i>.2/24, the
+    hub's end of its cable 10.234.<s+i>.1/24 (``s`` from the tag). A process in the hub that
+    listens on 0.0.0.0 is reached from host i at ``hub_ip(i)``; everything is removed on exit."""
+
+    def __init__(self, n: int) -> None:
+        tag = secrets.token_hex(3)
+        self.tag = tag
+        self.hub = f"dxl-{tag}-hub"
+        self.hosts = [f"dxl-{tag}-h{i}" for i in range(n)]
+        self._base = int(tag[:2], 16) % (250 - n) + 1
+        self._made: list[str] = []
+
+    def host_ip(self, i: int) -> str:
+        return f"10.234.{self._base + i}.2"
+
+    def hub_ip(self, i: int) -> str:
+        return f"10.234.{self._base + i}.1"
+
+    def __enter__(self) -> Star:
+        try:
+            _ip("netns", "add", self.hub)
+            self._made.append(self.hub)
+            _ip("-n", self.hub, "link", "set", "lo", "up")
+            for i, ns in enumerate(self.hosts):
+                _ip("netns", "add", ns)
+                self._made.append(ns)
+                hub_end, host_end = f"dxs{self.tag}{i}", f"dxh{self.tag}{i}"
+                _ip("link", "add", hub_end, "type", "veth", "peer", "name", host_end)
+                _ip("link", "set", hub_end, "netns", self.hub)
+                _ip("link", "set", host_end, "netns", ns)
+                _ip("-n", self.hub, "addr", "add", f"{self.hub_ip(i)}/24", "dev", hub_end)
+                _ip("-n", ns, "addr", "add", f"{self.host_ip(i)}/24", "dev", host_end)
+                _ip("-n", self.hub, "link", "set", hub_end, "up")
+                _ip("-n", ns, "link", "set", host_end, "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for ns in reversed(self._made):  # deleting a namespace removes its veth ends too
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
+        self._made.clear()
 
 
 def enter_netns(name: str) -> None:

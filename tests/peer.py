@@ -4,11 +4,21 @@ The child owns KV buffers (``dxl.testing.KVBuffers``) and an Engine that listens
 the test sends commands (register, link, pull, push, read back, stop) and gets results or the
 child's exception (type name, message, status code). Every wait has a deadline, so a broken
 child fails the test instead of hanging it.
+
+Request handoff (``engine.handoff``) has commands of its own: offer, offer_many,
+offer_destination, fetch, renew, abort (optionally refilling blocks with a new pattern the
+moment it returns), fill, handoff_push, push_layers, complete, finished (poll_finished as
+dicts), live, layers_seen, handoff_stats, max_fetches. Commands run one at a time, but
+``spawn`` starts one in a task of its own (returning a task id) and ``join`` waits for its
+result, so a child can push and abort, or fetch and abort, at once. ``aio`` calls from a
+coroutine without a thread (many peers at once); ``loop="uvloop"`` runs the child's engine on
+uvloop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing as mp
 import os
 import signal
@@ -24,10 +34,17 @@ DEFAULT_DEADLINE_S = 30.0
 class PeerError(Exception):
     """An operation failed inside the peer process."""
 
-    def __init__(self, type_name: str, message: str, status_code: int | None) -> None:
+    def __init__(
+        self,
+        type_name: str,
+        message: str,
+        status_code: int | None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(f"{type_name}: {message}")
         self.type_name = type_name
         self.status_code = status_code
+        self.extra = extra or {}  # e.g. a FetchError's request_id and partial_blocks
 
 
 class Peer:
@@ -39,15 +56,25 @@ class Peer:
         role: str = "PROMPT",
         options: dict[str, str] | None = None,
         netns: str | None = None,
+        loop: str = "asyncio",
+        wait: bool = True,
     ) -> None:
         opts = {"llm.listenIpInfo": "127.0.0.1:0", "dxl.HeartbeatIntervalMs": "200"}
         opts.update(options or {})
         self.cluster_id = cluster_id
         self._conn, child = CTX.Pipe()
-        self.proc = CTX.Process(target=_child_main, args=(child, cluster_id, role, opts, netns))
+        self.proc = CTX.Process(
+            target=_child_main, args=(child, cluster_id, role, opts, netns, loop)
+        )
         self.proc.start()
         child.close()
-        self.address, self.pid = self._wait_reply(DEFAULT_DEADLINE_S)
+        self._alock: asyncio.Lock | None = None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, deadline_s: float = DEFAULT_DEADLINE_S) -> None:
+        """Wait for the child's engine to run (``wait=False`` starts many children at once)."""
+        self.address, self.pid = self._wait_reply(deadline_s)
 
     def call(self, cmd: str, deadline_s: float = DEFAULT_DEADLINE_S, **kwargs: Any) -> Any:
         self._conn.send((cmd, kwargs))
@@ -57,6 +84,28 @@ class Peer:
         """``call`` from a coroutine: waits on a thread so this process's engine keeps running
         (the peer may need it to answer, e.g. to acknowledge a registry change)."""
         return await asyncio.to_thread(self.call, cmd, deadline_s, **kwargs)
+
+    async def aio(self, cmd: str, deadline_s: float = DEFAULT_DEADLINE_S, **kwargs: Any) -> Any:
+        """``call`` from a coroutine without a thread: the loop watches the pipe, so many peers
+        can be driven at once (one command at a time per peer; ``spawn`` for more)."""
+        if self._alock is None:
+            self._alock = asyncio.Lock()
+        async with self._alock:
+            loop = asyncio.get_running_loop()
+            ready = loop.create_future()
+            fd = self._conn.fileno()
+            self._conn.send((cmd, kwargs))
+            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            try:
+                async with asyncio.timeout(deadline_s):
+                    await ready
+            except TimeoutError:
+                raise TimeoutError(
+                    f"peer {self.cluster_id} gave no answer to {cmd} within {deadline_s} s"
+                ) from None
+            finally:
+                loop.remove_reader(fd)
+            return self._wait_reply(deadline_s)
 
     def _wait_reply(self, deadline_s: float) -> Any:
         if not self._conn.poll(deadline_s):
@@ -100,6 +149,11 @@ class Peer:
         self._conn.close()
 
 
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
 def _state(pid: int) -> str:
     """The scheduler state letter of a process (R, S, T, Z...), from /proc."""
     try:
@@ -110,13 +164,23 @@ def _state(pid: int) -> str:
 
 
 def _child_main(
-    conn: Any, cluster_id: int, role: str, options: dict[str, str], netns: str | None
+    conn: Any,
+    cluster_id: int,
+    role: str,
+    options: dict[str, str],
+    netns: str | None,
+    loop: str = "asyncio",
 ) -> None:
     if netns is not None:  # another "host": join its network namespace before any socket
         from netns import enter_netns
 
         enter_netns(netns)
-    asyncio.run(_serve(conn, cluster_id, role, options))
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(_serve(conn, cluster_id, role, options))
+    else:
+        asyncio.run(_serve(conn, cluster_id, role, options))
 
 
 async def _serve(conn: Any, cluster_id: int, role: str, options: dict[str, str]) -> None:
@@ -133,18 +197,170 @@ async def _serve(conn: Any, cluster_id: int, role: str, options: dict[str, str])
             try:
                 result = await _handle(eng, buffers, caches, cmd, kw)
             except Exception as exc:  # reported to the test, which asserts on it
-                code = getattr(exc, "status_code", None)
-                code = None if code is None else int(code)
-                conn.send(("err", (type(exc).__name__, str(exc), code)))
+                conn.send(("err", _describe(exc)))
                 continue
             conn.send(("ok", result))
             if cmd == "stop":
                 return
 
 
+def _describe(exc: BaseException) -> tuple[str, str, int | None, dict[str, Any]]:
+    code = getattr(exc, "status_code", None)
+    extra = {}
+    if hasattr(exc, "partial_blocks"):
+        extra = {"request_id": exc.request_id, "partial_blocks": list(exc.partial_blocks)}
+    return type(exc).__name__, str(exc), None if code is None else int(code), extra
+
+
+# handoff state of the child: tasks started by "spawn", layers seen by on_layer callbacks
+_TASKS: dict[int, asyncio.Task[Any]] = {}
+_TASK_IDS = itertools.count(1)
+_LAYERS: dict[str, list[list[int]]] = {}
+
+
+def _layers(kw: dict) -> range | None:
+    layers = kw.get("layers")
+    return None if layers is None else range(*layers)
+
+
+def _recorder(request_id: str) -> Any:
+    seen = _LAYERS.setdefault(request_id, [])
+
+    def on_layer(lo: int, hi: int) -> None:
+        seen.append([lo, hi])
+
+    return on_layer
+
+
+async def _handle_handoff(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> Any:
+    """Handoff commands (see the module docstring); None if ``cmd`` is not one."""
+    from patterns import refill
+
+    h = eng.handoff
+    if cmd == "offer":
+        ticket = await h.offer(
+            kw["request_id"],
+            caches[kw["name"]],
+            kw["blocks"],
+            layers=_layers(kw),
+            tensors_per_layer=kw.get("tensors_per_layer", 2),
+            lease_s=kw.get("lease_s"),
+            num_tokens=kw.get("num_tokens"),
+        )
+        return ticket.to_json()
+    if cmd == "offer_many":  # [{request_id, blocks, [seed], [lease_s]}, ...] -> tickets (JSON)
+        out = []
+        for o in kw["offers"]:
+            if "seed" in o:  # the request's own KV: a pattern of its seed in its blocks
+                refill(buffers[kw["name"]], o["blocks"], o["seed"])
+            ticket = await h.offer(
+                o["request_id"], caches[kw["name"]], o["blocks"], lease_s=o.get("lease_s")
+            )
+            out.append(ticket.to_json())
+        return out
+    if cmd == "offer_destination":
+        ticket = await h.offer_destination(
+            kw["request_id"],
+            caches[kw["name"]],
+            kw["blocks"],
+            layers=_layers(kw),
+            tensors_per_layer=kw.get("tensors_per_layer", 2),
+            lease_s=kw.get("lease_s"),
+            on_layer=_recorder(kw["request_id"]),
+        )
+        return ticket.to_json()
+    if cmd == "fetch":  # returns the layers on_layer saw (per_layer), in order
+        seen: list[list[int]] = []
+        await h.fetch(
+            kw["ticket"],
+            caches[kw["name"]],
+            kw["blocks"],
+            on_layer=(lambda lo, hi: seen.append([lo, hi])) if kw.get("per_layer") else None,
+            timeout_s=kw.get("timeout_s"),
+        )
+        return seen
+    if cmd == "renew":
+        await h.renew(kw["ticket"])
+        return None
+    if cmd == "abort":  # then, at once, reuse blocks: give them a new pattern
+        await h.abort(kw["ticket"])
+        if "refill" in kw:
+            refill(buffers[kw["name"]], kw["refill"], kw["seed"])
+        return None
+    if cmd == "fill":
+        refill(buffers[kw["name"]], kw["blocks"], kw["seed"])
+        return None
+    if cmd == "handoff_push":
+        await h.push(
+            kw["ticket"],
+            caches[kw["name"]],
+            kw["blocks"],
+            layers=_layers(kw),
+            timeout_s=kw.get("timeout_s"),
+        )
+        return None
+    if cmd == "push_layers":  # one push per layer of the ticket, then complete; -> layers pushed
+        from dxl.handoff import Ticket
+
+        t = Ticket.of(kw["ticket"])
+        span = range(*t.layers) if t.layers else range(t.num_tensors // t.tensors_per_layer)
+        pushed = 0
+        for layer in span:
+            await h.push(t, caches[kw["name"]], kw["blocks"], layers=range(layer, layer + 1))
+            pushed += 1
+        if kw.get("complete", True):
+            await h.complete(t)
+        return pushed
+    if cmd == "complete":
+        await h.complete(kw["ticket"], failed=kw.get("failed", ""))
+        return None
+    if cmd == "finished":
+        return [
+            {
+                "request_id": f.request_id,
+                "offer_id": f.offer_id,
+                "kind": f.kind,
+                "reason": f.reason.value,
+                "peer": f.peer,
+                "block_ids": f.block_ids,
+                "detail": f.detail,
+            }
+            for f in h.poll_finished()
+        ]
+    if cmd == "live":
+        return h.live()
+    if cmd == "layers_seen":
+        return _LAYERS.get(kw["request_id"], [])
+    if cmd == "handoff_stats":
+        return eng.stats()["handoff"]
+    if cmd == "max_fetches":
+        h.max_fetches = kw["n"]
+        return None
+    if cmd == "spawn":  # run a command in a task of its own; "join" gets its outcome
+        tid = next(_TASK_IDS)
+        _TASKS[tid] = asyncio.create_task(_handle(eng, buffers, caches, kw["command"], kw["args"]))
+        return tid
+    if cmd == "join":
+        task = _TASKS[kw["tid"]]
+        async with asyncio.timeout(kw.get("deadline_s", DEFAULT_DEADLINE_S)):
+            await asyncio.wait([task])
+        del _TASKS[kw["tid"]]
+        return task.result()
+    if cmd == "running":
+        return not _TASKS[kw["tid"]].done()
+    return _NOT_HANDOFF
+
+
+_NOT_HANDOFF = object()
+
+
 async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> Any:
     import dxl
     from dxl.testing import KVBuffers
+
+    result = await _handle_handoff(eng, buffers, caches, cmd, kw)
+    if result is not _NOT_HANDOFF:
+        return result
 
     if cmd == "register":
         buf = KVBuffers(
@@ -257,11 +473,11 @@ async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> 
         return int(words.ctypes.data), int(words.nbytes)
     if cmd == "canary_intact":
         words = buffers["canary:" + kw["name"]]
-        expected = np.arange(words.size, dtype=np.uint64) ^ np.uint64(0xC0FFEE)
-        return bool(np.array_equal(words, expected))
+        return bool(
+            np.array_equal(words, np.arange(words.size, dtype=np.uint64) ^ np.uint64(0xC0FFEE))
+        )
     if cmd == "rss_kib":
-        with open("/proc/self/statm") as f:  # noqa: ASYNC230 (procfs: never blocks)
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+        return _rss_kib()
     if cmd == "stop":
         return None
     raise ValueError(f"unknown command {cmd}")

@@ -150,7 +150,9 @@ class Handoff:
         self._offers: dict[int, _Offer] = {}
         self._by_request: dict[str, int] = {}
         self._claims: dict[tuple[int, int], _Claim] = {}
+        self._claiming: dict[tuple[int, int], list[_Claim]] = {}  # asked for, not answered
         self._fetches: dict[tuple[int, int], _Fetch] = {}
+        self._link_setups: dict[int, asyncio.Lock] = {}  # one link setup per peer at a time
         self._ids = itertools.count(1)
         self._finished: deque[Finished] = deque()
         self._finished_event = asyncio.Event()
@@ -468,10 +470,13 @@ class Handoff:
     async def abort(self, ticket: TicketLike | str) -> None:
         """Cancel an offer: ours (by ticket or request id), or one we fetch from or push into.
         Returns once no copy of it is in flight and none will start; the other engine is told
-        (linked to first if need be)."""
+        (linked to first if need be). An offer that ended already (the abort lost the race) is
+        no error: nothing changes."""
         if isinstance(ticket, str) and ticket in self._by_request:
             await self._abort_offer(self._offers[self._by_request[ticket]], "aborted here")
             return
+        if isinstance(ticket, str) and not ticket.lstrip().startswith("{"):
+            return  # a request id whose offer ended already (it lost the race): nothing to do
         t = Ticket.of(ticket)
         if (
             t.cluster_id == self._identity.cluster_id
@@ -482,14 +487,15 @@ class Handoff:
                 await self._abort_offer(offer, "aborted here")
             return
         key = (t.cluster_id, t.offer_id)
-        claim = self._claims.pop(key, None)
+        claim = self._drop_claim(key)
         if claim is not None:  # push mode: we stop pushing, then tell the offerer
-            claim.aborted = True
             await claim.idle.wait()
         link = self._links.get(t.cluster_id)
-        if link is None:  # tell the offerer even if we never linked (we need nothing of it)
+        if link is None:  # tell the offerer even if we never linked (we need nothing of it);
+            # an operation of ours linking to it meanwhile: _link_to waits for that setup
             with contextlib.suppress(LLMException):
                 link = await self._link_to("abort", t, ABORT_TIMEOUT_S)
+        self._drop_claim(key)  # a push of ours that asked for it meanwhile: its answer is void
         if link is not None and link.peer.incarnation == t.incarnation:
             with contextlib.suppress(LLMException):
                 await link.channel.request(
@@ -515,9 +521,8 @@ class Handoff:
 
     async def _on_abort(self, link: Link, msg: dict[str, Any]) -> None:
         if msg["mine"]:  # the sender's offer, which we push into: stop, then confirm
-            claim = self._claims.pop((link.peer.cluster_id, msg["offer"]), None)
+            claim = self._drop_claim((link.peer.cluster_id, msg["offer"]))
             if claim is not None:
-                claim.aborted = True
                 await claim.idle.wait()
         else:  # our offer, which the sender fetches or pushes into
             offer = self._offers.get(msg["offer"])
@@ -818,15 +823,35 @@ class Handoff:
         if claim is not None:
             return claim
         link = await self._link_to("push", t, timeout, dst_blocks)
-        ack = await self._request(
-            link, "claim", timeout, t, dst_blocks, offer=t.offer_id, token=t.token
-        )
+        pending = _Claim(link, t)  # an abort while we ask marks it: the answer is void then
+        asking = self._claiming.setdefault(key, [])
+        asking.append(pending)
+        try:
+            ack = await self._request(
+                link, "claim", timeout, t, dst_blocks, offer=t.offer_id, token=t.token
+            )
+        finally:
+            asking.remove(pending)
+            if not asking:
+                self._claiming.pop(key, None)
         if ack["code"]:
             raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
+        if pending.aborted:
+            raise self._failed(t, Code.LLM_FAILED, "the offer was aborted", dst_blocks)
         claim = self._claims.get(key)  # a concurrent push may have claimed it meanwhile
         if claim is None:
-            claim = self._claims[key] = _Claim(link, t)
+            claim = self._claims[key] = pending
             claim.idle.set()
+        return claim
+
+    def _drop_claim(self, key: tuple[int, int]) -> _Claim | None:
+        """Our claim on an offer ends (aborted): the held one is returned (wait until it is
+        idle: no push of it in flight); one still being asked for is void when answered."""
+        for pending in self._claiming.get(key, ()):
+            pending.aborted = True
+        claim = self._claims.pop(key, None)
+        if claim is not None:
+            claim.aborted = True
         return claim
 
     async def _request(
@@ -886,13 +911,19 @@ class Handoff:
             raise param_invalid(op, "the ticket names this engine")
         link = self._links.get(t.cluster_id)
         if link is None:
-            ip, _, port = t.endpoint.rpartition(":")
-            info = LLMClusterInfo()
-            info.remote_cluster_id = t.cluster_id
-            info.append_local_ip_info("127.0.0.1", 0)
-            info.append_remote_ip_info(ip.strip("[]"), int(port))
-            await self._linking.link_clusters([info], max(1, int(min(timeout, 30) * 1000)))
-            link = self._links.get(t.cluster_id)
+            # the first of several operations towards a peer links; the others wait for it
+            # (a second link_clusters meanwhile would only answer LLM_PROCESSING_LINK)
+            async with self._link_setups.setdefault(t.cluster_id, asyncio.Lock()):
+                link = self._links.get(t.cluster_id)
+                if link is None:
+                    ip, _, port = t.endpoint.rpartition(":")
+                    info = LLMClusterInfo()
+                    info.remote_cluster_id = t.cluster_id
+                    info.append_local_ip_info("127.0.0.1", 0)
+                    info.append_remote_ip_info(ip.strip("[]"), int(port))
+                    timeout_ms = max(1, int(min(timeout, 30) * 1000))
+                    await self._linking.link_clusters([info], timeout_ms)
+                    link = self._links.get(t.cluster_id)
         if link is None:
             raise self._failed(
                 t, Code.LLM_LINK_FAILED, f"cannot link to {t.endpoint}", partial or []
