@@ -36,7 +36,13 @@ from typing import Any
 
 import numpy as np
 
-from .._validate import block_list, check_blocks_in_range, check_cache_arg, check_isinstance
+from .._validate import (
+    block_list,
+    check_blocks_in_range,
+    check_cache_arg,
+    check_isinstance,
+    check_uint32,
+)
 from ..config import EngineOptions
 from ..engine.link import Link
 from ..engine.linking import LinkOps
@@ -50,6 +56,7 @@ from ..engine.stats import OpStats
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
 from ..memory.plan import block_pieces
 from ..types import Cache, LLMClusterInfo
+from .slots import Slots
 from .ticket import Ended, FetchError, Finished, Ticket
 
 log = logging.getLogger("dxl")
@@ -156,8 +163,7 @@ class Handoff:
         self._ids = itertools.count(1)
         self._finished: deque[Finished] = deque()
         self._finished_event = asyncio.Event()
-        self._slots: asyncio.Semaphore | None = None
-        self.max_fetches = DEFAULT_MAX_FETCHES
+        self._slots = Slots(DEFAULT_MAX_FETCHES)
         self._stats = HandoffStats()
         for kind, handler in (
             ("fetch", self._on_fetch),
@@ -171,6 +177,18 @@ class Handoff:
         ):
             links.on(kind, handler)
         links.watch_closed(self._on_link_closed)
+
+    @property
+    def max_fetches(self) -> int:
+        """Fetches of ours in flight at once; the others wait for a slot, renewing their
+        offers' leases meanwhile. Takes effect at once, for fetches already waiting too
+        (0 holds every new fetch until it is raised)."""
+        return self._slots.limit
+
+    @max_fetches.setter
+    def max_fetches(self, value: int) -> None:
+        check_uint32("max_fetches", value)
+        self._slots.limit = value
 
     # ================================================================== offering side
     async def offer(
@@ -608,10 +626,8 @@ class Handoff:
     @contextlib.asynccontextmanager
     async def _fetch_slot(self, t: Ticket, link: Link) -> AsyncIterator[None]:
         """At most ``max_fetches`` fetches in flight; one that waits keeps its lease alive."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_fetches)
         slots = self._slots
-        if slots.locked():
+        if slots.full():
             renewer = asyncio.create_task(self._keep_renewing(t, link))
             try:
                 await slots.acquire()
