@@ -157,7 +157,7 @@ class Engine:
         try:
             self._registrations.open_pool(f"dxl-host-pool-{self.cluster_id}")
             if self._opts.listen is not None:
-                await self._linking.listen(self._opts.listen)
+                await self._linking.listen("init", self._opts.listen)
         except BaseException:
             await self.close()
             raise

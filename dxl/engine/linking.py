@@ -39,8 +39,8 @@ class LinkOps:
         self._listener = listener
         self._handshake = handshake
 
-    async def listen(self, listen: tuple[str, int]) -> None:
-        await self._listener.start(listen, self._handshake.accept, self._links.key_for)
+    async def listen(self, op: str, listen: tuple[str, int]) -> None:
+        await self._listener.start(op, listen, self._handshake.accept, self._links.key_for)
 
     async def link_clusters(
         self,
@@ -103,7 +103,7 @@ class LinkOps:
         if not same_port:
             await self._listener.stop()
             if listen is not None:
-                await self.listen(listen)
+                await self.listen(op, listen)
         self._identity.role = role
         log.info("dxl: cluster %d switched to %s", self._identity.cluster_id, role.name)
 

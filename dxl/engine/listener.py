@@ -56,16 +56,16 @@ class Listener:
         return self.data.address[1] if self.data is not None else 0
 
     async def start(
-        self, listen: tuple[str, int], on_accept: AcceptHandler, keys: KeyLookup
+        self, op: str, listen: tuple[str, int], on_accept: AcceptHandler, keys: KeyLookup
     ) -> None:
         """Accept links on ``listen`` (each connection goes to ``on_accept``) and serve our
         memory to tcp peers on the same address, to connections that authenticate with the
-        key of a live link (``keys``)."""
+        key of a live link (``keys``). Errors name ``op``, the call that asked to listen."""
         ip, port = listen
         secret = self._opts.auth_token
         if not is_loopback(ip) and secret is None and not self._opts.allow_remote_listen:
             raise param_invalid(
-                "init",
+                op,
                 f"refusing to listen on {ip} without a shared secret: set LLMConfig.auth_token "
                 "(or DXL_AUTH_TOKEN), or LLMConfig.allow_remote_listen=True if the network is "
                 "trusted",
@@ -83,7 +83,7 @@ class Listener:
         except OSError as exc:
             await self.stop()
             raise fail(
-                "init",
+                op,
                 LLMStatusCode.LLM_FAILED,
                 f"cannot listen on {ip}:{port}: {exc.strerror or exc}",
             ) from exc

@@ -156,7 +156,7 @@ class RankTableLinks:
         """Listen at this member's endpoint (start the listener, or keep it if it is there)."""
         current = self._listener.address
         if current is None:
-            await self._linking.listen(endpoint)
+            await self._linking.listen(op, endpoint)
             return
         if _same_endpoint(current, endpoint):
             return

@@ -269,6 +269,20 @@ async def test_listener_port_already_in_use():
             async with dxl.Engine(1, dxl.LLMRole.PROMPT, {"llm.listenIpInfo": f"127.0.0.1:{port}"}):
                 pass
         assert err.value.status_code == S.LLM_FAILED
+        assert "init" in str(err.value)
+
+
+async def test_switch_role_to_a_port_in_use_names_switch_role():
+    async with dxl.Engine(1, dxl.LLMRole.DECODER, {}) as eng:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            port = s.getsockname()[1]
+            with pytest.raises(dxl.LLMException, match="switch_role") as err:
+                await eng.switch_role(dxl.LLMRole.PROMPT, {"llm.listenIpInfo": f"127.0.0.1:{port}"})
+        assert err.value.status_code == S.LLM_FAILED
+        assert f"cannot listen on 127.0.0.1:{port}" in str(err.value)
+        assert eng.role == dxl.LLMRole.DECODER  # nothing changed
 
 
 async def test_link_to_where_nothing_listens(transport):
