@@ -441,6 +441,12 @@ class Handoff:
             for lo, hi in groups:
                 if offer.aborting:
                     break
+                if link.closed:  # the fetcher cut us off (e.g. it saw no answer to an abort)
+                    raise fail(
+                        "fetch",
+                        Code.LLM_LINK_FAILED,
+                        f"the fetcher's link closed: {link.channel.close_reason}",
+                    )
                 await self._copy(offer, link, remote, dst, lo, hi)
                 if per_layer:
                     link.channel.send("layer", offer=offer.offer_id, lo=lo, hi=hi)
@@ -514,7 +520,12 @@ class Handoff:
             with contextlib.suppress(LLMException):
                 link = await self._link_to("abort", t, ABORT_TIMEOUT_S)
         self._drop_claim(key)  # a push of ours that asked for it meanwhile: its answer is void
-        if link is not None and link.peer.incarnation == t.incarnation:
+        if link is None or link.peer.incarnation != t.incarnation:
+            return
+        fetching = self._fetches.get(key)
+        if fetching is not None and fetching.link is link:  # it writes our blocks: it must stop
+            await self._stop_writer(link, offer=t.offer_id, token=t.token, mine=False)
+        else:  # we write theirs (push) or nothing: telling it is a courtesy
             with contextlib.suppress(LLMException):
                 await link.channel.request(
                     "abort", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token, mine=False
@@ -528,14 +539,30 @@ class Handoff:
         if offer.kind == "pull" and offer.task is not None:
             await asyncio.gather(offer.task, return_exceptions=True)  # it ends the offer
         elif offer.kind == "push" and offer.claimer is not None:
-            link = offer.claimer
-            try:
-                await link.channel.request(
-                    "abort", ABORT_TIMEOUT_S, offer=offer.offer_id, token=offer.token, mine=True
-                )
-            except LLMException as exc:  # it cannot confirm it stopped: it loses the link
-                link.close(f"no answer to a handoff abort: {exc}")
+            await self._stop_writer(
+                offer.claimer, offer=offer.offer_id, token=offer.token, mine=True
+            )
         self._end(offer, Ended.ABORTED, why)
+
+    async def _stop_writer(self, link: Link, **abort: Any) -> None:
+        """Tell the engine that writes into our blocks (the fetch's offerer, the push's
+        claimer) to stop, and return once it no longer does. It confirms once its copy
+        stopped; one that does not within ABORT_TIMEOUT_S is cut off: its link closes, which
+        revokes its tcp data connections, and the fence waits out a write already running.
+        A cma peer stalled in the middle of one native write may still finish that write
+        after this returns (docs/security.md): a kernel copy cannot be revoked."""
+        try:
+            await link.channel.request("abort", ABORT_TIMEOUT_S, **abort)
+            return
+        except LLMException as exc:
+            if not link.closed:
+                log.warning(
+                    "dxl: cluster %d did not confirm a handoff abort: unlinking it (%s)",
+                    link.peer.cluster_id,
+                    exc,
+                )
+                link.close(f"no confirmation of a handoff abort: {exc}")
+        await self._listener.fence()
 
     async def _on_abort(self, link: Link, msg: dict[str, Any]) -> None:
         if msg["mine"]:  # the sender's offer, which we push into: stop, then confirm
@@ -688,17 +715,16 @@ class Handoff:
                             raise self._failed(t, status_from_code(code), message, partial)
                         return
                     elif kind == "closed":
+                        # its tcp connections are revoked: wait out a write already running
+                        await self._listener.fence()
                         raise self._failed(
                             t, Code.LLM_LINK_FAILED, f"the link closed: {value}", partial
                         )
         except (TimeoutError, asyncio.CancelledError) as exc:
             # the offerer may still be writing our blocks: it must stop before we return
-            with contextlib.suppress(LLMException):
-                await asyncio.shield(
-                    link.channel.request(
-                        "abort", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token, mine=False
-                    )
-                )
+            await asyncio.shield(
+                self._stop_writer(link, offer=t.offer_id, token=t.token, mine=False)
+            )
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise self._failed(

@@ -360,3 +360,70 @@ async def test_a_fetch_waiting_for_a_slot_keeps_its_offer_alive(make_peer):
         assert (await ends.wait_end(waiting))["reason"] == "done"
         assert d.eng.stats()["handoff"]["renewals"] >= 1
         assert max(in_flight) == 1
+
+
+@pytest.mark.parametrize(
+    "noticed_by",
+    [
+        "heartbeat",  # the link dies of silence first (200 ms heartbeats)
+        "abort timeout",  # 30 s heartbeats: the abort's own deadline (5 s) cuts the link
+    ],
+)
+async def test_a_prefill_that_never_confirms_an_abort_is_cut_off(make_peer, noticed_by):
+    """The prefill stops (SIGSTOP) in the middle of its copy and the decode gives its fetch
+    up: with no confirmation the decode closes the link (tcp: its data connections are
+    revoked and fenced) before it returns, so the blocks it reuses at once keep the new
+    pattern even after the prefill resumes and tries to go on writing."""
+    heartbeat_ms = "200" if noticed_by == "heartbeat" else "30000"
+    tcp = {"dxl.Transport": "tcp", "dxl.HeartbeatIntervalMs": heartbeat_ms}
+    start_prefill = prefill_starter(make_peer)
+    prefill = start_prefill(layout=BIG, options=tcp)
+    ends = Ends(prefill)
+    src, dst = [0, 1, 2, 3], [4, 5, 6, 7]
+
+    async def one_try(d: Decode, attempt: int) -> bool:
+        refill(d.buf, dst, DECODE_SEED)
+        ticket = await prefill.aio("offer", name="kv", request_id=f"r{attempt}", blocks=src)
+        seen: list[int] = []
+
+        def stop_prefill_at_first_layer(lo: int, hi: int) -> None:
+            seen.append(lo)
+            if len(seen) == 1:
+                prefill.kill(signal.SIGSTOP)
+
+        fetch = asyncio.create_task(
+            d.h.fetch(ticket, d.cache, dst, on_layer=stop_prefill_at_first_layer)
+        )
+        try:
+            await async_wait_until(lambda: seen or fetch.done(), 20, "a layer to land")
+            assert seen, "no layer landed"
+            fetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, FetchError):
+                await fetch  # no confirmation comes: returns once the prefill is cut off
+            refill(d.buf, dst, NEW_SEED)  # reused at once, for another request
+            cut_off = P_ID not in d.eng.stats()["links"]
+        finally:
+            prefill.kill(signal.SIGCONT)
+        record = await ends.wait_end(ticket)
+        if record["reason"] == "done":  # the copy finished before the stop landed
+            return False
+        assert cut_off, "the decode kept its link to a prefill that never confirmed"
+        # the prefill resumed and noticed: its copy is over, and none of it landed since
+        await async_wait_until(
+            lambda links: D_ID not in links,
+            20,
+            "the prefill drops the link",
+            observe=lambda: prefill.aio("links"),
+        )
+        assert d.holds(dst, NEW_SEED, dst), (
+            f"{words_of_seed(d.buf, dst, PREFILL_SEED)} words written after the decode returned"
+        )
+        return True
+
+    async with decode_engine(BIG, options=tcp) as d:
+        await retry_until(lambda attempt: one_try(d, attempt), "a stop mid-copy", tries=4)
+        # the decode links again on its next fetch, and it goes through
+        again = await prefill.aio("offer", name="kv", request_id="after", blocks=[5])
+        await d.h.fetch(again, d.cache, [0])
+        assert d.holds([0], PREFILL_SEED, [5])
+        assert d.holds(dst, NEW_SEED, dst)
