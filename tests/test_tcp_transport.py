@@ -276,8 +276,12 @@ def test_wrong_or_missing_secret_is_refused_with_the_side_named(child: Child) ->
     with pytest.raises(AuthError, match="server requires a shared secret but this client has none"):
         TcpTransport(child.address, None)
     # the server counts a refusal after the client has seen it: wait for the count
-    wait_until(lambda n: n >= 2, 10, "both refusals counted",
-               observe=lambda: child.stats()["auth_failures"])
+    wait_until(
+        lambda n: n >= 2,
+        10,
+        "both refusals counted",
+        observe=lambda: child.stats()["auth_failures"],
+    )
 
 
 @pytest.mark.multiproc
@@ -294,8 +298,12 @@ def test_data_connection_without_the_handshake_is_refused(child: Child) -> None:
         except ConnectionResetError:
             pass
     assert len(data) <= HELLO_BYTES  # at most the server's own hello: never our 64 bytes
-    wait_until(lambda n: n == before["auth_failures"] + 1, 10, "the refusal counted",
-               observe=lambda: child.stats()["auth_failures"])
+    wait_until(
+        lambda n: n == before["auth_failures"] + 1,
+        10,
+        "the refusal counted",
+        observe=lambda: child.stats()["auth_failures"],
+    )
     assert child.stats()["requests_served"] == before["requests_served"]
 
 
