@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 from ._validate import check_isinstance, check_uint64
 from .engine import Engine
 from .errors import LLMException, LLMStatusCode
+from .handoff.handoff import Handoff
+from .handoff.ticket import Finished
 from .types import LLMRole, MemInfo, Memtype
 
 T = TypeVar("T")
@@ -76,6 +78,23 @@ def blocking(
     return call
 
 
+def blocking_handoff(
+    method: Callable[Concatenate[Handoff, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[_Facade, P], T]:
+    """:func:`blocking` for a method of the engine's :class:`~dxl.handoff.Handoff`."""
+
+    def call(self: _Facade, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._sync(lambda engine: method(engine.handoff, *args, **kwargs))
+
+    functools.update_wrapper(call, method)
+    return call
+
+
+async def _value(get: Callable[[], T]) -> T:
+    """Read engine state on its loop thread (the loop owns it)."""
+    return get()
+
+
 class LLMDataDist(_Facade):
     """The reference's entry object: ``LLMDataDist(role, cluster_id)``, then ``init(options)``.
 
@@ -94,6 +113,7 @@ class LLMDataDist(_Facade):
         self._engine: Engine | None = None
         self._loop: _LoopThread | None = None
         self._cache_manager: CacheManager | None = None
+        self._handoff: SyncHandoff | None = None
 
     @property
     def cluster_id(self) -> int:
@@ -126,6 +146,7 @@ class LLMDataDist(_Facade):
                 raise
             self._engine, self._loop = engine, loop
             self._cache_manager = CacheManager(self)
+            self._handoff = SyncHandoff(self)
             LLMDataDist.llm_engine_instance = self
 
     def finalize(self) -> None:
@@ -136,7 +157,7 @@ class LLMDataDist(_Facade):
             self._loop.call(self._engine.close())
         finally:
             self._loop.stop()
-            self._engine = self._loop = self._cache_manager = None
+            self._engine = self._loop = self._cache_manager = self._handoff = None
             with LLMDataDist._instance_lock:
                 if LLMDataDist.llm_engine_instance is self:
                     LLMDataDist.llm_engine_instance = None
@@ -167,6 +188,13 @@ class LLMDataDist(_Facade):
         if self._cache_manager is None:
             raise RuntimeError(_NOT_INITIALIZED)
         return self._cache_manager
+
+    @property
+    def handoff(self) -> SyncHandoff:
+        """Request handoff, blocking (dxl extension; docs/handoff.md)."""
+        if self._handoff is None:
+            raise RuntimeError(_NOT_INITIALIZED)
+        return self._handoff
 
     @property
     def kv_cache_manager(self) -> Any:
@@ -225,6 +253,54 @@ class CacheManager(_Facade):
             "registrations to remap",
             status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
         )
+
+
+class SyncHandoff(_Facade):
+    """The engine's request handoff (:class:`dxl.handoff.Handoff`) for synchronous callers,
+    from ``LLMDataDist.handoff``: the same methods, each waiting for its result. A fetch's
+    ``on_layer`` callback runs on the engine's loop thread. Finished offers are polled
+    (``poll_finished``) or waited for (``wait_finished``) rather than iterated."""
+
+    def __init__(self, datadist: LLMDataDist) -> None:
+        self._dd = datadist
+
+    def _sync(self, make: Callable[[Engine], Coroutine[Any, Any, T]]) -> T:
+        return self._dd._sync(make)
+
+    offer = blocking_handoff(Handoff.offer)
+    offer_destination = blocking_handoff(Handoff.offer_destination)
+    fetch = blocking_handoff(Handoff.fetch)
+    push = blocking_handoff(Handoff.push)
+    complete = blocking_handoff(Handoff.complete)
+    abort = blocking_handoff(Handoff.abort)
+    renew = blocking_handoff(Handoff.renew)
+    wait_finished = blocking_handoff(Handoff.wait_finished)
+
+    def poll_finished(self) -> list[Finished]:
+        """The offers that ended since the last call (each exactly once)."""
+        return self._sync(lambda engine: _value(engine.handoff.poll_finished))
+
+    def live(self) -> int:
+        """Offers of this engine not ended yet."""
+        return self._sync(lambda engine: _value(engine.handoff.live))
+
+    def stats(self) -> dict[str, Any]:
+        """The handoff's counters (see :meth:`dxl.handoff.Handoff.stats`)."""
+        return self._sync(lambda engine: _value(engine.handoff.stats))
+
+    @property
+    def max_fetches(self) -> int:
+        return self._sync(lambda engine: _value(lambda: engine.handoff.max_fetches))
+
+    @max_fetches.setter
+    def max_fetches(self, value: int) -> None:
+        def assign(engine: Engine) -> Coroutine[Any, Any, None]:
+            def set_it() -> None:
+                engine.handoff.max_fetches = value
+
+            return _value(set_it)
+
+        self._sync(assign)
 
 
 def _finalize_at_exit() -> None:

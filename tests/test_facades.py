@@ -9,8 +9,9 @@ import inspect
 import pytest
 
 import dxl
-from dxl.datadist import CacheManager, LLMDataDist
+from dxl.datadist import CacheManager, LLMDataDist, SyncHandoff
 from dxl.engine import Engine
+from dxl.handoff import Handoff
 
 # What the sync facade mirrors from the async Engine, by class.
 CACHE_MANAGER_OPS = [
@@ -41,6 +42,10 @@ DATADIST_OPS = [
     "query_register_mem_status",
 ]
 
+# The sync handoff mirrors every coroutine of Handoff but these: an async iterator has no
+# blocking form (poll_finished / wait_finished are), and close belongs to the engine's.
+HANDOFF_ASYNC_ONLY = {"finished", "close"}
+
 
 def _public_coroutines(cls: type) -> set[str]:
     return {
@@ -66,6 +71,18 @@ def test_sync_facade_has_the_engines_signatures(facade: type, names: list[str]) 
         sync, engine = getattr(facade, name), getattr(Engine, name)
         assert _params(sync) == _params(engine), name
         assert inspect.getdoc(sync) == inspect.getdoc(engine), name
+
+
+def test_sync_handoff_has_the_handoffs_signatures() -> None:
+    names = _public_coroutines(Handoff) - HANDOFF_ASYNC_ONLY
+    assert {"offer", "fetch", "push", "abort", "wait_finished"} <= names
+    for name in names:
+        sync, engine = getattr(SyncHandoff, name), getattr(Handoff, name)
+        assert _params(sync) == _params(engine), name
+        assert inspect.getdoc(sync) == inspect.getdoc(engine), name
+    plain = {"poll_finished", "live", "stats"}  # plain methods, run on the loop thread
+    for name in plain:
+        assert _params(getattr(SyncHandoff, name)) == _params(getattr(Handoff, name)), name
 
 
 def test_every_engine_operation_reaches_the_sync_facade() -> None:

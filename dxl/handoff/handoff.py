@@ -406,6 +406,24 @@ class Handoff:
         self._finished.clear()
         return out
 
+    async def wait_finished(self, timeout_s: float | None = None) -> list[Finished]:
+        """:meth:`poll_finished` once at least one offer ended, or after ``timeout_s`` (then
+        possibly empty); ``None`` waits as long as it takes."""
+        if timeout_s is not None and (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, int | float)
+            or not 0 <= timeout_s < float("inf")
+        ):
+            raise param_invalid("wait_finished", f"timeout_s must be >= 0 s, got {timeout_s!r}")
+        while not self._finished:
+            self._finished_event.clear()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._finished_event.wait()
+            except TimeoutError:
+                break
+        return self.poll_finished()
+
     def live(self) -> int:
         """Offers of this engine not ended yet."""
         return len(self._offers)
