@@ -48,11 +48,20 @@ async def _serve(w: Workload, conn: Connection, logs: LogCapture) -> None:
         async with Engine(TARGET_ID, LLMRole.PROMPT, cfg) as eng:
             key = BlocksCacheKey(TARGET_ID, 0)
             if w.memory == "allocated":
-                desc = CacheDesc(w.tensors, [w.num_blocks, w.block_bytes // 2],
-                                 DataType.DT_FLOAT16, Placement.HOST)
+                desc = CacheDesc(
+                    w.tensors,
+                    [w.num_blocks, w.block_bytes // 2],
+                    DataType.DT_FLOAT16,
+                    Placement.HOST,
+                )
                 cache = await eng.allocate_blocks_cache(desc, key)
-                kv = KVBuffers.over(cache.tensor_addrs, w.num_blocks, w.block_bytes,
-                                    seed=SOURCE_SEED, fill=w.op == "pull")
+                kv = KVBuffers.over(
+                    cache.tensor_addrs,
+                    w.num_blocks,
+                    w.block_bytes,
+                    seed=SOURCE_SEED,
+                    fill=w.op == "pull",
+                )
                 if w.op != "pull":
                     clear(kv)
             else:
