@@ -47,3 +47,14 @@ def test_asyncio_server_example():
               "--max-blocks", "8")
     assert out.count("verified") == 8
     assert "failures 0" in out
+
+
+def test_handoff_metrics_example():
+    pytest.importorskip(
+        "prometheus_client", reason="the example serves Prometheus text: the metrics extra"
+    )
+    out = run("handoff_metrics.py", "--requests", "15", "--scrape")
+    assert "ends: {'done': 10, 'failed': 0, 'aborted': 2, 'expired': 3}" in out
+    assert 'dxl_handoff_offers_ended_total{engine="1",peer="2",reason="done"} 10.0' in out
+    assert 'dxl_handoff_renewals_received_total{engine="1",peer="2"} 4.0' in out
+    assert "failures 0" in out
