@@ -164,6 +164,7 @@ class Handoff:
         self._by_request: dict[str, int] = {}
         self._claims: dict[tuple[int, int], _Claim] = {}
         self._fetches: dict[tuple[int, int], _Fetch] = {}
+        self._linking_to: dict[int, asyncio.Future[None]] = {}  # one link attempt per peer
         self._ids = itertools.count(1)
         self._finished: deque[Finished] = deque()
         self._finished_event = asyncio.Event()
@@ -883,12 +884,29 @@ class Handoff:
             raise param_invalid(op, "the ticket names this engine")
         link = self._links.get(t.cluster_id)
         if link is None:
-            ip, _, port = t.endpoint.rpartition(":")
-            info = LLMClusterInfo()
-            info.remote_cluster_id = t.cluster_id
-            info.append_local_ip_info("127.0.0.1", 0)
-            info.append_remote_ip_info(ip.strip("[]"), int(port))
-            await self._linking.link_clusters([info], max(1, int(min(timeout, 30) * 1000)))
+            # concurrent first fetches from one engine share one attempt (a second
+            # link_clusters to a peer being linked fails with LLM_PROCESSING_LINK)
+            cid = t.cluster_id
+            attempt = self._linking_to.get(cid)
+            if attempt is None:
+                ip, _, port = t.endpoint.rpartition(":")
+                info = LLMClusterInfo()
+                info.remote_cluster_id = cid
+                info.append_local_ip_info("127.0.0.1", 0)
+                info.append_remote_ip_info(ip.strip("[]"), int(port))
+                attempt = asyncio.ensure_future(
+                    self._link_once(info, max(1, int(min(timeout, 30) * 1000)))
+                )
+                self._linking_to[cid] = attempt
+
+                def forget(f: asyncio.Future[None], cid: int = cid) -> None:
+                    if self._linking_to.get(cid) is f:
+                        del self._linking_to[cid]
+                    if not f.cancelled():
+                        f.exception()  # retrieved: every waiter may have gone
+
+                attempt.add_done_callback(forget)
+            await asyncio.shield(attempt)
             link = self._links.get(t.cluster_id)
         if link is None:
             raise self._failed(
@@ -902,6 +920,9 @@ class Handoff:
                 partial or [],
             )
         return link
+
+    async def _link_once(self, info: LLMClusterInfo, timeout_ms: int) -> None:
+        await self._linking.link_clusters([info], timeout_ms)
 
     def stats(self) -> dict[str, Any]:
         """Counters of this engine's handoffs, and per peer (cluster id; -1: offers nobody
