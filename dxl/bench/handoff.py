@@ -63,6 +63,11 @@ PROBE_PASS = 1 << 20
 FETCH_TIMEOUT_S = 300.0  # a loaded machine makes fetches slow, never failed
 SYNC_KV_TIMEOUT_MS = 120_000
 READY_TIMEOUT_S = 300
+LINK_BATCH = 8  # fan-in: prefill engines linked at once before the warm-up
+LINK_TIMEOUT_MS = 30_000
+# fan-in: 64 engines in a couple of processes can starve an event loop for seconds on a
+# small, loaded machine; three missed 1 s heartbeats would drop links mid-run
+FANIN_HEARTBEAT_MS = 10_000
 FANIN_MAX_BYTES = 4 << 30  # the decode's fan-in destination (and the prefills' caches, in all)
 JOIN_TIMEOUT_S = 30
 
@@ -134,6 +139,8 @@ def _config(hw: HandoffWorkload) -> Any:
     cfg.max_registered_addrs = max(240, 2 * hw.tensors)
     if hw.transfer_threads is not None:
         cfg.transfer_threads = hw.transfer_threads
+    if hw.kind == "fanin":
+        cfg.heartbeat_interval_ms = FANIN_HEARTBEAT_MS
     return cfg
 
 
@@ -304,7 +311,9 @@ class _Decode:
         kv: KVBuffers,
         routers: list[_Router],
         progress: Callable[[int, str], None],
+        endpoints: dict[int, tuple[int, tuple[str, int]]],
     ) -> None:
+        self.endpoints = endpoints  # prefill engine -> (cluster id, listen address)
         self.hw = hw
         self.eng = eng
         self.cache = cache
@@ -448,6 +457,36 @@ def _fanin_ok(d: _Decode, src: list[list[int]], dst: list[list[int]], engines: l
     )
 
 
+async def _link_all(d: _Decode) -> None:
+    """Link the decode to every prefill engine, a few at a time, before anything is timed.
+
+    A fetch links by itself when it has to, but 64 first fetches at once mean 64 link
+    handshakes at once, and on a loaded 2-CPU machine some then miss the listener's
+    handshake deadline (5 s): a decode links to its prefills ahead of traffic anyway."""
+    from .. import LLMClusterInfo, LLMStatusCode
+
+    ok = (LLMStatusCode.LLM_SUCCESS, LLMStatusCode.LLM_ALREADY_LINK)
+    todo = sorted(d.endpoints.values())
+    codes: list[Any] = []
+    for _ in range(3):
+        failed = []
+        for lo in range(0, len(todo), LINK_BATCH):
+            batch = todo[lo : lo + LINK_BATCH]
+            infos = []
+            for cid, (ip, port) in batch:
+                info = LLMClusterInfo()
+                info.remote_cluster_id = cid
+                info.append_local_ip_info("127.0.0.1", 0)
+                info.append_remote_ip_info(ip, port)
+                infos.append(info)
+            _, codes = await d.eng.link_clusters(infos, LINK_TIMEOUT_MS)
+            failed += [e for e, code in zip(batch, codes, strict=True) if code not in ok]
+        if not failed:
+            return
+        todo = failed
+    raise BenchFailure(f"could not link to {len(todo)} prefill engine(s), e.g. {todo[0]}")
+
+
 async def _fanin(d: _Decode) -> dict[str, Any]:
     """Warm-up round, then passes of N concurrent fetches (one per prefill engine) and of N
     sequential fetches from one prefill engine (alternating order)."""
@@ -507,7 +546,8 @@ async def _fanin(d: _Decode) -> dict[str, Any]:
         await ended([(0, rid) for _, rid, _ in items])
         return wall, _fanin_ok(d, src, dst, [0] * n)
 
-    _, _, verified = await fanin("warm")  # links every prefill engine, touches every page
+    await _link_all(d)
+    _, _, verified = await fanin("warm")  # touches every page
     ok_single = (await single("warm"))[1]
     verified &= ok_single
     link = await d.link_transport()
@@ -558,7 +598,12 @@ async def _decode(
     try:
         async with Engine(DECODE_ID, LLMRole.DECODER, _config(hw)) as eng:
             cache = await eng.register_blocks_cache(kv.desc(), kv.addrs, remote_accessible=True)
-            d = _Decode(hw, eng, cache, kv, routers, progress)
+            endpoints = {
+                int(i): (int(cid), (str(addr[0]), int(addr[1])))
+                for h in hosts
+                for i, (cid, addr) in h["engines"].items()
+            }
+            d = _Decode(hw, eng, cache, kv, routers, progress, endpoints)
             return await (_latency(d) if hw.kind == "latency" else _fanin(d))
     finally:
         for r in routers:
@@ -614,6 +659,7 @@ def row_base(hw: HandoffWorkload) -> dict[str, Any]:
         "passes": hw.passes,
         "prefills": hw.prefills,
         "prefill_processes": hw.hosts,
+        "heartbeat_ms": FANIN_HEARTBEAT_MS if hw.kind == "fanin" else None,
         "transfer_threads": hw.transfer_threads,
         "loop": hw.loop,
         "seed": hw.seed,
