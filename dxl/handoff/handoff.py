@@ -787,11 +787,14 @@ class Handoff:
 
     async def complete(self, ticket: TicketLike, *, failed: str = "") -> None:
         """Push mode: every layer was pushed (or ``failed``: why not): the destination's offer
-        ends done (or failed) on its engine, exactly once."""
+        ends done (or failed) on its engine, exactly once. Pushes of it still running are
+        waited for first; none starts after."""
         t = Ticket.of(ticket)
         claim = self._claims.pop((t.cluster_id, t.offer_id), None)
         if claim is None:
             raise fail("complete", Code.LLM_KV_CACHE_NOT_EXIST, "this engine holds no such claim")
+        claim.aborted = True  # no push of it starts any more ...
+        await claim.idle.wait()  # ... and the offer ends only after the ones running returned
         code = Code.LLM_FAILED if failed else Code.LLM_SUCCESS
         ack = await self._request(
             claim.link,
