@@ -427,3 +427,147 @@ def test_plot_writes_a_png(tmp_path) -> None:
     rows = [_row(), _row(block_bytes=65536, gbps=8.0), _row(verified=False, gbps=None)]
     assert plot(rows, str(out)) == 1
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------- --handoff
+
+
+def _handoff_workloads(*args: str) -> list:
+    from dxl.bench import handoff
+
+    parsed = cli.bench_parser().parse_args(["--handoff", *args])
+    return handoff.workloads(
+        parsed.transport,
+        parsed.block_bytes or [16 << 10],
+        parsed.layers,
+        lambda bb: shape_for(bb, parsed.layers, parsed.cache_mib, parsed.blocks_per_request),
+        20,
+        3,
+        parsed.passes,
+        parsed.fan_in,
+        parsed.seed,
+        parsed.loop,
+        parsed.threads,
+    )
+
+
+def test_handoff_defaults_are_the_full_size() -> None:
+    """64 blocks x 32 layers x 16 KiB per request; fan-in of 64 prefill engines, 4 GiB."""
+    lat, fan = _handoff_workloads("--transport", "cma")
+    assert (lat.kind, lat.block_bytes, lat.layers, lat.blocks_per_request) == (
+        "latency",
+        16 << 10,
+        32,
+        64,
+    )
+    assert lat.request_bytes == 64 << 20 and lat.prefills == 1
+    assert (fan.kind, fan.prefills, fan.blocks_per_request) == ("fanin", 64, 64)
+    assert fan.prefills * fan.request_bytes == 4 << 30
+    engines = [i for h in range(fan.hosts) for i in fan.engines_of(h)]
+    assert engines == list(range(64))  # every prefill engine runs in exactly one host process
+    assert [w.kind for w in _handoff_workloads("--fan-in", "0")] == ["latency", "latency"]
+    [_, big] = _handoff_workloads("--transport", "tcp", "--block-bytes", "1M")
+    assert big.prefills * big.request_bytes <= 4 << 30  # k is cut to keep fan-in in 4 GiB
+
+
+def test_report_shows_handoff_and_fanin_only_when_verified() -> None:
+    base = {
+        "transport": "cma",
+        "link_transport": "cma",
+        "block_bytes": 4096,
+        "blocks_per_request": 8,
+    }
+    lat = {
+        **base,
+        "mode": "handoff",
+        "request_bytes": 1 << 20,
+        "handoff_p50_us": 1234.0,
+        "handoff_p99_us": 2345.0,
+        "fetch_p50_us": 1200.0,
+        "pull_p50_us": 1000.0,
+        "pull_p99_us": 2000.0,
+        "ratio_p50": 1.234,
+        "ratio_p99": 1.1725,
+        "verified": True,
+        "error": None,
+    }
+    fan = {
+        **base,
+        "mode": "fanin",
+        "prefills": 4,
+        "request_bytes": 1 << 20,
+        "fanin_gbps": 3.21,
+        "single_gbps": 4.32,
+        "ratio": 0.743,
+        "fanin_fetch_p50_us": 5000.0,
+        "fanin_fetch_p99_us": 6000.0,
+        "verified": True,
+        "error": None,
+    }
+    text = report.render([lat, fan], "dxl bench --handoff")
+    assert "Request handoff latency" in text and "Handoff fan-in" in text
+    assert "|      1.23 |" in text and "1.17" in text and "3.21" in text and "0.74" in text
+    bad = dict(lat, verified=False, error="bytes differ", label="cma handoff 4K")
+    text = report.render([bad], "dxl bench --handoff")
+    assert "UNVERIFIED" in text and "1.23" not in text and "2.35" not in text
+    assert "UNVERIFIED: cma handoff 4K: bytes differ" in text
+
+
+def _check_handoff_rows(rows: list[dict], transport: str, prefills: int) -> None:
+    lat, fan = rows
+    assert (lat["mode"], fan["mode"]) == ("handoff", "fanin")
+    for r in rows:
+        assert r["verified"] is True and r["error"] is None, r
+        assert r["link_transport"] == transport
+    assert 0 < lat["handoff_p50_us"] <= lat["handoff_p99_us"]
+    assert 0 < lat["pull_p50_us"] <= lat["pull_p99_us"] and lat["fetch_p50_us"] > 0
+    assert lat["ratio_p50"] == pytest.approx(lat["handoff_p50_us"] / lat["pull_p50_us"], 0.01)
+    offerer = lat["offerer"]  # the prefill's own account: every offer ended done, once
+    assert offerer["offers"] == offerer["ended"]["done"] == 1 + 3 * 1 + 1  # probe + passes
+    assert offerer["offers_live"] == 0
+    assert lat["fetcher"]["fetch"]["ops"] == offerer["offers"]
+    assert fan["prefills"] == prefills and fan["fanin_gbps"] > 0 and fan["single_gbps"] > 0
+    assert fan["ratio"] == pytest.approx(fan["fanin_gbps"] / fan["single_gbps"], 0.01)
+    # warm-up and one pass: a fan-in round and a single-link run of N offers each
+    assert fan["fetcher"]["fetch"]["ops"] == 4 * prefills
+
+
+@pytest.mark.multiproc
+@pytest.mark.cma
+def test_handoff_smoke_cma_is_verified() -> None:
+    rc, rows, err = run_bench(
+        "--handoff", "--transport", "cma", "--fan-in", "3", "--block-bytes", "4K", *SMOKE
+    )
+    assert rc == 0, err
+    _check_handoff_rows(rows, "cma", 3)
+    assert "Request handoff latency" in err and "Handoff fan-in" in err
+
+
+@pytest.mark.multiproc
+def test_handoff_smoke_tcp_is_verified() -> None:
+    rc, rows, err = run_bench(
+        "--handoff", "--transport", "tcp", "--fan-in", "2", "--block-bytes", "4K", *SMOKE
+    )
+    assert rc == 0, err
+    _check_handoff_rows(rows, "tcp", 2)
+
+
+@pytest.mark.multiproc
+@pytest.mark.cma
+def test_handoff_corrupted_destination_gives_no_number() -> None:
+    rc, rows, err = run_bench(
+        "--handoff",
+        "--transport",
+        "cma",
+        "--fan-in",
+        "2",
+        "--block-bytes",
+        "4K",
+        "--debug-corrupt",
+        *SMOKE,
+    )
+    assert rc == 1
+    lat, fan = rows
+    assert lat["verified"] is False and lat["handoff_p50_us"] is None and lat["ratio_p50"] is None
+    assert fan["verified"] is False and fan["fanin_gbps"] is None and fan["ratio"] is None
+    assert err.count("UNVERIFIED") >= 2

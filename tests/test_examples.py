@@ -89,3 +89,30 @@ def test_asyncio_server_example():
     )
     assert out.count("verified") == 8
     assert "failures 0" in out
+
+
+def test_handoff_metrics_example():
+    pytest.importorskip(
+        "prometheus_client", reason="the example serves Prometheus text: the metrics extra"
+    )
+    out = run("handoff_metrics.py", "--requests", "15", "--scrape")
+    assert "ends: {'done': 10, 'failed': 0, 'aborted': 2, 'expired': 3}" in out
+    assert 'dxl_handoff_offers_ended_total{engine="1",peer="2",reason="done"} 10.0' in out
+    assert 'dxl_handoff_renewals_received_total{engine="1",peer="2"} 4.0' in out
+    assert "failures 0" in out
+
+
+def test_pd_handoff_example():
+    out = run("pd_handoff.py", "--requests", "24", "--concurrency", "4", "--layers", "2",
+              "--blocks", "64", "--max-blocks", "8", "--abort-every", "5", "--expire-every", "7")
+    assert "verified: every byte matches (17 requests" in out
+    # 4 aborted by the router, 3 too late for their lease: each ended once, as expected
+    assert "prefill ends (each offer exactly once): done 17, aborted 4, expired 3, failed 0" in out
+    assert "late decodes told why: LLM_KV_CACHE_NOT_EXIST" in out
+    assert "prefill: offer -> done" in out and "PROBLEMS" not in out
+
+
+def test_pd_handoff_example_over_tcp():
+    out = run("pd_handoff.py", "--requests", "12", "--concurrency", "4", "--layers", "2",
+              "--blocks", "64", "--max-blocks", "8", "--transport", "tcp")
+    assert "(tcp, 4 at a time" in out and "verified: every byte matches" in out

@@ -10,8 +10,9 @@ Modules, one job each: ``cli`` (arguments, entry point), ``workload`` (shapes, r
 verification), ``target`` and ``initiator`` (the two processes), ``control`` (the pipe between
 them), ``engines`` (engine options, event loop), ``measure`` (timing through the async or sync
 API), ``baselines`` (memcpy, raw socket), ``overhead`` (one-piece latency, planning time),
-``runner`` (spawns and collects), ``rows`` (JSON rows), ``report`` (tables, progress bar) and
-``plot``.
+``runner`` (spawns and collects), ``rows`` (JSON rows), ``report`` (tables, progress bar),
+``plot``, and ``handoff`` (``--handoff``: request handoff latency beside ``pull_blocks``, and the
+fan-in of many prefill engines into one decode, in processes of its own).
 """
 
 from __future__ import annotations

@@ -163,6 +163,20 @@ def bench_parser(prog: str = "dxl bench") -> argparse.ArgumentParser:
         "and the planning time of a 128k-token, 64-layer request",
     )
     a(
+        "--handoff",
+        action="store_true",
+        help="request handoff (dxl.handoff): offer -> ticket -> fetch -> done latency beside a "
+        "plain pull_blocks of the same blocks, and the fan-in of --fan-in prefill engines "
+        "fetched by one decode at once beside one link (default block size 16K)",
+    )
+    a(
+        "--fan-in",
+        type=_non_negative,
+        default=64,
+        metavar="N",
+        help="--handoff: prefill engines fetched at once by one decode (default 64; 0: skip)",
+    )
+    a(
         "--from-json",
         nargs="+",
         metavar="FILE",
@@ -248,6 +262,8 @@ def bench_main(argv: list[str], prog: str = "dxl bench") -> int:
         require_matplotlib()
     if args.from_json:
         return _replay(args)
+    if args.handoff:
+        return _handoff(args, argv, prog)
     todo = workloads(args)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     progress = Progress(sum(units_for(w) for w in todo), show)
@@ -275,6 +291,51 @@ def bench_main(argv: list[str], prog: str = "dxl bench") -> int:
 
         n = plot(rows, args.plot)
         print(f"plot: {args.plot} ({n} dxl series)", file=sys.stderr)
+    return 0 if all(r.get("verified") and not r.get("error") for r in rows) else 1
+
+
+def _handoff(args: argparse.Namespace, argv: list[str], prog: str) -> int:
+    """``--handoff``: the latency and fan-in configurations (see :mod:`dxl.bench.handoff`)."""
+    from . import handoff
+    from .report import Progress, render
+
+    def shape(bb: int) -> tuple[int, int]:
+        blocks, k = shape_for(bb, args.layers, args.cache_mib, args.blocks_per_request)
+        if k > blocks:
+            raise SystemExit(
+                f"dxl bench: --blocks-per-request {k} exceeds the {blocks} "
+                f"blocks of a {args.cache_mib} MiB cache at B={bb}"
+            )
+        return blocks, k
+
+    todo = handoff.workloads(
+        args.transport,
+        args.block_bytes or [16 << 10],
+        args.layers,
+        shape,
+        args.requests or 20,
+        args.warmup if args.warmup is not None else 3,
+        args.passes,
+        args.fan_in,
+        args.seed,
+        args.loop,
+        args.threads,
+        args.debug_corrupt,
+    )
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    progress = Progress(sum(handoff.units_for(w) for w in todo), show)
+
+    def emit(row: dict[str, Any]) -> None:
+        if args.json:
+            progress.close()
+            print(json.dumps(row), flush=True)
+
+    try:
+        rows = handoff.run_all(todo, progress, args.timeout, emit, args.verbose)
+    finally:
+        progress.close()
+    text = render(rows, f"{prog} {shlex.join(argv)}".rstrip())
+    print(text, file=sys.stderr if args.json else sys.stdout, end="", flush=True)
     return 0 if all(r.get("verified") and not r.get("error") for r in rows) else 1
 
 

@@ -246,6 +246,82 @@ def plan_table(rows: list[dict[str, Any]]) -> list[str]:
     return _markdown(header, body)
 
 
+def handoff_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Handoff latency rows (offer -> ticket -> fetch -> done) beside plain pull_blocks."""
+    header = [
+        "transport",
+        "B",
+        "k",
+        "MiB/req",
+        "handoff p50 ms",
+        "handoff p99 ms",
+        "fetch() p50 ms",
+        "pull p50 ms",
+        "pull p99 ms",
+        "ratio p50",
+        "ratio p99",
+    ]
+    body = []
+    for r in rows:
+        bad = _status(r)
+
+        def ms(key: str, r: dict[str, Any] = r) -> str:
+            value = r.get(key)
+            return _num(None if value is None else value / 1e3)
+
+        body.append(
+            [
+                r.get("link_transport") or r["transport"],
+                format_size(r["block_bytes"]),
+                str(r["blocks_per_request"]),
+                f"{r['request_bytes'] / (1 << 20):.0f}",
+                bad or ms("handoff_p50_us"),
+                bad or ms("handoff_p99_us"),
+                bad or ms("fetch_p50_us"),
+                ms("pull_p50_us"),
+                ms("pull_p99_us"),
+                bad or _num(r.get("ratio_p50")),
+                bad or _num(r.get("ratio_p99")),
+            ]
+        )
+    return _markdown(header, body)
+
+
+def fanin_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Fan-in rows: N prefill engines fetched at once by one decode, beside one link."""
+    header = [
+        "transport",
+        "prefills",
+        "B",
+        "k",
+        "MiB/offer",
+        "fan-in GB/s",
+        "one link GB/s",
+        "ratio",
+        "fetch p50 ms",
+        "fetch p99 ms",
+    ]
+    body = []
+    for r in rows:
+        bad = _status(r)
+        p50, p99 = r.get("fanin_fetch_p50_us"), r.get("fanin_fetch_p99_us")
+        body.append(
+            [
+                r.get("link_transport") or r["transport"],
+                str(r["prefills"]),
+                format_size(r["block_bytes"]),
+                str(r["blocks_per_request"]),
+                f"{r['request_bytes'] / (1 << 20):.0f}",
+                bad or _num(r.get("fanin_gbps")),
+                _num(r.get("single_gbps")),
+                bad or _num(r.get("ratio")),
+                bad or _num(None if p50 is None else p50 / 1e3),
+                bad or _num(None if p99 is None else p99 / 1e3),
+            ]
+        )
+    return _markdown(header, body)
+
+
 def render(rows: list[dict[str, Any]], command: str) -> str:
     """Every table for ``rows``, with the machine and the command, and the failures below."""
     out = [machine_line(), f"command: {command}", ""]
@@ -253,6 +329,8 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
     over = [r for r in rows if r.get("mode") == "overhead"]
     plan = [r for r in rows if r.get("mode") == "plan"]
     stall = [r for r in over if r.get("api") == "async" and "loop_burst" in r]
+    handoff = [r for r in rows if r.get("mode") == "handoff"]
+    fanin = [r for r in rows if r.get("mode") == "fanin"]
     if bench:
         out += [
             "Throughput (GB/s = 1e9 B/s of payload; medians over passes; ratio = dxl / "
@@ -278,12 +356,32 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
             *loop_stall_table(stall),
             "",
         ]
+    if handoff:
+        out += [
+            "Request handoff latency (offer -> ticket -> fetch -> the offerer sees done, timed "
+            "on the offerer; fetch() = the decode's call; pull = pull_blocks of the same blocks "
+            "over the same link, same passes; medians over passes of each pass's p50/p99; "
+            "ratio = handoff / pull):",
+            "",
+            *handoff_table(handoff),
+            "",
+        ]
+    if fanin:
+        out += [
+            "Handoff fan-in (N prefill engines' offers fetched at once by one decode, beside "
+            "the same N offers of one prefill engine fetched one after another over one link; "
+            "GB/s = 1e9 B/s of payload, medians over passes; ratio = fan-in / one link):",
+            "",
+            *fanin_table(fanin),
+            "",
+        ]
     if plan:
         out += ["Planning (dxl.plan.block_pieces):", "", *plan_table(plan), ""]
     failed = [r for r in rows if r.get("error")]
     for r in failed:
-        out.append(
-            f"{_status(r)}: {r['transport']} {r['op']} {r['api']} c{r['concurrency']} "
-            f"{format_size(r['block_bytes'])}: {r['error']}"
+        label = r.get("label") or (
+            f"{r['transport']} {r['op']} {r['api']} c{r['concurrency']} "
+            f"{format_size(r['block_bytes'])}"
         )
+        out.append(f"{_status(r)}: {label}: {r['error']}")
     return "\n".join(out).rstrip() + "\n"

@@ -56,6 +56,7 @@ from ..engine.stats import OpStats
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
 from ..memory.plan import block_pieces
 from ..types import Cache, LLMClusterInfo
+from .histogram import Histogram
 from .slots import Slots
 from .ticket import Ended, FetchError, Finished, Ticket
 
@@ -92,6 +93,7 @@ class _Offer:
     task: asyncio.Task[None] | None = None  # pull mode: the copy serving the claim
     on_layer: LayerCallback | None = None  # push mode: the decode's per-layer callback
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    created: float = field(default_factory=time.monotonic)
 
 
 @dataclass(slots=True)
@@ -119,10 +121,16 @@ class HandoffStats:
     def __init__(self) -> None:
         self.offers = 0
         self.ended: dict[str, int] = {e.value: 0 for e in Ended}
-        self.renewals = 0
+        self.renewals = 0  # renewals this engine made (renew(), and fetches waiting for a slot)
+        self.renewals_received = 0  # renewals of our offers, by the engines that hold tickets
+        self.bytes_sent = 0  # written by this engine: offers served (pull), pushes (push)
+        self.bytes_received = 0  # written into this engine: fetches (pull), pushed layers (push)
         self.fetches = OpStats()  # latency of fetches this engine made
         self.fetch_failures: dict[str, int] = {}
         self.per_peer: dict[int, dict[str, int]] = {}
+        self.fetch_seconds = Histogram()  # fetches this engine made, call to return
+        self.done_seconds = Histogram()  # our offers that ended done, offer() to the end
+        self.per_peer_hist: dict[int, dict[str, Histogram]] = {}
 
     def peer(self, cluster_id: int | None) -> dict[str, int]:
         return self.per_peer.setdefault(cluster_id if cluster_id is not None else -1, {})
@@ -130,6 +138,12 @@ class HandoffStats:
     def count(self, cluster_id: int | None, what: str, n: int = 1) -> None:
         counters = self.peer(cluster_id)
         counters[what] = counters.get(what, 0) + n
+
+    def observe(self, cluster_id: int | None, what: str, seconds: float) -> None:
+        """One latency into the engine's histogram ``what`` and the peer's."""
+        getattr(self, what).observe(seconds)
+        peer = self.per_peer_hist.setdefault(cluster_id if cluster_id is not None else -1, {})
+        peer.setdefault(what, Histogram()).observe(seconds)
 
 
 class Handoff:
@@ -376,6 +390,8 @@ class Handoff:
         peer = offer.claimer.peer.cluster_id if offer.claimer is not None else None
         self._stats.ended[reason.value] += 1
         self._stats.count(peer, reason.value)
+        if reason is Ended.DONE:
+            self._stats.observe(peer, "done_seconds", time.monotonic() - offer.created)
         self._finished.append(
             Finished(
                 offer.request_id,
@@ -473,9 +489,9 @@ class Handoff:
                 self._end(offer, Ended.ABORTED, "aborted during the fetch")
             else:
                 self._end(offer, Ended.DONE)
-                self._stats.count(
-                    link.peer.cluster_id, "bytes_sent", _nbytes(offer, groups, dst.size)
-                )
+                nbytes = _nbytes(offer, groups, dst.size)
+                self._stats.count(link.peer.cluster_id, "bytes_sent", nbytes)
+                self._stats.bytes_sent += nbytes
         except LLMException as exc:
             code, message = exc.status_code, str(exc)
             self._end(offer, Ended.FAILED, message)
@@ -619,6 +635,7 @@ class Handoff:
         if ack["code"]:
             raise fail("renew", status_from_code(ack["code"]), ack["message"])
         self._stats.renewals += 1
+        self._stats.count(t.cluster_id, "renewals_sent")
 
     async def _on_renew(self, link: Link, msg: dict[str, Any]) -> None:
         offer = self._offers.get(msg["offer"])
@@ -627,6 +644,7 @@ class Handoff:
             return
         self._arm_lease(offer)
         self._stats.count(link.peer.cluster_id, "renewals")
+        self._stats.renewals_received += 1
         link.channel.ack(msg["rid"])
 
     # ================================================================== fetching side
@@ -665,8 +683,13 @@ class Handoff:
         link = await self._link_to(op, t, deadline_s, partial)
         async with self._fetch_slot(t, link):
             await self._run_fetch(t, link, entry, dst, on_layer, deadline_s, partial)
-        self._stats.fetches.record(_ticket_bytes(t), len(partial), time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        nbytes = _ticket_bytes(t, len(partial))  # the tail it fetched, maybe not every block
+        self._stats.fetches.record(nbytes, len(partial), elapsed)
         self._stats.count(t.cluster_id, "fetched")
+        self._stats.count(t.cluster_id, "bytes_received", nbytes)
+        self._stats.bytes_received += nbytes
+        self._stats.observe(t.cluster_id, "fetch_seconds", elapsed)
 
     @contextlib.asynccontextmanager
     async def _fetch_slot(self, t: Ticket, link: Link) -> AsyncIterator[None]:
@@ -694,6 +717,7 @@ class Handoff:
                     "renew", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token
                 )
                 self._stats.renewals += 1
+                self._stats.count(t.cluster_id, "renewals_sent")
 
     async def _run_fetch(
         self,
@@ -855,14 +879,20 @@ class Handoff:
         )
         if ack["code"]:
             raise self._failed(t, status_from_code(ack["code"]), ack["message"], dst_blocks)
+        pushed = src.size * src_bases.size * bb
+        self._stats.bytes_sent += pushed
+        self._stats.count(t.cluster_id, "bytes_sent", pushed)
 
     async def complete(self, ticket: TicketLike, *, failed: str = "") -> None:
         """Push mode: every layer was pushed (or ``failed``: why not): the destination's offer
-        ends done (or failed) on its engine, exactly once."""
+        ends done (or failed) on its engine, exactly once. Pushes of it still running are
+        waited for first; none starts after."""
         t = Ticket.of(ticket)
         claim = self._claims.pop((t.cluster_id, t.offer_id), None)
         if claim is None:
             raise fail("complete", Code.LLM_KV_CACHE_NOT_EXIST, "this engine holds no such claim")
+        claim.aborted = True  # no push of it starts any more ...
+        await claim.idle.wait()  # ... and the offer ends only after the ones running returned
         code = Code.LLM_FAILED if failed else Code.LLM_SUCCESS
         ack = await self._request(
             claim.link,
@@ -941,6 +971,10 @@ class Handoff:
             link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no such claimed offer")
             return
         self._arm_lease(offer)
+        landed = (msg["hi"] - msg["lo"]) * offer.tnpl * int(offer.blocks.size)
+        landed *= offer.entry.layout.unit_bytes
+        self._stats.bytes_received += landed
+        self._stats.count(link.peer.cluster_id, "bytes_received", landed)
         if offer.on_layer is not None:
             try:
                 result = offer.on_layer(msg["lo"], msg["hi"])
@@ -998,17 +1032,38 @@ class Handoff:
         return link
 
     def stats(self) -> dict[str, Any]:
+        """Counters of this engine's handoffs, and per peer (cluster id; -1: offers nobody
+        claimed). ``per_peer`` counters: ``done``/``failed``/``aborted``/``expired`` (our
+        offers' ends), ``bytes_sent``/``bytes_received``, ``fetched``/``fetch_failed`` (our
+        fetches), ``renewals`` (of our offers, received) and ``renewals_sent``. Histograms
+        (:meth:`Histogram.snapshot`, seconds): ``fetch_seconds`` (our fetches) and
+        ``done_seconds`` (our offers that ended done, from ``offer()``), per peer in
+        ``per_peer_hist``. See dxl/handoff/metrics.py for Prometheus."""
         s = self._stats
+        live_by_peer: dict[int, int] = {}
+        for offer in self._offers.values():
+            peer = offer.claimer.peer.cluster_id if offer.claimer is not None else -1
+            live_by_peer[peer] = live_by_peer.get(peer, 0) + 1
         return {
             "offers_live": len(self._offers),
             "offers": s.offers,
             "ended": dict(s.ended),
             "renewals": s.renewals,
+            "renewals_received": s.renewals_received,
+            "bytes_sent": s.bytes_sent,
+            "bytes_received": s.bytes_received,
             "fetch": s.fetches.snapshot(),
             "fetch_failures": dict(s.fetch_failures),
             "fetches_in_flight": len(self._fetches),
             "claims": len(self._claims),
+            "max_fetches": self.max_fetches,
+            "live_by_peer": live_by_peer,
             "per_peer": {k: dict(v) for k, v in s.per_peer.items()},
+            "fetch_seconds": s.fetch_seconds.snapshot(),
+            "done_seconds": s.done_seconds.snapshot(),
+            "per_peer_hist": {
+                k: {name: h.snapshot() for name, h in v.items()} for k, v in s.per_peer_hist.items()
+            },
         }
 
     async def close(self) -> None:
@@ -1107,10 +1162,10 @@ def _nbytes(offer: _Offer, groups: list[tuple[int, int]], blocks: int) -> int:
     return layers * offer.tnpl * int(blocks) * offer.entry.layout.unit_bytes
 
 
-def _ticket_bytes(t: Ticket) -> int:
+def _ticket_bytes(t: Ticket, blocks: int) -> int:
     layers = (
         (t.layers[1] - t.layers[0])
         if t.layers is not None
         else t.num_tensors // t.tensors_per_layer
     )
-    return layers * t.tensors_per_layer * len(t.block_ids) * t.block_bytes
+    return layers * t.tensors_per_layer * blocks * t.block_bytes
