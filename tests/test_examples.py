@@ -103,8 +103,23 @@ def test_handoff_metrics_example():
 
 
 def test_pd_handoff_example():
-    out = run("pd_handoff.py", "--requests", "24", "--concurrency", "4", "--layers", "2",
-              "--blocks", "64", "--max-blocks", "8", "--abort-every", "5", "--expire-every", "7")
+    out = run(
+        "pd_handoff.py",
+        "--requests",
+        "24",
+        "--concurrency",
+        "4",
+        "--layers",
+        "2",
+        "--blocks",
+        "64",
+        "--max-blocks",
+        "8",
+        "--abort-every",
+        "5",
+        "--expire-every",
+        "7",
+    )
     assert "verified: every byte matches (17 requests" in out
     # 4 aborted by the router, 3 too late for their lease: each ended once, as expected
     assert "prefill ends (each offer exactly once): done 17, aborted 4, expired 3, failed 0" in out
@@ -113,6 +128,19 @@ def test_pd_handoff_example():
 
 
 def test_pd_handoff_example_over_tcp():
-    out = run("pd_handoff.py", "--requests", "12", "--concurrency", "4", "--layers", "2",
-              "--blocks", "64", "--max-blocks", "8", "--transport", "tcp")
+    out = run(
+        "pd_handoff.py",
+        "--requests",
+        "12",
+        "--concurrency",
+        "4",
+        "--layers",
+        "2",
+        "--blocks",
+        "64",
+        "--max-blocks",
+        "8",
+        "--transport",
+        "tcp",
+    )
     assert "(tcp, 4 at a time" in out and "verified: every byte matches" in out
