@@ -647,8 +647,10 @@ def test_garbage_and_truncated_frames(server: Server, region: Region) -> None:
     h.sendall(REQ.pack(lib.DXL_TCP_REQ_MAGIC, 1, READ, 1, 2, 16)[:20])
     t = server.connect()
     t.sendall(REQ.pack(lib.DXL_TCP_REQ_MAGIC, 1, READ, 1, 2, 16) + b"\0" * 20)
-    w = server.connect()  # a WRITE whose payload never fully arrives
-    send_request(w, WRITE, [(region.addr, 4096)], payload=b"\1" * 100)
+    # A WRITE whose payload never fully arrives. The bytes that did arrive may land (tcp
+    # writes stream into place), so it targets memory that assert_serves does not read.
+    w = server.connect()
+    send_request(w, WRITE, [(region.addr + 16 * MiB, 4096)], payload=b"\1" * 100)
     assert_serves(server, region)  # the stalled ones do not block others
     for s in (h, t, w):
         s.close()
@@ -914,9 +916,9 @@ def test_server_stopped_with_connections_open(region: Region) -> None:
     ra = np.array([region.addr], dtype=np.uint64)
     ln = np.array([64], dtype=np.uint64)
     t0 = time.monotonic()
-    rc, _, res = transfer(socks, 0, la, ra, ln, timeout_ms=3000)
+    rc, _, res = transfer(socks, 0, la, ra, ln, timeout_ms=30000)
     assert rc == lib.DXL_E_PEER, err_name(rc)
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 10  # the closed connections failed it, not its 30 s timeout
     assert res.broken_mask & 1
     srv.stop()
 
@@ -1042,12 +1044,11 @@ def test_fence_waits_for_requests_in_flight_and_cuts_off_stalled_ones(
     aborted = ffi.new("uint64_t *")
     t0 = time.monotonic()
     assert lib.dxl_tcp_server_fence(server.ptr, 100, aborted) == lib.DXL_OK
-    assert 0.09 < time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 > 0.09  # it waited for the stalled request before cutting it
     assert aborted[0] == 1
     stats = server.stats()
     assert stats["requests_aborted"] == 1 and stats["conns_live"] == 0
-    # A fence with nothing in flight returns at once.
-    t0 = time.monotonic()
+    # A fence with nothing in flight returns even with no deadline (-1 waits for ever otherwise).
     assert lib.dxl_tcp_server_fence(server.ptr, -1, aborted) == lib.DXL_OK
-    assert aborted[0] == 0 and time.monotonic() - t0 < 0.5
+    assert aborted[0] == 0
     assert_serves(server, region)
