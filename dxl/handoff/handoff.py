@@ -52,11 +52,17 @@ from ..engine.mover import Mover
 from ..engine.registry import LocalCache, RemoteCache
 from ..engine.resolve import Resolver, Route
 from ..engine.state import Identity, RunState
-from ..engine.stats import OpStats
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
 from ..memory.plan import block_pieces
 from ..types import Cache, LLMClusterInfo
-from .histogram import Histogram
+from .counters import HandoffStats, fetch_failed
+from .defaults import (
+    ABORT_TIMEOUT_S,
+    CALLER_OFFER_IDS,
+    DEFAULT_FETCH_TIMEOUT_S,
+    DEFAULT_LEASE_S,
+    DEFAULT_MAX_FETCHES,
+)
 from .slots import Slots
 from .ticket import Ended, FetchError, Finished, Ticket
 
@@ -65,11 +71,17 @@ Code = LLMStatusCode
 TicketLike = Ticket | Mapping[str, Any] | str | bytes
 LayerCallback = Callable[[int, int], Awaitable[None] | None]  # (first layer, stop layer)
 
-DEFAULT_LEASE_S = 30.0  # as vLLM's NIXL connector
-DEFAULT_FETCH_TIMEOUT_S = 30.0
-DEFAULT_MAX_FETCHES = 64  # fetches in flight per engine; more wait (renewing their leases)
-ABORT_TIMEOUT_S = 5.0  # the other side confirms an abort within this, or loses its link
-CALLER_OFFER_IDS = 1 << 32  # offer ids a caller chooses start here; the engine's stay below
+__all__ = [
+    "ABORT_TIMEOUT_S",
+    "CALLER_OFFER_IDS",
+    "DEFAULT_FETCH_TIMEOUT_S",
+    "DEFAULT_LEASE_S",
+    "DEFAULT_MAX_FETCHES",
+    "Handoff",
+    "HandoffStats",
+    "LayerCallback",
+    "TicketLike",
+]
 
 
 @dataclass(slots=True)
@@ -113,37 +125,6 @@ class _Fetch:
 
     link: Link
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
-
-
-class HandoffStats:
-    """Counters per engine and per peer (``stats()`` gives them as a dict)."""
-
-    def __init__(self) -> None:
-        self.offers = 0
-        self.ended: dict[str, int] = {e.value: 0 for e in Ended}
-        self.renewals = 0  # renewals this engine made (renew(), and fetches waiting for a slot)
-        self.renewals_received = 0  # renewals of our offers, by the engines that hold tickets
-        self.bytes_sent = 0  # written by this engine: offers served (pull), pushes (push)
-        self.bytes_received = 0  # written into this engine: fetches (pull), pushed layers (push)
-        self.fetches = OpStats()  # latency of fetches this engine made
-        self.fetch_failures: dict[str, int] = {}
-        self.per_peer: dict[int, dict[str, int]] = {}
-        self.fetch_seconds = Histogram()  # fetches this engine made, call to return
-        self.done_seconds = Histogram()  # our offers that ended done, offer() to the end
-        self.per_peer_hist: dict[int, dict[str, Histogram]] = {}
-
-    def peer(self, cluster_id: int | None) -> dict[str, int]:
-        return self.per_peer.setdefault(cluster_id if cluster_id is not None else -1, {})
-
-    def count(self, cluster_id: int | None, what: str, n: int = 1) -> None:
-        counters = self.peer(cluster_id)
-        counters[what] = counters.get(what, 0) + n
-
-    def observe(self, cluster_id: int | None, what: str, seconds: float) -> None:
-        """One latency into the engine's histogram ``what`` and the peer's."""
-        getattr(self, what).observe(seconds)
-        peer = self.per_peer_hist.setdefault(cluster_id if cluster_id is not None else -1, {})
-        peer.setdefault(what, Histogram()).observe(seconds)
 
 
 class Handoff:
@@ -780,14 +761,7 @@ class Handoff:
             self._fetches.pop(key, None)
 
     def _failed(self, t: Ticket, code: LLMStatusCode, why: str, partial: list[int]) -> FetchError:
-        self._stats.fetch_failures[code.name] = self._stats.fetch_failures.get(code.name, 0) + 1
-        self._stats.count(t.cluster_id, "fetch_failed")
-        return FetchError(
-            f"handoff of request {t.request_id!r} from cluster {t.cluster_id} failed: {why}",
-            status_code=code if code != Code.LLM_SUCCESS else Code.LLM_FAILED,
-            request_id=t.request_id,
-            partial_blocks=partial,
-        )
+        return fetch_failed(self._stats, t, code, why, partial)
 
     async def _on_layer(self, link: Link, msg: dict[str, Any]) -> None:
         fetch = self._fetches.get((link.peer.cluster_id, msg["offer"]))
@@ -1039,32 +1013,17 @@ class Handoff:
         (:meth:`Histogram.snapshot`, seconds): ``fetch_seconds`` (our fetches) and
         ``done_seconds`` (our offers that ended done, from ``offer()``), per peer in
         ``per_peer_hist``. See dxl/handoff/metrics.py for Prometheus."""
-        s = self._stats
         live_by_peer: dict[int, int] = {}
         for offer in self._offers.values():
             peer = offer.claimer.peer.cluster_id if offer.claimer is not None else -1
             live_by_peer[peer] = live_by_peer.get(peer, 0) + 1
-        return {
-            "offers_live": len(self._offers),
-            "offers": s.offers,
-            "ended": dict(s.ended),
-            "renewals": s.renewals,
-            "renewals_received": s.renewals_received,
-            "bytes_sent": s.bytes_sent,
-            "bytes_received": s.bytes_received,
-            "fetch": s.fetches.snapshot(),
-            "fetch_failures": dict(s.fetch_failures),
-            "fetches_in_flight": len(self._fetches),
-            "claims": len(self._claims),
-            "max_fetches": self.max_fetches,
-            "live_by_peer": live_by_peer,
-            "per_peer": {k: dict(v) for k, v in s.per_peer.items()},
-            "fetch_seconds": s.fetch_seconds.snapshot(),
-            "done_seconds": s.done_seconds.snapshot(),
-            "per_peer_hist": {
-                k: {name: h.snapshot() for name, h in v.items()} for k, v in s.per_peer_hist.items()
-            },
-        }
+        return self._stats.snapshot(
+            offers_live=len(self._offers),
+            live_by_peer=live_by_peer,
+            fetches_in_flight=len(self._fetches),
+            claims=len(self._claims),
+            max_fetches=self.max_fetches,
+        )
 
     async def close(self) -> None:
         """Engine shutdown: every live offer ends (aborted), every fetch fails."""
