@@ -54,7 +54,7 @@ from ..engine.resolve import Resolver, Route
 from ..engine.state import Identity, RunState
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
 from ..memory.plan import block_pieces
-from ..types import Cache, LLMClusterInfo
+from ..types import Cache
 from .counters import HandoffStats, fetch_failed
 from .defaults import (
     ABORT_TIMEOUT_S,
@@ -63,6 +63,8 @@ from .defaults import (
     DEFAULT_LEASE_S,
     DEFAULT_MAX_FETCHES,
 )
+from .fence import WriterFence
+from .linking import TicketLinker
 from .slots import Slots
 from .ticket import Ended, FetchError, Finished, Ticket
 
@@ -145,7 +147,6 @@ class Handoff:
         self._opts = options
         self._state = state
         self._links = links
-        self._linking = linking
         self._listener = listener
         self._mover = mover
         self._resolver = resolver
@@ -154,12 +155,13 @@ class Handoff:
         self._claims: dict[tuple[int, int], _Claim] = {}
         self._claiming: dict[tuple[int, int], list[_Claim]] = {}  # asked for, not answered
         self._fetches: dict[tuple[int, int], _Fetch] = {}
-        self._link_setups: dict[int, asyncio.Lock] = {}  # one link setup per peer at a time
         self._ids = itertools.count(1)
         self._finished: deque[Finished] = deque()
         self._finished_event = asyncio.Event()
         self._slots = Slots(DEFAULT_MAX_FETCHES)
         self._stats = HandoffStats()
+        self._fence = WriterFence(listener)
+        self._linker = TicketLinker(identity, links, linking, self._stats)
         for kind, handler in (
             ("fetch", self._on_fetch),
             ("layer", self._on_layer),
@@ -529,17 +531,17 @@ class Handoff:
         claim = self._drop_claim(key)
         if claim is not None:  # push mode: we stop pushing, then tell the offerer
             await claim.idle.wait()
-        link = self._links.get(t.cluster_id)
+        link = self._linker.live_link(t.cluster_id)
         if link is None:  # tell the offerer even if we never linked (we need nothing of it);
-            # an operation of ours linking to it meanwhile: _link_to waits for that setup
+            # an operation of ours linking to it meanwhile: link_to waits for that setup
             with contextlib.suppress(LLMException):
-                link = await self._link_to("abort", t, ABORT_TIMEOUT_S)
+                link = await self._linker.link_to("abort", t, ABORT_TIMEOUT_S)
         self._drop_claim(key)  # a push of ours that asked for it meanwhile: its answer is void
         if link is None or link.peer.incarnation != t.incarnation:
             return
         fetching = self._fetches.get(key)
         if fetching is not None and fetching.link is link:  # it writes our blocks: it must stop
-            await self._stop_writer(link, offer=t.offer_id, token=t.token, mine=False)
+            await self._fence.stop_writer(link, offer=t.offer_id, token=t.token, mine=False)
         else:  # we write theirs (push) or nothing: telling it is a courtesy
             with contextlib.suppress(LLMException):
                 await link.channel.request(
@@ -554,30 +556,10 @@ class Handoff:
         if offer.kind == "pull" and offer.task is not None:
             await asyncio.gather(offer.task, return_exceptions=True)  # it ends the offer
         elif offer.kind == "push" and offer.claimer is not None:
-            await self._stop_writer(
+            await self._fence.stop_writer(
                 offer.claimer, offer=offer.offer_id, token=offer.token, mine=True
             )
         self._end(offer, Ended.ABORTED, why)
-
-    async def _stop_writer(self, link: Link, **abort: Any) -> None:
-        """Tell the engine that writes into our blocks (the fetch's offerer, the push's
-        claimer) to stop, and return once it no longer does. It confirms once its copy
-        stopped; one that does not within ABORT_TIMEOUT_S is cut off: its link closes, which
-        revokes its tcp data connections, and the fence waits out a write already running.
-        A cma peer stalled in the middle of one native write may still finish that write
-        after this returns (docs/security.md): a kernel copy cannot be revoked."""
-        try:
-            await link.channel.request("abort", ABORT_TIMEOUT_S, **abort)
-            return
-        except LLMException as exc:
-            if not link.closed:
-                log.warning(
-                    "dxl: cluster %d did not confirm a handoff abort: unlinking it (%s)",
-                    link.peer.cluster_id,
-                    exc,
-                )
-                link.close(f"no confirmation of a handoff abort: {exc}")
-        await self._listener.fence()
 
     async def _on_abort(self, link: Link, msg: dict[str, Any]) -> None:
         if msg["mine"]:  # the sender's offer, which we push into: stop, then confirm
@@ -611,7 +593,7 @@ class Handoff:
     async def renew(self, ticket: TicketLike) -> None:
         """Extend a live offer's lease by its full length (a decode that is not ready yet)."""
         t = Ticket.of(ticket)
-        link = await self._link_to("renew", t, ABORT_TIMEOUT_S)
+        link = await self._linker.link_to("renew", t, ABORT_TIMEOUT_S)
         ack = await link.channel.request("renew", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token)
         if ack["code"]:
             raise fail("renew", status_from_code(ack["code"]), ack["message"])
@@ -661,7 +643,7 @@ class Handoff:
         deadline_s = DEFAULT_FETCH_TIMEOUT_S if timeout_s is None else float(timeout_s)
         t0 = time.perf_counter()
         partial = [int(b) for b in dst.tolist()]
-        link = await self._link_to(op, t, deadline_s, partial)
+        link = await self._linker.link_to(op, t, deadline_s, partial)
         async with self._fetch_slot(t, link):
             await self._run_fetch(t, link, entry, dst, on_layer, deadline_s, partial)
         elapsed = time.perf_counter() - t0
@@ -739,14 +721,14 @@ class Handoff:
                         return
                     elif kind == "closed":
                         # its tcp connections are revoked: wait out a write already running
-                        await self._listener.fence()
+                        await self._fence.wait_out_writes()
                         raise self._failed(
                             t, Code.LLM_LINK_FAILED, f"the link closed: {value}", partial
                         )
         except (TimeoutError, asyncio.CancelledError) as exc:
             # the offerer may still be writing our blocks: it must stop before we return
             await asyncio.shield(
-                self._stop_writer(link, offer=t.offer_id, token=t.token, mine=False)
+                self._fence.stop_writer(link, offer=t.offer_id, token=t.token, mine=False)
             )
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -886,7 +868,7 @@ class Handoff:
         claim = self._claims.get(key)
         if claim is not None:
             return claim
-        link = await self._link_to("push", t, timeout, dst_blocks)
+        link = await self._linker.link_to("push", t, timeout, dst_blocks)
         pending = _Claim(link, t)  # an abort while we ask marks it: the answer is void then
         asking = self._claiming.setdefault(key, [])
         asking.append(pending)
@@ -970,41 +952,6 @@ class Handoff:
         link.channel.ack(msg["rid"])
 
     # ================================================================== both sides
-    async def _link_to(
-        self, op: str, t: Ticket, timeout: float, partial: list[int] | None = None
-    ) -> Link:
-        """The live link to the engine a ticket names (linking to its endpoint if needed); a
-        ticket of another incarnation (the offerer restarted) or engine is refused."""
-        if t.cluster_id == self._identity.cluster_id:
-            raise param_invalid(op, "the ticket names this engine")
-        link = self._links.get(t.cluster_id)
-        if link is None:
-            # the first of several operations towards a peer links; the others wait for it
-            # (a second link_clusters meanwhile would only answer LLM_PROCESSING_LINK)
-            async with self._link_setups.setdefault(t.cluster_id, asyncio.Lock()):
-                link = self._links.get(t.cluster_id)
-                if link is None:
-                    ip, _, port = t.endpoint.rpartition(":")
-                    info = LLMClusterInfo()
-                    info.remote_cluster_id = t.cluster_id
-                    info.append_local_ip_info("127.0.0.1", 0)
-                    info.append_remote_ip_info(ip.strip("[]"), int(port))
-                    timeout_ms = max(1, int(min(timeout, 30) * 1000))
-                    await self._linking.link_clusters([info], timeout_ms)
-                    link = self._links.get(t.cluster_id)
-        if link is None:
-            raise self._failed(
-                t, Code.LLM_LINK_FAILED, f"cannot link to {t.endpoint}", partial or []
-            )
-        if link.peer.incarnation != t.incarnation:
-            raise self._failed(
-                t,
-                Code.LLM_KV_CACHE_NOT_EXIST,
-                "the ticket is for another incarnation of that engine (it restarted)",
-                partial or [],
-            )
-        return link
-
     def stats(self) -> dict[str, Any]:
         """Counters of this engine's handoffs, and per peer (cluster id; -1: offers nobody
         claimed). ``per_peer`` counters: ``done``/``failed``/``aborted``/``expired`` (our
