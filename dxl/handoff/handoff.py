@@ -23,15 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import inspect
-import itertools
 import logging
 import secrets
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,12 +62,11 @@ from .defaults import (
 from .fence import WriterFence
 from .linking import TicketLinker
 from .slots import Slots
+from .state import Claim, Fetch, LayerCallback, Offer, OfferKey, OfferTable, TicketLike
 from .ticket import Ended, FetchError, Finished, Ticket
 
 log = logging.getLogger("dxl")
 Code = LLMStatusCode
-TicketLike = Ticket | Mapping[str, Any] | str | bytes
-LayerCallback = Callable[[int, int], Awaitable[None] | None]  # (first layer, stop layer)
 
 __all__ = [
     "ABORT_TIMEOUT_S",
@@ -86,47 +81,8 @@ __all__ = [
 ]
 
 
-@dataclass(slots=True)
-class _Offer:
-    """An offer of this engine (pull: our blocks are the source; push: the destination)."""
-
-    offer_id: int
-    kind: str
-    request_id: str
-    token: str
-    entry: LocalCache
-    blocks: np.ndarray
-    layers: range | None
-    tnpl: int
-    lease_s: float
-    timer: asyncio.TimerHandle | None = None
-    claimer: Link | None = None
-    ended: Ended | None = None
-    aborting: bool = False
-    moving: int = 0  # our copies of this offer in flight (pull mode)
-    task: asyncio.Task[None] | None = None  # pull mode: the copy serving the claim
-    on_layer: LayerCallback | None = None  # push mode: the decode's per-layer callback
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-    created: float = field(default_factory=time.monotonic)
-
-
-@dataclass(slots=True)
-class _Claim:
-    """A push-mode offer of another engine that this engine claimed and pushes into."""
-
-    link: Link
-    ticket: Ticket
-    moving: int = 0
-    aborted: bool = False
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@dataclass(slots=True)
-class _Fetch:
-    """A fetch of this engine waiting for the offerer's copy."""
-
-    link: Link
-    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+# the records' names before the split into components, for code that imported them from here
+_Offer, _Claim, _Fetch = Offer, Claim, Fetch
 
 
 class Handoff:
@@ -150,16 +106,12 @@ class Handoff:
         self._listener = listener
         self._mover = mover
         self._resolver = resolver
-        self._offers: dict[int, _Offer] = {}
-        self._by_request: dict[str, int] = {}
-        self._claims: dict[tuple[int, int], _Claim] = {}
-        self._claiming: dict[tuple[int, int], list[_Claim]] = {}  # asked for, not answered
-        self._fetches: dict[tuple[int, int], _Fetch] = {}
-        self._ids = itertools.count(1)
-        self._finished: deque[Finished] = deque()
-        self._finished_event = asyncio.Event()
-        self._slots = Slots(DEFAULT_MAX_FETCHES)
         self._stats = HandoffStats()
+        self._offers = OfferTable(self._stats)
+        self._claims: dict[OfferKey, Claim] = {}
+        self._claiming: dict[OfferKey, list[Claim]] = {}  # asked for, not answered
+        self._fetches: dict[OfferKey, Fetch] = {}
+        self._slots = Slots(DEFAULT_MAX_FETCHES)
         self._fence = WriterFence(listener)
         self._linker = TicketLinker(identity, links, linking, self._stats)
         for kind, handler in (
@@ -277,7 +229,7 @@ class Handoff:
         check_isinstance("layers", layers, range)
         if not request_id or len(request_id) > 512:
             raise param_invalid(op, "request_id must have 1..512 characters")
-        if request_id in self._by_request:
+        if self._offers.for_request(request_id) is not None:
             raise fail(op, Code.LLM_REPEAT_REQUEST, f"request {request_id!r} is offered already")
         lease = DEFAULT_LEASE_S if lease_s is None else float(lease_s)
         if not 0 < lease <= 24 * 3600:
@@ -302,7 +254,7 @@ class Handoff:
                 )
             if len(token) < 32 or len(token) > 128 or not _is_hex(token):
                 raise param_invalid(op, "a chosen token must be 32 to 128 hex digits")
-            if offer_id in self._offers:
+            if self._offers.get(offer_id) is not None:
                 raise fail(op, Code.LLM_REPEAT_REQUEST, f"offer id {offer_id} is live already")
         address = self._listener.address
         if address is None:
@@ -311,8 +263,8 @@ class Handoff:
                 Code.LLM_FEATURE_NOT_ENABLED,
                 "the offering engine must listen (listen_ip_info): fetchers link to it",
             )
-        offer = _Offer(
-            next(self._ids) if offer_id is None else offer_id,
+        offer = Offer(
+            self._offers.next_id() if offer_id is None else offer_id,
             kind,
             request_id,
             secrets.token_hex(16) if token is None else token,
@@ -324,10 +276,8 @@ class Handoff:
             on_layer=on_layer,
         )
         offer.idle.set()
-        self._offers[offer.offer_id] = offer
-        self._by_request[request_id] = offer.offer_id
+        self._offers.add(offer)
         self._arm_lease(offer)
-        self._stats.offers += 1
         return Ticket(
             kind=kind,
             cluster_id=self._identity.cluster_id,
@@ -346,7 +296,7 @@ class Handoff:
             lease_ms=int(lease * 1000),
         )
 
-    def _arm_lease(self, offer: _Offer) -> None:
+    def _arm_lease(self, offer: Offer) -> None:
         if offer.timer is not None:
             offer.timer.cancel()
         loop = asyncio.get_running_loop()
@@ -357,71 +307,25 @@ class Handoff:
         if offer is None or offer.ended is not None:
             return
         if offer.claimer is None:
-            self._end(offer, Ended.EXPIRED, "the lease ran out before anyone claimed the offer")
+            self._offers.end(
+                offer, Ended.EXPIRED, "the lease ran out before anyone claimed the offer"
+            )
         elif offer.kind == "push":  # the pusher stopped making progress: take the blocks back
             self._links.spawn(self._abort_offer(offer, "the pusher made no progress in its lease"))
 
-    def _end(self, offer: _Offer, reason: Ended, detail: str = "") -> bool:
-        """End an offer, once: later calls change nothing. True if this call ended it."""
-        if offer.ended is not None:
-            return False
-        offer.ended = reason
-        if offer.timer is not None:
-            offer.timer.cancel()
-        self._offers.pop(offer.offer_id, None)
-        self._by_request.pop(offer.request_id, None)
-        peer = offer.claimer.peer.cluster_id if offer.claimer is not None else None
-        self._stats.ended[reason.value] += 1
-        self._stats.count(peer, reason.value)
-        if reason is Ended.DONE:
-            self._stats.observe(peer, "done_seconds", time.monotonic() - offer.created)
-        self._finished.append(
-            Finished(
-                offer.request_id,
-                offer.offer_id,
-                offer.kind,
-                reason,
-                peer,
-                [int(b) for b in offer.blocks.tolist()],
-                detail,
-            )
-        )
-        self._finished_event.set()
-        if reason is not Ended.DONE:
-            log.info("dxl: handoff of %r ended %s: %s", offer.request_id, reason.value, detail)
-        return True
-
     async def finished(self) -> AsyncIterator[Finished]:
         """Every offer of this engine that ends, as it ends (each exactly once)."""
-        while True:
-            while self._finished:
-                yield self._finished.popleft()
-            self._finished_event.clear()
-            await self._finished_event.wait()
+        async for end in self._offers.finished():
+            yield end
 
     def poll_finished(self) -> list[Finished]:
         """The offers that ended since the last call (each exactly once)."""
-        out = list(self._finished)
-        self._finished.clear()
-        return out
+        return self._offers.poll_finished()
 
     async def wait_finished(self, timeout_s: float | None = None) -> list[Finished]:
         """:meth:`poll_finished` once at least one offer ended, or after ``timeout_s`` (then
         possibly empty); ``None`` waits as long as it takes."""
-        if timeout_s is not None and (
-            isinstance(timeout_s, bool)
-            or not isinstance(timeout_s, int | float)
-            or not 0 <= timeout_s < float("inf")
-        ):
-            raise param_invalid("wait_finished", f"timeout_s must be >= 0 s, got {timeout_s!r}")
-        while not self._finished:
-            self._finished_event.clear()
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await self._finished_event.wait()
-            except TimeoutError:
-                break
-        return self.poll_finished()
+        return await self._offers.wait_finished(timeout_s)
 
     def live(self) -> int:
         """Offers of this engine not ended yet."""
@@ -431,7 +335,7 @@ class Handoff:
     async def _on_fetch(self, link: Link, msg: dict[str, Any]) -> None:
         offer = self._offers.get(msg["offer"])
         try:
-            if offer is None or offer.kind != "pull" or not _token_ok(offer, msg["token"]):
+            if offer is None or offer.kind != "pull" or not offer.token_ok(msg["token"]):
                 raise fail("fetch", Code.LLM_KV_CACHE_NOT_EXIST, "no such live offer")
             if offer.claimer is not None:
                 raise fail("fetch", Code.LLM_REPEAT_REQUEST, "the offer was fetched already")
@@ -448,7 +352,7 @@ class Handoff:
         offer.task = asyncio.create_task(self._serve(offer, link, remote, dst, msg["per_layer"]))
 
     async def _serve(
-        self, offer: _Offer, link: Link, remote: RemoteCache, dst: np.ndarray, per_layer: bool
+        self, offer: Offer, link: Link, remote: RemoteCache, dst: np.ndarray, per_layer: bool
     ) -> None:
         """Write the offered blocks into the fetcher's (whole, or layer by layer), then tell it
         how the offer ended."""
@@ -469,20 +373,20 @@ class Handoff:
                     link.channel.send("layer", offer=offer.offer_id, lo=lo, hi=hi)
             if offer.aborting:
                 code, message = Code.LLM_FAILED, "aborted"
-                self._end(offer, Ended.ABORTED, "aborted during the fetch")
+                self._offers.end(offer, Ended.ABORTED, "aborted during the fetch")
             else:
-                self._end(offer, Ended.DONE)
+                self._offers.end(offer, Ended.DONE)
                 nbytes = _nbytes(offer, groups, dst.size)
                 self._stats.count(link.peer.cluster_id, "bytes_sent", nbytes)
                 self._stats.bytes_sent += nbytes
         except LLMException as exc:
             code, message = exc.status_code, str(exc)
-            self._end(offer, Ended.FAILED, message)
+            self._offers.end(offer, Ended.FAILED, message)
         finally:
             link.channel.send("fetched", offer=offer.offer_id, code=int(code), message=message)
 
     async def _copy(
-        self, offer: _Offer, link: Link, remote: RemoteCache, dst: np.ndarray, lo: int, hi: int
+        self, offer: Offer, link: Link, remote: RemoteCache, dst: np.ndarray, lo: int, hi: int
     ) -> None:
         """One native write of layers [lo, hi) of the offer into the same layers of the remote
         cache (both sides hold the same model: layer numbers match)."""
@@ -513,9 +417,11 @@ class Handoff:
         Returns once no copy of it is in flight and none will start; the other engine is told
         (linked to first if need be). An offer that ended already (the abort lost the race) is
         no error: nothing changes."""
-        if isinstance(ticket, str) and ticket in self._by_request:
-            await self._abort_offer(self._offers[self._by_request[ticket]], "aborted here")
-            return
+        if isinstance(ticket, str):
+            offer = self._offers.for_request(ticket)
+            if offer is not None:
+                await self._abort_offer(offer, "aborted here")
+                return
         if isinstance(ticket, str) and not ticket.lstrip().startswith("{"):
             return  # a request id whose offer ended already (it lost the race): nothing to do
         t = Ticket.of(ticket)
@@ -523,9 +429,9 @@ class Handoff:
             t.cluster_id == self._identity.cluster_id
             and t.incarnation == self._identity.incarnation
         ):
-            offer = self._offers.get(t.offer_id)
-            if offer is not None and _token_ok(offer, t.token):
-                await self._abort_offer(offer, "aborted here")
+            mine = self._offers.get(t.offer_id)
+            if mine is not None and mine.token_ok(t.token):
+                await self._abort_offer(mine, "aborted here")
             return
         key = (t.cluster_id, t.offer_id)
         claim = self._drop_claim(key)
@@ -548,7 +454,7 @@ class Handoff:
                     "abort", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token, mine=False
                 )
 
-    async def _abort_offer(self, offer: _Offer, why: str) -> None:
+    async def _abort_offer(self, offer: Offer, why: str) -> None:
         """Abort one of our offers: stop our copy (pull) or the claimer's (push) first."""
         if offer.ended is not None:
             return
@@ -559,7 +465,7 @@ class Handoff:
             await self._fence.stop_writer(
                 offer.claimer, offer=offer.offer_id, token=offer.token, mine=True
             )
-        self._end(offer, Ended.ABORTED, why)
+        self._offers.end(offer, Ended.ABORTED, why)
 
     async def _on_abort(self, link: Link, msg: dict[str, Any]) -> None:
         if msg["mine"]:  # the sender's offer, which we push into: stop, then confirm
@@ -568,17 +474,17 @@ class Handoff:
                 await claim.idle.wait()
         else:  # our offer, which the sender fetches or pushes into
             offer = self._offers.get(msg["offer"])
-            if offer is not None and _token_ok(offer, msg["token"]):
+            if offer is not None and offer.token_ok(msg["token"]):
                 if offer.kind == "pull":
                     await self._abort_offer(offer, "aborted by the fetcher")
                 else:  # the claimer itself aborts: it stopped pushing already
-                    self._end(offer, Ended.ABORTED, "aborted by the pusher")
+                    self._offers.end(offer, Ended.ABORTED, "aborted by the pusher")
         link.channel.ack(msg["rid"])
 
     def _on_link_closed(self, link: Link) -> None:
-        for offer in list(self._offers.values()):
+        for offer in self._offers.live_offers():
             if offer.claimer is link and offer.kind == "push":
-                self._end(
+                self._offers.end(
                     offer, Ended.FAILED, f"the pusher's link closed: {link.channel.close_reason}"
                 )
         for fetch in list(self._fetches.values()):
@@ -602,7 +508,7 @@ class Handoff:
 
     async def _on_renew(self, link: Link, msg: dict[str, Any]) -> None:
         offer = self._offers.get(msg["offer"])
-        if offer is None or not _token_ok(offer, msg["token"]) or offer.claimer is not None:
+        if offer is None or not offer.token_ok(msg["token"]) or offer.claimer is not None:
             link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no live offer")
             return
         self._arm_lease(offer)
@@ -693,7 +599,7 @@ class Handoff:
         partial: list[int],
     ) -> None:
         key = (t.cluster_id, t.offer_id)
-        fetch = _Fetch(link)
+        fetch = Fetch(link)
         self._fetches[key] = fetch
         try:
             async with asyncio.timeout(deadline_s):
@@ -863,13 +769,13 @@ class Handoff:
         if ack["code"]:
             raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
 
-    async def _claim(self, t: Ticket, timeout: float, dst_blocks: list[int]) -> _Claim:
+    async def _claim(self, t: Ticket, timeout: float, dst_blocks: list[int]) -> Claim:
         key = (t.cluster_id, t.offer_id)
         claim = self._claims.get(key)
         if claim is not None:
             return claim
         link = await self._linker.link_to("push", t, timeout, dst_blocks)
-        pending = _Claim(link, t)  # an abort while we ask marks it: the answer is void then
+        pending = Claim(link, t)  # an abort while we ask marks it: the answer is void then
         asking = self._claiming.setdefault(key, [])
         asking.append(pending)
         try:
@@ -890,7 +796,7 @@ class Handoff:
             claim.idle.set()
         return claim
 
-    def _drop_claim(self, key: tuple[int, int]) -> _Claim | None:
+    def _drop_claim(self, key: tuple[int, int]) -> Claim | None:
         """Our claim on an offer ends (aborted): the held one is returned (wait until it is
         idle: no push of it in flight); one still being asked for is void when answered."""
         for pending in self._claiming.get(key, ()):
@@ -911,7 +817,7 @@ class Handoff:
     # ------------------------------------------------------------------ push mode, offerer side
     async def _on_claim(self, link: Link, msg: dict[str, Any]) -> None:
         offer = self._offers.get(msg["offer"])
-        if offer is None or offer.kind != "push" or not _token_ok(offer, msg["token"]):
+        if offer is None or offer.kind != "push" or not offer.token_ok(msg["token"]):
             link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no such live offer")
             return
         if offer.claimer is not None and offer.claimer is not link:
@@ -946,9 +852,9 @@ class Handoff:
             link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no such claimed offer")
             return
         if msg["code"]:
-            self._end(offer, Ended.FAILED, msg["message"] or "the pusher failed")
+            self._offers.end(offer, Ended.FAILED, msg["message"] or "the pusher failed")
         else:
-            self._end(offer, Ended.DONE)
+            self._offers.end(offer, Ended.DONE)
         link.channel.ack(msg["rid"])
 
     # ================================================================== both sides
@@ -960,13 +866,9 @@ class Handoff:
         (:meth:`Histogram.snapshot`, seconds): ``fetch_seconds`` (our fetches) and
         ``done_seconds`` (our offers that ended done, from ``offer()``), per peer in
         ``per_peer_hist``. See dxl/handoff/metrics.py for Prometheus."""
-        live_by_peer: dict[int, int] = {}
-        for offer in self._offers.values():
-            peer = offer.claimer.peer.cluster_id if offer.claimer is not None else -1
-            live_by_peer[peer] = live_by_peer.get(peer, 0) + 1
         return self._stats.snapshot(
             offers_live=len(self._offers),
-            live_by_peer=live_by_peer,
+            live_by_peer=self._offers.live_by_peer(),
             fetches_in_flight=len(self._fetches),
             claims=len(self._claims),
             max_fetches=self.max_fetches,
@@ -974,11 +876,11 @@ class Handoff:
 
     async def close(self) -> None:
         """Engine shutdown: every live offer ends (aborted), every fetch fails."""
-        for offer in list(self._offers.values()):
+        for offer in self._offers.live_offers():
             offer.aborting = True
             if offer.task is not None:
                 await asyncio.gather(offer.task, return_exceptions=True)
-            self._end(offer, Ended.ABORTED, "the engine closed")
+            self._offers.end(offer, Ended.ABORTED, "the engine closed")
         for fetch in list(self._fetches.values()):
             fetch.events.put_nowait(("closed", "the engine closed"))
 
@@ -986,10 +888,6 @@ class Handoff:
 # ---------------------------------------------------------------------- helpers
 def _is_hex(text: str) -> bool:
     return all(c in "0123456789abcdefABCDEF" for c in text)
-
-
-def _token_ok(offer: _Offer, token: str) -> bool:
-    return hmac.compare_digest(offer.token.encode(), token.encode())
 
 
 def _endpoint(address: tuple[str, int]) -> str:
@@ -1029,7 +927,7 @@ def _check_destination(
         raise param_invalid(op, f"the cache has fewer tensors than the offer's layers (to {stop})")
 
 
-def _dst_blocks(offer: _Offer, remote: RemoteCache | None, blocks: list[int]) -> np.ndarray:
+def _dst_blocks(offer: Offer, remote: RemoteCache | None, blocks: list[int]) -> np.ndarray:
     """Check a fetcher's destination against the offer (on the offering side)."""
     if remote is None or not remote.layout.blocks:
         raise fail(
@@ -1044,26 +942,19 @@ def _dst_blocks(offer: _Offer, remote: RemoteCache | None, blocks: list[int]) ->
         raise param_invalid("fetch", "destination blocks do not match the offer")
     if remote.layout.unit_bytes != offer.entry.layout.unit_bytes:
         raise param_invalid("fetch", "destination block size differs from the offer's")
-    stop = offer.layers.stop if offer.layers is not None else _n_layers(offer)
-    if remote.layout.num_tensors < stop * offer.tnpl:
+    if remote.layout.num_tensors < offer.layer_span().stop * offer.tnpl:
         raise param_invalid("fetch", "the destination has fewer tensors than the offer's layers")
     return dst
 
 
-def _n_layers(offer: _Offer) -> int:
-    if offer.layers is not None:
-        return len(offer.layers)
-    return offer.entry.layout.num_tensors // offer.tnpl
-
-
-def _layer_groups(offer: _Offer, per_layer: bool) -> list[tuple[int, int]]:
-    span = offer.layers if offer.layers is not None else range(_n_layers(offer))
+def _layer_groups(offer: Offer, per_layer: bool) -> list[tuple[int, int]]:
+    span = offer.layer_span()
     if per_layer:
         return [(layer, layer + 1) for layer in span]
     return [(span.start, span.stop)]
 
 
-def _nbytes(offer: _Offer, groups: list[tuple[int, int]], blocks: int) -> int:
+def _nbytes(offer: Offer, groups: list[tuple[int, int]], blocks: int) -> int:
     layers = sum(hi - lo for lo, hi in groups)
     return layers * offer.tnpl * int(blocks) * offer.entry.layout.unit_bytes
 
