@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -45,7 +44,7 @@ from ..engine.linking import LinkOps
 from ..engine.links import LinkTable
 from ..engine.listener import Listener
 from ..engine.mover import Mover
-from ..engine.registry import LocalCache, RemoteCache
+from ..engine.registry import LocalCache
 from ..engine.resolve import Resolver, Route
 from ..engine.state import Identity, RunState
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
@@ -59,8 +58,12 @@ from .defaults import (
     DEFAULT_LEASE_S,
     DEFAULT_MAX_FETCHES,
 )
+from .destinations import DestinationOffers
 from .fence import WriterFence
+from .leases import Leases
 from .linking import TicketLinker
+from .offers import Offering
+from .serving import FetchServer
 from .slots import Slots
 from .state import Claim, Fetch, LayerCallback, Offer, OfferKey, OfferTable, TicketLike
 from .ticket import Ended, FetchError, Finished, Ticket
@@ -91,7 +94,7 @@ class Handoff:
     def __init__(
         self,
         identity: Identity,
-        options: EngineOptions,
+        options: EngineOptions,  # the engine's; no handoff setting is among them yet
         state: RunState,
         links: LinkTable,
         linking: LinkOps,
@@ -100,10 +103,7 @@ class Handoff:
         resolver: Resolver,
     ) -> None:
         self._identity = identity
-        self._opts = options
         self._state = state
-        self._links = links
-        self._listener = listener
         self._mover = mover
         self._resolver = resolver
         self._stats = HandoffStats()
@@ -114,14 +114,18 @@ class Handoff:
         self._slots = Slots(DEFAULT_MAX_FETCHES)
         self._fence = WriterFence(listener)
         self._linker = TicketLinker(identity, links, linking, self._stats)
+        leases = Leases(self._offers, self._stats, links.spawn, self._abort_offer)
+        self._offering = Offering(identity, state, resolver, listener, self._offers, leases)
+        serving = FetchServer(self._offers, leases, mover, self._stats)
+        destinations = self._destinations = DestinationOffers(self._offers, leases, self._stats)
         for kind, handler in (
-            ("fetch", self._on_fetch),
+            ("fetch", serving.on_fetch),
             ("layer", self._on_layer),
             ("fetched", self._on_fetched),
-            ("renew", self._on_renew),
-            ("claim", self._on_claim),
-            ("pushed", self._on_pushed),
-            ("complete", self._on_complete),
+            ("renew", leases.on_renew),
+            ("claim", destinations.on_claim),
+            ("pushed", destinations.on_pushed),
+            ("complete", destinations.on_complete),
             ("abort", self._on_abort),
         ):
             links.on(kind, handler)
@@ -162,19 +166,16 @@ class Handoff:
         before the offer exists choose them (a vLLM scheduler whose worker offers): the id must
         be at least ``2**32`` (the engine picks smaller ones) and not live; the token must be a
         random secret of at least 32 hex digits. The ticket is then predictable from them."""
-        return self._new_offer(
-            "offer",
-            "pull",
+        return await self._offering.offer(
             request_id,
             cache,
             block_ids,
-            layers,
-            tensors_per_layer,
-            lease_s,
-            num_tokens,
-            None,
-            offer_id,
-            token,
+            layers=layers,
+            tensors_per_layer=tensors_per_layer,
+            lease_s=lease_s,
+            num_tokens=num_tokens,
+            offer_id=offer_id,
+            token=token,
         )
 
     async def offer_destination(
@@ -191,127 +192,15 @@ class Handoff:
         """Push mode: offer ``block_ids`` of ``cache`` (remotely accessible) as the destination
         of ``request_id``; the engine that claims the ticket pushes into them. ``on_layer(lo,
         hi)`` is called as layers land. Ends as :meth:`offer` does."""
-        if not cache.remote_accessible:
-            raise param_invalid(
-                "offer_destination",
-                "cache must be registered with remote_accessible=True: the pusher writes it",
-            )
-        return self._new_offer(
-            "offer_destination",
-            "push",
+        return await self._offering.offer_destination(
             request_id,
             cache,
             block_ids,
-            layers,
-            tensors_per_layer,
-            lease_s,
-            None,
-            on_layer,
-        )
-
-    def _new_offer(
-        self,
-        op: str,
-        kind: str,
-        request_id: str,
-        cache: Cache,
-        block_ids: Sequence[int],
-        layers: range | None,
-        tnpl: int,
-        lease_s: float | None,
-        num_tokens: int | None,
-        on_layer: LayerCallback | None,
-        offer_id: int | None = None,
-        token: str | None = None,
-    ) -> Ticket:
-        check_isinstance("request_id", request_id, str, allow_none=False)
-        check_cache_arg(op, "cache", cache)
-        check_isinstance("layers", layers, range)
-        if not request_id or len(request_id) > 512:
-            raise param_invalid(op, "request_id must have 1..512 characters")
-        if self._offers.for_request(request_id) is not None:
-            raise fail(op, Code.LLM_REPEAT_REQUEST, f"request {request_id!r} is offered already")
-        lease = DEFAULT_LEASE_S if lease_s is None else float(lease_s)
-        if not 0 < lease <= 24 * 3600:
-            raise param_invalid(op, f"lease_s must be in (0, 86400], got {lease_s}")
-        self._state.require(op)
-        entry = self._resolver.local(op, cache)
-        if not entry.layout.blocks:
-            raise param_invalid(op, "cache must be a blocks cache")
-        blocks = block_list(op, "block_ids", list(block_ids))
-        if blocks.size == 0:
-            raise param_invalid(op, "block_ids must not be empty")
-        check_blocks_in_range(op, "block_ids", blocks, entry.layout.units)
-        _layer_tensors(op, entry, layers, tnpl)
-        if (offer_id is None) != (token is None):
-            raise param_invalid(op, "offer_id and token are chosen together, or neither")
-        if offer_id is not None and token is not None:
-            check_isinstance("offer_id", offer_id, int, allow_none=False)
-            check_isinstance("token", token, str, allow_none=False)
-            if not CALLER_OFFER_IDS <= offer_id < 1 << 63:
-                raise param_invalid(
-                    op, f"a chosen offer_id must be in [2**32, 2**63), got {offer_id}"
-                )
-            if len(token) < 32 or len(token) > 128 or not _is_hex(token):
-                raise param_invalid(op, "a chosen token must be 32 to 128 hex digits")
-            if self._offers.get(offer_id) is not None:
-                raise fail(op, Code.LLM_REPEAT_REQUEST, f"offer id {offer_id} is live already")
-        address = self._listener.address
-        if address is None:
-            raise fail(
-                op,
-                Code.LLM_FEATURE_NOT_ENABLED,
-                "the offering engine must listen (listen_ip_info): fetchers link to it",
-            )
-        offer = Offer(
-            self._offers.next_id() if offer_id is None else offer_id,
-            kind,
-            request_id,
-            secrets.token_hex(16) if token is None else token,
-            entry,
-            blocks,
-            layers,
-            tnpl,
-            lease,
+            layers=layers,
+            tensors_per_layer=tensors_per_layer,
+            lease_s=lease_s,
             on_layer=on_layer,
         )
-        offer.idle.set()
-        self._offers.add(offer)
-        self._arm_lease(offer)
-        return Ticket(
-            kind=kind,
-            cluster_id=self._identity.cluster_id,
-            incarnation=self._identity.incarnation,
-            endpoint=_endpoint(address),
-            request_id=request_id,
-            offer_id=offer.offer_id,
-            token=offer.token,
-            cache_id=entry.cache.cache_id,
-            block_ids=[int(b) for b in blocks.tolist()],
-            layers=(layers.start, layers.stop) if layers is not None else None,
-            tensors_per_layer=tnpl,
-            block_bytes=entry.layout.unit_bytes,
-            num_tensors=entry.layout.num_tensors,
-            num_tokens=num_tokens,
-            lease_ms=int(lease * 1000),
-        )
-
-    def _arm_lease(self, offer: Offer) -> None:
-        if offer.timer is not None:
-            offer.timer.cancel()
-        loop = asyncio.get_running_loop()
-        offer.timer = loop.call_later(offer.lease_s, self._lease_ran_out, offer.offer_id)
-
-    def _lease_ran_out(self, offer_id: int) -> None:
-        offer = self._offers.get(offer_id)
-        if offer is None or offer.ended is not None:
-            return
-        if offer.claimer is None:
-            self._offers.end(
-                offer, Ended.EXPIRED, "the lease ran out before anyone claimed the offer"
-            )
-        elif offer.kind == "push":  # the pusher stopped making progress: take the blocks back
-            self._links.spawn(self._abort_offer(offer, "the pusher made no progress in its lease"))
 
     async def finished(self) -> AsyncIterator[Finished]:
         """Every offer of this engine that ends, as it ends (each exactly once)."""
@@ -330,86 +219,6 @@ class Handoff:
     def live(self) -> int:
         """Offers of this engine not ended yet."""
         return len(self._offers)
-
-    # ------------------------------------------------------------------ serving a fetch
-    async def _on_fetch(self, link: Link, msg: dict[str, Any]) -> None:
-        offer = self._offers.get(msg["offer"])
-        try:
-            if offer is None or offer.kind != "pull" or not offer.token_ok(msg["token"]):
-                raise fail("fetch", Code.LLM_KV_CACHE_NOT_EXIST, "no such live offer")
-            if offer.claimer is not None:
-                raise fail("fetch", Code.LLM_REPEAT_REQUEST, "the offer was fetched already")
-            remote = link.registry.caches.get(msg["cache"])
-            dst = _dst_blocks(offer, remote, msg["blocks"])
-        except LLMException as exc:
-            link.channel.ack(msg["rid"], int(exc.status_code), str(exc))
-            return
-        offer.claimer = link
-        if offer.timer is not None:
-            offer.timer.cancel()
-        link.channel.ack(msg["rid"])
-        assert remote is not None
-        offer.task = asyncio.create_task(self._serve(offer, link, remote, dst, msg["per_layer"]))
-
-    async def _serve(
-        self, offer: Offer, link: Link, remote: RemoteCache, dst: np.ndarray, per_layer: bool
-    ) -> None:
-        """Write the offered blocks into the fetcher's (whole, or layer by layer), then tell it
-        how the offer ended."""
-        code, message = Code.LLM_SUCCESS, ""
-        groups = _layer_groups(offer, per_layer)
-        try:
-            for lo, hi in groups:
-                if offer.aborting:
-                    break
-                if link.closed:  # the fetcher cut us off (e.g. it saw no answer to an abort)
-                    raise fail(
-                        "fetch",
-                        Code.LLM_LINK_FAILED,
-                        f"the fetcher's link closed: {link.channel.close_reason}",
-                    )
-                await self._copy(offer, link, remote, dst, lo, hi)
-                if per_layer:
-                    link.channel.send("layer", offer=offer.offer_id, lo=lo, hi=hi)
-            if offer.aborting:
-                code, message = Code.LLM_FAILED, "aborted"
-                self._offers.end(offer, Ended.ABORTED, "aborted during the fetch")
-            else:
-                self._offers.end(offer, Ended.DONE)
-                nbytes = _nbytes(offer, groups, dst.size)
-                self._stats.count(link.peer.cluster_id, "bytes_sent", nbytes)
-                self._stats.bytes_sent += nbytes
-        except LLMException as exc:
-            code, message = exc.status_code, str(exc)
-            self._offers.end(offer, Ended.FAILED, message)
-        finally:
-            link.channel.send("fetched", offer=offer.offer_id, code=int(code), message=message)
-
-    async def _copy(
-        self, offer: Offer, link: Link, remote: RemoteCache, dst: np.ndarray, lo: int, hi: int
-    ) -> None:
-        """One native write of layers [lo, hi) of the offer into the same layers of the remote
-        cache (both sides hold the same model: layer numbers match)."""
-        t = offer.tnpl
-        src_bases = offer.entry.layout.addrs[lo * t : hi * t]
-        dst_bases = remote.layout.addrs[lo * t : hi * t]
-        bb = offer.entry.layout.unit_bytes
-        src = offer.blocks[offer.blocks.size - dst.size :]  # fewer: the fetcher takes the tail
-
-        def plan() -> Any:
-            return block_pieces(dst_bases, src_bases, dst, src, bb)
-
-        offer.moving += 1
-        offer.idle.clear()
-        try:
-            route = Route(link, offer.entry, [remote])
-            await self._mover.transfer(
-                "handoff", route, plan, write=True, nbytes_hint=dst.size * src_bases.size * bb
-            )
-        finally:
-            offer.moving -= 1
-            if offer.moving == 0:
-                offer.idle.set()
 
     # ------------------------------------------------------------------ ending offers
     async def abort(self, ticket: TicketLike | str) -> None:
@@ -482,11 +291,7 @@ class Handoff:
         link.channel.ack(msg["rid"])
 
     def _on_link_closed(self, link: Link) -> None:
-        for offer in self._offers.live_offers():
-            if offer.claimer is link and offer.kind == "push":
-                self._offers.end(
-                    offer, Ended.FAILED, f"the pusher's link closed: {link.channel.close_reason}"
-                )
+        self._destinations.link_closed(link)
         for fetch in list(self._fetches.values()):
             if fetch.link is link:
                 fetch.events.put_nowait(("closed", link.channel.close_reason))
@@ -505,16 +310,6 @@ class Handoff:
             raise fail("renew", status_from_code(ack["code"]), ack["message"])
         self._stats.renewals += 1
         self._stats.count(t.cluster_id, "renewals_sent")
-
-    async def _on_renew(self, link: Link, msg: dict[str, Any]) -> None:
-        offer = self._offers.get(msg["offer"])
-        if offer is None or not offer.token_ok(msg["token"]) or offer.claimer is not None:
-            link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no live offer")
-            return
-        self._arm_lease(offer)
-        self._stats.count(link.peer.cluster_id, "renewals")
-        self._stats.renewals_received += 1
-        link.channel.ack(msg["rid"])
 
     # ================================================================== fetching side
     async def fetch(
@@ -814,49 +609,6 @@ class Handoff:
         except LLMException as exc:
             raise self._failed(t, exc.status_code, str(exc), partial) from exc
 
-    # ------------------------------------------------------------------ push mode, offerer side
-    async def _on_claim(self, link: Link, msg: dict[str, Any]) -> None:
-        offer = self._offers.get(msg["offer"])
-        if offer is None or offer.kind != "push" or not offer.token_ok(msg["token"]):
-            link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no such live offer")
-            return
-        if offer.claimer is not None and offer.claimer is not link:
-            link.channel.ack(msg["rid"], int(Code.LLM_REPEAT_REQUEST), "claimed by another engine")
-            return
-        offer.claimer = link
-        self._arm_lease(offer)  # from now on the lease bounds the pusher's progress
-        link.channel.ack(msg["rid"])
-
-    async def _on_pushed(self, link: Link, msg: dict[str, Any]) -> None:
-        offer = self._offers.get(msg["offer"])
-        if offer is None or offer.claimer is not link:
-            link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no such claimed offer")
-            return
-        self._arm_lease(offer)
-        landed = (msg["hi"] - msg["lo"]) * offer.tnpl * int(offer.blocks.size)
-        landed *= offer.entry.layout.unit_bytes
-        self._stats.bytes_received += landed
-        self._stats.count(link.peer.cluster_id, "bytes_received", landed)
-        if offer.on_layer is not None:
-            try:
-                result = offer.on_layer(msg["lo"], msg["hi"])
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:  # the application's callback: its bug is not the peer's
-                log.exception("dxl: on_layer callback of %r failed", offer.request_id)
-        link.channel.ack(msg["rid"])
-
-    async def _on_complete(self, link: Link, msg: dict[str, Any]) -> None:
-        offer = self._offers.get(msg["offer"])
-        if offer is None or offer.claimer is not link:
-            link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no such claimed offer")
-            return
-        if msg["code"]:
-            self._offers.end(offer, Ended.FAILED, msg["message"] or "the pusher failed")
-        else:
-            self._offers.end(offer, Ended.DONE)
-        link.channel.ack(msg["rid"])
-
     # ================================================================== both sides
     def stats(self) -> dict[str, Any]:
         """Counters of this engine's handoffs, and per peer (cluster id; -1: offers nobody
@@ -886,25 +638,6 @@ class Handoff:
 
 
 # ---------------------------------------------------------------------- helpers
-def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdefABCDEF" for c in text)
-
-
-def _endpoint(address: tuple[str, int]) -> str:
-    ip, port = address
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-def _layer_tensors(op: str, entry: LocalCache, layers: range | None, tnpl: int) -> None:
-    n = entry.layout.num_tensors
-    if tnpl < 1 or n % tnpl:
-        raise param_invalid(op, f"the cache's {n} tensors are not whole layers of {tnpl}")
-    if layers is not None and (
-        layers.step != 1 or not 0 <= layers.start < layers.stop or layers.stop * tnpl > n
-    ):
-        raise param_invalid(op, f"layers {layers} must lie within the cache's {n // tnpl} layers")
-
-
 def _check_destination(
     op: str, entry: LocalCache, blocks: np.ndarray, t: Ticket, *, tail: bool = False
 ) -> None:
@@ -925,38 +658,6 @@ def _check_destination(
     stop = t.layers[1] if t.layers is not None else t.num_tensors // t.tensors_per_layer
     if entry.layout.num_tensors < stop * t.tensors_per_layer:
         raise param_invalid(op, f"the cache has fewer tensors than the offer's layers (to {stop})")
-
-
-def _dst_blocks(offer: Offer, remote: RemoteCache | None, blocks: list[int]) -> np.ndarray:
-    """Check a fetcher's destination against the offer (on the offering side)."""
-    if remote is None or not remote.layout.blocks:
-        raise fail(
-            "fetch",
-            Code.LLM_KV_CACHE_NOT_EXIST,
-            "the destination is not a remotely accessible blocks cache of the fetcher",
-        )
-    dst = np.asarray(blocks, dtype=np.int64)
-    if not 0 < dst.size <= offer.blocks.size or (
-        dst.size and (dst.min() < 0 or dst.max() >= remote.layout.units)
-    ):
-        raise param_invalid("fetch", "destination blocks do not match the offer")
-    if remote.layout.unit_bytes != offer.entry.layout.unit_bytes:
-        raise param_invalid("fetch", "destination block size differs from the offer's")
-    if remote.layout.num_tensors < offer.layer_span().stop * offer.tnpl:
-        raise param_invalid("fetch", "the destination has fewer tensors than the offer's layers")
-    return dst
-
-
-def _layer_groups(offer: Offer, per_layer: bool) -> list[tuple[int, int]]:
-    span = offer.layer_span()
-    if per_layer:
-        return [(layer, layer + 1) for layer in span]
-    return [(span.start, span.stop)]
-
-
-def _nbytes(offer: Offer, groups: list[tuple[int, int]], blocks: int) -> int:
-    layers = sum(hi - lo for lo, hi in groups)
-    return layers * offer.tnpl * int(blocks) * offer.entry.layout.unit_bytes
 
 
 def _ticket_bytes(t: Ticket, blocks: int) -> int:
