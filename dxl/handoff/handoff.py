@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
-import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -33,7 +31,6 @@ import numpy as np
 
 from .._validate import (
     block_list,
-    check_blocks_in_range,
     check_cache_arg,
     check_isinstance,
     check_uint32,
@@ -44,12 +41,12 @@ from ..engine.linking import LinkOps
 from ..engine.links import LinkTable
 from ..engine.listener import Listener
 from ..engine.mover import Mover
-from ..engine.registry import LocalCache
 from ..engine.resolve import Resolver, Route
 from ..engine.state import Identity, RunState
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
 from ..memory.plan import block_pieces
 from ..types import Cache
+from .checks import check_destination
 from .counters import HandoffStats, fetch_failed
 from .defaults import (
     ABORT_TIMEOUT_S,
@@ -60,6 +57,7 @@ from .defaults import (
 )
 from .destinations import DestinationOffers
 from .fence import WriterFence
+from .fetching import Fetching
 from .leases import Leases
 from .linking import TicketLinker
 from .offers import Offering
@@ -110,18 +108,20 @@ class Handoff:
         self._offers = OfferTable(self._stats)
         self._claims: dict[OfferKey, Claim] = {}
         self._claiming: dict[OfferKey, list[Claim]] = {}  # asked for, not answered
-        self._fetches: dict[OfferKey, Fetch] = {}
         self._slots = Slots(DEFAULT_MAX_FETCHES)
         self._fence = WriterFence(listener)
         self._linker = TicketLinker(identity, links, linking, self._stats)
+        fetching = self._fetching = Fetching(
+            state, resolver, self._linker, self._fence, self._slots, self._stats
+        )
         leases = Leases(self._offers, self._stats, links.spawn, self._abort_offer)
         self._offering = Offering(identity, state, resolver, listener, self._offers, leases)
         serving = FetchServer(self._offers, leases, mover, self._stats)
         destinations = self._destinations = DestinationOffers(self._offers, leases, self._stats)
         for kind, handler in (
             ("fetch", serving.on_fetch),
-            ("layer", self._on_layer),
-            ("fetched", self._on_fetched),
+            ("layer", fetching.on_layer),
+            ("fetched", fetching.on_fetched),
             ("renew", leases.on_renew),
             ("claim", destinations.on_claim),
             ("pushed", destinations.on_pushed),
@@ -254,7 +254,7 @@ class Handoff:
         self._drop_claim(key)  # a push of ours that asked for it meanwhile: its answer is void
         if link is None or link.peer.incarnation != t.incarnation:
             return
-        fetching = self._fetches.get(key)
+        fetching = self._fetching.in_flight(key)
         if fetching is not None and fetching.link is link:  # it writes our blocks: it must stop
             await self._fence.stop_writer(link, offer=t.offer_id, token=t.token, mine=False)
         else:  # we write theirs (push) or nothing: telling it is a courtesy
@@ -292,9 +292,7 @@ class Handoff:
 
     def _on_link_closed(self, link: Link) -> None:
         self._destinations.link_closed(link)
-        for fetch in list(self._fetches.values()):
-            if fetch.link is link:
-                fetch.events.put_nowait(("closed", link.channel.close_reason))
+        self._fetching.link_closed(link)
         for key, claim in list(self._claims.items()):
             if claim.link is link:
                 claim.aborted = True
@@ -303,13 +301,7 @@ class Handoff:
     # ------------------------------------------------------------------ renewing
     async def renew(self, ticket: TicketLike) -> None:
         """Extend a live offer's lease by its full length (a decode that is not ready yet)."""
-        t = Ticket.of(ticket)
-        link = await self._linker.link_to("renew", t, ABORT_TIMEOUT_S)
-        ack = await link.channel.request("renew", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token)
-        if ack["code"]:
-            raise fail("renew", status_from_code(ack["code"]), ack["message"])
-        self._stats.renewals += 1
-        self._stats.count(t.cluster_id, "renewals_sent")
+        await self._fetching.renew(ticket)
 
     # ================================================================== fetching side
     async def fetch(
@@ -332,129 +324,7 @@ class Handoff:
                 partial data. The offer ended on the offering side (it frees its blocks).
             LLMException: bad arguments (``LLM_PARAM_INVALID``), nothing moved.
         """
-        op = "fetch"
-        t = Ticket.of(ticket)
-        if t.kind != "pull":
-            raise param_invalid(op, "a push-mode ticket is pushed into (push), not fetched")
-        check_cache_arg(op, "cache", cache)
-        self._state.require(op)
-        entry = self._resolver.local(op, cache)
-        dst = block_list(op, "block_ids", list(block_ids))
-        _check_destination(op, entry, dst, t, tail=True)
-        deadline_s = DEFAULT_FETCH_TIMEOUT_S if timeout_s is None else float(timeout_s)
-        t0 = time.perf_counter()
-        partial = [int(b) for b in dst.tolist()]
-        link = await self._linker.link_to(op, t, deadline_s, partial)
-        async with self._fetch_slot(t, link):
-            await self._run_fetch(t, link, entry, dst, on_layer, deadline_s, partial)
-        elapsed = time.perf_counter() - t0
-        nbytes = _ticket_bytes(t, len(partial))  # the tail it fetched, maybe not every block
-        self._stats.fetches.record(nbytes, len(partial), elapsed)
-        self._stats.count(t.cluster_id, "fetched")
-        self._stats.count(t.cluster_id, "bytes_received", nbytes)
-        self._stats.bytes_received += nbytes
-        self._stats.observe(t.cluster_id, "fetch_seconds", elapsed)
-
-    @contextlib.asynccontextmanager
-    async def _fetch_slot(self, t: Ticket, link: Link) -> AsyncIterator[None]:
-        """At most ``max_fetches`` fetches in flight; one that waits keeps its lease alive."""
-        slots = self._slots
-        if slots.full():
-            renewer = asyncio.create_task(self._keep_renewing(t, link))
-            try:
-                await slots.acquire()
-            finally:
-                renewer.cancel()
-        else:
-            await slots.acquire()
-        try:
-            yield
-        finally:
-            slots.release()
-
-    async def _keep_renewing(self, t: Ticket, link: Link) -> None:
-        period = max(0.05, t.lease_ms / 1000 / 3)
-        while True:
-            await asyncio.sleep(period)
-            with contextlib.suppress(LLMException):
-                await link.channel.request(
-                    "renew", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token
-                )
-                self._stats.renewals += 1
-                self._stats.count(t.cluster_id, "renewals_sent")
-
-    async def _run_fetch(
-        self,
-        t: Ticket,
-        link: Link,
-        entry: LocalCache,
-        dst: np.ndarray,
-        on_layer: LayerCallback | None,
-        deadline_s: float,
-        partial: list[int],
-    ) -> None:
-        key = (t.cluster_id, t.offer_id)
-        fetch = Fetch(link)
-        self._fetches[key] = fetch
-        try:
-            async with asyncio.timeout(deadline_s):
-                ack = await link.channel.request(
-                    "fetch",
-                    deadline_s,
-                    offer=t.offer_id,
-                    token=t.token,
-                    cache=entry.cache.cache_id,
-                    blocks=partial,
-                    per_layer=on_layer is not None,
-                )
-                if ack["code"]:
-                    raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
-                while True:
-                    kind, value = await fetch.events.get()
-                    if kind == "layer" and on_layer is not None:
-                        result = on_layer(*value)
-                        if inspect.isawaitable(result):
-                            await result
-                    elif kind == "fetched":
-                        code, message = value
-                        if code:
-                            raise self._failed(t, status_from_code(code), message, partial)
-                        return
-                    elif kind == "closed":
-                        # its tcp connections are revoked: wait out a write already running
-                        await self._fence.wait_out_writes()
-                        raise self._failed(
-                            t, Code.LLM_LINK_FAILED, f"the link closed: {value}", partial
-                        )
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            # the offerer may still be writing our blocks: it must stop before we return
-            await asyncio.shield(
-                self._fence.stop_writer(link, offer=t.offer_id, token=t.token, mine=False)
-            )
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise self._failed(
-                t, Code.LLM_TIMEOUT, f"no end within {deadline_s} s", partial
-            ) from exc
-        except LLMException as exc:
-            if isinstance(exc, FetchError):
-                raise
-            raise self._failed(t, exc.status_code, str(exc), partial) from exc
-        finally:
-            self._fetches.pop(key, None)
-
-    def _failed(self, t: Ticket, code: LLMStatusCode, why: str, partial: list[int]) -> FetchError:
-        return fetch_failed(self._stats, t, code, why, partial)
-
-    async def _on_layer(self, link: Link, msg: dict[str, Any]) -> None:
-        fetch = self._fetches.get((link.peer.cluster_id, msg["offer"]))
-        if fetch is not None and fetch.link is link:
-            fetch.events.put_nowait(("layer", (msg["lo"], msg["hi"])))
-
-    async def _on_fetched(self, link: Link, msg: dict[str, Any]) -> None:
-        fetch = self._fetches.get((link.peer.cluster_id, msg["offer"]))
-        if fetch is not None and fetch.link is link:
-            fetch.events.put_nowait(("fetched", (msg["code"], msg["message"])))
+        await self._fetching.fetch(ticket, cache, block_ids, on_layer=on_layer, timeout_s=timeout_s)
 
     # ================================================================== push mode, pusher side
     async def push(
@@ -483,7 +353,7 @@ class Handoff:
         self._state.require(op)
         entry = self._resolver.local(op, cache)
         src = block_list(op, "block_ids", list(block_ids))
-        _check_destination(op, entry, src, t)
+        check_destination(op, entry, src, t)
         span = (
             range(*t.layers)
             if t.layers is not None
@@ -609,6 +479,9 @@ class Handoff:
         except LLMException as exc:
             raise self._failed(t, exc.status_code, str(exc), partial) from exc
 
+    def _failed(self, t: Ticket, code: LLMStatusCode, why: str, partial: list[int]) -> FetchError:
+        return fetch_failed(self._stats, t, code, why, partial)
+
     # ================================================================== both sides
     def stats(self) -> dict[str, Any]:
         """Counters of this engine's handoffs, and per peer (cluster id; -1: offers nobody
@@ -621,7 +494,7 @@ class Handoff:
         return self._stats.snapshot(
             offers_live=len(self._offers),
             live_by_peer=self._offers.live_by_peer(),
-            fetches_in_flight=len(self._fetches),
+            fetches_in_flight=len(self._fetching),
             claims=len(self._claims),
             max_fetches=self.max_fetches,
         )
@@ -633,37 +506,4 @@ class Handoff:
             if offer.task is not None:
                 await asyncio.gather(offer.task, return_exceptions=True)
             self._offers.end(offer, Ended.ABORTED, "the engine closed")
-        for fetch in list(self._fetches.values()):
-            fetch.events.put_nowait(("closed", "the engine closed"))
-
-
-# ---------------------------------------------------------------------- helpers
-def _check_destination(
-    op: str, entry: LocalCache, blocks: np.ndarray, t: Ticket, *, tail: bool = False
-) -> None:
-    """Our side of a handoff must match the ticket: one block per offered block (``tail``: per
-    offered block of the last ones, at least one), same block size, enough tensors for the
-    layers."""
-    if tail and 0 < blocks.size < len(t.block_ids):
-        pass
-    elif blocks.size != len(t.block_ids):
-        raise param_invalid(
-            op, f"block_ids must name {len(t.block_ids)} blocks (one per offered block)"
-        )
-    check_blocks_in_range(op, "block_ids", blocks, entry.layout.units)
-    if entry.layout.unit_bytes != t.block_bytes:
-        raise param_invalid(
-            op, f"block sizes differ: here {entry.layout.unit_bytes}, offered {t.block_bytes}"
-        )
-    stop = t.layers[1] if t.layers is not None else t.num_tensors // t.tensors_per_layer
-    if entry.layout.num_tensors < stop * t.tensors_per_layer:
-        raise param_invalid(op, f"the cache has fewer tensors than the offer's layers (to {stop})")
-
-
-def _ticket_bytes(t: Ticket, blocks: int) -> int:
-    layers = (
-        (t.layers[1] - t.layers[0])
-        if t.layers is not None
-        else t.num_tensors // t.tensors_per_layer
-    )
-    return layers * t.tensors_per_layer * blocks * t.block_bytes
+        self._fetching.close()
