@@ -23,31 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import numpy as np
-
-from .._validate import (
-    block_list,
-    check_cache_arg,
-    check_isinstance,
-    check_uint32,
-)
+from .._validate import check_uint32
 from ..config import EngineOptions
 from ..engine.link import Link
 from ..engine.linking import LinkOps
 from ..engine.links import LinkTable
 from ..engine.listener import Listener
 from ..engine.mover import Mover
-from ..engine.resolve import Resolver, Route
+from ..engine.resolve import Resolver
 from ..engine.state import Identity, RunState
-from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
-from ..memory.plan import block_pieces
+from ..errors import LLMException
 from ..types import Cache
-from .checks import check_destination
-from .counters import HandoffStats, fetch_failed
+from .counters import HandoffStats
 from .defaults import (
     ABORT_TIMEOUT_S,
     CALLER_OFFER_IDS,
@@ -61,13 +51,11 @@ from .fetching import Fetching
 from .leases import Leases
 from .linking import TicketLinker
 from .offers import Offering
+from .pushing import Pushing
 from .serving import FetchServer
 from .slots import Slots
-from .state import Claim, Fetch, LayerCallback, Offer, OfferKey, OfferTable, TicketLike
-from .ticket import Ended, FetchError, Finished, Ticket
-
-log = logging.getLogger("dxl")
-Code = LLMStatusCode
+from .state import Claim, Fetch, LayerCallback, Offer, OfferTable, TicketLike
+from .ticket import Ended, Finished, Ticket
 
 __all__ = [
     "ABORT_TIMEOUT_S",
@@ -80,7 +68,6 @@ __all__ = [
     "LayerCallback",
     "TicketLike",
 ]
-
 
 # the records' names before the split into components, for code that imported them from here
 _Offer, _Claim, _Fetch = Offer, Claim, Fetch
@@ -101,19 +88,15 @@ class Handoff:
         resolver: Resolver,
     ) -> None:
         self._identity = identity
-        self._state = state
-        self._mover = mover
-        self._resolver = resolver
         self._stats = HandoffStats()
         self._offers = OfferTable(self._stats)
-        self._claims: dict[OfferKey, Claim] = {}
-        self._claiming: dict[OfferKey, list[Claim]] = {}  # asked for, not answered
         self._slots = Slots(DEFAULT_MAX_FETCHES)
         self._fence = WriterFence(listener)
         self._linker = TicketLinker(identity, links, linking, self._stats)
         fetching = self._fetching = Fetching(
             state, resolver, self._linker, self._fence, self._slots, self._stats
         )
+        self._pushing = Pushing(state, resolver, mover, self._linker, self._stats)
         leases = Leases(self._offers, self._stats, links.spawn, self._abort_offer)
         self._offering = Offering(identity, state, resolver, listener, self._offers, leases)
         serving = FetchServer(self._offers, leases, mover, self._stats)
@@ -243,15 +226,13 @@ class Handoff:
                 await self._abort_offer(mine, "aborted here")
             return
         key = (t.cluster_id, t.offer_id)
-        claim = self._drop_claim(key)
-        if claim is not None:  # push mode: we stop pushing, then tell the offerer
-            await claim.idle.wait()
+        await self._pushing.stop_pushing(key)  # push mode: we stop pushing, then tell the offerer
         link = self._linker.live_link(t.cluster_id)
         if link is None:  # tell the offerer even if we never linked (we need nothing of it);
             # an operation of ours linking to it meanwhile: link_to waits for that setup
             with contextlib.suppress(LLMException):
                 link = await self._linker.link_to("abort", t, ABORT_TIMEOUT_S)
-        self._drop_claim(key)  # a push of ours that asked for it meanwhile: its answer is void
+        self._pushing.drop_claim(key)  # a push that asked for it meanwhile: its answer is void
         if link is None or link.peer.incarnation != t.incarnation:
             return
         fetching = self._fetching.in_flight(key)
@@ -278,9 +259,7 @@ class Handoff:
 
     async def _on_abort(self, link: Link, msg: dict[str, Any]) -> None:
         if msg["mine"]:  # the sender's offer, which we push into: stop, then confirm
-            claim = self._drop_claim((link.peer.cluster_id, msg["offer"]))
-            if claim is not None:
-                await claim.idle.wait()
+            await self._pushing.stop_pushing((link.peer.cluster_id, msg["offer"]))
         else:  # our offer, which the sender fetches or pushes into
             offer = self._offers.get(msg["offer"])
             if offer is not None and offer.token_ok(msg["token"]):
@@ -293,10 +272,7 @@ class Handoff:
     def _on_link_closed(self, link: Link) -> None:
         self._destinations.link_closed(link)
         self._fetching.link_closed(link)
-        for key, claim in list(self._claims.items()):
-            if claim.link is link:
-                claim.aborted = True
-                del self._claims[key]
+        self._pushing.link_closed(link)
 
     # ------------------------------------------------------------------ renewing
     async def renew(self, ticket: TicketLike) -> None:
@@ -344,143 +320,13 @@ class Handoff:
             FetchError: the offer is gone, aborted or the push failed (``partial_blocks``: the
                 destination blocks that may hold partial data).
         """
-        op = "push"
-        t = Ticket.of(ticket)
-        if t.kind != "push":
-            raise param_invalid(op, "a pull-mode ticket is fetched, not pushed into")
-        check_cache_arg(op, "cache", cache)
-        check_isinstance("layers", layers, range)
-        self._state.require(op)
-        entry = self._resolver.local(op, cache)
-        src = block_list(op, "block_ids", list(block_ids))
-        check_destination(op, entry, src, t)
-        span = (
-            range(*t.layers)
-            if t.layers is not None
-            else range(t.num_tensors // t.tensors_per_layer)
-        )
-        todo = span if layers is None else layers
-        if todo.step != 1 or todo.start < span.start or todo.stop > span.stop or not todo:
-            raise param_invalid(op, f"layers {layers} must lie within the ticket's {span}")
-        timeout = DEFAULT_FETCH_TIMEOUT_S if timeout_s is None else float(timeout_s)
-        dst_blocks = [int(b) for b in t.block_ids]
-        claim = await self._claim(t, timeout, dst_blocks)
-        remote = claim.link.registry.caches.get(t.cache_id)
-        if remote is None or claim.aborted:
-            raise self._failed(t, Code.LLM_KV_CACHE_NOT_EXIST, "the offer is gone", dst_blocks)
-        tp = t.tensors_per_layer
-        src_bases = entry.layout.addrs[todo.start * tp : todo.stop * tp]
-        dst_bases = remote.layout.addrs[todo.start * tp : todo.stop * tp]
-        dst = np.asarray(t.block_ids, dtype=np.int64)
-        bb = entry.layout.unit_bytes
-        claim.moving += 1
-        claim.idle.clear()
-        try:
-            if claim.aborted:
-                raise self._failed(t, Code.LLM_FAILED, "the offer was aborted", dst_blocks)
-            route = Route(claim.link, entry, [remote])
-            await self._mover.transfer(
-                op,
-                route,
-                lambda: block_pieces(dst_bases, src_bases, dst, src, bb),
-                write=True,
-                nbytes_hint=src.size * src_bases.size * bb,
-            )
-        except LLMException as exc:
-            if isinstance(exc, FetchError):
-                raise
-            raise self._failed(t, exc.status_code, str(exc), dst_blocks) from exc
-        finally:
-            claim.moving -= 1
-            if claim.moving == 0:
-                claim.idle.set()
-        ack = await self._request(
-            claim.link,
-            "pushed",
-            timeout,
-            t,
-            dst_blocks,
-            offer=t.offer_id,
-            lo=todo.start,
-            hi=todo.stop,
-        )
-        if ack["code"]:
-            raise self._failed(t, status_from_code(ack["code"]), ack["message"], dst_blocks)
-        pushed = src.size * src_bases.size * bb
-        self._stats.bytes_sent += pushed
-        self._stats.count(t.cluster_id, "bytes_sent", pushed)
+        await self._pushing.push(ticket, cache, block_ids, layers=layers, timeout_s=timeout_s)
 
     async def complete(self, ticket: TicketLike, *, failed: str = "") -> None:
         """Push mode: every layer was pushed (or ``failed``: why not): the destination's offer
         ends done (or failed) on its engine, exactly once. Pushes of it still running are
         waited for first; none starts after."""
-        t = Ticket.of(ticket)
-        claim = self._claims.pop((t.cluster_id, t.offer_id), None)
-        if claim is None:
-            raise fail("complete", Code.LLM_KV_CACHE_NOT_EXIST, "this engine holds no such claim")
-        claim.aborted = True  # no push of it starts any more ...
-        await claim.idle.wait()  # ... and the offer ends only after the ones running returned
-        code = Code.LLM_FAILED if failed else Code.LLM_SUCCESS
-        ack = await self._request(
-            claim.link,
-            "complete",
-            DEFAULT_FETCH_TIMEOUT_S,
-            t,
-            [int(b) for b in t.block_ids],
-            offer=t.offer_id,
-            code=int(code),
-            message=failed,
-        )
-        if ack["code"]:
-            raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
-
-    async def _claim(self, t: Ticket, timeout: float, dst_blocks: list[int]) -> Claim:
-        key = (t.cluster_id, t.offer_id)
-        claim = self._claims.get(key)
-        if claim is not None:
-            return claim
-        link = await self._linker.link_to("push", t, timeout, dst_blocks)
-        pending = Claim(link, t)  # an abort while we ask marks it: the answer is void then
-        asking = self._claiming.setdefault(key, [])
-        asking.append(pending)
-        try:
-            ack = await self._request(
-                link, "claim", timeout, t, dst_blocks, offer=t.offer_id, token=t.token
-            )
-        finally:
-            asking.remove(pending)
-            if not asking:
-                self._claiming.pop(key, None)
-        if ack["code"]:
-            raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
-        if pending.aborted:
-            raise self._failed(t, Code.LLM_FAILED, "the offer was aborted", dst_blocks)
-        claim = self._claims.get(key)  # a concurrent push may have claimed it meanwhile
-        if claim is None:
-            claim = self._claims[key] = pending
-            claim.idle.set()
-        return claim
-
-    def _drop_claim(self, key: tuple[int, int]) -> Claim | None:
-        """Our claim on an offer ends (aborted): the held one is returned (wait until it is
-        idle: no push of it in flight); one still being asked for is void when answered."""
-        for pending in self._claiming.get(key, ()):
-            pending.aborted = True
-        claim = self._claims.pop(key, None)
-        if claim is not None:
-            claim.aborted = True
-        return claim
-
-    async def _request(
-        self, link: Link, kind: str, timeout: float, t: Ticket, partial: list[int], **fields: Any
-    ) -> dict[str, Any]:
-        try:
-            return await link.channel.request(kind, timeout, **fields)
-        except LLMException as exc:
-            raise self._failed(t, exc.status_code, str(exc), partial) from exc
-
-    def _failed(self, t: Ticket, code: LLMStatusCode, why: str, partial: list[int]) -> FetchError:
-        return fetch_failed(self._stats, t, code, why, partial)
+        await self._pushing.complete(ticket, failed=failed)
 
     # ================================================================== both sides
     def stats(self) -> dict[str, Any]:
@@ -495,7 +341,7 @@ class Handoff:
             offers_live=len(self._offers),
             live_by_peer=self._offers.live_by_peer(),
             fetches_in_flight=len(self._fetching),
-            claims=len(self._claims),
+            claims=len(self._pushing),
             max_fetches=self.max_fetches,
         )
 
