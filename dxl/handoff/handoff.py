@@ -17,12 +17,28 @@ offer ends exactly once, with a reason (:class:`~dxl.handoff.Ended`): done, fail
 expired (the lease ran out before anyone claimed it; a decode that is not ready renews it, and a
 fetch waiting for a free slot renews it by itself). The offering side sees every end in
 :meth:`Handoff.finished` / :meth:`Handoff.poll_finished`, after which the blocks may be reused.
+
+The handoff is a facade over components with one job each (docs/handoff.md has the protocol):
+
+=======================  =======================================================================
+component                job
+=======================  =======================================================================
+``OfferTable``           our live offers, each one's end exactly once, the queue of ends
+``Leases``               offer leases: expiry, renewals, a stalled pusher's offer taken back
+``Offering``             making offers: checks, the record, the ticket
+``FetchServer``          pull mode, offering side: serving a fetch (the copy runs here)
+``DestinationOffers``    push mode, offering side: claims, pushed layers, completion
+``Fetching``             pull mode, fetching side: fetches, their slots, layer callbacks
+``Pushing``              push mode, pushing side: claims of ours and the pushes into them
+``Aborts``               aborts from either side, and the peers' ``abort`` messages
+``WriterFence``          stopping an engine that writes into our blocks, and knowing it stopped
+``TicketLinker``         the link to a ticket's engine (one link setup per peer at a time)
+``HandoffStats``         counters and histograms, per engine and per peer
+=======================  =======================================================================
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -35,8 +51,8 @@ from ..engine.listener import Listener
 from ..engine.mover import Mover
 from ..engine.resolve import Resolver
 from ..engine.state import Identity, RunState
-from ..errors import LLMException
 from ..types import Cache
+from .aborts import Aborts
 from .counters import HandoffStats
 from .defaults import (
     ABORT_TIMEOUT_S,
@@ -55,7 +71,7 @@ from .pushing import Pushing
 from .serving import FetchServer
 from .slots import Slots
 from .state import Claim, Fetch, LayerCallback, Offer, OfferTable, TicketLike
-from .ticket import Ended, Finished, Ticket
+from .ticket import Finished, Ticket
 
 __all__ = [
     "ABORT_TIMEOUT_S",
@@ -87,20 +103,18 @@ class Handoff:
         mover: Mover,
         resolver: Resolver,
     ) -> None:
-        self._identity = identity
-        self._stats = HandoffStats()
-        self._offers = OfferTable(self._stats)
-        self._slots = Slots(DEFAULT_MAX_FETCHES)
-        self._fence = WriterFence(listener)
-        self._linker = TicketLinker(identity, links, linking, self._stats)
-        fetching = self._fetching = Fetching(
-            state, resolver, self._linker, self._fence, self._slots, self._stats
-        )
-        self._pushing = Pushing(state, resolver, mover, self._linker, self._stats)
-        leases = Leases(self._offers, self._stats, links.spawn, self._abort_offer)
-        self._offering = Offering(identity, state, resolver, listener, self._offers, leases)
-        serving = FetchServer(self._offers, leases, mover, self._stats)
-        destinations = self._destinations = DestinationOffers(self._offers, leases, self._stats)
+        stats = self._stats = HandoffStats()
+        offers = self._offers = OfferTable(stats)
+        slots = self._slots = Slots(DEFAULT_MAX_FETCHES)
+        linker = TicketLinker(identity, links, linking, stats)
+        fence = WriterFence(listener)
+        fetching = self._fetching = Fetching(state, resolver, linker, fence, slots, stats)
+        pushing = self._pushing = Pushing(state, resolver, mover, linker, stats)
+        aborts = self._aborts = Aborts(identity, offers, fetching, pushing, linker, fence)
+        leases = Leases(offers, stats, links.spawn, aborts.abort_offer)
+        self._offering = Offering(identity, state, resolver, listener, offers, leases)
+        serving = FetchServer(offers, leases, mover, stats)
+        destinations = self._destinations = DestinationOffers(offers, leases, stats)
         for kind, handler in (
             ("fetch", serving.on_fetch),
             ("layer", fetching.on_layer),
@@ -109,7 +123,7 @@ class Handoff:
             ("claim", destinations.on_claim),
             ("pushed", destinations.on_pushed),
             ("complete", destinations.on_complete),
-            ("abort", self._on_abort),
+            ("abort", aborts.on_abort),
         ):
             links.on(kind, handler)
         links.watch_closed(self._on_link_closed)
@@ -203,78 +217,14 @@ class Handoff:
         """Offers of this engine not ended yet."""
         return len(self._offers)
 
-    # ------------------------------------------------------------------ ending offers
+    # ================================================================== ending, renewing
     async def abort(self, ticket: TicketLike | str) -> None:
         """Cancel an offer: ours (by ticket or request id), or one we fetch from or push into.
         Returns once no copy of it is in flight and none will start; the other engine is told
         (linked to first if need be). An offer that ended already (the abort lost the race) is
         no error: nothing changes."""
-        if isinstance(ticket, str):
-            offer = self._offers.for_request(ticket)
-            if offer is not None:
-                await self._abort_offer(offer, "aborted here")
-                return
-        if isinstance(ticket, str) and not ticket.lstrip().startswith("{"):
-            return  # a request id whose offer ended already (it lost the race): nothing to do
-        t = Ticket.of(ticket)
-        if (
-            t.cluster_id == self._identity.cluster_id
-            and t.incarnation == self._identity.incarnation
-        ):
-            mine = self._offers.get(t.offer_id)
-            if mine is not None and mine.token_ok(t.token):
-                await self._abort_offer(mine, "aborted here")
-            return
-        key = (t.cluster_id, t.offer_id)
-        await self._pushing.stop_pushing(key)  # push mode: we stop pushing, then tell the offerer
-        link = self._linker.live_link(t.cluster_id)
-        if link is None:  # tell the offerer even if we never linked (we need nothing of it);
-            # an operation of ours linking to it meanwhile: link_to waits for that setup
-            with contextlib.suppress(LLMException):
-                link = await self._linker.link_to("abort", t, ABORT_TIMEOUT_S)
-        self._pushing.drop_claim(key)  # a push that asked for it meanwhile: its answer is void
-        if link is None or link.peer.incarnation != t.incarnation:
-            return
-        fetching = self._fetching.in_flight(key)
-        if fetching is not None and fetching.link is link:  # it writes our blocks: it must stop
-            await self._fence.stop_writer(link, offer=t.offer_id, token=t.token, mine=False)
-        else:  # we write theirs (push) or nothing: telling it is a courtesy
-            with contextlib.suppress(LLMException):
-                await link.channel.request(
-                    "abort", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token, mine=False
-                )
+        await self._aborts.abort(ticket)
 
-    async def _abort_offer(self, offer: Offer, why: str) -> None:
-        """Abort one of our offers: stop our copy (pull) or the claimer's (push) first."""
-        if offer.ended is not None:
-            return
-        offer.aborting = True
-        if offer.kind == "pull" and offer.task is not None:
-            await asyncio.gather(offer.task, return_exceptions=True)  # it ends the offer
-        elif offer.kind == "push" and offer.claimer is not None:
-            await self._fence.stop_writer(
-                offer.claimer, offer=offer.offer_id, token=offer.token, mine=True
-            )
-        self._offers.end(offer, Ended.ABORTED, why)
-
-    async def _on_abort(self, link: Link, msg: dict[str, Any]) -> None:
-        if msg["mine"]:  # the sender's offer, which we push into: stop, then confirm
-            await self._pushing.stop_pushing((link.peer.cluster_id, msg["offer"]))
-        else:  # our offer, which the sender fetches or pushes into
-            offer = self._offers.get(msg["offer"])
-            if offer is not None and offer.token_ok(msg["token"]):
-                if offer.kind == "pull":
-                    await self._abort_offer(offer, "aborted by the fetcher")
-                else:  # the claimer itself aborts: it stopped pushing already
-                    self._offers.end(offer, Ended.ABORTED, "aborted by the pusher")
-        link.channel.ack(msg["rid"])
-
-    def _on_link_closed(self, link: Link) -> None:
-        self._destinations.link_closed(link)
-        self._fetching.link_closed(link)
-        self._pushing.link_closed(link)
-
-    # ------------------------------------------------------------------ renewing
     async def renew(self, ticket: TicketLike) -> None:
         """Extend a live offer's lease by its full length (a decode that is not ready yet)."""
         await self._fetching.renew(ticket)
@@ -347,9 +297,12 @@ class Handoff:
 
     async def close(self) -> None:
         """Engine shutdown: every live offer ends (aborted), every fetch fails."""
-        for offer in self._offers.live_offers():
-            offer.aborting = True
-            if offer.task is not None:
-                await asyncio.gather(offer.task, return_exceptions=True)
-            self._offers.end(offer, Ended.ABORTED, "the engine closed")
+        await self._aborts.abort_all("the engine closed")
         self._fetching.close()
+
+    def _on_link_closed(self, link: Link) -> None:
+        """The engine at the other end is lost: our offers it pushed into fail, our fetches
+        from it fail, our claims on its offers end."""
+        self._destinations.link_closed(link)
+        self._fetching.link_closed(link)
+        self._pushing.link_closed(link)
