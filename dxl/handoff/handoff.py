@@ -70,7 +70,7 @@ from .offers import Offering
 from .pushing import Pushing
 from .serving import FetchServer
 from .slots import Slots
-from .state import Claim, Fetch, LayerCallback, Offer, OfferTable, TicketLike
+from .state import LayerCallback, OfferTable, TicketLike
 from .ticket import Finished, Ticket
 
 __all__ = [
@@ -84,9 +84,6 @@ __all__ = [
     "LayerCallback",
     "TicketLike",
 ]
-
-# the records' names before the split into components, for code that imported them from here
-_Offer, _Claim, _Fetch = Offer, Claim, Fetch
 
 
 class Handoff:
