@@ -17,133 +17,73 @@ offer ends exactly once, with a reason (:class:`~dxl.handoff.Ended`): done, fail
 expired (the lease ran out before anyone claimed it; a decode that is not ready renews it, and a
 fetch waiting for a free slot renews it by itself). The offering side sees every end in
 :meth:`Handoff.finished` / :meth:`Handoff.poll_finished`, after which the blocks may be reused.
+
+The handoff is a facade over components with one job each (docs/handoff.md has the protocol):
+
+=======================  =======================================================================
+component                job
+=======================  =======================================================================
+``OfferTable``           our live offers, each one's end exactly once, the queue of ends
+``Leases``               offer leases: expiry, renewals, a stalled pusher's offer taken back
+``Offering``             making offers: checks, the record, the ticket
+``FetchServer``          pull mode, offering side: serving a fetch (the copy runs here)
+``DestinationOffers``    push mode, offering side: claims, pushed layers, completion
+``Fetching``             pull mode, fetching side: fetches, their slots, layer callbacks
+``Pushing``              push mode, pushing side: claims of ours and the pushes into them
+``Aborts``               aborts from either side, and the peers' ``abort`` messages
+``WriterFence``          stopping an engine that writes into our blocks, and knowing it stopped
+``TicketLinker``         the link to a ticket's engine (one link setup per peer at a time)
+``HandoffStats``         counters and histograms, per engine and per peer
+=======================  =======================================================================
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hmac
-import inspect
-import itertools
-import logging
-import secrets
-import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import numpy as np
-
-from .._validate import (
-    block_list,
-    check_blocks_in_range,
-    check_cache_arg,
-    check_isinstance,
-    check_uint32,
-)
+from .._validate import check_uint32
 from ..config import EngineOptions
 from ..engine.link import Link
 from ..engine.linking import LinkOps
 from ..engine.links import LinkTable
 from ..engine.listener import Listener
 from ..engine.mover import Mover
-from ..engine.registry import LocalCache, RemoteCache
-from ..engine.resolve import Resolver, Route
+from ..engine.resolve import Resolver
 from ..engine.state import Identity, RunState
-from ..engine.stats import OpStats
-from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
-from ..memory.plan import block_pieces
-from ..types import Cache, LLMClusterInfo
-from .histogram import Histogram
+from ..types import Cache
+from .aborts import Aborts
+from .counters import HandoffStats
+from .defaults import (
+    ABORT_TIMEOUT_S,
+    CALLER_OFFER_IDS,
+    DEFAULT_FETCH_TIMEOUT_S,
+    DEFAULT_LEASE_S,
+    DEFAULT_MAX_FETCHES,
+)
+from .destinations import DestinationOffers
+from .fence import WriterFence
+from .fetching import Fetching
+from .leases import Leases
+from .linking import TicketLinker
+from .offers import Offering
+from .pushing import Pushing
+from .serving import FetchServer
 from .slots import Slots
-from .ticket import Ended, FetchError, Finished, Ticket
+from .state import LayerCallback, OfferTable, TicketLike
+from .ticket import Finished, Ticket
 
-log = logging.getLogger("dxl")
-Code = LLMStatusCode
-TicketLike = Ticket | Mapping[str, Any] | str | bytes
-LayerCallback = Callable[[int, int], Awaitable[None] | None]  # (first layer, stop layer)
-
-DEFAULT_LEASE_S = 30.0  # as vLLM's NIXL connector
-DEFAULT_FETCH_TIMEOUT_S = 30.0
-DEFAULT_MAX_FETCHES = 64  # fetches in flight per engine; more wait (renewing their leases)
-ABORT_TIMEOUT_S = 5.0  # the other side confirms an abort within this, or loses its link
-CALLER_OFFER_IDS = 1 << 32  # offer ids a caller chooses start here; the engine's stay below
-
-
-@dataclass(slots=True)
-class _Offer:
-    """An offer of this engine (pull: our blocks are the source; push: the destination)."""
-
-    offer_id: int
-    kind: str
-    request_id: str
-    token: str
-    entry: LocalCache
-    blocks: np.ndarray
-    layers: range | None
-    tnpl: int
-    lease_s: float
-    timer: asyncio.TimerHandle | None = None
-    claimer: Link | None = None
-    ended: Ended | None = None
-    aborting: bool = False
-    moving: int = 0  # our copies of this offer in flight (pull mode)
-    task: asyncio.Task[None] | None = None  # pull mode: the copy serving the claim
-    on_layer: LayerCallback | None = None  # push mode: the decode's per-layer callback
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-    created: float = field(default_factory=time.monotonic)
-
-
-@dataclass(slots=True)
-class _Claim:
-    """A push-mode offer of another engine that this engine claimed and pushes into."""
-
-    link: Link
-    ticket: Ticket
-    moving: int = 0
-    aborted: bool = False
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@dataclass(slots=True)
-class _Fetch:
-    """A fetch of this engine waiting for the offerer's copy."""
-
-    link: Link
-    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
-
-
-class HandoffStats:
-    """Counters per engine and per peer (``stats()`` gives them as a dict)."""
-
-    def __init__(self) -> None:
-        self.offers = 0
-        self.ended: dict[str, int] = {e.value: 0 for e in Ended}
-        self.renewals = 0  # renewals this engine made (renew(), and fetches waiting for a slot)
-        self.renewals_received = 0  # renewals of our offers, by the engines that hold tickets
-        self.bytes_sent = 0  # written by this engine: offers served (pull), pushes (push)
-        self.bytes_received = 0  # written into this engine: fetches (pull), pushed layers (push)
-        self.fetches = OpStats()  # latency of fetches this engine made
-        self.fetch_failures: dict[str, int] = {}
-        self.per_peer: dict[int, dict[str, int]] = {}
-        self.fetch_seconds = Histogram()  # fetches this engine made, call to return
-        self.done_seconds = Histogram()  # our offers that ended done, offer() to the end
-        self.per_peer_hist: dict[int, dict[str, Histogram]] = {}
-
-    def peer(self, cluster_id: int | None) -> dict[str, int]:
-        return self.per_peer.setdefault(cluster_id if cluster_id is not None else -1, {})
-
-    def count(self, cluster_id: int | None, what: str, n: int = 1) -> None:
-        counters = self.peer(cluster_id)
-        counters[what] = counters.get(what, 0) + n
-
-    def observe(self, cluster_id: int | None, what: str, seconds: float) -> None:
-        """One latency into the engine's histogram ``what`` and the peer's."""
-        getattr(self, what).observe(seconds)
-        peer = self.per_peer_hist.setdefault(cluster_id if cluster_id is not None else -1, {})
-        peer.setdefault(what, Histogram()).observe(seconds)
+__all__ = [
+    "ABORT_TIMEOUT_S",
+    "CALLER_OFFER_IDS",
+    "DEFAULT_FETCH_TIMEOUT_S",
+    "DEFAULT_LEASE_S",
+    "DEFAULT_MAX_FETCHES",
+    "Handoff",
+    "HandoffStats",
+    "LayerCallback",
+    "TicketLike",
+]
 
 
 class Handoff:
@@ -152,7 +92,7 @@ class Handoff:
     def __init__(
         self,
         identity: Identity,
-        options: EngineOptions,
+        options: EngineOptions,  # the engine's; no handoff setting is among them yet
         state: RunState,
         links: LinkTable,
         linking: LinkOps,
@@ -160,34 +100,27 @@ class Handoff:
         mover: Mover,
         resolver: Resolver,
     ) -> None:
-        self._identity = identity
-        self._opts = options
-        self._state = state
-        self._links = links
-        self._linking = linking
-        self._listener = listener
-        self._mover = mover
-        self._resolver = resolver
-        self._offers: dict[int, _Offer] = {}
-        self._by_request: dict[str, int] = {}
-        self._claims: dict[tuple[int, int], _Claim] = {}
-        self._claiming: dict[tuple[int, int], list[_Claim]] = {}  # asked for, not answered
-        self._fetches: dict[tuple[int, int], _Fetch] = {}
-        self._link_setups: dict[int, asyncio.Lock] = {}  # one link setup per peer at a time
-        self._ids = itertools.count(1)
-        self._finished: deque[Finished] = deque()
-        self._finished_event = asyncio.Event()
-        self._slots = Slots(DEFAULT_MAX_FETCHES)
-        self._stats = HandoffStats()
+        stats = self._stats = HandoffStats()
+        offers = self._offers = OfferTable(stats)
+        slots = self._slots = Slots(DEFAULT_MAX_FETCHES)
+        linker = TicketLinker(identity, links, linking, stats)
+        fence = WriterFence(listener)
+        fetching = self._fetching = Fetching(state, resolver, linker, fence, slots, stats)
+        pushing = self._pushing = Pushing(state, resolver, mover, linker, stats)
+        aborts = self._aborts = Aborts(identity, offers, fetching, pushing, linker, fence)
+        leases = Leases(offers, stats, links.spawn, aborts.abort_offer)
+        self._offering = Offering(identity, state, resolver, listener, offers, leases)
+        serving = FetchServer(offers, leases, mover, stats)
+        destinations = self._destinations = DestinationOffers(offers, leases, stats)
         for kind, handler in (
-            ("fetch", self._on_fetch),
-            ("layer", self._on_layer),
-            ("fetched", self._on_fetched),
-            ("renew", self._on_renew),
-            ("claim", self._on_claim),
-            ("pushed", self._on_pushed),
-            ("complete", self._on_complete),
-            ("abort", self._on_abort),
+            ("fetch", serving.on_fetch),
+            ("layer", fetching.on_layer),
+            ("fetched", fetching.on_fetched),
+            ("renew", leases.on_renew),
+            ("claim", destinations.on_claim),
+            ("pushed", destinations.on_pushed),
+            ("complete", destinations.on_complete),
+            ("abort", aborts.on_abort),
         ):
             links.on(kind, handler)
         links.watch_closed(self._on_link_closed)
@@ -227,19 +160,16 @@ class Handoff:
         before the offer exists choose them (a vLLM scheduler whose worker offers): the id must
         be at least ``2**32`` (the engine picks smaller ones) and not live; the token must be a
         random secret of at least 32 hex digits. The ticket is then predictable from them."""
-        return self._new_offer(
-            "offer",
-            "pull",
+        return await self._offering.offer(
             request_id,
             cache,
             block_ids,
-            layers,
-            tensors_per_layer,
-            lease_s,
-            num_tokens,
-            None,
-            offer_id,
-            token,
+            layers=layers,
+            tensors_per_layer=tensors_per_layer,
+            lease_s=lease_s,
+            num_tokens=num_tokens,
+            offer_id=offer_id,
+            token=token,
         )
 
     async def offer_destination(
@@ -256,396 +186,45 @@ class Handoff:
         """Push mode: offer ``block_ids`` of ``cache`` (remotely accessible) as the destination
         of ``request_id``; the engine that claims the ticket pushes into them. ``on_layer(lo,
         hi)`` is called as layers land. Ends as :meth:`offer` does."""
-        if not cache.remote_accessible:
-            raise param_invalid(
-                "offer_destination",
-                "cache must be registered with remote_accessible=True: the pusher writes it",
-            )
-        return self._new_offer(
-            "offer_destination",
-            "push",
+        return await self._offering.offer_destination(
             request_id,
             cache,
             block_ids,
-            layers,
-            tensors_per_layer,
-            lease_s,
-            None,
-            on_layer,
-        )
-
-    def _new_offer(
-        self,
-        op: str,
-        kind: str,
-        request_id: str,
-        cache: Cache,
-        block_ids: Sequence[int],
-        layers: range | None,
-        tnpl: int,
-        lease_s: float | None,
-        num_tokens: int | None,
-        on_layer: LayerCallback | None,
-        offer_id: int | None = None,
-        token: str | None = None,
-    ) -> Ticket:
-        check_isinstance("request_id", request_id, str, allow_none=False)
-        check_cache_arg(op, "cache", cache)
-        check_isinstance("layers", layers, range)
-        if not request_id or len(request_id) > 512:
-            raise param_invalid(op, "request_id must have 1..512 characters")
-        if request_id in self._by_request:
-            raise fail(op, Code.LLM_REPEAT_REQUEST, f"request {request_id!r} is offered already")
-        lease = DEFAULT_LEASE_S if lease_s is None else float(lease_s)
-        if not 0 < lease <= 24 * 3600:
-            raise param_invalid(op, f"lease_s must be in (0, 86400], got {lease_s}")
-        self._state.require(op)
-        entry = self._resolver.local(op, cache)
-        if not entry.layout.blocks:
-            raise param_invalid(op, "cache must be a blocks cache")
-        blocks = block_list(op, "block_ids", list(block_ids))
-        if blocks.size == 0:
-            raise param_invalid(op, "block_ids must not be empty")
-        check_blocks_in_range(op, "block_ids", blocks, entry.layout.units)
-        _layer_tensors(op, entry, layers, tnpl)
-        if (offer_id is None) != (token is None):
-            raise param_invalid(op, "offer_id and token are chosen together, or neither")
-        if offer_id is not None and token is not None:
-            check_isinstance("offer_id", offer_id, int, allow_none=False)
-            check_isinstance("token", token, str, allow_none=False)
-            if not CALLER_OFFER_IDS <= offer_id < 1 << 63:
-                raise param_invalid(
-                    op, f"a chosen offer_id must be in [2**32, 2**63), got {offer_id}"
-                )
-            if len(token) < 32 or len(token) > 128 or not _is_hex(token):
-                raise param_invalid(op, "a chosen token must be 32 to 128 hex digits")
-            if offer_id in self._offers:
-                raise fail(op, Code.LLM_REPEAT_REQUEST, f"offer id {offer_id} is live already")
-        address = self._listener.address
-        if address is None:
-            raise fail(
-                op,
-                Code.LLM_FEATURE_NOT_ENABLED,
-                "the offering engine must listen (listen_ip_info): fetchers link to it",
-            )
-        offer = _Offer(
-            next(self._ids) if offer_id is None else offer_id,
-            kind,
-            request_id,
-            secrets.token_hex(16) if token is None else token,
-            entry,
-            blocks,
-            layers,
-            tnpl,
-            lease,
+            layers=layers,
+            tensors_per_layer=tensors_per_layer,
+            lease_s=lease_s,
             on_layer=on_layer,
         )
-        offer.idle.set()
-        self._offers[offer.offer_id] = offer
-        self._by_request[request_id] = offer.offer_id
-        self._arm_lease(offer)
-        self._stats.offers += 1
-        return Ticket(
-            kind=kind,
-            cluster_id=self._identity.cluster_id,
-            incarnation=self._identity.incarnation,
-            endpoint=_endpoint(address),
-            request_id=request_id,
-            offer_id=offer.offer_id,
-            token=offer.token,
-            cache_id=entry.cache.cache_id,
-            block_ids=[int(b) for b in blocks.tolist()],
-            layers=(layers.start, layers.stop) if layers is not None else None,
-            tensors_per_layer=tnpl,
-            block_bytes=entry.layout.unit_bytes,
-            num_tensors=entry.layout.num_tensors,
-            num_tokens=num_tokens,
-            lease_ms=int(lease * 1000),
-        )
-
-    def _arm_lease(self, offer: _Offer) -> None:
-        if offer.timer is not None:
-            offer.timer.cancel()
-        loop = asyncio.get_running_loop()
-        offer.timer = loop.call_later(offer.lease_s, self._lease_ran_out, offer.offer_id)
-
-    def _lease_ran_out(self, offer_id: int) -> None:
-        offer = self._offers.get(offer_id)
-        if offer is None or offer.ended is not None:
-            return
-        if offer.claimer is None:
-            self._end(offer, Ended.EXPIRED, "the lease ran out before anyone claimed the offer")
-        elif offer.kind == "push":  # the pusher stopped making progress: take the blocks back
-            self._links.spawn(self._abort_offer(offer, "the pusher made no progress in its lease"))
-
-    def _end(self, offer: _Offer, reason: Ended, detail: str = "") -> bool:
-        """End an offer, once: later calls change nothing. True if this call ended it."""
-        if offer.ended is not None:
-            return False
-        offer.ended = reason
-        if offer.timer is not None:
-            offer.timer.cancel()
-        self._offers.pop(offer.offer_id, None)
-        self._by_request.pop(offer.request_id, None)
-        peer = offer.claimer.peer.cluster_id if offer.claimer is not None else None
-        self._stats.ended[reason.value] += 1
-        self._stats.count(peer, reason.value)
-        if reason is Ended.DONE:
-            self._stats.observe(peer, "done_seconds", time.monotonic() - offer.created)
-        self._finished.append(
-            Finished(
-                offer.request_id,
-                offer.offer_id,
-                offer.kind,
-                reason,
-                peer,
-                [int(b) for b in offer.blocks.tolist()],
-                detail,
-            )
-        )
-        self._finished_event.set()
-        if reason is not Ended.DONE:
-            log.info("dxl: handoff of %r ended %s: %s", offer.request_id, reason.value, detail)
-        return True
 
     async def finished(self) -> AsyncIterator[Finished]:
         """Every offer of this engine that ends, as it ends (each exactly once)."""
-        while True:
-            while self._finished:
-                yield self._finished.popleft()
-            self._finished_event.clear()
-            await self._finished_event.wait()
+        async for end in self._offers.finished():
+            yield end
 
     def poll_finished(self) -> list[Finished]:
         """The offers that ended since the last call (each exactly once)."""
-        out = list(self._finished)
-        self._finished.clear()
-        return out
+        return self._offers.poll_finished()
 
     async def wait_finished(self, timeout_s: float | None = None) -> list[Finished]:
         """:meth:`poll_finished` once at least one offer ended, or after ``timeout_s`` (then
         possibly empty); ``None`` waits as long as it takes."""
-        if timeout_s is not None and (
-            isinstance(timeout_s, bool)
-            or not isinstance(timeout_s, int | float)
-            or not 0 <= timeout_s < float("inf")
-        ):
-            raise param_invalid("wait_finished", f"timeout_s must be >= 0 s, got {timeout_s!r}")
-        while not self._finished:
-            self._finished_event.clear()
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await self._finished_event.wait()
-            except TimeoutError:
-                break
-        return self.poll_finished()
+        return await self._offers.wait_finished(timeout_s)
 
     def live(self) -> int:
         """Offers of this engine not ended yet."""
         return len(self._offers)
 
-    # ------------------------------------------------------------------ serving a fetch
-    async def _on_fetch(self, link: Link, msg: dict[str, Any]) -> None:
-        offer = self._offers.get(msg["offer"])
-        try:
-            if offer is None or offer.kind != "pull" or not _token_ok(offer, msg["token"]):
-                raise fail("fetch", Code.LLM_KV_CACHE_NOT_EXIST, "no such live offer")
-            if offer.claimer is not None:
-                raise fail("fetch", Code.LLM_REPEAT_REQUEST, "the offer was fetched already")
-            remote = link.registry.caches.get(msg["cache"])
-            dst = _dst_blocks(offer, remote, msg["blocks"])
-        except LLMException as exc:
-            link.channel.ack(msg["rid"], int(exc.status_code), str(exc))
-            return
-        offer.claimer = link
-        if offer.timer is not None:
-            offer.timer.cancel()
-        link.channel.ack(msg["rid"])
-        assert remote is not None
-        offer.task = asyncio.create_task(self._serve(offer, link, remote, dst, msg["per_layer"]))
-
-    async def _serve(
-        self, offer: _Offer, link: Link, remote: RemoteCache, dst: np.ndarray, per_layer: bool
-    ) -> None:
-        """Write the offered blocks into the fetcher's (whole, or layer by layer), then tell it
-        how the offer ended."""
-        code, message = Code.LLM_SUCCESS, ""
-        groups = _layer_groups(offer, per_layer)
-        try:
-            for lo, hi in groups:
-                if offer.aborting:
-                    break
-                if link.closed:  # the fetcher cut us off (e.g. it saw no answer to an abort)
-                    raise fail(
-                        "fetch",
-                        Code.LLM_LINK_FAILED,
-                        f"the fetcher's link closed: {link.channel.close_reason}",
-                    )
-                await self._copy(offer, link, remote, dst, lo, hi)
-                if per_layer:
-                    link.channel.send("layer", offer=offer.offer_id, lo=lo, hi=hi)
-            if offer.aborting:
-                code, message = Code.LLM_FAILED, "aborted"
-                self._end(offer, Ended.ABORTED, "aborted during the fetch")
-            else:
-                self._end(offer, Ended.DONE)
-                nbytes = _nbytes(offer, groups, dst.size)
-                self._stats.count(link.peer.cluster_id, "bytes_sent", nbytes)
-                self._stats.bytes_sent += nbytes
-        except LLMException as exc:
-            code, message = exc.status_code, str(exc)
-            self._end(offer, Ended.FAILED, message)
-        finally:
-            link.channel.send("fetched", offer=offer.offer_id, code=int(code), message=message)
-
-    async def _copy(
-        self, offer: _Offer, link: Link, remote: RemoteCache, dst: np.ndarray, lo: int, hi: int
-    ) -> None:
-        """One native write of layers [lo, hi) of the offer into the same layers of the remote
-        cache (both sides hold the same model: layer numbers match)."""
-        t = offer.tnpl
-        src_bases = offer.entry.layout.addrs[lo * t : hi * t]
-        dst_bases = remote.layout.addrs[lo * t : hi * t]
-        bb = offer.entry.layout.unit_bytes
-        src = offer.blocks[offer.blocks.size - dst.size :]  # fewer: the fetcher takes the tail
-
-        def plan() -> Any:
-            return block_pieces(dst_bases, src_bases, dst, src, bb)
-
-        offer.moving += 1
-        offer.idle.clear()
-        try:
-            route = Route(link, offer.entry, [remote])
-            await self._mover.transfer(
-                "handoff", route, plan, write=True, nbytes_hint=dst.size * src_bases.size * bb
-            )
-        finally:
-            offer.moving -= 1
-            if offer.moving == 0:
-                offer.idle.set()
-
-    # ------------------------------------------------------------------ ending offers
+    # ================================================================== ending, renewing
     async def abort(self, ticket: TicketLike | str) -> None:
         """Cancel an offer: ours (by ticket or request id), or one we fetch from or push into.
         Returns once no copy of it is in flight and none will start; the other engine is told
         (linked to first if need be). An offer that ended already (the abort lost the race) is
         no error: nothing changes."""
-        if isinstance(ticket, str) and ticket in self._by_request:
-            await self._abort_offer(self._offers[self._by_request[ticket]], "aborted here")
-            return
-        if isinstance(ticket, str) and not ticket.lstrip().startswith("{"):
-            return  # a request id whose offer ended already (it lost the race): nothing to do
-        t = Ticket.of(ticket)
-        if (
-            t.cluster_id == self._identity.cluster_id
-            and t.incarnation == self._identity.incarnation
-        ):
-            offer = self._offers.get(t.offer_id)
-            if offer is not None and _token_ok(offer, t.token):
-                await self._abort_offer(offer, "aborted here")
-            return
-        key = (t.cluster_id, t.offer_id)
-        claim = self._drop_claim(key)
-        if claim is not None:  # push mode: we stop pushing, then tell the offerer
-            await claim.idle.wait()
-        link = self._links.get(t.cluster_id)
-        if link is None:  # tell the offerer even if we never linked (we need nothing of it);
-            # an operation of ours linking to it meanwhile: _link_to waits for that setup
-            with contextlib.suppress(LLMException):
-                link = await self._link_to("abort", t, ABORT_TIMEOUT_S)
-        self._drop_claim(key)  # a push of ours that asked for it meanwhile: its answer is void
-        if link is None or link.peer.incarnation != t.incarnation:
-            return
-        fetching = self._fetches.get(key)
-        if fetching is not None and fetching.link is link:  # it writes our blocks: it must stop
-            await self._stop_writer(link, offer=t.offer_id, token=t.token, mine=False)
-        else:  # we write theirs (push) or nothing: telling it is a courtesy
-            with contextlib.suppress(LLMException):
-                await link.channel.request(
-                    "abort", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token, mine=False
-                )
+        await self._aborts.abort(ticket)
 
-    async def _abort_offer(self, offer: _Offer, why: str) -> None:
-        """Abort one of our offers: stop our copy (pull) or the claimer's (push) first."""
-        if offer.ended is not None:
-            return
-        offer.aborting = True
-        if offer.kind == "pull" and offer.task is not None:
-            await asyncio.gather(offer.task, return_exceptions=True)  # it ends the offer
-        elif offer.kind == "push" and offer.claimer is not None:
-            await self._stop_writer(
-                offer.claimer, offer=offer.offer_id, token=offer.token, mine=True
-            )
-        self._end(offer, Ended.ABORTED, why)
-
-    async def _stop_writer(self, link: Link, **abort: Any) -> None:
-        """Tell the engine that writes into our blocks (the fetch's offerer, the push's
-        claimer) to stop, and return once it no longer does. It confirms once its copy
-        stopped; one that does not within ABORT_TIMEOUT_S is cut off: its link closes, which
-        revokes its tcp data connections, and the fence waits out a write already running.
-        A cma peer stalled in the middle of one native write may still finish that write
-        after this returns (docs/security.md): a kernel copy cannot be revoked."""
-        try:
-            await link.channel.request("abort", ABORT_TIMEOUT_S, **abort)
-            return
-        except LLMException as exc:
-            if not link.closed:
-                log.warning(
-                    "dxl: cluster %d did not confirm a handoff abort: unlinking it (%s)",
-                    link.peer.cluster_id,
-                    exc,
-                )
-                link.close(f"no confirmation of a handoff abort: {exc}")
-        await self._listener.fence()
-
-    async def _on_abort(self, link: Link, msg: dict[str, Any]) -> None:
-        if msg["mine"]:  # the sender's offer, which we push into: stop, then confirm
-            claim = self._drop_claim((link.peer.cluster_id, msg["offer"]))
-            if claim is not None:
-                await claim.idle.wait()
-        else:  # our offer, which the sender fetches or pushes into
-            offer = self._offers.get(msg["offer"])
-            if offer is not None and _token_ok(offer, msg["token"]):
-                if offer.kind == "pull":
-                    await self._abort_offer(offer, "aborted by the fetcher")
-                else:  # the claimer itself aborts: it stopped pushing already
-                    self._end(offer, Ended.ABORTED, "aborted by the pusher")
-        link.channel.ack(msg["rid"])
-
-    def _on_link_closed(self, link: Link) -> None:
-        for offer in list(self._offers.values()):
-            if offer.claimer is link and offer.kind == "push":
-                self._end(
-                    offer, Ended.FAILED, f"the pusher's link closed: {link.channel.close_reason}"
-                )
-        for fetch in list(self._fetches.values()):
-            if fetch.link is link:
-                fetch.events.put_nowait(("closed", link.channel.close_reason))
-        for key, claim in list(self._claims.items()):
-            if claim.link is link:
-                claim.aborted = True
-                del self._claims[key]
-
-    # ------------------------------------------------------------------ renewing
     async def renew(self, ticket: TicketLike) -> None:
         """Extend a live offer's lease by its full length (a decode that is not ready yet)."""
-        t = Ticket.of(ticket)
-        link = await self._link_to("renew", t, ABORT_TIMEOUT_S)
-        ack = await link.channel.request("renew", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token)
-        if ack["code"]:
-            raise fail("renew", status_from_code(ack["code"]), ack["message"])
-        self._stats.renewals += 1
-        self._stats.count(t.cluster_id, "renewals_sent")
-
-    async def _on_renew(self, link: Link, msg: dict[str, Any]) -> None:
-        offer = self._offers.get(msg["offer"])
-        if offer is None or not _token_ok(offer, msg["token"]) or offer.claimer is not None:
-            link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no live offer")
-            return
-        self._arm_lease(offer)
-        self._stats.count(link.peer.cluster_id, "renewals")
-        self._stats.renewals_received += 1
-        link.channel.ack(msg["rid"])
+        await self._fetching.renew(ticket)
 
     # ================================================================== fetching side
     async def fetch(
@@ -668,136 +247,7 @@ class Handoff:
                 partial data. The offer ended on the offering side (it frees its blocks).
             LLMException: bad arguments (``LLM_PARAM_INVALID``), nothing moved.
         """
-        op = "fetch"
-        t = Ticket.of(ticket)
-        if t.kind != "pull":
-            raise param_invalid(op, "a push-mode ticket is pushed into (push), not fetched")
-        check_cache_arg(op, "cache", cache)
-        self._state.require(op)
-        entry = self._resolver.local(op, cache)
-        dst = block_list(op, "block_ids", list(block_ids))
-        _check_destination(op, entry, dst, t, tail=True)
-        deadline_s = DEFAULT_FETCH_TIMEOUT_S if timeout_s is None else float(timeout_s)
-        t0 = time.perf_counter()
-        partial = [int(b) for b in dst.tolist()]
-        link = await self._link_to(op, t, deadline_s, partial)
-        async with self._fetch_slot(t, link):
-            await self._run_fetch(t, link, entry, dst, on_layer, deadline_s, partial)
-        elapsed = time.perf_counter() - t0
-        nbytes = _ticket_bytes(t, len(partial))  # the tail it fetched, maybe not every block
-        self._stats.fetches.record(nbytes, len(partial), elapsed)
-        self._stats.count(t.cluster_id, "fetched")
-        self._stats.count(t.cluster_id, "bytes_received", nbytes)
-        self._stats.bytes_received += nbytes
-        self._stats.observe(t.cluster_id, "fetch_seconds", elapsed)
-
-    @contextlib.asynccontextmanager
-    async def _fetch_slot(self, t: Ticket, link: Link) -> AsyncIterator[None]:
-        """At most ``max_fetches`` fetches in flight; one that waits keeps its lease alive."""
-        slots = self._slots
-        if slots.full():
-            renewer = asyncio.create_task(self._keep_renewing(t, link))
-            try:
-                await slots.acquire()
-            finally:
-                renewer.cancel()
-        else:
-            await slots.acquire()
-        try:
-            yield
-        finally:
-            slots.release()
-
-    async def _keep_renewing(self, t: Ticket, link: Link) -> None:
-        period = max(0.05, t.lease_ms / 1000 / 3)
-        while True:
-            await asyncio.sleep(period)
-            with contextlib.suppress(LLMException):
-                await link.channel.request(
-                    "renew", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token
-                )
-                self._stats.renewals += 1
-                self._stats.count(t.cluster_id, "renewals_sent")
-
-    async def _run_fetch(
-        self,
-        t: Ticket,
-        link: Link,
-        entry: LocalCache,
-        dst: np.ndarray,
-        on_layer: LayerCallback | None,
-        deadline_s: float,
-        partial: list[int],
-    ) -> None:
-        key = (t.cluster_id, t.offer_id)
-        fetch = _Fetch(link)
-        self._fetches[key] = fetch
-        try:
-            async with asyncio.timeout(deadline_s):
-                ack = await link.channel.request(
-                    "fetch",
-                    deadline_s,
-                    offer=t.offer_id,
-                    token=t.token,
-                    cache=entry.cache.cache_id,
-                    blocks=partial,
-                    per_layer=on_layer is not None,
-                )
-                if ack["code"]:
-                    raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
-                while True:
-                    kind, value = await fetch.events.get()
-                    if kind == "layer" and on_layer is not None:
-                        result = on_layer(*value)
-                        if inspect.isawaitable(result):
-                            await result
-                    elif kind == "fetched":
-                        code, message = value
-                        if code:
-                            raise self._failed(t, status_from_code(code), message, partial)
-                        return
-                    elif kind == "closed":
-                        # its tcp connections are revoked: wait out a write already running
-                        await self._listener.fence()
-                        raise self._failed(
-                            t, Code.LLM_LINK_FAILED, f"the link closed: {value}", partial
-                        )
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            # the offerer may still be writing our blocks: it must stop before we return
-            await asyncio.shield(
-                self._stop_writer(link, offer=t.offer_id, token=t.token, mine=False)
-            )
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise self._failed(
-                t, Code.LLM_TIMEOUT, f"no end within {deadline_s} s", partial
-            ) from exc
-        except LLMException as exc:
-            if isinstance(exc, FetchError):
-                raise
-            raise self._failed(t, exc.status_code, str(exc), partial) from exc
-        finally:
-            self._fetches.pop(key, None)
-
-    def _failed(self, t: Ticket, code: LLMStatusCode, why: str, partial: list[int]) -> FetchError:
-        self._stats.fetch_failures[code.name] = self._stats.fetch_failures.get(code.name, 0) + 1
-        self._stats.count(t.cluster_id, "fetch_failed")
-        return FetchError(
-            f"handoff of request {t.request_id!r} from cluster {t.cluster_id} failed: {why}",
-            status_code=code if code != Code.LLM_SUCCESS else Code.LLM_FAILED,
-            request_id=t.request_id,
-            partial_blocks=partial,
-        )
-
-    async def _on_layer(self, link: Link, msg: dict[str, Any]) -> None:
-        fetch = self._fetches.get((link.peer.cluster_id, msg["offer"]))
-        if fetch is not None and fetch.link is link:
-            fetch.events.put_nowait(("layer", (msg["lo"], msg["hi"])))
-
-    async def _on_fetched(self, link: Link, msg: dict[str, Any]) -> None:
-        fetch = self._fetches.get((link.peer.cluster_id, msg["offer"]))
-        if fetch is not None and fetch.link is link:
-            fetch.events.put_nowait(("fetched", (msg["code"], msg["message"])))
+        await self._fetching.fetch(ticket, cache, block_ids, on_layer=on_layer, timeout_s=timeout_s)
 
     # ================================================================== push mode, pusher side
     async def push(
@@ -817,220 +267,15 @@ class Handoff:
             FetchError: the offer is gone, aborted or the push failed (``partial_blocks``: the
                 destination blocks that may hold partial data).
         """
-        op = "push"
-        t = Ticket.of(ticket)
-        if t.kind != "push":
-            raise param_invalid(op, "a pull-mode ticket is fetched, not pushed into")
-        check_cache_arg(op, "cache", cache)
-        check_isinstance("layers", layers, range)
-        self._state.require(op)
-        entry = self._resolver.local(op, cache)
-        src = block_list(op, "block_ids", list(block_ids))
-        _check_destination(op, entry, src, t)
-        span = (
-            range(*t.layers)
-            if t.layers is not None
-            else range(t.num_tensors // t.tensors_per_layer)
-        )
-        todo = span if layers is None else layers
-        if todo.step != 1 or todo.start < span.start or todo.stop > span.stop or not todo:
-            raise param_invalid(op, f"layers {layers} must lie within the ticket's {span}")
-        timeout = DEFAULT_FETCH_TIMEOUT_S if timeout_s is None else float(timeout_s)
-        dst_blocks = [int(b) for b in t.block_ids]
-        claim = await self._claim(t, timeout, dst_blocks)
-        remote = claim.link.registry.caches.get(t.cache_id)
-        if remote is None or claim.aborted:
-            raise self._failed(t, Code.LLM_KV_CACHE_NOT_EXIST, "the offer is gone", dst_blocks)
-        tp = t.tensors_per_layer
-        src_bases = entry.layout.addrs[todo.start * tp : todo.stop * tp]
-        dst_bases = remote.layout.addrs[todo.start * tp : todo.stop * tp]
-        dst = np.asarray(t.block_ids, dtype=np.int64)
-        bb = entry.layout.unit_bytes
-        claim.moving += 1
-        claim.idle.clear()
-        try:
-            if claim.aborted:
-                raise self._failed(t, Code.LLM_FAILED, "the offer was aborted", dst_blocks)
-            route = Route(claim.link, entry, [remote])
-            await self._mover.transfer(
-                op,
-                route,
-                lambda: block_pieces(dst_bases, src_bases, dst, src, bb),
-                write=True,
-                nbytes_hint=src.size * src_bases.size * bb,
-            )
-        except LLMException as exc:
-            if isinstance(exc, FetchError):
-                raise
-            raise self._failed(t, exc.status_code, str(exc), dst_blocks) from exc
-        finally:
-            claim.moving -= 1
-            if claim.moving == 0:
-                claim.idle.set()
-        ack = await self._request(
-            claim.link,
-            "pushed",
-            timeout,
-            t,
-            dst_blocks,
-            offer=t.offer_id,
-            lo=todo.start,
-            hi=todo.stop,
-        )
-        if ack["code"]:
-            raise self._failed(t, status_from_code(ack["code"]), ack["message"], dst_blocks)
-        pushed = src.size * src_bases.size * bb
-        self._stats.bytes_sent += pushed
-        self._stats.count(t.cluster_id, "bytes_sent", pushed)
+        await self._pushing.push(ticket, cache, block_ids, layers=layers, timeout_s=timeout_s)
 
     async def complete(self, ticket: TicketLike, *, failed: str = "") -> None:
         """Push mode: every layer was pushed (or ``failed``: why not): the destination's offer
         ends done (or failed) on its engine, exactly once. Pushes of it still running are
         waited for first; none starts after."""
-        t = Ticket.of(ticket)
-        claim = self._claims.pop((t.cluster_id, t.offer_id), None)
-        if claim is None:
-            raise fail("complete", Code.LLM_KV_CACHE_NOT_EXIST, "this engine holds no such claim")
-        claim.aborted = True  # no push of it starts any more ...
-        await claim.idle.wait()  # ... and the offer ends only after the ones running returned
-        code = Code.LLM_FAILED if failed else Code.LLM_SUCCESS
-        ack = await self._request(
-            claim.link,
-            "complete",
-            DEFAULT_FETCH_TIMEOUT_S,
-            t,
-            [int(b) for b in t.block_ids],
-            offer=t.offer_id,
-            code=int(code),
-            message=failed,
-        )
-        if ack["code"]:
-            raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
-
-    async def _claim(self, t: Ticket, timeout: float, dst_blocks: list[int]) -> _Claim:
-        key = (t.cluster_id, t.offer_id)
-        claim = self._claims.get(key)
-        if claim is not None:
-            return claim
-        link = await self._link_to("push", t, timeout, dst_blocks)
-        pending = _Claim(link, t)  # an abort while we ask marks it: the answer is void then
-        asking = self._claiming.setdefault(key, [])
-        asking.append(pending)
-        try:
-            ack = await self._request(
-                link, "claim", timeout, t, dst_blocks, offer=t.offer_id, token=t.token
-            )
-        finally:
-            asking.remove(pending)
-            if not asking:
-                self._claiming.pop(key, None)
-        if ack["code"]:
-            raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
-        if pending.aborted:
-            raise self._failed(t, Code.LLM_FAILED, "the offer was aborted", dst_blocks)
-        claim = self._claims.get(key)  # a concurrent push may have claimed it meanwhile
-        if claim is None:
-            claim = self._claims[key] = pending
-            claim.idle.set()
-        return claim
-
-    def _drop_claim(self, key: tuple[int, int]) -> _Claim | None:
-        """Our claim on an offer ends (aborted): the held one is returned (wait until it is
-        idle: no push of it in flight); one still being asked for is void when answered."""
-        for pending in self._claiming.get(key, ()):
-            pending.aborted = True
-        claim = self._claims.pop(key, None)
-        if claim is not None:
-            claim.aborted = True
-        return claim
-
-    async def _request(
-        self, link: Link, kind: str, timeout: float, t: Ticket, partial: list[int], **fields: Any
-    ) -> dict[str, Any]:
-        try:
-            return await link.channel.request(kind, timeout, **fields)
-        except LLMException as exc:
-            raise self._failed(t, exc.status_code, str(exc), partial) from exc
-
-    # ------------------------------------------------------------------ push mode, offerer side
-    async def _on_claim(self, link: Link, msg: dict[str, Any]) -> None:
-        offer = self._offers.get(msg["offer"])
-        if offer is None or offer.kind != "push" or not _token_ok(offer, msg["token"]):
-            link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no such live offer")
-            return
-        if offer.claimer is not None and offer.claimer is not link:
-            link.channel.ack(msg["rid"], int(Code.LLM_REPEAT_REQUEST), "claimed by another engine")
-            return
-        offer.claimer = link
-        self._arm_lease(offer)  # from now on the lease bounds the pusher's progress
-        link.channel.ack(msg["rid"])
-
-    async def _on_pushed(self, link: Link, msg: dict[str, Any]) -> None:
-        offer = self._offers.get(msg["offer"])
-        if offer is None or offer.claimer is not link:
-            link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no such claimed offer")
-            return
-        self._arm_lease(offer)
-        landed = (msg["hi"] - msg["lo"]) * offer.tnpl * int(offer.blocks.size)
-        landed *= offer.entry.layout.unit_bytes
-        self._stats.bytes_received += landed
-        self._stats.count(link.peer.cluster_id, "bytes_received", landed)
-        if offer.on_layer is not None:
-            try:
-                result = offer.on_layer(msg["lo"], msg["hi"])
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:  # the application's callback: its bug is not the peer's
-                log.exception("dxl: on_layer callback of %r failed", offer.request_id)
-        link.channel.ack(msg["rid"])
-
-    async def _on_complete(self, link: Link, msg: dict[str, Any]) -> None:
-        offer = self._offers.get(msg["offer"])
-        if offer is None or offer.claimer is not link:
-            link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no such claimed offer")
-            return
-        if msg["code"]:
-            self._end(offer, Ended.FAILED, msg["message"] or "the pusher failed")
-        else:
-            self._end(offer, Ended.DONE)
-        link.channel.ack(msg["rid"])
+        await self._pushing.complete(ticket, failed=failed)
 
     # ================================================================== both sides
-    async def _link_to(
-        self, op: str, t: Ticket, timeout: float, partial: list[int] | None = None
-    ) -> Link:
-        """The live link to the engine a ticket names (linking to its endpoint if needed); a
-        ticket of another incarnation (the offerer restarted) or engine is refused."""
-        if t.cluster_id == self._identity.cluster_id:
-            raise param_invalid(op, "the ticket names this engine")
-        link = self._links.get(t.cluster_id)
-        if link is None:
-            # the first of several operations towards a peer links; the others wait for it
-            # (a second link_clusters meanwhile would only answer LLM_PROCESSING_LINK)
-            async with self._link_setups.setdefault(t.cluster_id, asyncio.Lock()):
-                link = self._links.get(t.cluster_id)
-                if link is None:
-                    ip, _, port = t.endpoint.rpartition(":")
-                    info = LLMClusterInfo()
-                    info.remote_cluster_id = t.cluster_id
-                    info.append_local_ip_info("127.0.0.1", 0)
-                    info.append_remote_ip_info(ip.strip("[]"), int(port))
-                    timeout_ms = max(1, int(min(timeout, 30) * 1000))
-                    await self._linking.link_clusters([info], timeout_ms)
-                    link = self._links.get(t.cluster_id)
-        if link is None:
-            raise self._failed(
-                t, Code.LLM_LINK_FAILED, f"cannot link to {t.endpoint}", partial or []
-            )
-        if link.peer.incarnation != t.incarnation:
-            raise self._failed(
-                t,
-                Code.LLM_KV_CACHE_NOT_EXIST,
-                "the ticket is for another incarnation of that engine (it restarted)",
-                partial or [],
-            )
-        return link
-
     def stats(self) -> dict[str, Any]:
         """Counters of this engine's handoffs, and per peer (cluster id; -1: offers nobody
         claimed). ``per_peer`` counters: ``done``/``failed``/``aborted``/``expired`` (our
@@ -1039,133 +284,22 @@ class Handoff:
         (:meth:`Histogram.snapshot`, seconds): ``fetch_seconds`` (our fetches) and
         ``done_seconds`` (our offers that ended done, from ``offer()``), per peer in
         ``per_peer_hist``. See dxl/handoff/metrics.py for Prometheus."""
-        s = self._stats
-        live_by_peer: dict[int, int] = {}
-        for offer in self._offers.values():
-            peer = offer.claimer.peer.cluster_id if offer.claimer is not None else -1
-            live_by_peer[peer] = live_by_peer.get(peer, 0) + 1
-        return {
-            "offers_live": len(self._offers),
-            "offers": s.offers,
-            "ended": dict(s.ended),
-            "renewals": s.renewals,
-            "renewals_received": s.renewals_received,
-            "bytes_sent": s.bytes_sent,
-            "bytes_received": s.bytes_received,
-            "fetch": s.fetches.snapshot(),
-            "fetch_failures": dict(s.fetch_failures),
-            "fetches_in_flight": len(self._fetches),
-            "claims": len(self._claims),
-            "max_fetches": self.max_fetches,
-            "live_by_peer": live_by_peer,
-            "per_peer": {k: dict(v) for k, v in s.per_peer.items()},
-            "fetch_seconds": s.fetch_seconds.snapshot(),
-            "done_seconds": s.done_seconds.snapshot(),
-            "per_peer_hist": {
-                k: {name: h.snapshot() for name, h in v.items()} for k, v in s.per_peer_hist.items()
-            },
-        }
+        return self._stats.snapshot(
+            offers_live=len(self._offers),
+            live_by_peer=self._offers.live_by_peer(),
+            fetches_in_flight=len(self._fetching),
+            claims=len(self._pushing),
+            max_fetches=self.max_fetches,
+        )
 
     async def close(self) -> None:
         """Engine shutdown: every live offer ends (aborted), every fetch fails."""
-        for offer in list(self._offers.values()):
-            offer.aborting = True
-            if offer.task is not None:
-                await asyncio.gather(offer.task, return_exceptions=True)
-            self._end(offer, Ended.ABORTED, "the engine closed")
-        for fetch in list(self._fetches.values()):
-            fetch.events.put_nowait(("closed", "the engine closed"))
+        await self._aborts.abort_all("the engine closed")
+        self._fetching.close()
 
-
-# ---------------------------------------------------------------------- helpers
-def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdefABCDEF" for c in text)
-
-
-def _token_ok(offer: _Offer, token: str) -> bool:
-    return hmac.compare_digest(offer.token.encode(), token.encode())
-
-
-def _endpoint(address: tuple[str, int]) -> str:
-    ip, port = address
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-def _layer_tensors(op: str, entry: LocalCache, layers: range | None, tnpl: int) -> None:
-    n = entry.layout.num_tensors
-    if tnpl < 1 or n % tnpl:
-        raise param_invalid(op, f"the cache's {n} tensors are not whole layers of {tnpl}")
-    if layers is not None and (
-        layers.step != 1 or not 0 <= layers.start < layers.stop or layers.stop * tnpl > n
-    ):
-        raise param_invalid(op, f"layers {layers} must lie within the cache's {n // tnpl} layers")
-
-
-def _check_destination(
-    op: str, entry: LocalCache, blocks: np.ndarray, t: Ticket, *, tail: bool = False
-) -> None:
-    """Our side of a handoff must match the ticket: one block per offered block (``tail``: per
-    offered block of the last ones, at least one), same block size, enough tensors for the
-    layers."""
-    if tail and 0 < blocks.size < len(t.block_ids):
-        pass
-    elif blocks.size != len(t.block_ids):
-        raise param_invalid(
-            op, f"block_ids must name {len(t.block_ids)} blocks (one per offered block)"
-        )
-    check_blocks_in_range(op, "block_ids", blocks, entry.layout.units)
-    if entry.layout.unit_bytes != t.block_bytes:
-        raise param_invalid(
-            op, f"block sizes differ: here {entry.layout.unit_bytes}, offered {t.block_bytes}"
-        )
-    stop = t.layers[1] if t.layers is not None else t.num_tensors // t.tensors_per_layer
-    if entry.layout.num_tensors < stop * t.tensors_per_layer:
-        raise param_invalid(op, f"the cache has fewer tensors than the offer's layers (to {stop})")
-
-
-def _dst_blocks(offer: _Offer, remote: RemoteCache | None, blocks: list[int]) -> np.ndarray:
-    """Check a fetcher's destination against the offer (on the offering side)."""
-    if remote is None or not remote.layout.blocks:
-        raise fail(
-            "fetch",
-            Code.LLM_KV_CACHE_NOT_EXIST,
-            "the destination is not a remotely accessible blocks cache of the fetcher",
-        )
-    dst = np.asarray(blocks, dtype=np.int64)
-    if not 0 < dst.size <= offer.blocks.size or (
-        dst.size and (dst.min() < 0 or dst.max() >= remote.layout.units)
-    ):
-        raise param_invalid("fetch", "destination blocks do not match the offer")
-    if remote.layout.unit_bytes != offer.entry.layout.unit_bytes:
-        raise param_invalid("fetch", "destination block size differs from the offer's")
-    stop = offer.layers.stop if offer.layers is not None else _n_layers(offer)
-    if remote.layout.num_tensors < stop * offer.tnpl:
-        raise param_invalid("fetch", "the destination has fewer tensors than the offer's layers")
-    return dst
-
-
-def _n_layers(offer: _Offer) -> int:
-    if offer.layers is not None:
-        return len(offer.layers)
-    return offer.entry.layout.num_tensors // offer.tnpl
-
-
-def _layer_groups(offer: _Offer, per_layer: bool) -> list[tuple[int, int]]:
-    span = offer.layers if offer.layers is not None else range(_n_layers(offer))
-    if per_layer:
-        return [(layer, layer + 1) for layer in span]
-    return [(span.start, span.stop)]
-
-
-def _nbytes(offer: _Offer, groups: list[tuple[int, int]], blocks: int) -> int:
-    layers = sum(hi - lo for lo, hi in groups)
-    return layers * offer.tnpl * int(blocks) * offer.entry.layout.unit_bytes
-
-
-def _ticket_bytes(t: Ticket, blocks: int) -> int:
-    layers = (
-        (t.layers[1] - t.layers[0])
-        if t.layers is not None
-        else t.num_tensors // t.tensors_per_layer
-    )
-    return layers * t.tensors_per_layer * blocks * t.block_bytes
+    def _on_link_closed(self, link: Link) -> None:
+        """The engine at the other end is lost: our offers it pushed into fail, our fetches
+        from it fail, our claims on its offers end."""
+        self._destinations.link_closed(link)
+        self._fetching.link_closed(link)
+        self._pushing.link_closed(link)

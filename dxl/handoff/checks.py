@@ -1,0 +1,34 @@
+"""Whether our cache fits a ticket: the check the engine that takes a ticket (a fetch's
+destination, a push's source) makes before anything moves, so a mismatch is a parameter error
+here rather than a failed copy on the other engine."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._validate import check_blocks_in_range
+from ..engine.registry import LocalCache
+from ..errors import param_invalid
+from .ticket import Ticket
+
+
+def check_destination(
+    op: str, entry: LocalCache, blocks: np.ndarray, t: Ticket, *, tail: bool = False
+) -> None:
+    """Our side of a handoff must match the ticket: one block per offered block (``tail``: per
+    offered block of the last ones, at least one), same block size, enough tensors for the
+    layers."""
+    if tail and 0 < blocks.size < len(t.block_ids):
+        pass
+    elif blocks.size != len(t.block_ids):
+        raise param_invalid(
+            op, f"block_ids must name {len(t.block_ids)} blocks (one per offered block)"
+        )
+    check_blocks_in_range(op, "block_ids", blocks, entry.layout.units)
+    if entry.layout.unit_bytes != t.block_bytes:
+        raise param_invalid(
+            op, f"block sizes differ: here {entry.layout.unit_bytes}, offered {t.block_bytes}"
+        )
+    stop = t.layers[1] if t.layers is not None else t.num_tensors // t.tensors_per_layer
+    if entry.layout.num_tensors < stop * t.tensors_per_layer:
+        raise param_invalid(op, f"the cache has fewer tensors than the offer's layers (to {stop})")
