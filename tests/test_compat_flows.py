@@ -9,13 +9,13 @@ import json
 import os
 import random
 import socket
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from peer import CTX, DEFAULT_DEADLINE_S, Peer, PeerError, _handle
+from waiting import async_wait_until, wait_until
 
 import dxl
 from dxl.testing import KVBuffers
@@ -34,6 +34,7 @@ ALL = list(range(TENSORS))
 P_SEED, D_SEED = 1, 2
 LOCALHOST = "127.0.0.1"
 LISTEN = {"llm.listenIpInfo": f"{LOCALHOST}:0"}
+WAIT_S = 20.0  # deadline of a wait for an effect that should come far sooner
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,14 +134,6 @@ def make_comm_peer():
         peer.stop()
 
 
-def until(check: Callable[[], bool], what: str, deadline_s: float = 20.0) -> None:
-    """Wait for ``check()`` to hold, polling; fail after ``deadline_s``."""
-    deadline = time.monotonic() + deadline_s
-    while not check():
-        assert time.monotonic() < deadline, f"not within {deadline_s} s: {what}"
-        time.sleep(0.02)
-
-
 def at_once(*calls: Callable[[], Any]) -> list[Any]:
     """Run the calls concurrently (each on its own thread); their results in order."""
     with ThreadPoolExecutor(len(calls)) as pool:
@@ -189,7 +182,9 @@ def test_both_sides_link_clusters_each_unlink_ends_only_its_own(
         assert first.counts() == {second.cluster_id: 1}
         results.append(link_clusters(second, first))
     assert results == [S.LLM_SUCCESS, S.LLM_SUCCESS]
-    until(lambda: p.counts() == {D_ID: 2} and d.counts() == {P_ID: 2}, "two links each side")
+    wait_until(
+        lambda: p.counts() == {D_ID: 2} and d.counts() == {P_ID: 2}, WAIT_S, "two links each side"
+    )
     assert link_clusters(p, d) == S.LLM_ALREADY_LINK
     assert link_clusters(d, p) == S.LLM_ALREADY_LINK
 
@@ -201,8 +196,9 @@ def test_both_sides_link_clusters_each_unlink_ends_only_its_own(
     # one side unlinks its own link; the other side's link still carries transfers both ways
     x, y = (p, d) if first_to_unlink == "prefill" else (d, p)
     assert x.call("unlink", cluster_id=y.cluster_id, address=y.address) == S.LLM_SUCCESS
-    until(
+    wait_until(
         lambda: x.counts() == {y.cluster_id: 1} and y.counts() == {x.cluster_id: 1},
+        WAIT_S,
         "one link left",
     )
     y_seed = D_SEED if y is d else P_SEED
@@ -213,7 +209,7 @@ def test_both_sides_link_clusters_each_unlink_ends_only_its_own(
 
     # the other side unlinks its own: no link is left, transfers fail
     assert y.call("unlink", cluster_id=x.cluster_id, address=x.address) == S.LLM_SUCCESS
-    until(lambda: x.counts() == {} and y.counts() == {}, "no link left")
+    wait_until(lambda: x.counts() == {} and y.counts() == {}, WAIT_S, "no link left")
     assert pull_status(x, y.cluster_id, [6], [6]) == S.LLM_NOT_YET_LINK
     assert pull_status(y, x.cluster_id, [6], [6]) == S.LLM_NOT_YET_LINK
 
@@ -371,8 +367,10 @@ def rt_link(peer: CommPeer, name: str = "comm", table: str = TABLE) -> int:
 
 
 def both_ok(p: CommPeer, p_comm: int, d: CommPeer, d_comm: int) -> None:
-    until(lambda: p.status(p_comm) == OK and d.status(d_comm) == OK, "both members OK")
-    until(lambda: p.counts() == {D_ID: 2} and d.counts() == {P_ID: 2}, "a link each way")
+    wait_until(lambda: p.status(p_comm) == OK and d.status(d_comm) == OK, WAIT_S, "both members OK")
+    wait_until(
+        lambda: p.counts() == {D_ID: 2} and d.counts() == {P_ID: 2}, WAIT_S, "a link each way"
+    )
 
 
 def transfer_both_ways(p: CommPeer, d: CommPeer, blocks: list[int]) -> None:
@@ -387,7 +385,7 @@ def transfer_both_ways(p: CommPeer, d: CommPeer, blocks: list[int]) -> None:
 def unlink_both(p: CommPeer, p_comm: int, d: CommPeer, d_comm: int) -> None:
     p.call("rt_unlink", comm_id=p_comm)
     d.call("rt_unlink", comm_id=d_comm)
-    until(lambda: p.counts() == {} and d.counts() == {}, "no link left")
+    wait_until(lambda: p.counts() == {} and d.counts() == {}, WAIT_S, "no link left")
 
 
 @pytest.mark.parametrize("order", ["prefill first", "decode first", "at once"])
@@ -437,10 +435,12 @@ async def test_rank_table_member_that_never_comes_fails_after_link_total_time():
         comm = await eng.link("alone", RANKS, TABLE)
         assert await eng.query_register_mem_status(comm) == PREPARING
         assert eng.listen_address == (LOCALHOST, base)
-        deadline = time.monotonic() + 20
-        while (status := await eng.query_register_mem_status(comm)) == PREPARING:
-            assert time.monotonic() < deadline, "still PREPARING long after link_total_time"
-            await asyncio.sleep(0.02)
+        status = await async_wait_until(
+            lambda s: s != PREPARING,
+            WAIT_S,
+            "the comm to leave PREPARING after link_total_time",
+            observe=lambda: eng.query_register_mem_status(comm),
+        )
         assert status == FAILED
         assert eng.stats()["links"] == {}
         await eng.unlink(comm)  # a failed comm is left like any other
@@ -511,7 +511,9 @@ def test_rank_table_same_rank_in_two_comms_on_one_host_with_distinct_device_ips(
         comms = [m.call("rt_link", name="comm", ranks=ranks, table=table) for m in (p, d)]
         members.append((p, d, comms))
     for p, d, comms in members:
-        until(lambda p=p, d=d, c=comms: p.status(c[0]) == OK and d.status(c[1]) == OK, "OK")
+        wait_until(
+            lambda p=p, d=d, c=comms: p.status(c[0]) == OK and d.status(c[1]) == OK, WAIT_S, "OK"
+        )
         d.call("pull", name="kv", cluster_id=p.cluster_id, src_blocks=[1], dst_blocks=[1])
         assert d.holds(p.cluster_id, [1], [1])
         assert d.call("untouched", name="kv", tensors=ALL, blocks=[0, *range(2, BLOCKS)])
@@ -526,5 +528,5 @@ def test_rank_table_distinct_device_ips_over_tcp(make_comm_peer):
     d = make_comm_peer(D_ID, "DECODER", **opts)
     table = rank_table("127.0.0.2", "127.0.0.3")
     comms = at_once(lambda: rt_link(p, table=table), lambda: rt_link(d, table=table))
-    until(lambda: PREPARING not in (p.status(comms[0]), d.status(comms[1])), "settled")
+    wait_until(lambda: PREPARING not in (p.status(comms[0]), d.status(comms[1])), WAIT_S, "settled")
     assert p.status(comms[0]) == OK and d.status(comms[1]) == OK

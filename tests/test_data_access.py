@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import pytest
+from waiting import async_wait_until
 
 import dxl
 from dxl import _ffi
@@ -75,15 +76,6 @@ async def nodes() -> AsyncIterator[Callable[[int, int], asyncio.Future[Node]]]:
     yield make  # type: ignore[misc]
     for n in reversed(made):
         await n.eng.close()
-
-
-async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    """Wait until ``predicate()`` holds (polled on the loop), or fail after ``timeout_s``."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def link_transport(eng: dxl.Engine, cluster_id: int) -> dxl.transport.tcp.TcpTransport:
@@ -194,14 +186,18 @@ async def test_revoke_cuts_one_keys_connections_and_its_key_is_refused_after() -
     try:
         one = [await asyncio.to_thread(open_stream, srv.address, keys[kid1], kid1) for _ in "ab"]
         two = await asyncio.to_thread(open_stream, srv.address, keys[kid2], kid2)
-        await wait_for(lambda: srv.stats()["conns_live"] == 3, "three adopted connections")
+        await async_wait_until(
+            lambda: srv.stats()["conns_live"] == 3, 20, "three adopted connections"
+        )
         for sock in (*one, two):
             rc, data = await asyncio.to_thread(pull_rc, sock, buf.ctypes.data)
             assert rc == 0 and np.array_equal(data, buf[:4096])
 
         del keys[kid1]  # what LinkTable.drop_key does before it calls revoke
         assert srv.revoke(kid1) == 2
-        await wait_for(lambda: srv.stats()["conns_live"] == 1, "the two revoked ones to close")
+        await async_wait_until(
+            lambda: srv.stats()["conns_live"] == 1, 20, "the two revoked ones to close"
+        )
         assert srv.stats()["conns_revoked"] == 2
         for sock in one:
             rc, _ = await asyncio.to_thread(pull_rc, sock, buf.ctypes.data)
@@ -242,13 +238,15 @@ async def test_unlink_cuts_the_peers_data_connections_at_once(nodes) -> None:
 
     _, rets = await c.eng.unlink_clusters([info(b.eng)])
     assert rets == [S.LLM_SUCCESS]
-    await wait_for(
-        lambda: b.data_stats["conns_revoked"] >= revoked + len(socks), "B to revoke them"
+    await async_wait_until(
+        lambda: b.data_stats["conns_revoked"] >= revoked + len(socks), 20, "B to revoke them"
     )
     for sock in socks:
         assert await asyncio.to_thread(closed_by_server, sock)
         sock.close()
-    await wait_for(lambda: b.data_stats["conns_live"] == 0, "B's data connections to end")
+    await async_wait_until(
+        lambda: b.data_stats["conns_live"] == 0, 20, "B's data connections to end"
+    )
     with pytest.raises(AuthError):
         await asyncio.to_thread(open_stream, address, key, link.key_id)
 
@@ -264,13 +262,15 @@ async def test_connections_over_the_per_key_limit_are_refused(caplog) -> None:
     try:
         for _ in range(cap):
             socks.append(await asyncio.to_thread(open_stream, srv.address, key, kid))
-        await wait_for(lambda: srv.stats()["conns_live"] == cap, "the allowed connections")
+        await async_wait_until(
+            lambda: srv.stats()["conns_live"] == cap, 20, "the allowed connections"
+        )
         with caplog.at_level("WARNING", logger="dxl"):
             for _ in range(3):  # authenticated, then refused by the native limit and closed
                 extra = await asyncio.to_thread(open_stream, srv.address, key, kid)
                 assert await asyncio.to_thread(closed_by_server, extra)
                 extra.close()
-            await wait_for(lambda: srv.stats()["conns_refused"] == 3, "three refusals")
+            await async_wait_until(lambda: srv.stats()["conns_refused"] == 3, 20, "three refusals")
         assert caplog.text.count("refused a connection") == 3
         assert srv.stats()["conns_live"] == cap
         rc, data = await asyncio.to_thread(pull_rc, socks[0], buf.ctypes.data)
