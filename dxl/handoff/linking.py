@@ -13,7 +13,7 @@ from ..engine.state import Identity
 from ..errors import LLMStatusCode, param_invalid
 from ..types import LLMClusterInfo
 from .counters import HandoffStats, fetch_failed
-from .ticket import Ticket
+from .ticket import Ticket, parse_endpoint
 
 
 class TicketLinker:
@@ -46,11 +46,10 @@ class TicketLinker:
             async with self._setups.setdefault(t.cluster_id, asyncio.Lock()):
                 link = self._links.get(t.cluster_id)
                 if link is None:
-                    ip, _, port = t.endpoint.rpartition(":")
                     info = LLMClusterInfo()
                     info.remote_cluster_id = t.cluster_id
                     info.append_local_ip_info("127.0.0.1", 0)
-                    info.append_remote_ip_info(ip.strip("[]"), int(port))
+                    info.append_remote_ip_info(*parse_endpoint(t.endpoint))
                     timeout_ms = max(1, int(min(timeout, 30) * 1000))
                     await self._linking.link_clusters([info], timeout_ms)
                     link = self._links.get(t.cluster_id)

@@ -17,7 +17,7 @@ from ..types import Cache
 from .defaults import CALLER_OFFER_IDS, DEFAULT_LEASE_S
 from .leases import Leases
 from .state import LayerCallback, Offer, OfferTable
-from .ticket import Ticket
+from .ticket import Ticket, format_endpoint
 
 Code = LLMStatusCode
 
@@ -173,7 +173,7 @@ class Offering:
             kind=kind,
             cluster_id=self._identity.cluster_id,
             incarnation=self._identity.incarnation,
-            endpoint=_endpoint(address),
+            endpoint=format_endpoint(address),
             request_id=request_id,
             offer_id=offer.offer_id,
             token=offer.token,
@@ -190,11 +190,6 @@ class Offering:
 
 def _is_hex(text: str) -> bool:
     return all(c in "0123456789abcdefABCDEF" for c in text)
-
-
-def _endpoint(address: tuple[str, int]) -> str:
-    ip, port = address
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _layer_tensors(op: str, entry: LocalCache, layers: range | None, tnpl: int) -> None:

@@ -183,6 +183,18 @@ def _rebuild_fetch_error(
     )
 
 
+def format_endpoint(address: tuple[str, int]) -> str:
+    """A listener address as a ticket's ``endpoint``: "ip:port", an IPv6 ip in brackets."""
+    ip, port = address
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """The (ip, port) of a ticket's ``endpoint`` (the inverse of :func:`format_endpoint`)."""
+    ip, _, port = endpoint.rpartition(":")
+    return ip.strip("[]"), int(port)
+
+
 def _bad(message: str) -> LLMException:
     return LLMException(f"handoff ticket: {message}", status_code=LLMStatusCode.LLM_PARAM_INVALID)
 

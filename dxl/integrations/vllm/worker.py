@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from ...datadist import _LoopThread
 from ...engine import Engine
-from ...handoff.ticket import FetchError
+from ...handoff.ticket import FetchError, format_endpoint
 from ...types import BlocksCacheKey, CacheDesc, DataType, LLMRole, Placement
 from .config import DxlConnectorConfig
 from .layout import KVLayout, TensorLike, kv_layout
@@ -113,11 +113,10 @@ class WorkerSide:
         self._engine, self._thread, self.layout = engine, thread, layout
         address = engine.listen_address
         assert address is not None
-        host, port = address
         self.handshake = HandshakeData(
             cluster_id=cluster_id,
             incarnation=engine.incarnation,
-            endpoint=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            endpoint=format_endpoint(address),
             cache_id=self._cache.cache_id,
             block_bytes=layout.block_bytes,
             num_tensors=len(layout.addrs),
