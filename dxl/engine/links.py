@@ -163,10 +163,15 @@ class LinkTable:
             return
         try:
             jobs = link.transport.share_windows(key, windows)
-        except OSError as exc:
-            log.info(
-                "dxl: cannot map %s of cluster %d: %s",
-                f"cache {key}" if key != "pool" else "the pool",
+        except OSError as exc:  # WindowRefused: the link goes on, those pieces take syscalls
+            what = f"cache {key}" if key != "pool" else "the pool"
+            link.window_refusal = f"{what}: {exc}"
+            link.windows_refused += 1
+            # once a link at warning level: a peer advertising many caches cannot flood the log
+            log.log(
+                logging.WARNING if link.windows_refused == 1 else logging.DEBUG,
+                "dxl: not mapping %s of cluster %d (its pieces take the syscalls): %s",
+                what,
                 link.peer.cluster_id,
                 exc,
             )
