@@ -22,6 +22,7 @@ from ..control import wire
 from ..control.channel import Channel
 from ..control.hello import PeerInfo
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid
+from ..guard import RateLimitedLog
 from ..transport import Transport
 from .link import Link
 from .mover import Mover
@@ -29,6 +30,7 @@ from .registry import RemoteCache, RemoteRegistry
 from .state import Identity
 
 log = logging.getLogger("dxl")
+_limited = RateLimitedLog(log)
 
 MessageHandler = Callable[[Link, dict[str, Any]], Awaitable[None]]
 Revoke = Callable[[bytes], None]
@@ -167,9 +169,8 @@ class LinkTable:
             what = f"cache {key}" if key != "pool" else "the pool"
             link.window_refusal = f"{what}: {exc}"
             link.windows_refused += 1
-            # once a link at warning level: a peer advertising many caches cannot flood the log
-            log.log(
-                logging.WARNING if link.windows_refused == 1 else logging.DEBUG,
+            _limited.warning(  # a peer that advertises many windows must not flood the log
+                "window-refused",
                 "dxl: not mapping %s of cluster %d (its pieces take the syscalls): %s",
                 what,
                 link.peer.cluster_id,

@@ -20,6 +20,10 @@ from peer import PeerError
 from waiting import wait_until
 from window_stranger import WindowStranger, memory_bytes, window_bytes
 
+from dxl.config import PoolConfig
+from dxl.memory.pool import HostPool
+from dxl.memory.share import SharedMemory
+from dxl.testing import anonymous_words
 from dxl.transport.shm import FdCloser, PeerMapping, WindowRefused, check_window
 
 ENGINE = 1
@@ -285,3 +289,22 @@ def test_descriptors_of_other_files_close_off_the_calling_thread() -> None:
     with pytest.raises(OSError):
         fcntl.fcntl(fd, fcntl.F_GETFD)
     assert not closer.full
+
+
+def test_our_own_windows_keep_the_rule() -> None:
+    """What we advertise (the HOST pool, and registered memory moved onto memfds) is what our
+    peers accept: sealed memfds of the announced size."""
+    pool = HostPool(PoolConfig(16 * PAGE, 12), "rule", prefault=False)
+    try:
+        check_window(pool.fd, 0, pool.size)
+    finally:
+        pool.close()
+    words = anonymous_words(1 << 16)
+    table = SharedMemory()
+    windows = table.share([(words.ctypes.data, words.ctypes.data + words.nbytes)])
+    try:
+        assert windows, "the memory was not shared (no userfaultfd write protection here?)"
+        for w in windows:
+            check_window(w.fd, w.offset, w.size, w.ino)
+    finally:
+        table.release(windows)
