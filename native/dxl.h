@@ -110,6 +110,14 @@ int dxl_peer_pid(const dxl_peer_t *peer);
 /* 1 if the peer is tracked through a pidfd, 0 if through its pid only, DXL_E_INVAL for NULL. */
 int dxl_peer_has_pidfd(const dxl_peer_t *peer);
 
+/* Duplicates the peer's descriptor fd into this process (pidfd_getfd, Linux >= 5.6): the same open
+ * file description, so the access mode is the one the peer opened it with, whoever we are. Needs
+ * the peer's pidfd (else DXL_E_UNSUPPORTED), a kernel with the call (ENOSYS: DXL_E_UNSUPPORTED)
+ * and the ptrace access that cross-memory attach needs (EPERM, which a seccomp filter may also
+ * answer: DXL_E_PERM). DXL_E_INVAL: NULL or fd < 0; DXL_E_IO with errno EBADF: fd is not open.
+ * On success *fd_p receives a close-on-exec descriptor the caller owns and must close(). */
+int dxl_peer_getfd(const dxl_peer_t *peer, int fd, int *fd_p);
+
 /* Closes the pidfd and frees the handle; NULL is a no-op. The caller must make sure that no
  * transfer is using the handle, and must not use it afterwards. */
 void dxl_peer_close(dxl_peer_t *peer);

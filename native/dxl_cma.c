@@ -19,6 +19,9 @@
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434 /* the same number on every architecture's generic table */
 #endif
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438 /* likewise */
+#endif
 
 /* Longest single iovec entry we hand the kernel; longer pieces take several entries. Keeps every
  * entry far below SSIZE_MAX (the kernel also caps one call at about 2 GiB and returns short). */
@@ -97,6 +100,28 @@ int dxl_peer_pid(const dxl_peer_t *peer)
 int dxl_peer_has_pidfd(const dxl_peer_t *peer)
 {
     return peer == NULL ? dxl__fail(DXL_E_INVAL, 0) : peer->pidfd >= 0;
+}
+
+int dxl_peer_getfd(const dxl_peer_t *peer, int fd, int *fd_p)
+{
+    int got;
+
+    if (peer == NULL || fd < 0 || fd_p == NULL) {
+        return dxl__fail(DXL_E_INVAL, 0);
+    }
+    /* Only through the pidfd: a bare pid may already name another process. */
+    if (peer->pidfd < 0) {
+        return dxl__fail(DXL_E_UNSUPPORTED, 0);
+    }
+    /* The peer's own open file description, so its access mode is the peer's. The kernel allows
+     * it under the same ptrace check (PTRACE_MODE_ATTACH_REALCREDS) as process_vm_readv. The new
+     * descriptor is close-on-exec. */
+    got = (int)syscall(SYS_pidfd_getfd, peer->pidfd, fd, 0u);
+    if (got < 0) {
+        return dxl__fail(dxl__map_errno(errno), errno);
+    }
+    *fd_p = got;
+    return DXL_OK;
 }
 
 void dxl_peer_close(dxl_peer_t *peer)

@@ -26,6 +26,8 @@ class Link:
     pull: OpStats = field(default_factory=OpStats)
     push: OpStats = field(default_factory=OpStats)
     usage: Usage = field(default_factory=Usage)  # transfers in flight over this link
+    windows_refused: int = 0  # windows of the peer we would not map (their pieces: syscalls)
+    window_refusal: str = ""  # why the last one was refused
 
     @property
     def closed(self) -> bool:
@@ -43,6 +45,8 @@ class Link:
             "peer_incarnation": self.peer.incarnation,
             "initiator": self.initiator,
             "remote_caches": len(self.registry.caches),
+            "windows_refused": self.windows_refused,
+            "window_refusal": self.window_refusal,
             "pull": self.pull.snapshot(),
             "push": self.push.snapshot(),
         }

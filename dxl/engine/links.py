@@ -22,6 +22,7 @@ from ..control import wire
 from ..control.channel import Channel
 from ..control.hello import PeerInfo
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid
+from ..guard import RateLimitedLog
 from ..transport import Transport
 from .link import Link
 from .mover import Mover
@@ -29,6 +30,7 @@ from .registry import RemoteCache, RemoteRegistry
 from .state import Identity
 
 log = logging.getLogger("dxl")
+_limited = RateLimitedLog(log)
 
 MessageHandler = Callable[[Link, dict[str, Any]], Awaitable[None]]
 Revoke = Callable[[bytes], None]
@@ -163,10 +165,14 @@ class LinkTable:
             return
         try:
             jobs = link.transport.share_windows(key, windows)
-        except OSError as exc:
-            log.info(
-                "dxl: cannot map %s of cluster %d: %s",
-                f"cache {key}" if key != "pool" else "the pool",
+        except OSError as exc:  # WindowRefused: the link goes on, those pieces take syscalls
+            what = f"cache {key}" if key != "pool" else "the pool"
+            link.window_refusal = f"{what}: {exc}"
+            link.windows_refused += 1
+            _limited.warning(  # a peer that advertises many windows must not flood the log
+                "window-refused",
+                "dxl: not mapping %s of cluster %d (its pieces take the syscalls): %s",
+                what,
                 link.peer.cluster_id,
                 exc,
             )

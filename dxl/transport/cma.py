@@ -2,7 +2,9 @@
 
 Memory the peer shares with us (its memfd pool, registered memory it moved onto memfds) is
 mapped here: pieces inside it are copied with memcpy instead, no syscall per piece; the rest of a
-request still goes through the syscalls (``dxl_cma_transfer_mapped``).
+request still goes through the syscalls (``dxl_cma_transfer_mapped``). We map the peer's own
+descriptors, taken from the proven process with ``pidfd_getfd`` (so with the peer's access), and
+only sealed memfds (:func:`dxl.transport.shm.check_window`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .. import _ffi
 from ..memory.plan import Pieces
 from ..types import Placement
 from .base import Capabilities, Job, Transport, TransportClosed
-from .shm import PeerMapping, Windows
+from .shm import CLOSER, PeerMapping, WindowRefused, Windows
 
 
 class CmaTransport(Transport):
@@ -54,7 +56,8 @@ class CmaTransport(Transport):
         """Map the peer's memfd windows ``(fd, offset, remote_base, size, ino)`` under ``key``
         (a cache id, or "pool"; a key mapped already keeps its mapping). Returns the jobs that
         fault the fresh mapping in: otherwise the first copy through it pays a page fault per
-        4 KiB page, 4-5x slower. Raises OSError if one cannot be mapped (then none is)."""
+        4 KiB page, 4-5x slower. Raises WindowRefused (an OSError) if one may not be mapped
+        (then none is; the pieces take the syscalls)."""
         if key in self._windows:  # a new version of the same registration: same memory
             return []
         self.map_shared(key, windows)
@@ -68,18 +71,41 @@ class CmaTransport(Transport):
 
     def map_shared(self, key: Hashable, windows: Sequence[Sequence[int | None]]) -> None:
         """Map the peer's memfd windows ``(fd, offset, remote_base, size, ino)`` under ``key``.
-        Raises OSError if one cannot be mapped (then none is)."""
+        Raises WindowRefused (an OSError) if one may not be mapped (then none is)."""
         mappings: list[PeerMapping] = []
         try:
             for fd, offset, base, size, ino in windows:
-                mappings.append(
-                    PeerMapping(self.pid, _int(fd), _int(offset), _int(base), _int(size), ino)
-                )
+                own = self._take_fd(_int(fd))
+                try:
+                    mappings.append(PeerMapping(own, _int(offset), _int(base), _int(size), ino))
+                except WindowRefused:
+                    raise
+                except (OSError, ValueError) as exc:  # mmap's own refusals
+                    raise WindowRefused(f"cannot map the peer's memfd: {exc}") from None
+                finally:
+                    CLOSER.close(own)  # the mapping holds the file
         except OSError:
             for m in mappings:
                 m.close()
             raise
         self._windows.add(key, mappings)
+
+    def _take_fd(self, fd: int) -> int:
+        """Our duplicate of the peer's descriptor ``fd``: the same open file, with the access
+        the peer opened it with. Never re-opened through ``/proc/<pid>/fd``: that would open it
+        with *our* credentials (as root, read-write whatever the peer may do)."""
+        if self._peer is None:
+            raise WindowRefused("cma transport is closed")
+        if not 0 <= fd <= 0x7FFF_FFFF:
+            raise WindowRefused(f"{fd} is not a file descriptor")
+        if CLOSER.full:
+            raise WindowRefused("too many of the peer's descriptors are still being closed")
+        out = _ffi.ffi.new("int *")
+        try:
+            _ffi.check(_ffi.lib.dxl_peer_getfd(self._peer, fd, out), f"take fd {fd} of the peer")
+        except _ffi.NativeError as exc:
+            raise WindowRefused(str(exc)) from None
+        return int(out[0])
 
     def unmap_shared(self, key: Hashable) -> None:
         self._windows.remove(key)
@@ -134,5 +160,5 @@ class CmaTransport(Transport):
 
 def _int(value: Any) -> int:
     if not isinstance(value, int):
-        raise OSError(f"window field {value!r} is not an integer")
+        raise WindowRefused(f"window field {value!r} is not an integer")
     return value

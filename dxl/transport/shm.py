@@ -2,43 +2,130 @@
 
 A peer shares memory through memfds: its HOST pool (caches it allocated, :mod:`dxl.pool`) and,
 with ``dxl.ShareRegistered``, registered framework memory it moved onto memfds
-(:mod:`dxl.share`). We map each once (through ``/proc/<pid>/fd/<fd>``, which the kernel allows
-exactly when cross-memory attach is allowed), so pieces inside them are a plain memcpy: no
-syscall per piece. :class:`Windows` keeps the table the native transfer consults.
+(:mod:`dxl.share`). We map each once, so pieces inside them are a plain memcpy: no syscall per
+piece. :class:`Windows` keeps the table the native transfer consults.
+
+The window rule (``docs/security.md``): we map only the peer's own descriptor (duplicated from
+the proven peer process, so with the access the *peer* has, never re-opened by path with ours),
+and only a memfd the peer opened read-write, sealed against shrinking and growing, at least as
+large as announced. Anything else is refused (:class:`WindowRefused`) and its pieces take the
+syscalls: no peer can make us write what it may only read, nor shrink memory we map (SIGBUS).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Hashable
+from typing import Final
 
 import numpy as np
 
 from .. import _ffi
 
+# Both, or the peer could shrink the memfd under our mapping (our next copy: SIGBUS) or grow it.
+REQUIRED_SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
+class WindowRefused(OSError):
+    """A window of the peer that we do not map, and why (its pieces take the syscalls)."""
+
+
+def check_window(fd: int, offset: int, size: int, ino: int | None = None) -> None:
+    """Raise :class:`WindowRefused` unless ``fd`` (our duplicate of the peer's descriptor) may
+    be mapped read-write and shared for ``size`` bytes at ``offset``.
+
+    The order matters. Access mode and seals come first: neither touches the file's filesystem,
+    and only a shmem file passes them, so a peer's FUSE file never gets to block a later call.
+    The size is read only after the seals are seen: before, the peer could still shrink it
+    between our fstat and its sealing.
+    """
+    if size <= 0 or offset < 0 or offset % mmap.ALLOCATIONGRANULARITY:
+        raise WindowRefused(f"cannot map {size} bytes at offset {offset} of a memfd")
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+        raise WindowRefused("the peer's descriptor is not open read-write (it may not write it)")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise WindowRefused("the peer's descriptor is not a memfd") from None
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+        raise WindowRefused("the peer's memfd is not sealed against shrinking and growing")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_blksize != mmap.PAGESIZE:
+        # hugetlb memfds seal too, but fault from a finite pool of huge pages: shmem only
+        raise WindowRefused("the peer's memfd is not plain shared memory (hugetlb?)")
+    if ino is not None and st.st_ino != ino:  # the peer closed it; the number was reused
+        raise WindowRefused("the peer's descriptor is no longer the memfd it announced")
+    if st.st_size < offset + size:
+        raise WindowRefused(
+            f"the peer's memfd has {st.st_size} bytes, fewer than the {offset + size} announced"
+        )
+
+
+class FdCloser:
+    """Closes our duplicates of the peer's descriptors. A shmem file's close is immediate; any
+    other file's may call into its filesystem (a FUSE flush, served perhaps by the peer itself,
+    which may never answer), so those close on a thread of their own, never on the event loop.
+    At most :attr:`limit` wait there: past that, :attr:`full` tells callers to take no more."""
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self._pending: list[int] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def full(self) -> bool:
+        with self._lock:
+            return len(self._pending) >= self.limit
+
+    def close(self, fd: int) -> None:
+        try:
+            fcntl.fcntl(fd, fcntl.F_GET_SEALS)  # succeeds on shmem files only
+        except OSError:
+            pass
+        else:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            return
+        with self._lock:
+            self._pending.append(fd)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dxl-fd-closer", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending:
+                    self._wake.wait()
+                fd = self._pending[0]
+            with contextlib.suppress(OSError):  # the descriptor is gone either way
+                os.close(fd)
+            with self._lock:
+                self._pending.pop(0)
+
+
+CLOSER: Final = FdCloser()
+
 
 class PeerMapping:
     """The peer's ``[remote_base, remote_base + size)``, which is ``size`` bytes at ``offset``
-    in its memfd ``fd``, mapped here at ``[local_base, local_base + size)``."""
+    in its memfd, mapped here at ``[local_base, local_base + size)``. ``fd`` is our duplicate of
+    the peer's descriptor (the caller keeps and closes it); it must pass :func:`check_window`."""
 
     def __init__(
-        self, pid: int, fd: int, offset: int, remote_base: int, size: int, ino: int | None = None
+        self, fd: int, offset: int, remote_base: int, size: int, ino: int | None = None
     ) -> None:
-        if size <= 0 or offset < 0 or offset % mmap.ALLOCATIONGRANULARITY:
-            raise OSError(f"cannot map {size} bytes at offset {offset} of a memfd")
-        path_fd = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            st = os.fstat(path_fd)
-            if ino is not None and st.st_ino != ino:  # the peer closed it; the number was reused
-                raise OSError(f"fd {fd} of pid {pid} is no longer the memfd it announced")
-            if st.st_size < offset + size:
-                raise OSError(f"memfd of pid {pid} is smaller than the {size} bytes announced")
-            self._map = mmap.mmap(path_fd, size, flags=mmap.MAP_SHARED, offset=offset)
-        finally:
-            os.close(path_fd)
+        check_window(fd, offset, size, ino)
+        self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, offset=offset)
         anchor = ctypes.c_char.from_buffer(self._map)
         self.local_base = ctypes.addressof(anchor)
         del anchor  # the mapping never moves; no buffer export may outlive close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import mmap
 import os
@@ -523,6 +524,36 @@ def test_peer_open_bad_pid() -> None:
     assert lib.dxl_peer_open(-5, out) == lib.DXL_E_INVAL
     assert lib.dxl_peer_alive(ffi.NULL) == lib.DXL_E_INVAL
     lib.dxl_peer_close(ffi.NULL)
+
+
+@cma
+@pytest.mark.multiproc
+@pytest.mark.cma
+def test_peer_getfd_keeps_the_peers_access_mode(tmp_path) -> None:
+    """The descriptor we take is the peer's own open file, read-only if the peer's is: never a
+    fresh open with our credentials."""
+    path = tmp_path / "file"
+    path.write_bytes(b"x" * PAGE)
+    with open(path, "rb") as f:  # the child's stdin: fd 0, read-only
+        proc = subprocess.Popen(["sleep", "60"], stdin=f)
+    out = ffi.new("int *")
+    try:
+        with peer_of(proc.pid) as peer:
+            if not lib.dxl_peer_has_pidfd(peer):
+                pytest.skip("no pidfd here: dxl_peer_getfd is unsupported")
+            check(lib.dxl_peer_getfd(peer, 0, out), "take the child's stdin")
+            try:
+                assert os.fstat(out[0]).st_ino == path.stat().st_ino
+                assert fcntl.fcntl(out[0], fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+            finally:
+                os.close(out[0])
+            assert lib.dxl_peer_getfd(peer, 999, out) == lib.DXL_E_IO
+            assert lib.dxl_last_errno() == errno.EBADF
+            assert lib.dxl_peer_getfd(peer, -1, out) == lib.DXL_E_INVAL
+            assert lib.dxl_peer_getfd(ffi.NULL, 0, out) == lib.DXL_E_INVAL
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @cma
