@@ -79,7 +79,7 @@ def test_prefill_offers_in_the_step_that_ends_the_prompt_and_hands_it_over() -> 
     )
     assert (ticket.cluster_id, ticket.endpoint, ticket.lease_ms) == (7, "127.0.0.1:9", 30000)
     assert p.sched.build_plan({}, (), p.tables.__getitem__).handed == [offer.offer_id]
-    assert p.sched.pending() == {"producing": 0, "offered": 0, "loading": 0}
+    assert p.sched.pending() == {"producing": 0, "offered": 0, "loading": 0, "claims": 0}
 
 
 def test_prefill_aborted_or_preempted_drops_its_offer() -> None:

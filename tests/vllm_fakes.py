@@ -83,3 +83,13 @@ class Req:
     kv_transfer_params: dict[str, Any] | None = None
     num_computed_tokens: int = 0
     status: Status = field(default_factory=lambda: Status("RUNNING"))
+    prompt_token_ids: list[int] | None = None  # default: a fixed prompt of that length
+
+    def __post_init__(self) -> None:
+        if self.prompt_token_ids is None:
+            self.prompt_token_ids = prompt_of(self.num_prompt_tokens)
+
+
+def prompt_of(n: int, seed: int = 0) -> list[int]:
+    """A prompt of ``n`` token ids (the same for the same seed, on prefill and decode alike)."""
+    return [(1000 + 7919 * (i + seed * 104729)) % 151_000 for i in range(n)]

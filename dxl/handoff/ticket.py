@@ -21,6 +21,8 @@ __all__ = ["Ended", "FetchError", "Finished", "Ticket"]
 
 TICKET_VERSION = 1
 _MAX_TICKET = 1 << 20  # a ticket of 64k block ids is ~0.5 MiB of JSON
+MAX_TICKET_BLOCKS = 1 << 16  # block ids in one ticket (a dict is not bounded by _MAX_TICKET)
+_DIGEST_HEX = 64  # a prompt digest: sha256, lowercase hex
 
 
 class Ended(enum.StrEnum):
@@ -49,8 +51,13 @@ class Ticket:
         tensors_per_layer: tensors per layer (K and V: 2).
         block_bytes, num_tensors: the offered cache's block size and tensor count (checked
             against the other side's cache before anything moves).
-        num_tokens: tokens the blocks hold, if the offerer said (informational).
+        num_tokens: tokens the blocks hold, if the offerer said (informational to the
+            handoff; the vLLM connector requires it and binds it, see ``prompt_digest``).
         lease_ms: the lease the offer was made with.
+        prompt_digest: what the blocks hold, if the offerer said: the sha256 hash chain of the
+            ``num_tokens`` prompt tokens, one link per block (lowercase hex of the last link).
+            The handoff does not read it; a consumer that knows the prompt (the vLLM
+            connector's decode) recomputes it over its own prompt before trusting the blocks.
     """
 
     kind: str
@@ -68,6 +75,7 @@ class Ticket:
     num_tensors: int = 0
     num_tokens: int | None = None
     lease_ms: int = 0
+    prompt_digest: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -91,10 +99,12 @@ class Ticket:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Ticket:
         """Parse and check a ticket (TypeError-free: a bad one is LLM_PARAM_INVALID)."""
-        if not isinstance(data, Mapping) or data.get("v") != TICKET_VERSION:
-            raise _bad("not a dxl handoff ticket (or another version)")
+        if not isinstance(data, Mapping):
+            raise _bad(f"a ticket must be an object, got {type(data).__name__}")
+        version = data.get("v")
+        if type(version) is not int or version != TICKET_VERSION:  # True == 1: not a version
+            raise _bad(f"not a dxl handoff ticket of version {TICKET_VERSION}")
         try:
-            layers = data.get("layers")
             ticket = cls(
                 kind=_str(data, "kind"),
                 cluster_id=_uint(data, "cluster_id"),
@@ -104,15 +114,16 @@ class Ticket:
                 offer_id=_uint(data, "offer_id"),
                 token=_str(data, "token"),
                 cache_id=_uint(data, "cache_id"),
-                block_ids=[_as_uint(b, "block_ids") for b in _list(data, "block_ids")],
-                layers=None
-                if layers is None
-                else (_as_uint(layers[0], "layers"), _as_uint(layers[1], "layers")),
+                block_ids=[
+                    _as_uint(b, "block_ids") for b in _list(data, "block_ids", MAX_TICKET_BLOCKS)
+                ],
+                layers=_layers(data.get("layers")),
                 tensors_per_layer=_uint(data, "tensors_per_layer"),
                 block_bytes=_uint(data, "block_bytes"),
                 num_tensors=_uint(data, "num_tensors"),
                 num_tokens=None if data.get("num_tokens") is None else _uint(data, "num_tokens"),
                 lease_ms=_uint(data, "lease_ms"),
+                prompt_digest=_digest(data.get("prompt_digest")),
             )
         except (KeyError, IndexError, TypeError) as exc:
             raise _bad(f"ticket field missing or malformed: {exc}") from None
@@ -216,8 +227,30 @@ def _as_uint(value: Any, name: str) -> int:
     return value
 
 
-def _list(data: Mapping[str, Any], name: str) -> list[Any]:
+def _list(data: Mapping[str, Any], name: str, most: int) -> list[Any]:
     value = data[name]
     if not isinstance(value, list):
         raise TypeError(f"{name} must be a list")
+    if len(value) > most:
+        raise TypeError(f"{name} must hold at most {most} items, got {len(value)}")
+    return value
+
+
+def _layers(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise TypeError("layers must be null or a [start, stop] pair")
+    return _as_uint(value[0], "layers"), _as_uint(value[1], "layers")
+
+
+def _digest(value: Any) -> str | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or len(value) != _DIGEST_HEX
+        or not all(c in "0123456789abcdef" for c in value)
+    ):
+        raise TypeError(f"prompt_digest must be null or {_DIGEST_HEX} lowercase hex digits")
     return value

@@ -94,9 +94,8 @@ class DxlConnector(KVConnectorBase_V1):
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        params = request.kv_transfer_params
         hit = None
-        if params and params.get("do_remote_prefill"):  # blocks of the local prefix-cache hit
+        if num_external_tokens > 0:  # a load: the blocks of the local prefix-cache hit
             hit = sum(
                 1
                 for block in blocks.blocks[0]

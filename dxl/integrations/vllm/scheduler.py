@@ -10,8 +10,13 @@ offer ends (fetched, failed, aborted or expired) and a worker reports ``finished
 request that ends otherwise (aborted, preempted, no blocks) is *dropped*: its offer is aborted
 and never reported (vLLM freed the blocks at once; nobody ever got the ticket).
 
-**Decode** (``do_remote_prefill`` and dxl tickets in the params): it loads the prompt's tokens
-beyond its local prefix-cache hit, asynchronously; ``update_state_after_alloc`` records the
+**Decode** (``do_remote_prefill`` and dxl tickets in the params): the tickets are checked first
+(:mod:`.params`: well formed, their blocks hold exactly the tokens they claim, and they are bound
+to this request's own prompt by its digest); a claim that fails any check is a *failed load*
+(one block is claimed so that vLLM parks the request, and its load is reported failed at once:
+``kv_load_failure_policy`` decides), never an exception and never a claim of tokens the tickets
+do not verifiably hold. A good claim loads the prompt's tokens beyond the local prefix-cache
+hit, asynchronously; ``update_state_after_alloc`` records the
 new blocks to fetch into (the offer's last blocks, as NIXL does). A full local hit, or a
 request aborted before it was scheduled, *releases* the offer (the workers abort it at the
 prefill), so the prefill's blocks do not wait for the lease. A request aborted while loading
@@ -27,13 +32,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ...guard import RateLimitedLog
 from ...handoff.handoff import CALLER_OFFER_IDS
 from ...handoff.ticket import Ticket
 from .config import DxlConnectorConfig
+from .params import PARAMS_KEY, Claim, Role, check_claim, prompt_digest, role_of
 
 log = logging.getLogger("dxl.vllm")
 
 __all__ = [
+    "PARAMS_KEY",
     "HandshakeData",
     "Load",
     "OfferPlan",
@@ -43,7 +51,6 @@ __all__ = [
     "ticket_for",
 ]
 
-PARAMS_KEY = "dxl_tickets"  # the tickets (one per tensor-parallel rank) in kv_transfer_params
 FINISHED_OK = ("FINISHED_LENGTH_CAPPED", "FINISHED_STOPPED")
 
 
@@ -53,6 +60,7 @@ class RequestLike(Protocol):
     request_id: str
     kv_transfer_params: dict[str, Any] | None
     num_computed_tokens: int
+    prompt_token_ids: list[int] | None
 
     @property
     def num_prompt_tokens(self) -> int: ...
@@ -128,10 +136,14 @@ class StepPlan:
 
 
 def ticket_for(
-    hs: HandshakeData, plan: OfferPlan, lease_s: float, tensors_per_layer: int | None = None
+    hs: HandshakeData,
+    plan: OfferPlan,
+    lease_s: float,
+    tensors_per_layer: int | None = None,
+    digest: str | None = None,
 ) -> Ticket:
     """The ticket the worker described by ``hs`` will hand out for ``plan`` (what
-    ``Handoff.offer`` returns with the same identity)."""
+    ``Handoff.offer`` returns with the same identity), bound to the prompt by ``digest``."""
     return Ticket(
         kind="pull",
         cluster_id=hs.cluster_id,
@@ -148,6 +160,7 @@ def ticket_for(
         num_tensors=hs.num_tensors,
         num_tokens=plan.num_tokens,
         lease_ms=int(float(lease_s) * 1000),
+        prompt_digest=digest,
     )
 
 
@@ -166,6 +179,10 @@ class SchedulerSide:
         self._producing: dict[str, RequestLike] = {}  # prefill requests not offered yet
         self._offered: dict[str, OfferPlan] = {}  # offered, not yet handed over or dropped
         self._loading: set[str] = set()  # decode requests whose fetch the workers run
+        # decode requests' checked claims, from the first look until allocated or finished
+        # (vLLM asks for the matched tokens again each step a request waits for blocks)
+        self._claims: dict[str, Claim] = {}
+        self._warn = RateLimitedLog(log)  # a client can trigger these warnings at will
         self._plan = StepPlan()
 
     # ------------------------------------------------------------------ handshake
@@ -176,14 +193,16 @@ class SchedulerSide:
     def num_new_matched_tokens(
         self, request: RequestLike, num_computed_tokens: int
     ) -> tuple[int, bool]:
-        params = request.kv_transfer_params
-        if not params or not params.get("do_remote_prefill"):
+        """``get_num_new_matched_tokens``: the prompt tokens past the local hit that the
+        request's tickets verifiably hold; for tickets that fail a check, one block (so that
+        vLLM parks the request and its load fails: ``kv_load_failure_policy`` applies)."""
+        if role_of(request.kv_transfer_params).role not in (Role.LOAD, Role.BAD_LOAD):
             return 0, False
-        tickets = _tickets_of(params)
-        if tickets is None:
-            return 0, False
-        offered = tickets[0].get("num_tokens") or 0
-        count = min(int(offered), request.num_prompt_tokens) - num_computed_tokens
+        claim = self._claim(request)
+        if claim.refused:
+            count = min(self.block_size, request.num_prompt_tokens - num_computed_tokens)
+        else:
+            count = claim.num_tokens - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
     def after_alloc(
@@ -196,39 +215,75 @@ class SchedulerSide:
         """``update_state_after_alloc``: ``unhashed_block_ids()`` the request's new blocks,
         ``hit_blocks`` how many blocks its local prefix-cache hit holds (vLLM sets
         ``num_computed_tokens`` only later; None: read it from there)."""
+        req_id = request.request_id
         params = request.kv_transfer_params
-        if not params:
+        seen = role_of(params)
+        if seen.role is Role.NONE:
+            if seen.why:
+                self._warn.warning("params", "dxl: request %s: ignored: %s", req_id, seen.why)
             return
-        if params.get("do_remote_decode"):
-            self._producing[request.request_id] = request
+        if seen.role is Role.PRODUCE:
+            self._producing[req_id] = request
             return
-        if not params.get("do_remote_prefill"):
-            return
+        assert isinstance(params, dict)  # role_of: a load's params are a dict
+        claim = self._claims.pop(req_id, None) or self._check(request)
         params["do_remote_prefill"] = False  # one transfer per request
-        tickets = _tickets_of(params)
-        if tickets is None:
-            log.warning("dxl: request %s has no dxl tickets to load from", request.request_id)
-            return
+        if "do_remote_decode" in params:  # and never an offer of it later
+            params["do_remote_decode"] = False
         if num_external_tokens <= 0:  # a full local prefix hit: the prefill need not wait
-            self._plan.releases.append(tickets)
+            if claim.refused:
+                self._warn.warning("ticket", "dxl: request %s: %s", req_id, claim.refused)
+            else:
+                self._plan.releases.append(claim.tickets)
             return
-        offered = len(tickets[0]["block_ids"])
-        if hit_blocks is None:
-            hit_blocks = request.num_computed_tokens // self.block_size
-        need = offered - hit_blocks
         new = tuple(int(b) for b in unhashed_block_ids())
-        blocks = new[: max(need, 0)]
-        if need <= 0 or len(blocks) != need:
-            # the request is parked for a load already: it must end as a failed one (vLLM's
-            # kv_load_failure_policy applies), and the prefill need not wait for its lease
-            why = f"{len(new)} new blocks for {offered} offered past a {hit_blocks}-block local hit"
-            log.warning("dxl: request %s: %s", request.request_id, why)
-            self._plan.releases.append(tickets)
-            self._plan.loads.append(Load(request.request_id, (), new, why))
-            self._loading.add(request.request_id)
-            return
-        self._plan.loads.append(Load(request.request_id, tickets, blocks))
-        self._loading.add(request.request_id)
+        why, release = claim.refused, False
+        if not why:
+            if hit_blocks is None:
+                hit_blocks = request.num_computed_tokens // self.block_size
+            need = claim.num_blocks - hit_blocks
+            expect = claim.num_tokens - hit_blocks * self.block_size
+            if need > 0 and len(new) == need and num_external_tokens == expect:
+                self._plan.loads.append(Load(req_id, claim.tickets, new))
+                self._loading.add(req_id)
+                return
+            # the request is parked for a load already: it must end as a failed one, and
+            # the prefill need not wait for its lease (the tickets are this prompt's)
+            why = (
+                f"{len(new)} new blocks for {num_external_tokens} tokens, but the offer's "
+                f"{claim.num_blocks} blocks past a {hit_blocks}-block local hit hold {expect}"
+            )
+            release = True
+        # never released otherwise: a ticket bound to another prompt is someone else's handoff
+        self._warn.warning("ticket", "dxl: request %s: failed load: %s", req_id, why)
+        if release:
+            self._plan.releases.append(claim.tickets)
+        self._plan.loads.append(Load(req_id, (), new, why))
+        self._loading.add(req_id)
+
+    def _claim(self, request: RequestLike) -> Claim:
+        claim = self._claims.get(request.request_id)
+        if claim is None:
+            claim = self._claims[request.request_id] = self._check(request)
+        return claim
+
+    def _check(self, request: RequestLike) -> Claim:
+        seen = role_of(request.kv_transfer_params)
+        if seen.role is Role.BAD_LOAD:
+            return Claim(refused=seen.why)
+        try:
+            return check_claim(
+                request.kv_transfer_params or {},
+                request.prompt_token_ids,
+                request.num_prompt_tokens,
+                self.block_size,
+                len(self.ranks) or None,
+            )
+        except Exception as exc:  # a bug here must fail one load, not the scheduler
+            self._warn.warning(
+                "ticket", "dxl: request %s: checking its tickets: %r", request.request_id, exc
+            )
+            return Claim(refused=f"the tickets could not be checked ({type(exc).__name__})")
 
     # ------------------------------------------------------------------ each step
     def build_plan(
@@ -250,8 +305,8 @@ class SchedulerSide:
                 continue  # more prompt chunks to come
             prompt = request.num_prompt_tokens
             blocks = tuple(int(b) for b in block_ids_of(req_id))[: _ceil(prompt, self.block_size)]
-            if not blocks:
-                continue
+            if not blocks or len(blocks) != _ceil(prompt, self.block_size):
+                continue  # its ticket could not hold the prompt: the decode would refuse it
             offer_id, token = new_identity()
             plan = OfferPlan(req_id, offer_id, token, blocks, prompt)
             self._offered[req_id] = plan
@@ -265,13 +320,16 @@ class SchedulerSide:
         req_id = request.request_id
         self._producing.pop(req_id, None)
         plan = self._offered.pop(req_id, None)
+        claim = self._claims.pop(req_id, None)
         params = request.kv_transfer_params
-        if params and params.get("do_remote_prefill"):
-            # a decode request that ends before it was ever scheduled: free the prefill's blocks
+        if role_of(params).role in (Role.LOAD, Role.BAD_LOAD):
+            # a decode request that ends before it was ever scheduled: free the prefill's
+            # blocks, if the tickets are this prompt's (else they are someone else's handoff)
+            assert isinstance(params, dict)
             params["do_remote_prefill"] = False
-            tickets = _tickets_of(params)
-            if tickets is not None:
-                self._plan.releases.append(tickets)
+            claim = claim or self._check(request)
+            if not claim.refused:
+                self._plan.releases.append(claim.tickets)
             return False, None
         if req_id in self._loading:  # aborted while its fetch runs: stop it (still reported)
             self._plan.cancels.append(req_id)
@@ -284,10 +342,19 @@ class SchedulerSide:
         if ok and len(self.ranks) == 0:
             log.error("dxl: no worker handshake data yet: request %s is not handed off", req_id)
             ok = False
+        digest = prompt_digest(request.prompt_token_ids, plan.num_tokens, self.block_size)
+        if ok and digest is None:  # a ticket that binds no prompt would be refused anyway
+            self._warn.warning(
+                "prompt", "dxl: request %s: no prompt token ids to bind its tickets to", req_id
+            )
+            ok = False
         if not ok:
             self._plan.dropped.append(plan.offer_id)
             return False, None
-        out = [ticket_for(hs, plan, self.config.lease_s).to_dict() for hs in self.ranks.values()]
+        out = [
+            ticket_for(hs, plan, self.config.lease_s, digest=digest).to_dict()
+            for hs in self.ranks.values()
+        ]
         self._plan.handed.append(plan.offer_id)
         return True, {
             "do_remote_prefill": True,
@@ -306,17 +373,9 @@ class SchedulerSide:
             "producing": len(self._producing),
             "offered": len(self._offered),
             "loading": len(self._loading),
+            "claims": len(self._claims),
         }
 
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _tickets_of(params: Mapping[str, Any]) -> tuple[dict[str, Any], ...] | None:
-    tickets = params.get(PARAMS_KEY)
-    if not isinstance(tickets, list | tuple) or not tickets:
-        return None
-    if not all(isinstance(t, Mapping) and isinstance(t.get("block_ids"), list) for t in tickets):
-        return None
-    return tuple(dict(t) for t in tickets)
