@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeAlias, TypeVar, overload
 
+from dxl import _ffi
 from dxl._validate import (
     INT32_MAX,
     UINT16_MAX,
@@ -60,7 +61,9 @@ DEFAULT_SYNC_KV_TIMEOUT_MS = 1000
 DEFAULT_MAX_REGISTERED_ADDRS = 240
 DEFAULT_HEARTBEAT_INTERVAL_MS = 1000
 DEFAULT_TRANSFER_THREADS = 2
-MAX_TRANSFER_THREADS = 64
+# the native pool's bound (native/dxl.h DXL_MAX_THREADS: the calling thread plus at most 15 pool
+# workers), read from the shim rather than restated: a larger value would be clamped silently
+MAX_TRANSFER_THREADS: int = int(_ffi.lib.DXL_MAX_THREADS)
 DEFAULT_INLINE_BYTES = 64 << 10
 _MAX_INLINE_BYTES = 1 << 30
 _DEFAULT_MEM_UTILIZATION = 0.95
@@ -752,7 +755,8 @@ class LLMConfig:
     )
     transfer_threads = Prop(
         OPT_TRANSFER_THREADS,
-        doc="dxl: threads that split one large request, 1..64 (default 2).",
+        doc=f"dxl: threads that split one large request, 1..{MAX_TRANSFER_THREADS} (the native "
+        "pool's bound, ``MAX_TRANSFER_THREADS``; default 2).",
         default=DEFAULT_TRANSFER_THREADS,
         check=_int_in(1, MAX_TRANSFER_THREADS, "{name} must be in [{low}, {high}], got {value}"),
         render=_decimal,
