@@ -38,6 +38,8 @@ from dxl._validate import (
     ensure,
 )
 from dxl.errors import param_invalid
+from dxl.transport.names import AUTO as AUTO_TRANSPORT
+from dxl.transport.names import AUTO_ORDER as TRANSPORT_NAMES
 from dxl.types import ipv6_or_none, parse_ip
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "DEFAULT_TRANSFER_THREADS",
     "MAX_TRANSFER_THREADS",
     "OPTIONS",
+    "TRANSPORTS",
     "EngineOptions",
     "LLMConfig",
     "LlmConfig",
@@ -103,7 +106,8 @@ OPT_SHARE_REGISTERED = "dxl.ShareRegistered"
 OPT_AUTH_TOKEN = "dxl.AuthToken"
 OPT_RANK_TABLE_BASE_PORT = "dxl.RankTableBasePort"
 DEFAULT_RANK_TABLE_BASE_PORT = 27100
-TRANSPORTS = ("auto", "cma", "tcp")
+# what dxl.Transport accepts: "auto" and the name of every opener (dxl/transport/select.py)
+TRANSPORTS: tuple[str, ...] = (AUTO_TRANSPORT, *TRANSPORT_NAMES)
 ENV_TRANSPORT = "DXL_TRANSPORT"
 ENV_AUTH_TOKEN = "DXL_AUTH_TOKEN"
 
@@ -515,7 +519,7 @@ def _hixl_backend(options: Mapping[str, str]) -> bool:
 
 
 def _parse_transport(text: str, key: str, options: Mapping[str, str]) -> str:
-    value = text or "auto"
+    value = text or AUTO_TRANSPORT
     ensure(
         value in TRANSPORTS,
         f"option {key} (or ${ENV_TRANSPORT}) must be one of {TRANSPORTS}, got {value!r}",
@@ -774,9 +778,9 @@ class LLMConfig:
     )
     transport = Prop(
         OPT_TRANSPORT,
-        doc='dxl: "auto" (cma on one host, tcp otherwise), "cma" or "tcp"; '
-        "``DXL_TRANSPORT`` applies when unset.",
-        default="auto",
+        doc=f"dxl: one of {TRANSPORTS}: auto tries {TRANSPORT_NAMES} in order (same-host "
+        "first); ``DXL_TRANSPORT`` applies when unset.",
+        default=AUTO_TRANSPORT,
         check=_check_transport,
         render=_as_is,
         env=ENV_TRANSPORT,
@@ -905,7 +909,7 @@ class EngineOptions:
     heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS
     transfer_threads: int = DEFAULT_TRANSFER_THREADS
     allow_remote_listen: bool = False
-    transport: str = "auto"
+    transport: str = AUTO_TRANSPORT
     inline_bytes: int = DEFAULT_INLINE_BYTES
     share_registered: bool = False
     auth_token: str | None = field(default=None, repr=False)

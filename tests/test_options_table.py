@@ -134,3 +134,15 @@ def test_compatibility_doc_lists_every_option() -> None:
             assert f"`{key}`" in text, key
         if isinstance(opt, Prop):
             assert f"`{opt.name}`" in text, opt.name
+
+
+def test_transport_names_come_from_the_openers() -> None:
+    """dxl.Transport accepts "auto" and exactly the transports select.py can open: a new
+    opener is accepted by the option without a second list to edit."""
+    from dxl.config import TRANSPORTS
+    from dxl.transport.select import AUTO_ORDER, OPENERS
+
+    assert TRANSPORTS == ("auto", *AUTO_ORDER)
+    assert set(TRANSPORTS) - {"auto"} == set(OPENERS)
+    for name in TRANSPORTS:
+        assert EngineOptions.from_options({"dxl.Transport": name}).transport == name

@@ -17,7 +17,8 @@ import shlex
 import sys
 from typing import Any
 
-from .workload import APIS, DEFAULT_CACHE_MIB, OPS, TRANSPORTS, Workload, shape_for
+from ..config import TRANSPORTS
+from .workload import APIS, DEFAULT_CACHE_MIB, OPS, Workload, shape_for
 
 DEFAULT_SIZES = (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20)
 OVERHEAD_BLOCK_BYTES = 4 << 10
