@@ -142,7 +142,7 @@ def test_transport_names_come_from_the_openers() -> None:
     from dxl.config import TRANSPORTS
     from dxl.transport.select import AUTO_ORDER, OPENERS
 
-    assert TRANSPORTS == ("auto", *AUTO_ORDER)
+    assert ("auto", *AUTO_ORDER) == TRANSPORTS
     assert set(TRANSPORTS) - {"auto"} == set(OPENERS)
     for name in TRANSPORTS:
         assert EngineOptions.from_options({"dxl.Transport": name}).transport == name
