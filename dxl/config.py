@@ -43,6 +43,9 @@ from dxl.transport.names import AUTO_ORDER as TRANSPORT_NAMES
 from dxl.types import ipv6_or_none, parse_ip
 
 __all__ = [
+    "DEFAULT_HANDOFF_FETCH_TIMEOUT_S",
+    "DEFAULT_HANDOFF_LEASE_S",
+    "DEFAULT_HANDOFF_MAX_FETCHES",
     "DEFAULT_HEARTBEAT_INTERVAL_MS",
     "DEFAULT_MAX_REGISTERED_ADDRS",
     "DEFAULT_SYNC_KV_TIMEOUT_MS",
@@ -51,6 +54,7 @@ __all__ = [
     "OPTIONS",
     "TRANSPORTS",
     "EngineOptions",
+    "HandoffSettings",
     "LLMConfig",
     "LlmConfig",
     "Option",
@@ -68,6 +72,11 @@ DEFAULT_TRANSFER_THREADS = 2
 # workers), read from the shim rather than restated: a larger value would be clamped silently
 MAX_TRANSFER_THREADS: int = int(_ffi.lib.DXL_MAX_THREADS)
 DEFAULT_INLINE_BYTES = 64 << 10
+# the handoff's settings (dxl/handoff/defaults.py re-exports them under their old names)
+DEFAULT_HANDOFF_LEASE_S = 30.0  # as vLLM's NIXL connector
+DEFAULT_HANDOFF_FETCH_TIMEOUT_S = 30.0
+DEFAULT_HANDOFF_MAX_FETCHES = 64  # fetches in flight per engine; more wait (renewing their leases)
+MAX_HANDOFF_SECONDS = 86400.0  # a lease or a fetch timeout: at most a day, as offer(lease_s=)
 _MAX_INLINE_BYTES = 1 << 30
 _DEFAULT_MEM_UTILIZATION = 0.95
 _MAX_LINK_RETRY_COUNT = 100
@@ -105,6 +114,9 @@ OPT_INLINE_BYTES = "dxl.InlineBytes"
 OPT_SHARE_REGISTERED = "dxl.ShareRegistered"
 OPT_AUTH_TOKEN = "dxl.AuthToken"
 OPT_RANK_TABLE_BASE_PORT = "dxl.RankTableBasePort"
+OPT_HANDOFF_LEASE_S = "dxl.HandoffLeaseS"
+OPT_HANDOFF_FETCH_TIMEOUT_S = "dxl.HandoffFetchTimeoutS"
+OPT_HANDOFF_MAX_FETCHES = "dxl.HandoffMaxFetches"
 DEFAULT_RANK_TABLE_BASE_PORT = 27100
 # what dxl.Transport accepts: "auto" and the name of every opener (dxl/transport/select.py)
 TRANSPORTS: tuple[str, ...] = (AUTO_TRANSPORT, *TRANSPORT_NAMES)
@@ -457,6 +469,21 @@ def _decimal_in(low: int, high: int) -> ParseHook:
         ensure(_is_ascii_digits(text), f"option {key} must be a decimal integer, got {text!r}")
         value = int(text)
         ensure(low <= value <= high, f"option {key} must be in [{low}, {high}], got {value}")
+        return value
+
+    return parse
+
+
+def _seconds_up_to(high: float) -> ParseHook:
+    """A finite number of seconds in ``(0, high]``."""
+
+    def parse(text: str, key: str, options: Mapping[str, str]) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise param_invalid(None, f"option {key} must be a number, got {text!r}") from None
+        # "not <=" also refuses nan
+        ensure(0 < value <= high, f"option {key} must be in (0, {high:g}] seconds, got {text}")
         return value
 
     return parse
@@ -868,6 +895,27 @@ KEY_ONLY_OPTIONS: tuple[Option, ...] = (
         parse=_parse_single_decimal,
     ),
     Option(
+        OPT_HANDOFF_LEASE_S,
+        doc="dxl: handoff offers' lease in s when offer() names none, in (0, 86400] "
+        f"(default {DEFAULT_HANDOFF_LEASE_S:g}).",
+        parse=_seconds_up_to(MAX_HANDOFF_SECONDS),
+        field="handoff_lease_s",
+    ),
+    Option(
+        OPT_HANDOFF_FETCH_TIMEOUT_S,
+        doc="dxl: handoff fetches' and pushes' timeout in s when the call names none, in "
+        f"(0, 86400] (default {DEFAULT_HANDOFF_FETCH_TIMEOUT_S:g}).",
+        parse=_seconds_up_to(MAX_HANDOFF_SECONDS),
+        field="handoff_fetch_timeout_s",
+    ),
+    Option(
+        OPT_HANDOFF_MAX_FETCHES,
+        doc="dxl: the handoff's fetches in flight at once (``Handoff.max_fetches``'s start "
+        f"value), 0..2^32-1; 0 holds every fetch (default {DEFAULT_HANDOFF_MAX_FETCHES}).",
+        parse=_decimal_in(0, UINT32_MAX),
+        field="handoff_max_fetches",
+    ),
+    Option(
         OPT_INLINE_BYTES,
         doc="dxl: same-host requests up to this many bytes run on the loop thread "
         "(default 65536; 0: never).",
@@ -915,7 +963,19 @@ class EngineOptions:
     auth_token: str | None = field(default=None, repr=False)
     link_total_time_s: int = 0
     rank_table_base_port: int = DEFAULT_RANK_TABLE_BASE_PORT
+    handoff_lease_s: float = DEFAULT_HANDOFF_LEASE_S
+    handoff_fetch_timeout_s: float = DEFAULT_HANDOFF_FETCH_TIMEOUT_S
+    handoff_max_fetches: int = DEFAULT_HANDOFF_MAX_FETCHES
     raw: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def handoff(self) -> HandoffSettings:
+        """The settings of the handoff layer, and only those."""
+        return HandoffSettings(
+            lease_s=self.handoff_lease_s,
+            fetch_timeout_s=self.handoff_fetch_timeout_s,
+            max_fetches=self.handoff_max_fetches,
+        )
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> EngineOptions:
@@ -943,6 +1003,23 @@ class EngineOptions:
             if opt.field is not None and value is not _NO_VALUE:
                 fields[opt.field] = value
         return cls(**fields, raw=raw)
+
+
+@dataclass(frozen=True)
+class HandoffSettings:
+    """What the handoff layer reads of the engine's options (``EngineOptions.handoff``).
+
+    Attributes:
+        lease_s: an offer's lease when ``offer()`` names none (``dxl.HandoffLeaseS``).
+        fetch_timeout_s: a fetch's or push's timeout when the call names none
+            (``dxl.HandoffFetchTimeoutS``).
+        max_fetches: fetches in flight at once, the start value of ``Handoff.max_fetches``
+            (``dxl.HandoffMaxFetches``).
+    """
+
+    lease_s: float = DEFAULT_HANDOFF_LEASE_S
+    fetch_timeout_s: float = DEFAULT_HANDOFF_FETCH_TIMEOUT_S
+    max_fetches: int = DEFAULT_HANDOFF_MAX_FETCHES
 
 
 @dataclass(frozen=True)

@@ -322,6 +322,25 @@ def test_transfer_threads_bound_is_the_native_pools() -> None:
     )
 
 
+def test_handoff_settings_are_engine_options() -> None:
+    """The handoff's user settings live in the option table; the handoff gets only them, and
+    dxl/handoff/defaults.py's names are the table's defaults."""
+    from dxl.config import HandoffSettings
+    from dxl.handoff import defaults
+
+    assert EngineOptions().handoff == HandoffSettings(30.0, 30.0, 64)
+    assert (defaults.DEFAULT_LEASE_S, defaults.DEFAULT_FETCH_TIMEOUT_S) == (30.0, 30.0)
+    assert defaults.DEFAULT_MAX_FETCHES == 64
+    opts = EngineOptions.from_options(
+        {
+            "dxl.HandoffLeaseS": "12.5",
+            "dxl.HandoffFetchTimeoutS": "3",
+            "dxl.HandoffMaxFetches": "8",
+        }
+    )
+    assert opts.handoff == HandoffSettings(lease_s=12.5, fetch_timeout_s=3.0, max_fetches=8)
+
+
 # ------------------------------------------------------------------------------------------
 # EngineOptions
 
@@ -439,6 +458,17 @@ def test_engine_options_type_errors(options: Any, exc: type, match: str) -> None
         ({"dxl.ShareRegistered": "on"}, 'dxl.ShareRegistered must be "0" or "1"'),
         ({"dxl.TransferThreads": "17"}, r"dxl.TransferThreads must be in \[1, 16\], got 17"),
         ({"dxl.TransferThreads": "0"}, r"dxl.TransferThreads must be in \[1, 16\]"),
+        ({"dxl.HandoffLeaseS": "0"}, r"dxl.HandoffLeaseS must be in \(0, 86400\] seconds"),
+        ({"dxl.HandoffLeaseS": "86400.5"}, r"dxl.HandoffLeaseS must be in \(0, 86400\]"),
+        ({"dxl.HandoffLeaseS": "nan"}, r"dxl.HandoffLeaseS must be in \(0, 86400\]"),
+        ({"dxl.HandoffLeaseS": "soon"}, "dxl.HandoffLeaseS must be a number"),
+        ({"dxl.HandoffFetchTimeoutS": "-1"}, r"dxl.HandoffFetchTimeoutS must be in \(0, 86400\]"),
+        ({"dxl.HandoffFetchTimeoutS": "inf"}, r"dxl.HandoffFetchTimeoutS must be in \(0, 86400\]"),
+        ({"dxl.HandoffMaxFetches": "-1"}, "dxl.HandoffMaxFetches must be a decimal"),
+        (
+            {"dxl.HandoffMaxFetches": str(2**32)},
+            r"dxl.HandoffMaxFetches must be in \[0, 4294967295\]",
+        ),
         ({"dxl.MaxRegisterAddrs": "0"}, "dxl.MaxRegisterAddrs must be in"),
         ({"dxl.HeartbeatIntervalMs": "0"}, "dxl.HeartbeatIntervalMs must be in"),
         ({"llm.LinkRetryCount": "101"}, r"llm.LinkRetryCount must be in \[1, 100\]"),

@@ -18,6 +18,9 @@ NO_FIELD = object()  # the option is accepted (and validated) without effect
 ROUND_TRIP: dict[str, tuple[dict[str, Any], Any]] = {
     "ge.flowGraphMemMaxSize": ({"ge_options": {"ge.flowGraphMemMaxSize": "1024"}}, NO_FIELD),
     "dxl.InlineBytes": ({"ge_options": {"dxl.InlineBytes": "0"}}, 0),
+    "dxl.HandoffLeaseS": ({"ge_options": {"dxl.HandoffLeaseS": "2.5"}}, 2.5),
+    "dxl.HandoffFetchTimeoutS": ({"ge_options": {"dxl.HandoffFetchTimeoutS": "86400"}}, 86400.0),
+    "dxl.HandoffMaxFetches": ({"ge_options": {"dxl.HandoffMaxFetches": "0"}}, 0),
     "ge.exec.deviceId": ({"device_id": 3}, 3),
     "llm.listenIpInfo": ({"listen_ip_info": "[::1]:26000"}, ("::1", 26000)),
     "llm.SyncKvCacheWaitTime": ({"sync_kv_timeout": "0250"}, 250),
