@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from ..config import TRANSPORTS
+from ..transport.names import AUTO_ORDER
 from .workload import APIS, DEFAULT_CACHE_MIB, OPS, Workload, shape_for
 
 DEFAULT_SIZES = (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20)
@@ -72,8 +73,8 @@ def bench_parser(prog: str = "dxl bench") -> argparse.ArgumentParser:
         "--transport",
         nargs="+",
         choices=TRANSPORTS,
-        default=["cma", "tcp"],
-        help="dxl.Transport of both engines (default: cma tcp)",
+        default=list(AUTO_ORDER),
+        help=f"dxl.Transport of both engines (default: {' '.join(AUTO_ORDER)})",
     )
     a("--op", nargs="+", choices=OPS, default=list(OPS), help="default: pull push")
     a(
