@@ -123,12 +123,19 @@ class Endpoint:
         self.live += 1
         # drain() then waits until every byte went to the kernel: after it the socket can close
         writer.transport.set_write_buffer_limits(high=0)
+        answered = False
         try:
             async with asyncio.timeout(self._deadline_s):
-                await self._answer(reader, writer)
+                answer, refused = await self._answer(reader)
+                writer.write(answer)
+                answered = True
+                await writer.drain()
+                if refused:
+                    await _linger(reader, writer)
         except TimeoutError:
-            writer.write(_plain(408, f"the request took over {self._deadline_s:g} s"))
-        except (_Gone, ConnectionError):
+            if not answered:
+                writer.write(_plain(408, f"the request took over {self._deadline_s:g} s"))
+        except (_Gone, OSError):  # the client went (reset, broken pipe): nobody to answer
             pass
         finally:
             self.live -= 1
@@ -136,22 +143,20 @@ class Endpoint:
             # deadline, so dropping it holds nothing (a finished answer is with the kernel)
             writer.transport.abort()
 
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _answer(self, reader: asyncio.StreamReader) -> tuple[bytes, bool]:
+        """The response to the request, and whether it refuses the request (unread bytes of
+        it may follow)."""
         try:
             method, path = await read_request(reader)
         except _RequestError as exc:
             log.debug("dxl: http: refused a request with %d: %s", exc.status, exc)
-            writer.write(_plain(exc.status, str(exc)))
-            await writer.drain()
-            await _linger(reader, writer)
-            return
+            return _plain(exc.status, str(exc)), True
         try:
             status, content_type, body = self._handler(method, path)
         except Exception:
             log.exception("dxl: http: answering %s %s failed", method, path)
             status, content_type, body = 500, "text/plain", b"internal error\n"
-        writer.write(response(status, content_type, body))
-        await writer.drain()
+        return response(status, content_type, body), False
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -211,3 +211,22 @@ async def test_metrics_oversized_request_gets_a_4xx_and_no_traceback(
         assert ok.startswith(b"HTTP/1.1 200"), ok[:80]
     errors = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+
+
+async def test_metrics_refusal_then_deadline_answers_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A client that sends an oversized request and then stays: the 414 is its one answer, the
+    deadline then only closes the connection (no second answer, nothing logged as an error)."""
+    caplog.set_level(logging.DEBUG)
+    async with metrics_server(deadline_s=0.5) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /" + b"a" * (9 * 1024))  # no end of line, and it stays
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 30)  # EOF: the server half-closed
+            # the server waits a little for the rest of the request, then its deadline passes
+            await async_wait_until(lambda: _server_fds(port) == 0, 30, "the server closed it")
+        finally:
+            await _close(writer)
+    assert answer.startswith(b"HTTP/1.1 414") and answer.count(b"HTTP/1.1") == 1, answer[:80]
+    errors = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
