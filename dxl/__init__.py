@@ -43,11 +43,12 @@ os.environ.setdefault("AUTO_USE_UC_MEMORY", "0")
 def features() -> dict[str, Any]:
     """What this build and machine can do: transports available and the native version."""
     from . import _ffi
+    from .transport.names import CMA, TCP
 
     return {
         "version": _ffi.ffi.string(_ffi.lib.DXL_VERSION).decode(),
-        "cma": bool(_ffi.lib.DXL_HAS_CMA) and _ffi.lib.dxl_cma_self_test() == 0,
-        "tcp": True,  # the native data server and client are always built
+        CMA: bool(_ffi.lib.DXL_HAS_CMA) and _ffi.lib.dxl_cma_self_test() == 0,
+        TCP: True,  # the native data server and client are always built
         "cuda": False,
     }
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeAlias, TypeVar, overload
 
+from dxl import _ffi
 from dxl._validate import (
     INT32_MAX,
     UINT16_MAX,
@@ -37,16 +38,23 @@ from dxl._validate import (
     ensure,
 )
 from dxl.errors import param_invalid
+from dxl.transport.names import AUTO as AUTO_TRANSPORT
+from dxl.transport.names import AUTO_ORDER as TRANSPORT_NAMES
 from dxl.types import ipv6_or_none, parse_ip
 
 __all__ = [
+    "DEFAULT_HANDOFF_FETCH_TIMEOUT_S",
+    "DEFAULT_HANDOFF_LEASE_S",
+    "DEFAULT_HANDOFF_MAX_FETCHES",
     "DEFAULT_HEARTBEAT_INTERVAL_MS",
     "DEFAULT_MAX_REGISTERED_ADDRS",
     "DEFAULT_SYNC_KV_TIMEOUT_MS",
     "DEFAULT_TRANSFER_THREADS",
     "MAX_TRANSFER_THREADS",
     "OPTIONS",
+    "TRANSPORTS",
     "EngineOptions",
+    "HandoffSettings",
     "LLMConfig",
     "LlmConfig",
     "Option",
@@ -60,8 +68,15 @@ DEFAULT_SYNC_KV_TIMEOUT_MS = 1000
 DEFAULT_MAX_REGISTERED_ADDRS = 240
 DEFAULT_HEARTBEAT_INTERVAL_MS = 1000
 DEFAULT_TRANSFER_THREADS = 2
-MAX_TRANSFER_THREADS = 64
+# the native pool's bound (native/dxl.h DXL_MAX_THREADS: the calling thread plus at most 15 pool
+# workers), read from the shim rather than restated: a larger value would be clamped silently
+MAX_TRANSFER_THREADS: int = int(_ffi.lib.DXL_MAX_THREADS)
 DEFAULT_INLINE_BYTES = 64 << 10
+# the handoff's settings (dxl/handoff/defaults.py re-exports them under their old names)
+DEFAULT_HANDOFF_LEASE_S = 30.0  # as vLLM's NIXL connector
+DEFAULT_HANDOFF_FETCH_TIMEOUT_S = 30.0
+DEFAULT_HANDOFF_MAX_FETCHES = 64  # fetches in flight per engine; more wait (renewing their leases)
+MAX_HANDOFF_SECONDS = 86400.0  # a lease or a fetch timeout: at most a day, as offer(lease_s=)
 _MAX_INLINE_BYTES = 1 << 30
 _DEFAULT_MEM_UTILIZATION = 0.95
 _MAX_LINK_RETRY_COUNT = 100
@@ -99,8 +114,12 @@ OPT_INLINE_BYTES = "dxl.InlineBytes"
 OPT_SHARE_REGISTERED = "dxl.ShareRegistered"
 OPT_AUTH_TOKEN = "dxl.AuthToken"
 OPT_RANK_TABLE_BASE_PORT = "dxl.RankTableBasePort"
+OPT_HANDOFF_LEASE_S = "dxl.HandoffLeaseS"
+OPT_HANDOFF_FETCH_TIMEOUT_S = "dxl.HandoffFetchTimeoutS"
+OPT_HANDOFF_MAX_FETCHES = "dxl.HandoffMaxFetches"
 DEFAULT_RANK_TABLE_BASE_PORT = 27100
-TRANSPORTS = ("auto", "cma", "tcp")
+# what dxl.Transport accepts: "auto" and the name of every opener (dxl/transport/select.py)
+TRANSPORTS: tuple[str, ...] = (AUTO_TRANSPORT, *TRANSPORT_NAMES)
 ENV_TRANSPORT = "DXL_TRANSPORT"
 ENV_AUTH_TOKEN = "DXL_AUTH_TOKEN"
 
@@ -455,6 +474,21 @@ def _decimal_in(low: int, high: int) -> ParseHook:
     return parse
 
 
+def _seconds_up_to(high: float) -> ParseHook:
+    """A finite number of seconds in ``(0, high]``."""
+
+    def parse(text: str, key: str, options: Mapping[str, str]) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise param_invalid(None, f"option {key} must be a number, got {text!r}") from None
+        # "not <=" also refuses nan
+        ensure(0 < value <= high, f"option {key} must be in (0, {high:g}] seconds, got {text}")
+        return value
+
+    return parse
+
+
 def _parse_flag(text: str, key: str, options: Mapping[str, str]) -> bool:
     ensure(text in ("0", "1"), f'option {key} must be "0" or "1", got {text!r}')
     return text == "1"
@@ -512,7 +546,7 @@ def _hixl_backend(options: Mapping[str, str]) -> bool:
 
 
 def _parse_transport(text: str, key: str, options: Mapping[str, str]) -> str:
-    value = text or "auto"
+    value = text or AUTO_TRANSPORT
     ensure(
         value in TRANSPORTS,
         f"option {key} (or ${ENV_TRANSPORT}) must be one of {TRANSPORTS}, got {value!r}",
@@ -752,7 +786,8 @@ class LLMConfig:
     )
     transfer_threads = Prop(
         OPT_TRANSFER_THREADS,
-        doc="dxl: threads that split one large request, 1..64 (default 2).",
+        doc=f"dxl: threads that split one large request, 1..{MAX_TRANSFER_THREADS} (the native "
+        "pool's bound, ``MAX_TRANSFER_THREADS``; default 2).",
         default=DEFAULT_TRANSFER_THREADS,
         check=_int_in(1, MAX_TRANSFER_THREADS, "{name} must be in [{low}, {high}], got {value}"),
         render=_decimal,
@@ -770,9 +805,9 @@ class LLMConfig:
     )
     transport = Prop(
         OPT_TRANSPORT,
-        doc='dxl: "auto" (cma on one host, tcp otherwise), "cma" or "tcp"; '
-        "``DXL_TRANSPORT`` applies when unset.",
-        default="auto",
+        doc=f"dxl: one of {TRANSPORTS}: auto tries {TRANSPORT_NAMES} in order (same-host "
+        "first); ``DXL_TRANSPORT`` applies when unset.",
+        default=AUTO_TRANSPORT,
         check=_check_transport,
         render=_as_is,
         env=ENV_TRANSPORT,
@@ -860,6 +895,27 @@ KEY_ONLY_OPTIONS: tuple[Option, ...] = (
         parse=_parse_single_decimal,
     ),
     Option(
+        OPT_HANDOFF_LEASE_S,
+        doc="dxl: handoff offers' lease in s when offer() names none, in (0, 86400] "
+        f"(default {DEFAULT_HANDOFF_LEASE_S:g}).",
+        parse=_seconds_up_to(MAX_HANDOFF_SECONDS),
+        field="handoff_lease_s",
+    ),
+    Option(
+        OPT_HANDOFF_FETCH_TIMEOUT_S,
+        doc="dxl: handoff fetches' and pushes' timeout in s when the call names none, in "
+        f"(0, 86400] (default {DEFAULT_HANDOFF_FETCH_TIMEOUT_S:g}).",
+        parse=_seconds_up_to(MAX_HANDOFF_SECONDS),
+        field="handoff_fetch_timeout_s",
+    ),
+    Option(
+        OPT_HANDOFF_MAX_FETCHES,
+        doc="dxl: the handoff's fetches in flight at once (``Handoff.max_fetches``'s start "
+        f"value), 0..2^32-1; 0 holds every fetch (default {DEFAULT_HANDOFF_MAX_FETCHES}).",
+        parse=_decimal_in(0, UINT32_MAX),
+        field="handoff_max_fetches",
+    ),
+    Option(
         OPT_INLINE_BYTES,
         doc="dxl: same-host requests up to this many bytes run on the loop thread "
         "(default 65536; 0: never).",
@@ -901,13 +957,25 @@ class EngineOptions:
     heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS
     transfer_threads: int = DEFAULT_TRANSFER_THREADS
     allow_remote_listen: bool = False
-    transport: str = "auto"
+    transport: str = AUTO_TRANSPORT
     inline_bytes: int = DEFAULT_INLINE_BYTES
     share_registered: bool = False
     auth_token: str | None = field(default=None, repr=False)
     link_total_time_s: int = 0
     rank_table_base_port: int = DEFAULT_RANK_TABLE_BASE_PORT
+    handoff_lease_s: float = DEFAULT_HANDOFF_LEASE_S
+    handoff_fetch_timeout_s: float = DEFAULT_HANDOFF_FETCH_TIMEOUT_S
+    handoff_max_fetches: int = DEFAULT_HANDOFF_MAX_FETCHES
     raw: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def handoff(self) -> HandoffSettings:
+        """The settings of the handoff layer, and only those."""
+        return HandoffSettings(
+            lease_s=self.handoff_lease_s,
+            fetch_timeout_s=self.handoff_fetch_timeout_s,
+            max_fetches=self.handoff_max_fetches,
+        )
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> EngineOptions:
@@ -935,6 +1003,23 @@ class EngineOptions:
             if opt.field is not None and value is not _NO_VALUE:
                 fields[opt.field] = value
         return cls(**fields, raw=raw)
+
+
+@dataclass(frozen=True)
+class HandoffSettings:
+    """What the handoff layer reads of the engine's options (``EngineOptions.handoff``).
+
+    Attributes:
+        lease_s: an offer's lease when ``offer()`` names none (``dxl.HandoffLeaseS``).
+        fetch_timeout_s: a fetch's or push's timeout when the call names none
+            (``dxl.HandoffFetchTimeoutS``).
+        max_fetches: fetches in flight at once, the start value of ``Handoff.max_fetches``
+            (``dxl.HandoffMaxFetches``).
+    """
+
+    lease_s: float = DEFAULT_HANDOFF_LEASE_S
+    fetch_timeout_s: float = DEFAULT_HANDOFF_FETCH_TIMEOUT_S
+    max_fetches: int = DEFAULT_HANDOFF_MAX_FETCHES
 
 
 @dataclass(frozen=True)

@@ -63,16 +63,27 @@ class RateLimitedLog:
         now = time.monotonic()
         window = self._windows.get(kind)
         if window is None or now - window.start >= self._period:
-            if window is not None and window.suppressed:
-                self._log.warning(
-                    "dxl: %d more %s message(s) suppressed in %.0f s",
-                    window.suppressed,
-                    kind,
-                    self._period,
-                )
+            if window is not None:
+                self._summarize(kind, window)
             window = self._windows[kind] = _Window(now)
         if window.logged < self._burst:
             window.logged += 1
             self._log.warning(message, *args)
         else:
             window.suppressed += 1
+
+    def flush(self) -> None:
+        """Report every count not reported yet, now (the owner is closing: no next window will
+        report them)."""
+        for kind, window in self._windows.items():
+            self._summarize(kind, window)
+            window.suppressed = 0
+
+    def _summarize(self, kind: str, window: _Window) -> None:
+        if window.suppressed:
+            self._log.warning(
+                "dxl: %d more %s message(s) suppressed in %.0f s",
+                window.suppressed,
+                kind,
+                self._period,
+            )

@@ -102,7 +102,7 @@ def test_repr_does_not_emit_options() -> None:
         ({"output_max_size": 7}, {"llm.OutputMaxSize": "7"}),
         ({"max_registered_addrs": 1000}, {"dxl.MaxRegisterAddrs": "1000"}),
         ({"heartbeat_interval_ms": 250}, {"dxl.HeartbeatIntervalMs": "250"}),
-        ({"transfer_threads": 64}, {"dxl.TransferThreads": "64"}),
+        ({"transfer_threads": 16}, {"dxl.TransferThreads": "16"}),
         ({"allow_remote_listen": True}, {"dxl.AllowRemoteListen": "1"}),
         ({"allow_remote_listen": False}, {"dxl.AllowRemoteListen": "0"}),
         ({"share_registered": True}, {"dxl.ShareRegistered": "1"}),
@@ -295,14 +295,50 @@ def test_setter_value_errors(name: str, value: Any, match: str) -> None:
         ("mem_utilization", -0.1, "mem_utilization must be in range"),
         ("max_registered_addrs", 0, "max_registered_addrs must be >= 1, got 0"),
         ("heartbeat_interval_ms", 0, "heartbeat_interval_ms must be > 0, got 0"),
-        ("transfer_threads", 0, r"transfer_threads must be in \[1, 64\], got 0"),
-        ("transfer_threads", 65, r"transfer_threads must be in \[1, 64\], got 65"),
+        ("transfer_threads", 0, r"transfer_threads must be in \[1, 16\], got 0"),
+        ("transfer_threads", 17, r"transfer_threads must be in \[1, 16\], got 17"),
     ],
 )
 def test_setter_param_invalid(name: str, value: Any, match: str) -> None:
     cfg = LLMConfig()
     _raises_param_invalid(lambda: setattr(cfg, name, value), match)
     assert cfg.generate_options() == UTIL  # nothing was stored
+
+
+def test_transfer_threads_bound_is_the_native_pools() -> None:
+    """The documented and enforced bound is what the native pool provides (the calling thread
+    plus its workers), read from the shim: a larger value would be clamped there silently."""
+    from dxl import _ffi
+    from dxl.config import MAX_TRANSFER_THREADS
+
+    assert MAX_TRANSFER_THREADS == _ffi.lib.DXL_MAX_THREADS == 16
+    assert f"1..{MAX_TRANSFER_THREADS}" in (LLMConfig.transfer_threads.doc or "")
+    cfg = LLMConfig()
+    cfg.transfer_threads = MAX_TRANSFER_THREADS
+    assert EngineOptions.from_options(cfg.generate_options()).transfer_threads == 16
+    _raises_param_invalid(
+        lambda: EngineOptions.from_options({"dxl.TransferThreads": str(MAX_TRANSFER_THREADS + 1)}),
+        r"option dxl.TransferThreads must be in \[1, 16\], got 17",
+    )
+
+
+def test_handoff_settings_are_engine_options() -> None:
+    """The handoff's user settings live in the option table; the handoff gets only them, and
+    dxl/handoff/defaults.py's names are the table's defaults."""
+    from dxl.config import HandoffSettings
+    from dxl.handoff import defaults
+
+    assert EngineOptions().handoff == HandoffSettings(30.0, 30.0, 64)
+    assert (defaults.DEFAULT_LEASE_S, defaults.DEFAULT_FETCH_TIMEOUT_S) == (30.0, 30.0)
+    assert defaults.DEFAULT_MAX_FETCHES == 64
+    opts = EngineOptions.from_options(
+        {
+            "dxl.HandoffLeaseS": "12.5",
+            "dxl.HandoffFetchTimeoutS": "3",
+            "dxl.HandoffMaxFetches": "8",
+        }
+    )
+    assert opts.handoff == HandoffSettings(lease_s=12.5, fetch_timeout_s=3.0, max_fetches=8)
 
 
 # ------------------------------------------------------------------------------------------
@@ -420,8 +456,19 @@ def test_engine_options_type_errors(options: Any, exc: type, match: str) -> None
         ({"llm.EnableCacheManager": "true"}, 'llm.EnableCacheManager must be "0" or "1"'),
         ({"dxl.AllowRemoteListen": "yes"}, 'dxl.AllowRemoteListen must be "0" or "1"'),
         ({"dxl.ShareRegistered": "on"}, 'dxl.ShareRegistered must be "0" or "1"'),
-        ({"dxl.TransferThreads": "65"}, r"dxl.TransferThreads must be in \[1, 64\]"),
-        ({"dxl.TransferThreads": "0"}, r"dxl.TransferThreads must be in \[1, 64\]"),
+        ({"dxl.TransferThreads": "17"}, r"dxl.TransferThreads must be in \[1, 16\], got 17"),
+        ({"dxl.TransferThreads": "0"}, r"dxl.TransferThreads must be in \[1, 16\]"),
+        ({"dxl.HandoffLeaseS": "0"}, r"dxl.HandoffLeaseS must be in \(0, 86400\] seconds"),
+        ({"dxl.HandoffLeaseS": "86400.5"}, r"dxl.HandoffLeaseS must be in \(0, 86400\]"),
+        ({"dxl.HandoffLeaseS": "nan"}, r"dxl.HandoffLeaseS must be in \(0, 86400\]"),
+        ({"dxl.HandoffLeaseS": "soon"}, "dxl.HandoffLeaseS must be a number"),
+        ({"dxl.HandoffFetchTimeoutS": "-1"}, r"dxl.HandoffFetchTimeoutS must be in \(0, 86400\]"),
+        ({"dxl.HandoffFetchTimeoutS": "inf"}, r"dxl.HandoffFetchTimeoutS must be in \(0, 86400\]"),
+        ({"dxl.HandoffMaxFetches": "-1"}, "dxl.HandoffMaxFetches must be a decimal"),
+        (
+            {"dxl.HandoffMaxFetches": str(2**32)},
+            r"dxl.HandoffMaxFetches must be in \[0, 4294967295\]",
+        ),
         ({"dxl.MaxRegisterAddrs": "0"}, "dxl.MaxRegisterAddrs must be in"),
         ({"dxl.HeartbeatIntervalMs": "0"}, "dxl.HeartbeatIntervalMs must be in"),
         ({"llm.LinkRetryCount": "101"}, r"llm.LinkRetryCount must be in \[1, 100\]"),

@@ -18,6 +18,9 @@ NO_FIELD = object()  # the option is accepted (and validated) without effect
 ROUND_TRIP: dict[str, tuple[dict[str, Any], Any]] = {
     "ge.flowGraphMemMaxSize": ({"ge_options": {"ge.flowGraphMemMaxSize": "1024"}}, NO_FIELD),
     "dxl.InlineBytes": ({"ge_options": {"dxl.InlineBytes": "0"}}, 0),
+    "dxl.HandoffLeaseS": ({"ge_options": {"dxl.HandoffLeaseS": "2.5"}}, 2.5),
+    "dxl.HandoffFetchTimeoutS": ({"ge_options": {"dxl.HandoffFetchTimeoutS": "86400"}}, 86400.0),
+    "dxl.HandoffMaxFetches": ({"ge_options": {"dxl.HandoffMaxFetches": "0"}}, 0),
     "ge.exec.deviceId": ({"device_id": 3}, 3),
     "llm.listenIpInfo": ({"listen_ip_info": "[::1]:26000"}, ("::1", 26000)),
     "llm.SyncKvCacheWaitTime": ({"sync_kv_timeout": "0250"}, 250),
@@ -134,3 +137,15 @@ def test_compatibility_doc_lists_every_option() -> None:
             assert f"`{key}`" in text, key
         if isinstance(opt, Prop):
             assert f"`{opt.name}`" in text, opt.name
+
+
+def test_transport_names_come_from_the_openers() -> None:
+    """dxl.Transport accepts "auto" and exactly the transports select.py can open: a new
+    opener is accepted by the option without a second list to edit."""
+    from dxl.config import TRANSPORTS
+    from dxl.transport.select import AUTO_ORDER, OPENERS
+
+    assert ("auto", *AUTO_ORDER) == TRANSPORTS
+    assert set(TRANSPORTS) - {"auto"} == set(OPENERS)
+    for name in TRANSPORTS:
+        assert EngineOptions.from_options({"dxl.Transport": name}).transport == name

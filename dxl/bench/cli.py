@@ -17,7 +17,9 @@ import shlex
 import sys
 from typing import Any
 
-from .workload import APIS, DEFAULT_CACHE_MIB, OPS, TRANSPORTS, Workload, shape_for
+from ..config import TRANSPORTS
+from ..transport.names import AUTO_ORDER
+from .workload import APIS, DEFAULT_CACHE_MIB, OPS, Workload, shape_for
 
 DEFAULT_SIZES = (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20)
 OVERHEAD_BLOCK_BYTES = 4 << 10
@@ -71,8 +73,8 @@ def bench_parser(prog: str = "dxl bench") -> argparse.ArgumentParser:
         "--transport",
         nargs="+",
         choices=TRANSPORTS,
-        default=["cma", "tcp"],
-        help="dxl.Transport of both engines (default: cma tcp)",
+        default=list(AUTO_ORDER),
+        help=f"dxl.Transport of both engines (default: {' '.join(AUTO_ORDER)})",
     )
     a("--op", nargs="+", choices=OPS, default=list(OPS), help="default: pull push")
     a(

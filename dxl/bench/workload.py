@@ -26,7 +26,6 @@ SOURCE_SEED = 7  # KVBuffers pattern seed of the side that holds the data
 DEFAULT_CACHE_MIB = 512
 DEFAULT_K = 64
 MAX_REQUEST_BYTES = 256 << 20
-TRANSPORTS = ("auto", "cma", "tcp")
 OPS = ("pull", "push")
 APIS = ("async", "sync")
 

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from .._validate import check_int32, check_isinstance, check_uint64
-from ..config import EngineOptions, listen_from_options
+from ..config import OPT_LOCAL_COMM_RES, EngineOptions, listen_from_options
 from ..errors import LLMStatusCode, fail, param_invalid
 from ..types import LLMClusterInfo, LLMRole
 from .handshake import Handshake
@@ -119,7 +119,7 @@ class LinkOps:
             if (
                 need_local_ip
                 and not info.local_ip_info_list
-                and "llm.LocalCommRes" not in self._opts.raw
+                and OPT_LOCAL_COMM_RES not in self._opts.raw
             ):
                 raise param_invalid(
                     op, f"clusters[{i}].local_ip_info_list is empty; call append_local_ip_info"

@@ -53,6 +53,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .. import httpd
+
 __all__ = ["HandoffCollector", "as_dict", "families", "render", "serve"]
 
 PREFIX = "dxl_handoff"
@@ -277,41 +279,32 @@ def render(engines: Engines, *, loop: asyncio.AbstractEventLoop | None = None) -
     return text.decode()
 
 
-async def serve(engines: Engines, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
+async def serve(
+    engines: Engines,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    deadline_s: float = httpd.DEADLINE_S,
+    max_connections: int = httpd.MAX_CONNECTIONS,
+) -> asyncio.Server:
     """Serve ``GET /metrics`` (Prometheus text) and ``GET /metrics.json`` (:func:`as_dict`)
     over HTTP on the running loop (the engines'); ``server.sockets[0].getsockname()`` has the
-    port. Close it with ``server.close()``. ``/metrics`` needs the metrics extra."""
+    port. Close it with ``server.close()``. ``/metrics`` needs the metrics extra.
+
+    Bounded against strangers (see :mod:`dxl.httpd`): each request must arrive and be answered
+    within ``deadline_s`` seconds, at most ``max_connections`` are held at once (one more is
+    answered 503), and an oversized request line or header is answered 414 or 431."""
     render(engines)  # fail now, not at the first scrape, without the extra
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), SCRAPE_TIMEOUT_S)
-            while (line := await asyncio.wait_for(reader.readline(), SCRAPE_TIMEOUT_S)) not in (
-                b"\r\n",
-                b"\n",
-                b"",
-            ):
-                del line  # headers: nothing here needs them
-            parts = request.decode("latin-1").split()
-            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
-            if parts[:1] != ["GET"]:
-                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
-            elif path == "/metrics":
-                status, ctype, body = "200 OK", CONTENT_TYPE, render(engines).encode()
-            elif path == "/metrics.json":
-                status, ctype = "200 OK", "application/json"
-                body = json.dumps(as_dict(engines)).encode()
-            else:
-                status, ctype, body = "404 Not Found", "text/plain", b"/metrics or /metrics.json\n"
-            head = (
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
-            pass
-        finally:
-            writer.close()
+    def answer(method: str, path: str) -> tuple[int, str, bytes]:
+        if method != "GET":
+            return 405, "text/plain", b"GET only\n"
+        if path == "/metrics":
+            return 200, CONTENT_TYPE, render(engines).encode()
+        if path == "/metrics.json":
+            return 200, "application/json", json.dumps(as_dict(engines)).encode()
+        return 404, "text/plain", b"/metrics or /metrics.json\n"
 
-    return await asyncio.start_server(handle, host, port)
+    return await httpd.start(
+        answer, host, port, deadline_s=deadline_s, max_connections=max_connections
+    )

@@ -20,6 +20,7 @@ from .. import _ffi
 from ..memory.plan import Pieces
 from ..types import Placement
 from .base import Capabilities, Job, Transport, TransportClosed
+from .names import CMA
 from .shm import CLOSER, PeerMapping, WindowRefused, Windows
 
 
@@ -50,7 +51,7 @@ class CmaTransport(Transport):
 
     @property
     def name(self) -> str:
-        return "cma+shm" if len(self._windows) else "cma"
+        return f"{CMA}+shm" if len(self._windows) else CMA
 
     def share_windows(self, key: Hashable, windows: Sequence[Sequence[int | None]]) -> list[Job]:
         """Map the peer's memfd windows ``(fd, offset, remote_base, size, ino)`` under ``key``

@@ -26,6 +26,7 @@ from ..errors import DxlError, LLMException, LLMStatusCode, fail
 from ..memory.plan import Pieces
 from .base import TransferTimeout, Transport, Unreachable
 from .cma import CmaTransport
+from .names import AUTO, AUTO_ORDER, CMA, TCP
 from .tcp import DEFAULT_STREAMS, TcpTransport, open_streams
 
 __all__ = ["AUTO_ORDER", "OPENERS", "OpenContext", "open_transport"]
@@ -93,10 +94,11 @@ class _NoDataServer(DxlError):
 
 
 OPENERS: dict[str, Opener] = {
-    "cma": Opener(same_host_only=True, open=_open_cma),
-    "tcp": Opener(same_host_only=False, open=_open_tcp),
+    CMA: Opener(same_host_only=True, open=_open_cma),
+    TCP: Opener(same_host_only=False, open=_open_tcp),
 }
-AUTO_ORDER = ("cma", "tcp")
+# every opener has its name in names.py (which the option table reads), and only those
+assert set(OPENERS) == set(AUTO_ORDER), "transport/names.py and OPENERS disagree"
 
 
 async def open_transport(peer: PeerInfo, choice: str, ctx: OpenContext) -> Transport:
@@ -110,13 +112,13 @@ async def open_transport(peer: PeerInfo, choice: str, ctx: OpenContext) -> Trans
         LLMException: ``LLM_LINK_FAILED`` when the chosen transport cannot be opened or
             proven in time.
     """
-    names = AUTO_ORDER if choice == "auto" else (choice,)
+    names = AUTO_ORDER if choice == AUTO else (choice,)
     errors: list[str] = []
     no_data_server = False
     for name in names:
         opener = OPENERS[name]
         if opener.same_host_only and not ctx.pid:
-            if choice != "auto":
+            if choice != AUTO:
                 raise _link_failed(
                     f"transport {name} was asked for, but cluster {peer.cluster_id} is not a "
                     "process of this host (as the kernel sees it), or it is this very process"
@@ -127,8 +129,8 @@ async def open_transport(peer: PeerInfo, choice: str, ctx: OpenContext) -> Trans
         except _NoDataServer:
             no_data_server = True
         except (DxlError, OSError, LLMException) as exc:  # AuthError, NativeError: DxlErrors
-            if choice != "auto" or name == names[-1]:
-                where = f"at {peer.address}:{peer.data_port} " if name == "tcp" else ""
+            if choice != AUTO or name == names[-1]:
+                where = f"at {peer.address}:{peer.data_port} " if name == TCP else ""
                 raise _link_failed(
                     f"{name} to cluster {peer.cluster_id} {where}failed: {exc}"
                     + (f" (and {errors[0]})" if errors else "")

@@ -44,6 +44,7 @@ from ..control.auth import (
 from ..memory.plan import Pieces
 from ..types import Placement
 from .base import Capabilities, PeerGone, TransferTimeout, Transport, TransportClosed
+from .names import TCP
 
 __all__ = [
     "DEFAULT_STREAMS",
@@ -157,7 +158,7 @@ class TcpTransport(Transport):
         TransferTimeout: connecting timed out.
     """
 
-    name = "tcp"
+    name = TCP
     caps = Capabilities(
         same_host_only=False,
         maps_peer_memory=False,

@@ -12,9 +12,10 @@ client side is :mod:`dxl.transport.tcp`.
 Each adopted connection is tagged with the key it authenticated with (:func:`key_tag` of the key
 id): :meth:`DataServer.revoke` cuts every connection of one key at once, which the engine does
 when a link ends and its key goes. The native server holds at most ``DXL_TCP_MAX_CONNS``
-connections, ``DXL_TCP_MAX_CONNS_PER_TAG`` per key (more are closed after the handshake, with a
-rate-limited warning), and a connection keeps at most ``DXL_TCP_CONN_BUF_KEEP`` bytes of request
-buffers between requests.
+connections, ``DXL_TCP_MAX_CONNS_PER_TAG`` per key (more are closed after the handshake), and a
+connection keeps at most ``DXL_TCP_CONN_BUF_KEEP`` bytes of request buffers between requests.
+Every warning a stranger can trigger (a refused handshake, a connection over the limits) is
+rate-limited: a burst, then a count (reported at the latest when the server closes).
 """
 
 from __future__ import annotations
@@ -159,12 +160,12 @@ class DataServer:
                 raise
             except OSError as exc:
                 if exc.errno in (_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM):
-                    log.warning("dxl: tcp data server cannot accept: %s", exc)
+                    self._warn.warning("accept", "dxl: tcp data server cannot accept: %s", exc)
                     await asyncio.sleep(0.1)
                     continue
                 if self._lsock is None or self._lsock.fileno() < 0:
                     return
-                log.warning("dxl: tcp data server accept failed: %s", exc)
+                self._warn.warning("accept", "dxl: tcp data server accept failed: %s", exc)
                 await asyncio.sleep(0.01)
                 continue
             if len(self._pending) >= self._pending.cap:
@@ -190,7 +191,10 @@ class DataServer:
             raise
         except (AuthError, OSError) as exc:
             self.auth_failures += 1
-            log.warning("dxl: tcp data server refused a connection from %s: %s", peer, exc)
+            # a stranger makes as many of these as it opens connections: a burst, then a count
+            self._warn.warning(
+                "refused-data", "dxl: tcp data server refused a connection from %s: %s", peer, exc
+            )
             conn.close()
             return
         if self._native is None:
@@ -292,3 +296,4 @@ class DataServer:
         registry, self._registry = self._registry, None
         if registry is not None:
             registry.detach()  # the server no longer reads it
+        self._warn.flush()  # the counts of warnings suppressed since the last window
