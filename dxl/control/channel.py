@@ -19,9 +19,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import LLMException, LLMStatusCode
+from ..guard import RateLimitedLog
 from . import wire
 
 log = logging.getLogger("dxl")
+limited = RateLimitedLog(log)
 
 HEARTBEAT_MISSES = 3
 
@@ -94,10 +96,17 @@ class Channel:
                 status_code=LLMStatusCode.LLM_NOT_YET_LINK,
             )
         rid = next(self._rids)
+        try:
+            frame = wire.encode(kind, rid=rid, **fields)
+        except wire.FrameError as exc:  # the caller's fields (e.g. a ticket's) break the schema
+            raise LLMException(
+                f"{kind} to {self.name}: {exc}", status_code=LLMStatusCode.LLM_PARAM_INVALID
+            ) from None
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters[rid] = fut
         try:
-            self.send(kind, rid=rid, **fields)
+            if not self.closed:
+                self._writer.write(frame)
             async with asyncio.timeout(timeout_s):
                 return await fut
         except TimeoutError:
@@ -109,13 +118,18 @@ class Channel:
             self._waiters.pop(rid, None)
 
     def ack(self, rid: int, code: int = 0, message: str = "") -> None:
-        self.send("ack", rid=rid, code=int(code), message=message)
+        self.send("ack", rid=rid, code=int(code), message=wire.clip(message))
 
     async def _read_loop(self, handler: Handler) -> None:
         reason = "peer closed the connection"
         try:
             while True:
-                msg = await read_message(self._reader)
+                try:
+                    msg = await read_message(self._reader)
+                except wire.FieldError as exc:  # one bad request: it fails, the link stays
+                    self._last_rx = time.monotonic()
+                    self._refuse(exc)
+                    continue
                 self._last_rx = time.monotonic()
                 kind = msg["t"]
                 if kind == "ack":
@@ -137,6 +151,12 @@ class Channel:
             reason = f"internal error: {exc!r}"
             log.exception("dxl: closing link %s after a handler error", self.name)
         self.close(reason)
+
+    def _refuse(self, exc: wire.FieldError) -> None:
+        limited.warning(
+            "bad-request", "dxl: refused a malformed %s from link %s: %s", exc.kind, self.name, exc
+        )
+        self.ack(exc.rid, int(LLMStatusCode.LLM_PARAM_INVALID), f"malformed {exc.kind}: {exc}")
 
     async def _heartbeat_loop(self) -> None:
         try:

@@ -31,6 +31,21 @@ class FrameError(DxlError, ValueError):
     """A frame broke the wire schema; the connection that sent it is closed."""
 
 
+class FieldError(FrameError):
+    """A request (a message with a valid ``rid``, not an ack) carries a field that breaks its
+    schema: only that request fails (answered with an error ack); the link stays."""
+
+    def __init__(self, message: str, kind: str, rid: int) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.rid = rid
+
+
+MAX_TEXT = 4096  # any string field: error messages are clipped to this (see clip)
+MAX_TOKEN = 128  # an offer's token: hex digits (32 generated, up to 128 chosen)
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
 # Fields of one advertised cache (registry entry). Only remotely accessible caches are sent.
 CACHE_FIELDS: dict[str, tuple[type, ...]] = {
     "id": _INT,  # cache_id on the owner
@@ -132,14 +147,40 @@ def decode(body: bytes) -> dict[str, Any]:
     return checked
 
 
+def clip(text: str) -> str:
+    """``text`` made fit for a string field: at most MAX_TEXT characters, and encodable (an
+    exception's text may quote whatever a peer sent)."""
+    text = text[:MAX_TEXT]
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _check_message(msg: Any) -> None:
     if not isinstance(msg, dict):
         raise FrameError("frame must hold a JSON object")
     kind = msg.get("t")
     schema = SCHEMAS.get(kind) if isinstance(kind, str) else None
-    if schema is None:
+    if schema is None or not isinstance(kind, str):
         raise FrameError(f"unknown message type {kind!r}")
+    rid = msg.get("rid")
+    if kind == "ack" or "rid" not in schema or not isinstance(rid, int) or not _is_u64(rid):
+        _check_body(kind, msg, schema)
+        return
+    try:  # a request: its rid is sound, so a bad field fails this request only
+        _check_body(kind, msg, schema)
+    except FieldError:
+        raise
+    except FrameError as exc:
+        raise FieldError(str(exc), kind, rid) from None
+
+
+def _is_u64(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _U64
+
+
+def _check_body(kind: str, msg: dict[str, Any], schema: dict[str, tuple[type, ...]]) -> None:
     _check_fields(f"{kind} message", msg, schema, extra=("t",))
+    if "token" in schema:
+        _check_token(msg["token"])
     if kind in ("hello", "welcome"):
         _check_probe(msg["probe"])
         if msg["pool"]:
@@ -177,6 +218,28 @@ def _check_fields(
             raise FrameError(f"{what} field {name!r} has type {type(value).__name__}")
         if isinstance(value, int) and not isinstance(value, bool) and not -1 <= value <= _U64:
             raise FrameError(f"{what} field {name!r} is outside the 64-bit range")
+        if isinstance(value, str):
+            _check_text(what, name, value)
+
+
+def _check_text(what: str, name: str, value: str) -> None:
+    """Bounded, and encodable as UTF-8 (JSON may carry a lone surrogate, which is not)."""
+    if len(value) > MAX_TEXT:
+        raise FrameError(f"{what} field {name!r} is over {MAX_TEXT} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FrameError(f"{what} field {name!r} is not encodable text") from None
+
+
+def is_token(token: object) -> bool:
+    """``token`` looks like an offer's token: 1 to MAX_TOKEN hex digits."""
+    return isinstance(token, str) and 0 < len(token) <= MAX_TOKEN and all(c in _HEX for c in token)
+
+
+def _check_token(token: str) -> None:
+    if not is_token(token):
+        raise FrameError(f"token must be 1 to {MAX_TOKEN} hex digits")
 
 
 def _check_u64_list(what: str, values: Any, length: int | None = None) -> None:

@@ -22,6 +22,7 @@ from ..control import wire
 from ..control.channel import Channel
 from ..control.hello import PeerInfo
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid
+from ..guard import RateLimitedLog
 from ..transport import Transport
 from .link import Link
 from .mover import Mover
@@ -29,6 +30,7 @@ from .registry import RemoteCache, RemoteRegistry
 from .state import Identity
 
 log = logging.getLogger("dxl")
+limited = RateLimitedLog(log)
 
 MessageHandler = Callable[[Link, dict[str, Any]], Awaitable[None]]
 Revoke = Callable[[bytes], None]
@@ -237,9 +239,25 @@ class LinkTable:
             await link.channel.drain()
             link.close("peer unlinked")
         elif kind in self._handlers:  # may wait on the peer: not on the read loop
-            self.spawn(self._handlers[kind](link, msg))
+            self.spawn(self._handle(self._handlers[kind], link, msg))
         else:
             raise wire.FrameError(f"unexpected {kind} message on a live link")
+
+    async def _handle(self, handler: MessageHandler, link: Link, msg: dict[str, Any]) -> None:
+        """Run a component's handler; its failure fails that request only (an error ack if the
+        message was one), never the link or the engine."""
+        try:
+            await handler(link, msg)
+        except Exception as exc:  # a handler bug, or a peer's input it did not foresee
+            limited.warning(
+                "handler-error",
+                "dxl: %s from cluster %d failed: %r",
+                msg["t"],
+                link.peer.cluster_id,
+                exc,
+            )
+            if "rid" in msg:
+                link.channel.ack(msg["rid"], int(LLMStatusCode.LLM_FAILED), f"{msg['t']}: {exc!r}")
 
     async def _ack_when_idle(self, link: Link, cache: RemoteCache | None, rid: int) -> None:
         """Confirm an unregistration once no transfer of ours touches that cache any more."""

@@ -15,7 +15,7 @@ from ..errors import LLMException
 from .defaults import ABORT_TIMEOUT_S
 from .fence import WriterFence
 from .fetching import Fetching
-from .linking import TicketLinker
+from .linking import TicketLinker, check_token
 from .pushing import Pushing
 from .state import Offer, OfferTable, TicketLike
 from .ticket import Ended, Ticket
@@ -50,6 +50,7 @@ class Aborts:
         if isinstance(ticket, str) and not ticket.lstrip().startswith("{"):
             return  # a request id whose offer ended already (it lost the race): nothing to do
         t = Ticket.of(ticket)
+        check_token("abort", t)
         if (
             t.cluster_id == self._identity.cluster_id
             and t.incarnation == self._identity.incarnation

@@ -25,7 +25,7 @@ from .checks import check_destination
 from .counters import HandoffStats, fetch_failed
 from .defaults import ABORT_TIMEOUT_S, DEFAULT_FETCH_TIMEOUT_S
 from .fence import WriterFence
-from .linking import TicketLinker
+from .linking import TicketLinker, check_token
 from .slots import Slots
 from .state import Fetch, LayerCallback, OfferKey, TicketLike
 from .ticket import FetchError, Ticket
@@ -72,6 +72,7 @@ class Fetching:
         """:meth:`dxl.handoff.Handoff.fetch`."""
         op = "fetch"
         t = Ticket.of(ticket)
+        check_token(op, t)
         if t.kind != "pull":
             raise param_invalid(op, "a push-mode ticket is pushed into (push), not fetched")
         check_cache_arg(op, "cache", cache)

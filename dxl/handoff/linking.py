@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+from ..control.wire import MAX_TOKEN, is_token
 from ..engine.link import Link
 from ..engine.linking import LinkOps
 from ..engine.links import LinkTable
@@ -14,6 +15,13 @@ from ..errors import LLMStatusCode, param_invalid
 from ..types import LLMClusterInfo
 from .counters import HandoffStats, fetch_failed
 from .ticket import Ticket, parse_endpoint
+
+
+def check_token(op: str, t: Ticket) -> None:
+    """A ticket's token must be as offers make them (hex digits, bounded): anything else could
+    name no offer, and must not reach a peer (or our own offer table)."""
+    if not is_token(t.token):
+        raise param_invalid(op, f"the ticket's token must be 1 to {MAX_TOKEN} hex digits")
 
 
 class TicketLinker:
@@ -37,6 +45,7 @@ class TicketLinker:
     ) -> Link:
         """The live link to the engine a ticket names (linking to its endpoint if needed); a
         ticket of another incarnation (the offerer restarted) or engine is refused."""
+        check_token(op, t)
         if t.cluster_id == self._identity.cluster_id:
             raise param_invalid(op, "the ticket names this engine")
         link = self._links.get(t.cluster_id)

@@ -21,7 +21,7 @@ from ..types import Cache
 from .checks import check_destination
 from .counters import HandoffStats, fetch_failed
 from .defaults import DEFAULT_FETCH_TIMEOUT_S
-from .linking import TicketLinker
+from .linking import TicketLinker, check_token
 from .state import Claim, OfferKey, TicketLike
 from .ticket import FetchError, Ticket
 
@@ -62,6 +62,7 @@ class Pushing:
         """:meth:`dxl.handoff.Handoff.push`."""
         op = "push"
         t = Ticket.of(ticket)
+        check_token(op, t)
         if t.kind != "push":
             raise param_invalid(op, "a pull-mode ticket is fetched, not pushed into")
         check_cache_arg(op, "cache", cache)

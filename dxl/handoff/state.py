@@ -56,8 +56,9 @@ class Offer:
     created: float = field(default_factory=time.monotonic)
 
     def token_ok(self, token: str) -> bool:
-        """``token`` is this offer's (compared in constant time: a peer may probe it)."""
-        return hmac.compare_digest(self.token.encode(), token.encode())
+        """``token`` is this offer's (compared in constant time: a peer may probe it); a token
+        that is not ASCII (a ticket's may hold anything JSON can) is nobody's."""
+        return token.isascii() and hmac.compare_digest(self.token, token)
 
     def layer_span(self) -> range:
         """The layers offered: ``layers``, or every layer of the cache."""
