@@ -19,7 +19,8 @@ MAX_FRAME = 4 << 20  # a registry of 240 addresses is a few KiB; 4 MiB leaves ro
 # frame must not make us buffer it.
 PRELINK_MAX_FRAME = 16 << 10
 HEADER = struct.Struct(">I")
-PROTOCOL_VERSION = 3
+# 4: claim and fetch carry the taker's view of the offer (the offerer checks it)
+PROTOCOL_VERSION = 4
 
 _INT = (int,)
 _STR = (str,)
@@ -79,6 +80,15 @@ _ABOUT: dict[str, tuple[type, ...]] = {
     "challenge": _STR,  # 64 hex digits, fresh per link: both feed the link's data key
 }
 
+# What a claim or a fetch says the offer is (from its ticket): the offerer refuses one that does
+# not match its own record, so an edited ticket cannot aim a copy at other blocks or layers.
+_VIEW: dict[str, tuple[type, ...]] = {
+    "layers": _LIST,  # [start, stop), or [] for every layer
+    "tensors_per_layer": _INT,
+    "block_bytes": _INT,
+    "num_tensors": _INT,
+}
+
 # Every message type and its fields. "rid" correlates a request with its "ack". A link is set up
 # with hello -> welcome -> ready (client) -> ready (server), or a reject at any step; registries
 # travel in the ready frames, once both transports are proven.
@@ -101,11 +111,15 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "cache": _INT,  # the fetcher's destination cache (advertised to the offerer)
         "blocks": _LIST,  # destination block ids, one per offered block
         "per_layer": _BOOL,  # report each layer as it lands
+        **_VIEW,
+        "src_cache": _INT,  # the offer's cache, as the ticket names it
+        "offered": _INT,  # how many blocks the ticket offers
     },
     "layer": {"offer": _INT, "lo": _INT, "hi": _INT},  # layers [lo, hi) of an offer landed
     "fetched": {"offer": _INT, "code": _INT, "message": _STR},  # a fetch ended
     "renew": {"rid": _INT, "offer": _INT, "token": _STR},
-    "claim": {"rid": _INT, "offer": _INT, "token": _STR},  # push mode: write into this offer
+    # push mode: write into this offer: the offer's cache and blocks the claimer will write
+    "claim": {"rid": _INT, "offer": _INT, "token": _STR, "cache": _INT, "blocks": _LIST, **_VIEW},
     "pushed": {"rid": _INT, "offer": _INT, "lo": _INT, "hi": _INT},
     "complete": {"rid": _INT, "offer": _INT, "code": _INT, "message": _STR},
     # cancel an offer; "mine": it is the sender's offer (the receiver holds a claim on it)
@@ -195,8 +209,11 @@ def _check_body(kind: str, msg: dict[str, Any], schema: dict[str, tuple[type, ..
             check_cache_entry(entry)
     elif kind == "reg_add":
         check_cache_entry(msg["cache"])
-    elif kind == "fetch":
-        _check_u64_list("fetch blocks", msg["blocks"])
+    elif kind in ("fetch", "claim"):
+        _check_u64_list(f"{kind} blocks", msg["blocks"])
+        _check_u64_list(f"{kind} layers", msg["layers"])
+        if msg["layers"] and (len(msg["layers"]) != 2 or msg["layers"][0] >= msg["layers"][1]):
+            raise FrameError(f"{kind} layers must be [] or [start, stop) with start < stop")
     elif kind == "consume":
         _check_u64_list("consume key", msg["key"], 4)
         _check_u64_list("consume tensors", msg["tensors"], 2)

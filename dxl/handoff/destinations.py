@@ -33,6 +33,18 @@ class DestinationOffers:
         if offer is None or offer.kind != "push" or not offer.token_ok(msg["token"]):
             link.channel.ack(msg["rid"], int(Code.LLM_KV_CACHE_NOT_EXIST), "no such live offer")
             return
+        why = offer.mismatch(
+            msg["cache"],
+            msg["layers"],
+            msg["tensors_per_layer"],
+            msg["block_bytes"],
+            msg["num_tensors"],
+        )
+        if not why and msg["blocks"] != offer.blocks.tolist():
+            why = "the ticket's blocks are not the offer's"
+        if why:  # an edited ticket: refused, and the offer stays live for its real pusher
+            link.channel.ack(msg["rid"], int(Code.LLM_PARAM_INVALID), f"claim refused: {why}")
+            return
         if offer.claimer is not None and offer.claimer is not link:
             link.channel.ack(msg["rid"], int(Code.LLM_REPEAT_REQUEST), "claimed by another engine")
             return

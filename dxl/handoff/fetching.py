@@ -21,7 +21,7 @@ from ..engine.resolve import Resolver
 from ..engine.state import RunState
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
 from ..types import Cache
-from .checks import check_destination
+from .checks import check_destination, offer_view
 from .counters import HandoffStats, fetch_failed
 from .defaults import ABORT_TIMEOUT_S, DEFAULT_FETCH_TIMEOUT_S
 from .fence import WriterFence
@@ -154,6 +154,9 @@ class Fetching:
                     cache=entry.cache.cache_id,
                     blocks=partial,
                     per_layer=on_layer is not None,
+                    src_cache=t.cache_id,
+                    offered=len(t.block_ids),
+                    **offer_view(t),
                 )
                 if ack["code"]:
                     raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])

@@ -18,7 +18,7 @@ from ..engine.state import RunState
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
 from ..memory.plan import block_pieces
 from ..types import Cache
-from .checks import check_destination
+from .checks import check_destination, offer_view
 from .counters import HandoffStats, fetch_failed
 from .defaults import DEFAULT_FETCH_TIMEOUT_S
 from .linking import TicketLinker, check_token
@@ -153,6 +153,10 @@ class Pushing:
         key = (t.cluster_id, t.offer_id)
         claim = self._claims.get(key)
         if claim is not None:
+            if _claimed_as(claim.ticket) != _claimed_as(t):  # the offerer checked that one only
+                raise param_invalid(
+                    "push", "the ticket differs from the one this offer was claimed with"
+                )
             return claim
         link = await self._linker.link_to("push", t, timeout, dst_blocks)
         pending = Claim(link, t)  # an abort while we ask marks it: the answer is void then
@@ -160,7 +164,16 @@ class Pushing:
         asking.append(pending)
         try:
             ack = await self._request(
-                link, "claim", timeout, t, dst_blocks, offer=t.offer_id, token=t.token
+                link,
+                "claim",
+                timeout,
+                t,
+                dst_blocks,
+                offer=t.offer_id,
+                token=t.token,
+                cache=t.cache_id,
+                blocks=dst_blocks,
+                **offer_view(t),
             )
         finally:
             asking.remove(pending)
@@ -210,3 +223,10 @@ class Pushing:
 
     def _failed(self, t: Ticket, code: LLMStatusCode, why: str, partial: list[int]) -> FetchError:
         return fetch_failed(self._stats, t, code, why, partial)
+
+
+def _claimed_as(t: Ticket) -> tuple[object, ...]:
+    """What the offerer checked of a ticket when we claimed its offer: a later push of the
+    same offer must write exactly that."""
+    return (t.token, t.cache_id, t.block_ids, t.layers, t.tensors_per_layer, t.block_bytes,
+            t.num_tensors)  # fmt: skip

@@ -42,6 +42,17 @@ class FetchServer:
         try:
             if offer is None or offer.kind != "pull" or not offer.token_ok(msg["token"]):
                 raise fail("fetch", Code.LLM_KV_CACHE_NOT_EXIST, "no such live offer")
+            why = offer.mismatch(
+                msg["src_cache"],
+                msg["layers"],
+                msg["tensors_per_layer"],
+                msg["block_bytes"],
+                msg["num_tensors"],
+            )
+            if not why and msg["offered"] != offer.blocks.size:
+                why = f"the ticket offers {msg['offered']} blocks, the offer {offer.blocks.size}"
+            if why:  # an edited ticket: refused, and the offer stays live for its real fetcher
+                raise param_invalid("fetch", why)
             if offer.claimer is not None:
                 raise fail("fetch", Code.LLM_REPEAT_REQUEST, "the offer was fetched already")
             remote = link.registry.caches.get(msg["cache"])

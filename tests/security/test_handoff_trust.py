@@ -174,5 +174,87 @@ async def test_a_ticket_with_a_malformed_token_is_refused_before_the_wire() -> N
         assert p.dkv.matches(ROWS, [2], P_SEED, ROWS, [1])
 
 
+# ====================================================================== item 3: edited tickets
+def edited(ticket: Ticket, **changes: Any) -> Ticket:
+    return Ticket.from_dict({**ticket.to_dict(), **changes})
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"block_ids": [5, 6]},  # other requests' blocks
+        {"block_ids": [0, 1, 2]},
+        {"layers": [1, 2]},
+        {"tensors_per_layer": 1},
+        {"cache_id": 12345},
+    ],
+)
+async def test_an_edited_push_ticket_moves_nothing(changes) -> None:
+    """The decode offers destination blocks [0, 1]; an honest prefill pushes with a ticket
+    edited on its way: the claim is refused before anything moves, the decode's other blocks
+    keep their bytes, and the offer stays live for the real ticket."""
+    async with pair() as p:
+        ticket = await p.decode.handoff.offer_destination("r", p.dcache, [0, 1])
+        bad = edited(ticket, **changes)
+        n = len(bad.block_ids)
+        with pytest.raises(dxl.LLMException) as info:
+            await p.prefill.handoff.push(bad, p.pcache, [8, 9, 10][:n])
+        assert info.value.status_code == S.LLM_PARAM_INVALID, info.value
+        assert p.dkv.untouched(ROWS, range(BLOCKS))
+        assert p.decode.handoff.live() == 1 and p.decode.handoff.poll_finished() == []
+        await p.prefill.handoff.push(ticket, p.pcache, [8, 9])
+        await p.prefill.handoff.complete(ticket)
+        [end] = p.decode.handoff.poll_finished()
+        assert (end.request_id, end.reason) == ("r", Ended.DONE)
+        assert p.dkv.matches(ROWS, [0, 1], P_SEED, ROWS, [8, 9])
+        assert p.dkv.untouched(ROWS, range(2, BLOCKS))
+
+
+async def test_a_held_claim_does_not_carry_an_edited_ticket() -> None:
+    """A push with the real ticket claims the offer; a second push of the same offer with an
+    edited ticket is refused by the pusher itself (the offerer checked the claim's ticket)."""
+    async with pair() as p:
+        ticket = await p.decode.handoff.offer_destination("r", p.dcache, [0, 1], layers=range(1))
+        await p.prefill.handoff.push(ticket, p.pcache, [8, 9])
+        with pytest.raises(dxl.LLMException) as info:
+            await p.prefill.handoff.push(edited(ticket, block_ids=[5, 6]), p.pcache, [8, 9])
+        assert info.value.status_code == S.LLM_PARAM_INVALID
+        assert p.dkv.untouched(ROWS, range(2, BLOCKS))
+
+
+async def test_a_raw_claim_of_other_blocks_is_refused() -> None:
+    """A linked peer claiming an offer with blocks that are not the offer's gets an error ack;
+    the offer stays unclaimed (its real pusher may claim it)."""
+    async with pair() as p:
+        await linked(p)
+        ticket = await p.decode.handoff.offer_destination("r", p.dcache, [0, 1])
+        view = {"layers": [], "tensors_per_layer": 2, "block_bytes": BB, "num_tensors": TENSORS}
+        claim = {"offer": ticket.offer_id, "token": ticket.token, "cache": ticket.cache_id}
+        link = p.link(p.prefill, D_ID)
+        ack = await inject(link, "claim", **claim, blocks=[5, 6], **view)
+        assert code_of(ack) == int(S.LLM_PARAM_INVALID)
+        await p.prefill.handoff.push(ticket, p.pcache, [8, 9])
+        await p.prefill.handoff.complete(ticket)
+        assert [e.reason for e in p.decode.handoff.poll_finished()] == [Ended.DONE]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"layers": [0, 1]}, {"block_ids": [1, 2, 3]}, {"cache_id": 777}, {"num_tensors": 2}],
+)
+async def test_an_edited_pull_ticket_is_refused_by_the_offerer(changes) -> None:
+    async with pair() as p:
+        ticket = await p.prefill.handoff.offer("r", p.pcache, [1, 2])
+        bad = edited(ticket, **changes)
+        n = len(bad.block_ids)
+        with pytest.raises(dxl.LLMException) as info:
+            await p.decode.handoff.fetch(bad, p.dcache, [3, 4, 5][:n])
+        assert info.value.status_code == S.LLM_PARAM_INVALID, info.value
+        assert p.dkv.untouched(ROWS, range(BLOCKS))
+        assert p.prefill.handoff.live() == 1
+        await p.decode.handoff.fetch(ticket, p.dcache, [3, 4])
+        assert p.dkv.matches(ROWS, [3, 4], P_SEED, ROWS, [1, 2])
+
+
 def _unused() -> tuple[Any, ...]:  # keep imports used by later sections
-    return (Ended, Ticket, logging)
+    return (logging,)
