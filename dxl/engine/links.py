@@ -21,6 +21,7 @@ from ..config import EngineOptions
 from ..control import wire
 from ..control.channel import Channel
 from ..control.hello import PeerInfo
+from ..control.messages import KINDS, Message, Probe, RegAdd, RegDel, Unlink
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid
 from ..guard import RateLimitedLog
 from ..transport import Transport
@@ -32,7 +33,8 @@ from .state import Identity
 log = logging.getLogger("dxl")
 limited = RateLimitedLog(log)
 
-MessageHandler = Callable[[Link, dict[str, Any]], Awaitable[None]]
+# a component's handler of one message kind: ``async def on_claim(link, msg: Claim)``
+MessageHandler = Callable[[Link, Any], Awaitable[None]]
 Revoke = Callable[[bytes], None]
 
 
@@ -56,8 +58,11 @@ class LinkTable:
         self._closing: set[asyncio.Task[None]] = set()
 
     def on(self, kind: str, handler: MessageHandler) -> None:
-        """Route messages of ``kind`` (a type of :data:`dxl.control.wire.SCHEMAS`) to
-        ``handler``; it runs in a task of its own, so it may wait on the peer."""
+        """Route messages of ``kind`` (a kind of :data:`dxl.control.messages.KINDS`) to
+        ``handler``, which takes that kind's message class; it runs in a task of its own, so it
+        may wait on the peer."""
+        if kind not in KINDS:
+            raise ValueError(f"no message kind {kind!r}")
         self._handlers[kind] = handler
 
     def watch_closed(self, watcher: Callable[[Link], None]) -> None:
@@ -141,7 +146,7 @@ class LinkTable:
         for cache in link.registry.caches.values():
             self._share(link, cache.cache_id, cache.shm)
 
-        async def handle(_: Channel, msg: dict[str, Any]) -> None:
+        async def handle(_: Channel, msg: Message) -> None:
             await self._on_message(link, msg)
 
         def on_close(_: Channel) -> None:
@@ -219,23 +224,23 @@ class LinkTable:
         if link.closed:
             return False
         try:
-            await link.channel.request("probe", timeout_s)
+            await link.channel.request(Probe(), timeout_s)
         except LLMException:
             return False
         return not link.closed
 
     # ------------------------------------------------------------------ messages
-    async def _on_message(self, link: Link, msg: dict[str, Any]) -> None:
-        kind = msg["t"]
-        if kind == "reg_add":
-            link.registry.add(msg["cache"])
-            cache = link.registry.caches[msg["cache"]["id"]]
+    async def _on_message(self, link: Link, msg: Message) -> None:
+        kind = msg.KIND
+        if isinstance(msg, RegAdd):
+            link.registry.add(msg.cache)
+            cache = link.registry.caches[msg.cache["id"]]
             self._share(link, cache.cache_id, cache.shm)
-            link.channel.ack(msg["rid"])
-        elif kind == "reg_del":
-            self.spawn(self._ack_when_idle(link, link.registry.remove(msg["id"]), msg["rid"]))
-        elif kind == "unlink":
-            link.channel.ack(msg["rid"])
+            link.channel.ack(msg.rid)
+        elif isinstance(msg, RegDel):
+            self.spawn(self._ack_when_idle(link, link.registry.remove(msg.id), msg.rid))
+        elif isinstance(msg, Unlink):
+            link.channel.ack(msg.rid)
             await link.channel.drain()
             link.close("peer unlinked")
         elif kind in self._handlers:  # may wait on the peer: not on the read loop
@@ -243,7 +248,7 @@ class LinkTable:
         else:
             raise wire.FrameError(f"unexpected {kind} message on a live link")
 
-    async def _handle(self, handler: MessageHandler, link: Link, msg: dict[str, Any]) -> None:
+    async def _handle(self, handler: MessageHandler, link: Link, msg: Message) -> None:
         """Run a component's handler; its failure fails that request only (an error ack if the
         message was one), never the link or the engine."""
         try:
@@ -252,12 +257,13 @@ class LinkTable:
             limited.warning(
                 "handler-error",
                 "dxl: %s from cluster %d failed: %r",
-                msg["t"],
+                msg.KIND,
                 link.peer.cluster_id,
                 exc,
             )
-            if "rid" in msg:
-                link.channel.ack(msg["rid"], int(LLMStatusCode.LLM_FAILED), f"{msg['t']}: {exc!r}")
+            rid = getattr(msg, "rid", None)  # a request: its requester must not wait in vain
+            if isinstance(rid, int):
+                link.channel.ack(rid, int(LLMStatusCode.LLM_FAILED), f"{msg.KIND}: {exc!r}")
 
     async def _ack_when_idle(self, link: Link, cache: RemoteCache | None, rid: int) -> None:
         """Confirm an unregistration once no transfer of ours touches that cache any more."""
@@ -266,7 +272,7 @@ class LinkTable:
             link.transport.drop_windows(cache.cache_id)
         link.channel.ack(rid)
 
-    async def broadcast(self, kind: str, **fields: Any) -> None:
+    async def broadcast(self, msg: RegAdd | RegDel) -> None:
         """Send a registry change to every live link and wait for each ack; a peer that does
         not answer in time is unlinked, since it can no longer be trusted to see the change."""
         timeout_s = self._opts.sync_kv_timeout_ms / 1000
@@ -274,12 +280,12 @@ class LinkTable:
 
         async def one(link: Link) -> None:
             try:
-                await link.channel.request(kind, timeout_s, **fields)
+                await link.channel.request(msg, timeout_s)
             except LLMException as exc:
                 if link.closed:  # the link went away meanwhile: nobody left to tell
                     return
                 log.warning("dxl: unlinking cluster %d: %s", link.peer.cluster_id, exc)
-                link.close(f"no answer to {kind}: {exc}")
+                link.close(f"no answer to {msg.KIND}: {exc}")
 
         await asyncio.gather(*(one(link) for link in links))
 
@@ -294,7 +300,7 @@ class LinkTable:
             link.close("unlinked locally (force)")
             return LLMStatusCode.LLM_SUCCESS
         try:
-            await link.channel.request("unlink", timeout_s)
+            await link.channel.request(Unlink(), timeout_s)
         except LLMException as exc:
             log.error("dxl: unlink of cluster %d: %s", cluster_id, exc)
             link.close("unlink got no answer")

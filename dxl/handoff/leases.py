@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..control import messages as m
 from ..engine.link import Link
 from ..errors import LLMStatusCode
 from .counters import HandoffStats
@@ -53,13 +54,13 @@ class Leases:
         elif offer.kind == "push":  # the pusher stopped making progress: take the blocks back
             self._spawn(self._abort_offer(offer, "the pusher made no progress in its lease"))
 
-    async def on_renew(self, link: Link, msg: dict[str, Any]) -> None:
+    async def on_renew(self, link: Link, msg: m.Renew) -> None:
         """The engine holding a ticket of ours is not ready yet: the lease starts over."""
-        offer = self._offers.get(msg["offer"])
-        if offer is None or not offer.token_ok(msg["token"]) or offer.claimer is not None:
-            link.channel.ack(msg["rid"], int(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST), "no live offer")
+        offer = self._offers.get(msg.offer)
+        if offer is None or not offer.token_ok(msg.token) or offer.claimer is not None:
+            link.channel.ack(msg.rid, int(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST), "no live offer")
             return
         self.arm(offer)
         self._stats.count(link.peer.cluster_id, "renewals")
         self._stats.renewals_received += 1
-        link.channel.ack(msg["rid"])
+        link.channel.ack(msg.rid)

@@ -6,11 +6,11 @@ any more, and whoever ends it waits for the pushes still running."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from .._validate import block_list, check_cache_arg, check_isinstance
+from ..control import messages as m
 from ..engine.link import Link
 from ..engine.mover import Mover
 from ..engine.resolve import Resolver, Route
@@ -111,18 +111,10 @@ class Pushing:
             claim.moving -= 1
             if claim.moving == 0:
                 claim.idle.set()
-        ack = await self._request(
-            claim.link,
-            "pushed",
-            timeout,
-            t,
-            dst_blocks,
-            offer=t.offer_id,
-            lo=todo.start,
-            hi=todo.stop,
-        )
-        if ack["code"]:
-            raise self._failed(t, status_from_code(ack["code"]), ack["message"], dst_blocks)
+        pushed_msg = m.Pushed(offer=t.offer_id, lo=todo.start, hi=todo.stop)
+        ack = await self._request(claim.link, pushed_msg, timeout, t, dst_blocks)
+        if ack.code:
+            raise self._failed(t, status_from_code(ack.code), ack.message, dst_blocks)
         pushed = src.size * src_bases.size * bb
         self._stats.bytes_sent += pushed
         self._stats.count(t.cluster_id, "bytes_sent", pushed)
@@ -136,18 +128,12 @@ class Pushing:
         claim.aborted = True  # no push of it starts any more ...
         await claim.idle.wait()  # ... and the offer ends only after the ones running returned
         code = Code.LLM_FAILED if failed else Code.LLM_SUCCESS
+        complete_msg = m.Complete(offer=t.offer_id, code=int(code), message=m.clip(failed))
         ack = await self._request(
-            claim.link,
-            "complete",
-            DEFAULT_FETCH_TIMEOUT_S,
-            t,
-            [int(b) for b in t.block_ids],
-            offer=t.offer_id,
-            code=int(code),
-            message=failed,
+            claim.link, complete_msg, DEFAULT_FETCH_TIMEOUT_S, t, [int(b) for b in t.block_ids]
         )
-        if ack["code"]:
-            raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
+        if ack.code:
+            raise self._failed(t, status_from_code(ack.code), ack.message, [])
 
     async def _claim(self, t: Ticket, timeout: float, dst_blocks: list[int]) -> Claim:
         key = (t.cluster_id, t.offer_id)
@@ -163,24 +149,20 @@ class Pushing:
         asking = self._claiming.setdefault(key, [])
         asking.append(pending)
         try:
-            ack = await self._request(
-                link,
-                "claim",
-                timeout,
-                t,
-                dst_blocks,
+            claim_msg = m.Claim(
                 offer=t.offer_id,
                 token=t.token,
                 cache=t.cache_id,
                 blocks=dst_blocks,
                 **offer_view(t),
             )
+            ack = await self._request(link, claim_msg, timeout, t, dst_blocks)
         finally:
             asking.remove(pending)
             if not asking:
                 self._claiming.pop(key, None)
-        if ack["code"]:
-            raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
+        if ack.code:
+            raise self._failed(t, status_from_code(ack.code), ack.message, [])
         if pending.aborted:
             raise self._failed(t, Code.LLM_FAILED, "the offer was aborted", dst_blocks)
         claim = self._claims.get(key)  # a concurrent push may have claimed it meanwhile
@@ -214,10 +196,10 @@ class Pushing:
                 del self._claims[key]
 
     async def _request(
-        self, link: Link, kind: str, timeout: float, t: Ticket, partial: list[int], **fields: Any
-    ) -> dict[str, Any]:
+        self, link: Link, msg: m.Request, timeout: float, t: Ticket, partial: list[int]
+    ) -> m.Ack:
         try:
-            return await link.channel.request(kind, timeout, **fields)
+            return await link.channel.request(msg, timeout)
         except LLMException as exc:
             raise self._failed(t, exc.status_code, str(exc), partial) from exc
 
