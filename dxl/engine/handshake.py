@@ -122,7 +122,14 @@ class Handshake:
             return Code.LLM_PARAM_INVALID
         ip, port = info.remote_endpoint()
         where = f"cluster {peer_id} at {ip}:{port}"
-        failed = log.debug if quiet else log.error
+
+        def failed(message: str, *args: object) -> None:
+            # a client (tickets naming any endpoint) may make many fail: rate-limited
+            if quiet:
+                log.debug(message, *args)
+            else:
+                limited.error("link-failed", message, *args)
+
         self._links.linking.add(peer_id)
         writer: asyncio.StreamWriter | None = None
         try:

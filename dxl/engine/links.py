@@ -233,7 +233,12 @@ class LinkTable:
     async def _on_message(self, link: Link, msg: Message) -> None:
         kind = msg.KIND
         if isinstance(msg, RegAdd):
-            link.registry.add(msg.cache)
+            try:
+                link.registry.add(msg.cache)
+            except LLMException as exc:  # over the per-link bounds: refused, nothing stored
+                limited.warning("reg-refused", "dxl: cluster %d: %s", link.peer.cluster_id, exc)
+                link.channel.ack(msg.rid, int(exc.status_code), str(exc))
+                return
             cache = link.registry.caches[msg.cache["id"]]
             self._share(link, cache.cache_id, cache.shm)
             link.channel.ack(msg.rid)
@@ -280,7 +285,14 @@ class LinkTable:
 
         async def one(link: Link) -> None:
             try:
-                await link.channel.request(msg, timeout_s)
+                ack = await link.channel.request(msg, timeout_s)
+                if ack.code:  # it answered, so it stays linked; it cannot use this cache
+                    limited.warning(
+                        "reg-refused-by-peer",
+                        "dxl: cluster %d refused a registry change: %s",
+                        link.peer.cluster_id,
+                        ack.message,
+                    )
             except LLMException as exc:
                 if link.closed:  # the link went away meanwhile: nobody left to tell
                     return

@@ -5,6 +5,7 @@ towards it start at the same time."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 
 from ..control.wire import MAX_TOKEN, is_token
 from ..engine.link import Link
@@ -34,7 +35,9 @@ class TicketLinker:
         self._links = links
         self._linking = linking
         self._stats = stats
-        self._setups: dict[int, asyncio.Lock] = {}  # one link setup per peer at a time
+        # one link setup per peer at a time; an entry lives while operations towards that peer
+        # wait for it (a ticket may name any cluster id: none may stay behind)
+        self._setups: dict[int, _Setup] = {}
 
     def live_link(self, cluster_id: int) -> Link | None:
         """The live link to ``cluster_id``, if any (without linking)."""
@@ -52,16 +55,18 @@ class TicketLinker:
         if link is None:
             # the first of several operations towards a peer links; the others wait for it
             # (a second link_clusters meanwhile would only answer LLM_PROCESSING_LINK)
-            async with self._setups.setdefault(t.cluster_id, asyncio.Lock()):
-                link = self._links.get(t.cluster_id)
-                if link is None:
-                    info = LLMClusterInfo()
-                    info.remote_cluster_id = t.cluster_id
-                    info.append_local_ip_info("127.0.0.1", 0)
-                    info.append_remote_ip_info(*parse_endpoint(t.endpoint))
-                    timeout_ms = max(1, int(min(timeout, 30) * 1000))
-                    await self._linking.link_clusters([info], timeout_ms)
+            setup = self._setups.setdefault(t.cluster_id, _Setup())
+            setup.users += 1
+            try:
+                async with setup.lock:
                     link = self._links.get(t.cluster_id)
+                    if link is None:
+                        await self._link(t, timeout)
+                        link = self._links.get(t.cluster_id)
+            finally:
+                setup.users -= 1
+                if setup.users == 0:
+                    del self._setups[t.cluster_id]
         if link is None:
             raise fetch_failed(
                 self._stats,
@@ -79,3 +84,23 @@ class TicketLinker:
                 partial or [],
             )
         return link
+
+    async def _link(self, t: Ticket, timeout: float) -> None:
+        info = LLMClusterInfo()
+        info.remote_cluster_id = t.cluster_id
+        info.append_local_ip_info("127.0.0.1", 0)
+        info.append_remote_ip_info(*parse_endpoint(t.endpoint))
+        timeout_ms = max(1, int(min(timeout, 30) * 1000))
+        await self._linking.link_clusters([info], timeout_ms)
+
+    def __len__(self) -> int:
+        """Peers that link setups are in progress (or awaited) towards."""
+        return len(self._setups)
+
+
+@dataclass(slots=True)
+class _Setup:
+    """The link setup towards one peer, and how many operations wait for it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0

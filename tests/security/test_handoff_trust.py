@@ -256,5 +256,105 @@ async def test_an_edited_pull_ticket_is_refused_by_the_offerer(changes) -> None:
         assert p.dkv.matches(ROWS, [3, 4], P_SEED, ROWS, [1, 2])
 
 
-def _unused() -> tuple[Any, ...]:  # keep imports used by later sections
-    return (logging,)
+# ====================================================================== item 10: growth
+def cache_entry(cache_id: int, n_addrs: int) -> dict[str, Any]:
+    return {
+        "id": cache_id,
+        "gen": 1,
+        "blocks": True,
+        "num_tensors": n_addrs,
+        "tensor_size": 4096,
+        "units": 1,
+        "placement": 0,
+        "addrs": [(1 << 32) + 4096 * i for i in range(n_addrs)],
+        "model_id": None,
+        "keys": [],
+        "shm": [],
+    }
+
+
+async def test_registrations_a_peer_advertises_are_bounded_per_link() -> None:
+    """reg_add frames of 60k addresses each: past the per-link bound one is refused with an
+    error ack and nothing of it is stored; the link stays, and a reg_del makes room again."""
+    from dxl.engine.registry import MAX_PEER_ITEMS
+
+    async with pair() as p:
+        await linked(p)
+        link = p.link(p.decode, P_ID)  # the decode's end: it sends, the prefill stores
+        registry = p.link(p.prefill, D_ID).registry
+        before = set(registry.caches)
+        n = 60_000
+        codes = []
+        for i in range(MAX_PEER_ITEMS // n + 1):
+            codes.append(code_of(await inject(link, "reg_add", cache=cache_entry(1000 + i, n))))
+        full = MAX_PEER_ITEMS // n
+        assert codes[:full] == [0] * full
+        assert codes[full] == int(S.LLM_OUT_OF_MEMORY)
+        assert set(registry.caches) - before == {1000 + i for i in range(full)}
+        assert registry.items <= MAX_PEER_ITEMS and not link.closed
+        assert code_of(await inject(link, "reg_del", id=1000, gen=1)) == 0
+        assert code_of(await inject(link, "reg_add", cache=cache_entry(1000 + full, n))) == 0
+        assert 1000 + full in registry.caches and not link.closed
+
+
+async def test_the_number_of_caches_a_peer_advertises_is_bounded(monkeypatch) -> None:
+    from dxl.engine import registry as reg
+
+    monkeypatch.setattr(reg, "MAX_PEER_CACHES", 8)
+    async with pair() as p:
+        await linked(p)
+        link = p.link(p.decode, P_ID)
+        registry = p.link(p.prefill, D_ID).registry
+        room = 8 - len(registry.caches)
+        codes = [
+            code_of(await inject(link, "reg_add", cache=cache_entry(2000 + i, 1)))
+            for i in range(room + 3)
+        ]
+        assert codes == [0] * room + [int(S.LLM_OUT_OF_MEMORY)] * 3
+        assert len(registry.caches) == 8
+        # a new generation of an advertised cache replaces it: no room needed
+        again = {**cache_entry(2000, 2), "gen": 2}
+        assert code_of(await inject(link, "reg_add", cache=again)) == 0
+        assert registry.caches[2000].gen == 2 and not link.closed
+
+
+async def test_tickets_naming_many_clusters_leave_nothing_behind(caplog) -> None:
+    """Fetches of tickets naming distinct, unreachable cluster ids each fail; no link-setup
+    entry stays behind, and the log is not flooded."""
+    async with pair() as p:
+        ticket = await p.prefill.handoff.offer("r", p.pcache, [1])
+        linker = p.decode.handoff._fetching._linker
+        caplog.set_level(logging.WARNING, logger="dxl")
+        for i in range(200):
+            bad = edited(ticket, cluster_id=5000 + i, endpoint="127.0.0.1:1")
+            with pytest.raises(dxl.LLMException) as info:
+                await p.decode.handoff.fetch(bad, p.dcache, [2], timeout_s=5)
+            assert info.value.status_code == S.LLM_LINK_FAILED
+        assert len(linker) == 0
+        lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(lines) <= 20, [r.getMessage() for r in lines[:30]]
+
+
+async def test_renewals_cannot_keep_an_offer_for_ever(monkeypatch) -> None:
+    """Renewals past MAX_LEASES leases after the offer was made are refused (LLM_TIMEOUT); the
+    offer then expires as its lease runs out."""
+    from dxl.handoff import leases
+
+    monkeypatch.setattr(leases, "MAX_LEASES", 3)
+    async with pair() as p:
+        await linked(p)
+        p.prefill.handoff.poll_finished()
+        ticket = await p.prefill.handoff.offer("r", p.pcache, [1], lease_s=1.0)
+        renewals = 0
+        while True:
+            try:
+                await p.decode.handoff.renew(ticket)
+            except dxl.LLMException as exc:
+                assert exc.status_code == S.LLM_TIMEOUT, exc
+                break
+            renewals += 1
+            assert renewals < 200, "renewals were never refused"
+            await asyncio.sleep(0.05)  # the renewal cadence, not a sync
+        async with asyncio.timeout(20):
+            end = await anext(p.prefill.handoff.finished())
+        assert (end.request_id, end.reason) == ("r", Ended.EXPIRED)
