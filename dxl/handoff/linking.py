@@ -20,9 +20,11 @@ from .ticket import Ticket, parse_endpoint
 
 def check_token(op: str, t: Ticket) -> None:
     """A ticket's token must be as offers make them (hex digits, bounded): anything else could
-    name no offer, and must not reach a peer (or our own offer table)."""
+    name no offer, and must not reach a peer (or our own offer table). Its endpoint must be an
+    "ip:port" (LLM_PARAM_INVALID otherwise, whether or not it is needed now)."""
     if not is_token(t.token):
         raise param_invalid(op, f"the ticket's token must be 1 to {MAX_TOKEN} hex digits")
+    parse_endpoint(t.endpoint)
 
 
 class TicketLinker:

@@ -358,3 +358,21 @@ async def test_renewals_cannot_keep_an_offer_for_ever(monkeypatch) -> None:
         async with asyncio.timeout(20):
             end = await anext(p.prefill.handoff.finished())
         assert (end.request_id, end.reason) == ("r", Ended.EXPIRED)
+
+
+# ====================================================================== item 9: endpoints
+@pytest.mark.parametrize("endpoint", ["", "a:b", "127.0.0.1:99999999", "[zz]:1", "::1:80"])
+async def test_a_malformed_ticket_endpoint_is_a_parameter_error(endpoint) -> None:
+    async with pair() as p:
+        ticket = await p.prefill.handoff.offer("r", p.pcache, [1])
+        bad = edited(ticket, cluster_id=999, endpoint=endpoint)
+        for call in (
+            p.decode.handoff.fetch(bad, p.dcache, [2]),
+            p.decode.handoff.renew(bad),
+            p.decode.handoff.abort(bad),
+        ):
+            with pytest.raises(dxl.LLMException) as info:
+                await call
+            assert info.value.status_code == S.LLM_PARAM_INVALID, info.value
+            assert "endpoint" in str(info.value)
+        assert p.decode.stats()["links"] == {} and p.prefill.handoff.live() == 1
