@@ -187,6 +187,11 @@ class Consume(Message):
     rid: int = 0
 
 
+def _check_range(kind: str, lo: int, hi: int) -> None:
+    if not 0 <= lo < hi:
+        raise FrameError(f"{kind} layers [lo, hi) must satisfy 0 <= lo < hi")
+
+
 def _check_layers(kind: str, layers: list[int]) -> None:
     if layers and (len(layers) != 2 or layers[0] >= layers[1]):
         raise FrameError(f"{kind} layers must be [] or [start, stop) with start < stop")
@@ -226,6 +231,9 @@ class Layer(Message):
     offer: int
     lo: int
     hi: int
+
+    def check(self) -> None:
+        _check_range(self.KIND, self.lo, self.hi)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +282,9 @@ class Pushed(Message):
     lo: int
     hi: int
     rid: int = 0
+
+    def check(self) -> None:
+        _check_range(self.KIND, self.lo, self.hi)
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,12 @@ class DestinationOffers:
         if offer is None or offer.claimer is not link:
             link.channel.ack(msg.rid, int(Code.LLM_KV_CACHE_NOT_EXIST), "no such claimed offer")
             return
+        span = offer.layer_span()
+        if not span.start <= msg.lo < msg.hi <= span.stop:
+            link.channel.ack(
+                msg.rid, int(Code.LLM_PARAM_INVALID), f"layers [{msg.lo}, {msg.hi}) not in {span}"
+            )
+            return
         self._leases.arm(offer)
         landed = (msg.hi - msg.lo) * offer.tnpl * int(offer.blocks.size)
         landed *= offer.entry.layout.unit_bytes

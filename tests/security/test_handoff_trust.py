@@ -124,6 +124,7 @@ async def test_a_malformed_token_fails_that_fetch_only() -> None:
         ("abort", {"offer": 1, "token": "x" * 5000, "mine": False}),
         ("complete", {"offer": 1, "code": 0, "message": "m" * 5000}),
         ("claim", {"offer": 1, "token": "not hex!"}),
+        ("pushed", {"offer": 1, "lo": 5, "hi": 2}),
         ("fetch", {"offer": 1, "token": "ab", "cache": 0, "blocks": [1], "x": 1}),
     ],
 )
@@ -254,6 +255,23 @@ async def test_an_edited_pull_ticket_is_refused_by_the_offerer(changes) -> None:
         assert p.prefill.handoff.live() == 1
         await p.decode.handoff.fetch(ticket, p.dcache, [3, 4])
         assert p.dkv.matches(ROWS, [3, 4], P_SEED, ROWS, [1, 2])
+
+
+async def test_pushed_layers_outside_the_offer_are_refused() -> None:
+    """A claimer reporting layers the offer does not hold gets an error ack; the decode's
+    on_layer never hears of them, and the offer still completes."""
+    async with pair() as p:
+        seen: list[tuple[int, int]] = []
+        ticket = await p.decode.handoff.offer_destination(
+            "r", p.dcache, [0], layers=range(1), on_layer=lambda lo, hi: seen.append((lo, hi))
+        )
+        await p.prefill.handoff.push(ticket, p.pcache, [8])  # claims it, layer 0 landed
+        link = p.link(p.prefill, D_ID)
+        ack = await inject(link, "pushed", offer=ticket.offer_id, lo=0, hi=1000)
+        assert code_of(ack) == int(S.LLM_PARAM_INVALID)
+        assert seen == [(0, 1)] and not link.closed
+        await p.prefill.handoff.complete(ticket)
+        assert [e.reason for e in p.decode.handoff.poll_finished()] == [Ended.DONE]
 
 
 # ====================================================================== item 10: growth
