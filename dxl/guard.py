@@ -60,6 +60,12 @@ class RateLimitedLog:
         self._windows: dict[str, _Window] = {}
 
     def warning(self, kind: str, message: str, *args: object) -> None:
+        self._emit(logging.WARNING, kind, message, *args)
+
+    def error(self, kind: str, message: str, *args: object) -> None:
+        self._emit(logging.ERROR, kind, message, *args)
+
+    def _emit(self, level: int, kind: str, message: str, *args: object) -> None:
         now = time.monotonic()
         window = self._windows.get(kind)
         if window is None or now - window.start >= self._period:
@@ -68,7 +74,7 @@ class RateLimitedLog:
             window = self._windows[kind] = _Window(now)
         if window.logged < self._burst:
             window.logged += 1
-            self._log.warning(message, *args)
+            self._log.log(level, message, *args)
         else:
             window.suppressed += 1
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import dxl
 from dxl.control import wire
+from dxl.control.messages import RegAdd, to_wire
 from dxl.testing import KVBuffers
 
 JSONISH = st.recursive(
@@ -35,7 +36,7 @@ def test_decoder_accepts_only_schema_valid_frames(body):
         msg = wire.decode(body)
     except wire.FrameError:
         return
-    assert msg["t"] in wire.SCHEMAS
+    assert msg.KIND in wire.SCHEMAS
 
 
 @settings(max_examples=400, deadline=None)
@@ -53,8 +54,9 @@ def test_decoder_on_structured_garbage(kind, fields):
         msg = wire.decode(body)
     except wire.FrameError:
         return
-    schema = wire.SCHEMAS[msg["t"]]
-    assert set(msg) == set(schema) | {"t"}  # nothing extra, nothing missing
+    schema = wire.SCHEMAS[msg.KIND]
+    assert set(to_wire(msg)) == set(schema) | {"t"}  # nothing extra, nothing missing
+    assert to_wire(msg) == json.loads(body)  # the message holds exactly what was sent
 
 
 @given(st.binary(min_size=4, max_size=4))
@@ -83,7 +85,8 @@ def test_encode_then_decode_round_trips():
     }
     frame = wire.encode("reg_add", rid=5, cache=entry)
     assert wire.frame_length(frame[:4]) == len(frame) - 4
-    assert wire.decode(frame[4:]) == {"t": "reg_add", "rid": 5, "cache": entry}
+    assert wire.decode(frame[4:]) == RegAdd(rid=5, cache=entry)
+    assert wire.encode(RegAdd(rid=5, cache=entry)) == frame
     for window in (
         [7, 0, 4096, 0, 12],
         [7, 0, 2**64 - 4096, 8192, 12],

@@ -202,10 +202,10 @@ async def _host(hw: HandoffWorkload, host: int, conn: Connection, logs: LogCaptu
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             """The router's requests, one JSON line each, answered in order."""
             while line := await reader.readline():
-                msg = json.loads(line)
+                req = json.loads(line)
                 reply: dict[str, Any]
                 try:
-                    reply = await _router_op(prefills, msg)
+                    reply = await _router_op(prefills, req)
                 except Exception as exc:
                     reply = {"error": f"{type(exc).__name__}: {exc}", "why": logs.why()}
                 writer.write(json.dumps(reply).encode() + b"\n")
@@ -225,15 +225,15 @@ async def _host(hw: HandoffWorkload, host: int, conn: Connection, logs: LogCaptu
             p.task.cancel()
 
 
-async def _router_op(prefills: dict[int, _Prefill], msg: dict[str, Any]) -> dict[str, Any]:
-    op = msg["op"]
+async def _router_op(prefills: dict[int, _Prefill], req: dict[str, Any]) -> dict[str, Any]:
+    op = req["op"]
     if op == "offer":  # [[engine, request id, blocks], ...] -> tickets (JSON strings)
-        tickets = [await prefills[e].offer(rid, blocks) for e, rid, blocks in msg["items"]]
+        tickets = [await prefills[e].offer(rid, blocks) for e, rid, blocks in req["items"]]
         return {"tickets": tickets}
     if op == "ended":  # [[engine, request id], ...] -> [[reason, seconds, detail], ...]
         out = []
-        for e, rid in msg["items"]:
-            out.append((await prefills[e].wait_ended([rid], msg["deadline_s"]))[rid])
+        for e, rid in req["items"]:
+            out.append((await prefills[e].wait_ended([rid], req["deadline_s"]))[rid])
         return {"ended": out}
     if op == "stats":
         return {"stats": {e: p.eng.stats()["handoff"] for e, p in prefills.items()}}

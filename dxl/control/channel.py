@@ -12,25 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from ..errors import LLMException, LLMStatusCode
+from ..guard import RateLimitedLog
 from . import wire
+from .messages import Ack, Message, Ping, Probe, Request
 
 log = logging.getLogger("dxl")
+limited = RateLimitedLog(log)
 
 HEARTBEAT_MISSES = 3
 
-Handler = Callable[["Channel", dict[str, Any]], Awaitable[None]]
+Handler = Callable[["Channel", Message], Awaitable[None]]
 
 
-async def read_message(
-    reader: asyncio.StreamReader, max_frame: int = wire.MAX_FRAME
-) -> dict[str, Any]:
+async def read_message(reader: asyncio.StreamReader, max_frame: int = wire.MAX_FRAME) -> Message:
     """Read one frame of at most ``max_frame`` bytes and decode it (raises FrameError,
     IncompleteReadError)."""
     header = await reader.readexactly(wire.HEADER.size)
@@ -57,7 +58,7 @@ class Channel:
         # the peer pings at its own interval: silence is judged by the slower of the two
         self._silence_s = HEARTBEAT_MISSES * max(heartbeat_s, peer_heartbeat_s or heartbeat_s)
         self._rids = itertools.count(1)
-        self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._waiters: dict[int, asyncio.Future[Ack]] = {}
         self._last_rx = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = asyncio.Event()
@@ -75,29 +76,38 @@ class Channel:
             asyncio.create_task(self._heartbeat_loop(), name=f"dxl-beat-{self.name}"),
         ]
 
-    def send(self, kind: str, **fields: Any) -> None:
+    def send(self, msg: Message) -> None:
         """Queue one message; a closed channel drops it (its waiters already failed)."""
         if self.closed:
             return
-        self._writer.write(wire.encode(kind, **fields))
+        self._writer.write(wire.encode(msg))
 
     async def drain(self) -> None:
         """Wait until queued frames are handed to the kernel (best effort)."""
         with contextlib.suppress(ConnectionError):
             await self._writer.drain()
 
-    async def request(self, kind: str, timeout_s: float, **fields: Any) -> dict[str, Any]:
-        """Send a message with a fresh request id and wait for its ack (LLMException on failure)."""
+    async def request(self, msg: Request, timeout_s: float) -> Ack:
+        """Send a request under a fresh request id (its ``rid`` is filled in here) and wait for
+        its ack (LLMException on failure)."""
+        kind = msg.KIND
         if self.closed:
             raise LLMException(
                 f"link {self.name} is closed: {self.close_reason}",
                 status_code=LLMStatusCode.LLM_NOT_YET_LINK,
             )
         rid = next(self._rids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        try:
+            frame = wire.encode(dataclasses.replace(msg, rid=rid))
+        except wire.FrameError as exc:  # the caller's fields (e.g. a ticket's) break the schema
+            raise LLMException(
+                f"{kind} to {self.name}: {exc}", status_code=LLMStatusCode.LLM_PARAM_INVALID
+            ) from None
+        fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         self._waiters[rid] = fut
         try:
-            self.send(kind, rid=rid, **fields)
+            if not self.closed:
+                self._writer.write(frame)
             async with asyncio.timeout(timeout_s):
                 return await fut
         except TimeoutError:
@@ -109,22 +119,26 @@ class Channel:
             self._waiters.pop(rid, None)
 
     def ack(self, rid: int, code: int = 0, message: str = "") -> None:
-        self.send("ack", rid=rid, code=int(code), message=message)
+        self.send(Ack(rid=rid, code=int(code), message=wire.clip(message)))
 
     async def _read_loop(self, handler: Handler) -> None:
         reason = "peer closed the connection"
         try:
             while True:
-                msg = await read_message(self._reader)
+                try:
+                    msg = await read_message(self._reader)
+                except wire.FieldError as exc:  # one bad request: it fails, the link stays
+                    self._last_rx = time.monotonic()
+                    self._refuse(exc)
+                    continue
                 self._last_rx = time.monotonic()
-                kind = msg["t"]
-                if kind == "ack":
-                    fut = self._waiters.get(msg["rid"])
+                if isinstance(msg, Ack):
+                    fut = self._waiters.get(msg.rid)
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
-                elif kind == "probe":  # liveness: answered here, whatever the owner does
-                    self.ack(msg["rid"])
-                elif kind != "ping":
+                elif isinstance(msg, Probe):  # liveness: answered here, whatever the owner does
+                    self.ack(msg.rid)
+                elif not isinstance(msg, Ping):
                     await handler(self, msg)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -138,6 +152,12 @@ class Channel:
             log.exception("dxl: closing link %s after a handler error", self.name)
         self.close(reason)
 
+    def _refuse(self, exc: wire.FieldError) -> None:
+        limited.warning(
+            "bad-request", "dxl: refused a malformed %s from link %s: %s", exc.kind, self.name, exc
+        )
+        self.ack(exc.rid, int(LLMStatusCode.LLM_PARAM_INVALID), f"malformed {exc.kind}: {exc}")
+
     async def _heartbeat_loop(self) -> None:
         try:
             while not self.closed:
@@ -146,7 +166,7 @@ class Channel:
                 if silent > self._silence_s:
                     self.close(f"peer silent for {silent * 1000:.0f} ms (heartbeat)")
                     return
-                self.send("ping")
+                self.send(Ping())
         except asyncio.CancelledError:
             pass
 

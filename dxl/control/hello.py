@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any
+
+from .messages import Hello, Welcome
 
 
 @dataclass(slots=True)
@@ -23,24 +24,24 @@ class PeerInfo:
     heartbeat_ms: int  # it pings at least this often
 
     @classmethod
-    def from_wire(cls, msg: dict[str, Any], address: str) -> PeerInfo:
+    def from_wire(cls, msg: Hello | Welcome, address: str) -> PeerInfo:
         """From a decoded (schema-checked) hello or welcome frame; ``address`` is where its
         control connection came from, the data server's address unless it names its own (a
         multi-homed peer, or one whose connections leave from another IP than it listens on).
         Whatever it names, a tcp transport there must authenticate with the link's key."""
-        addr, token = msg["probe"]
-        pool = msg["pool"]
+        addr, token = msg.probe
+        pool = msg.pool
         return cls(
-            cluster_id=msg["cluster_id"],
-            role=msg["role"],
-            incarnation=msg["incarnation"],
-            host=msg["host"],
-            pid=msg["pid"],
+            cluster_id=msg.cluster_id,
+            role=msg.role,
+            incarnation=msg.incarnation,
+            host=msg.host,
+            pid=msg.pid,
             probe=(addr, token),
-            address=_data_ip(msg["data_ip"]) or address,
-            data_port=msg["data_port"],
+            address=_data_ip(msg.data_ip) or address,
+            data_port=msg.data_port,
             pool=(pool[0], pool[1], pool[2]) if pool else None,
-            heartbeat_ms=msg["heartbeat_ms"],
+            heartbeat_ms=msg.heartbeat_ms,
         )
 
 

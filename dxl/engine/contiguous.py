@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import _validate as v
 from ..config import EngineOptions
+from ..control.messages import Consume
 from ..errors import LLMException, param_invalid
 from ..memory.plan import offset_pieces
 from ..types import Cache, CacheKey, CacheKeyByIdAndIndex
@@ -231,23 +232,20 @@ class ContiguousOps:
         link: Link = route.link
         try:
             await link.channel.request(
-                "consume",
+                Consume(id=remote.cache_id, key=bound, tensors=tensors),
                 self._opts.sync_kv_timeout_ms / 1000,
-                id=remote.cache_id,
-                key=bound,
-                tensors=tensors,
             )
         except LLMException as exc:  # the data arrived; only the owner's bookkeeping lags
             log.warning(
                 "dxl: cluster %d did not confirm key consumption: %s", link.peer.cluster_id, exc
             )
 
-    async def _on_consume(self, link: Link, msg: dict[str, Any]) -> None:
+    async def _on_consume(self, link: Link, msg: Consume) -> None:
         """Owner side of a keyed pull: mark the pulled tensors; a fully pulled key of an
         allocated cache is unbound (and the cache freed if it was deallocated)."""
-        req_id, model_id, prefix_id, batch = msg["key"]
-        lo, hi = msg["tensors"]
-        entry = self._book.find(msg["id"])
+        req_id, model_id, prefix_id, batch = msg.key
+        lo, hi = msg.tensors
+        entry = self._book.find(msg.id)
         binding = next(
             (
                 b
@@ -265,7 +263,7 @@ class ContiguousOps:
             binding.pulled[lo:hi] = True
             if binding.pulled.all():
                 await self._unbind(entry, binding)
-        link.channel.ack(msg["rid"])
+        link.channel.ack(msg.rid)
 
     async def _unbind(self, entry: LocalCache, binding: Binding) -> None:
         """Remove one key binding, tell peers, and free a deallocated cache left unkeyed."""

@@ -30,13 +30,14 @@ import os
 import secrets
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ..config import EngineOptions
 from ..control import wire
 from ..control.auth import AuthError, authenticate_streams, link_key
 from ..control.channel import read_message
 from ..control.hello import PeerInfo
+from ..control.messages import Hello, Message, Ready, Reject, Welcome
 from ..control.peercred import PeerSocket, holds_socket, peer_socket
 from ..errors import LLMException, LLMStatusCode, status_from_code
 from ..guard import PendingCap, RateLimitedLog
@@ -57,6 +58,7 @@ MAX_PENDING = 32  # handshakes in progress on the server side; the oldest is she
 PROBE_TIMEOUT_S = 1.0  # a live link that does not answer this fast may be replaced
 
 Code = LLMStatusCode
+M = TypeVar("M", bound=Message)
 
 
 class Refused(Exception):
@@ -120,7 +122,14 @@ class Handshake:
             return Code.LLM_PARAM_INVALID
         ip, port = info.remote_endpoint()
         where = f"cluster {peer_id} at {ip}:{port}"
-        failed = log.debug if quiet else log.error
+
+        def failed(message: str, *args: object) -> None:
+            # a client (tickets naming any endpoint) may make many fail: rate-limited
+            if quiet:
+                log.debug(message, *args)
+            else:
+                limited.error("link-failed", message, *args)
+
         self._links.linking.add(peer_id)
         writer: asyncio.StreamWriter | None = None
         try:
@@ -171,25 +180,25 @@ class Handshake:
     ) -> None:
         challenge = secrets.token_bytes(32)
         writer.write(self._frame("hello", challenge, expect_cluster_id=peer_id))
-        msg = await _expect(reader, "welcome", wire.PRELINK_MAX_FRAME)
+        msg = await _expect(reader, Welcome, wire.PRELINK_MAX_FRAME)
         peer = PeerInfo.from_wire(msg, ip)
         if peer.cluster_id != peer_id:
             raise Refused(
                 Code.LLM_LINK_FAILED,
                 f"{ip} is cluster {peer.cluster_id}, not the cluster {peer_id} asked for",
             )
-        key_id, key = link_key(self._opts.auth_token, challenge, bytes.fromhex(msg["challenge"]))
+        key_id, key = link_key(self._opts.auth_token, challenge, bytes.fromhex(msg.challenge))
         self._links.add_key(key_id, key)  # the peer's transport may connect from now on
         transport: Transport | None = None
         try:
             try:
                 transport = await self._open_transport(peer, kernel, key_id, key, deadline)
             except LLMException as exc:
-                writer.write(wire.encode("reject", code=int(exc.status_code), message=str(exc)))
+                writer.write(_reject(exc.status_code, str(exc)))
                 raise
-            writer.write(wire.encode("ready", caches=self._book.advertised()))
-            msg = await _expect(reader, "ready", wire.MAX_FRAME)
-            self._links.add(peer, reader, writer, transport, msg["caches"], True, key_id)
+            writer.write(wire.encode(Ready(caches=self._book.advertised())))
+            ready = await _expect(reader, Ready, wire.MAX_FRAME)
+            self._links.add(peer, reader, writer, transport, ready.caches, True, key_id)
             transport = None
         finally:
             if transport is not None:  # the link did not come up: nothing may use it
@@ -208,7 +217,7 @@ class Handshake:
             await self._server_steps(reader, writer, host)
         except Refused as exc:
             limited.warning("refused-link", "dxl: refused a link from %s: %s", host, exc)
-            writer.write(wire.encode("reject", code=int(exc.code), message=str(exc)))
+            writer.write(_reject(exc.code, str(exc)))
             await _drain_quietly(writer)
             writer.close()
         except AuthError as exc:
@@ -243,7 +252,7 @@ class Handshake:
                 timeout=PREAUTH_TIMEOUT_S,
             )
             kernel = self._trusted(writer)
-            msg = await _expect(reader, "hello", wire.PRELINK_MAX_FRAME)
+            msg = await _expect(reader, Hello, wire.PRELINK_MAX_FRAME)
         peer = PeerInfo.from_wire(msg, host)
         self._check_hello(msg, peer)
         if peer.cluster_id in self._links.accepting:
@@ -261,17 +270,17 @@ class Handshake:
             async with asyncio.timeout_at(deadline):
                 challenge = secrets.token_bytes(32)
                 key_id, key = link_key(
-                    self._opts.auth_token, bytes.fromhex(msg["challenge"]), challenge
+                    self._opts.auth_token, bytes.fromhex(msg.challenge), challenge
                 )
                 self._links.add_key(key_id, key)
                 writer.write(self._frame("welcome", challenge))
-                ready = await _expect(reader, "ready", wire.MAX_FRAME)
+                ready = await _expect(reader, Ready, wire.MAX_FRAME)
                 transport = await self._open_transport(peer, kernel, key_id, key, deadline)
             if stale is not None:  # it did not answer: the peer restarted or lost its end
                 stale.close("the peer set up a new link")
             # one step: the caches we announce and the link that will hear of later changes
-            writer.write(wire.encode("ready", caches=self._book.advertised()))
-            self._links.add(peer, reader, writer, transport, ready["caches"], False, key_id)
+            writer.write(wire.encode(Ready(caches=self._book.advertised())))
+            self._links.add(peer, reader, writer, transport, ready.caches, False, key_id)
             linked = True
         except LLMException as exc:
             raise Refused(exc.status_code, str(exc)) from exc
@@ -283,18 +292,16 @@ class Handshake:
                 if key_id:
                     self._links.drop_key(key_id)
 
-    def _check_hello(self, msg: dict[str, Any], peer: PeerInfo) -> None:
+    def _check_hello(self, msg: Hello, peer: PeerInfo) -> None:
         if not self._state.running:
             raise Refused(Code.LLM_LINK_FAILED, "engine is closing")
-        if msg["proto"] != wire.PROTOCOL_VERSION:
-            raise Refused(
-                Code.LLM_LINK_FAILED, f"protocol {msg['proto']} != {wire.PROTOCOL_VERSION}"
-            )
+        if msg.proto != wire.PROTOCOL_VERSION:
+            raise Refused(Code.LLM_LINK_FAILED, f"protocol {msg.proto} != {wire.PROTOCOL_VERSION}")
         me = self._identity.cluster_id
-        if msg["expect_cluster_id"] != me:
+        if msg.expect_cluster_id != me:
             raise Refused(
                 Code.LLM_LINK_FAILED,
-                f"the client asked for cluster {msg['expect_cluster_id']} but this is cluster "
+                f"the client asked for cluster {msg.expect_cluster_id} but this is cluster "
                 f"{me} (LLMClusterInfo.remote_cluster_id must match the peer)",
             )
         if peer.cluster_id == me:
@@ -381,17 +388,21 @@ class Handshake:
         )
 
 
-async def _expect(reader: asyncio.StreamReader, kind: str, max_frame: int) -> dict[str, Any]:
-    """The next frame, which must be ``kind`` (a reject becomes :class:`Refused`)."""
+async def _expect(reader: asyncio.StreamReader, kind: type[M], max_frame: int) -> M:
+    """The next frame, which must be of ``kind`` (a reject becomes :class:`Refused`)."""
     msg = await read_message(reader, max_frame)
-    if msg["t"] == "reject":
+    if isinstance(msg, Reject):
         raise Refused(
-            status_from_code(msg["code"], Code.LLM_LINK_FAILED),
-            f"rejected by the peer: {msg['message']}",
+            status_from_code(msg.code, Code.LLM_LINK_FAILED),
+            f"rejected by the peer: {msg.message}",
         )
-    if msg["t"] != kind:
-        raise wire.FrameError(f"expected {kind}, got {msg['t']}")
+    if not isinstance(msg, kind):
+        raise wire.FrameError(f"expected {kind.KIND}, got {msg.KIND}")
     return msg
+
+
+def _reject(code: int, why: str) -> bytes:
+    return wire.encode(Reject(code=int(code), message=wire.clip(why)))
 
 
 async def _drain_quietly(writer: asyncio.StreamWriter) -> None:

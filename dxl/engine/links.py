@@ -21,6 +21,7 @@ from ..config import EngineOptions
 from ..control import wire
 from ..control.channel import Channel
 from ..control.hello import PeerInfo
+from ..control.messages import KINDS, Message, Probe, RegAdd, RegDel, Unlink
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid
 from ..guard import RateLimitedLog
 from ..transport import Transport
@@ -30,9 +31,10 @@ from .registry import RemoteCache, RemoteRegistry
 from .state import Identity
 
 log = logging.getLogger("dxl")
-_limited = RateLimitedLog(log)
+limited = RateLimitedLog(log)
 
-MessageHandler = Callable[[Link, dict[str, Any]], Awaitable[None]]
+# a component's handler of one message kind: ``async def on_claim(link, msg: Claim)``
+MessageHandler = Callable[[Link, Any], Awaitable[None]]
 Revoke = Callable[[bytes], None]
 
 
@@ -56,8 +58,11 @@ class LinkTable:
         self._closing: set[asyncio.Task[None]] = set()
 
     def on(self, kind: str, handler: MessageHandler) -> None:
-        """Route messages of ``kind`` (a type of :data:`dxl.control.wire.SCHEMAS`) to
-        ``handler``; it runs in a task of its own, so it may wait on the peer."""
+        """Route messages of ``kind`` (a kind of :data:`dxl.control.messages.KINDS`) to
+        ``handler``, which takes that kind's message class; it runs in a task of its own, so it
+        may wait on the peer."""
+        if kind not in KINDS:
+            raise ValueError(f"no message kind {kind!r}")
         self._handlers[kind] = handler
 
     def watch_closed(self, watcher: Callable[[Link], None]) -> None:
@@ -141,7 +146,7 @@ class LinkTable:
         for cache in link.registry.caches.values():
             self._share(link, cache.cache_id, cache.shm)
 
-        async def handle(_: Channel, msg: dict[str, Any]) -> None:
+        async def handle(_: Channel, msg: Message) -> None:
             await self._on_message(link, msg)
 
         def on_close(_: Channel) -> None:
@@ -169,7 +174,7 @@ class LinkTable:
             what = f"cache {key}" if key != "pool" else "the pool"
             link.window_refusal = f"{what}: {exc}"
             link.windows_refused += 1
-            _limited.warning(  # a peer that advertises many windows must not flood the log
+            limited.warning(  # a peer that advertises many windows must not flood the log
                 "window-refused",
                 "dxl: not mapping %s of cluster %d (its pieces take the syscalls): %s",
                 what,
@@ -223,29 +228,51 @@ class LinkTable:
         if link.closed:
             return False
         try:
-            await link.channel.request("probe", timeout_s)
+            await link.channel.request(Probe(), timeout_s)
         except LLMException:
             return False
         return not link.closed
 
     # ------------------------------------------------------------------ messages
-    async def _on_message(self, link: Link, msg: dict[str, Any]) -> None:
-        kind = msg["t"]
-        if kind == "reg_add":
-            link.registry.add(msg["cache"])
-            cache = link.registry.caches[msg["cache"]["id"]]
+    async def _on_message(self, link: Link, msg: Message) -> None:
+        kind = msg.KIND
+        if isinstance(msg, RegAdd):
+            try:
+                link.registry.add(msg.cache)
+            except LLMException as exc:  # over the per-link bounds: refused, nothing stored
+                limited.warning("reg-refused", "dxl: cluster %d: %s", link.peer.cluster_id, exc)
+                link.channel.ack(msg.rid, int(exc.status_code), str(exc))
+                return
+            cache = link.registry.caches[msg.cache["id"]]
             self._share(link, cache.cache_id, cache.shm)
-            link.channel.ack(msg["rid"])
-        elif kind == "reg_del":
-            self.spawn(self._ack_when_idle(link, link.registry.remove(msg["id"]), msg["rid"]))
-        elif kind == "unlink":
-            link.channel.ack(msg["rid"])
+            link.channel.ack(msg.rid)
+        elif isinstance(msg, RegDel):
+            self.spawn(self._ack_when_idle(link, link.registry.remove(msg.id), msg.rid))
+        elif isinstance(msg, Unlink):
+            link.channel.ack(msg.rid)
             await link.channel.drain()
             link.close("peer unlinked")
         elif kind in self._handlers:  # may wait on the peer: not on the read loop
-            self.spawn(self._handlers[kind](link, msg))
+            self.spawn(self._handle(self._handlers[kind], link, msg))
         else:
             raise wire.FrameError(f"unexpected {kind} message on a live link")
+
+    async def _handle(self, handler: MessageHandler, link: Link, msg: Message) -> None:
+        """Run a component's handler; its failure fails that request only (an error ack if the
+        message was one), never the link or the engine."""
+        try:
+            await handler(link, msg)
+        except Exception as exc:  # a handler bug, or a peer's input it did not foresee
+            limited.warning(
+                "handler-error",
+                "dxl: %s from cluster %d failed: %r",
+                msg.KIND,
+                link.peer.cluster_id,
+                exc,
+            )
+            rid = getattr(msg, "rid", None)  # a request: its requester must not wait in vain
+            if isinstance(rid, int):
+                link.channel.ack(rid, int(LLMStatusCode.LLM_FAILED), f"{msg.KIND}: {exc!r}")
 
     async def _ack_when_idle(self, link: Link, cache: RemoteCache | None, rid: int) -> None:
         """Confirm an unregistration once no transfer of ours touches that cache any more."""
@@ -254,7 +281,7 @@ class LinkTable:
             link.transport.drop_windows(cache.cache_id)
         link.channel.ack(rid)
 
-    async def broadcast(self, kind: str, **fields: Any) -> None:
+    async def broadcast(self, msg: RegAdd | RegDel) -> None:
         """Send a registry change to every live link and wait for each ack; a peer that does
         not answer in time is unlinked, since it can no longer be trusted to see the change."""
         timeout_s = self._opts.sync_kv_timeout_ms / 1000
@@ -262,12 +289,19 @@ class LinkTable:
 
         async def one(link: Link) -> None:
             try:
-                await link.channel.request(kind, timeout_s, **fields)
+                ack = await link.channel.request(msg, timeout_s)
+                if ack.code:  # it answered, so it stays linked; it cannot use this cache
+                    limited.warning(
+                        "reg-refused-by-peer",
+                        "dxl: cluster %d refused a registry change: %s",
+                        link.peer.cluster_id,
+                        ack.message,
+                    )
             except LLMException as exc:
                 if link.closed:  # the link went away meanwhile: nobody left to tell
                     return
                 log.warning("dxl: unlinking cluster %d: %s", link.peer.cluster_id, exc)
-                link.close(f"no answer to {kind}: {exc}")
+                link.close(f"no answer to {msg.KIND}: {exc}")
 
         await asyncio.gather(*(one(link) for link in links))
 
@@ -282,7 +316,7 @@ class LinkTable:
             link.close("unlinked locally (force)")
             return LLMStatusCode.LLM_SUCCESS
         try:
-            await link.channel.request("unlink", timeout_s)
+            await link.channel.request(Unlink(), timeout_s)
         except LLMException as exc:
             log.error("dxl: unlink of cluster %d: %s", cluster_id, exc)
             link.close("unlink got no answer")

@@ -13,6 +13,7 @@ import asyncio
 
 from .._validate import check_cache_arg, check_int64, check_isinstance
 from ..config import EngineOptions
+from ..control.messages import RegAdd, RegDel
 from ..errors import LLMStatusCode, fail, param_invalid
 from ..memory.layout import Layout, check_mapped, layout_of
 from ..memory.pool import HostPool, allocate_tensors
@@ -166,7 +167,7 @@ class Registrations:
         )
         if remote_accessible:
             async with self._book.lock:
-                await self._links.broadcast("reg_add", cache=entry.wire_entry())
+                await self._links.broadcast(RegAdd(cache=entry.wire_entry()))
         return entry
 
     async def _share(self, layout: Layout) -> list[Window]:
@@ -200,7 +201,7 @@ class Registrations:
             if not self._book.take(entry):
                 return
             if entry.remote_accessible:
-                await self._links.broadcast("reg_del", id=entry.cache.cache_id, gen=entry.gen)
+                await self._links.broadcast(RegDel(id=entry.cache.cache_id, gen=entry.gen))
         await entry.usage.wait_idle(float("inf"))  # local copies always finish: wait them out
         self._book.release_regions(entry)
         await self._listener.fence()  # tcp requests that passed the check have finished
@@ -212,7 +213,7 @@ class Registrations:
         self._book.bump(entry)
         if entry.remote_accessible:
             async with self._book.lock:
-                await self._links.broadcast("reg_add", cache=entry.wire_entry())
+                await self._links.broadcast(RegAdd(cache=entry.wire_entry()))
 
     # ------------------------------------------------------------------ allocation
     async def allocate_cache(

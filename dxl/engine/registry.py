@@ -7,11 +7,18 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import LLMStatusCode, fail
 from ..memory.layout import Layout
 from ..memory.share import Window
 from ..types import Cache
 from .keys import Binding, KeyIndex, key_index
 from .usage import Usage
+
+# What one peer may advertise on one link: caches, and addresses, key bindings and shared
+# windows of them all together (each costs us memory). A real engine advertises a few caches
+# of tens to hundreds of tensors; over the bound a registration is refused, nothing stored.
+MAX_PEER_CACHES = 1024
+MAX_PEER_ITEMS = 1 << 18
 
 
 @dataclass(slots=True)
@@ -80,13 +87,27 @@ class RemoteRegistry:
         self.caches: dict[int, RemoteCache] = {}
         self.blocks_by_model: dict[int, RemoteCache] = {}
         self.by_key: dict[KeyIndex, tuple[RemoteCache, int]] = {}
+        self.items = 0  # addresses, key bindings and shared windows of all its caches
         for entry in entries:
             self.add(entry)
 
     def add(self, entry: dict[str, Any]) -> None:
+        """Record an advertised (schema-checked) cache, replacing one of the same id; over the
+        per-link bounds it is refused (LLMException) and nothing changes."""
         old = self.caches.get(entry["id"])
+        items = self.items - (_items(old) if old is not None else 0)
+        items += len(entry["addrs"]) + len(entry["keys"]) + len(entry["shm"])
+        caches = len(self.caches) + (old is None)
+        if caches > MAX_PEER_CACHES or items > MAX_PEER_ITEMS:
+            raise fail(
+                "reg_add",
+                LLMStatusCode.LLM_OUT_OF_MEMORY,
+                f"a peer may advertise at most {MAX_PEER_CACHES} caches of {MAX_PEER_ITEMS} "
+                "addresses, key bindings and shared windows in all",
+            )
         if old is not None:
             self._drop(old)
+        self.items = items
         cache = RemoteCache.from_wire(entry)
         self.caches[cache.cache_id] = cache
         if cache.layout.blocks and cache.model_id is not None:
@@ -98,6 +119,7 @@ class RemoteRegistry:
         cache = self.caches.pop(cache_id, None)
         if cache is not None:
             self._drop(cache)
+            self.items -= _items(cache)
         return cache
 
     def _drop(self, cache: RemoteCache) -> None:
@@ -112,3 +134,7 @@ class RemoteRegistry:
     def find(self, addr: int, length: int) -> RemoteCache | None:
         """The advertised cache one of whose tensors holds ``[addr, addr + length)``."""
         return next((c for c in self.caches.values() if c.layout.holds(addr, length)), None)
+
+
+def _items(cache: RemoteCache) -> int:
+    return int(cache.layout.addrs.size) + len(cache.keys) + len(cache.shm)

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
+from ..control import messages as m
 from ..engine.link import Link
 from ..engine.state import Identity
 from ..errors import LLMException
 from .defaults import ABORT_TIMEOUT_S
 from .fence import WriterFence
 from .fetching import Fetching
-from .linking import TicketLinker
+from .linking import TicketLinker, check_token
 from .pushing import Pushing
 from .state import Offer, OfferTable, TicketLike
 from .ticket import Ended, Ticket
@@ -50,6 +50,7 @@ class Aborts:
         if isinstance(ticket, str) and not ticket.lstrip().startswith("{"):
             return  # a request id whose offer ended already (it lost the race): nothing to do
         t = Ticket.of(ticket)
+        check_token("abort", t)
         if (
             t.cluster_id == self._identity.cluster_id
             and t.incarnation == self._identity.incarnation
@@ -74,7 +75,7 @@ class Aborts:
         else:  # we write theirs (push) or nothing: telling it is a courtesy
             with contextlib.suppress(LLMException):
                 await link.channel.request(
-                    "abort", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token, mine=False
+                    m.Abort(offer=t.offer_id, token=t.token, mine=False), ABORT_TIMEOUT_S
                 )
 
     async def abort_offer(self, offer: Offer, why: str) -> None:
@@ -90,19 +91,19 @@ class Aborts:
             )
         self._offers.end(offer, Ended.ABORTED, why)
 
-    async def on_abort(self, link: Link, msg: dict[str, Any]) -> None:
+    async def on_abort(self, link: Link, msg: m.Abort) -> None:
         """A peer aborts: its offer that we push into (we stop, then confirm), or ours that it
         fetches or pushes into."""
-        if msg["mine"]:  # the sender's offer, which we push into: stop, then confirm
-            await self._pushing.stop_pushing((link.peer.cluster_id, msg["offer"]))
+        if msg.mine:  # the sender's offer, which we push into: stop, then confirm
+            await self._pushing.stop_pushing((link.peer.cluster_id, msg.offer))
         else:  # our offer, which the sender fetches or pushes into
-            offer = self._offers.get(msg["offer"])
-            if offer is not None and offer.token_ok(msg["token"]):
+            offer = self._offers.get(msg.offer)
+            if offer is not None and offer.token_ok(msg.token):
                 if offer.kind == "pull":
                     await self.abort_offer(offer, "aborted by the fetcher")
                 else:  # the claimer itself aborts: it stopped pushing already
                     self._offers.end(offer, Ended.ABORTED, "aborted by the pusher")
-        link.channel.ack(msg["rid"])
+        link.channel.ack(msg.rid)
 
     async def abort_all(self, why: str) -> None:
         """Engine shutdown: every live offer ends aborted, after our copy of it stopped. The

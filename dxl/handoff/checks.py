@@ -4,6 +4,8 @@ here rather than a failed copy on the other engine."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .._validate import check_blocks_in_range
@@ -32,3 +34,14 @@ def check_destination(
     stop = t.layers[1] if t.layers is not None else t.num_tensors // t.tensors_per_layer
     if entry.layout.num_tensors < stop * t.tensors_per_layer:
         raise param_invalid(op, f"the cache has fewer tensors than the offer's layers (to {stop})")
+
+
+def offer_view(t: Ticket) -> dict[str, Any]:
+    """What a claim or a fetch says the offer is, from its ticket (``wire`` fields): the offerer
+    refuses one that differs from its own record of the offer."""
+    return {
+        "layers": list(t.layers) if t.layers is not None else [],
+        "tensors_per_layer": t.tensors_per_layer,
+        "block_bytes": t.block_bytes,
+        "num_tensors": t.num_tensors,
+    }

@@ -19,7 +19,9 @@ __all__ = [
     "DEFAULT_FETCH_TIMEOUT_S",
     "DEFAULT_LEASE_S",
     "DEFAULT_MAX_FETCHES",
+    "MAX_LEASES",
 ]
 
+MAX_LEASES = 10  # renewals keep an unclaimed offer at most this many leases after it was made
 ABORT_TIMEOUT_S = 5.0  # the other side confirms an abort within this, or loses its link
 CALLER_OFFER_IDS = 1 << 32  # offer ids a caller chooses start here; the engine's stay below

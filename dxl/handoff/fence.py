@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+from ..control import messages as m
 from ..engine.link import Link
 from ..engine.listener import Listener
 from ..errors import LLMException
@@ -29,7 +30,7 @@ class WriterFence:
         after this returns (docs/security.md): a kernel copy cannot be revoked."""
         try:
             await link.channel.request(
-                "abort", ABORT_TIMEOUT_S, offer=offer, token=token, mine=mine
+                m.Abort(offer=offer, token=token, mine=mine), ABORT_TIMEOUT_S
             )
             return
         except LLMException as exc:

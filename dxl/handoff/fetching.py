@@ -12,20 +12,20 @@ import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 from .._validate import block_list, check_cache_arg
+from ..control import messages as m
 from ..engine.link import Link
 from ..engine.registry import LocalCache
 from ..engine.resolve import Resolver
 from ..engine.state import RunState
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
 from ..types import Cache
-from .checks import check_destination
+from .checks import check_destination, offer_view
 from .counters import HandoffStats, fetch_failed
 from .defaults import ABORT_TIMEOUT_S, DEFAULT_FETCH_TIMEOUT_S
 from .fence import WriterFence
-from .linking import TicketLinker
+from .linking import TicketLinker, check_token
 from .slots import Slots
 from .state import Fetch, LayerCallback, OfferKey, TicketLike
 from .ticket import FetchError, Ticket
@@ -72,6 +72,7 @@ class Fetching:
         """:meth:`dxl.handoff.Handoff.fetch`."""
         op = "fetch"
         t = Ticket.of(ticket)
+        check_token(op, t)
         if t.kind != "pull":
             raise param_invalid(op, "a push-mode ticket is pushed into (push), not fetched")
         check_cache_arg(op, "cache", cache)
@@ -97,9 +98,9 @@ class Fetching:
         """:meth:`dxl.handoff.Handoff.renew`."""
         t = Ticket.of(ticket)
         link = await self._linker.link_to("renew", t, ABORT_TIMEOUT_S)
-        ack = await link.channel.request("renew", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token)
-        if ack["code"]:
-            raise fail("renew", status_from_code(ack["code"]), ack["message"])
+        ack = await link.channel.request(m.Renew(offer=t.offer_id, token=t.token), ABORT_TIMEOUT_S)
+        if ack.code:
+            raise fail("renew", status_from_code(ack.code), ack.message)
         self._stats.renewals += 1
         self._stats.count(t.cluster_id, "renewals_sent")
 
@@ -126,7 +127,7 @@ class Fetching:
             await asyncio.sleep(period)
             with contextlib.suppress(LLMException):
                 await link.channel.request(
-                    "renew", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token
+                    m.Renew(offer=t.offer_id, token=t.token), ABORT_TIMEOUT_S
                 )
                 self._stats.renewals += 1
                 self._stats.count(t.cluster_id, "renewals_sent")
@@ -145,17 +146,19 @@ class Fetching:
         self._fetches[key] = fetch
         try:
             async with asyncio.timeout(deadline_s):
-                ack = await link.channel.request(
-                    "fetch",
-                    deadline_s,
+                fetch_msg = m.Fetch(
                     offer=t.offer_id,
                     token=t.token,
                     cache=entry.cache.cache_id,
                     blocks=partial,
                     per_layer=on_layer is not None,
+                    src_cache=t.cache_id,
+                    offered=len(t.block_ids),
+                    **offer_view(t),
                 )
-                if ack["code"]:
-                    raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
+                ack = await link.channel.request(fetch_msg, deadline_s)
+                if ack.code:
+                    raise self._failed(t, status_from_code(ack.code), ack.message, [])
                 while True:
                     kind, value = await fetch.events.get()
                     if kind == "layer" and on_layer is not None:
@@ -194,17 +197,17 @@ class Fetching:
         return fetch_failed(self._stats, t, code, why, partial)
 
     # ------------------------------------------------------------------ the offerer's messages
-    async def on_layer(self, link: Link, msg: dict[str, Any]) -> None:
+    async def on_layer(self, link: Link, msg: m.Layer) -> None:
         """Layers [lo, hi) of a fetch of ours landed."""
-        fetch = self._fetches.get((link.peer.cluster_id, msg["offer"]))
+        fetch = self._fetches.get((link.peer.cluster_id, msg.offer))
         if fetch is not None and fetch.link is link:
-            fetch.events.put_nowait(("layer", (msg["lo"], msg["hi"])))
+            fetch.events.put_nowait(("layer", (msg.lo, msg.hi)))
 
-    async def on_fetched(self, link: Link, msg: dict[str, Any]) -> None:
+    async def on_fetched(self, link: Link, msg: m.Fetched) -> None:
         """The offerer's copy for a fetch of ours ended (the code says how)."""
-        fetch = self._fetches.get((link.peer.cluster_id, msg["offer"]))
+        fetch = self._fetches.get((link.peer.cluster_id, msg.offer))
         if fetch is not None and fetch.link is link:
-            fetch.events.put_nowait(("fetched", (msg["code"], msg["message"])))
+            fetch.events.put_nowait(("fetched", (msg.code, msg.message)))
 
     def link_closed(self, link: Link) -> None:
         """Fetches from the engine at the other end of ``link`` fail."""

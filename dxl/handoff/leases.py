@@ -1,16 +1,21 @@
 """Offer leases: an offer nobody claimed expires when its lease runs out, unless the engine that
 holds its ticket renews it; a claimed push-mode offer whose pusher makes no progress within one
-lease is taken back (aborted), so a stalled pusher cannot hold our blocks for ever."""
+lease is taken back (aborted), so a stalled pusher cannot hold our blocks for ever. Renewals
+cannot either: past ``MAX_LEASES`` leases after the offer was made they are refused
+(``LLM_TIMEOUT``) and the lease runs out as it is."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..control import messages as m
 from ..engine.link import Link
 from ..errors import LLMStatusCode
 from .counters import HandoffStats
+from .defaults import MAX_LEASES
 from .state import Offer, OfferTable
 from .ticket import Ended
 
@@ -53,13 +58,21 @@ class Leases:
         elif offer.kind == "push":  # the pusher stopped making progress: take the blocks back
             self._spawn(self._abort_offer(offer, "the pusher made no progress in its lease"))
 
-    async def on_renew(self, link: Link, msg: dict[str, Any]) -> None:
+    async def on_renew(self, link: Link, msg: m.Renew) -> None:
         """The engine holding a ticket of ours is not ready yet: the lease starts over."""
-        offer = self._offers.get(msg["offer"])
-        if offer is None or not offer.token_ok(msg["token"]) or offer.claimer is not None:
-            link.channel.ack(msg["rid"], int(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST), "no live offer")
+        offer = self._offers.get(msg.offer)
+        if offer is None or not offer.token_ok(msg.token) or offer.claimer is not None:
+            link.channel.ack(msg.rid, int(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST), "no live offer")
+            return
+        if time.monotonic() + offer.lease_s > offer.created + MAX_LEASES * offer.lease_s:
+            # a ticket holder cannot keep our blocks for ever: the lease runs out as it is
+            link.channel.ack(
+                msg.rid,
+                int(LLMStatusCode.LLM_TIMEOUT),
+                f"the offer may be renewed up to {MAX_LEASES} leases after it was made",
+            )
             return
         self.arm(offer)
         self._stats.count(link.peer.cluster_id, "renewals")
         self._stats.renewals_received += 1
-        link.channel.ack(msg["rid"])
+        link.channel.ack(msg.rid)

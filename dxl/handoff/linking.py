@@ -5,7 +5,9 @@ towards it start at the same time."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 
+from ..control.wire import MAX_TOKEN, is_token
 from ..engine.link import Link
 from ..engine.linking import LinkOps
 from ..engine.links import LinkTable
@@ -14,6 +16,15 @@ from ..errors import LLMStatusCode, param_invalid
 from ..types import LLMClusterInfo
 from .counters import HandoffStats, fetch_failed
 from .ticket import Ticket, parse_endpoint
+
+
+def check_token(op: str, t: Ticket) -> None:
+    """A ticket's token must be as offers make them (hex digits, bounded): anything else could
+    name no offer, and must not reach a peer (or our own offer table). Its endpoint must be an
+    "ip:port" (LLM_PARAM_INVALID otherwise, whether or not it is needed now)."""
+    if not is_token(t.token):
+        raise param_invalid(op, f"the ticket's token must be 1 to {MAX_TOKEN} hex digits")
+    parse_endpoint(t.endpoint)
 
 
 class TicketLinker:
@@ -26,7 +37,9 @@ class TicketLinker:
         self._links = links
         self._linking = linking
         self._stats = stats
-        self._setups: dict[int, asyncio.Lock] = {}  # one link setup per peer at a time
+        # one link setup per peer at a time; an entry lives while operations towards that peer
+        # wait for it (a ticket may name any cluster id: none may stay behind)
+        self._setups: dict[int, _Setup] = {}
 
     def live_link(self, cluster_id: int) -> Link | None:
         """The live link to ``cluster_id``, if any (without linking)."""
@@ -37,22 +50,25 @@ class TicketLinker:
     ) -> Link:
         """The live link to the engine a ticket names (linking to its endpoint if needed); a
         ticket of another incarnation (the offerer restarted) or engine is refused."""
+        check_token(op, t)
         if t.cluster_id == self._identity.cluster_id:
             raise param_invalid(op, "the ticket names this engine")
         link = self._links.get(t.cluster_id)
         if link is None:
             # the first of several operations towards a peer links; the others wait for it
             # (a second link_clusters meanwhile would only answer LLM_PROCESSING_LINK)
-            async with self._setups.setdefault(t.cluster_id, asyncio.Lock()):
-                link = self._links.get(t.cluster_id)
-                if link is None:
-                    info = LLMClusterInfo()
-                    info.remote_cluster_id = t.cluster_id
-                    info.append_local_ip_info("127.0.0.1", 0)
-                    info.append_remote_ip_info(*parse_endpoint(t.endpoint))
-                    timeout_ms = max(1, int(min(timeout, 30) * 1000))
-                    await self._linking.link_clusters([info], timeout_ms)
+            setup = self._setups.setdefault(t.cluster_id, _Setup())
+            setup.users += 1
+            try:
+                async with setup.lock:
                     link = self._links.get(t.cluster_id)
+                    if link is None:
+                        await self._link(t, timeout)
+                        link = self._links.get(t.cluster_id)
+            finally:
+                setup.users -= 1
+                if setup.users == 0:
+                    del self._setups[t.cluster_id]
         if link is None:
             raise fetch_failed(
                 self._stats,
@@ -70,3 +86,23 @@ class TicketLinker:
                 partial or [],
             )
         return link
+
+    async def _link(self, t: Ticket, timeout: float) -> None:
+        info = LLMClusterInfo()
+        info.remote_cluster_id = t.cluster_id
+        info.append_local_ip_info("127.0.0.1", 0)
+        info.append_remote_ip_info(*parse_endpoint(t.endpoint))
+        timeout_ms = max(1, int(min(timeout, 30) * 1000))
+        await self._linking.link_clusters([info], timeout_ms)
+
+    def __len__(self) -> int:
+        """Peers that link setups are in progress (or awaited) towards."""
+        return len(self._setups)
+
+
+@dataclass(slots=True)
+class _Setup:
+    """The link setup towards one peer, and how many operations wait for it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0

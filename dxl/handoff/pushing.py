@@ -6,11 +6,11 @@ any more, and whoever ends it waits for the pushes still running."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from .._validate import block_list, check_cache_arg, check_isinstance
+from ..control import messages as m
 from ..engine.link import Link
 from ..engine.mover import Mover
 from ..engine.resolve import Resolver, Route
@@ -18,10 +18,10 @@ from ..engine.state import RunState
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
 from ..memory.plan import block_pieces
 from ..types import Cache
-from .checks import check_destination
+from .checks import check_destination, offer_view
 from .counters import HandoffStats, fetch_failed
 from .defaults import DEFAULT_FETCH_TIMEOUT_S
-from .linking import TicketLinker
+from .linking import TicketLinker, check_token
 from .state import Claim, OfferKey, TicketLike
 from .ticket import FetchError, Ticket
 
@@ -62,6 +62,7 @@ class Pushing:
         """:meth:`dxl.handoff.Handoff.push`."""
         op = "push"
         t = Ticket.of(ticket)
+        check_token(op, t)
         if t.kind != "push":
             raise param_invalid(op, "a pull-mode ticket is fetched, not pushed into")
         check_cache_arg(op, "cache", cache)
@@ -110,18 +111,10 @@ class Pushing:
             claim.moving -= 1
             if claim.moving == 0:
                 claim.idle.set()
-        ack = await self._request(
-            claim.link,
-            "pushed",
-            timeout,
-            t,
-            dst_blocks,
-            offer=t.offer_id,
-            lo=todo.start,
-            hi=todo.stop,
-        )
-        if ack["code"]:
-            raise self._failed(t, status_from_code(ack["code"]), ack["message"], dst_blocks)
+        pushed_msg = m.Pushed(offer=t.offer_id, lo=todo.start, hi=todo.stop)
+        ack = await self._request(claim.link, pushed_msg, timeout, t, dst_blocks)
+        if ack.code:
+            raise self._failed(t, status_from_code(ack.code), ack.message, dst_blocks)
         pushed = src.size * src_bases.size * bb
         self._stats.bytes_sent += pushed
         self._stats.count(t.cluster_id, "bytes_sent", pushed)
@@ -135,38 +128,41 @@ class Pushing:
         claim.aborted = True  # no push of it starts any more ...
         await claim.idle.wait()  # ... and the offer ends only after the ones running returned
         code = Code.LLM_FAILED if failed else Code.LLM_SUCCESS
+        complete_msg = m.Complete(offer=t.offer_id, code=int(code), message=m.clip(failed))
         ack = await self._request(
-            claim.link,
-            "complete",
-            DEFAULT_FETCH_TIMEOUT_S,
-            t,
-            [int(b) for b in t.block_ids],
-            offer=t.offer_id,
-            code=int(code),
-            message=failed,
+            claim.link, complete_msg, DEFAULT_FETCH_TIMEOUT_S, t, [int(b) for b in t.block_ids]
         )
-        if ack["code"]:
-            raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
+        if ack.code:
+            raise self._failed(t, status_from_code(ack.code), ack.message, [])
 
     async def _claim(self, t: Ticket, timeout: float, dst_blocks: list[int]) -> Claim:
         key = (t.cluster_id, t.offer_id)
         claim = self._claims.get(key)
         if claim is not None:
+            if _claimed_as(claim.ticket) != _claimed_as(t):  # the offerer checked that one only
+                raise param_invalid(
+                    "push", "the ticket differs from the one this offer was claimed with"
+                )
             return claim
         link = await self._linker.link_to("push", t, timeout, dst_blocks)
         pending = Claim(link, t)  # an abort while we ask marks it: the answer is void then
         asking = self._claiming.setdefault(key, [])
         asking.append(pending)
         try:
-            ack = await self._request(
-                link, "claim", timeout, t, dst_blocks, offer=t.offer_id, token=t.token
+            claim_msg = m.Claim(
+                offer=t.offer_id,
+                token=t.token,
+                cache=t.cache_id,
+                blocks=dst_blocks,
+                **offer_view(t),
             )
+            ack = await self._request(link, claim_msg, timeout, t, dst_blocks)
         finally:
             asking.remove(pending)
             if not asking:
                 self._claiming.pop(key, None)
-        if ack["code"]:
-            raise self._failed(t, status_from_code(ack["code"]), ack["message"], [])
+        if ack.code:
+            raise self._failed(t, status_from_code(ack.code), ack.message, [])
         if pending.aborted:
             raise self._failed(t, Code.LLM_FAILED, "the offer was aborted", dst_blocks)
         claim = self._claims.get(key)  # a concurrent push may have claimed it meanwhile
@@ -200,12 +196,19 @@ class Pushing:
                 del self._claims[key]
 
     async def _request(
-        self, link: Link, kind: str, timeout: float, t: Ticket, partial: list[int], **fields: Any
-    ) -> dict[str, Any]:
+        self, link: Link, msg: m.Request, timeout: float, t: Ticket, partial: list[int]
+    ) -> m.Ack:
         try:
-            return await link.channel.request(kind, timeout, **fields)
+            return await link.channel.request(msg, timeout)
         except LLMException as exc:
             raise self._failed(t, exc.status_code, str(exc), partial) from exc
 
     def _failed(self, t: Ticket, code: LLMStatusCode, why: str, partial: list[int]) -> FetchError:
         return fetch_failed(self._stats, t, code, why, partial)
+
+
+def _claimed_as(t: Ticket) -> tuple[object, ...]:
+    """What the offerer checked of a ticket when we claimed its offer: a later push of the
+    same offer must write exactly that."""
+    return (t.token, t.cache_id, t.block_ids, t.layers, t.tensors_per_layer, t.block_bytes,
+            t.num_tensors)  # fmt: skip

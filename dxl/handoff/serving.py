@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..control import messages as m
 from ..engine.link import Link
 from ..engine.mover import Mover
 from ..engine.registry import RemoteCache
@@ -35,25 +36,36 @@ class FetchServer:
         self._mover = mover
         self._stats = stats
 
-    async def on_fetch(self, link: Link, msg: dict[str, Any]) -> None:
+    async def on_fetch(self, link: Link, msg: m.Fetch) -> None:
         """A fetcher claims one of our offers: check it, then copy in a task of its own (the
         offer's ``task``: an abort waits for it)."""
-        offer = self._offers.get(msg["offer"])
+        offer = self._offers.get(msg.offer)
         try:
-            if offer is None or offer.kind != "pull" or not offer.token_ok(msg["token"]):
+            if offer is None or offer.kind != "pull" or not offer.token_ok(msg.token):
                 raise fail("fetch", Code.LLM_KV_CACHE_NOT_EXIST, "no such live offer")
+            why = offer.mismatch(
+                msg.src_cache,
+                msg.layers,
+                msg.tensors_per_layer,
+                msg.block_bytes,
+                msg.num_tensors,
+            )
+            if not why and msg.offered != offer.blocks.size:
+                why = f"the ticket offers {msg.offered} blocks, the offer {offer.blocks.size}"
+            if why:  # an edited ticket: refused, and the offer stays live for its real fetcher
+                raise param_invalid("fetch", why)
             if offer.claimer is not None:
                 raise fail("fetch", Code.LLM_REPEAT_REQUEST, "the offer was fetched already")
-            remote = link.registry.caches.get(msg["cache"])
-            dst = _dst_blocks(offer, remote, msg["blocks"])
+            remote = link.registry.caches.get(msg.cache)
+            dst = _dst_blocks(offer, remote, msg.blocks)
         except LLMException as exc:
-            link.channel.ack(msg["rid"], int(exc.status_code), str(exc))
+            link.channel.ack(msg.rid, int(exc.status_code), str(exc))
             return
         offer.claimer = link
         self._leases.stop(offer)
-        link.channel.ack(msg["rid"])
+        link.channel.ack(msg.rid)
         assert remote is not None
-        offer.task = asyncio.create_task(self._serve(offer, link, remote, dst, msg["per_layer"]))
+        offer.task = asyncio.create_task(self._serve(offer, link, remote, dst, msg.per_layer))
 
     async def _serve(
         self, offer: Offer, link: Link, remote: RemoteCache, dst: np.ndarray, per_layer: bool
@@ -74,7 +86,7 @@ class FetchServer:
                     )
                 await self._copy(offer, link, remote, dst, lo, hi)
                 if per_layer:
-                    link.channel.send("layer", offer=offer.offer_id, lo=lo, hi=hi)
+                    link.channel.send(m.Layer(offer=offer.offer_id, lo=lo, hi=hi))
             if offer.aborting:
                 code, message = Code.LLM_FAILED, "aborted"
                 self._offers.end(offer, Ended.ABORTED, "aborted during the fetch")
@@ -87,7 +99,9 @@ class FetchServer:
             code, message = exc.status_code, str(exc)
             self._offers.end(offer, Ended.FAILED, message)
         finally:
-            link.channel.send("fetched", offer=offer.offer_id, code=int(code), message=message)
+            link.channel.send(
+                m.Fetched(offer=offer.offer_id, code=int(code), message=m.clip(message))
+            )
 
     async def _copy(
         self, offer: Offer, link: Link, remote: RemoteCache, dst: np.ndarray, lo: int, hi: int

@@ -56,8 +56,27 @@ class Offer:
     created: float = field(default_factory=time.monotonic)
 
     def token_ok(self, token: str) -> bool:
-        """``token`` is this offer's (compared in constant time: a peer may probe it)."""
-        return hmac.compare_digest(self.token.encode(), token.encode())
+        """``token`` is this offer's (compared in constant time: a peer may probe it); a token
+        that is not ASCII (a ticket's may hold anything JSON can) is nobody's."""
+        return token.isascii() and hmac.compare_digest(self.token, token)
+
+    def mismatch(
+        self, cache: int, layers: list[int], tnpl: int, block_bytes: int, num_tensors: int
+    ) -> str:
+        """Why a claim's or a fetch's view of this offer (from the ticket it holds) is not our
+        record of it, or "" when it is: a ticket edited on its way must move nothing."""
+        layout = self.entry.layout
+        ours = [] if self.layers is None else [self.layers.start, self.layers.stop]
+        for what, theirs, mine in (
+            ("cache", cache, self.entry.cache.cache_id),
+            ("layers", layers, ours),
+            ("tensors per layer", tnpl, self.tnpl),
+            ("block size", block_bytes, layout.unit_bytes),
+            ("tensor count", num_tensors, layout.num_tensors),
+        ):
+            if theirs != mine:
+                return f"the ticket's {what} {theirs} is not the offer's {mine}"
+        return ""
 
     def layer_span(self) -> range:
         """The layers offered: ``layers``, or every layer of the cache."""

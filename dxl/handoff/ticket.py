@@ -10,6 +10,7 @@ still be live there; the token makes a ticket unguessable, and an offer serves o
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -201,9 +202,23 @@ def format_endpoint(address: tuple[str, int]) -> str:
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """The (ip, port) of a ticket's ``endpoint`` (the inverse of :func:`format_endpoint`)."""
-    ip, _, port = endpoint.rpartition(":")
-    return ip.strip("[]"), int(port)
+    """The (ip, port) of a ticket's ``endpoint`` (the inverse of :func:`format_endpoint`):
+    "ip:port", an IPv6 ip in brackets, a port in 1..65535; anything else (a ticket edited on
+    its way) is LLM_PARAM_INVALID."""
+    if not isinstance(endpoint, str) or len(endpoint) > 64:
+        raise _bad('endpoint must be an "ip:port" of at most 64 characters')
+    host, _, port = endpoint.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    ip = host[1:-1] if bracketed else host
+    try:
+        version = ipaddress.ip_address(ip).version
+    except ValueError:
+        raise _bad(f"endpoint {endpoint!r} does not name an IP address") from None
+    if (version == 6) != bracketed:
+        raise _bad(f"endpoint {endpoint!r}: an IPv6 address (only) is written in brackets")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise _bad(f"endpoint {endpoint!r} must end in a port in 1..65535")
+    return ip, int(port)
 
 
 def _bad(message: str) -> LLMException:
