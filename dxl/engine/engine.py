@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _ffi
+from .._forward import forward
 from .._validate import check_isinstance, check_uint64
 from ..config import EngineOptions, LLMConfig
 from ..handoff.handoff import Handoff
@@ -32,7 +33,6 @@ from ..types import LLMRole
 from .blocks import BlockOps
 from .book import CacheBook
 from .contiguous import ContiguousOps
-from .forward import forward
 from .handshake import Handshake
 from .layerwise import LayerwiseOps
 from .linking import LinkOps
