@@ -40,6 +40,7 @@ from .links import LinkTable
 from .listener import Listener
 from .local import LocalCopies
 from .mover import Mover
+from .port import LayerPort
 from .ranktable import RankTableLinks
 from .registrations import Registrations
 from .resolve import Resolver
@@ -107,9 +108,8 @@ class Engine:
         self._blocks = BlockOps(resolver, mover, self._contiguous)
         self._layerwise = LayerwiseOps(state, resolver, links, mover)
         self._local = LocalCopies(state, resolver, mover)
-        self._handoff = Handoff(
-            identity, opts, state, links, self._linking, listener, mover, resolver
-        )
+        port = LayerPort(identity, opts, state, links, self._linking, listener, mover, resolver)
+        self._handoff = Handoff(port)
 
     # ------------------------------------------------------------------ identity
     @property

@@ -9,13 +9,12 @@ import asyncio
 import contextlib
 from typing import Any
 
-from ..engine.link import Link
-from ..engine.state import Identity
 from ..errors import LLMException
 from .defaults import ABORT_TIMEOUT_S
 from .fence import WriterFence
 from .fetching import Fetching
 from .linking import TicketLinker
+from .port import EnginePort, Link
 from .pushing import Pushing
 from .state import Offer, OfferTable, TicketLike
 from .ticket import Ended, Ticket
@@ -26,14 +25,14 @@ class Aborts:
 
     def __init__(
         self,
-        identity: Identity,
+        engine: EnginePort,
         offers: OfferTable,
         fetching: Fetching,
         pushing: Pushing,
         linker: TicketLinker,
         fence: WriterFence,
     ) -> None:
-        self._identity = identity
+        self._engine = engine
         self._offers = offers
         self._fetching = fetching
         self._pushing = pushing
@@ -50,10 +49,7 @@ class Aborts:
         if isinstance(ticket, str) and not ticket.lstrip().startswith("{"):
             return  # a request id whose offer ended already (it lost the race): nothing to do
         t = Ticket.of(ticket)
-        if (
-            t.cluster_id == self._identity.cluster_id
-            and t.incarnation == self._identity.incarnation
-        ):
+        if t.cluster_id == self._engine.cluster_id and t.incarnation == self._engine.incarnation:
             mine = self._offers.get(t.offer_id)
             if mine is not None and mine.token_ok(t.token):
                 await self.abort_offer(mine, "aborted here")

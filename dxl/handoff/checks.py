@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from .._validate import check_blocks_in_range
-from ..engine.registry import LocalCache
 from ..errors import param_invalid
+from .port import LocalCache
 from .ticket import Ticket
 
 

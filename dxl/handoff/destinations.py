@@ -8,10 +8,10 @@ import inspect
 import logging
 from typing import Any
 
-from ..engine.link import Link
 from ..errors import LLMStatusCode
 from .counters import HandoffStats
 from .leases import Leases
+from .port import Link
 from .state import OfferTable
 from .ticket import Ended
 

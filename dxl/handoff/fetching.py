@@ -15,10 +15,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from .._validate import block_list, check_cache_arg
-from ..engine.link import Link
-from ..engine.registry import LocalCache
-from ..engine.resolve import Resolver
-from ..engine.state import RunState
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
 from ..types import Cache
 from .checks import check_destination
@@ -26,6 +22,7 @@ from .counters import HandoffStats, fetch_failed
 from .defaults import ABORT_TIMEOUT_S, DEFAULT_FETCH_TIMEOUT_S
 from .fence import WriterFence
 from .linking import TicketLinker
+from .port import EnginePort, Link, LocalCache
 from .slots import Slots
 from .state import Fetch, LayerCallback, OfferKey, TicketLike
 from .ticket import FetchError, Ticket
@@ -38,15 +35,13 @@ class Fetching:
 
     def __init__(
         self,
-        state: RunState,
-        resolver: Resolver,
+        engine: EnginePort,
         linker: TicketLinker,
         fence: WriterFence,
         slots: Slots,
         stats: HandoffStats,
     ) -> None:
-        self._state = state
-        self._resolver = resolver
+        self._engine = engine
         self._linker = linker
         self._fence = fence
         self._slots = slots
@@ -75,8 +70,8 @@ class Fetching:
         if t.kind != "pull":
             raise param_invalid(op, "a push-mode ticket is pushed into (push), not fetched")
         check_cache_arg(op, "cache", cache)
-        self._state.require(op)
-        entry = self._resolver.local(op, cache)
+        self._engine.require_running(op)
+        entry = self._engine.local_cache(op, cache)
         dst = block_list(op, "block_ids", list(block_ids))
         check_destination(op, entry, dst, t, tail=True)
         deadline_s = DEFAULT_FETCH_TIMEOUT_S if timeout_s is None else float(timeout_s)

@@ -43,14 +43,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from .._validate import check_uint32
-from ..config import EngineOptions
-from ..engine.link import Link
-from ..engine.linking import LinkOps
-from ..engine.links import LinkTable
-from ..engine.listener import Listener
-from ..engine.mover import Mover
-from ..engine.resolve import Resolver
-from ..engine.state import Identity, RunState
 from ..types import Cache
 from .aborts import Aborts
 from .counters import HandoffStats
@@ -67,6 +59,7 @@ from .fetching import Fetching
 from .leases import Leases
 from .linking import TicketLinker
 from .offers import Offering
+from .port import EnginePort, Link
 from .pushing import Pushing
 from .serving import FetchServer
 from .slots import Slots
@@ -89,28 +82,20 @@ __all__ = [
 class Handoff:
     """The handoff layer of one engine (see the module docstring); ``engine.handoff``."""
 
-    def __init__(
-        self,
-        identity: Identity,
-        options: EngineOptions,  # the engine's; no handoff setting is among them yet
-        state: RunState,
-        links: LinkTable,
-        linking: LinkOps,
-        listener: Listener,
-        mover: Mover,
-        resolver: Resolver,
-    ) -> None:
+    def __init__(self, engine: EnginePort) -> None:
+        """Built by the engine it serves, from its port (:mod:`dxl.handoff.port`); the
+        engine's options carry no handoff setting yet."""
         stats = self._stats = HandoffStats()
         offers = self._offers = OfferTable(stats)
         slots = self._slots = Slots(DEFAULT_MAX_FETCHES)
-        linker = TicketLinker(identity, links, linking, stats)
-        fence = WriterFence(listener)
-        fetching = self._fetching = Fetching(state, resolver, linker, fence, slots, stats)
-        pushing = self._pushing = Pushing(state, resolver, mover, linker, stats)
-        aborts = self._aborts = Aborts(identity, offers, fetching, pushing, linker, fence)
-        leases = Leases(offers, stats, links.spawn, aborts.abort_offer)
-        self._offering = Offering(identity, state, resolver, listener, offers, leases)
-        serving = FetchServer(offers, leases, mover, stats)
+        linker = TicketLinker(engine, stats)
+        fence = WriterFence(engine)
+        fetching = self._fetching = Fetching(engine, linker, fence, slots, stats)
+        pushing = self._pushing = Pushing(engine, linker, stats)
+        aborts = self._aborts = Aborts(engine, offers, fetching, pushing, linker, fence)
+        leases = Leases(offers, stats, engine.spawn, aborts.abort_offer)
+        self._offering = Offering(engine, offers, leases)
+        serving = FetchServer(engine, offers, leases, stats)
         destinations = self._destinations = DestinationOffers(offers, leases, stats)
         for kind, handler in (
             ("fetch", serving.on_fetch),
@@ -122,8 +107,8 @@ class Handoff:
             ("complete", destinations.on_complete),
             ("abort", aborts.on_abort),
         ):
-            links.on(kind, handler)
-        links.watch_closed(self._on_link_closed)
+            engine.on(kind, handler)
+        engine.watch_closed(self._on_link_closed)
 
     @property
     def max_fetches(self) -> int:

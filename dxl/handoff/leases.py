@@ -8,9 +8,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..engine.link import Link
 from ..errors import LLMStatusCode
 from .counters import HandoffStats
+from .port import Link
 from .state import Offer, OfferTable
 from .ticket import Ended
 

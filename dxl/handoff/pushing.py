@@ -11,10 +11,6 @@ from typing import Any
 import numpy as np
 
 from .._validate import block_list, check_cache_arg, check_isinstance
-from ..engine.link import Link
-from ..engine.mover import Mover
-from ..engine.resolve import Resolver, Route
-from ..engine.state import RunState
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
 from ..memory.plan import block_pieces
 from ..types import Cache
@@ -22,6 +18,7 @@ from .checks import check_destination
 from .counters import HandoffStats, fetch_failed
 from .defaults import DEFAULT_FETCH_TIMEOUT_S
 from .linking import TicketLinker
+from .port import EnginePort, Link
 from .state import Claim, OfferKey, TicketLike
 from .ticket import FetchError, Ticket
 
@@ -33,15 +30,11 @@ class Pushing:
 
     def __init__(
         self,
-        state: RunState,
-        resolver: Resolver,
-        mover: Mover,
+        engine: EnginePort,
         linker: TicketLinker,
         stats: HandoffStats,
     ) -> None:
-        self._state = state
-        self._resolver = resolver
-        self._mover = mover
+        self._engine = engine
         self._linker = linker
         self._stats = stats
         self._claims: dict[OfferKey, Claim] = {}
@@ -66,8 +59,8 @@ class Pushing:
             raise param_invalid(op, "a pull-mode ticket is fetched, not pushed into")
         check_cache_arg(op, "cache", cache)
         check_isinstance("layers", layers, range)
-        self._state.require(op)
-        entry = self._resolver.local(op, cache)
+        self._engine.require_running(op)
+        entry = self._engine.local_cache(op, cache)
         src = block_list(op, "block_ids", list(block_ids))
         check_destination(op, entry, src, t)
         span = (
@@ -94,10 +87,11 @@ class Pushing:
         try:
             if claim.aborted:
                 raise self._failed(t, Code.LLM_FAILED, "the offer was aborted", dst_blocks)
-            route = Route(claim.link, entry, [remote])
-            await self._mover.transfer(
+            await self._engine.transfer(
                 op,
-                route,
+                claim.link,
+                entry,
+                remote,
                 lambda: block_pieces(dst_bases, src_bases, dst, src, bb),
                 write=True,
                 nbytes_hint=src.size * src_bases.size * bb,

@@ -10,14 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.link import Link
-from ..engine.mover import Mover
-from ..engine.registry import RemoteCache
-from ..engine.resolve import Route
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid
 from ..memory.plan import block_pieces
 from .counters import HandoffStats
 from .leases import Leases
+from .port import EnginePort, Link, RemoteCache
 from .state import Offer, OfferTable
 from .ticket import Ended
 
@@ -28,11 +25,11 @@ class FetchServer:
     """Answers ``fetch`` messages for our pull-mode offers and runs the copy of each."""
 
     def __init__(
-        self, offers: OfferTable, leases: Leases, mover: Mover, stats: HandoffStats
+        self, engine: EnginePort, offers: OfferTable, leases: Leases, stats: HandoffStats
     ) -> None:
+        self._engine = engine
         self._offers = offers
         self._leases = leases
-        self._mover = mover
         self._stats = stats
 
     async def on_fetch(self, link: Link, msg: dict[str, Any]) -> None:
@@ -106,9 +103,14 @@ class FetchServer:
         offer.moving += 1
         offer.idle.clear()
         try:
-            route = Route(link, offer.entry, [remote])
-            await self._mover.transfer(
-                "handoff", route, plan, write=True, nbytes_hint=dst.size * src_bases.size * bb
+            await self._engine.transfer(
+                "handoff",
+                link,
+                offer.entry,
+                remote,
+                plan,
+                write=True,
+                nbytes_hint=dst.size * src_bases.size * bb,
             )
         finally:
             offer.moving -= 1

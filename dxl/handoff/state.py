@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.link import Link
-from ..engine.registry import LocalCache
 from ..errors import param_invalid
 from .counters import HandoffStats
+from .port import Link, LocalCache
 from .ticket import Ended, Finished, Ticket
 
 log = logging.getLogger("dxl")
