@@ -102,6 +102,20 @@ def test_engine_operations_are_their_components() -> None:
         assert inspect.getdoc(method), f"{name} has no docstring"
 
 
+def test_handoff_operations_are_their_components() -> None:
+    """The handoff facade forwards too: each operation's signature and docstring are written
+    once, on the component (Offering, Fetching, Pushing, Aborts, OfferTable)."""
+    names = (_public_coroutines(Handoff) - {"close"}) | {"finished", "poll_finished"}
+    assert {"offer", "offer_destination", "fetch", "push", "complete", "renew"} <= names
+    for name in names:
+        method = getattr(Handoff, name)
+        implementation = inspect.unwrap(method)
+        assert implementation is not method, f"{name} is not forwarded"
+        assert implementation.__qualname__.split(".")[0] != "Handoff", name
+        assert implementation.__name__ == name
+        assert inspect.getdoc(method), f"{name} has no docstring"
+
+
 async def test_a_sync_call_before_init_creates_no_coroutine(
     recwarn: pytest.WarningsRecorder,
 ) -> None:

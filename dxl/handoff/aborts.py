@@ -40,7 +40,10 @@ class Aborts:
         self._fence = fence
 
     async def abort(self, ticket: TicketLike | str) -> None:
-        """:meth:`dxl.handoff.Handoff.abort`."""
+        """Cancel an offer: ours (by ticket or request id), or one we fetch from or push into.
+        Returns once no copy of it is in flight and none will start; the other engine is told
+        (linked to first if need be). An offer that ended already (the abort lost the race) is
+        no error: nothing changes."""
         if isinstance(ticket, str):
             offer = self._offers.for_request(ticket)
             if offer is not None:

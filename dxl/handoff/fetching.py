@@ -64,7 +64,17 @@ class Fetching:
         on_layer: LayerCallback | None = None,
         timeout_s: float | None = None,
     ) -> None:
-        """:meth:`dxl.handoff.Handoff.fetch`."""
+        """Take the blocks a ticket offers into ``block_ids`` of ``cache`` (one per offered
+        block; ``cache`` registered with ``remote_accessible=True``: the offerer writes it).
+        ``on_layer(lo, hi)`` is called as layers [lo, hi) land. Links to the offerer if needed.
+        Fewer ``block_ids`` than the ticket offers take the offer's *last* blocks (the fetcher
+        holds the first ones already, e.g. from a local prefix cache hit).
+
+        Raises:
+            FetchError: the fetch failed, timed out or was aborted: ``partial_blocks`` may hold
+                partial data. The offer ended on the offering side (it frees its blocks).
+            LLMException: bad arguments (``LLM_PARAM_INVALID``), nothing moved.
+        """
         op = "fetch"
         t = Ticket.of(ticket)
         if t.kind != "pull":
@@ -89,7 +99,7 @@ class Fetching:
         self._stats.observe(t.cluster_id, "fetch_seconds", elapsed)
 
     async def renew(self, ticket: TicketLike) -> None:
-        """:meth:`dxl.handoff.Handoff.renew`."""
+        """Extend a live offer's lease by its full length (a decode that is not ready yet)."""
         t = Ticket.of(ticket)
         link = await self._linker.link_to("renew", t, ABORT_TIMEOUT_S)
         ack = await link.channel.request("renew", ABORT_TIMEOUT_S, offer=t.offer_id, token=t.token)

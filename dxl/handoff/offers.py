@@ -45,7 +45,16 @@ class Offering:
         offer_id: int | None = None,
         token: str | None = None,
     ) -> Ticket:
-        """:meth:`dxl.handoff.Handoff.offer`."""
+        """Hold ``block_ids`` of ``cache`` for ``request_id`` until a fetcher took them, or the
+        lease (``lease_s``, default 30 s, renewable) ran out; returns the ticket for the router.
+
+        The blocks must stay untouched until :meth:`~dxl.handoff.Handoff.finished` reports the
+        offer ended.
+
+        ``offer_id`` and ``token`` (both or neither) let a caller that must hand the ticket out
+        before the offer exists choose them (a vLLM scheduler whose worker offers): the id must
+        be at least ``2**32`` (the engine picks smaller ones) and not live; the token must be a
+        random secret of at least 32 hex digits. The ticket is then predictable from them."""
         return self._new_offer(
             "offer",
             "pull",
@@ -72,7 +81,9 @@ class Offering:
         lease_s: float | None = None,
         on_layer: LayerCallback | None = None,
     ) -> Ticket:
-        """:meth:`dxl.handoff.Handoff.offer_destination`."""
+        """Push mode: offer ``block_ids`` of ``cache`` (remotely accessible) as the destination
+        of ``request_id``; the engine that claims the ticket pushes into them. ``on_layer(lo,
+        hi)`` is called as layers land. Ends as :meth:`offer` does."""
         if not cache.remote_accessible:
             raise param_invalid(
                 "offer_destination",

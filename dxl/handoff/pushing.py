@@ -52,7 +52,14 @@ class Pushing:
         layers: range | None = None,
         timeout_s: float | None = None,
     ) -> None:
-        """:meth:`dxl.handoff.Handoff.push`."""
+        """Push mode: write ``block_ids`` of ``cache`` into the destination blocks a push
+        ticket offers (all its layers, or ``layers``, absolute layer numbers of the ticket's
+        range, e.g. one layer as the model finishes it). Claims the offer on first use.
+
+        Raises:
+            FetchError: the offer is gone, aborted or the push failed (``partial_blocks``: the
+                destination blocks that may hold partial data).
+        """
         op = "push"
         t = Ticket.of(ticket)
         if t.kind != "push":
@@ -121,7 +128,9 @@ class Pushing:
         self._stats.count(t.cluster_id, "bytes_sent", pushed)
 
     async def complete(self, ticket: TicketLike, *, failed: str = "") -> None:
-        """:meth:`dxl.handoff.Handoff.complete`."""
+        """Push mode: every layer was pushed (or ``failed``: why not): the destination's offer
+        ends done (or failed) on its engine, exactly once. Pushes of it still running are
+        waited for first; none starts after."""
         t = Ticket.of(ticket)
         claim = self._claims.pop((t.cluster_id, t.offer_id), None)
         if claim is None:
