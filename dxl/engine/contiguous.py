@@ -60,7 +60,10 @@ class ContiguousOps:
         cache: Cache,
         batch_index: int = 0,
         size: int = -1,
-        **kwargs: Any,
+        *,
+        src_layer_range: range | None = None,
+        dst_layer_range: range | None = None,
+        tensor_num_per_layer: int = 2,
     ) -> None:
         """Copy one batch of a peer's contiguous cache (found by ``cache_key``) into batch
         ``batch_index`` of the local contiguous ``cache``: ``size`` bytes per tensor (-1: the
@@ -79,7 +82,8 @@ class ContiguousOps:
             raise param_invalid(op, "cache must be a contiguous cache, not a blocks cache")
         if size != -1 and size <= 0:
             raise param_invalid(op, f"size must be -1 or > 0, got {size}")
-        src_range, dst_range, tnpl = v.layer_kwargs(op, kwargs)
+        v.check_tensor_num_per_layer(op, tensor_num_per_layer)
+        v.check_layer_ranges(src_layer_range, dst_layer_range)
         if isinstance(cache_key, CacheKey):
             v.check_cache_key(op, cache_key)
         route, rbatch, bound = self._resolver.batch(op, cache_key, cache)
@@ -96,7 +100,9 @@ class ContiguousOps:
                 f"size {nbytes} exceeds the local stride {l_stride} or the remote stride "
                 f"{r_stride}",
             )
-        dst_bases, src_bases = select(op, local, remote, dst_range, src_range, tnpl, "dst", "src")
+        dst_bases, src_bases = select(
+            op, local, remote, dst_layer_range, src_layer_range, tensor_num_per_layer, "dst", "src"
+        )
         plan = functools.partial(
             offset_pieces,
             dst_bases,
@@ -106,7 +112,7 @@ class ContiguousOps:
             nbytes,
         )
         await self._mover.transfer(op, route, plan, write=False)
-        await self._after_keyed_pull(route, bound, src_range, tnpl)
+        await self._after_keyed_pull(route, bound, src_layer_range, tensor_num_per_layer)
 
     async def push_cache(
         self,

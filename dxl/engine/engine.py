@@ -221,11 +221,9 @@ class Engine:
     unlink = forward("_ranktable", RankTableLinks.unlink)
     query_register_mem_status = forward("_ranktable", RankTableLinks.query_register_mem_status)
 
-    # type: ignore: mypy rejects methods with **kwargs: Any under ParamSpec, though it infers
-    # the forwarded signature right (reveal_type shows it).
-    pull_blocks = forward("_blocks", BlockOps.pull_blocks)  # type: ignore[arg-type]
+    pull_blocks = forward("_blocks", BlockOps.pull_blocks)
     push_blocks = forward("_blocks", BlockOps.push_blocks)
-    pull_cache = forward("_contiguous", ContiguousOps.pull_cache)  # type: ignore[arg-type]
+    pull_cache = forward("_contiguous", ContiguousOps.pull_cache)
     push_cache = forward("_contiguous", ContiguousOps.push_cache)
     remove_cache_key = forward("_contiguous", ContiguousOps.remove_cache_key)
     check_cache_key = staticmethod(ContiguousOps.check_cache_key)
