@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 from .._validate import (
     block_list,
     check_blocks_in_range,
@@ -14,11 +12,12 @@ from .._validate import (
     same_length,
 )
 from ..errors import param_invalid
-from ..memory.plan import Scratch, block_pieces
+from ..memory.plan import Scratch
 from ..types import BlocksCacheKey, Cache, CacheKey, CacheKeyByIdAndIndex
 from .contiguous import ContiguousOps
 from .mover import Mover
 from .resolve import Resolver, check_block_bytes, select
+from .transfer import Blocks, Transfer
 
 
 class BlockOps:
@@ -90,11 +89,8 @@ class BlockOps:
         check_blocks_in_range(op, "src_blocks", src, remote.units)
         check_blocks_in_range(op, "dst_blocks", dst, local.units)
         check_block_bytes(op, local, remote)
-        plan = functools.partial(
-            block_pieces, dst_bases, src_bases, dst, src, local.unit_bytes, self._scratch
-        )
-        size = dst.size * dst_bases.size * local.unit_bytes
-        await self._mover.transfer(op, route, plan, write=False, nbytes_hint=size)
+        pieces = Blocks(dst_bases, src_bases, dst, src, local.unit_bytes, self._scratch)
+        await self._mover.move(Transfer(op, route, pieces, write=False, inline=True))
 
     async def push_blocks(
         self,
@@ -135,8 +131,5 @@ class BlockOps:
         check_blocks_in_range(op, "src_blocks", src, local.units)
         check_blocks_in_range(op, "dst_blocks", dst, remote.units)
         check_block_bytes(op, local, remote)
-        plan = functools.partial(
-            block_pieces, dst_bases, src_bases, dst, src, local.unit_bytes, self._scratch
-        )
-        size = dst.size * dst_bases.size * local.unit_bytes
-        await self._mover.transfer(op, route, plan, write=True, nbytes_hint=size)
+        pieces = Blocks(dst_bases, src_bases, dst, src, local.unit_bytes, self._scratch)
+        await self._mover.move(Transfer(op, route, pieces, write=True, inline=True))

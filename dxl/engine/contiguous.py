@@ -7,7 +7,6 @@ A contiguous cache has ``B = shape[0]`` batches per tensor, batch ``b`` of tenso
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
@@ -16,7 +15,6 @@ import numpy as np
 from .. import _validate as v
 from ..config import EngineOptions
 from ..errors import LLMException, param_invalid
-from ..memory.plan import offset_pieces
 from ..types import Cache, CacheKey, CacheKeyByIdAndIndex
 from .book import CacheBook
 from .keys import Binding, index_of, key_index
@@ -27,6 +25,7 @@ from .registrations import Registrations
 from .registry import LocalCache, RemoteCache
 from .resolve import KeyRow, Resolver, Route, select
 from .state import RunState
+from .transfer import Offsets, Transfer
 
 log = logging.getLogger("dxl")
 
@@ -103,15 +102,14 @@ class ContiguousOps:
         dst_bases, src_bases = select(
             op, local, remote, dst_layer_range, src_layer_range, tensor_num_per_layer, "dst", "src"
         )
-        plan = functools.partial(
-            offset_pieces,
+        pieces = Offsets(
             dst_bases,
             src_bases,
             np.array([batch_index * l_stride], dtype=np.uint64),
             np.array([rbatch * r_stride], dtype=np.uint64),
             nbytes,
         )
-        await self._mover.transfer(op, route, plan, write=False)
+        await self._mover.move(Transfer(op, route, pieces, write=False))
         await self._after_keyed_pull(route, bound, src_layer_range, tensor_num_per_layer)
 
     async def push_cache(
@@ -159,15 +157,14 @@ class ContiguousOps:
             "src",
             "dst",
         )
-        plan = functools.partial(
-            offset_pieces,
+        pieces = Offsets(
             dst_bases,
             src_bases,
             np.array([rbatch * r_stride], dtype=np.uint64),
             np.array([src_batch_index * l_stride], dtype=np.uint64),
             l_stride,
         )
-        await self._mover.transfer(op, route, plan, write=True)
+        await self._mover.move(Transfer(op, route, pieces, write=True))
 
     async def pull_into_blocks(
         self,
@@ -196,10 +193,8 @@ class ContiguousOps:
         dst_bases, src_bases = select(op, local, remote, dst_range, src_range, tnpl, "dst", "src")
         chunks = np.arange(dst.size, dtype=np.uint64) * np.uint64(bb)
         src_off = np.uint64(rbatch * remote.unit_bytes) + chunks
-        plan = functools.partial(
-            offset_pieces, dst_bases, src_bases, dst.astype(np.uint64) * np.uint64(bb), src_off, bb
-        )
-        await self._mover.transfer(op, route, plan, write=False)
+        pieces = Offsets(dst_bases, src_bases, dst.astype(np.uint64) * np.uint64(bb), src_off, bb)
+        await self._mover.move(Transfer(op, route, pieces, write=False))
         await self._after_keyed_pull(route, bound, src_range, tnpl)
 
     async def remove_cache_key(self, cache_key: CacheKey) -> None:

@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from ..config import EngineOptions
-from ..memory.plan import Pieces
 from ..types import Cache, LLMClusterInfo
 from .link import Link
 from .linking import LinkOps
@@ -28,6 +27,7 @@ from .mover import Mover
 from .registry import LocalCache, RemoteCache
 from .resolve import Resolver, Route
 from .state import Identity, RunState
+from .transfer import Blocks, Transfer
 
 
 class Layer(Protocol):
@@ -115,12 +115,12 @@ class LayerPort:
         link: Link,
         local: LocalCache,
         remote: RemoteCache,
-        plan: Callable[[], Pieces],
+        pieces: Blocks,
         *,
         write: bool,
-        nbytes_hint: int | None = None,
     ) -> None:
-        await self._mover.transfer(op, Route(link, local, [remote]), plan, write, nbytes_hint)
+        route = Route(link, local, [remote])
+        await self._mover.move(Transfer(op, route, pieces, write=write, inline=True))
 
     async def fence_writes(self) -> None:
         await self._listener.fence()

@@ -33,7 +33,8 @@ The records the handoff holds on to are the engine's own, re-exported here: a :c
 (its ``peer``, ``channel``, ``registry`` of advertised caches, ``closed``/``close``), our
 registration :class:`LocalCache` and a peer's :class:`RemoteCache` (their layouts), and
 :class:`OpStats` (latency counters, so the handoff's read like the links'). They go back into
-``transfer`` unchanged, which is why they are not narrowed to Protocols.
+``transfer`` unchanged, which is why they are not narrowed to Protocols; so does the value that
+says which blocks a transfer moves, :class:`Blocks` (planned where the copy runs).
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ from ..engine.link import Link
 from ..engine.links import MessageHandler
 from ..engine.registry import LocalCache, RemoteCache
 from ..engine.stats import OpStats
-from ..memory.plan import Pieces
+from ..engine.transfer import Blocks
 from ..types import Cache
 
 __all__ = [
+    "Blocks",
     "EnginePort",
     "Link",
     "LinkWatcher",
@@ -122,14 +124,13 @@ class EnginePort(Protocol):
         link: Link,
         local: LocalCache,
         remote: RemoteCache,
-        plan: Callable[[], Pieces],
+        pieces: Blocks,
         *,
         write: bool,
-        nbytes_hint: int | None = None,
     ) -> None:
-        """Move the pieces ``plan()`` builds between ``local`` and the peer's ``remote`` over
-        ``link`` (``write``: towards the peer), holding all three in use until the native call
-        returned; a failure raises ``LLMException`` naming ``op``."""
+        """Move ``pieces`` (blocks of each selected tensor pair) between ``local`` and the
+        peer's ``remote`` over ``link`` (``write``: towards the peer), holding all three in use
+        until the native call returned; a failure raises ``LLMException`` naming ``op``."""
         ...
 
     async def fence_writes(self) -> None:

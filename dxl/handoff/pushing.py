@@ -12,13 +12,12 @@ import numpy as np
 
 from .._validate import block_list, check_cache_arg, check_isinstance
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
-from ..memory.plan import block_pieces
 from ..types import Cache
 from .checks import check_destination
 from .counters import HandoffStats, fetch_failed
 from .defaults import DEFAULT_FETCH_TIMEOUT_S
 from .linking import TicketLinker
-from .port import EnginePort, Link
+from .port import Blocks, EnginePort, Link
 from .state import Claim, OfferKey, TicketLike
 from .ticket import FetchError, Ticket
 
@@ -94,15 +93,8 @@ class Pushing:
         try:
             if claim.aborted:
                 raise self._failed(t, Code.LLM_FAILED, "the offer was aborted", dst_blocks)
-            await self._engine.transfer(
-                op,
-                claim.link,
-                entry,
-                remote,
-                lambda: block_pieces(dst_bases, src_bases, dst, src, bb),
-                write=True,
-                nbytes_hint=src.size * src_bases.size * bb,
-            )
+            pieces = Blocks(dst_bases, src_bases, dst, src, bb)
+            await self._engine.transfer(op, claim.link, entry, remote, pieces, write=True)
         except LLMException as exc:
             if isinstance(exc, FetchError):
                 raise

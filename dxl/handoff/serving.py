@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid
-from ..memory.plan import block_pieces
 from .counters import HandoffStats
 from .leases import Leases
-from .port import EnginePort, Link, RemoteCache
+from .port import Blocks, EnginePort, Link, RemoteCache
 from .state import Offer, OfferTable
 from .ticket import Ended
 
@@ -97,21 +96,11 @@ class FetchServer:
         bb = offer.entry.layout.unit_bytes
         src = offer.blocks[offer.blocks.size - dst.size :]  # fewer: the fetcher takes the tail
 
-        def plan() -> Any:
-            return block_pieces(dst_bases, src_bases, dst, src, bb)
-
         offer.moving += 1
         offer.idle.clear()
         try:
-            await self._engine.transfer(
-                "handoff",
-                link,
-                offer.entry,
-                remote,
-                plan,
-                write=True,
-                nbytes_hint=dst.size * src_bases.size * bb,
-            )
+            pieces = Blocks(dst_bases, src_bases, dst, src, bb)
+            await self._engine.transfer("handoff", link, offer.entry, remote, pieces, write=True)
         finally:
             offer.moving -= 1
             if offer.moving == 0:
