@@ -33,8 +33,8 @@ The records the handoff holds on to are the engine's own, re-exported here: a :c
 (its ``peer``, ``channel``, ``registry`` of advertised caches, ``closed``/``close``), our
 registration :class:`LocalCache` and a peer's :class:`RemoteCache` (their layouts), and
 :class:`OpStats` (latency counters, so the handoff's read like the links'). They go back into
-``transfer`` unchanged, which is why they are not narrowed to Protocols; so does the value that
-says which blocks a transfer moves, :class:`Blocks` (planned where the copy runs).
+``transfer`` unchanged, which is why they are not narrowed to Protocols. :class:`Blocks`, the
+value that says which blocks a transfer moves (planned where the copy runs), is the engine's too.
 """
 
 from __future__ import annotations
