@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 
 from .config import LLMConfig, LlmConfig
 from .datadist import CacheManager, LLMDataDist
-from .engine import Engine
 from .errors import LLMException, LLMStatusCode, Status
+from .layers import Engine
 from .types import (
     UINT64_MAX,
     BlocksCacheKey,

@@ -51,7 +51,6 @@ __all__ = [
     "check_uint64_list",
     "ensure",
     "is_valid_id",
-    "layer_kwargs",
     "same_length",
     "select_tensors",
     "type_name",
@@ -274,20 +273,6 @@ def check_blocks_in_range(op: str, name: str, blocks: np.ndarray, num_blocks: in
         raise param_invalid(
             op, f"{name} must lie in [0, {num_blocks}), got indices from {lo} to {hi}"
         )
-
-
-def layer_kwargs(op: str, kwargs: dict[str, Any]) -> tuple[range | None, range | None, int]:
-    """The optional layer-wise keyword arguments of pull_blocks / pull_cache, checked."""
-    allowed = {"src_layer_range", "dst_layer_range", "tensor_num_per_layer"}
-    unknown = set(kwargs) - allowed
-    if unknown:
-        raise TypeError(f"{op}: unexpected keyword argument(s) {sorted(unknown)}")
-    tnpl = kwargs.get("tensor_num_per_layer", 2)
-    src_range = kwargs.get("src_layer_range")
-    dst_range = kwargs.get("dst_layer_range")
-    check_tensor_num_per_layer(op, tnpl)
-    check_layer_ranges(src_range, dst_range)
-    return src_range, dst_range, tnpl
 
 
 def check_tensor_num_per_layer(op: str, tnpl: Any) -> None:

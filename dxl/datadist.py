@@ -18,10 +18,10 @@ from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from ._validate import check_isinstance, check_uint64
-from .engine import Engine
 from .errors import LLMException, LLMStatusCode
 from .handoff.handoff import Handoff
 from .handoff.ticket import Finished
+from .layers import Engine
 from .types import LLMRole, MemInfo, Memtype
 
 T = TypeVar("T")

@@ -102,6 +102,39 @@ def test_engine_operations_are_their_components() -> None:
         assert inspect.getdoc(method), f"{name} has no docstring"
 
 
+def test_handoff_operations_are_their_components() -> None:
+    """The handoff facade forwards too: each operation's signature and docstring are written
+    once, on the component (Offering, Fetching, Pushing, Aborts, OfferTable)."""
+    names = (_public_coroutines(Handoff) - {"close"}) | {"finished", "poll_finished"}
+    assert {"offer", "offer_destination", "fetch", "push", "complete", "renew"} <= names
+    for name in names:
+        method = getattr(Handoff, name)
+        implementation = inspect.unwrap(method)
+        assert implementation is not method, f"{name} is not forwarded"
+        assert implementation.__qualname__.split(".")[0] != "Handoff", name
+        assert implementation.__name__ == name
+        assert inspect.getdoc(method), f"{name} has no docstring"
+
+
+@pytest.mark.parametrize("name", ["pull_blocks", "pull_cache"])
+async def test_pull_layer_arguments_are_explicit_keywords(name: str) -> None:
+    """The reference's ``**kwargs`` of pull_blocks / pull_cache are keyword-only parameters:
+    visible to help() and type checkers, an unknown one refused by Python itself."""
+    for fn in (getattr(Engine, name), getattr(CacheManager, name)):
+        params = inspect.signature(fn).parameters
+        assert not [p for p in params.values() if p.kind is p.VAR_KEYWORD], name
+        layer_args = {k: (params[k].kind, params[k].default) for k in list(params)[-3:]}
+        assert layer_args == {
+            "src_layer_range": (inspect.Parameter.KEYWORD_ONLY, None),
+            "dst_layer_range": (inspect.Parameter.KEYWORD_ONLY, None),
+            "tensor_num_per_layer": (inspect.Parameter.KEYWORD_ONLY, 2),
+        }
+    eng = Engine(6, dxl.LLMRole.DECODER)
+    key = dxl.BlocksCacheKey(1, 0) if name == "pull_blocks" else dxl.CacheKey(1, 1)
+    with pytest.raises(TypeError, match="src_cache_offset"):  # a v1-only keyword
+        await getattr(eng, name)(key, None, src_cache_offset=0)
+
+
 async def test_a_sync_call_before_init_creates_no_coroutine(
     recwarn: pytest.WarningsRecorder,
 ) -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 from .._validate import (
     block_list,
     check_blocks_in_range,
@@ -12,15 +9,15 @@ from .._validate import (
     check_isinstance,
     check_layer_ranges,
     check_tensor_num_per_layer,
-    layer_kwargs,
     same_length,
 )
 from ..errors import param_invalid
-from ..memory.plan import Scratch, block_pieces
+from ..memory.plan import Scratch
 from ..types import BlocksCacheKey, Cache, CacheKey, CacheKeyByIdAndIndex
 from .contiguous import ContiguousOps
 from .mover import Mover
 from .resolve import Resolver, check_block_bytes, select
+from .transfer import Blocks, Transfer
 
 
 class BlockOps:
@@ -38,7 +35,10 @@ class BlockOps:
         dst_cache: Cache,
         src_blocks: list[int] | tuple[int, ...] | None = (),
         dst_blocks: list[int] | tuple[int, ...] = (),
-        **kwargs: Any,
+        *,
+        src_layer_range: range | None = None,
+        dst_layer_range: range | None = None,
+        tensor_num_per_layer: int = 2,
     ) -> None:
         """Copy remote blocks ``src_blocks[i]`` of the peer's cache bound to ``src_cache_key``
         into local blocks ``dst_blocks[i]`` of ``dst_cache``, for every tensor (or the tensors
@@ -61,30 +61,36 @@ class BlockOps:
             raise param_invalid(op, "dst_cache must be a blocks cache")
         if dst.size == 0:
             raise param_invalid(op, "dst_blocks must not be empty")
-        src_range, dst_range, tnpl = layer_kwargs(op, kwargs)
+        check_tensor_num_per_layer(op, tensor_num_per_layer)
+        check_layer_ranges(src_layer_range, dst_layer_range)
         if not isinstance(src_cache_key, BlocksCacheKey):
             if src.size:
                 raise param_invalid(
                     op, "src_blocks must be empty when pulling from a contiguous cache"
                 )
             await self._contiguous.pull_into_blocks(
-                op, src_cache_key, dst_cache, dst, src_range, dst_range, tnpl
+                op,
+                src_cache_key,
+                dst_cache,
+                dst,
+                src_layer_range,
+                dst_layer_range,
+                tensor_num_per_layer,
             )
             return
         if src.size == 0:
             raise param_invalid(op, "src_blocks must not be empty for a BlocksCacheKey")
         route = self._resolver.blocks(op, src_cache_key, dst_cache)
         local, remote = route.local.layout, route.remote.layout
-        dst_bases, src_bases = select(op, local, remote, dst_range, src_range, tnpl, "dst", "src")
+        dst_bases, src_bases = select(
+            op, local, remote, dst_layer_range, src_layer_range, tensor_num_per_layer, "dst", "src"
+        )
         same_length(op, "src_blocks", src, "dst_blocks", dst)
         check_blocks_in_range(op, "src_blocks", src, remote.units)
         check_blocks_in_range(op, "dst_blocks", dst, local.units)
         check_block_bytes(op, local, remote)
-        plan = functools.partial(
-            block_pieces, dst_bases, src_bases, dst, src, local.unit_bytes, self._scratch
-        )
-        size = dst.size * dst_bases.size * local.unit_bytes
-        await self._mover.transfer(op, route, plan, write=False, nbytes_hint=size)
+        pieces = Blocks(dst_bases, src_bases, dst, src, local.unit_bytes, self._scratch)
+        await self._mover.move(Transfer(op, route, pieces, write=False, inline=True))
 
     async def push_blocks(
         self,
@@ -125,8 +131,5 @@ class BlockOps:
         check_blocks_in_range(op, "src_blocks", src, local.units)
         check_blocks_in_range(op, "dst_blocks", dst, remote.units)
         check_block_bytes(op, local, remote)
-        plan = functools.partial(
-            block_pieces, dst_bases, src_bases, dst, src, local.unit_bytes, self._scratch
-        )
-        size = dst.size * dst_bases.size * local.unit_bytes
-        await self._mover.transfer(op, route, plan, write=True, nbytes_hint=size)
+        pieces = Blocks(dst_bases, src_bases, dst, src, local.unit_bytes, self._scratch)
+        await self._mover.move(Transfer(op, route, pieces, write=True, inline=True))

@@ -7,9 +7,7 @@ A contiguous cache has ``B = shape[0]`` batches per tensor, batch ``b`` of tenso
 
 from __future__ import annotations
 
-import functools
 import logging
-from typing import Any
 
 import numpy as np
 
@@ -17,7 +15,6 @@ from .. import _validate as v
 from ..config import EngineOptions
 from ..control.messages import Consume
 from ..errors import LLMException, param_invalid
-from ..memory.plan import offset_pieces
 from ..types import Cache, CacheKey, CacheKeyByIdAndIndex
 from .book import CacheBook
 from .keys import Binding, index_of, key_index
@@ -28,6 +25,7 @@ from .registrations import Registrations
 from .registry import LocalCache, RemoteCache
 from .resolve import KeyRow, Resolver, Route, select
 from .state import RunState
+from .transfer import Offsets, Transfer
 
 log = logging.getLogger("dxl")
 
@@ -61,7 +59,10 @@ class ContiguousOps:
         cache: Cache,
         batch_index: int = 0,
         size: int = -1,
-        **kwargs: Any,
+        *,
+        src_layer_range: range | None = None,
+        dst_layer_range: range | None = None,
+        tensor_num_per_layer: int = 2,
     ) -> None:
         """Copy one batch of a peer's contiguous cache (found by ``cache_key``) into batch
         ``batch_index`` of the local contiguous ``cache``: ``size`` bytes per tensor (-1: the
@@ -80,7 +81,8 @@ class ContiguousOps:
             raise param_invalid(op, "cache must be a contiguous cache, not a blocks cache")
         if size != -1 and size <= 0:
             raise param_invalid(op, f"size must be -1 or > 0, got {size}")
-        src_range, dst_range, tnpl = v.layer_kwargs(op, kwargs)
+        v.check_tensor_num_per_layer(op, tensor_num_per_layer)
+        v.check_layer_ranges(src_layer_range, dst_layer_range)
         if isinstance(cache_key, CacheKey):
             v.check_cache_key(op, cache_key)
         route, rbatch, bound = self._resolver.batch(op, cache_key, cache)
@@ -97,17 +99,18 @@ class ContiguousOps:
                 f"size {nbytes} exceeds the local stride {l_stride} or the remote stride "
                 f"{r_stride}",
             )
-        dst_bases, src_bases = select(op, local, remote, dst_range, src_range, tnpl, "dst", "src")
-        plan = functools.partial(
-            offset_pieces,
+        dst_bases, src_bases = select(
+            op, local, remote, dst_layer_range, src_layer_range, tensor_num_per_layer, "dst", "src"
+        )
+        pieces = Offsets(
             dst_bases,
             src_bases,
             np.array([batch_index * l_stride], dtype=np.uint64),
             np.array([rbatch * r_stride], dtype=np.uint64),
             nbytes,
         )
-        await self._mover.transfer(op, route, plan, write=False)
-        await self._after_keyed_pull(route, bound, src_range, tnpl)
+        await self._mover.move(Transfer(op, route, pieces, write=False))
+        await self._after_keyed_pull(route, bound, src_layer_range, tensor_num_per_layer)
 
     async def push_cache(
         self,
@@ -154,15 +157,14 @@ class ContiguousOps:
             "src",
             "dst",
         )
-        plan = functools.partial(
-            offset_pieces,
+        pieces = Offsets(
             dst_bases,
             src_bases,
             np.array([rbatch * r_stride], dtype=np.uint64),
             np.array([src_batch_index * l_stride], dtype=np.uint64),
             l_stride,
         )
-        await self._mover.transfer(op, route, plan, write=True)
+        await self._mover.move(Transfer(op, route, pieces, write=True))
 
     async def pull_into_blocks(
         self,
@@ -191,10 +193,8 @@ class ContiguousOps:
         dst_bases, src_bases = select(op, local, remote, dst_range, src_range, tnpl, "dst", "src")
         chunks = np.arange(dst.size, dtype=np.uint64) * np.uint64(bb)
         src_off = np.uint64(rbatch * remote.unit_bytes) + chunks
-        plan = functools.partial(
-            offset_pieces, dst_bases, src_bases, dst.astype(np.uint64) * np.uint64(bb), src_off, bb
-        )
-        await self._mover.transfer(op, route, plan, write=False)
+        pieces = Offsets(dst_bases, src_bases, dst.astype(np.uint64) * np.uint64(bb), src_off, bb)
+        await self._mover.move(Transfer(op, route, pieces, write=False))
         await self._after_keyed_pull(route, bound, src_range, tnpl)
 
     async def remove_cache_key(self, cache_key: CacheKey) -> None:

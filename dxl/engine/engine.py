@@ -10,6 +10,7 @@ component              job
 ``Listener``           the control listener and the tcp data server
 ``Handshake``          setting links up (identity, transport choice and proof)
 ``Resolver``           the resolve step of every transfer (link, caches, layer selection)
+``LayerPort``          what layers above the engine (the request handoff) may use of it
 operations             ``Registrations``, ``LinkOps``, ``BlockOps``, ``ContiguousOps``,
                        ``LayerwiseOps``, ``LocalCopies``: resolve -> plan -> move
 =====================  =========================================================================
@@ -17,22 +18,26 @@ operations             ``Registrations``, ``LinkOps``, ``BlockOps``, ``Contiguou
 Every blocking native call runs on the mover's threads; the event loop only validates arguments
 and keeps the books, so thousands of transfers can be awaited at once. One native call moves a
 whole request. ``docs/architecture.md`` draws the components and the path of one pull.
+
+Layers above the engine (the request handoff) are built on its :class:`LayerPort` with
+:meth:`Engine.add_layer`; the engine imports none of them. ``dxl.Engine`` (:mod:`dxl.layers`)
+is this engine with the handoff added.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Self, TypeVar
 
 from .. import _ffi
+from .._forward import forward
 from .._validate import check_isinstance, check_uint64
 from ..config import EngineOptions, LLMConfig
-from ..handoff.handoff import Handoff
 from ..memory.regions import RegionRegistry
 from ..types import LLMRole
 from .blocks import BlockOps
 from .book import CacheBook
 from .contiguous import ContiguousOps
-from .forward import forward
 from .handshake import Handshake
 from .layerwise import LayerwiseOps
 from .linking import LinkOps
@@ -40,10 +45,19 @@ from .links import LinkTable
 from .listener import Listener
 from .local import LocalCopies
 from .mover import Mover
+from .port import Layer, LayerPort
 from .ranktable import RankTableLinks
 from .registrations import Registrations
 from .resolve import Resolver
 from .state import Identity, RunState
+
+L = TypeVar("L", bound=Layer)
+
+# Engine.stats() keys of the engine itself; a layer's counters appear under its own name.
+_STATS_KEYS = frozenset(
+    {"cluster_id", "role", "state", "incarnation", "listen", "caches", "registered_addrs"}
+    | {"links", "transports", "pull", "push", "data_server", "native"}
+)
 
 
 class Engine:
@@ -107,9 +121,10 @@ class Engine:
         self._blocks = BlockOps(resolver, mover, self._contiguous)
         self._layerwise = LayerwiseOps(state, resolver, links, mover)
         self._local = LocalCopies(state, resolver, mover)
-        self._handoff = Handoff(
+        self._port = LayerPort(
             identity, opts, state, links, self._linking, listener, mover, resolver
         )
+        self._layers: dict[str, Layer] = {}
 
     # ------------------------------------------------------------------ identity
     @property
@@ -130,17 +145,26 @@ class Engine:
         return self._opts
 
     @property
-    def handoff(self) -> Handoff:
-        """Request handoff: offer, fetch, push, abort, finished offers (docs/handoff.md)."""
-        return self._handoff
-
-    @property
     def listen_address(self) -> tuple[str, int] | None:
         """The (ip, port) this engine accepts links on, with the real port when 0 was asked."""
         return self._listener.address
 
     # ------------------------------------------------------------------ lifecycle
-    async def __aenter__(self) -> Engine:
+    def add_layer(self, name: str, factory: Callable[[LayerPort], L]) -> L:
+        """Build a layer above this engine (``factory(port)``, e.g. the request handoff) and
+        carry it: it closes with the engine, before the links go, and its ``stats()`` appear in
+        :meth:`stats` under ``name``. Only before :meth:`start` (a layer routes its messages
+        before the first link arrives); ``name`` is unique."""
+        check_isinstance("name", name, str, allow_none=False)
+        if not name.isidentifier() or name in self._layers or name in _STATS_KEYS:
+            raise ValueError(f"layer name {name!r} must be an identifier not used yet")
+        if self._state.value != "new":
+            raise RuntimeError(f"engine {self.cluster_id}: add layers before start()")
+        layer = factory(self._port)
+        self._layers[name] = layer
+        return layer
+
+    async def __aenter__(self) -> Self:
         if self._state.value == "new":  # an engine already started may still be a context
             await self.start()
         return self
@@ -170,7 +194,8 @@ class Engine:
         self._listener.stop_accepting()  # no new links while the old ones go
         await self._handshake.close()
         await self._ranktable.close()
-        await self._handoff.close()
+        for layer in reversed(self._layers.values()):  # a layer may use the ones below it
+            await layer.close()
         self._links.close_all("engine closed")
         await self._links.wait_closed()
         await self._registrations.close()
@@ -196,11 +221,9 @@ class Engine:
     unlink = forward("_ranktable", RankTableLinks.unlink)
     query_register_mem_status = forward("_ranktable", RankTableLinks.query_register_mem_status)
 
-    # type: ignore: mypy rejects methods with **kwargs: Any under ParamSpec, though it infers
-    # the forwarded signature right (reveal_type shows it).
-    pull_blocks = forward("_blocks", BlockOps.pull_blocks)  # type: ignore[arg-type]
+    pull_blocks = forward("_blocks", BlockOps.pull_blocks)
     push_blocks = forward("_blocks", BlockOps.push_blocks)
-    pull_cache = forward("_contiguous", ContiguousOps.pull_cache)  # type: ignore[arg-type]
+    pull_cache = forward("_contiguous", ContiguousOps.pull_cache)
     push_cache = forward("_contiguous", ContiguousOps.push_cache)
     remove_cache_key = forward("_contiguous", ContiguousOps.remove_cache_key)
     check_cache_key = staticmethod(ContiguousOps.check_cache_key)
@@ -227,7 +250,7 @@ class Engine:
             "transports": self._links.transports(),
             **self._mover.snapshot(),
             "data_server": self._listener.stats(),
-            "handoff": self._handoff.stats(),
+            **{name: layer.stats() for name, layer in self._layers.items()},
             "native": {
                 k: native[k]
                 for k in ("regions_live", "peers_open", "ops_inflight", "bytes_registered")

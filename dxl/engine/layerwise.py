@@ -33,6 +33,7 @@ from .mover import Mover
 from .registry import LocalCache, RemoteCache
 from .resolve import Resolver, Route
 from .state import RunState
+from .transfer import Planned, Transfer
 
 log = logging.getLogger("dxl")
 TENSORS_PER_LAYER = 2  # the reference fixes K and V per layer for this operation
@@ -251,7 +252,7 @@ class LayerwiseOps:
                 )
             remotes = list({id(h): h for h in holders}.values())
             route = Route(link, local, [h for h in remotes if h is not None])
-            await self._mover.transfer(op, route, lambda: pieces, write=True)
+            await self._mover.move(Transfer(op, route, Planned(pieces), write=True))
         except LLMException as exc:
             log.error("dxl: %s layer %d: %s", op, layer, exc)
             return exc.status_code

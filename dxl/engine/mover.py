@@ -3,18 +3,21 @@
 It owns the engine's worker threads, decides when a small same-host request runs on the loop
 thread instead (the inline policy), holds the link and caches a request touches in use until the
 native call has returned, counts traffic, and turns a transport's failure into the status the
-caller sees (closing the link when the peer is gone).
+caller sees (closing the link when the peer is gone). A request arrives as a value
+(:class:`~dxl.engine.transfer.Transfer`: operation, route, direction, pieces, deadline); the
+mover plans its pieces on the thread that copies and moves them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import DxlError, LLMException, LLMStatusCode, fail
+from ..errors import DxlError, LLMStatusCode, fail
 from ..memory import localcopy
 from ..memory.plan import Pieces
 from ..transport import Job
@@ -23,7 +26,7 @@ from .stats import OpStats
 from .usage import Usage, hold
 
 if TYPE_CHECKING:
-    from .resolve import Route
+    from .transfer import Transfer
 
 log = logging.getLogger("dxl")
 T = TypeVar("T")
@@ -92,42 +95,37 @@ class Mover:
             if not await self.run(job):
                 return
 
-    async def transfer(
-        self,
-        op: str,
-        route: Route,
-        plan: Callable[[], Pieces],
-        write: bool,
-        nbytes_hint: int | None = None,
-    ) -> None:
-        """Plan (``plan()`` builds the pieces) and move one request over ``route``, holding the
-        link and every cache it touches in use until the native call returned.
+    async def move(self, transfer: Transfer) -> None:
+        """Plan (on the thread that copies) and move one request, holding the link and every
+        cache it touches in use until the native call returned.
 
-        A request of at most ``inline_bytes`` (``nbytes_hint``) over a transport that may copy
+        A request marked ``inline`` of at most ``inline_bytes`` over a transport that may copy
         inline runs on the loop thread: such a copy never waits on the peer and takes a few
         microseconds, less than the two thread wake-ups of the executor hop it saves."""
+        route = transfer.route
         link = route.link
         usages = [link.usage, route.local.usage, *(r.usage for r in route.remotes)]
+        write = transfer.write
         stats, link_stats = (self.push, link.push) if write else (self.pull, link.pull)
         transport = link.transport
-        move = transport.write if write else transport.read
+        copy = transport.write if write else transport.read
 
         def plan_and_move() -> tuple[int, int]:
-            pieces = plan()
+            pieces = transfer.pieces.plan()
             try:
-                return move(pieces), pieces.count
+                return copy(pieces, transfer.timeout_ms), pieces.count
             finally:
                 pieces.release()
 
         inline = (
-            nbytes_hint is not None
-            and nbytes_hint <= self._inline_bytes
+            transfer.inline
             and transport.caps.inline
+            and transfer.pieces.nbytes <= self._inline_bytes
             and self._take_inline_turn()
         )
         release = hold(usages)  # released by the native call's end, not the awaiting coroutine
         t0 = time.perf_counter()
-        try:
+        with self._failures(transfer, stats, link_stats):
             if inline:
                 try:
                     nbytes, count = plan_and_move()
@@ -135,26 +133,30 @@ class Mover:
                     release()
             else:
                 nbytes, count = await self.run(plan_and_move, on_done=release)
-        except DxlError as exc:
-            err = self._failed(op, route, exc)
-            stats.record_error(err.status_code.name)
-            link_stats.record_error(err.status_code.name)
-            raise err from exc
         elapsed = time.perf_counter() - t0
         stats.record(nbytes, count, elapsed)
         link_stats.record(nbytes, count, elapsed)
 
-    def _failed(self, op: str, route: Route, exc: DxlError) -> LLMException:
-        """The caller's view of a transport failure; a dead peer ends its link, a timeout does
-        not (the peer may only be slow)."""
-        link = route.link
-        failure = link.transport.failure(exc)
-        who = f"cluster {link.peer.cluster_id}"
-        if failure.peer_gone:
-            who += f" (pid {link.peer.pid})"
-            link.close(f"peer {link.peer.address} (pid {link.peer.pid}) is gone: {exc}")
-        detail = f" ({self._timeout_ms} ms)" if failure.code == LLMStatusCode.LLM_TIMEOUT else ""
-        return fail(op, failure.code, f"{who} {failure.what}{detail}: {exc}")
+    @contextlib.contextmanager
+    def _failures(self, transfer: Transfer, *stats: OpStats) -> Iterator[None]:
+        """Map a transport's failure (``DxlError``) to the caller's ``LLMException``, with the
+        context only the transfer has: its operation, its peer, its deadline (as httpcore's
+        ``map_exceptions``). A dead peer ends its link, a timeout does not (the peer may only be
+        slow)."""
+        try:
+            yield
+        except DxlError as exc:
+            link = transfer.route.link
+            failure = link.transport.failure(exc)
+            who = f"cluster {link.peer.cluster_id}"
+            if failure.peer_gone:
+                who += f" (pid {link.peer.pid})"
+                link.close(f"peer {link.peer.address} (pid {link.peer.pid}) is gone: {exc}")
+            timeout_ms = self._timeout_ms if transfer.timeout_ms is None else transfer.timeout_ms
+            detail = f" ({timeout_ms} ms)" if failure.code == LLMStatusCode.LLM_TIMEOUT else ""
+            for counter in stats:
+                counter.record_error(failure.code.name)
+            raise fail(transfer.op, failure.code, f"{who} {failure.what}{detail}: {exc}") from exc
 
     async def copy_local(self, pieces: Pieces, usages: list[Usage]) -> None:
         """One native copy within this process, holding the caches until it returned."""

@@ -9,13 +9,12 @@ import asyncio
 import contextlib
 
 from ..control import messages as m
-from ..engine.link import Link
-from ..engine.state import Identity
 from ..errors import LLMException
 from .defaults import ABORT_TIMEOUT_S
 from .fence import WriterFence
 from .fetching import Fetching
 from .linking import TicketLinker, check_token
+from .port import EnginePort, Link
 from .pushing import Pushing
 from .state import Offer, OfferTable, TicketLike
 from .ticket import Ended, Ticket
@@ -26,14 +25,14 @@ class Aborts:
 
     def __init__(
         self,
-        identity: Identity,
+        engine: EnginePort,
         offers: OfferTable,
         fetching: Fetching,
         pushing: Pushing,
         linker: TicketLinker,
         fence: WriterFence,
     ) -> None:
-        self._identity = identity
+        self._engine = engine
         self._offers = offers
         self._fetching = fetching
         self._pushing = pushing
@@ -41,7 +40,10 @@ class Aborts:
         self._fence = fence
 
     async def abort(self, ticket: TicketLike | str) -> None:
-        """:meth:`dxl.handoff.Handoff.abort`."""
+        """Cancel an offer: ours (by ticket or request id), or one we fetch from or push into.
+        Returns once no copy of it is in flight and none will start; the other engine is told
+        (linked to first if need be). An offer that ended already (the abort lost the race) is
+        no error: nothing changes."""
         if isinstance(ticket, str):
             offer = self._offers.for_request(ticket)
             if offer is not None:
@@ -51,10 +53,7 @@ class Aborts:
             return  # a request id whose offer ended already (it lost the race): nothing to do
         t = Ticket.of(ticket)
         check_token("abort", t)
-        if (
-            t.cluster_id == self._identity.cluster_id
-            and t.incarnation == self._identity.incarnation
-        ):
+        if t.cluster_id == self._engine.cluster_id and t.incarnation == self._engine.incarnation:
             mine = self._offers.get(t.offer_id)
             if mine is not None and mine.token_ok(t.token):
                 await self.abort_offer(mine, "aborted here")

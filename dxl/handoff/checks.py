@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from .._validate import check_blocks_in_range
-from ..engine.registry import LocalCache
 from ..errors import param_invalid
+from .port import LocalCache
 from .ticket import Ticket
 
 

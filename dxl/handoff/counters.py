@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine.stats import OpStats
 from ..errors import LLMStatusCode
 from .histogram import Histogram
+from .port import OpStats
 from .ticket import Ended, FetchError, Ticket
 
 

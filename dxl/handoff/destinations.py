@@ -8,10 +8,10 @@ import inspect
 import logging
 
 from ..control import messages as m
-from ..engine.link import Link
 from ..errors import LLMStatusCode
 from .counters import HandoffStats
 from .leases import Leases
+from .port import Link
 from .state import OfferTable
 from .ticket import Ended
 

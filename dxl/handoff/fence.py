@@ -7,10 +7,9 @@ from __future__ import annotations
 import logging
 
 from ..control import messages as m
-from ..engine.link import Link
-from ..engine.listener import Listener
 from ..errors import LLMException
 from .defaults import ABORT_TIMEOUT_S
+from .port import EnginePort, Link
 
 log = logging.getLogger("dxl")
 
@@ -18,8 +17,8 @@ log = logging.getLogger("dxl")
 class WriterFence:
     """Stops a writer into our blocks and waits out writes that already run."""
 
-    def __init__(self, listener: Listener) -> None:
-        self._listener = listener
+    def __init__(self, engine: EnginePort) -> None:
+        self._engine = engine
 
     async def stop_writer(self, link: Link, *, offer: int, token: str, mine: bool) -> None:
         """Tell the engine that writes into our blocks (the fetch's offerer, the push's
@@ -46,4 +45,4 @@ class WriterFence:
     async def wait_out_writes(self) -> None:
         """A writer's link closed (its tcp connections are revoked): wait out a write of it
         that already runs in our data server."""
-        await self._listener.fence()
+        await self._engine.fence_writes()

@@ -15,10 +15,6 @@ from collections.abc import AsyncIterator, Sequence
 
 from .._validate import block_list, check_cache_arg
 from ..control import messages as m
-from ..engine.link import Link
-from ..engine.registry import LocalCache
-from ..engine.resolve import Resolver
-from ..engine.state import RunState
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
 from ..types import Cache
 from .checks import check_destination, offer_view
@@ -26,6 +22,7 @@ from .counters import HandoffStats, fetch_failed
 from .defaults import ABORT_TIMEOUT_S, DEFAULT_FETCH_TIMEOUT_S
 from .fence import WriterFence
 from .linking import TicketLinker, check_token
+from .port import EnginePort, Link, LocalCache
 from .slots import Slots
 from .state import Fetch, LayerCallback, OfferKey, TicketLike
 from .ticket import FetchError, Ticket
@@ -38,15 +35,13 @@ class Fetching:
 
     def __init__(
         self,
-        state: RunState,
-        resolver: Resolver,
+        engine: EnginePort,
         linker: TicketLinker,
         fence: WriterFence,
         slots: Slots,
         stats: HandoffStats,
     ) -> None:
-        self._state = state
-        self._resolver = resolver
+        self._engine = engine
         self._linker = linker
         self._fence = fence
         self._slots = slots
@@ -69,15 +64,25 @@ class Fetching:
         on_layer: LayerCallback | None = None,
         timeout_s: float | None = None,
     ) -> None:
-        """:meth:`dxl.handoff.Handoff.fetch`."""
+        """Take the blocks a ticket offers into ``block_ids`` of ``cache`` (one per offered
+        block; ``cache`` registered with ``remote_accessible=True``: the offerer writes it).
+        ``on_layer(lo, hi)`` is called as layers [lo, hi) land. Links to the offerer if needed.
+        Fewer ``block_ids`` than the ticket offers take the offer's *last* blocks (the fetcher
+        holds the first ones already, e.g. from a local prefix cache hit).
+
+        Raises:
+            FetchError: the fetch failed, timed out or was aborted: ``partial_blocks`` may hold
+                partial data. The offer ended on the offering side (it frees its blocks).
+            LLMException: bad arguments (``LLM_PARAM_INVALID``), nothing moved.
+        """
         op = "fetch"
         t = Ticket.of(ticket)
         check_token(op, t)
         if t.kind != "pull":
             raise param_invalid(op, "a push-mode ticket is pushed into (push), not fetched")
         check_cache_arg(op, "cache", cache)
-        self._state.require(op)
-        entry = self._resolver.local(op, cache)
+        self._engine.require_running(op)
+        entry = self._engine.local_cache(op, cache)
         dst = block_list(op, "block_ids", list(block_ids))
         check_destination(op, entry, dst, t, tail=True)
         deadline_s = DEFAULT_FETCH_TIMEOUT_S if timeout_s is None else float(timeout_s)
@@ -95,7 +100,7 @@ class Fetching:
         self._stats.observe(t.cluster_id, "fetch_seconds", elapsed)
 
     async def renew(self, ticket: TicketLike) -> None:
-        """:meth:`dxl.handoff.Handoff.renew`."""
+        """Extend a live offer's lease by its full length (a decode that is not ready yet)."""
         t = Ticket.of(ticket)
         link = await self._linker.link_to("renew", t, ABORT_TIMEOUT_S)
         ack = await link.channel.request(m.Renew(offer=t.offer_id, token=t.token), ABORT_TIMEOUT_S)

@@ -39,19 +39,10 @@ component                job
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from .._forward import delegate, forward
 from .._validate import check_uint32
-from ..config import EngineOptions
-from ..engine.link import Link
-from ..engine.linking import LinkOps
-from ..engine.links import LinkTable
-from ..engine.listener import Listener
-from ..engine.mover import Mover
-from ..engine.resolve import Resolver
-from ..engine.state import Identity, RunState
-from ..types import Cache
 from .aborts import Aborts
 from .counters import HandoffStats
 from .defaults import (
@@ -67,11 +58,11 @@ from .fetching import Fetching
 from .leases import Leases
 from .linking import TicketLinker
 from .offers import Offering
+from .port import EnginePort, Link
 from .pushing import Pushing
 from .serving import FetchServer
 from .slots import Slots
 from .state import LayerCallback, OfferTable, TicketLike
-from .ticket import Finished, Ticket
 
 __all__ = [
     "ABORT_TIMEOUT_S",
@@ -89,28 +80,20 @@ __all__ = [
 class Handoff:
     """The handoff layer of one engine (see the module docstring); ``engine.handoff``."""
 
-    def __init__(
-        self,
-        identity: Identity,
-        options: EngineOptions,  # the engine's; no handoff setting is among them yet
-        state: RunState,
-        links: LinkTable,
-        linking: LinkOps,
-        listener: Listener,
-        mover: Mover,
-        resolver: Resolver,
-    ) -> None:
+    def __init__(self, engine: EnginePort) -> None:
+        """Built by the engine it serves, from its port (:mod:`dxl.handoff.port`); the
+        engine's options carry no handoff setting yet."""
         stats = self._stats = HandoffStats()
         offers = self._offers = OfferTable(stats)
         slots = self._slots = Slots(DEFAULT_MAX_FETCHES)
-        linker = TicketLinker(identity, links, linking, stats)
-        fence = WriterFence(listener)
-        fetching = self._fetching = Fetching(state, resolver, linker, fence, slots, stats)
-        pushing = self._pushing = Pushing(state, resolver, mover, linker, stats)
-        aborts = self._aborts = Aborts(identity, offers, fetching, pushing, linker, fence)
-        leases = Leases(offers, stats, links.spawn, aborts.abort_offer)
-        self._offering = Offering(identity, state, resolver, listener, offers, leases)
-        serving = FetchServer(offers, leases, mover, stats)
+        linker = TicketLinker(engine, stats)
+        fence = WriterFence(engine)
+        fetching = self._fetching = Fetching(engine, linker, fence, slots, stats)
+        pushing = self._pushing = Pushing(engine, linker, stats)
+        aborts = self._aborts = Aborts(engine, offers, fetching, pushing, linker, fence)
+        leases = Leases(offers, stats, engine.spawn, aborts.abort_offer)
+        self._offering = Offering(engine, offers, leases)
+        serving = FetchServer(engine, offers, leases, stats)
         destinations = self._destinations = DestinationOffers(offers, leases, stats)
         for kind, handler in (
             ("fetch", serving.on_fetch),
@@ -122,8 +105,8 @@ class Handoff:
             ("complete", destinations.on_complete),
             ("abort", aborts.on_abort),
         ):
-            links.on(kind, handler)
-        links.watch_closed(self._on_link_closed)
+            engine.on(kind, handler)
+        engine.watch_closed(self._on_link_closed)
 
     @property
     def max_fetches(self) -> int:
@@ -137,143 +120,26 @@ class Handoff:
         check_uint32("max_fetches", value)
         self._slots.limit = value
 
-    # ================================================================== offering side
-    async def offer(
-        self,
-        request_id: str,
-        cache: Cache,
-        block_ids: Sequence[int],
-        *,
-        layers: range | None = None,
-        tensors_per_layer: int = 2,
-        lease_s: float | None = None,
-        num_tokens: int | None = None,
-        offer_id: int | None = None,
-        token: str | None = None,
-    ) -> Ticket:
-        """Hold ``block_ids`` of ``cache`` for ``request_id`` until a fetcher took them, or the
-        lease (``lease_s``, default 30 s, renewable) ran out; returns the ticket for the router.
-
-        The blocks must stay untouched until :meth:`finished` reports the offer ended.
-
-        ``offer_id`` and ``token`` (both or neither) let a caller that must hand the ticket out
-        before the offer exists choose them (a vLLM scheduler whose worker offers): the id must
-        be at least ``2**32`` (the engine picks smaller ones) and not live; the token must be a
-        random secret of at least 32 hex digits. The ticket is then predictable from them."""
-        return await self._offering.offer(
-            request_id,
-            cache,
-            block_ids,
-            layers=layers,
-            tensors_per_layer=tensors_per_layer,
-            lease_s=lease_s,
-            num_tokens=num_tokens,
-            offer_id=offer_id,
-            token=token,
-        )
-
-    async def offer_destination(
-        self,
-        request_id: str,
-        cache: Cache,
-        block_ids: Sequence[int],
-        *,
-        layers: range | None = None,
-        tensors_per_layer: int = 2,
-        lease_s: float | None = None,
-        on_layer: LayerCallback | None = None,
-    ) -> Ticket:
-        """Push mode: offer ``block_ids`` of ``cache`` (remotely accessible) as the destination
-        of ``request_id``; the engine that claims the ticket pushes into them. ``on_layer(lo,
-        hi)`` is called as layers land. Ends as :meth:`offer` does."""
-        return await self._offering.offer_destination(
-            request_id,
-            cache,
-            block_ids,
-            layers=layers,
-            tensors_per_layer=tensors_per_layer,
-            lease_s=lease_s,
-            on_layer=on_layer,
-        )
-
-    async def finished(self) -> AsyncIterator[Finished]:
-        """Every offer of this engine that ends, as it ends (each exactly once)."""
-        async for end in self._offers.finished():
-            yield end
-
-    def poll_finished(self) -> list[Finished]:
-        """The offers that ended since the last call (each exactly once)."""
-        return self._offers.poll_finished()
-
-    async def wait_finished(self, timeout_s: float | None = None) -> list[Finished]:
-        """:meth:`poll_finished` once at least one offer ended, or after ``timeout_s`` (then
-        possibly empty); ``None`` waits as long as it takes."""
-        return await self._offers.wait_finished(timeout_s)
+    # Operations: written once, on the component that does each (signature, checks, docstring).
+    # offering side
+    offer = forward("_offering", Offering.offer)
+    offer_destination = forward("_offering", Offering.offer_destination)
+    finished = delegate("_offers", OfferTable.finished)
+    poll_finished = delegate("_offers", OfferTable.poll_finished)
+    wait_finished = forward("_offers", OfferTable.wait_finished)
 
     def live(self) -> int:
         """Offers of this engine not ended yet."""
         return len(self._offers)
 
-    # ================================================================== ending, renewing
-    async def abort(self, ticket: TicketLike | str) -> None:
-        """Cancel an offer: ours (by ticket or request id), or one we fetch from or push into.
-        Returns once no copy of it is in flight and none will start; the other engine is told
-        (linked to first if need be). An offer that ended already (the abort lost the race) is
-        no error: nothing changes."""
-        await self._aborts.abort(ticket)
+    # ending, renewing
+    abort = forward("_aborts", Aborts.abort)
+    renew = forward("_fetching", Fetching.renew)
 
-    async def renew(self, ticket: TicketLike) -> None:
-        """Extend a live offer's lease by its full length (a decode that is not ready yet)."""
-        await self._fetching.renew(ticket)
-
-    # ================================================================== fetching side
-    async def fetch(
-        self,
-        ticket: TicketLike,
-        cache: Cache,
-        block_ids: Sequence[int],
-        *,
-        on_layer: LayerCallback | None = None,
-        timeout_s: float | None = None,
-    ) -> None:
-        """Take the blocks a ticket offers into ``block_ids`` of ``cache`` (one per offered
-        block; ``cache`` registered with ``remote_accessible=True``: the offerer writes it).
-        ``on_layer(lo, hi)`` is called as layers [lo, hi) land. Links to the offerer if needed.
-        Fewer ``block_ids`` than the ticket offers take the offer's *last* blocks (the fetcher
-        holds the first ones already, e.g. from a local prefix cache hit).
-
-        Raises:
-            FetchError: the fetch failed, timed out or was aborted: ``partial_blocks`` may hold
-                partial data. The offer ended on the offering side (it frees its blocks).
-            LLMException: bad arguments (``LLM_PARAM_INVALID``), nothing moved.
-        """
-        await self._fetching.fetch(ticket, cache, block_ids, on_layer=on_layer, timeout_s=timeout_s)
-
-    # ================================================================== push mode, pusher side
-    async def push(
-        self,
-        ticket: TicketLike,
-        cache: Cache,
-        block_ids: Sequence[int],
-        *,
-        layers: range | None = None,
-        timeout_s: float | None = None,
-    ) -> None:
-        """Push mode: write ``block_ids`` of ``cache`` into the destination blocks a push
-        ticket offers (all its layers, or ``layers``, absolute layer numbers of the ticket's
-        range, e.g. one layer as the model finishes it). Claims the offer on first use.
-
-        Raises:
-            FetchError: the offer is gone, aborted or the push failed (``partial_blocks``: the
-                destination blocks that may hold partial data).
-        """
-        await self._pushing.push(ticket, cache, block_ids, layers=layers, timeout_s=timeout_s)
-
-    async def complete(self, ticket: TicketLike, *, failed: str = "") -> None:
-        """Push mode: every layer was pushed (or ``failed``: why not): the destination's offer
-        ends done (or failed) on its engine, exactly once. Pushes of it still running are
-        waited for first; none starts after."""
-        await self._pushing.complete(ticket, failed=failed)
+    # fetching side (pull mode); pushing side (push mode)
+    fetch = forward("_fetching", Fetching.fetch)
+    push = forward("_pushing", Pushing.push)
+    complete = forward("_pushing", Pushing.complete)
 
     # ================================================================== both sides
     def stats(self) -> dict[str, Any]:

@@ -12,10 +12,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..control import messages as m
-from ..engine.link import Link
 from ..errors import LLMStatusCode
 from .counters import HandoffStats
 from .defaults import MAX_LEASES
+from .port import Link
 from .state import Offer, OfferTable
 from .ticket import Ended
 

@@ -8,13 +8,9 @@ import asyncio
 from dataclasses import dataclass, field
 
 from ..control.wire import MAX_TOKEN, is_token
-from ..engine.link import Link
-from ..engine.linking import LinkOps
-from ..engine.links import LinkTable
-from ..engine.state import Identity
 from ..errors import LLMStatusCode, param_invalid
-from ..types import LLMClusterInfo
 from .counters import HandoffStats, fetch_failed
+from .port import EnginePort, Link
 from .ticket import Ticket, parse_endpoint
 
 
@@ -30,12 +26,8 @@ def check_token(op: str, t: Ticket) -> None:
 class TicketLinker:
     """The link to a ticket's engine, checked to be the incarnation the ticket names."""
 
-    def __init__(
-        self, identity: Identity, links: LinkTable, linking: LinkOps, stats: HandoffStats
-    ) -> None:
-        self._identity = identity
-        self._links = links
-        self._linking = linking
+    def __init__(self, engine: EnginePort, stats: HandoffStats) -> None:
+        self._engine = engine
         self._stats = stats
         # one link setup per peer at a time; an entry lives while operations towards that peer
         # wait for it (a ticket may name any cluster id: none may stay behind)
@@ -43,7 +35,7 @@ class TicketLinker:
 
     def live_link(self, cluster_id: int) -> Link | None:
         """The live link to ``cluster_id``, if any (without linking)."""
-        return self._links.get(cluster_id)
+        return self._engine.live_link(cluster_id)
 
     async def link_to(
         self, op: str, t: Ticket, timeout: float, partial: list[int] | None = None
@@ -51,9 +43,9 @@ class TicketLinker:
         """The live link to the engine a ticket names (linking to its endpoint if needed); a
         ticket of another incarnation (the offerer restarted) or engine is refused."""
         check_token(op, t)
-        if t.cluster_id == self._identity.cluster_id:
+        if t.cluster_id == self._engine.cluster_id:
             raise param_invalid(op, "the ticket names this engine")
-        link = self._links.get(t.cluster_id)
+        link = self._engine.live_link(t.cluster_id)
         if link is None:
             # the first of several operations towards a peer links; the others wait for it
             # (a second link_clusters meanwhile would only answer LLM_PROCESSING_LINK)
@@ -61,10 +53,12 @@ class TicketLinker:
             setup.users += 1
             try:
                 async with setup.lock:
-                    link = self._links.get(t.cluster_id)
+                    link = self._engine.live_link(t.cluster_id)
                     if link is None:
-                        await self._link(t, timeout)
-                        link = self._links.get(t.cluster_id)
+                        timeout_ms = max(1, int(min(timeout, 30) * 1000))
+                        link = await self._engine.link_endpoint(
+                            t.cluster_id, parse_endpoint(t.endpoint), timeout_ms
+                        )
             finally:
                 setup.users -= 1
                 if setup.users == 0:
@@ -86,14 +80,6 @@ class TicketLinker:
                 partial or [],
             )
         return link
-
-    async def _link(self, t: Ticket, timeout: float) -> None:
-        info = LLMClusterInfo()
-        info.remote_cluster_id = t.cluster_id
-        info.append_local_ip_info("127.0.0.1", 0)
-        info.append_remote_ip_info(*parse_endpoint(t.endpoint))
-        timeout_ms = max(1, int(min(timeout, 30) * 1000))
-        await self._linking.link_clusters([info], timeout_ms)
 
     def __len__(self) -> int:
         """Peers that link setups are in progress (or awaited) towards."""

@@ -8,14 +8,11 @@ import secrets
 from collections.abc import Sequence
 
 from .._validate import block_list, check_blocks_in_range, check_cache_arg, check_isinstance
-from ..engine.listener import Listener
-from ..engine.registry import LocalCache
-from ..engine.resolve import Resolver
-from ..engine.state import Identity, RunState
 from ..errors import LLMStatusCode, fail, param_invalid
 from ..types import Cache
 from .defaults import CALLER_OFFER_IDS, DEFAULT_LEASE_S
 from .leases import Leases
+from .port import EnginePort, LocalCache
 from .state import LayerCallback, Offer, OfferTable
 from .ticket import Ticket, format_endpoint
 
@@ -27,17 +24,11 @@ class Offering:
 
     def __init__(
         self,
-        identity: Identity,
-        state: RunState,
-        resolver: Resolver,
-        listener: Listener,
+        engine: EnginePort,
         offers: OfferTable,
         leases: Leases,
     ) -> None:
-        self._identity = identity
-        self._state = state
-        self._resolver = resolver
-        self._listener = listener
+        self._engine = engine
         self._offers = offers
         self._leases = leases
 
@@ -54,7 +45,16 @@ class Offering:
         offer_id: int | None = None,
         token: str | None = None,
     ) -> Ticket:
-        """:meth:`dxl.handoff.Handoff.offer`."""
+        """Hold ``block_ids`` of ``cache`` for ``request_id`` until a fetcher took them, or the
+        lease (``lease_s``, default 30 s, renewable) ran out; returns the ticket for the router.
+
+        The blocks must stay untouched until :meth:`~dxl.handoff.Handoff.finished` reports the
+        offer ended.
+
+        ``offer_id`` and ``token`` (both or neither) let a caller that must hand the ticket out
+        before the offer exists choose them (a vLLM scheduler whose worker offers): the id must
+        be at least ``2**32`` (the engine picks smaller ones) and not live; the token must be a
+        random secret of at least 32 hex digits. The ticket is then predictable from them."""
         return self._new_offer(
             "offer",
             "pull",
@@ -81,7 +81,9 @@ class Offering:
         lease_s: float | None = None,
         on_layer: LayerCallback | None = None,
     ) -> Ticket:
-        """:meth:`dxl.handoff.Handoff.offer_destination`."""
+        """Push mode: offer ``block_ids`` of ``cache`` (remotely accessible) as the destination
+        of ``request_id``; the engine that claims the ticket pushes into them. ``on_layer(lo,
+        hi)`` is called as layers land. Ends as :meth:`offer` does."""
         if not cache.remote_accessible:
             raise param_invalid(
                 "offer_destination",
@@ -125,8 +127,8 @@ class Offering:
         lease = DEFAULT_LEASE_S if lease_s is None else float(lease_s)
         if not 0 < lease <= 24 * 3600:
             raise param_invalid(op, f"lease_s must be in (0, 86400], got {lease_s}")
-        self._state.require(op)
-        entry = self._resolver.local(op, cache)
+        self._engine.require_running(op)
+        entry = self._engine.local_cache(op, cache)
         if not entry.layout.blocks:
             raise param_invalid(op, "cache must be a blocks cache")
         blocks = block_list(op, "block_ids", list(block_ids))
@@ -147,7 +149,7 @@ class Offering:
                 raise param_invalid(op, "a chosen token must be 32 to 128 hex digits")
             if self._offers.get(offer_id) is not None:
                 raise fail(op, Code.LLM_REPEAT_REQUEST, f"offer id {offer_id} is live already")
-        address = self._listener.address
+        address = self._engine.listen_address
         if address is None:
             raise fail(
                 op,
@@ -171,8 +173,8 @@ class Offering:
         self._leases.arm(offer)
         return Ticket(
             kind=kind,
-            cluster_id=self._identity.cluster_id,
-            incarnation=self._identity.incarnation,
+            cluster_id=self._engine.cluster_id,
+            incarnation=self._engine.incarnation,
             endpoint=format_endpoint(address),
             request_id=request_id,
             offer_id=offer.offer_id,

@@ -11,17 +11,13 @@ import numpy as np
 
 from .._validate import block_list, check_cache_arg, check_isinstance
 from ..control import messages as m
-from ..engine.link import Link
-from ..engine.mover import Mover
-from ..engine.resolve import Resolver, Route
-from ..engine.state import RunState
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_from_code
-from ..memory.plan import block_pieces
 from ..types import Cache
 from .checks import check_destination, offer_view
 from .counters import HandoffStats, fetch_failed
 from .defaults import DEFAULT_FETCH_TIMEOUT_S
 from .linking import TicketLinker, check_token
+from .port import Blocks, EnginePort, Link
 from .state import Claim, OfferKey, TicketLike
 from .ticket import FetchError, Ticket
 
@@ -33,15 +29,11 @@ class Pushing:
 
     def __init__(
         self,
-        state: RunState,
-        resolver: Resolver,
-        mover: Mover,
+        engine: EnginePort,
         linker: TicketLinker,
         stats: HandoffStats,
     ) -> None:
-        self._state = state
-        self._resolver = resolver
-        self._mover = mover
+        self._engine = engine
         self._linker = linker
         self._stats = stats
         self._claims: dict[OfferKey, Claim] = {}
@@ -59,7 +51,14 @@ class Pushing:
         layers: range | None = None,
         timeout_s: float | None = None,
     ) -> None:
-        """:meth:`dxl.handoff.Handoff.push`."""
+        """Push mode: write ``block_ids`` of ``cache`` into the destination blocks a push
+        ticket offers (all its layers, or ``layers``, absolute layer numbers of the ticket's
+        range, e.g. one layer as the model finishes it). Claims the offer on first use.
+
+        Raises:
+            FetchError: the offer is gone, aborted or the push failed (``partial_blocks``: the
+                destination blocks that may hold partial data).
+        """
         op = "push"
         t = Ticket.of(ticket)
         check_token(op, t)
@@ -67,8 +66,8 @@ class Pushing:
             raise param_invalid(op, "a pull-mode ticket is fetched, not pushed into")
         check_cache_arg(op, "cache", cache)
         check_isinstance("layers", layers, range)
-        self._state.require(op)
-        entry = self._resolver.local(op, cache)
+        self._engine.require_running(op)
+        entry = self._engine.local_cache(op, cache)
         src = block_list(op, "block_ids", list(block_ids))
         check_destination(op, entry, src, t)
         span = (
@@ -95,14 +94,8 @@ class Pushing:
         try:
             if claim.aborted:
                 raise self._failed(t, Code.LLM_FAILED, "the offer was aborted", dst_blocks)
-            route = Route(claim.link, entry, [remote])
-            await self._mover.transfer(
-                op,
-                route,
-                lambda: block_pieces(dst_bases, src_bases, dst, src, bb),
-                write=True,
-                nbytes_hint=src.size * src_bases.size * bb,
-            )
+            pieces = Blocks(dst_bases, src_bases, dst, src, bb)
+            await self._engine.transfer(op, claim.link, entry, remote, pieces, write=True)
         except LLMException as exc:
             if isinstance(exc, FetchError):
                 raise
@@ -120,7 +113,9 @@ class Pushing:
         self._stats.count(t.cluster_id, "bytes_sent", pushed)
 
     async def complete(self, ticket: TicketLike, *, failed: str = "") -> None:
-        """:meth:`dxl.handoff.Handoff.complete`."""
+        """Push mode: every layer was pushed (or ``failed``: why not): the destination's offer
+        ends done (or failed) on its engine, exactly once. Pushes of it still running are
+        waited for first; none starts after."""
         t = Ticket.of(ticket)
         claim = self._claims.pop((t.cluster_id, t.offer_id), None)
         if claim is None:

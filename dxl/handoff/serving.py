@@ -6,19 +6,14 @@ engine that owns the source blocks, so ending the offer can wait for it (the fen
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import numpy as np
 
 from ..control import messages as m
-from ..engine.link import Link
-from ..engine.mover import Mover
-from ..engine.registry import RemoteCache
-from ..engine.resolve import Route
 from ..errors import LLMException, LLMStatusCode, fail, param_invalid
-from ..memory.plan import block_pieces
 from .counters import HandoffStats
 from .leases import Leases
+from .port import Blocks, EnginePort, Link, RemoteCache
 from .state import Offer, OfferTable
 from .ticket import Ended
 
@@ -29,11 +24,11 @@ class FetchServer:
     """Answers ``fetch`` messages for our pull-mode offers and runs the copy of each."""
 
     def __init__(
-        self, offers: OfferTable, leases: Leases, mover: Mover, stats: HandoffStats
+        self, engine: EnginePort, offers: OfferTable, leases: Leases, stats: HandoffStats
     ) -> None:
+        self._engine = engine
         self._offers = offers
         self._leases = leases
-        self._mover = mover
         self._stats = stats
 
     async def on_fetch(self, link: Link, msg: m.Fetch) -> None:
@@ -114,16 +109,11 @@ class FetchServer:
         bb = offer.entry.layout.unit_bytes
         src = offer.blocks[offer.blocks.size - dst.size :]  # fewer: the fetcher takes the tail
 
-        def plan() -> Any:
-            return block_pieces(dst_bases, src_bases, dst, src, bb)
-
         offer.moving += 1
         offer.idle.clear()
         try:
-            route = Route(link, offer.entry, [remote])
-            await self._mover.transfer(
-                "handoff", route, plan, write=True, nbytes_hint=dst.size * src_bases.size * bb
-            )
+            pieces = Blocks(dst_bases, src_bases, dst, src, bb)
+            await self._engine.transfer("handoff", link, offer.entry, remote, pieces, write=True)
         finally:
             offer.moving -= 1
             if offer.moving == 0:

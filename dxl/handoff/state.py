@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.link import Link
-from ..engine.registry import LocalCache
 from ..errors import param_invalid
 from .counters import HandoffStats
+from .port import Link, LocalCache
 from .ticket import Ended, Finished, Ticket
 
 log = logging.getLogger("dxl")
@@ -179,7 +178,7 @@ class OfferTable:
         return True
 
     async def finished(self) -> AsyncIterator[Finished]:
-        """Every offer that ends, as it ends (each exactly once)."""
+        """Every offer of this engine that ends, as it ends (each exactly once)."""
         while True:
             while self._finished:
                 yield self._finished.popleft()
@@ -192,8 +191,9 @@ class OfferTable:
         self._finished.clear()
         return out
 
-    async def wait_finished(self, timeout_s: float | None) -> list[Finished]:
-        """:meth:`poll_finished` once at least one offer ended, or after ``timeout_s``."""
+    async def wait_finished(self, timeout_s: float | None = None) -> list[Finished]:
+        """:meth:`poll_finished` once at least one offer ended, or after ``timeout_s`` (then
+        possibly empty); ``None`` waits as long as it takes."""
         if timeout_s is not None and (
             isinstance(timeout_s, bool)
             or not isinstance(timeout_s, int | float)

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ...datadist import _LoopThread
-from ...engine import Engine
 from ...handoff.ticket import FetchError, format_endpoint
+from ...layers import Engine
 from ...types import BlocksCacheKey, CacheDesc, DataType, LLMRole, Placement
 from .config import DxlConnectorConfig
 from .layout import KVLayout, TensorLike, kv_layout
