@@ -110,3 +110,23 @@ async def test_abort_of_an_unreachable_offerer_returns(pair) -> None:
     gone = Ticket.of({**t.to_dict(), "cluster_id": 999, "endpoint": "127.0.0.1:1"})
     await asyncio.wait_for(d.handoff.abort(gone), 30)  # nobody to tell: the lease decides
     assert p.handoff.live() == 1
+
+
+async def test_the_handoff_settings_are_the_engines_options() -> None:
+    """dxl.HandoffLeaseS and dxl.HandoffMaxFetches reach the handoff: an offer that names no
+    lease gets the option's, and max_fetches starts at the option's."""
+    options = {
+        "llm.listenIpInfo": "127.0.0.1:0",
+        "dxl.HandoffLeaseS": "7.5",
+        "dxl.HandoffMaxFetches": "3",
+    }
+    eng = dxl.Engine(103, dxl.LLMRole.PROMPT, options)
+    await eng.start()
+    try:
+        kv = KVBuffers(TENSORS, BLOCKS, BB, seed=1, fill=True)
+        cache = await eng.register_blocks_cache(kv.desc(), kv.addrs, remote_accessible=True)
+        ticket = await eng.handoff.offer("r-settings", cache, [0, 1])
+        assert ticket.lease_ms == 7500
+        assert eng.handoff.max_fetches == 3
+    finally:
+        await eng.close()

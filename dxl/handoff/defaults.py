@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..config import DEFAULT_HANDOFF_FETCH_TIMEOUT_S as DEFAULT_FETCH_TIMEOUT_S
 from ..config import DEFAULT_HANDOFF_LEASE_S as DEFAULT_LEASE_S
 from ..config import DEFAULT_HANDOFF_MAX_FETCHES as DEFAULT_MAX_FETCHES
+from ..config import MAX_HANDOFF_SECONDS
 
 __all__ = [
     "ABORT_TIMEOUT_S",
@@ -19,6 +20,7 @@ __all__ = [
     "DEFAULT_FETCH_TIMEOUT_S",
     "DEFAULT_LEASE_S",
     "DEFAULT_MAX_FETCHES",
+    "MAX_HANDOFF_SECONDS",
     "MAX_LEASES",
 ]
 

@@ -19,7 +19,7 @@ from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_fr
 from ..types import Cache
 from .checks import check_destination, offer_view
 from .counters import HandoffStats, fetch_failed
-from .defaults import ABORT_TIMEOUT_S, DEFAULT_FETCH_TIMEOUT_S
+from .defaults import ABORT_TIMEOUT_S
 from .fence import WriterFence
 from .linking import TicketLinker, check_token
 from .port import EnginePort, Link, LocalCache
@@ -40,8 +40,10 @@ class Fetching:
         fence: WriterFence,
         slots: Slots,
         stats: HandoffStats,
+        timeout_s: float,
     ) -> None:
         self._engine = engine
+        self._timeout_s = timeout_s  # when fetch() names none (dxl.HandoffFetchTimeoutS)
         self._linker = linker
         self._fence = fence
         self._slots = slots
@@ -85,7 +87,7 @@ class Fetching:
         entry = self._engine.local_cache(op, cache)
         dst = block_list(op, "block_ids", list(block_ids))
         check_destination(op, entry, dst, t, tail=True)
-        deadline_s = DEFAULT_FETCH_TIMEOUT_S if timeout_s is None else float(timeout_s)
+        deadline_s = self._timeout_s if timeout_s is None else float(timeout_s)
         t0 = time.perf_counter()
         partial = [int(b) for b in dst.tolist()]
         link = await self._linker.link_to(op, t, deadline_s, partial)

@@ -81,18 +81,22 @@ class Handoff:
     """The handoff layer of one engine (see the module docstring); ``engine.handoff``."""
 
     def __init__(self, engine: EnginePort) -> None:
-        """Built by the engine it serves, from its port (:mod:`dxl.handoff.port`); the
-        engine's options carry no handoff setting yet."""
+        """Built by the engine it serves, from its port (:mod:`dxl.handoff.port`); its
+        settings are the engine's ``dxl.Handoff*`` options, each component given the ones it
+        uses."""
+        settings = engine.options.handoff
         stats = self._stats = HandoffStats()
         offers = self._offers = OfferTable(stats)
-        slots = self._slots = Slots(DEFAULT_MAX_FETCHES)
+        slots = self._slots = Slots(settings.max_fetches)
         linker = TicketLinker(engine, stats)
         fence = WriterFence(engine)
-        fetching = self._fetching = Fetching(engine, linker, fence, slots, stats)
-        pushing = self._pushing = Pushing(engine, linker, stats)
+        fetching = self._fetching = Fetching(
+            engine, linker, fence, slots, stats, settings.fetch_timeout_s
+        )
+        pushing = self._pushing = Pushing(engine, linker, stats, settings.fetch_timeout_s)
         aborts = self._aborts = Aborts(engine, offers, fetching, pushing, linker, fence)
         leases = Leases(offers, stats, engine.spawn, aborts.abort_offer)
-        self._offering = Offering(engine, offers, leases)
+        self._offering = Offering(engine, offers, leases, settings.lease_s)
         serving = FetchServer(engine, offers, leases, stats)
         destinations = self._destinations = DestinationOffers(offers, leases, stats)
         for kind, handler in (

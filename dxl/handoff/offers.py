@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from .._validate import block_list, check_blocks_in_range, check_cache_arg, check_isinstance
 from ..errors import LLMStatusCode, fail, param_invalid
 from ..types import Cache
-from .defaults import CALLER_OFFER_IDS, DEFAULT_LEASE_S
+from .defaults import CALLER_OFFER_IDS, MAX_HANDOFF_SECONDS
 from .leases import Leases
 from .port import EnginePort, LocalCache
 from .state import LayerCallback, Offer, OfferTable
@@ -27,8 +27,10 @@ class Offering:
         engine: EnginePort,
         offers: OfferTable,
         leases: Leases,
+        lease_s: float,
     ) -> None:
         self._engine = engine
+        self._lease_s = lease_s  # when offer() names none (dxl.HandoffLeaseS)
         self._offers = offers
         self._leases = leases
 
@@ -46,7 +48,8 @@ class Offering:
         token: str | None = None,
     ) -> Ticket:
         """Hold ``block_ids`` of ``cache`` for ``request_id`` until a fetcher took them, or the
-        lease (``lease_s``, default 30 s, renewable) ran out; returns the ticket for the router.
+        lease (``lease_s``, default the engine's ``dxl.HandoffLeaseS``, 30 s; renewable) ran
+        out; returns the ticket for the router.
 
         The blocks must stay untouched until :meth:`~dxl.handoff.Handoff.finished` reports the
         offer ended.
@@ -124,9 +127,11 @@ class Offering:
             raise param_invalid(op, "request_id must have 1..512 characters")
         if self._offers.for_request(request_id) is not None:
             raise fail(op, Code.LLM_REPEAT_REQUEST, f"request {request_id!r} is offered already")
-        lease = DEFAULT_LEASE_S if lease_s is None else float(lease_s)
-        if not 0 < lease <= 24 * 3600:
-            raise param_invalid(op, f"lease_s must be in (0, 86400], got {lease_s}")
+        lease = self._lease_s if lease_s is None else float(lease_s)
+        if not 0 < lease <= MAX_HANDOFF_SECONDS:
+            raise param_invalid(
+                op, f"lease_s must be in (0, {MAX_HANDOFF_SECONDS:g}], got {lease_s}"
+            )
         self._engine.require_running(op)
         entry = self._engine.local_cache(op, cache)
         if not entry.layout.blocks:

@@ -15,7 +15,6 @@ from ..errors import LLMException, LLMStatusCode, fail, param_invalid, status_fr
 from ..types import Cache
 from .checks import check_destination, offer_view
 from .counters import HandoffStats, fetch_failed
-from .defaults import DEFAULT_FETCH_TIMEOUT_S
 from .linking import TicketLinker, check_token
 from .port import Blocks, EnginePort, Link
 from .state import Claim, OfferKey, TicketLike
@@ -32,8 +31,10 @@ class Pushing:
         engine: EnginePort,
         linker: TicketLinker,
         stats: HandoffStats,
+        timeout_s: float,
     ) -> None:
         self._engine = engine
+        self._timeout_s = timeout_s  # when push()/complete() name none (dxl.HandoffFetchTimeoutS)
         self._linker = linker
         self._stats = stats
         self._claims: dict[OfferKey, Claim] = {}
@@ -78,7 +79,7 @@ class Pushing:
         todo = span if layers is None else layers
         if todo.step != 1 or todo.start < span.start or todo.stop > span.stop or not todo:
             raise param_invalid(op, f"layers {layers} must lie within the ticket's {span}")
-        timeout = DEFAULT_FETCH_TIMEOUT_S if timeout_s is None else float(timeout_s)
+        timeout = self._timeout_s if timeout_s is None else float(timeout_s)
         dst_blocks = [int(b) for b in t.block_ids]
         claim = await self._claim(t, timeout, dst_blocks)
         remote = claim.link.registry.caches.get(t.cache_id)
@@ -125,7 +126,7 @@ class Pushing:
         code = Code.LLM_FAILED if failed else Code.LLM_SUCCESS
         complete_msg = m.Complete(offer=t.offer_id, code=int(code), message=m.clip(failed))
         ack = await self._request(
-            claim.link, complete_msg, DEFAULT_FETCH_TIMEOUT_S, t, [int(b) for b in t.block_ids]
+            claim.link, complete_msg, self._timeout_s, t, [int(b) for b in t.block_ids]
         )
         if ack.code:
             raise self._failed(t, status_from_code(ack.code), ack.message, [])
