@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv install demo test lint bench clean venv-vllm test-vllm
+.PHONY: venv install demo test test-fast test-sanitize lint bench clean venv-vllm test-vllm
 
 venv: $(STAMP)
 
@@ -21,6 +21,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The tests that start no child process, use no network namespace and run no soak (markers in
+# pyproject.toml, tiers in tests/tiers.py): about a minute. DXL_TEST_FAST=1 makes any test that
+# starts a child process anyway fail, so an unmarked one cannot hide here. CI runs make test.
+FAST_TIER := not multiproc and not netns and not soak and not vllm
+test-fast: $(STAMP)
+	DXL_TEST_FAST=1 $(BIN)/python -m pytest -q -m "$(FAST_TIER)"
 
 # ruff (lint + format) on everything; mypy --strict on the package (settings in pyproject.toml)
 lint: $(STAMP)

@@ -18,6 +18,7 @@ why_not = netns_available()
 pytestmark = [
     pytest.mark.root,
     pytest.mark.multiproc,
+    pytest.mark.netns,
     pytest.mark.skipif(why_not is not None, reason=why_not or ""),
 ]
 

@@ -461,6 +461,7 @@ def test_pool_shared_by_concurrent_callers() -> None:
     assert results == [True] * 75
 
 
+@pytest.mark.multiproc
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_pool_after_fork() -> None:
     with split_threshold(16 << 10):

@@ -474,6 +474,7 @@ def test_concurrent_transfers_and_split_copies_share_the_pool(
     assert results == [True] * (ncallers * 4 + 2 * 4)
 
 
+@pytest.mark.multiproc
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_transfer_in_a_forked_child(server: Server, region: Region, stream_threshold: None) -> None:
     """The pool's workers do not survive fork: a child's multi-stream transfer starts its own."""
