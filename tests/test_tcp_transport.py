@@ -470,22 +470,20 @@ def _big_pull(child: Child, local: np.ndarray) -> Pieces:
 
 @pytest.mark.multiproc
 def test_peer_killed_mid_transfer_fails_within_the_timeout(fresh_child: Child) -> None:
-    tr = TcpTransport(fresh_child.address, SECRET, timeout_ms=5000)
+    # a timeout beyond pytest's: the read can only end by the closed connection
+    tr = TcpTransport(fresh_child.address, SECRET, timeout_ms=300_000)
     local = np.zeros(SIZE, dtype=np.uint8)
     outcome: list[BaseException | int] = []
     os.kill(fresh_child.proc.pid, signal.SIGSTOP)  # the request will hang mid-transfer
     t = threading.Thread(
         target=lambda: outcome.append(_catch(tr.read, _big_pull(fresh_child, local)))
     )
-    t0 = time.monotonic()
     t.start()
     wait_until(ops_inflight, 10, "the read to be in flight (the stopped child cannot answer it)")
     os.kill(fresh_child.proc.pid, signal.SIGKILL)
-    t.join(10)
-    elapsed = time.monotonic() - t0
+    wait_until(lambda: not t.is_alive(), 60, "the read to fail once its peer was killed")
     assert len(outcome) == 1 and isinstance(outcome[0], _ffi.NativeError), outcome
-    assert outcome[0].name in ("DXL_E_PEER", "DXL_E_TIMEDOUT")
-    assert elapsed < 5.5
+    assert outcome[0].name == "DXL_E_PEER"
     with pytest.raises(PeerGone, match="connect to"):  # nothing to reconnect to
         tr.read(_big_pull(fresh_child, local))
     tr.close()
@@ -502,8 +500,8 @@ def test_stalled_peer_times_out_then_the_streams_are_rebuilt(fresh_child: Child)
         t0 = time.monotonic()
         with pytest.raises(_ffi.NativeError) as info:
             tr.read(pull)
-        assert info.value.name == "DXL_E_TIMEDOUT"
-        assert 0.35 < time.monotonic() - t0 < 2.0
+        assert info.value.name == "DXL_E_TIMEDOUT"  # the stopped child sends nothing
+        assert time.monotonic() - t0 >= 0.4  # and not before its timeout
     finally:
         os.kill(fresh_child.proc.pid, signal.SIGCONT)
     # The timed-out streams hold a stale reply in flight: they must be replaced, not reused.
