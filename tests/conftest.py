@@ -116,7 +116,7 @@ def make_peer() -> Iterator:
     """Start peer processes on demand; all are stopped at teardown."""
     peers: list[Peer] = []
 
-    def start(cluster_id: int, **kw: object) -> Peer:
+    def start(cluster_id: int, **kw: Any) -> Peer:
         peer = Peer(cluster_id, **kw)
         peers.append(peer)
         return peer

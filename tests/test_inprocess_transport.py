@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
 
 import dxl
-from dxl import _ffi
 from dxl.control.hello import PeerInfo
+from dxl.errors import DxlError
 from dxl.handoff import Ended, FetchError, Ticket
 from dxl.memory.plan import U64, Pieces
 from dxl.memory.regions import RegionRegistry
@@ -91,10 +92,10 @@ class Pair:
         assert ret == S.LLM_SUCCESS, rets
         assert self.d.eng.stats()["links"][P_ID]["transport"] == "inprocess"
 
-    async def pull(self, src: list[int], dst: list[int], **kw: object) -> None:
+    async def pull(self, src: list[int], dst: list[int], **kw: Any) -> None:
         await self.d.eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), self.d.cache, src, dst, **kw)
 
-    async def push(self, src: list[int], dst: list[int], **kw: object) -> None:
+    async def push(self, src: list[int], dst: list[int], **kw: Any) -> None:
         await self.d.eng.push_blocks(dxl.BlocksCacheKey(P_ID, 0), self.d.cache, src, dst, **kw)
 
     async def __aexit__(self, *exc: object) -> None:
@@ -159,7 +160,7 @@ async def test_a_delay_at_every_piece_still_completes() -> None:
 
 async def test_a_delay_past_the_timeout_fails_that_transfer_only() -> None:
     faults = Faults()
-    async with Pair(faults, **{"llm.SyncKvCacheWaitTime": "50"}) as pair:
+    async with Pair(faults, None, **{"llm.SyncKvCacheWaitTime": "50"}) as pair:
         await pair.link()
         faults.delay_s = 60.0  # a piece that would wait a minute: the 50 ms timeout ends it
         with pytest.raises(dxl.LLMException) as err:
@@ -279,11 +280,11 @@ async def test_only_what_the_peer_registered_is_read_or_written() -> None:
         assert transport.read(pieces(256, 512)) == 512
         assert np.array_equal(ours[256:768], theirs[256:768])
         for offset, length in ((0, 16), (700, 100), (768, 1)):  # outside, or across its end
-            with pytest.raises(_ffi.DxlError) as err:
+            with pytest.raises(DxlError) as err:
                 transport.read(pieces(offset, length))
             assert transport.failure(err.value).code == S.LLM_KV_CACHE_NOT_EXIST
             push = pieces(offset, length)
-            with pytest.raises(_ffi.DxlError):
+            with pytest.raises(DxlError):
                 transport.write(Pieces(push.src, push.dst, push.length))
         assert not ours[:256].any() and not ours[768:].any()
         assert np.array_equal(theirs, np.arange(1024, dtype=np.uint8))  # nothing written

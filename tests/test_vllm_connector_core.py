@@ -125,6 +125,7 @@ def test_decode_loads_past_its_local_hit_into_new_blocks() -> None:
     d.after_alloc(req, lambda: [20, 21], 6)
     [load] = d.build_plan({}, (), lambda r: []).loads
     assert load.block_ids == (20, 21)  # the offer's last two blocks
+    assert req.kv_transfer_params is not None
     assert req.kv_transfer_params["do_remote_prefill"] is False  # once
     assert d.pending()["loading"] == 1
     d.finished_recving({"d1"})
@@ -293,6 +294,7 @@ def test_a_decode_aborted_before_its_fetch_ran_reports_it(workers) -> None:
     req = _prefill_req("r1", 8)
     p.schedule(req, [1, 2], 8)
     _, params = p.finish(req)
+    assert params is not None
     d = SchedulerSide(_cfg(), BS)
     dreq = _decode_req(params, prompt=8)
     d.after_alloc(dreq, lambda: [3, 4], 8)

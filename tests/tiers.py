@@ -68,7 +68,7 @@ def install_child_process_guard() -> None:
         _refuse(f"_posixsubprocess.fork_exec({args[0]!r})")
         return fork_exec(*args, **kwargs)  # not reached: _refuse raises
 
-    _posixsubprocess.fork_exec = refusing_fork_exec  # type: ignore[attr-defined]
+    _posixsubprocess.fork_exec = refusing_fork_exec
     sys.addaudithook(_audit)
     _installed = True
 

@@ -50,7 +50,7 @@ def options(transport: str, **extra: str) -> dict[str, str]:
     }
 
 
-def start_prefill(make_peer, transport: str, cluster_id: int = 1, seed: int = 1, **kw):
+def start_prefill(make_peer, transport: str, cluster_id: int = 1, seed: int = 1, **kw: str):
     peer = make_peer(cluster_id, options=options(transport, **kw))
     peer.call(
         "register",
@@ -148,7 +148,7 @@ async def test_killed_after(make_peer, transport):
 
 
 async def test_transfer_cache_async_to_a_killed_peer(make_peer, transport):
-    p1 = start_prefill(make_peer, transport, **{"llm.listenIpInfo": "127.0.0.1:0"})
+    p1 = start_prefill(make_peer, transport, **{"llm.listenIpInfo": "127.0.0.1:0"})  # type: ignore[arg-type]
     async with Decoder(transport, **LONG_WAIT) as d:
         await d.link(p1)
         p1.kill()

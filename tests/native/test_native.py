@@ -76,27 +76,29 @@ class Child:
             stdout=subprocess.PIPE,
             text=True,
         )
-        word, pid, addr = self.proc.stdout.readline().split()
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both PIPEs
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        word, pid, addr = self.stdout.readline().split()
         assert word == "READY"
         self.pid = int(pid)
         self.addr = int(addr)
         self.model = pattern(size, seed)
 
     def sha(self, off: int, n: int) -> str:
-        self.proc.stdin.write(f"sha {off} {n}\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
+        self.stdin.write(f"sha {off} {n}\n")
+        self.stdin.flush()
+        return self.stdout.readline().strip()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
+            self.stdin.write("quit\n")
+            self.stdin.close()
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.proc.stdout.close()
+        self.stdout.close()
 
 
 @pytest.fixture(autouse=True)
@@ -708,4 +710,5 @@ def test_dead_peer() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        assert proc.stdin is not None
         proc.stdin.close()
