@@ -5,6 +5,11 @@ compiles it. For a quick in-place build after editing C (writes ``dxl/_dxl_nativ
 
     python native/build_ffi.py
 
+``DXL_SANITIZE=1`` builds it with AddressSanitizer and UndefinedBehaviorSanitizer (any finding
+aborts), and ``DXL_NATIVE_TARGET`` names where the in-place build writes the module:
+``make test-sanitize`` builds such a copy apart from the normal one and runs the native and fuzz
+tests against it.
+
 ``dxl.h`` is the cdef, read verbatim: the C API is declared once.
 """
 
@@ -51,6 +56,20 @@ static const char DXL_VERSION[] = "{_version()}";
 # compiler or cffi version may warn about code generated outside this project.
 WERROR = ["-Werror"] if os.environ.get("DXL_WERROR") == "1" else []
 
+# ASan + UBSan (make test-sanitize): -O1 -g keep reports readable, and undefined behaviour is
+# fatal like a memory error, so a finding fails the test that hit it.
+SANITIZE = (
+    [
+        "-fsanitize=address,undefined",
+        "-fno-sanitize-recover=all",
+        "-fno-omit-frame-pointer",
+        "-g",
+        "-O1",
+    ]
+    if os.environ.get("DXL_SANITIZE") == "1"
+    else []
+)
+
 # The in-place build's file name: the one setuptools gives it (cffi builds for the stable ABI).
 INPLACE_NAME = "_dxl_native.abi3.so"
 
@@ -72,8 +91,8 @@ def make_builder(*, absolute_paths: bool = False) -> FFI:
         sources=[path(p) for p in sorted(HERE.glob("dxl_*.c"))],
         include_dirs=[path(HERE)],
         define_macros=[("_GNU_SOURCE", "1")],
-        extra_compile_args=["-O2", "-pthread", "-Wall", "-Wextra", *WERROR],
-        extra_link_args=["-pthread"],
+        extra_compile_args=["-O2", "-pthread", "-Wall", "-Wextra", *WERROR, *SANITIZE],
+        extra_link_args=["-pthread", *SANITIZE[:1]],
         libraries=["pthread"],
     )
     return builder
@@ -84,8 +103,9 @@ ffibuilder = make_builder()
 if __name__ == "__main__":
     # Objects and generated C go to build/ (ignored). The module lands next to dxl/_ffi.py under
     # the name an editable install gives it, so a stale copy of one can never shadow the other.
+    # A sanitizer build keeps its objects apart: distutils would reuse the plain ones.
     make_builder(absolute_paths=True).compile(
-        tmpdir=str(ROOT / "build" / "cffi"),
-        target=str(ROOT / "dxl" / INPLACE_NAME),
+        tmpdir=str(ROOT / "build" / ("cffi-sanitize" if SANITIZE else "cffi")),
+        target=os.environ.get("DXL_NATIVE_TARGET") or str(ROOT / "dxl" / INPLACE_NAME),
         verbose=True,
     )

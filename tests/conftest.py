@@ -1,4 +1,5 @@
-"""Shared fixtures: peer processes, and a check that the native layer leaks nothing."""
+"""Shared fixtures: peer processes, a check that the native layer leaks nothing, and the fast
+tier's guard that no test starts a child process."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from peer import Peer
+from tiers import install_child_process_guard, mark_by_fixtures, take_child_process_attempts
 
 from dxl import _ffi
 from dxl.memory.share import SHARED
@@ -29,6 +31,24 @@ def pytest_report_header() -> list[str]:
     except importlib.metadata.PackageNotFoundError:
         vllm = "vllm not installed: tests/integrations are skipped (make test-vllm runs them)"
     return [f"dxl {dxl.__version__}, features: {dxl.features()}", vllm]
+
+
+# make test-fast sets DXL_TEST_FAST=1: it runs the tests with none of the tier markers (see
+# pyproject.toml), and a test that starts a child process anyway must be marked, not run there.
+FAST_TIER = os.environ.get("DXL_TEST_FAST") == "1"
+if FAST_TIER:
+    install_child_process_guard()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    mark_by_fixtures(items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # What exists once the tests are collected (modules, pytest's items, hypothesis, numpy)
+    # lives for the whole session: freezing it keeps the gc.collect() after every test (in
+    # no_native_leaks) from walking it again each time, which took most of the fast tier's time.
+    gc.freeze()
 
 
 def _live_resources() -> dict[str, int]:
@@ -73,12 +93,19 @@ def no_native_leaks() -> Iterator[None]:
     runs after the test's loop was shut down: errors raised while the runner cancels leftover
     tasks are seen too, and gc.collect() reports tasks whose exception nobody retrieved."""
     UNHANDLED.clear()
+    take_child_process_attempts()
     before = _live_resources()
     yield
     gc.collect()
     after = _live_resources()
     unhandled = [_describe(c) for c in UNHANDLED]
     UNHANDLED.clear()
+    # also when the test caught the guard's exception (or a thread of it did)
+    spawned = take_child_process_attempts()
+    assert not spawned, (
+        f"the fast tier starts no child process, but this test tried: {spawned}; "
+        "mark it multiproc (or netns, soak)"
+    )
     leaked = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
     assert not leaked, f"leaked (before, after): {leaked}"
     assert not unhandled, f"exceptions reached the event loop's handler: {unhandled}"
@@ -89,7 +116,7 @@ def make_peer() -> Iterator:
     """Start peer processes on demand; all are stopped at teardown."""
     peers: list[Peer] = []
 
-    def start(cluster_id: int, **kw: object) -> Peer:
+    def start(cluster_id: int, **kw: Any) -> Peer:
         peer = Peer(cluster_id, **kw)
         peers.append(peer)
         return peer

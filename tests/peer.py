@@ -95,7 +95,7 @@ class Peer:
             ready = loop.create_future()
             fd = self._conn.fileno()
             self._conn.send((cmd, kwargs))
-            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
             try:
                 async with asyncio.timeout(deadline_s):
                     await ready
@@ -127,13 +127,15 @@ class Peer:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig``; for SIGSTOP, return only once the process really is stopped (signal
         delivery is asynchronous, and a test must not race the stop)."""
-        os.kill(self.proc.pid, sig)
+        pid = self.proc.pid
+        assert pid is not None, "the peer process was never started"
+        os.kill(pid, sig)
         if sig == signal.SIGSTOP:
             wait_until(
                 lambda state: state in ("T", "t"),
                 10,
-                f"peer {self.cluster_id} (pid {self.proc.pid}) to be stopped",
-                observe=lambda: _state(self.proc.pid),
+                f"peer {self.cluster_id} (pid {pid}) to be stopped",
+                observe=lambda: _state(pid),
             )
 
     def stop(self) -> None:
@@ -207,7 +209,9 @@ async def _serve(conn: Any, cluster_id: int, role: str, options: dict[str, str])
 def _describe(exc: BaseException) -> tuple[str, str, int | None, dict[str, Any]]:
     code = getattr(exc, "status_code", None)
     extra = {}
-    if hasattr(exc, "partial_blocks"):
+    from dxl.handoff import FetchError
+
+    if isinstance(exc, FetchError):
         extra = {"request_id": exc.request_id, "partial_blocks": list(exc.partial_blocks)}
     return type(exc).__name__, str(exc), None if code is None else int(code), extra
 
@@ -469,7 +473,7 @@ async def _handle(eng: Any, buffers: dict, caches: dict, cmd: str, kw: dict) -> 
 
         words = anonymous_words(kw.get("words", 4096))
         words[:] = np.arange(words.size, dtype=np.uint64) ^ np.uint64(0xC0FFEE)
-        buffers["canary:" + kw["name"]] = words  # type: ignore[assignment]
+        buffers["canary:" + kw["name"]] = words
         return int(words.ctypes.data), int(words.nbytes)
     if cmd == "canary_intact":
         words = buffers["canary:" + kw["name"]]

@@ -224,6 +224,7 @@ def test_report_shows_the_loop_stall_beside_its_baselines_and_only_when_verified
 # --------------------------------------------------------------------------- command line
 
 
+@pytest.mark.multiproc  # platform.platform() runs `uname -p` in a child process
 def test_info_prints_features_and_versions(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["info"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -419,6 +420,7 @@ def test_from_json_replays_tables_without_measuring(
     assert cli.bench_main(["--from-json", str(path)]) == 1
 
 
+@pytest.mark.multiproc  # matplotlib's font cache runs fc-list in a child process
 def test_plot_writes_a_png(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     from dxl.bench.plot import plot

@@ -123,8 +123,10 @@ async def test_allocation_rules():
             await eng.allocate_cache(desc(), [dxl.CacheKey(P_ID, 1), dxl.CacheKey(P_ID, 1)])
         assert err.value.status_code == S.LLM_PARAM_INVALID
         with pytest.raises(TypeError):
-            await eng.allocate_cache(None)
-        assert eng._registrations.pool.used == 0  # every refusal left the pool as it was
+            await eng.allocate_cache(None)  # type: ignore[arg-type]
+        pool = eng._registrations.pool
+        assert pool is not None
+        assert pool.used == 0  # every refusal left the pool as it was
         cache = await eng.allocate_cache(desc(), [dxl.CacheKey(P_ID, 1)])
         blocks = await eng.allocate_blocks_cache(desc(), dxl.BlocksCacheKey(P_ID, 0))
         assert cache.remote_accessible and not cache.is_blocks_cache and blocks.is_blocks_cache
@@ -137,9 +139,9 @@ async def test_allocation_rules():
         await eng.deallocate_blocks_cache(blocks)
         assert blocks.tensor_addrs == []
         await eng.deallocate_cache(cache)  # key 1 still bound: memory stays
-        assert eng._registrations.pool.live_count == TENSORS
+        assert pool.live_count == TENSORS
         await eng.remove_cache_key(dxl.CacheKey(P_ID, 1))
-        assert eng._registrations.pool.used == 0
+        assert pool.used == 0
         user = KVBuffers(TENSORS, BATCHES, STRIDE)
         registered = await eng.register_cache(user.desc(), user.addrs)
         await eng.deallocate_cache(registered)  # user memory: a no-op
@@ -165,7 +167,7 @@ async def test_local_copies():
         await eng.copy_blocks(ck, {0: [5, 6], 1: [7]})
         assert kv.matches(ALL, [5, 6, 7], 4, ALL, [0, 0, 1])
         with pytest.raises(TypeError):
-            await eng.copy_blocks(ck, {0: 5})
+            await eng.copy_blocks(ck, {0: 5})  # type: ignore[dict-item]
         with pytest.raises(dxl.LLMException):
             await eng.copy_blocks(ck, {0: [8]})
         # swap out to a CPU cache that is not registered, and back in
@@ -176,7 +178,7 @@ async def test_local_copies():
         await eng.swap_blocks(cpu_cache, ck, {0: 4})
         assert kv.matches(ALL, [4], 4, ALL, [2])
         with pytest.raises(AttributeError):
-            await eng.swap_blocks(None, ck, {0: 0})
+            await eng.swap_blocks(None, ck, {0: 0})  # type: ignore[arg-type]
         with pytest.raises(dxl.LLMException):
             await eng.swap_blocks(ca, ck, {0: 0})
 
@@ -271,11 +273,11 @@ async def test_transfer_cache_async_layer_by_layer(make_peer):
         assert peer.call("read", name="kv", tensors=[4, 5], blocks=list(range(1, blocks))) == before
 
         with pytest.raises(TypeError):
-            await eng.transfer_cache_async(cache, None, [cfg], [1], [1])
+            await eng.transfer_cache_async(cache, None, [cfg], [1], [1])  # type: ignore[arg-type]
         with pytest.raises(dxl.LLMException):
             await eng.transfer_cache_async(cache, sync, [cfg], [1, 2], [1])
         with pytest.raises(TypeError):
-            await eng.transfer_cache_async(None, sync, [cfg])
+            await eng.transfer_cache_async(None, sync, [cfg])  # type: ignore[arg-type]
 
 
 def test_rank_table_arguments_and_v1_entry_points_are_checked():
@@ -288,7 +290,7 @@ def test_rank_table_arguments_and_v1_entry_points_are_checked():
             dd.link("", {5: 0, 2: 1}, "{}")
         assert err.value.status_code == S.LLM_PARAM_INVALID
         with pytest.raises(TypeError):
-            dd.link("c", {5: "0"}, "{}")
+            dd.link("c", {5: "0"}, "{}")  # type: ignore[dict-item]
         with pytest.raises(dxl.LLMException) as err:
             dd.link("c", {5: 1, 2: 0}, "{}")
         assert err.value.status_code == S.LLM_PARAM_INVALID

@@ -104,7 +104,8 @@ async def _comm_serve(conn: Any, cluster_id: int, role: str, options: dict[str, 
                 elif cmd == "rt_status":
                     result = int((await eng.query_register_mem_status(kw["comm_id"])).value)
                 elif cmd == "rt_unlink":
-                    result = await eng.unlink(kw["comm_id"])
+                    await eng.unlink(kw["comm_id"])
+                    result = None
                 elif cmd == "link_counts":
                     result = {cid: v["links"] for cid, v in eng.stats()["links"].items()}
                 else:
@@ -461,9 +462,9 @@ async def test_rank_table_refusals_name_the_problem():
         "server_list entries must be objects": json.dumps({"server_list": ["x"]}),
     }
     async with dxl.Engine(P_ID, dxl.LLMRole.PROMPT, opts) as eng:
-        for why, table in bad_tables.items():
+        for why, bad in bad_tables.items():
             with pytest.raises(dxl.LLMException, match=why) as err:
-                await eng.link("c", RANKS, table)
+                await eng.link("c", RANKS, bad)
             assert err.value.status_code == S.LLM_PARAM_INVALID
         with pytest.raises(dxl.LLMException, match="at most 4 members"):
             await eng.link("c", {P_ID: 0, 2: 1, 3: 2, 4: 3, 5: 4}, TABLE)
@@ -472,7 +473,7 @@ async def test_rank_table_refusals_name_the_problem():
         with pytest.raises(ValueError):
             await eng.link("c", {P_ID: 0, D_ID: 2**32}, TABLE)
         with pytest.raises(TypeError):
-            await eng.link("c", RANKS, {"server_list": []})
+            await eng.link("c", RANKS, {"server_list": []})  # type: ignore[arg-type]
         # the endpoint is taken (another engine with this IP and rank): the bind error says so
         with socket.socket() as taken:
             taken.bind((LOCALHOST, base))

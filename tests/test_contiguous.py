@@ -3,6 +3,8 @@ contiguous -> blocks pull_blocks, key binding rules, and their documented errors
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 import dxl
@@ -125,7 +127,9 @@ async def test_pull_cache_errors(prefill, what, override, exc, code):
     buf = KVBuffers(TENSORS, BATCHES, STRIDE, fill=False)
     eng, cache = await linked(prefill, buf)
     async with eng:
-        call = dict(cache_key=dxl.CacheKey(P_ID, 10), batch_index=0, size=-1, kwargs={})
+        call: dict[str, Any] = dict(
+            cache_key=dxl.CacheKey(P_ID, 10), batch_index=0, size=-1, kwargs={}
+        )
         call.update(override)
         with pytest.raises(exc) as err:
             await eng.pull_cache(
@@ -224,7 +228,7 @@ async def test_key_binding_rules():
                 buf.desc(), buf.addrs, [dxl.CacheKey(P_ID, 1), dxl.CacheKey(P_ID, 1)]
             )
         with pytest.raises(TypeError, match="cache_keys"):
-            await eng.register_cache(buf.desc(), buf.addrs, [dxl.BlocksCacheKey(P_ID, 0)])
+            await eng.register_cache(buf.desc(), buf.addrs, [dxl.BlocksCacheKey(P_ID, 0)])  # type: ignore[list-item]
         assert eng.stats()["caches"] == 0
         await eng.register_cache(buf.desc(), buf.addrs, [dxl.CacheKey(P_ID, 1)])
         with pytest.raises(dxl.LLMException, match="already bound"):
@@ -233,7 +237,7 @@ async def test_key_binding_rules():
         await eng.register_cache(other.desc(), other.addrs, [dxl.CacheKey(P_ID, U, 0, 1)])
         await eng.remove_cache_key(dxl.CacheKey(P_ID, 1))  # registered cache: no effect
         with pytest.raises(TypeError):
-            await eng.remove_cache_key(dxl.BlocksCacheKey(P_ID, 0))
+            await eng.remove_cache_key(dxl.BlocksCacheKey(P_ID, 0))  # type: ignore[arg-type]
         dxl.CacheManager.check_cache_key(dxl.CacheKey(P_ID, 1))
         with pytest.raises(dxl.LLMException):
             dxl.CacheManager.check_cache_key(dxl.CacheKey(P_ID, 1, 0, 2))
@@ -282,7 +286,8 @@ async def test_switch_role_moves_the_listener(make_peer):
         _, rets = await eng.unlink_clusters([peer.cluster_info()], force=True)
         assert rets == [S.LLM_SUCCESS]
         await eng.switch_role(dxl.LLMRole.DECODER)
-        assert eng.listen_address is None
+        listening: tuple[str, int] | None = eng.listen_address  # read again (mypy narrowed it)
+        assert listening is None
         with pytest.raises(TypeError):
-            await eng.switch_role("PROMPT")
+            await eng.switch_role("PROMPT")  # type: ignore[arg-type]
         del cache

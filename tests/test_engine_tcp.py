@@ -165,16 +165,15 @@ async def test_data_port_without_the_secret_is_refused(make_peer):
 async def test_killed_tcp_peer_fails_in_time_and_others_continue(make_peer):
     p1 = prefill(make_peer, cluster_id=1, seed=1)
     p3 = prefill(make_peer, cluster_id=3, seed=3)
-    eng, cache, buf = await decoder({"llm.SyncKvCacheWaitTime": "1000"})
+    # the pull's own timeout is beyond pytest's: only the closed connections can fail it
+    eng, cache, buf = await decoder({"llm.SyncKvCacheWaitTime": "300000"})
     async with eng:
         assert (await eng.link_clusters([p1.cluster_info(), p3.cluster_info()]))[0] == S.LLM_SUCCESS
         p1.kill(signal.SIGKILL)
         p1.proc.join(5)
-        t0 = time.monotonic()
         with pytest.raises(dxl.LLMException) as err:
             await eng.pull_blocks(dxl.BlocksCacheKey(1, 0), cache, [1], [1])
-        assert time.monotonic() - t0 < 2.0
-        assert err.value.status_code in (S.LLM_LINK_FAILED, S.LLM_NOT_YET_LINK)
+        assert err.value.status_code in (S.LLM_LINK_FAILED, S.LLM_NOT_YET_LINK)  # not TIMEOUT
         await eng.pull_blocks(dxl.BlocksCacheKey(3, 0), cache, [2], [2])
         assert buf.matches(ALL, [2], 3, ALL, [2])
 
@@ -193,8 +192,9 @@ async def test_stopped_tcp_peer_times_out_without_breaking_the_link(make_peer):
                 await eng.pull_blocks(
                     dxl.BlocksCacheKey(P_ID, 0), cache, list(range(64)), list(range(64))
                 )
-            assert time.monotonic() - t0 < 1.5
+            # ended by its 300 ms timeout (the stopped peer sends nothing), and not before it
             assert err.value.status_code == S.LLM_TIMEOUT
+            assert time.monotonic() - t0 >= 0.3
         finally:
             peer.kill(signal.SIGCONT)
         await eng.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [6], [6])  # link survived

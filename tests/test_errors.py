@@ -332,8 +332,11 @@ async def test_register_errors(what, override, exc, code, fragment):
             call["addrs"] = addrs[call["addrs"]]
         before = snapshot(eng)
         with pytest.raises(exc, match=fragment) as err:
-            await eng.register_blocks_cache(
-                call["cache_desc"], call["addrs"], call["key"], call["remote_accessible"]
+            await eng.register_blocks_cache(  # deliberately bad arguments
+                call["cache_desc"],  # type: ignore[arg-type]
+                call["addrs"],  # type: ignore[arg-type]
+                call["key"],  # type: ignore[arg-type]
+                call["remote_accessible"],  # type: ignore[arg-type]
             )
         if code is not None:
             assert err.value.status_code == code
@@ -383,14 +386,14 @@ async def test_link_argument_errors():
         assert err.value.status_code == S.LLM_PARAM_INVALID
         info.append_local_ip_info("127.0.0.1", 0)
         with pytest.raises(TypeError, match="clusters"):
-            await eng.link_clusters(info)
+            await eng.link_clusters(info)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="timeout"):
-            await eng.link_clusters([info], timeout="1")
+            await eng.link_clusters([info], timeout="1")  # type: ignore[arg-type]
         with pytest.raises(dxl.LLMException, match="timeout") as err:
             await eng.link_clusters([info], timeout=0)
         assert err.value.status_code == S.LLM_PARAM_INVALID
         with pytest.raises(TypeError, match="remote_cluster_id"):
             await eng.link_clusters([dxl.LLMClusterInfo()])
         with pytest.raises(TypeError, match="force"):
-            await eng.unlink_clusters([info], force=1)
+            await eng.unlink_clusters([info], force=1)  # type: ignore[arg-type]
         assert eng.stats()["links"] == {}

@@ -237,6 +237,7 @@ async def test_http_endpoint_serves_text_and_json(pair: Pair) -> None:
         await server.wait_closed()
 
 
+@pytest.mark.multiproc
 def test_import_dxl_does_not_import_prometheus_client() -> None:
     code = (
         "import sys, dxl, dxl.handoff, dxl.handoff.metrics, dxl.bench.cli; "

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import time
 
 import numpy as np
 import pytest
@@ -67,10 +66,9 @@ async def test_link_to_closed_port_fails_in_time():
     info.append_local_ip_info("127.0.0.1", 0)
     info.append_remote_ip_info("127.0.0.1", port)
     async with dxl.Engine(D_ID, dxl.LLMRole.DECODER) as eng:
-        t0 = time.monotonic()
-        _, rets = await eng.link_clusters([info], timeout=1000)
+        # refused at once: a link that waited for its timeout (beyond pytest's) fails the test
+        _, rets = await eng.link_clusters([info], timeout=300_000)
         assert rets == [S.LLM_LINK_FAILED]
-        assert time.monotonic() - t0 < 2
 
 
 async def test_registration_after_link_reaches_peer_before_return(make_peer):
@@ -123,11 +121,11 @@ async def test_unlink_then_relink(make_peer):
 
 
 async def test_killed_prefill_fails_fast_and_others_keep_working(make_peer):
-    sync_kv_timeout_ms = 1000
     p1 = start_prefill(make_peer, 1, seed=1)
     p2 = start_prefill(make_peer, 3, seed=3)
+    # the pull's own timeout is beyond pytest's: only the death of the prefill can fail it
     eng, cache, buf = await decoder_with_cache(
-        {"llm.SyncKvCacheWaitTime": "1000", "dxl.HeartbeatIntervalMs": "200"}
+        {"llm.SyncKvCacheWaitTime": "300000", "dxl.HeartbeatIntervalMs": "200"}
     )
     async with eng:
         ret, _ = await eng.link_clusters([p1.cluster_info(), p2.cluster_info()])
@@ -135,11 +133,9 @@ async def test_killed_prefill_fails_fast_and_others_keep_working(make_peer):
         await eng.pull_blocks(dxl.BlocksCacheKey(1, 0), cache, [0], [0])
         p1.kill(signal.SIGKILL)
         p1.proc.join(5)
-        t0 = time.monotonic()
         with pytest.raises(dxl.LLMException) as err:
             await eng.pull_blocks(dxl.BlocksCacheKey(1, 0), cache, [1], [1])
-        assert time.monotonic() - t0 < sync_kv_timeout_ms / 1000 + 1
-        assert err.value.status_code in (S.LLM_LINK_FAILED, S.LLM_NOT_YET_LINK)
+        assert err.value.status_code in (S.LLM_LINK_FAILED, S.LLM_NOT_YET_LINK)  # not TIMEOUT
         assert buf.untouched(range(TENSORS), [1])
         await eng.pull_blocks(dxl.BlocksCacheKey(3, 0), cache, [5, 6], [2, 3])
         assert buf.matches(range(TENSORS), [2, 3], 3, range(TENSORS), [5, 6])

@@ -151,7 +151,7 @@ def test_bad_sizes_and_addresses(make_pool) -> None:
             pool.alloc(bad)
         assert info.value.status_code == INVALID
     with pytest.raises(TypeError, match="nbytes"):
-        pool.alloc(1.5)  # type: ignore[arg-type]
+        pool.alloc(1.5)
     a = pool.alloc(2 * PAGE)
     before = state(pool)
     for addr in (a + PAGE, a + 1, pool.base + 3 * PAGE, 0):  # interior, unaligned, free, foreign

@@ -431,7 +431,7 @@ async def test_share_per_registration_overrides_the_engine_option():
             await eng.register_blocks_cache(buf.desc(), buf.addrs, share=True)
         assert err.value.status_code == S.LLM_PARAM_INVALID
         with pytest.raises(TypeError, match="share"):
-            await eng.register_cache(buf.desc(), buf.addrs, remote_accessible=True, share="yes")
+            await eng.register_cache(buf.desc(), buf.addrs, remote_accessible=True, share="yes")  # type: ignore[arg-type]
         assert [mappings_over(a, a + BLOCKS * BLOCK) for a in buf.addrs] == before
         assert eng.stats()["registered_addrs"] == 0
     async with dxl.Engine(P_ID, dxl.LLMRole.PROMPT, SHARE) as eng:  # option on, call says no

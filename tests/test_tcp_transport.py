@@ -93,7 +93,9 @@ class Child:
             stdout=subprocess.PIPE,
             text=True,
         )
-        line = self.proc.stdout.readline().split()
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both PIPEs
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        line = self.stdout.readline().split()
         assert line and line[0] == "READY", f"child failed to start: {line}"
         self.port = int(line[1])
         self.addr = int(line[2])
@@ -101,9 +103,9 @@ class Child:
         self.model = np.random.default_rng(seed).integers(0, 256, SIZE, dtype=np.uint8)
 
     def ask(self, line: str) -> str:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
+        self.stdin.write(line + "\n")
+        self.stdin.flush()
+        return self.stdout.readline().strip()
 
     def sha(self, off: int, n: int) -> str:
         return self.ask(f"sha {off} {n}")
@@ -122,8 +124,8 @@ class Child:
             except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait(10)
-        self.proc.stdin.close()
-        self.proc.stdout.close()
+        self.stdin.close()
+        self.stdout.close()
         assert bye in (None, "BYE 0"), f"the child's data servers at exit: {bye!r}"
 
 
@@ -246,7 +248,7 @@ def test_refused_range_is_a_clean_remote_error(child: Child) -> None:
         with pytest.raises(_ffi.NativeError) as info:
             tr.read(bad)
         assert info.value.name == "DXL_E_REMOTE"
-        assert info.value.remote_status == lib.DXL_E_RANGE
+        assert getattr(info.value, "remote_status", None) == lib.DXL_E_RANGE
         assert "DXL_E_RANGE" in str(info.value) and "piece 1" in str(info.value)
         ok = Pieces(bad.dst[:1], bad.src[:1], bad.length[:1])
         assert tr.read(ok) == 4096
@@ -414,6 +416,7 @@ def test_a_reflected_proof_is_refused() -> None:
     """A proof covers the sender's role: the server's own proof sent back to it fails."""
     server, client = Handshake("s", "server", "data"), Handshake("s", "client", "data")
     server_proof = server.on_hello(client.hello())
+    assert server_proof is not None
     client.on_hello(server.hello())
     assert server.on_proof(server_proof) == b"\x00"
     with pytest.raises(AuthError, match="this server rejected the client's proof"):
@@ -470,22 +473,20 @@ def _big_pull(child: Child, local: np.ndarray) -> Pieces:
 
 @pytest.mark.multiproc
 def test_peer_killed_mid_transfer_fails_within_the_timeout(fresh_child: Child) -> None:
-    tr = TcpTransport(fresh_child.address, SECRET, timeout_ms=5000)
+    # a timeout beyond pytest's: the read can only end by the closed connection
+    tr = TcpTransport(fresh_child.address, SECRET, timeout_ms=300_000)
     local = np.zeros(SIZE, dtype=np.uint8)
     outcome: list[BaseException | int] = []
     os.kill(fresh_child.proc.pid, signal.SIGSTOP)  # the request will hang mid-transfer
     t = threading.Thread(
         target=lambda: outcome.append(_catch(tr.read, _big_pull(fresh_child, local)))
     )
-    t0 = time.monotonic()
     t.start()
     wait_until(ops_inflight, 10, "the read to be in flight (the stopped child cannot answer it)")
     os.kill(fresh_child.proc.pid, signal.SIGKILL)
-    t.join(10)
-    elapsed = time.monotonic() - t0
+    wait_until(lambda: not t.is_alive(), 60, "the read to fail once its peer was killed")
     assert len(outcome) == 1 and isinstance(outcome[0], _ffi.NativeError), outcome
-    assert outcome[0].name in ("DXL_E_PEER", "DXL_E_TIMEDOUT")
-    assert elapsed < 5.5
+    assert outcome[0].name == "DXL_E_PEER"
     with pytest.raises(PeerGone, match="connect to"):  # nothing to reconnect to
         tr.read(_big_pull(fresh_child, local))
     tr.close()
@@ -502,8 +503,8 @@ def test_stalled_peer_times_out_then_the_streams_are_rebuilt(fresh_child: Child)
         t0 = time.monotonic()
         with pytest.raises(_ffi.NativeError) as info:
             tr.read(pull)
-        assert info.value.name == "DXL_E_TIMEDOUT"
-        assert 0.35 < time.monotonic() - t0 < 2.0
+        assert info.value.name == "DXL_E_TIMEDOUT"  # the stopped child sends nothing
+        assert time.monotonic() - t0 >= 0.4  # and not before its timeout
     finally:
         os.kill(fresh_child.proc.pid, signal.SIGCONT)
     # The timed-out streams hold a stale reply in flight: they must be replaced, not reused.

@@ -58,7 +58,8 @@ def _param_invalid(match: str) -> AbstractContextManager[pytest.ExceptionInfo[LL
     return pytest.raises(LLMException, match=match)
 
 
-def _assert_param_invalid(excinfo: pytest.ExceptionInfo[LLMException]) -> None:
+def _assert_param_invalid(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+    assert isinstance(excinfo.value, LLMException), excinfo.value
     assert excinfo.value.status_code == PARAM_INVALID
 
 
@@ -284,9 +285,9 @@ def test_width_checks(check: Callable[[str, object], None], low: int, high: int)
     for bad in (low - 1, high + 1):
         with pytest.raises(ValueError, match=rf"v must be a \w+ in \[{low}, {high}\], got {bad}"):
             check("v", bad)
-    for bad in (None, 1.0, "1"):
+    for wrong in (None, 1.0, "1"):
         with pytest.raises(TypeError, match="v must be int"):
-            check("v", bad)
+            check("v", wrong)
 
 
 def test_list_width_check_names_the_index() -> None:
@@ -421,7 +422,7 @@ def test_cache_desc_param_invalid(kwargs: dict, match: str) -> None:
 def test_cache_desc_validation_order_matches_reference() -> None:
     # A bad shape element type is reported before a bad data_type.
     with pytest.raises(TypeError, match="shape"):
-        CacheDesc(1, [1.0], "x")  # type: ignore[arg-type]
+        CacheDesc(1, [1.0], "x")  # type: ignore[arg-type, list-item]
     # Index range (LLMException) is checked before dimension width (ValueError).
     with _param_invalid("batch_dim_index"):
         CacheDesc(1, [2**63], DataType.DT_FLOAT, batch_dim_index=1)
@@ -807,7 +808,11 @@ def test_transfer_config_setters_validate() -> None:
         cfg.src_layer_range = range(-1, 1)
     with pytest.raises(TypeError, match="src_batch_index must be int"):
         cfg.src_batch_index = None  # type: ignore[assignment]
-    assert (cfg.dst_cluster_id, cfg.dst_addrs, cfg.src_layer_range) == (1, [10, 20], None)
+    assert (cfg.dst_cluster_id, cfg.dst_addrs, cfg.src_layer_range) == (  # type: ignore[comparison-overlap]
+        1,
+        [10, 20],
+        None,
+    )
 
 
 def test_transfer_with_cache_key_config() -> None:

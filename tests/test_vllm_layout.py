@@ -125,6 +125,7 @@ def test_bad_config_is_refused(extra: dict, match: str) -> None:
         DxlConnectorConfig.from_extra(extra)
 
 
+@pytest.mark.multiproc
 def test_importing_dxl_and_the_connector_core_imports_no_vllm() -> None:
     code = (
         "import sys, dxl, dxl.integrations.vllm, dxl.integrations.vllm.worker\n"

@@ -70,14 +70,16 @@ def machine_line() -> str:
     """``dxl 0.1.0 | 2 CPUs (model) | Linux 6.x | Python 3.11.7``: the context of a table."""
     from .. import __version__
 
-    model = platform.processor() or "?"
+    model = None
     try:
         with open("/proc/cpuinfo") as f:
             model = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None
             )
     except OSError:
         pass
+    if model is None:  # only then: on Linux platform.processor() runs `uname -p` in a process
+        model = platform.processor() or "?"
     return (
         f"dxl {__version__} | {os.cpu_count()} CPUs ({model}) | {platform.system()} "
         f"{platform.release()} | Python {platform.python_version()}"

@@ -34,6 +34,7 @@ from .._forward import forward
 from .._validate import check_isinstance, check_uint64
 from ..config import EngineOptions, LLMConfig
 from ..memory.regions import RegionRegistry
+from ..transport.select import TransportBackend
 from ..types import LLMRole
 from .blocks import BlockOps
 from .book import CacheBook
@@ -72,10 +73,18 @@ class Engine:
         role: an ``LLMRole`` label (roles do not restrict transfers in v2).
         config: an ``LLMConfig``, an option dict as produced by ``LLMConfig.generate_options()``,
             or None for defaults. ``listen_ip_info`` makes the engine accept links.
+        transport_backend: opens the data path of every link instead of ``dxl.Transport``
+            (e.g. ``dxl.transport.inprocess``: engines of one process, by memcpy, with faults
+            injected, for tests); one per engine. None (the default): cma or tcp.
     """
 
     def __init__(
-        self, cluster_id: int, role: LLMRole, config: LLMConfig | dict[str, str] | None = None
+        self,
+        cluster_id: int,
+        role: LLMRole,
+        config: LLMConfig | dict[str, str] | None = None,
+        *,
+        transport_backend: TransportBackend | None = None,
     ) -> None:
         check_uint64("cluster_id", cluster_id)
         check_isinstance("role", role, LLMRole, allow_none=False)
@@ -94,6 +103,9 @@ class Engine:
         )
         # what this engine's data server may serve: its own regions, never another engine's
         regions = self._regions = RegionRegistry()
+        self._backend = transport_backend
+        if transport_backend is not None:
+            transport_backend.attach(cluster_id, identity.incarnation, regions)
         book = self._book = CacheBook(opts.max_registered_addrs, regions)
         links = self._links = LinkTable(identity, opts, mover)
         listener = self._listener = Listener(identity, opts, mover, regions)
@@ -109,6 +121,7 @@ class Engine:
             data_port=lambda: listener.data_port,
             data_ip=lambda: listener.data_ip,
             pool=self._registrations.pool_wire,
+            backend=transport_backend,
         )
         self._linking = LinkOps(identity, opts, state, links, listener, handshake)
         self._ranktable = RankTableLinks(
@@ -200,6 +213,8 @@ class Engine:
         await self._links.wait_closed()
         await self._registrations.close()
         await self._listener.stop()  # stops the data server too, after its regions went
+        if self._backend is not None:  # no in-process peer reads it any more either
+            self._backend.detach()
         self._regions.close()  # no server reads it any more
         self._registrations.close_pool()
         self._mover.shutdown()

@@ -42,7 +42,7 @@ from ..control.peercred import PeerSocket, holds_socket, peer_socket
 from ..errors import LLMException, LLMStatusCode, status_from_code
 from ..guard import PendingCap, RateLimitedLog
 from ..transport import Transport, host_identity
-from ..transport.select import OpenContext, open_transport
+from ..transport.select import OpenContext, TransportBackend, open_transport
 from ..types import LLMClusterInfo
 from .book import CacheBook
 from .links import LinkTable
@@ -84,8 +84,10 @@ class Handshake:
         data_port: Callable[[], int],
         data_ip: Callable[[], str],
         pool: Callable[[], list[int]],
+        backend: TransportBackend | None = None,
     ) -> None:
         self._identity = identity
+        self._backend = backend  # injected: it opens every transport (tests)
         self._opts = options
         self._state = state
         self._book = book
@@ -366,7 +368,7 @@ class Handshake:
             timeout_ms=self._opts.sync_kv_timeout_ms,
             deadline=deadline,
         )
-        return await open_transport(peer, self._opts.transport, ctx)
+        return await open_transport(peer, self._opts.transport, ctx, self._backend)
 
     def _frame(self, kind: str, challenge: bytes, **extra: Any) -> bytes:
         """hello or welcome: what this engine says about itself."""

@@ -18,6 +18,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -29,7 +30,10 @@ from .cma import CmaTransport
 from .names import AUTO, AUTO_ORDER, CMA, TCP
 from .tcp import DEFAULT_STREAMS, TcpTransport, open_streams
 
-__all__ = ["AUTO_ORDER", "OPENERS", "OpenContext", "open_transport"]
+if TYPE_CHECKING:
+    from ..memory.regions import RegionRegistry
+
+__all__ = ["AUTO_ORDER", "OPENERS", "OpenContext", "TransportBackend", "open_transport"]
 
 log = logging.getLogger("dxl")
 
@@ -101,9 +105,27 @@ OPENERS: dict[str, Opener] = {
 assert set(OPENERS) == set(AUTO_ORDER), "transport/names.py and OPENERS disagree"
 
 
-async def open_transport(peer: PeerInfo, choice: str, ctx: OpenContext) -> Transport:
+class TransportBackend(Protocol):
+    """A data path given to one engine (``Engine(..., transport_backend=...)``) that opens
+    every transport of its links instead of :data:`OPENERS`, as httpcore takes a network
+    backend: :class:`~dxl.transport.inprocess.InProcessBackend` (tests). Never chosen by
+    ``auto``."""
+
+    def attach(self, cluster_id: int, incarnation: str, regions: RegionRegistry) -> None:
+        """The engine starts using it; ``regions`` is what peers may read and write."""
+
+    def detach(self) -> None:
+        """The engine closes."""
+
+    async def open(self, peer: PeerInfo, ctx: OpenContext) -> Transport:
+        """The transport to ``peer`` (raises a DxlError when it cannot be reached)."""
+
+
+async def open_transport(
+    peer: PeerInfo, choice: str, ctx: OpenContext, backend: TransportBackend | None = None
+) -> Transport:
     """Open and prove the transport to ``peer`` (``choice``: ``auto`` or a name in
-    :data:`OPENERS`).
+    :data:`OPENERS`; an injected ``backend`` opens it instead).
 
     Returns :class:`Unreachable` when no transport can reach the peer but the peer can still
     reach us (it runs no data server and is not a proven process of this host).
@@ -112,6 +134,11 @@ async def open_transport(peer: PeerInfo, choice: str, ctx: OpenContext) -> Trans
         LLMException: ``LLM_LINK_FAILED`` when the chosen transport cannot be opened or
             proven in time.
     """
+    if backend is not None:
+        try:
+            return await backend.open(peer, ctx)
+        except DxlError as exc:
+            raise _link_failed(f"{type(backend).__name__}: {exc}") from exc
     names = AUTO_ORDER if choice == AUTO else (choice,)
     errors: list[str] = []
     no_data_server = False

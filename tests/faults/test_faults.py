@@ -1,15 +1,18 @@
 """Fault injection on every transport: peers killed before, during and after transfers,
 stopped past the timeout, unlinked or unregistered under a transfer, restarted with the same
 cluster id and port; a busy listener port; a link to nowhere. Each case asserts which calls
-fail, with which status, within which time, and that other links, transfers and memory
-outside the failed transfer are unaffected."""
+fail, with which status, and that other links, transfers and memory outside the failed
+transfer are unaffected.
+
+No case measures how long a failure took: where a peer dies, the decoder's own timeout is set
+far beyond the test's (LONG_WAIT), so a failure with a "peer gone" status can only have come
+from the death itself; where the timeout is what is tested, the status is LLM_TIMEOUT."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import socket
-import time
 
 import pytest
 from waiting import async_wait_until, start_until_in_flight
@@ -22,6 +25,9 @@ pytestmark = [pytest.mark.multiproc]
 S = dxl.LLMStatusCode
 GONE = (S.LLM_LINK_FAILED, S.LLM_NOT_YET_LINK)
 TIMEOUT_MS = 600
+# The decoder's wait when a failure must come from the peer's death and not from the timeout:
+# longer than pytest's timeout (pyproject.toml), so a transfer that waited for it fails the test.
+LONG_WAIT = {"llm.SyncKvCacheWaitTime": "300000"}
 TENSORS, BLOCKS, BB = 16, 64, 64 << 10  # 64 MiB per side: a pull of all of it takes a while
 ALL = list(range(TENSORS))
 
@@ -44,7 +50,7 @@ def options(transport: str, **extra: str) -> dict[str, str]:
     }
 
 
-def start_prefill(make_peer, transport: str, cluster_id: int = 1, seed: int = 1, **kw):
+def start_prefill(make_peer, transport: str, cluster_id: int = 1, seed: int = 1, **kw: str):
     peer = make_peer(cluster_id, options=options(transport, **kw))
     peer.call(
         "register",
@@ -61,8 +67,8 @@ def start_prefill(make_peer, transport: str, cluster_id: int = 1, seed: int = 1,
 class Decoder:
     """This process's engine with one blocks cache."""
 
-    def __init__(self, transport: str) -> None:
-        self.eng = dxl.Engine(2, dxl.LLMRole.DECODER, options(transport))
+    def __init__(self, transport: str, **extra: str) -> None:
+        self.eng = dxl.Engine(2, dxl.LLMRole.DECODER, options(transport, **extra))
         self.transport = transport
         self.buf = KVBuffers(TENSORS, BLOCKS, BB, fill=False)
 
@@ -88,11 +94,11 @@ class Decoder:
         return self.eng.push_blocks(dxl.BlocksCacheKey(cluster_id, 0), self.cache, src, dst)
 
 
-async def expect_failure(call, within_s: float, codes=GONE):
-    t0 = time.monotonic()
+async def expect_failure(call, codes=GONE):
+    """``call`` fails with one of ``codes``: GONE (the peer's death, never LLM_TIMEOUT), or the
+    single status that the case's cause produces."""
     with pytest.raises(dxl.LLMException) as err:
         await call
-    assert time.monotonic() - t0 < within_s, f"took {time.monotonic() - t0:.2f} s"
     assert err.value.status_code in codes, err.value
     return err.value
 
@@ -100,11 +106,11 @@ async def expect_failure(call, within_s: float, codes=GONE):
 @pytest.mark.parametrize("op", ["pull", "push"])
 async def test_killed_before(make_peer, transport, op):
     p1, p3 = start_prefill(make_peer, transport), start_prefill(make_peer, transport, 3, seed=3)
-    async with Decoder(transport) as d:
+    async with Decoder(transport, **LONG_WAIT) as d:
         await d.link(p1, p3)
         p1.kill()
         p1.proc.join(5)
-        await expect_failure(getattr(d, op)(1, [0], [0]), TIMEOUT_MS / 1000 + 1)
+        await expect_failure(getattr(d, op)(1, [0], [0]))
         assert d.buf.untouched(ALL, list(range(BLOCKS)))
         await d.pull(3, [4], [4])  # the other link is fine
         assert d.buf.matches(ALL, [4], 3, ALL, [4])
@@ -112,7 +118,7 @@ async def test_killed_before(make_peer, transport, op):
 
 async def test_killed_during_a_pull(make_peer, transport):
     p1, p3 = start_prefill(make_peer, transport), start_prefill(make_peer, transport, 3, seed=3)
-    async with Decoder(transport) as d:
+    async with Decoder(transport, **LONG_WAIT) as d:
         await d.link(p1, p3)
         half = list(range(BLOCKS // 2))
         pulls = await start_until_in_flight(
@@ -120,32 +126,30 @@ async def test_killed_during_a_pull(make_peer, transport):
             "a pull from the prefill",
         )
         p1.kill()  # a copy was under way an instant ago
-        t0 = time.monotonic()
         results = await asyncio.gather(*pulls, return_exceptions=True)
-        assert time.monotonic() - t0 < TIMEOUT_MS / 1000 + 1
-        for r in results:  # finished before the kill, or failed with a clear status
+        for r in results:  # finished before the kill, or failed by it (never by the timeout)
             assert r is None or (isinstance(r, dxl.LLMException) and r.status_code in GONE), r
         assert d.buf.untouched(ALL, list(range(BLOCKS // 2, BLOCKS)))  # outside the request
-        await expect_failure(d.pull(1, [0], [0]), TIMEOUT_MS / 1000 + 1)
+        await expect_failure(d.pull(1, [0], [0]))
         await d.pull(3, [40], [40])
         assert d.buf.matches(ALL, [40], 3, ALL, [40])
 
 
 async def test_killed_after(make_peer, transport):
     p1 = start_prefill(make_peer, transport)
-    async with Decoder(transport) as d:
+    async with Decoder(transport, **LONG_WAIT) as d:
         await d.link(p1)
         await d.pull(1, [1, 2], [1, 2])
         p1.kill()
         p1.proc.join(5)
-        await expect_failure(d.pull(1, [3], [3]), TIMEOUT_MS / 1000 + 1)
+        await expect_failure(d.pull(1, [3], [3]))
         assert d.buf.matches(ALL, [1, 2], 1, ALL, [1, 2])  # what arrived stays intact
         assert d.buf.untouched(ALL, [3])
 
 
 async def test_transfer_cache_async_to_a_killed_peer(make_peer, transport):
-    p1 = start_prefill(make_peer, transport, **{"llm.listenIpInfo": "127.0.0.1:0"})
-    async with Decoder(transport) as d:
+    p1 = start_prefill(make_peer, transport, **{"llm.listenIpInfo": "127.0.0.1:0"})  # type: ignore[arg-type]
+    async with Decoder(transport, **LONG_WAIT) as d:
         await d.link(p1)
         p1.kill()
         p1.proc.join(5)
@@ -155,15 +159,13 @@ async def test_transfer_cache_async_to_a_killed_peer(make_peer, transport):
                 return True
 
         cfg = dxl.TransferWithCacheKeyConfig(dxl.BlocksCacheKey(1, 0), range(0, 2), range(0, 2))
-        t0 = time.monotonic()
         try:
             task = await d.eng.transfer_cache_async(d.cache, Ready(), [cfg], [0], [0])
         except dxl.LLMException as exc:  # the link may already be gone when the task starts
             assert exc.status_code in GONE
         else:
             results = await task.wait_async()
-            assert results[0] in GONE
-        assert time.monotonic() - t0 < TIMEOUT_MS / 1000 + 1
+            assert results[0] in GONE  # by the death: the wait for it is LONG_WAIT
 
 
 async def test_stopped_past_the_timeout_then_resumed(make_peer, transport):
@@ -173,10 +175,8 @@ async def test_stopped_past_the_timeout_then_resumed(make_peer, transport):
         p1.kill(signal.SIGSTOP)
         try:
             if transport == "tcp":  # nobody answers on the data stream: a timeout
-                await expect_failure(
-                    d.pull(1, list(range(BLOCKS)), list(range(BLOCKS))),
-                    TIMEOUT_MS / 1000 + 1,
-                    codes=(S.LLM_TIMEOUT,),
+                await expect_failure(  # the timeout ended it: nothing else could
+                    d.pull(1, list(range(BLOCKS)), list(range(BLOCKS))), codes=(S.LLM_TIMEOUT,)
                 )
             else:  # a stopped process's memory stays readable: cma still delivers
                 await d.pull(1, [5], [5])
@@ -187,7 +187,7 @@ async def test_stopped_past_the_timeout_then_resumed(make_peer, transport):
                 "the heartbeat to drop the link to the stopped peer",
                 observe=lambda: d.eng.stats()["links"],
             )
-            await expect_failure(d.pull(1, [6], [6]), 1.0, codes=(S.LLM_NOT_YET_LINK,))
+            await expect_failure(d.pull(1, [6], [6]), codes=(S.LLM_NOT_YET_LINK,))
         finally:
             p1.kill(signal.SIGCONT)
         await async_wait_until(  # resumed, it answers and has dropped its end of the old link
@@ -214,7 +214,7 @@ async def test_unlink_while_transfers_are_in_flight(make_peer, transport):
         assert rets == [S.LLM_SUCCESS]
         for r in await asyncio.gather(*pulls, return_exceptions=True):
             assert r is None or isinstance(r, dxl.LLMException), r
-        await expect_failure(d.pull(1, [0], [0]), 1.0, codes=(S.LLM_NOT_YET_LINK,))
+        await expect_failure(d.pull(1, [0], [0]), codes=(S.LLM_NOT_YET_LINK,))
         assert d.buf.untouched(ALL, list(range(BLOCKS // 2, BLOCKS)))
 
 
@@ -232,19 +232,19 @@ async def test_unregister_while_a_peer_reads(make_peer, transport):
         assert result is None or isinstance(result, dxl.LLMException), result
         if result is None:
             assert d.buf.matches(ALL, everything, 1, ALL, everything)
-        await expect_failure(d.pull(1, [0], [0]), 1.0, codes=(S.LLM_KV_CACHE_NOT_EXIST,))
+        await expect_failure(d.pull(1, [0], [0]), codes=(S.LLM_KV_CACHE_NOT_EXIST,))
 
 
 async def test_restarted_peer_with_same_id_and_port(make_peer, transport):
     p1 = start_prefill(make_peer, transport, seed=1)
     port = p1.address[1]
-    async with Decoder(transport) as d:
+    async with Decoder(transport, **LONG_WAIT) as d:
         await d.link(p1)
         old = d.eng.stats()["links"][1]["peer_incarnation"]
         p1.kill()
         p1.proc.join(5)
         p1b = make_peer(1, options=options(transport, **{"llm.listenIpInfo": f"127.0.0.1:{port}"}))
-        await expect_failure(d.pull(1, [0], [0]), 1.5)  # the old incarnation is never used
+        await expect_failure(d.pull(1, [0], [0]))  # the old incarnation is never used
         p1b.call(
             "register",
             name="kv",
@@ -294,7 +294,6 @@ async def test_link_to_where_nothing_listens(transport):
     info.append_local_ip_info("127.0.0.1", 0)
     info.append_remote_ip_info("127.0.0.1", port)
     async with dxl.Engine(2, dxl.LLMRole.DECODER, options(transport)) as eng:
-        t0 = time.monotonic()
-        _, rets = await eng.link_clusters([info], timeout=500)
+        # refused at once: a link that waited for its timeout (far beyond pytest's) would fail
+        _, rets = await eng.link_clusters([info], timeout=300_000)
         assert rets == [S.LLM_LINK_FAILED]
-        assert time.monotonic() - t0 < 1.5

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from netns import netns_available
 
-pytestmark = [pytest.mark.multiproc]
+pytestmark = [pytest.mark.multiproc, pytest.mark.soak]
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "handoff_fan_in.py"
 CAP = 4
@@ -58,6 +58,7 @@ def test_fan_in_from_prefills_on_this_host():
 
 
 @pytest.mark.root
+@pytest.mark.netns
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(netns_available() is not None, reason=netns_available() or "")
 def test_fan_in_from_network_namespace_hosts_over_tcp():

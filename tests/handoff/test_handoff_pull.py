@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 
 import pytest
@@ -81,7 +80,7 @@ async def test_prefill_killed_mid_fetch_then_restarted(make_peer):
         def kill_at_first_layer(lo: int, hi: int) -> None:
             seen.append(lo)
             if len(seen) == 1:
-                os.kill(prefill.proc.pid, signal.SIGKILL)
+                prefill.kill(signal.SIGKILL)
 
         with pytest.raises(FetchError) as err:
             async with asyncio.timeout(30):  # the fetch's own timeout is 10 s

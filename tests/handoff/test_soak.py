@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.multiproc, pytest.mark.cma]
+pytestmark = [pytest.mark.multiproc, pytest.mark.soak, pytest.mark.cma]
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "handoff_soak.py"
 FULL = os.environ.get("DXL_SOAK_FULL") == "1"

@@ -166,6 +166,7 @@ class Worker:
         return self.call("blocks", list(block_ids))
 
     def signal(self, sig: int) -> None:
+        assert self.proc.pid is not None
         os.kill(self.proc.pid, sig)
 
     def kill(self) -> None:

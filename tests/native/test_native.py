@@ -77,27 +77,29 @@ class Child:
             stdout=subprocess.PIPE,
             text=True,
         )
-        word, pid, addr = self.proc.stdout.readline().split()
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both PIPEs
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        word, pid, addr = self.stdout.readline().split()
         assert word == "READY"
         self.pid = int(pid)
         self.addr = int(addr)
         self.model = pattern(size, seed)
 
     def sha(self, off: int, n: int) -> str:
-        self.proc.stdin.write(f"sha {off} {n}\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
+        self.stdin.write(f"sha {off} {n}\n")
+        self.stdin.flush()
+        return self.stdout.readline().strip()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
+            self.stdin.write("quit\n")
+            self.stdin.close()
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.proc.stdout.close()
+        self.stdout.close()
 
 
 @pytest.fixture(autouse=True)
@@ -462,6 +464,7 @@ def test_pool_shared_by_concurrent_callers() -> None:
     assert results == [True] * 75
 
 
+@pytest.mark.multiproc
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_pool_after_fork() -> None:
     with split_threshold(16 << 10):
@@ -738,4 +741,5 @@ def test_dead_peer() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        assert proc.stdin is not None
         proc.stdin.close()

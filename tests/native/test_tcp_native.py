@@ -474,6 +474,7 @@ def test_concurrent_transfers_and_split_copies_share_the_pool(
     assert results == [True] * (ncallers * 4 + 2 * 4)
 
 
+@pytest.mark.multiproc
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_transfer_in_a_forked_child(server: Server, region: Region, stream_threshold: None) -> None:
     """The pool's workers do not survive fork: a child's multi-stream transfer starts its own."""
@@ -899,7 +900,7 @@ def test_timeout_when_nobody_answers() -> None:
         rc, _, res = transfer([client], 0, la, ra, ln, timeout_ms=200)
         elapsed = time.monotonic() - t0
         assert rc == lib.DXL_E_TIMEDOUT, err_name(rc)
-        assert 0.19 < elapsed < 2.0
+        assert elapsed >= 0.2  # not before its timeout
         assert res.broken_mask == 1 and res.bytes_done == 0
     finally:
         client.close()
@@ -915,10 +916,9 @@ def test_server_stopped_with_connections_open(region: Region) -> None:
     la = np.array([local.ctypes.data], dtype=np.uint64)
     ra = np.array([region.addr], dtype=np.uint64)
     ln = np.array([64], dtype=np.uint64)
-    t0 = time.monotonic()
-    rc, _, res = transfer(socks, 0, la, ra, ln, timeout_ms=30000)
+    # the closed connections fail it: its timeout is beyond pytest's, and would be DXL_E_TIMEDOUT
+    rc, _, res = transfer(socks, 0, la, ra, ln, timeout_ms=300_000)
     assert rc == lib.DXL_E_PEER, err_name(rc)
-    assert time.monotonic() - t0 < 10  # the closed connections failed it, not its 30 s timeout
     assert res.broken_mask & 1
     srv.stop()
 
@@ -1009,9 +1009,8 @@ def test_one_failing_stream_stops_the_others(region: Region, stream_threshold: N
         la = np.array([local.ctypes.data], dtype=np.uint64)
         ra = np.array([region.addr], dtype=np.uint64)
         ln = np.array([4 * MiB], dtype=np.uint64)
-        t0 = time.monotonic()
         rc, _, res = transfer([good, bad], 0, la, ra, ln, timeout_ms=300)
-        assert rc == lib.DXL_E_TIMEDOUT and time.monotonic() - t0 < 2
+        assert rc == lib.DXL_E_TIMEDOUT, err_name(rc)  # the silent stream's timeout ended it
         assert res.streams_used == 2
         assert res.broken_mask & 2
         if not res.broken_mask & 1:  # stream 0 finished before the failure: exact and in step

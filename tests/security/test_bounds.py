@@ -1,9 +1,9 @@
 """Everything a stranger can grow is bounded, and real links keep working while it tries.
 
 Floods run against an engine in another process (or in this one, where the log is what is
-measured); real links and transfers run beside them. The only durations asserted are the issue's
-generous bounds (a transfer that normally takes a millisecond stays under a second; a link
-attempt ends by its own timeout plus slack), never a performance figure.
+measured); real links and transfers run beside them. No duration is asserted: transfers must
+complete (bytes checked) while a flood goes on for as long as they run, and a link attempt must
+end with the status of its own timeout while every other timeout is set beyond pytest's.
 """
 
 from __future__ import annotations
@@ -107,8 +107,10 @@ def test_silent_connections_to_the_data_port_do_not_lock_real_links_out(make_pee
 
 @pytest.mark.parametrize("transport", ["cma", "tcp"])
 def test_slow_link_setups_do_not_starve_transfers(make_peer, transport):
-    """40 strangers link naming a data port that accepts and never answers: their setups wait
-    (to their deadline) while a linked decode keeps pulling as fast as ever."""
+    """40 strangers keep linking, naming a data port that accepts and never answers: their
+    setups wait (to their deadline) and start again, for as long as a linked decode pulls; its
+    pulls complete, bytes checked, while the flood lasts (starved, they would wait for the
+    flood's end, which comes only after them: pytest's timeout)."""
     options = {"dxl.Transport": transport}
     victim = prefill(make_peer, options)
     dec = decoder_linked(make_peer, victim, options)
@@ -116,35 +118,45 @@ def test_slow_link_setups_do_not_starve_transfers(make_peer, transport):
     silent.bind(("127.0.0.1", 0))
     silent.listen(128)  # accepts (the kernel does), never reads or writes
     outcomes: list[object] = []
+    flooding = [threading.Event() for _ in range(40)]
+    stop = threading.Event()
 
     def stranger_link(i: int) -> None:
         claims = stranger.about(100 + i, data_port=silent.getsockname()[1])
-        try:
-            link = stranger.Link(victim.address, VICTIM, claims, timeout=15)
-            outcomes.append(link.ready.get("t"))
-            link.close()
-        except OSError as exc:
-            outcomes.append(type(exc).__name__)
+        while not stop.is_set():
+            flooding[i].set()
+            try:
+                link = stranger.Link(victim.address, VICTIM, claims, timeout=15)
+                outcomes.append(link.ready.get("t"))
+                link.close()
+            except OSError as exc:
+                outcomes.append(type(exc).__name__)
 
     threads = [threading.Thread(target=stranger_link, args=(i,)) for i in range(40)]
     for t in threads:
         t.start()
     try:
-        worst = max(pull_checked(dec, b) for b in range(20))
-        assert worst < 1.0, f"a pull took {worst:.2f} s during the link flood"
+        assert all(f.wait(30) for f in flooding), "a stranger never started"
+        for b in range(20):
+            pull_checked(dec, b)  # completes, bytes checked, while the strangers go on
     finally:
+        stop.set()
         for t in threads:
             t.join(30)
         silent.close()
-    assert len(outcomes) == 40 and "ready" not in outcomes  # none of them got a link
+    assert not any(t.is_alive() for t in threads)
+    assert len(outcomes) >= 40 and "ready" not in outcomes  # none of them got a link
     assert victim.call("links") == [DECODER]
 
 
 def test_link_clusters_returns_by_its_timeout(make_peer):
     """A peer that answers the handshake but whose data port never answers: link_clusters
-    (timeout=1000) ends by its timeout, not by sync_kv_timeout (8 s here)."""
+    (timeout=1000) ends by its timeout, not by sync_kv_timeout (300 s here, beyond pytest's and
+    the call's deadlines: ended by it, the test fails)."""
     dec = make_peer(
-        DECODER, role="DECODER", options={"llm.SyncKvCacheWaitTime": "8000", "dxl.Transport": "tcp"}
+        DECODER,
+        role="DECODER",
+        options={"llm.SyncKvCacheWaitTime": "300000", "dxl.Transport": "tcp"},
     )
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
@@ -167,11 +179,8 @@ def test_link_clusters_returns_by_its_timeout(make_peer):
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
-    t0 = time.monotonic()
     code = dec.call("link", cluster_id=VICTIM, address=fake.getsockname(), timeout=1000)
-    took = time.monotonic() - t0
     assert code == S.LLM_LINK_FAILED
-    assert took < 3.0, f"link_clusters(timeout=1000) took {took:.1f} s"
     server.join(10)
     fake.close()
     silent.close()
@@ -189,7 +198,7 @@ def test_frames_announced_huge_before_a_link_cost_no_memory(make_peer):
             sock.sendall(struct.pack(">I", 4 << 20) + b"{" * 1000)
             socks.append(sock)
         dec = decoder_linked(make_peer, victim)
-        assert pull_checked(dec, 5) < 1.0
+        pull_checked(dec, 5)  # bytes checked, with the 200 connections still open
         grown_mib = (victim.call("rss_kib") - before) / 1024
         assert grown_mib < 200, f"RSS grew by {grown_mib:.0f} MiB"
     finally:

@@ -77,6 +77,7 @@ def test_no_write_is_lost_while_pages_move() -> None:
     pytest.fail("the writer never outlasted the move: the race was not run")
 
 
+@pytest.mark.multiproc
 def test_pages_are_private_again_after_the_last_registration() -> None:
     words = anonymous_words(1 << 18)
     words[:] = np.arange(words.size, dtype=np.uint64)
