@@ -21,6 +21,7 @@ from __future__ import annotations
 from .config import LLMConfig
 from .engine import engine as core
 from .handoff.handoff import Handoff
+from .transport.select import TransportBackend
 from .types import LLMRole
 
 __all__ = ["Engine"]
@@ -35,9 +36,14 @@ class Engine(core.Engine):
     """
 
     def __init__(
-        self, cluster_id: int, role: LLMRole, config: LLMConfig | dict[str, str] | None = None
+        self,
+        cluster_id: int,
+        role: LLMRole,
+        config: LLMConfig | dict[str, str] | None = None,
+        *,
+        transport_backend: TransportBackend | None = None,
     ) -> None:
-        super().__init__(cluster_id, role, config)
+        super().__init__(cluster_id, role, config, transport_backend=transport_backend)
         self._handoff = self.add_layer("handoff", Handoff)
 
     @property

@@ -317,3 +317,23 @@ def test_bad_faults_are_refused_naming_the_field() -> None:
         Faults(delay_s=-1)
     with pytest.raises(ValueError, match="die_at must be None or >= 0"):
         Faults(die_at=-2)
+
+
+async def test_a_fetch_that_names_no_timeout_gets_the_engines_option() -> None:
+    """dxl.HandoffFetchTimeoutS is the fetch's deadline when the call names none: a prefill
+    whose copy stalls (until its own transfer timeout, 5 s) fails the fetch with LLM_TIMEOUT at
+    the option's 0.5 s: not at the 30 s default, nor by the prefill's copy timing out."""
+    network, stall = InProcessNetwork(), Faults()
+    p = await side(network, P_ID, 7, stall, **{"llm.SyncKvCacheWaitTime": "5000"})
+    d = await side(network, D_ID, 0, None, **{"dxl.HandoffFetchTimeoutS": "0.5"})
+    try:
+        t = await p.eng.handoff.offer("r-stall", p.cache, [2, 3])
+        stall.delay_s = 600.0  # the prefill's copy stalls until its own 5 s timeout
+        with pytest.raises(FetchError) as err:
+            await d.eng.handoff.fetch(Ticket.of(t.to_dict()), d.cache, [8, 9])
+        assert err.value.status_code == S.LLM_TIMEOUT
+        assert "no end within 0.5 s" in str(err.value)
+    finally:
+        stall.delay_s = 0.0
+        await d.eng.close()
+        await p.eng.close()
