@@ -65,8 +65,9 @@ def bench_parser(prog: str = "dxl bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="KV-shaped transfer benchmark: dxl against same-run baselines "
-        "(memcpy of the same pieces, one raw TCP stream). Lists of values run every "
-        "combination.",
+        "(memcpy of the same pieces with one thread and with dxl's copy threads; raw TCP with "
+        "one stream and with as many streams as dxl opens), the latter the limit each row is "
+        "compared with. Lists of values run every combination.",
     )
     a = p.add_argument
     a(
@@ -136,7 +137,8 @@ def bench_parser(prog: str = "dxl bench") -> argparse.ArgumentParser:
         "--baselines",
         choices=("auto", "all"),
         default="auto",
-        help="auto: memcpy, plus the raw socket when the link is tcp; all: both always",
+        help="auto: memcpy, plus the raw socket when the link is tcp; all: both always "
+        "(each with one thread or stream and with dxl's count)",
     )
     a(
         "--loop",

@@ -105,6 +105,13 @@ def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
     return lines
 
 
+def _limit_name(row: dict[str, Any]) -> str:
+    """``memcpy x2`` / ``tcp x4``: the limit's kind and its threads or streams (``-`` for rows
+    saved before the bench measured a limit)."""
+    kind = {"memcpy": "memcpy", "raw_socket": "tcp"}.get(row.get("limit") or "")
+    return f"{kind} x{row.get('limit_parallel')}" if kind else "-"
+
+
 def bench_table(rows: list[dict[str, Any]]) -> list[str]:
     """Throughput rows as a markdown table (medians over passes)."""
     header = [
@@ -122,6 +129,9 @@ def bench_table(rows: list[dict[str, Any]]) -> list[str]:
         "socket GB/s",
         "ratio",
         "vs",
+        "limit",
+        "limit GB/s",
+        "vs limit",
         "p50 ms",
         "p99 ms",
     ]
@@ -147,6 +157,9 @@ def bench_table(rows: list[dict[str, Any]]) -> list[str]:
                 _num(bl.get("raw_socket", {}).get("gbps")),
                 bad or _num(r["ratio"]),
                 {"memcpy": "memcpy", "raw_socket": "socket"}.get(r.get("baseline") or "", "-"),
+                _limit_name(r),
+                _num(r.get("limit_gbps")),
+                bad or _num(r.get("limit_ratio")),
                 bad or _num(r["p50_us"] and r["p50_us"] / 1e3),
                 bad or _num(r["p99_us"] and r["p99_us"] / 1e3),
             ]
@@ -334,7 +347,9 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
     if bench:
         out += [
             "Throughput (GB/s = 1e9 B/s of payload; medians over passes; ratio = dxl / "
-            "the baseline of the link's transport):",
+            "the one-thread (one-stream) baseline of the link's transport; vs limit = dxl / "
+            "the same baseline with dxl's parallelism: memcpy of the same pieces with dxl's "
+            "copy threads (cma), raw TCP with as many streams as dxl opens (tcp)):",
             "",
             *bench_table(bench),
             "",
