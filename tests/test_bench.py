@@ -648,3 +648,50 @@ def test_handoff_corrupted_destination_gives_no_number() -> None:
     assert lat["verified"] is False and lat["handoff_p50_us"] is None and lat["ratio_p50"] is None
     assert fan["verified"] is False and fan["fanin_gbps"] is None and fan["ratio"] is None
     assert err.count("UNVERIFIED") >= 2
+
+
+# --------------------------------------------------------------------------------- --vllm
+
+
+def test_vllm_caches_are_what_the_connector_registers_for_vllms_cpu_layout() -> None:
+    from dxl.bench import vllm_path
+    from dxl.integrations.vllm.layout import kv_layout
+
+    [w] = vllm_path.workloads(["cma"], [8 << 10], 3, 1, None, 2, 1, 1, 0)
+    caches = vllm_path.KVCaches(w, fill=True)
+    t = caches.tensors["model.layers.1.self_attn.attn"]
+    assert t.shape == (w.num_blocks, 2, vllm_path.BLOCK_TOKENS, 128)  # [B, H, N, C], 2 heads
+    layout = kv_layout(caches.tensors, w.num_blocks)
+    assert layout.tensors_per_layer == 1 and layout.block_bytes == 8 << 10
+    assert list(layout.addrs) == caches.kv.addrs  # one tensor per layer, layer-major
+    with pytest.raises(SystemExit, match="multiple of 32 bytes"):
+        vllm_path.workloads(["cma"], [40], 3, 1, None, 2, 1, 1, 0)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize(
+    "transport", [pytest.param("cma", marks=pytest.mark.cma), pytest.param("tcp")]
+)
+def test_vllm_connector_path_smoke_is_verified_against_the_limit(transport: str) -> None:
+    rc, rows, err = run_bench(
+        "--vllm", "--transport", transport, "--block-bytes", "4K", *SMOKE, timeout=240
+    )
+    assert rc == 0, err
+    [r] = rows
+    assert r["mode"] == "vllm" and r["verified"] is True and r["error"] is None, r
+    assert r["link_transport"].split("+")[0] == transport
+    assert r["gbps"] > 0 and r["ratio"] > 0 and 0 < r["p50_us"] <= r["p99_us"]
+    assert r["offer_p50_us"] > 0
+    kind = "raw_socket" if transport == "tcp" else "memcpy"
+    n = (
+        baselines.tcp_streams(r["request_bytes"])
+        if transport == "tcp"
+        else baselines.copy_threads(None)
+    )
+    _limit_ok(r, kind, n)
+    assert "vLLM connector path" in err and "vs limit" in err
+
+
+def test_vllm_refuses_threads() -> None:
+    with pytest.raises(SystemExit, match="--threads does not apply"):
+        cli.bench_main(["--vllm", "--threads", "2"])
