@@ -14,6 +14,9 @@
   ``ratio``'s baseline; with as many streams as the tcp transport opens for a request of that
   size (:func:`tcp_streams`) it is the *limit* of ``tcp`` (iperf-style: no piece list, no
   scatter, no protocol).
+
+Both run one request at a time, as ``--concurrency 1`` runs dxl; with more requests in flight dxl
+may use more threads or streams than the limit does, and a ratio above 1 can be that.
 """
 
 from __future__ import annotations
