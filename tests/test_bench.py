@@ -692,6 +692,20 @@ def test_vllm_connector_path_smoke_is_verified_against_the_limit(transport: str)
     assert "vLLM connector path" in err and "vs limit" in err
 
 
+@pytest.mark.multiproc
+@pytest.mark.cma
+def test_vllm_corrupted_destination_gives_no_number() -> None:
+    rc, rows, err = run_bench(
+        "--vllm", "--transport", "cma", "--block-bytes", "4K", "--debug-corrupt", *SMOKE
+    )
+    assert rc == 1
+    [r] = rows
+    assert r["verified"] is False and r["error"], r
+    assert r["gbps"] is None and r["ratio"] is None and r["limit_ratio"] is None
+    assert r["p50_us"] is None and r["gbps_passes"] is None
+    assert "UNVERIFIED" in err
+
+
 def test_vllm_refuses_threads() -> None:
     with pytest.raises(SystemExit, match="--threads does not apply"):
         cli.bench_main(["--vllm", "--threads", "2"])

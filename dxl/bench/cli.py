@@ -374,6 +374,7 @@ def _vllm(args: argparse.Namespace, argv: list[str], prog: str) -> int:
         args.warmup if args.warmup is not None else 3,
         args.passes,
         args.seed,
+        args.debug_corrupt,
     )
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     progress = Progress(sum(vllm_path.units_for(w) for w in todo), show)

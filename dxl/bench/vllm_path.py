@@ -79,6 +79,7 @@ class VllmWorkload:
     warmup: int = 3
     passes: int = 3
     seed: int = 0
+    debug_corrupt: bool = False  # flip a bit of a destination block after each pass
 
     @property
     def request_bytes(self) -> int:
@@ -115,6 +116,7 @@ def workloads(
     warmup: int,
     passes: int,
     seed: int,
+    debug_corrupt: bool = False,
 ) -> list[VllmWorkload]:
     """Every configuration, block size outermost. Raises SystemExit for a block size that is
     not a float16 layout of 16 tokens (a multiple of 32 bytes) or a request that does not fit."""
@@ -129,7 +131,11 @@ def workloads(
         if kk > blocks:
             raise SystemExit(f"dxl bench: --blocks-per-request {kk} exceeds {blocks} blocks")
         for t in transports:
-            out.append(VllmWorkload(t, bb, layers, blocks, kk, requests, warmup, passes, seed))
+            out.append(
+                VllmWorkload(
+                    t, bb, layers, blocks, kk, requests, warmup, passes, seed, debug_corrupt
+                )
+            )
     return out
 
 
@@ -388,6 +394,8 @@ class _Decode:
         self.p99s.append(p99)
         self.offers.append(percentiles_us([o for _, o in times[w.warmup :]])[0])
         src = np.unique(np.concatenate(tables))
+        if w.debug_corrupt:
+            self.caches.kv.blocks(w.layers - 1)[self.perm[src[0]], 0] ^= np.uint64(1)
         layers = range(w.layers)
         return self.caches.kv.matches(layers, self.perm[src], SOURCE_SEED, layers, src)
 
