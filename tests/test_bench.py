@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from dxl.bench import cli, report
+from dxl.bench import baselines, cli, report
 from dxl.bench.runner import run_all
 from dxl.bench.workload import (
     Workload,
@@ -238,6 +239,67 @@ def test_plot_without_matplotlib_fails_before_measuring(monkeypatch: pytest.Monk
         cli.bench_main(["--plot", "x.png"])
 
 
+# ------------------------------------------------------------------------------- the limit
+
+
+def test_the_limit_uses_dxls_copy_threads_and_tcp_streams() -> None:
+    from dxl import _ffi
+    from dxl.config import DEFAULT_TRANSFER_THREADS
+    from dxl.transport.tcp import DEFAULT_STREAMS
+
+    assert baselines.copy_threads(None) == DEFAULT_TRANSFER_THREADS
+    assert baselines.copy_threads(3) == 3
+    per_stream = int(_ffi.lib.dxl_tcp_stream_threshold(0))
+    assert baselines.tcp_streams(per_stream - 1) == 1  # small requests use one stream
+    assert baselines.tcp_streams(2 * per_stream) == min(2, DEFAULT_STREAMS)
+    assert baselines.tcp_streams(1000 * per_stream) == DEFAULT_STREAMS
+
+
+@pytest.mark.parametrize(("nbytes", "parts"), [(4096, 4), (1 << 20, 3), (5 * 4096 + 8, 2)])
+def test_cut_covers_the_request_in_aligned_contiguous_parts(nbytes: int, parts: int) -> None:
+    cuts = baselines.cut(nbytes, parts)
+    assert 1 <= len(cuts) <= parts
+    assert sum(n for _, n in cuts) == nbytes
+    assert [off for off, _ in cuts] == [sum(n for _, n in cuts[:i]) for i in range(len(cuts))]
+    assert all(off % 4096 == 0 and n > 0 for off, n in cuts)
+
+
+def test_memcpy_with_dxls_threads_copies_the_same_pieces() -> None:
+    w = _small()
+    src, dst = source_buffers(w), destination_buffers(w)
+    tables = [np.array([3, 9, 1]), np.array([12, 0])]
+    plans = baselines.plan_requests(dst.addrs, src.addrs, tables, w.block_bytes)
+    wall, lat = baselines.memcpy_requests(plans, threads=2)
+    assert wall > 0 and len(lat) == 2
+    assert verify(dst, np.concatenate(tables), strict=True)
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_raw_tcp_streams_move_every_byte_to_its_place(streams: int) -> None:
+    nbytes = 5 * 4096 + 64  # three streams get 8K, 8K and the rest
+    server = baselines.RawSocketServer(nbytes)
+    client = baselines.RawSocketClient(server.port, nbytes, streams)
+    try:
+        pattern = np.random.default_rng(1).integers(0, 256, nbytes, dtype=np.uint8)
+        client._buf[:] = pattern
+        client.request("push", nbytes)  # the target's buffer now holds the pattern
+        client._buf[:] = 0
+        wall, lat = client.requests("pull", nbytes, 2)
+        assert wall > 0 and len(lat) == 2
+        assert np.array_equal(client._buf, pattern)
+    finally:
+        client.close()
+        server.close()
+
+
+def _limit_ok(r: dict, kind: str, parallel: int) -> None:
+    assert r["limit"] == kind and r["limit_parallel"] == parallel, r
+    for key in ("limit_gbps", "limit_ratio"):
+        assert math.isfinite(r[key]) and r[key] > 0, r
+    assert r["limit_ratio"] == pytest.approx(r["gbps"] / r["limit_gbps"], rel=0.01)
+    assert len(r["limit_passes"]) == r["passes"]
+
+
 # ---------------------------------------------------------------------------- end to end
 
 
@@ -261,7 +323,10 @@ def test_smoke_cma_pull_and_push_are_verified() -> None:
         assert 0 < r["p50_us"] <= r["p99_us"]
         assert len(r["gbps_passes"]) == len(r["baseline_passes"]) == 1
         assert r["pieces_per_request"] == r["blocks_per_request"] * 8
+        _limit_ok(r, "memcpy", baselines.copy_threads(None))
+        assert r["baselines"]["memcpy_limit"]["threads"] == baselines.copy_threads(None)
     assert "| 64K |" in err  # the table goes to stderr with --json
+    assert "vs limit" in err and "memcpy x2" in err
 
 
 @pytest.mark.multiproc
@@ -318,6 +383,10 @@ def test_smoke_tcp_pull_is_verified_against_the_raw_socket() -> None:
     assert tcp["verified"] is True and tcp["error"] is None, tcp
     assert tcp["link_transport"] == "tcp" and tcp["baseline"] == "raw_socket"
     assert tcp["gbps"] > 0 and tcp["baselines"]["raw_socket"]["gbps"] > 0 and tcp["ratio"] > 0
+    streams = baselines.tcp_streams(tcp["request_bytes"])
+    _limit_ok(tcp, "raw_socket", streams)
+    assert tcp["baselines"]["raw_socket_limit"]["streams"] == streams
+    assert f"tcp x{streams}" in err
 
 
 @pytest.mark.multiproc
@@ -416,6 +485,14 @@ def test_from_json_replays_tables_without_measuring(
     assert cli.bench_main(["--from-json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "|  4K |" in out and "| 64K |" in out and "2.50" in out
+    # rows saved before the bench measured a limit: no limit, no ratio to it
+    assert "vs limit" in out and "| memcpy |     - |          - |        - |" in out
+    path.write_text(
+        json.dumps(_row(limit="memcpy", limit_parallel=2, limit_gbps=6.25, limit_ratio=0.4)) + "\n"
+    )
+    assert cli.bench_main(["--from-json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| memcpy x2 |       6.25 |     0.40 |" in out
     path.write_text(json.dumps(_row(verified=False, error="bytes differ")) + "\n")
     assert cli.bench_main(["--from-json", str(path)]) == 1
 
@@ -573,3 +650,64 @@ def test_handoff_corrupted_destination_gives_no_number() -> None:
     assert lat["verified"] is False and lat["handoff_p50_us"] is None and lat["ratio_p50"] is None
     assert fan["verified"] is False and fan["fanin_gbps"] is None and fan["ratio"] is None
     assert err.count("UNVERIFIED") >= 2
+
+
+# --------------------------------------------------------------------------------- --vllm
+
+
+def test_vllm_caches_are_what_the_connector_registers_for_vllms_cpu_layout() -> None:
+    from dxl.bench import vllm_path
+    from dxl.integrations.vllm.layout import kv_layout
+
+    [w] = vllm_path.workloads(["cma"], [8 << 10], 3, 1, None, 2, 1, 1, 0)
+    caches = vllm_path.KVCaches(w, fill=True)
+    t = caches.tensors["model.layers.1.self_attn.attn"]
+    assert t.shape == (w.num_blocks, 2, vllm_path.BLOCK_TOKENS, 128)  # [B, H, N, C], 2 heads
+    layout = kv_layout(caches.tensors, w.num_blocks)
+    assert layout.tensors_per_layer == 1 and layout.block_bytes == 8 << 10
+    assert list(layout.addrs) == caches.kv.addrs  # one tensor per layer, layer-major
+    with pytest.raises(SystemExit, match="multiple of 32 bytes"):
+        vllm_path.workloads(["cma"], [40], 3, 1, None, 2, 1, 1, 0)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize(
+    "transport", [pytest.param("cma", marks=pytest.mark.cma), pytest.param("tcp")]
+)
+def test_vllm_connector_path_smoke_is_verified_against_the_limit(transport: str) -> None:
+    rc, rows, err = run_bench(
+        "--vllm", "--transport", transport, "--block-bytes", "4K", *SMOKE, timeout=240
+    )
+    assert rc == 0, err
+    [r] = rows
+    assert r["mode"] == "vllm" and r["verified"] is True and r["error"] is None, r
+    assert r["link_transport"].split("+")[0] == transport
+    assert r["gbps"] > 0 and r["ratio"] > 0 and 0 < r["p50_us"] <= r["p99_us"]
+    assert r["offer_p50_us"] > 0
+    kind = "raw_socket" if transport == "tcp" else "memcpy"
+    n = (
+        baselines.tcp_streams(r["request_bytes"])
+        if transport == "tcp"
+        else baselines.copy_threads(None)
+    )
+    _limit_ok(r, kind, n)
+    assert "vLLM connector path" in err and "vs limit" in err
+
+
+@pytest.mark.multiproc
+@pytest.mark.cma
+def test_vllm_corrupted_destination_gives_no_number() -> None:
+    rc, rows, err = run_bench(
+        "--vllm", "--transport", "cma", "--block-bytes", "4K", "--debug-corrupt", *SMOKE
+    )
+    assert rc == 1
+    [r] = rows
+    assert r["verified"] is False and r["error"], r
+    assert r["gbps"] is None and r["ratio"] is None and r["limit_ratio"] is None
+    assert r["p50_us"] is None and r["gbps_passes"] is None
+    assert "UNVERIFIED" in err
+
+
+def test_vllm_refuses_threads() -> None:
+    with pytest.raises(SystemExit, match="--threads does not apply"):
+        cli.bench_main(["--vllm", "--threads", "2"])

@@ -2,7 +2,8 @@
 
 Rows: op x block size (pieces and MiB per request shown); columns: dxl per link transport
 (async API, one request in flight, unless other configurations are in the input), dxl's
-same-run baselines (memcpy of the same pieces, one raw TCP stream), every peer variant, and
+same-run baselines (memcpy of the same pieces and raw TCP, each with one thread or stream and
+with dxl's count, the limit), every peer variant, and
 ``dxl / best peer``. A cell is the configuration's median over its passes (the median of those
 when several files hold the same cell). Unverified or failed cells are never numbers;
 skipped peers are listed under the table.
@@ -22,7 +23,12 @@ import sys
 from collections import defaultdict
 from typing import Any
 
-BASELINES = {"memcpy": "memcpy (1 thread)", "raw_socket": "raw socket (1 stream)"}
+BASELINES = {
+    "memcpy": "memcpy (1 thread)",
+    "memcpy_limit": "memcpy (dxl's threads)",
+    "raw_socket": "raw socket (1 stream)",
+    "raw_socket_limit": "raw TCP (dxl's streams)",
+}
 
 
 def load(paths: list[str]) -> list[dict[str, Any]]:

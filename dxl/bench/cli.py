@@ -65,8 +65,9 @@ def bench_parser(prog: str = "dxl bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="KV-shaped transfer benchmark: dxl against same-run baselines "
-        "(memcpy of the same pieces, one raw TCP stream). Lists of values run every "
-        "combination.",
+        "(memcpy of the same pieces with one thread and with dxl's copy threads; raw TCP with "
+        "one stream and with as many streams as dxl opens), the latter the limit each row is "
+        "compared with. Lists of values run every combination.",
     )
     a = p.add_argument
     a(
@@ -136,7 +137,8 @@ def bench_parser(prog: str = "dxl bench") -> argparse.ArgumentParser:
         "--baselines",
         choices=("auto", "all"),
         default="auto",
-        help="auto: memcpy, plus the raw socket when the link is tcp; all: both always",
+        help="auto: memcpy, plus the raw socket when the link is tcp; all: both always "
+        "(each with one thread or stream and with dxl's count)",
     )
     a(
         "--loop",
@@ -170,6 +172,15 @@ def bench_parser(prog: str = "dxl bench") -> argparse.ArgumentParser:
         help="request handoff (dxl.handoff): offer -> ticket -> fetch -> done latency beside a "
         "plain pull_blocks of the same blocks, and the fan-in of --fan-in prefill engines "
         "fetched by one decode at once beside one link (default block size 16K)",
+    )
+    a(
+        "--vllm",
+        action="store_true",
+        help="the vLLM connector's path: register_kv_caches of vLLM's CPU layout (one LBHNC "
+        "view per layer, 16-token float16 blocks of B bytes per layer), then offer -> fetch of "
+        "a request's blocks between a prefill and a decode worker, beside the same pieces' "
+        "memcpy / raw TCP with dxl's threads / streams (default block size 8K 64K; --threads "
+        "does not apply: the connector leaves it to the engine)",
     )
     a(
         "--fan-in",
@@ -266,6 +277,8 @@ def bench_main(argv: list[str], prog: str = "dxl bench") -> int:
         return _replay(args)
     if args.handoff:
         return _handoff(args, argv, prog)
+    if args.vllm:
+        return _vllm(args, argv, prog)
     todo = workloads(args)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     progress = Progress(sum(units_for(w) for w in todo), show)
@@ -334,6 +347,45 @@ def _handoff(args: argparse.Namespace, argv: list[str], prog: str) -> int:
 
     try:
         rows = handoff.run_all(todo, progress, args.timeout, emit, args.verbose)
+    finally:
+        progress.close()
+    text = render(rows, f"{prog} {shlex.join(argv)}".rstrip())
+    print(text, file=sys.stderr if args.json else sys.stdout, end="", flush=True)
+    return 0 if all(r.get("verified") and not r.get("error") for r in rows) else 1
+
+
+VLLM_SIZES = (8 << 10, 64 << 10)  # one layer's 16-token block of a 0.5B- and an 8B-class model
+
+
+def _vllm(args: argparse.Namespace, argv: list[str], prog: str) -> int:
+    """``--vllm``: the connector's path (see :mod:`dxl.bench.vllm_path`)."""
+    from . import vllm_path
+    from .report import Progress, render
+
+    if args.threads is not None:
+        raise SystemExit("dxl bench: --threads does not apply to --vllm (the connector has none)")
+    todo = vllm_path.workloads(
+        args.transport,
+        args.block_bytes or list(VLLM_SIZES),
+        args.layers,
+        args.cache_mib,
+        args.blocks_per_request,
+        args.requests or 20,
+        args.warmup if args.warmup is not None else 3,
+        args.passes,
+        args.seed,
+        args.debug_corrupt,
+    )
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    progress = Progress(sum(vllm_path.units_for(w) for w in todo), show)
+
+    def emit(row: dict[str, Any]) -> None:
+        if args.json:
+            progress.close()
+            print(json.dumps(row), flush=True)
+
+    try:
+        rows = vllm_path.run_all(todo, progress, args.timeout, emit, args.verbose)
     finally:
         progress.close()
     text = render(rows, f"{prog} {shlex.join(argv)}".rstrip())

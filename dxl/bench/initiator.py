@@ -6,9 +6,11 @@ Per pass (passes alternate the order, so noise hits dxl and the baselines alike)
   verify every block the pass wrote (pull: here; push: the target checks and answers). Before
   the first pass one request from a clean destination is verified strictly: its blocks hold
   the source's bytes and every other block is untouched.
-- memcpy: the same piece lists copied by one thread between two local caches.
-- raw socket: the same bytes per request over one loopback TCP stream (when the link is
-  tcp, or with ``--baselines all``).
+- memcpy: the same piece lists copied between two local caches by one thread, and by as many
+  threads as dxl's copy uses (the limit of cma rows).
+- raw socket: the same bytes per request over one loopback TCP stream, and over as many
+  streams as the tcp transport opens for a request of that size (the limit of tcp rows; both
+  when the link is tcp, or with ``--baselines all``).
 
 Messages to the parent (pipe): ``("progress", units, label)`` and finally ``("result", row)``.
 """
@@ -24,7 +26,13 @@ from typing import Any
 import numpy as np
 
 from ..testing import KVBuffers
-from .baselines import RawSocketClient, memcpy_requests, plan_requests
+from .baselines import (
+    RawSocketClient,
+    copy_threads,
+    memcpy_requests,
+    plan_requests,
+    tcp_streams,
+)
 from .control import Destination, TargetControl
 from .engines import LogCapture
 from .measure import (
@@ -58,6 +66,7 @@ class _Passes:
         dest: Destination,
         memcpy_pair: tuple[KVBuffers, KVBuffers],
         sock: RawSocketClient | None,
+        streams: RawSocketClient | None,
         progress: Callable[[int, str], None],
     ) -> None:
         self.w = w
@@ -65,12 +74,19 @@ class _Passes:
         self.dest = dest
         self.mdst, self.msrc = memcpy_pair
         self.sock = sock
+        self.streams = streams  # None: one stream is as many as the transport opens
+        self.threads = copy_threads(w.transfer_threads)
         self.progress = progress
         self.nbytes = w.requests * w.request_bytes  # timed bytes per pass
         self.gbps: list[float] = []
         self.p50s: list[float] = []
         self.p99s: list[float] = []
-        self.base: dict[str, list[float]] = {"memcpy": [], "raw_socket": []}
+        self.base: dict[str, list[float]] = {
+            "memcpy": [],
+            "raw_socket": [],
+            "memcpy_limit": [],
+            "raw_socket_limit": [],
+        }
 
     def probe(self) -> bool:
         """One request into a clean destination: its blocks arrive, nothing else changes."""
@@ -100,23 +116,44 @@ class _Passes:
         return ok
 
     def baselines(self, p: int, tables: list[np.ndarray]) -> None:
-        """The same requests as one-thread memcpy, and over the raw socket when it is open."""
+        """The same requests as memcpy with one thread and with dxl's threads, and over the raw
+        socket with one stream and with the transport's streams when it is open. With one
+        thread (stream) to dxl, the one-thread (one-stream) figure is the limit too."""
         w = self.w
         self.progress(0, f"{w.label}: pass {p + 1}/{w.passes} baselines")
         plans = plan_requests(self.mdst.addrs, self.msrc.addrs, tables, w.block_bytes)
         memcpy_requests(plans[: w.warmup])
         wall, _ = memcpy_requests(plans[w.warmup :])
-        self.base["memcpy"].append(self.nbytes / wall / 1e9)
+        one = self.nbytes / wall / 1e9
+        self.base["memcpy"].append(one)
+        if self.threads > 1:
+            memcpy_requests(plans[: w.warmup], self.threads)
+            wall, _ = memcpy_requests(plans[w.warmup :], self.threads)
+            self.base["memcpy_limit"].append(self.nbytes / wall / 1e9)
+        else:
+            self.base["memcpy_limit"].append(one)
         if self.sock is not None:
             self.sock.requests(w.op, w.request_bytes, w.warmup)
             wall, _ = self.sock.requests(w.op, w.request_bytes, w.requests)
-            self.base["raw_socket"].append(self.nbytes / wall / 1e9)
+            one = self.nbytes / wall / 1e9
+            self.base["raw_socket"].append(one)
+            if self.streams is not None:
+                self.streams.requests(w.op, w.request_bytes, w.warmup)
+                wall, _ = self.streams.requests(w.op, w.request_bytes, w.requests)
+                self.base["raw_socket_limit"].append(self.nbytes / wall / 1e9)
+            else:
+                self.base["raw_socket_limit"].append(one)
         self.progress(1, f"{w.label}: pass {p + 1}/{w.passes} baselines")
+
+    def _streams(self) -> int:
+        return self.streams.streams if self.streams is not None else 1
 
     def row(self, link: str, verified: bool, thp: dict[str, float]) -> dict[str, Any]:
         """The configuration's row: medians over passes; no dxl number unless verified."""
         match = "raw_socket" if link == "tcp" else "memcpy"
         g, b = median(self.gbps), median(self.base[match])
+        limit = median(self.base[f"{match}_limit"])
+        parallel = self._streams() if match == "raw_socket" else self.threads
         ok = bool(verified)
         return {
             **row_base(self.w),
@@ -125,6 +162,12 @@ class _Passes:
             "baseline": match,
             "baseline_gbps": round(b, 3),
             "ratio": round(g / b, 3) if ok else None,
+            # the limit: the same baseline with dxl's parallelism (copy threads, tcp streams)
+            "limit": match,
+            "limit_parallel": parallel,
+            "limit_gbps": round(limit, 3),
+            "limit_ratio": round(g / limit, 3) if ok else None,
+            "limit_passes": rounded(self.base[f"{match}_limit"]),
             "p50_us": round(median(self.p50s), 1) if ok else None,
             "p99_us": round(median(self.p99s), 1) if ok else None,
             "verified": ok,
@@ -134,6 +177,8 @@ class _Passes:
             "p99_us_passes": rounded(self.p99s, 1) if ok else None,
             "baselines": {
                 name: {"gbps": round(median(v), 3), "passes": rounded(v)}
+                | ({"threads": self.threads} if name == "memcpy_limit" else {})
+                | ({"streams": self._streams()} if name == "raw_socket_limit" else {})
                 for name, v in self.base.items()
                 if v
             },
@@ -155,13 +200,19 @@ def throughput(
     other = source_buffers(w) if pull else destination_buffers(w)  # memcpy partner
     driver = make_driver(w, why)
     sock: RawSocketClient | None = None
+    streams: RawSocketClient | None = None
     try:
         link = driver.open(tuple(info["address"]), local)
         check_transport(w.transport, link)
         if w.baselines == "all" or link == "tcp":
             sock = RawSocketClient(info["raw_port"], w.request_bytes)
+            n = tcp_streams(w.request_bytes)
+            if n > 1:
+                streams = RawSocketClient(info["raw_port"], w.request_bytes, n)
         memcpy_pair = (local, other) if pull else (other, local)
-        run = _Passes(w, driver, Destination(w, local, target), memcpy_pair, sock, progress)
+        run = _Passes(
+            w, driver, Destination(w, local, target), memcpy_pair, sock, streams, progress
+        )
         verified = run.probe()
         for p in range(w.passes):
             tables = pass_tables(
@@ -178,8 +229,9 @@ def throughput(
             "initiator": round(thp_mib(local, other), 1),
         }
     finally:
-        if sock is not None:
-            sock.close()
+        for client in (sock, streams):
+            if client is not None:
+                client.close()
         driver.close()
     return run.row(link, verified, thp)
 

@@ -11,7 +11,12 @@ from typing import Any
 
 from .workload import format_size
 
-_BASELINE_NAMES = {"memcpy": "memcpy 1 thread", "raw_socket": "raw socket 1 stream"}
+_BASELINE_NAMES = {
+    "memcpy": "memcpy 1 thread",
+    "raw_socket": "raw socket 1 stream",
+    "memcpy_limit": "memcpy, dxl's threads",
+    "raw_socket_limit": "raw TCP, dxl's streams",
+}
 
 
 def require_matplotlib() -> None:

@@ -107,6 +107,13 @@ def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
     return lines
 
 
+def _limit_name(row: dict[str, Any]) -> str:
+    """``memcpy x2`` / ``tcp x4``: the limit's kind and its threads or streams (``-`` for rows
+    saved before the bench measured a limit)."""
+    kind = {"memcpy": "memcpy", "raw_socket": "tcp"}.get(row.get("limit") or "")
+    return f"{kind} x{row.get('limit_parallel')}" if kind else "-"
+
+
 def bench_table(rows: list[dict[str, Any]]) -> list[str]:
     """Throughput rows as a markdown table (medians over passes)."""
     header = [
@@ -124,6 +131,9 @@ def bench_table(rows: list[dict[str, Any]]) -> list[str]:
         "socket GB/s",
         "ratio",
         "vs",
+        "limit",
+        "limit GB/s",
+        "vs limit",
         "p50 ms",
         "p99 ms",
     ]
@@ -149,8 +159,59 @@ def bench_table(rows: list[dict[str, Any]]) -> list[str]:
                 _num(bl.get("raw_socket", {}).get("gbps")),
                 bad or _num(r["ratio"]),
                 {"memcpy": "memcpy", "raw_socket": "socket"}.get(r.get("baseline") or "", "-"),
+                _limit_name(r),
+                _num(r.get("limit_gbps")),
+                bad or _num(r.get("limit_ratio")),
                 bad or _num(r["p50_us"] and r["p50_us"] / 1e3),
                 bad or _num(r["p99_us"] and r["p99_us"] / 1e3),
+            ]
+        )
+    return _markdown(header, body)
+
+
+def vllm_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The vLLM connector's path (``--vllm``): the decode's load beside the limit."""
+    header = [
+        "transport",
+        "B",
+        "heads",
+        "layers",
+        "k",
+        "MiB/req",
+        "load GB/s",
+        "memcpy GB/s",
+        "socket GB/s",
+        "ratio",
+        "limit",
+        "limit GB/s",
+        "vs limit",
+        "load p50 ms",
+        "load p99 ms",
+        "offer p50 ms",
+    ]
+    body = []
+    for r in rows:
+        bad = _status(r)
+        bl = r.get("baselines") or {}
+        offer = r.get("offer_p50_us")
+        body.append(
+            [
+                r.get("link_transport") or r["transport"],
+                format_size(r["block_bytes"]),
+                str(r.get("kv_heads", "-")),
+                str(r["layers"]),
+                str(r["blocks_per_request"]),
+                f"{r['request_bytes'] / (1 << 20):.0f}",
+                bad or _num(r.get("gbps")),
+                _num(bl.get("memcpy", {}).get("gbps")),
+                _num(bl.get("raw_socket", {}).get("gbps")),
+                bad or _num(r.get("ratio")),
+                _limit_name(r),
+                _num(r.get("limit_gbps")),
+                bad or _num(r.get("limit_ratio")),
+                bad or _num(r["p50_us"] and r["p50_us"] / 1e3),
+                bad or _num(r["p99_us"] and r["p99_us"] / 1e3),
+                bad or _num(None if offer is None else offer / 1e3),
             ]
         )
     return _markdown(header, body)
@@ -333,10 +394,13 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
     stall = [r for r in over if r.get("api") == "async" and "loop_burst" in r]
     handoff = [r for r in rows if r.get("mode") == "handoff"]
     fanin = [r for r in rows if r.get("mode") == "fanin"]
+    vllm = [r for r in rows if r.get("mode") == "vllm"]
     if bench:
         out += [
             "Throughput (GB/s = 1e9 B/s of payload; medians over passes; ratio = dxl / "
-            "the baseline of the link's transport):",
+            "the one-thread (one-stream) baseline of the link's transport; vs limit = dxl / "
+            "the same baseline with dxl's parallelism: memcpy of the same pieces with dxl's "
+            "copy threads (cma), raw TCP with as many streams as dxl opens (tcp)):",
             "",
             *bench_table(bench),
             "",
@@ -375,6 +439,19 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
             "GB/s = 1e9 B/s of payload, medians over passes; ratio = fan-in / one link):",
             "",
             *fanin_table(fanin),
+            "",
+        ]
+    if vllm:
+        out += [
+            "vLLM connector path (register_kv_caches of vLLM's CPU layout; per request the "
+            "prefill worker offers, the decode worker loads: load = get_num_new_matched_tokens "
+            "-> start_load_kv -> get_transfer_results reports it; GB/s = 1e9 B/s of payload "
+            "over the loads' time, medians over passes; ratio = load / the one-thread "
+            "(one-stream) baseline; vs limit = load / memcpy of the same pieces with dxl's "
+            "copy threads (same host) or raw TCP with dxl's streams (tcp); offer = the "
+            "prefill's after_forward):",
+            "",
+            *vllm_table(vllm),
             "",
         ]
     if plan:
