@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import re
+from typing import Any
 
 import pytest
 from waiting import async_wait_until
@@ -86,7 +87,7 @@ async def test_data_port_refusals_are_rate_limited(caplog: pytest.LogCaptureFixt
 
 
 @contextlib.asynccontextmanager
-async def metrics_server(**limits: float):
+async def metrics_server(**limits: Any):
     server = await metrics.serve([], **limits)  # no engines: empty families are enough here
     try:
         yield server.sockets[0].getsockname()[1]

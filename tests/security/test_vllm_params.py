@@ -518,7 +518,8 @@ def test_numbers_may_be_ints_and_transports_are_the_engines() -> None:
     cfg = DxlConnectorConfig.from_extra({"lease_s": 5, "fetch_timeout_s": 2.5})
     assert (cfg.lease_s, cfg.fetch_timeout_s) == (5.0, 2.5)
     assert isinstance(cfg.lease_s, float)
-    assert vllm_config.TRANSPORTS is dxl.config.TRANSPORTS  # one list of transport names
+    # one list of transport names (the config module imports it, it does not define one)
+    assert vllm_config.TRANSPORTS is dxl.config.TRANSPORTS  # type: ignore[attr-defined]
     for name in dxl.config.TRANSPORTS:
         opts = DxlConnectorConfig.from_extra({"transport": name}).engine_options(2)
         assert opts[dxl.config.OPT_TRANSPORT] == name
@@ -606,6 +607,7 @@ def test_a_literal_secret_works_with_a_warning_that_never_shows_it(caplog) -> No
 def test_digests_are_exact_and_refuse_what_is_not_token_ids() -> None:
     assert prompt_digest(A, 10, BS) == prompt_digest(list(A), 10, BS)
     assert len(prompt_digest(A, 10, BS) or "") == 64
-    for bad in (None, ["a"] * 10, [-1] * 10, [1 << 64] * 10, [math.pi] * 10):
+    bad_prompts: list[Any] = [None, ["a"] * 10, [-1] * 10, [1 << 64] * 10, [math.pi] * 10]
+    for bad in bad_prompts:
         assert prompt_digest(bad, 10, BS) is None
     assert prompt_digest(A, 11, BS) is None  # more tokens than the prompt has
