@@ -60,6 +60,8 @@ def test_summary_line() -> None:
     assert "Num offers expired" not in line  # zero counts of the prefill side are left out
     failures_only = stats.summary({stats.LOADS_FAILED: 1})
     assert failures_only == {"Num successful loads": 0, "Num failed loads": 1}
+    prefill_only = stats.summary({"offers_done": 2, "offers_expired": 1})
+    assert prefill_only == {"Num offers done": 2, "Num offers expired": 1}
 
 
 @pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.33.0", "0.33.2.dev1"])

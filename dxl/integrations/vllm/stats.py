@@ -61,16 +61,20 @@ def summary(data: dict[str, Any]) -> dict[str, int | float]:
     seconds = sorted(float(s) for s in data.get(LOAD_SECONDS, ()))
     total_bytes = sum(int(b) for b in data.get(LOAD_BYTES, ()))
     n = len(seconds)
-    out: dict[str, int | float] = {"Num successful loads": n}
+    failed = int(data.get(LOADS_FAILED, 0))
+    offers = {r: int(data.get(f"offers_{r}", 0)) for r in OFFER_ENDS}
+    out: dict[str, int | float] = {}
+    if n or failed or not any(offers.values()):  # a prefill's line shows only its offers
+        out["Num successful loads"] = n
     if n:
         total_s = sum(seconds)
         out["Avg load time (ms)"] = round(total_s / n * 1e3, 3)
         out["P90 load time (ms)"] = round(_percentile(seconds, 0.9) * 1e3, 3)
         out["Avg MB per load"] = round(total_bytes / n / 2**20, 3)
         out["Throughput (MB/s)"] = round(total_bytes / 2**20 / total_s, 3) if total_s else 0.0
-    out["Num failed loads"] = int(data.get(LOADS_FAILED, 0))
-    for reason in OFFER_ENDS:
-        count = int(data.get(f"offers_{reason}", 0))
+    if "Num successful loads" in out:
+        out["Num failed loads"] = failed
+    for reason, count in offers.items():
         if count:
             out[f"Num offers {reason}"] = count
     return out
