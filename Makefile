@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv install demo test lint bench clean venv-vllm test-vllm venv-vllm-cpu test-vllm-e2e
+.PHONY: venv install demo test lint bench clean venv-vllm test-vllm-033 venv-vllm-cpu test-vllm test-vllm-e2e
 
 venv: $(STAMP)
 
@@ -28,8 +28,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check dxl tests examples benchmarks native
 	$(BIN)/mypy
 
-# vLLM connector tests in their own environment: vllm==0.33.* with its CUDA torch is several GB
-# (~9.5 GB installed), too much for the default venv. dxl is installed into it too (editable).
+# vLLM 0.33 (the CUDA build, vllm==0.33.*: ~9.5 GB installed with its CUDA torch) for the
+# connector tests against that release: `make test-vllm-033`. Not in CI: the same tests run
+# against vllm-cpu 0.32 in .venv-vllm-cpu (make test-vllm, below), whose KV-connector interface is
+# the same for everything the connector uses (dxl/integrations/vllm/versions.py).
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
@@ -43,9 +45,9 @@ $(VLLM_STAMP): pyproject.toml setup.py native/*.h native/*.c native/build_ffi.py
 
 venv-vllm: $(VLLM_STAMP)
 
-test-vllm: $(VLLM_STAMP)
+test-vllm-033: $(VLLM_STAMP)
 	@$(VLLM_VENV)/bin/python -c "import importlib.metadata as m; print('vllm', m.version('vllm'), '/ torch', m.version('torch'))"
-	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/integrations
+	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/integrations/test_vllm_connector.py
 
 # A real P/D pair of `vllm serve` on the CPU: the CPU build of vLLM (vllm-cpu 0.32, with a CPU
 # torch: ~3.5 GB installed) in its own environment, built from scratch with two workarounds
@@ -78,6 +80,12 @@ $(VLLM_CPU_STAMP): pyproject.toml setup.py native/*.h native/*.c native/build_ff
 	touch $(VLLM_CPU_STAMP)
 
 venv-vllm-cpu: $(VLLM_CPU_STAMP)
+
+# the connector tests (real vLLM schedulers and connector workers, stepped by hand), in the CPU
+# build's environment
+test-vllm: $(VLLM_CPU_STAMP)
+	@$(VLLM_CPU_VENV)/bin/python -c "import importlib.metadata as m; print('vllm-cpu', m.version('vllm-cpu'), '/ torch', m.version('torch'))"
+	HF_HUB_OFFLINE=1 $(VLLM_CPU_VENV)/bin/python -m pytest -q -m vllm tests/integrations/test_vllm_connector.py
 
 # prefill + two decodes (`vllm serve`, DxlConnector) and examples/vllm_proxy.py on a tiny model
 # made locally; prints each part's time
