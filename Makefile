@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv install demo test lint bench clean venv-vllm test-vllm
+.PHONY: venv install demo test lint bench clean venv-vllm test-vllm venv-nixl test-nixl
 
 venv: $(STAMP)
 
@@ -47,8 +47,30 @@ test-vllm: $(VLLM_STAMP)
 	@$(VLLM_VENV)/bin/python -c "import importlib.metadata as m; print('vllm', m.version('vllm'), '/ torch', m.version('torch'))"
 	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/integrations
 
+# The nixl transport's tests in their own environment: nixl (nixl-cu12/cu13 with bundled UCX)
+# requires torch, several GB, too much for the default venv. dxl is installed into it editable,
+# as in .venv-vllm; `import dxl` never imports nixl, only the nixl transport does, lazily.
+NIXL_VENV := .venv-nixl
+NIXL_STAMP := $(NIXL_VENV)/.installed
+
+$(NIXL_STAMP): pyproject.toml setup.py native/*.h native/*.c native/build_ffi.py
+	@start=$$(date +%s); \
+	(test -x $(NIXL_VENV)/bin/python || $(PY) -m venv $(NIXL_VENV)) && \
+	$(NIXL_VENV)/bin/pip install -q --upgrade pip && \
+	DXL_WERROR=1 $(NIXL_VENV)/bin/pip install -q -e '.[nixl,test]' && \
+	echo "$(NIXL_VENV): nixl installed in $$(( $$(date +%s) - start )) s, $$(du -sh $(NIXL_VENV) | cut -f1)"
+	touch $(NIXL_STAMP)
+
+venv-nixl: $(NIXL_STAMP)
+
+# The nixl transport's own tests, then the transport-generic transfer tests with DXL_TRANSPORT=nixl
+# (tests/conftest.py forces that transport and the option allowing UCX's emulated RMA).
+test-nixl: $(NIXL_STAMP)
+	@$(NIXL_VENV)/bin/python -c "import importlib.metadata as m; print('nixl', m.version('nixl'), '/ torch', m.version('torch'))"
+	$(NIXL_VENV)/bin/python -m pytest -q -s -m nixl tests/test_nixl_transport.py
+
 bench: $(STAMP)
 	$(BIN)/dxl bench --transport cma tcp --op pull push --block-bytes 4K 16K 64K 256K 1M --passes 3
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info dxl/_dxl_native*.so dxl/_dxl_native.c
+	rm -rf $(VENV) $(VLLM_VENV) $(NIXL_VENV) build *.egg-info dxl/_dxl_native*.so dxl/_dxl_native.c

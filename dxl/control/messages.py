@@ -34,6 +34,7 @@ from typing import Annotated, Any, ClassVar
 from ..errors import DxlError
 
 MAX_TEXT = 4096  # any string field: error messages are clipped to this (see clip)
+MAX_DATA_INFO = 1 << 20  # a data_info frame's text (NIXL metadata grows with registrations)
 MAX_TOKEN = 128  # an offer's token: hex digits (32 generated, up to 128 chosen)
 _HEX = frozenset("0123456789abcdefABCDEF")
 _U64 = (1 << 64) - 1
@@ -151,6 +152,17 @@ class RegAdd(Message):
 
     KIND: ClassVar[str] = "reg_add"
     cache: CacheEntry
+    rid: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DataInfo(Message):
+    """What the link's data transport tells its peer (nixl: its agent's metadata, base64): once
+    in the handshake (after ready, both ways, when the transport has any) and before a
+    ``reg_add`` of a cache the peer has not seen."""
+
+    KIND: ClassVar[str] = "data_info"
+    info: Annotated[str, Text(MAX_DATA_INFO)]
     rid: int = 0
 
 
@@ -323,14 +335,25 @@ class Ping(Message):
 
 
 Request = (
-    RegAdd | RegDel | Unlink | Probe | Consume | Fetch | Renew | Claim | Pushed | Complete | Abort
+    RegAdd
+    | RegDel
+    | DataInfo
+    | Unlink
+    | Probe
+    | Consume
+    | Fetch
+    | Renew
+    | Claim
+    | Pushed
+    | Complete
+    | Abort
 )
 
 KINDS: dict[str, type[Message]] = {
     cls.KIND: cls
     for cls in (
-        Hello, Welcome, Ready, Reject, RegAdd, RegDel, Unlink, Probe, Consume, Fetch, Layer,
-        Fetched, Renew, Claim, Pushed, Complete, Abort, Ack, Ping,
+        Hello, Welcome, Ready, Reject, RegAdd, RegDel, DataInfo, Unlink, Probe, Consume, Fetch,
+        Layer, Fetched, Renew, Claim, Pushed, Complete, Abort, Ack, Ping,
     )
 }  # fmt: skip
 

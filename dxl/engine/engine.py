@@ -34,6 +34,8 @@ from .._forward import forward
 from .._validate import check_isinstance, check_uint64
 from ..config import EngineOptions, LLMConfig
 from ..memory.regions import RegionRegistry
+from ..transport.names import NIXL
+from ..transport.nixl import NixlHost, agent_name
 from ..types import LLMRole
 from .blocks import BlockOps
 from .book import CacheBook
@@ -94,7 +96,18 @@ class Engine:
         )
         # what this engine's data server may serve: its own regions, never another engine's
         regions = self._regions = RegionRegistry()
-        book = self._book = CacheBook(opts.max_registered_addrs, regions)
+        # the NIXL agent (made on the first nixl link) registers every cache's memory too
+        self._nixl = (
+            NixlHost(
+                agent_name(cluster_id, identity.incarnation),
+                identity.probe_wire,
+                allow_emulated=opts.nixl_allow_emulated,
+                device_id=opts.device_id or 0,
+            )
+            if opts.transport == NIXL
+            else None
+        )
+        book = self._book = CacheBook(opts.max_registered_addrs, regions, self._nixl)
         links = self._links = LinkTable(identity, opts, mover)
         listener = self._listener = Listener(identity, opts, mover, regions)
         links.revoke = listener.revoke  # a link's key goes: its data connections to us end
@@ -109,6 +122,7 @@ class Engine:
             data_port=lambda: listener.data_port,
             data_ip=lambda: listener.data_ip,
             pool=self._registrations.pool_wire,
+            nixl=self._nixl,
         )
         self._linking = LinkOps(identity, opts, state, links, listener, handshake)
         self._ranktable = RankTableLinks(
@@ -201,6 +215,8 @@ class Engine:
         await self._registrations.close()
         await self._listener.stop()  # stops the data server too, after its regions went
         self._regions.close()  # no server reads it any more
+        if self._nixl is not None:  # every link and registration is gone
+            self._nixl.close()
         self._registrations.close_pool()
         self._mover.shutdown()
         self._state.value = "closed"

@@ -29,6 +29,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,11 +38,12 @@ from ..control import wire
 from ..control.auth import AuthError, authenticate_streams, link_key
 from ..control.channel import read_message
 from ..control.hello import PeerInfo
-from ..control.messages import Hello, Message, Ready, Reject, Welcome
+from ..control.messages import DataInfo, Hello, Message, Ready, Reject, Welcome
 from ..control.peercred import PeerSocket, holds_socket, peer_socket
-from ..errors import LLMException, LLMStatusCode, status_from_code
+from ..errors import DxlError, LLMException, LLMStatusCode, fail, status_from_code
 from ..guard import PendingCap, RateLimitedLog
 from ..transport import Transport, host_identity
+from ..transport.nixl import NixlHost
 from ..transport.select import OpenContext, open_transport
 from ..types import LLMClusterInfo
 from .book import CacheBook
@@ -84,6 +86,7 @@ class Handshake:
         data_port: Callable[[], int],
         data_ip: Callable[[], str],
         pool: Callable[[], list[int]],
+        nixl: NixlHost | None = None,
     ) -> None:
         self._identity = identity
         self._opts = options
@@ -94,6 +97,7 @@ class Handshake:
         self._data_port = data_port
         self._data_ip = data_ip
         self._pool = pool
+        self._nixl = nixl
         self._pending = PendingCap(MAX_PENDING)
 
     async def close(self) -> None:
@@ -197,7 +201,13 @@ class Handshake:
                 writer.write(_reject(exc.status_code, str(exc)))
                 raise
             writer.write(wire.encode(Ready(caches=self._book.advertised())))
+            info = transport.local_info()
+            if info:  # the server attaches first (we drive our side meanwhile), then us
+                writer.write(wire.encode(DataInfo(info=info)))
             ready = await _expect(reader, Ready, wire.MAX_FRAME)
+            if info:
+                theirs = await _expect(reader, DataInfo, wire.MAX_FRAME)
+                await _attach(transport, theirs.info, deadline)
             self._links.add(peer, reader, writer, transport, ready.caches, True, key_id)
             transport = None
         finally:
@@ -276,10 +286,16 @@ class Handshake:
                 writer.write(self._frame("welcome", challenge))
                 ready = await _expect(reader, Ready, wire.MAX_FRAME)
                 transport = await self._open_transport(peer, kernel, key_id, key, deadline)
+                info = transport.local_info()
+                if info:
+                    theirs = await _expect(reader, DataInfo, wire.MAX_FRAME)
+                    await _attach(transport, theirs.info, deadline)
             if stale is not None:  # it did not answer: the peer restarted or lost its end
                 stale.close("the peer set up a new link")
             # one step: the caches we announce and the link that will hear of later changes
             writer.write(wire.encode(Ready(caches=self._book.advertised())))
+            if info:
+                writer.write(wire.encode(DataInfo(info=info)))
             self._links.add(peer, reader, writer, transport, ready.caches, False, key_id)
             linked = True
         except LLMException as exc:
@@ -365,6 +381,7 @@ class Handshake:
             threads=self._opts.transfer_threads,
             timeout_ms=self._opts.sync_kv_timeout_ms,
             deadline=deadline,
+            nixl=self._nixl,
         )
         return await open_transport(peer, self._opts.transport, ctx)
 
@@ -399,6 +416,20 @@ async def _expect(reader: asyncio.StreamReader, kind: type[M], max_frame: int) -
     if not isinstance(msg, kind):
         raise wire.FrameError(f"expected {kind.KIND}, got {msg.KIND}")
     return msg
+
+
+async def _attach(transport: Transport, info: str, deadline: float) -> None:
+    """Give the transport the peer's ``data_info`` (blocking, so on a thread of its own, never
+    the engine's workers; bounded by the link's deadline, which ``attach`` keeps too)."""
+    loop = asyncio.get_running_loop()
+    deadline_s = time.monotonic() + (deadline - loop.time())
+    try:
+        async with asyncio.timeout_at(deadline):
+            await asyncio.to_thread(transport.attach, info, deadline_s)
+    except DxlError as exc:
+        raise fail(
+            "link_clusters", Code.LLM_LINK_FAILED, f"{transport.name} did not come up: {exc}"
+        ) from exc
 
 
 def _reject(code: int, why: str) -> bytes:

@@ -13,7 +13,7 @@ import asyncio
 
 from .._validate import check_cache_arg, check_int64, check_isinstance
 from ..config import EngineOptions
-from ..control.messages import RegAdd, RegDel
+from ..control.messages import DataInfo, RegAdd, RegDel
 from ..errors import LLMStatusCode, fail, param_invalid
 from ..memory.layout import Layout, check_mapped, layout_of
 from ..memory.pool import HostPool, allocate_tensors
@@ -167,6 +167,9 @@ class Registrations:
         )
         if remote_accessible:
             async with self._book.lock:
+                info = self._book.data_info(entry)
+                if info:  # before the reg_add, so a peer reaches the memory it announces
+                    await self._links.broadcast(DataInfo(info=info))
                 await self._links.broadcast(RegAdd(cache=entry.wire_entry()))
         return entry
 

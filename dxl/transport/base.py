@@ -123,6 +123,18 @@ class Transport(ABC):
     def drop_windows(self, key: Hashable) -> None:  # noqa: B027 - optional: a no-op by default
         """Stop using what :meth:`share_windows` set up under ``key``."""
 
+    def local_info(self) -> str:
+        """What this transport must tell the peer once the link's caches are exchanged (a
+        ``data_info`` frame each way); "" (the default): nothing, no frame."""
+        return ""
+
+    def attach(self, info: str, deadline_s: float) -> None:  # noqa: B027 - optional
+        """The peer's ``data_info`` of the handshake: complete the data path (blocking, run
+        off the event loop, bounded by ``deadline_s`` in ``time.monotonic``)."""
+
+    def peer_info(self, info: str) -> None:  # noqa: B027 - optional
+        """A later ``data_info`` of the peer (about a cache it registered since)."""
+
 
 def native_failure(exc: DxlError) -> Failure:
     """The failures every transport shares: the shim's codes and the generic errors above."""

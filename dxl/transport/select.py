@@ -26,7 +26,8 @@ from ..errors import DxlError, LLMException, LLMStatusCode, fail
 from ..memory.plan import Pieces
 from .base import TransferTimeout, Transport, Unreachable
 from .cma import CmaTransport
-from .names import AUTO, AUTO_ORDER, CMA, TCP
+from .names import ALL, AUTO, AUTO_ORDER, CMA, NIXL, TCP
+from .nixl import NixlHost, open_nixl
 from .tcp import DEFAULT_STREAMS, TcpTransport, open_streams
 
 __all__ = ["AUTO_ORDER", "OPENERS", "OpenContext", "open_transport"]
@@ -45,6 +46,7 @@ class OpenContext:
     threads: int  # threads one request may split across
     timeout_ms: int  # bound of each later transfer
     deadline: float  # loop time by which the link must be up
+    nixl: NixlHost | None = None  # the engine's NIXL agent (dxl.Transport=nixl only)
 
     def left_s(self) -> float:
         """Seconds left before the deadline (TransferTimeout when none)."""
@@ -89,6 +91,11 @@ async def _open_tcp(peer: PeerInfo, ctx: OpenContext) -> Transport:
     )
 
 
+async def _open_nixl(peer: PeerInfo, ctx: OpenContext) -> Transport:
+    return open_nixl(ctx.nixl, peer.cluster_id, peer.incarnation, peer.probe[0], ctx.left_s(),
+                     ctx.timeout_ms)  # fmt: skip
+
+
 class _NoDataServer(DxlError):
     """The peer runs no data server (it does not listen)."""
 
@@ -96,9 +103,10 @@ class _NoDataServer(DxlError):
 OPENERS: dict[str, Opener] = {
     CMA: Opener(same_host_only=True, open=_open_cma),
     TCP: Opener(same_host_only=False, open=_open_tcp),
+    NIXL: Opener(same_host_only=False, open=_open_nixl),  # never tried by auto
 }
 # every opener has its name in names.py (which the option table reads), and only those
-assert set(OPENERS) == set(AUTO_ORDER), "transport/names.py and OPENERS disagree"
+assert set(OPENERS) == set(ALL), "transport/names.py and OPENERS disagree"
 
 
 async def open_transport(peer: PeerInfo, choice: str, ctx: OpenContext) -> Transport:
