@@ -1,10 +1,16 @@
 """The ``nixl`` transport: dxl's control plane over NIXL's data plane (the extra ``dxl[nixl]``).
 
 One NIXL agent per engine (:class:`NixlHost`), created on the first link that uses this
-transport, never at ``import dxl`` (nothing here imports ``nixl`` before then). It runs without
-NIXL's progress thread, which busy-polls a core for as long as the agent lives: progress is
-driven only while something is in flight (a transfer polls its own state; a link being set up
-pumps the agent until the peer's warm-up read arrived, see :meth:`NixlHost.expect_warm`).
+transport, never at ``import dxl`` (nothing here imports ``nixl`` before then).
+
+Progress: over UCX's emulated RMA (no RDMA hardware, or the peer out of cma's reach) a transfer
+completes only while the *target's* UCX worker progresses, for every transfer, not only a new
+link's first; the target cannot know when a peer's transfer starts. NIXL's progress thread
+does exactly that, but NIXL's Python wrapper runs it with a zero poll delay, so it busy-polls a
+core forever (``pthrDelay = 0``: ``poll(efd, 0)`` in a loop). The thread itself waits in
+``poll()`` on the worker's event fd and wakes when the peer's traffic arrives; so the agent is
+made with that thread and a poll timeout of :data:`PROGRESS_POLL_US` (NIXL's own workaround for
+a UCX wake-up bug): idle, it wakes a few dozen times a second and burns no core.
 
 Every cache the engine registers is registered with the agent (host memory as ``DRAM``, device
 memory as ``VRAM`` with its device id) and released from it only once the engine's own in-use
@@ -13,9 +19,14 @@ control connection (a ``data_info`` frame in the handshake, and before each late
 no etcd, no side channel, no pickle. The peer's agent is added when the link comes up and
 removed when it goes (:meth:`NixlTransport.close`).
 
-A request is one NIXL transfer of the planned pieces (one descriptor per coalesced piece, built
-from the plan's arrays in one call: NIXL checks each against the registrations it knows); it
-polls its state until done or the deadline, then releases the handle and fails with a timeout.
+Descriptor lists are prepared once per cache, as vLLM's NIXL connector does: one descriptor per
+(tensor, block) of each of our caches (shared by the engine's links) and of each peer cache a
+link uses (prepared on first use, released when the peer withdraws it), so a block request is
+one ``make_prepped_xfer`` by index (:meth:`NixlTransport.move_blocks`). Other requests (offsets
+of contiguous caches, layer-wise pieces) are one transfer of the planned pieces, one descriptor
+per coalesced piece built from the plan's arrays in one call. NIXL checks every descriptor
+against the registrations it knows. A transfer polls its state until done or its deadline, then
+is released and fails with a timeout; a dead peer fails it (``PeerGone``) and closes the link.
 
 Trust: with RDMA hardware a peer reaches only memory registered with its agent (memory keys);
 over UCX's emulated transports (tcp, cma, shared memory) it can read and write any address of
@@ -31,37 +42,45 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import DxlError, LLMStatusCode
+from ..memory.layout import Layout
 from ..memory.plan import Pieces
 from ..types import Placement
-from .base import Capabilities, Failure, PeerGone, TransferTimeout, Transport, native_failure
+from .base import (
+    BlockMove,
+    Capabilities,
+    Failure,
+    PeerGone,
+    TransferTimeout,
+    Transport,
+    native_failure,
+)
 
 __all__ = [
+    "NixlFailed",
     "NixlHost",
     "NixlRefused",
     "NixlTransport",
+    "agent_name",
     "hardware_rma",
     "nixl_version",
+    "open_nixl",
 ]
 
 log = logging.getLogger("dxl")
 
-WARM = b"dxl-warm"  # the notification a new link's warm-up read carries
-MAX_INFO_CHARS = 1 << 20  # base64 metadata in one data_info frame (bounded by the frame size)
 IB_DEVICES = "/sys/class/infiniband"  # RDMA devices the kernel knows (verbs: rc/dc/ud)
-SPIN_POLLS = 64  # state checks before the poll loop starts sleeping
-MAX_SLEEP_S = 0.001  # longest sleep between two state checks
-PUMP_SLEEP_S = 0.0005  # between two progress calls of a link being set up
-
-# Every live host of this process: a transfer between two engines of one process completes
-# only if the target's agent progresses too, so a polling transfer drives them all.
-_HOSTS: weakref.WeakSet[NixlHost] = weakref.WeakSet()
+PROGRESS_POLL_US = 20_000  # the progress thread's poll() timeout when no event wakes it
+SPIN_POLLS = 64  # state checks before a waiting transfer starts sleeping between them
+MAX_SLEEP_S = 0.001  # the longest sleep between two state checks
+LOCAL = "NIXL_INIT_AGENT"  # prep_xfer_dlist's name for our own side
+_MAKING = threading.Lock()  # one agent is made at a time (see _make_agent)
 
 
 class NixlRefused(DxlError):
@@ -69,7 +88,7 @@ class NixlRefused(DxlError):
 
 
 class NixlFailed(DxlError):
-    """NIXL failed a transfer (not a dead peer and not a timeout)."""
+    """NIXL failed a transfer or refused a peer's metadata (not a dead peer, not a timeout)."""
 
 
 class NixlNotRegistered(NixlFailed):
@@ -93,17 +112,102 @@ def hardware_rma() -> list[str]:
         return []
 
 
+def agent_name(cluster_id: int, incarnation: str) -> str:
+    """The NIXL agent name of one engine run: unique per start, so a restarted peer is a new
+    agent."""
+    return f"dxl-{cluster_id}-{incarnation}"
+
+
 def _mem_type(placement: Placement) -> str:
     return "VRAM" if placement == Placement.DEVICE else "DRAM"
+
+
+class _DelayedProgress:
+    """NIXL's bindings module, except that the agent it makes gets a progress thread that
+    waits in ``poll()`` for :data:`PROGRESS_POLL_US` instead of 0 (the Python wrapper hard-codes
+    0, a busy loop; the C++ agent takes any delay). Used only while :func:`_make_agent` runs."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def nixlAgent(self, name: str, config: Any) -> Any:
+        config.pthrDelay = PROGRESS_POLL_US
+        return self._real.nixlAgent(name, config)
+
+
+def _make_agent(name: str) -> Any:
+    """A NIXL agent with the UCX backend and an event-driven progress thread (module
+    docstring). Raises NixlRefused when nixl is missing or cannot start."""
+    try:
+        from nixl import _api
+        from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
+    except ImportError as exc:
+        raise NixlRefused(f"nixl is not installed (pip install 'dxl[nixl]'): {exc}") from exc
+    config = nixl_agent_config(
+        enable_prog_thread=True,
+        backends=["UCX"],
+        sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,  # workers call it concurrently
+    )
+    with _MAKING:
+        real = _api.nixlBind
+        _api.nixlBind = _DelayedProgress(real)
+        try:
+            agent = nixl_agent(name, config)
+        except Exception as exc:  # nixlBackendError: UCX could not start
+            raise NixlRefused(f"NIXL could not create its UCX backend: {exc}") from exc
+        finally:
+            _api.nixlBind = real
+    if "UCX" not in agent.backends:
+        raise NixlRefused("NIXL has no UCX backend here (its plugin is missing)")
+    return agent
+
+
+@dataclass(slots=True)
+class _Prepped:
+    """One cache's prepared descriptor list: descriptor ``t * units + b`` is block ``b`` of
+    tensor ``t``."""
+
+    handle: Any
+    units: int
+    unit_bytes: int
+    tensor_of: dict[int, int]  # tensor base address -> its index
+
+    def indices(self, bases: np.ndarray, blocks: np.ndarray) -> np.ndarray | None:
+        """The descriptor of each (tensor, block) pair, tensors outer; None if a base is not
+        one of this cache's tensors (the caller falls back to planned pieces)."""
+        try:
+            tensors = np.array([self.tensor_of[int(b)] for b in bases.tolist()], dtype=np.int64)
+        except KeyError:
+            return None
+        out = tensors[:, None] * self.units + blocks.astype(np.int64)[None, :]
+        return np.ascontiguousarray(out.ravel(), dtype=np.int32)
+
+
+def _prep(agent: Any, who: str, layout: Layout, mem: str, dev: int) -> _Prepped:
+    unit = layout.unit_bytes
+    starts = (
+        layout.addrs.astype(np.uint64)[:, None]
+        + np.arange(layout.units, dtype=np.uint64)[None, :] * np.uint64(unit)
+    ).ravel()
+    descs = np.empty((starts.size, 3), dtype=np.uint64)
+    descs[:, 0] = starts
+    descs[:, 1] = unit
+    descs[:, 2] = dev
+    handle = agent.prep_xfer_dlist(who, descs, mem)
+    tensor_of = {int(a): i for i, a in enumerate(layout.addrs.tolist())}
+    return _Prepped(handle, layout.units, unit, tensor_of)
 
 
 class NixlHost:
     """The NIXL agent of one engine (see the module docstring). Thread-safe.
 
     Args:
-        name: the agent's name, unique per engine run (``dxl-<cluster>-<incarnation>``).
-        probe: ``[address, token]``: the engine's 8-byte probe word, which a peer's warm-up
-            read targets.
+        name: the agent's name, unique per engine run (:func:`agent_name`).
+        probe: ``[address, token]``: the engine's 8-byte probe word, which a peer reads through
+            the new link to prove it (registered with the agent).
         allow_emulated: ``dxl.NixlAllowEmulated``: link even without RDMA hardware.
         device_id: the device of ``Placement.DEVICE`` caches (``ge.exec.deviceId``).
     """
@@ -117,48 +221,37 @@ class NixlHost:
         self._device_id = device_id
         self._lock = threading.Lock()
         self._agent: Any = None
-        self._scratch = np.zeros(1, dtype=np.uint64)  # where our warm-up reads land
+        self.scratch = np.zeros(1, dtype=np.uint64)  # where our probe reads land
         self._caches: dict[int, tuple[list[tuple[int, int, int, str]], str]] = {}
         self._regs: dict[int, Any] = {}  # cache id -> the agent's registration
-        self._warming: dict[str, float] = {}  # peer agent -> deadline of its warm-up read
-        self._pump: threading.Thread | None = None
+        self._prepped: dict[int, _Prepped] = {}  # cache id -> its prepared descriptors
         self._closed = False
 
     # ------------------------------------------------------------------ the agent
     @property
     def agent(self) -> Any:
-        """The agent, created (and every registered cache registered with it) on first use.
+        """The agent, made (and every registered cache registered with it) on first use.
 
         Raises:
-            NixlRefused: nixl is not installed, or cannot build its UCX backend here.
+            NixlRefused: nixl is not installed, cannot start here, or the engine is closing.
         """
         with self._lock:
             if self._closed:
                 raise NixlRefused("the engine is closing")
             if self._agent is None:
-                self._agent = self._create()
-                _HOSTS.add(self)
+                agent = _make_agent(self.name)
+                agent.register_memory([(self._probe_addr, 8, 0, "")], "DRAM")
+                agent.register_memory([(self.scratch.ctypes.data, 8, 0, "")], "DRAM")
+                for cache_id, (ranges, mem) in self._caches.items():
+                    self._regs[cache_id] = agent.register_memory(ranges, mem)
+                self._agent = agent
             return self._agent
 
-    def _create(self) -> Any:
-        try:
-            from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
-        except ImportError as exc:
-            raise NixlRefused(f"nixl is not installed (pip install 'dxl[nixl]'): {exc}") from exc
-        config = nixl_agent_config(
-            enable_prog_thread=False,  # it busy-polls a core forever; we poll only in flight
-            backends=["UCX"],
-            sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,  # workers call concurrently
-        )
-        try:
-            agent = nixl_agent(self.name, config)
-        except Exception as exc:  # nixlBackendError: UCX could not start
-            raise NixlRefused(f"NIXL could not create its UCX backend: {exc}") from exc
-        agent.register_memory([(self._probe_addr, 8, 0, "")], "DRAM")
-        agent.register_memory([(self._scratch.ctypes.data, 8, 0, "")], "DRAM")
-        for cache_id, (ranges, mem) in self._caches.items():
-            self._regs[cache_id] = agent.register_memory(ranges, mem)
-        return agent
+    @property
+    def registered(self) -> frozenset[int]:
+        """The caches registered with the agent now (ids)."""
+        with self._lock:
+            return frozenset(self._regs)
 
     def metadata(self) -> str:
         """Everything a peer needs to reach this agent (connection and memory), as text."""
@@ -166,28 +259,35 @@ class NixlHost:
 
     # ------------------------------------------------------------------ registrations
     def cache_added(
-        self, cache_id: int, addrs: Sequence[int], nbytes: int, placement: Placement
+        self, cache_id: int, addrs: list[int], nbytes: int, placement: Placement
     ) -> None:
-        """A registration of the engine (before it is advertised): register it with the agent
-        if there is one (else when the agent is created)."""
+        """A registration of the engine (before it is advertised): registered with the agent if
+        there is one, else when the agent is made."""
         dev = self._device_id if placement == Placement.DEVICE else 0
         ranges = [(int(a), int(nbytes), dev, "") for a in addrs]
         mem = _mem_type(placement)
         with self._lock:
-            self._caches[cache_id] = (ranges, mem)
             if self._agent is not None:
                 self._regs[cache_id] = self._agent.register_memory(ranges, mem)
+            self._caches[cache_id] = (ranges, mem)
 
     def cache_removed(self, cache_id: int) -> None:
-        """A registration is gone and no transfer of this engine touches it any more."""
+        """A registration is gone and no transfer of this engine touches it any more (the
+        engine's in-use holds): its prepared list and its registration are released."""
         with self._lock:
             self._caches.pop(cache_id, None)
+            prepped = self._prepped.pop(cache_id, None)
             reg = self._regs.pop(cache_id, None)
-            if reg is not None and self._agent is not None:
-                self._agent.deregister_memory(reg)
+            agent = self._agent
+        if agent is None:
+            return
+        if prepped is not None:
+            prepped.handle.release()
+        if reg is not None:
+            agent.deregister_memory(reg)
 
     def cache_info(self, cache_id: int) -> str:
-        """The agent's metadata of one cache (its memory section only), for peers linked
+        """The agent's metadata of one cache (its memory section only), for the peers linked
         before it was registered; "" without an agent."""
         with self._lock:
             reg = self._regs.get(cache_id)
@@ -196,6 +296,19 @@ class NixlHost:
             blob = self._agent.get_partial_agent_metadata(reg, False, [])
         return base64.b64encode(bytes(blob)).decode()
 
+    def local_prepped(self, cache_id: int, layout: Layout) -> _Prepped | None:
+        """The prepared descriptors of one of our caches (made on first use); None if it is
+        not registered with the agent (any more)."""
+        with self._lock:
+            prepped = self._prepped.get(cache_id)
+            if prepped is not None or cache_id not in self._regs or self._agent is None:
+                return prepped
+            mem = self._caches[cache_id][1]
+            dev = self._caches[cache_id][0][0][2] if self._caches[cache_id][0] else 0
+            prepped = self._prepped[cache_id] = _prep(self._agent, LOCAL, layout, mem, dev)
+            return prepped
+
+    # ------------------------------------------------------------------ peers
     def load(self, info: str) -> str:
         """Load a peer's metadata (full or partial); returns its agent's name.
 
@@ -213,82 +326,31 @@ class NixlHost:
         return name.decode() if isinstance(name, bytes) else str(name)
 
     def forget(self, peer: str) -> None:
+        """Remove a peer's agent (its link is gone); nothing if it was never loaded."""
         with self._lock:
             agent = self._agent
-            self._warming.pop(peer, None)
         if agent is not None:
             try:
                 agent.remove_remote_agent(peer)
-            except Exception as exc:  # already gone: nothing left to release
+            except Exception as exc:  # never loaded, or already gone
                 log.debug("dxl: nixl: removing agent %s: %s", peer, exc)
 
-    # ------------------------------------------------------------------ progress
-    def progress(self) -> None:
-        """Drive this agent once (it serves peers' requests only when driven); note the peers
-        whose warm-up read arrived."""
-        agent = self._agent
-        if agent is None:
-            return
-        notifs = agent.get_new_notifs()
-        if notifs:
-            with self._lock:
-                for peer, msgs in notifs.items():
-                    name = peer.decode() if isinstance(peer, bytes) else str(peer)
-                    if WARM in msgs:
-                        self._warming.pop(name, None)
-
-    def expect_warm(self, peer: str, deadline_s: float) -> None:
-        """Drive this agent (a thread) until ``peer``'s warm-up read arrived or ``deadline_s``
-        (time.monotonic) passed: a new link's first request completes only if its target
-        progresses, and no thread here progresses the agent otherwise."""
-        with self._lock:
-            self._warming[peer] = deadline_s
-            if self._pump is None:
-                self._pump = threading.Thread(target=self._pump_run, name=f"{self.name}-warm")
-                self._pump.daemon = True
-                self._pump.start()
-
-    def warm_pending(self, peer: str) -> bool:
-        with self._lock:
-            return peer in self._warming
-
-    def _pump_run(self) -> None:
-        while True:
-            now = time.monotonic()
-            with self._lock:
-                for peer in [p for p, d in self._warming.items() if d <= now]:
-                    del self._warming[peer]
-                if not self._warming or self._closed:
-                    self._pump = None
-                    return
-            try:
-                self.progress()
-            except Exception as exc:  # a peer died mid-setup: its link fails on its own
-                log.debug("dxl: nixl: progress while warming: %s", exc)
-            time.sleep(PUMP_SLEEP_S)
-
     def close(self) -> None:
-        """Release the agent (every link and registration is gone)."""
+        """Release the agent (every link and registration of the engine is gone)."""
         with self._lock:
             self._closed = True
-            self._warming.clear()
-            pump, agent = self._pump, self._agent
-            self._agent = None
-        if pump is not None:
-            pump.join(1.0)
-        _HOSTS.discard(self)
-        del agent  # the agent frees its backends when the last reference goes
-
-
-def _progress_all(but: NixlHost) -> None:
-    """Drive the other agents of this process: a transfer to an engine of this very process
-    completes only while the target's agent progresses."""
-    for host in list(_HOSTS):
-        if host is not but:
-            try:
-                host.progress()
-            except Exception as exc:  # that engine's own transfers report its failures
-                log.debug("dxl: nixl: driving agent %s: %s", host.name, exc)
+            agent, self._agent = self._agent, None
+            prepped = list(self._prepped.values())
+            regs = list(self._regs.values())
+            self._prepped.clear()
+            self._regs.clear()
+        if agent is None:
+            return
+        for p in prepped:
+            p.handle.release()
+        for reg in regs:
+            agent.deregister_memory(reg)
+        del agent  # the agent stops its progress thread and frees UCX when it goes
 
 
 class NixlTransport(Transport):
@@ -300,12 +362,18 @@ class NixlTransport(Transport):
         maps_peer_memory=False,
         inline=False,  # a transfer may wait on the peer
         memory=frozenset({Placement.HOST}),
+        block_index=True,
     )
 
-    def __init__(self, host: NixlHost, peer_agent: str, timeout_ms: int) -> None:
+    def __init__(
+        self, host: NixlHost, peer_agent: str, probe: Sequence[int], timeout_ms: int
+    ) -> None:
         self._host = host
         self._peer = peer_agent
+        self._probe = (int(probe[0]), int(probe[1]))
         self._timeout_ms = timeout_ms
+        self._lock = threading.Lock()
+        self._remote: dict[int, _Prepped] = {}  # the peer's cache id -> its prepared list
         self._loaded = False
         self._closed = False
 
@@ -318,22 +386,23 @@ class NixlTransport(Transport):
 
     def attach(self, info: str, deadline_s: float) -> None:
         """Load the peer's metadata (the agent it names must be the one this link expects)
-        and warm the link up: one 8-byte read of the peer's probe word, with the notification
-        that ends the peer's warm-up pump. Blocking, bounded by ``deadline_s`` (monotonic)."""
+        and prove the path: read the peer's probe word through it and compare the token it
+        announced (as the cma transport does). Blocking, bounded by ``deadline_s``."""
         name = self._host.load(info)
         if name != self._peer:
             self._host.forget(name)
             raise NixlFailed(f"the peer's NIXL agent is {name!r}, not {self._peer!r}")
         self._loaded = True
-        pieces = Pieces(
-            np.array([self._host._scratch.ctypes.data], dtype=np.uint64),
-            np.array([self._peer_probe], dtype=np.uint64),
+        scratch = self._host.scratch
+        scratch[0] = 0
+        probe = Pieces(
+            np.array([scratch.ctypes.data], dtype=np.uint64),
+            np.array([self._probe[0]], dtype=np.uint64),
             np.array([8], dtype=np.uint64),
         )
-        left_ms = max(1, int((deadline_s - time.monotonic()) * 1000))
-        self._move("READ", pieces, left_ms, WARM)
-
-    _peer_probe = 0  # set by the opener: the peer's probe address (its warm-up target)
+        self.read(probe, max(1, int((deadline_s - time.monotonic()) * 1000)))
+        if int(scratch[0]) != self._probe[1]:
+            raise NixlFailed("the NIXL peer is not the process of the link (probe mismatch)")
 
     def peer_info(self, info: str) -> None:
         """More of the peer's metadata (a cache it registered after the link came up)."""
@@ -342,33 +411,79 @@ class NixlTransport(Transport):
             if name != self._peer:
                 raise NixlFailed(f"metadata of agent {name!r} on the link of {self._peer!r}")
 
+    def drop_windows(self, key: object) -> None:
+        """The peer withdrew cache ``key`` (and no transfer uses it): release its list."""
+        with self._lock:
+            prepped = self._remote.pop(key, None) if isinstance(key, int) else None
+        if prepped is not None:
+            prepped.handle.release()
+
+    # ------------------------------------------------------------------ transfers
+    def move_blocks(self, move: BlockMove, write: bool, timeout_ms: int | None) -> int | None:
+        """Whole blocks by index into the prepared lists of both caches: one transfer."""
+        if self._closed or not self._loaded:
+            raise PeerGone("the link's NIXL agent is gone")
+        unit = move.block_bytes
+        if unit != move.local_layout.unit_bytes or unit != move.remote_layout.unit_bytes:
+            return None
+        local = self._host.local_prepped(move.local_key, move.local_layout)
+        remote = self._remote_prepped(move.remote_key, move.remote_layout)
+        if local is None or remote is None:
+            return None
+        li = local.indices(move.local_bases, move.local_blocks)
+        ri = remote.indices(move.remote_bases, move.remote_blocks)
+        if li is None or ri is None:
+            return None
+        if li.size == 0:
+            return 0
+        op = "WRITE" if write else "READ"
+        agent = self._host.agent
+        try:
+            handle = agent.make_prepped_xfer(op, local.handle, li, remote.handle, ri)
+        except Exception as exc:
+            raise _nixl_error(exc) from exc
+        return self._run(agent, handle, op, int(li.size) * unit, timeout_ms)
+
+    def _remote_prepped(self, cache_id: int, layout: Layout) -> _Prepped | None:
+        with self._lock:
+            prepped = self._remote.get(cache_id)
+            if prepped is None:
+                try:
+                    prepped = _prep(self._host.agent, self._peer, layout, "DRAM", 0)
+                except Exception as exc:  # its registration has not reached us: planned path
+                    log.debug("dxl: nixl: preparing cache %d of %s: %s", cache_id, self._peer, exc)
+                    return None
+                self._remote[cache_id] = prepped
+            return prepped
+
     def read(self, pieces: Pieces, timeout_ms: int | None = None) -> int:
-        return self._move("READ", pieces, timeout_ms)
+        return self._pieces("READ", pieces, timeout_ms)
 
     def write(self, pieces: Pieces, timeout_ms: int | None = None) -> int:
-        return self._move("WRITE", pieces, timeout_ms)
+        return self._pieces("WRITE", pieces, timeout_ms)
 
-    def _move(self, op: str, pieces: Pieces, timeout_ms: int | None, notif: bytes = b"") -> int:
+    def _pieces(self, op: str, pieces: Pieces, timeout_ms: int | None) -> int:
         if self._closed or not self._loaded:
             raise PeerGone("the link's NIXL agent is gone")
         if pieces.count == 0:
             return 0
         agent = self._host.agent
-        zeros = np.zeros(pieces.count, dtype=np.uint64)
-        local_addrs = pieces.dst if op == "READ" else pieces.src
-        remote_addrs = pieces.src if op == "READ" else pieces.dst
-        bound_ms = self._timeout_ms if timeout_ms is None else timeout_ms
-        deadline = time.monotonic() + bound_ms / 1000
+        local_addrs, remote_addrs = (
+            (pieces.dst, pieces.src) if op == "READ" else (pieces.src, pieces.dst)
+        )
         try:
-            local = agent.get_xfer_descs(
-                np.column_stack((local_addrs, pieces.length, zeros)).astype(np.uint64), "DRAM"
-            )
-            remote = agent.get_xfer_descs(
-                np.column_stack((remote_addrs, pieces.length, zeros)).astype(np.uint64), "DRAM"
-            )
-            handle = agent.initialize_xfer(op, local, remote, self._peer, notif)
+            local = agent.get_xfer_descs(_descs(local_addrs, pieces.length), "DRAM")
+            remote = agent.get_xfer_descs(_descs(remote_addrs, pieces.length), "DRAM")
+            handle = agent.initialize_xfer(op, local, remote, self._peer)
         except Exception as exc:
             raise _nixl_error(exc) from exc
+        return self._run(agent, handle, op, pieces.nbytes, timeout_ms)
+
+    def _run(self, agent: Any, handle: Any, op: str, nbytes: int, timeout_ms: int | None) -> int:
+        """Post one transfer and poll it until done or the deadline; the handle is released
+        whatever happens (NIXL aborts a transfer still in flight when it is released)."""
+        bound_ms = self._timeout_ms if timeout_ms is None else timeout_ms
+        deadline = time.monotonic() + bound_ms / 1000
         try:
             state = agent.transfer(handle)
             polls = 0
@@ -376,12 +491,11 @@ class NixlTransport(Transport):
             while state == "PROC":
                 if time.monotonic() >= deadline:
                     raise TransferTimeout(
-                        f"the NIXL {op} of {pieces.nbytes} bytes did not complete in "
-                        f"{bound_ms} ms; released"
+                        f"the NIXL {op} of {nbytes} bytes did not complete in {bound_ms} ms "
+                        "(released)"
                     )
-                _progress_all(self._host)
                 polls += 1
-                if polls > SPIN_POLLS:
+                if polls > SPIN_POLLS:  # a long transfer: stop spinning, the thread sleeps
                     time.sleep(sleep)
                     sleep = min(sleep * 2, MAX_SLEEP_S)
                 state = agent.check_xfer_state(handle)
@@ -393,10 +507,10 @@ class NixlTransport(Transport):
             raise _nixl_error(exc) from exc
         finally:
             try:
-                handle.release()  # a transfer still in flight is aborted by its release
+                handle.release()
             except Exception as exc:
                 log.debug("dxl: nixl: releasing a transfer handle: %s", exc)
-        return pieces.nbytes
+        return nbytes
 
     def failure(self, exc: DxlError) -> Failure:
         if isinstance(exc, NixlNotRegistered):
@@ -412,7 +526,22 @@ class NixlTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        with self._lock:
+            prepped = list(self._remote.values())
+            self._remote.clear()
+        for p in prepped:
+            try:
+                p.handle.release()
+            except Exception as exc:
+                log.debug("dxl: nixl: releasing a prepared list: %s", exc)
         self._host.forget(self._peer)
+
+
+def _descs(addrs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros((addrs.size, 3), dtype=np.uint64)
+    out[:, 0] = addrs
+    out[:, 1] = lengths
+    return out
 
 
 def _nixl_error(exc: Exception) -> DxlError:
@@ -425,25 +554,18 @@ def _nixl_error(exc: Exception) -> DxlError:
     return NixlFailed(f"NIXL: {kind}: {exc}")
 
 
-def agent_name(cluster_id: int, incarnation: str) -> str:
-    """The NIXL agent name of one engine run: unique per process start, so a restarted peer
-    is a new agent."""
-    return f"dxl-{cluster_id}-{incarnation}"
-
-
 def open_nixl(
     host: NixlHost | None,
     peer_cluster: int,
     peer_incarnation: str,
-    peer_probe: int,
-    left_s: float,
+    peer_probe: Sequence[int],
     timeout_ms: int,
 ) -> NixlTransport:
     """The nixl transport of a new link (its peer's metadata comes later, in ``attach``).
 
     Raises:
-        NixlRefused: no agent (not asked for), or no RDMA hardware and emulated RMA not
-            allowed (``dxl.NixlAllowEmulated``), or nixl cannot start.
+        NixlRefused: no agent (dxl.Transport is not nixl), or no RDMA hardware and emulated
+            RMA not allowed (``dxl.NixlAllowEmulated``), or nixl cannot start.
     """
     if host is None:
         raise NixlRefused("this engine has no NIXL agent (dxl.Transport is not nixl)")
@@ -452,11 +574,9 @@ def open_nixl(
             f"this host has no RDMA device ({IB_DEVICES} is empty), so UCX would emulate RMA "
             "over tcp/cma/shared memory, under which a linked NIXL peer can read and write "
             "any address of this process, not only registered caches; set "
-            "dxl.NixlAllowEmulated=1 on a trusted pair to allow it (docs/security.md)"
+            "dxl.NixlAllowEmulated=1 on a pair that trusts each other to allow it "
+            "(docs/security.md)"
         )
-    host.agent  # noqa: B018 (creates it: NixlRefused when nixl cannot start)
+    host.agent  # noqa: B018 (makes it: NixlRefused when nixl cannot start)
     peer = agent_name(peer_cluster, peer_incarnation)
-    transport = NixlTransport(host, peer, timeout_ms)
-    transport._peer_probe = int(peer_probe)
-    host.expect_warm(peer, time.monotonic() + left_s)  # the peer's warm-up read needs us
-    return transport
+    return NixlTransport(host, peer, peer_probe, timeout_ms)

@@ -92,8 +92,8 @@ async def _open_tcp(peer: PeerInfo, ctx: OpenContext) -> Transport:
 
 
 async def _open_nixl(peer: PeerInfo, ctx: OpenContext) -> Transport:
-    return open_nixl(ctx.nixl, peer.cluster_id, peer.incarnation, peer.probe[0], ctx.left_s(),
-                     ctx.timeout_ms)  # fmt: skip
+    ctx.left_s()  # TransferTimeout if the link's time is up
+    return open_nixl(ctx.nixl, peer.cluster_id, peer.incarnation, peer.probe, ctx.timeout_ms)
 
 
 class _NoDataServer(DxlError):
