@@ -10,10 +10,13 @@ nixl installed they skip.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import resource
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -248,9 +251,8 @@ async def decode_linked_to(
 
 @pytest.mark.multiproc
 async def test_across_processes_then_the_peer_dies(make_peer):
-    """A prefill in a child process: its first transfer completes (the link was warmed up
-    while both sides drove their agents); once it is SIGKILLed, a pull fails within the
-    timeout and the engine goes on (it links and pulls again from a new prefill)."""
+    """A prefill in a child process: pull and push work; once it is SIGKILLed, a pull fails
+    within the timeout and the engine goes on (it links and pulls again from a new prefill)."""
     peer = _prefill_child(make_peer)
     async with decode_linked_to(peer) as (d, dc, dst):
         await d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), dc, [1, 2, 3], [4, 5, 6])
@@ -261,6 +263,8 @@ async def test_across_processes_then_the_peer_dies(make_peer):
         assert peer.call("matches", name="kv", args=args)
 
         peer.kill(signal.SIGKILL)
+        peer.proc.join(10)  # dead, not dying: its memory is gone
+        assert not peer.proc.is_alive()
         t0 = time.monotonic()
         with pytest.raises(dxl.LLMException) as err:
             await d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), dc, [1], [7])
@@ -362,3 +366,26 @@ async def test_unregister_waits_for_the_transfer_in_flight(make_peer, monkeypatc
         await asyncio.wait_for(unregister, 30)
         assert dst.matches(ALL, [7, 8], PREFILL_SEED, ALL, [5, 6])
         assert dc.cache_id not in host.registered
+
+
+def test_nixl_is_imported_only_by_the_first_nixl_link():
+    """``import dxl`` and an engine configured for nixl import nothing of NIXL (its wheel loads
+    CUDA libraries); ``dxl info`` reports it without importing it either."""
+    code = (
+        "import asyncio, json, subprocess, sys\n"
+        "import dxl\n"
+        "from dxl.transport.nixl import nixl_info\n"
+        "async def main():\n"
+        "    async with dxl.Engine(1, dxl.LLMRole.PROMPT, {'dxl.Transport': 'nixl'}):\n"
+        "        pass\n"
+        "asyncio.run(main())\n"
+        "info = nixl_info()\n"
+        "print(json.dumps({'imported': 'nixl' in sys.modules, 'info': info}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["imported"] is False
+    assert result["info"]["installed"] == nixl_version()
+    assert any("cma" in tls for tls in result["info"]["ucx_transports"].values())

@@ -69,6 +69,7 @@ __all__ = [
     "NixlTransport",
     "agent_name",
     "hardware_rma",
+    "nixl_info",
     "nixl_version",
     "open_nixl",
 ]
@@ -110,6 +111,31 @@ def hardware_rma() -> list[str]:
         return sorted(os.listdir(IB_DEVICES))
     except OSError:
         return []
+
+
+def nixl_info() -> dict[str, Any]:
+    """What ``dxl info`` shows of NIXL, without importing it (nor CUDA): its version, the UCX
+    transport plugins its wheels bundle (tcp, shared memory and self are built into UCX
+    itself), this host's RDMA devices, and so whether host memory would move by emulated RMA."""
+    import importlib.util
+    from pathlib import Path
+
+    version = nixl_version()
+    plugins: dict[str, list[str]] = {}
+    for wheel in ("nixl_cu12", "nixl_cu13"):
+        spec = importlib.util.find_spec(wheel) if version else None
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        ucx = Path(next(iter(spec.submodule_search_locations))).parent / f"{wheel}.libs" / "ucx"
+        names = {p.name.split(".so")[0].removeprefix("libuct_") for p in ucx.glob("libuct_*.so*")}
+        plugins[wheel] = ["tcp", "sysv", "posix", "self", *sorted(names)]
+    devices = hardware_rma()
+    return {
+        "installed": version,
+        "ucx_transports": plugins,
+        "rdma_devices": devices,
+        "host_memory_rma": "hardware" if devices else "emulated (needs dxl.NixlAllowEmulated)",
+    }
 
 
 def agent_name(cluster_id: int, incarnation: str) -> str:
