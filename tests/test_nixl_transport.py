@@ -299,20 +299,38 @@ async def test_an_idle_linked_pair_uses_under_5_percent_of_a_core(make_peer):
 
 
 async def test_peer_info_from_a_stranger_agent_is_refused():
-    """The metadata on a link must be its peer's agent: another name is refused (the link stays
-    and that memory stays out of reach)."""
+    """Metadata on a link must be its peer agent's: another agent's is refused before NIXL
+    loads it (the link stays, and no stranger agent is added)."""
     async with pair() as x:
         link = x.d._links.own(P_ID)
         assert link is not None
         other = nixl_mod.NixlHost("dxl-99-x", [x.src.addrs[0], 0], allow_emulated=True, device_id=0)
         try:
-            with pytest.raises(nixl_mod.NixlFailed, match="dxl-99-x"):
+            with pytest.raises(nixl_mod.NixlFailed, match="another agent"):
                 link.transport.peer_info(other.metadata())
         finally:
             other.close()
         with pytest.raises(nixl_mod.NixlFailed, match="base64"):
             link.transport.peer_info("not base64!")
         await x.d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), x.dc, [1], [2])
+        assert x.dst.matches(ALL, [2], PREFILL_SEED, ALL, [1])
+
+
+async def test_only_remotely_accessible_caches_are_in_the_metadata_peers_get():
+    """The keys a peer receives cover the remotely accessible caches (and the probe word) only:
+    the peer's NIXL refuses to address a cache registered without remote access."""
+    async with pair() as x:
+        private = KVBuffers(TENSORS, BLOCKS, BB, seed=3)
+        await x.d.register_blocks_cache(private.desc(), private.addrs, remote_accessible=False)
+        late = KVBuffers(TENSORS, BLOCKS, BB, seed=4)  # registered after the link: data_info
+        await x.d.register_blocks_cache(late.desc(), late.addrs, remote_accessible=True)
+        p_host, d_host = x.p._nixl, x.d._nixl
+        assert p_host is not None and d_host is not None
+        agent = p_host.agent
+        for addr in (x.dst.addrs[1], late.addrs[0]):
+            agent.prep_xfer_dlist(d_host.name, [(addr, BB, 0)], "DRAM").release()
+        with pytest.raises(Exception, match="NIXL_ERR_NOT_FOUND"):
+            agent.prep_xfer_dlist(d_host.name, [(private.addrs[0], BB, 0)], "DRAM")
 
 
 @pytest.mark.multiproc

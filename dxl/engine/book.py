@@ -24,7 +24,7 @@ class MemoryWatcher(Protocol):
     """Told of every registration's memory (the nixl transport's agent registers it too)."""
 
     def cache_added(
-        self, cache_id: int, addrs: list[int], nbytes: int, placement: Placement
+        self, cache_id: int, addrs: list[int], nbytes: int, placement: Placement, remote: bool
     ) -> None: ...
 
     def cache_removed(self, cache_id: int) -> None: ...
@@ -115,7 +115,11 @@ class CacheBook:
         )
         if self._watcher is not None:  # first: a refusal leaves the books as they were
             self._watcher.cache_added(
-                cache.cache_id, cache.tensor_addrs, layout.tensor_size, desc.placement
+                cache.cache_id,
+                cache.tensor_addrs,
+                layout.tensor_size,
+                desc.placement,
+                remote_accessible,
             )
         self._next_id += 1
         self._gen += 1

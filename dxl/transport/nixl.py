@@ -40,6 +40,7 @@ import binascii
 import importlib.metadata
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -191,6 +192,19 @@ def _make_agent(name: str) -> Any:
     return agent
 
 
+@dataclass(frozen=True, slots=True)
+class _Registration:
+    """One cache as the agent registers it."""
+
+    ranges: list[tuple[int, int, int, str]]  # (address, bytes, device, "") per tensor
+    mem: str  # DRAM or VRAM
+    remote: bool  # remotely accessible: its keys go to peers
+
+    @property
+    def device(self) -> int:
+        return self.ranges[0][2] if self.ranges else 0
+
+
 @dataclass(slots=True)
 class _Prepped:
     """One cache's prepared descriptor list: descriptor ``t * units + b`` is block ``b`` of
@@ -248,7 +262,7 @@ class NixlHost:
         self._lock = threading.Lock()
         self._agent: Any = None
         self.scratch = np.zeros(1, dtype=np.uint64)  # where our probe reads land
-        self._caches: dict[int, tuple[list[tuple[int, int, int, str]], str]] = {}
+        self._caches: dict[int, _Registration] = {}
         self._regs: dict[int, Any] = {}  # cache id -> the agent's registration
         self._prepped: dict[int, _Prepped] = {}  # cache id -> its prepared descriptors
         self._closed = False
@@ -268,8 +282,8 @@ class NixlHost:
                 agent = _make_agent(self.name)
                 agent.register_memory([(self._probe_addr, 8, 0, "")], "DRAM")
                 agent.register_memory([(self.scratch.ctypes.data, 8, 0, "")], "DRAM")
-                for cache_id, (ranges, mem) in self._caches.items():
-                    self._regs[cache_id] = agent.register_memory(ranges, mem)
+                for cache_id, reg in self._caches.items():
+                    self._regs[cache_id] = agent.register_memory(reg.ranges, reg.mem)
                 self._agent = agent
             return self._agent
 
@@ -280,22 +294,39 @@ class NixlHost:
             return frozenset(self._regs)
 
     def metadata(self) -> str:
-        """Everything a peer needs to reach this agent (connection and memory), as text."""
-        return base64.b64encode(bytes(self.agent.get_agent_metadata())).decode()
+        """What a new peer needs: the agent's connection and the keys of the probe word and of
+        the remotely accessible caches only (with RDMA hardware, the memory of any other cache
+        stays out of the peer's reach), as base64 blobs joined by commas (one per memory
+        type)."""
+        agent = self.agent
+        with self._lock:
+            groups: dict[str, list[tuple[int, int, int, str]]] = {
+                "DRAM": [(self._probe_addr, 8, 0, "")]
+            }
+            for reg in self._caches.values():
+                if reg.remote:
+                    groups.setdefault(reg.mem, []).extend(reg.ranges)
+            blobs = [
+                agent.get_partial_agent_metadata(agent.get_reg_descs(ranges, mem), True, [])
+                for mem, ranges in groups.items()
+            ]
+        return ",".join(base64.b64encode(bytes(b)).decode() for b in blobs)
 
     # ------------------------------------------------------------------ registrations
     def cache_added(
-        self, cache_id: int, addrs: list[int], nbytes: int, placement: Placement
+        self, cache_id: int, addrs: list[int], nbytes: int, placement: Placement, remote: bool
     ) -> None:
         """A registration of the engine (before it is advertised): registered with the agent if
-        there is one, else when the agent is made."""
+        there is one, else when the agent is made. Only a remotely accessible one's keys are
+        ever sent to peers."""
         dev = self._device_id if placement == Placement.DEVICE else 0
-        ranges = [(int(a), int(nbytes), dev, "") for a in addrs]
-        mem = _mem_type(placement)
+        reg = _Registration(
+            [(int(a), int(nbytes), dev, "") for a in addrs], _mem_type(placement), remote
+        )
         with self._lock:
             if self._agent is not None:
-                self._regs[cache_id] = self._agent.register_memory(ranges, mem)
-            self._caches[cache_id] = (ranges, mem)
+                self._regs[cache_id] = self._agent.register_memory(reg.ranges, reg.mem)
+            self._caches[cache_id] = reg
 
     def cache_removed(self, cache_id: int) -> None:
         """A registration is gone and no transfer of this engine touches it any more (the
@@ -317,7 +348,8 @@ class NixlHost:
         before it was registered; "" without an agent."""
         with self._lock:
             reg = self._regs.get(cache_id)
-            if reg is None or self._agent is None:
+            cache = self._caches.get(cache_id)
+            if reg is None or self._agent is None or cache is None or not cache.remote:
                 return ""
             blob = self._agent.get_partial_agent_metadata(reg, False, [])
         return base64.b64encode(bytes(blob)).decode()
@@ -329,27 +361,32 @@ class NixlHost:
             prepped = self._prepped.get(cache_id)
             if prepped is not None or cache_id not in self._regs or self._agent is None:
                 return prepped
-            mem = self._caches[cache_id][1]
-            dev = self._caches[cache_id][0][0][2] if self._caches[cache_id][0] else 0
-            prepped = self._prepped[cache_id] = _prep(self._agent, LOCAL, layout, mem, dev)
+            reg = self._caches[cache_id]
+            prepped = self._prepped[cache_id] = _prep(
+                self._agent, LOCAL, layout, reg.mem, reg.device
+            )
             return prepped
 
     # ------------------------------------------------------------------ peers
-    def load(self, info: str) -> str:
-        """Load a peer's metadata (full or partial); returns its agent's name.
+    def load(self, info: str, expect: str) -> None:
+        """Load a peer's metadata (base64 blobs joined by commas) that must all name the agent
+        ``expect``: a blob naming another is refused before NIXL loads it (NIXL reads the name
+        from the blob; loading a stranger's would add that agent).
 
         Raises:
-            NixlFailed: the text is not metadata NIXL accepts.
+            NixlFailed: not base64, another agent's, or not metadata NIXL accepts.
         """
-        try:
-            blob = base64.b64decode(info.encode(), validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise NixlFailed(f"the peer's NIXL metadata is not base64: {exc}") from exc
-        try:
-            name = self.agent.add_remote_agent(blob)
-        except Exception as exc:  # nixl's errors derive from Exception only
-            raise NixlFailed(f"NIXL refused the peer's metadata: {exc}") from exc
-        return name.decode() if isinstance(name, bytes) else str(name)
+        for part in info.split(","):
+            try:
+                blob = base64.b64decode(part.encode(), validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise NixlFailed(f"the peer's NIXL metadata is not base64: {exc}") from exc
+            if _agent_of(blob) != expect:
+                raise NixlFailed(f"NIXL metadata of another agent than {expect!r}")
+            try:
+                self.agent.add_remote_agent(blob)
+            except Exception as exc:  # nixl's errors derive from Exception only
+                raise NixlFailed(f"NIXL refused the peer's metadata: {exc}") from exc
 
     def forget(self, peer: str) -> None:
         """Remove a peer's agent (its link is gone); nothing if it was never loaded."""
@@ -414,10 +451,7 @@ class NixlTransport(Transport):
         """Load the peer's metadata (the agent it names must be the one this link expects)
         and prove the path: read the peer's probe word through it and compare the token it
         announced (as the cma transport does). Blocking, bounded by ``deadline_s``."""
-        name = self._host.load(info)
-        if name != self._peer:
-            self._host.forget(name)
-            raise NixlFailed(f"the peer's NIXL agent is {name!r}, not {self._peer!r}")
+        self._host.load(info, self._peer)
         self._loaded = True
         scratch = self._host.scratch
         scratch[0] = 0
@@ -433,9 +467,7 @@ class NixlTransport(Transport):
     def peer_info(self, info: str) -> None:
         """More of the peer's metadata (a cache it registered after the link came up)."""
         if info and not self._closed:
-            name = self._host.load(info)
-            if name != self._peer:
-                raise NixlFailed(f"metadata of agent {name!r} on the link of {self._peer!r}")
+            self._host.load(info, self._peer)
 
     def drop_windows(self, key: object) -> None:
         """The peer withdrew cache ``key`` (and no transfer uses it): release its list."""
@@ -561,6 +593,22 @@ class NixlTransport(Transport):
             except Exception as exc:
                 log.debug("dxl: nixl: releasing a prepared list: %s", exc)
         self._host.forget(self._peer)
+
+
+def _agent_of(blob: bytes) -> str | None:
+    """The agent a NIXL metadata blob names: NIXL's serializer writes ``nixlSerDes|``, then
+    its first field: the tag ``Agent``, a u64 length (native order) and the name."""
+    tag = b"nixlSerDes|Agent"
+    if not blob.startswith(tag) or len(blob) < len(tag) + 8:
+        return None
+    size = int.from_bytes(blob[len(tag) : len(tag) + 8], sys.byteorder)
+    start = len(tag) + 8
+    if size > 256 or len(blob) < start + size:
+        return None
+    try:
+        return blob[start : start + size].decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def _descs(addrs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
