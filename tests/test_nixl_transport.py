@@ -99,8 +99,25 @@ async def pair(options: dict[str, str] | None = None, *, link: bool = True) -> A
         yield Pair(p, d, pc, dc, src, dst)
 
 
-async def test_pull_and_push_blocks_byte_exact():
+def _count_requests(agent: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Which NIXL call made each transfer: "by_index" (make_prepped_xfer on the lists prepared
+    per cache) or "pieces" (initialize_xfer of planned pieces)."""
+    calls: list[str] = []
+    for method, kind in (("make_prepped_xfer", "by_index"), ("initialize_xfer", "pieces")):
+        real = getattr(agent, method)
+
+        def spy(*args: Any, _real: Any = real, _kind: str = kind, **kw: Any) -> Any:
+            calls.append(_kind)
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(agent, method, spy)
+    return calls
+
+
+async def test_pull_and_push_blocks_byte_exact(monkeypatch):
     async with pair() as x:
+        assert x.d._nixl is not None
+        calls = _count_requests(x.d._nixl.agent, monkeypatch)
         src_blocks, dst_blocks = [5, 6, 7, 30, 2], [0, 1, 2, 9, 31]
         await x.d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), x.dc, src_blocks, dst_blocks)
         assert x.dst.matches(ALL, dst_blocks, PREFILL_SEED, ALL, src_blocks)
@@ -111,6 +128,7 @@ async def test_pull_and_push_blocks_byte_exact():
         await x.d.push_blocks(dxl.BlocksCacheKey(P_ID, 0), x.dc, [10, 11], [20, 21])
         assert x.src.matches(ALL, [20, 21], DECODE_SEED, ALL, [10, 11])
         assert x.src.untouched(ALL, [19, 22])
+        assert calls == ["by_index", "by_index"]  # one prepared transfer per request
 
 
 async def test_layer_ranges_and_a_cache_registered_after_the_link():
