@@ -526,6 +526,12 @@ def _check_list(what: str, value: Any) -> None:
         raise FrameError(f"{what} has type {type(value).__name__}")
 
 
+def _check_placement(what: str, value: Any) -> None:
+    _check_int(what, value)
+    if value not in (0, 1):
+        raise FrameError(f"{what} must be 0 (HOST) or 1 (DEVICE), got {value!r}")
+
+
 # Fields of one advertised cache (registry entry). Only remotely accessible caches are sent.
 CACHE_FIELDS: dict[str, FieldCheck] = {
     "id": _check_int,  # cache_id on the owner
@@ -534,7 +540,7 @@ CACHE_FIELDS: dict[str, FieldCheck] = {
     "num_tensors": _check_int,
     "tensor_size": _check_int,  # bytes of one tensor
     "units": _check_int,  # num_blocks for a blocks cache, batch size for a contiguous one
-    "placement": _check_int,
+    "placement": _check_placement,  # 0 HOST, 1 DEVICE
     "addrs": _u64_list(None),  # one base address per tensor
     "model_id": lambda what, v: None if v is None else _check_int(what, v),  # of a blocks cache
     "keys": _check_list,  # [[req_id, model_id, prefix_id, batch_index], ...] (contiguous)

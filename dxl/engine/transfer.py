@@ -120,4 +120,5 @@ class Transfer:
             our_blocks,
             their_blocks,
             spec.block_bytes,
+            remote.placement,
         )

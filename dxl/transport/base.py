@@ -87,6 +87,7 @@ class BlockMove:
     Attributes:
         local_key, remote_key: the caches' ids (ours, the peer's).
         local_layout, remote_layout: their layouts.
+        remote_placement: where the peer's cache lives (ours: the transport registered it).
     """
 
     local_key: int
@@ -98,6 +99,7 @@ class BlockMove:
     local_blocks: np.ndarray
     remote_blocks: np.ndarray
     block_bytes: int
+    remote_placement: Placement = Placement.HOST
 
 
 @dataclass(frozen=True, slots=True)

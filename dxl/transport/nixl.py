@@ -424,7 +424,8 @@ class NixlTransport(Transport):
         same_host_only=False,
         maps_peer_memory=False,
         inline=False,  # a transfer may wait on the peer
-        memory=frozenset({Placement.HOST}),
+        # DEVICE: registered as VRAM and moved by index only (untested: no GPU here)
+        memory=frozenset({Placement.HOST, Placement.DEVICE}),
         block_index=True,
     )
 
@@ -485,7 +486,9 @@ class NixlTransport(Transport):
         if unit != move.local_layout.unit_bytes or unit != move.remote_layout.unit_bytes:
             return None
         local = self._host.local_prepped(move.local_key, move.local_layout)
-        remote = self._remote_prepped(move.remote_key, move.remote_layout)
+        remote = self._remote_prepped(
+            move.remote_key, move.remote_layout, _mem_type(move.remote_placement)
+        )
         if local is None or remote is None:
             return None
         li = local.indices(move.local_bases, move.local_blocks)
@@ -502,12 +505,12 @@ class NixlTransport(Transport):
             raise _nixl_error(exc) from exc
         return self._run(agent, handle, op, int(li.size) * unit, timeout_ms)
 
-    def _remote_prepped(self, cache_id: int, layout: Layout) -> _Prepped | None:
+    def _remote_prepped(self, cache_id: int, layout: Layout, mem: str) -> _Prepped | None:
         with self._lock:
             prepped = self._remote.get(cache_id)
             if prepped is None:
-                try:
-                    prepped = _prep(self._host.agent, self._peer, layout, "DRAM", 0)
+                try:  # the device id of a remote descriptor is the peer's, in its metadata
+                    prepped = _prep(self._host.agent, self._peer, layout, mem, 0)
                 except Exception as exc:  # its registration has not reached us: planned path
                     log.debug("dxl: nixl: preparing cache %d of %s: %s", cache_id, self._peer, exc)
                     return None
