@@ -20,6 +20,14 @@ S = dxl.LLMStatusCode
 NOT_MAPPED = 0x7F0000000000  # a device pointer: never mapped in this process
 
 
+def fresh_log_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handshake's rate-limited log starts empty, so this test sees its own lines (earlier
+    refusals in this process may have used up the window)."""
+    from dxl.engine import handshake
+
+    monkeypatch.setattr(handshake.limited, "_windows", {})
+
+
 def info_of(eng: dxl.Engine) -> dxl.LLMClusterInfo:
     assert eng.listen_address is not None
     info = dxl.LLMClusterInfo()
@@ -37,7 +45,8 @@ def test_auto_never_tries_nixl():
     assert "nixl" not in AUTO_ORDER
 
 
-async def test_forcing_nixl_without_rdma_is_refused_with_the_reason(caplog):
+async def test_forcing_nixl_without_rdma_is_refused_with_the_reason(caplog, monkeypatch):
+    fresh_log_windows(monkeypatch)
     if hardware_rma():
         pytest.skip(f"this host has RDMA devices {hardware_rma()}: nothing is emulated")
     caplog.set_level(logging.ERROR, logger="dxl")

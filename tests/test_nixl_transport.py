@@ -54,6 +54,14 @@ IDLE_S = 10.0  # the idle measurement's window
 IDLE_MAX = 0.05  # of one core
 
 
+def fresh_log_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handshake's rate-limited log starts empty, so this test sees its own lines (earlier
+    refusals in this process may have used up the window)."""
+    from dxl.engine import handshake
+
+    monkeypatch.setattr(handshake.limited, "_windows", {})
+
+
 def info_of(eng: dxl.Engine) -> dxl.LLMClusterInfo:
     assert eng.listen_address is not None
     info = dxl.LLMClusterInfo()
@@ -218,7 +226,8 @@ def test_sync_facade_pulls_and_fetches_over_nixl(make_peer):
         decode.finalize()
 
 
-async def test_forcing_nixl_without_rdma_needs_the_option(caplog):
+async def test_forcing_nixl_without_rdma_needs_the_option(caplog, monkeypatch):
+    fresh_log_windows(monkeypatch)
     if hardware_rma():
         pytest.skip(f"this host has RDMA devices {hardware_rma()}: nothing is emulated")
     caplog.set_level(logging.ERROR, logger="dxl")
@@ -425,3 +434,21 @@ def test_nixl_is_imported_only_by_the_first_nixl_link():
     assert result["imported"] is False
     assert result["info"]["installed"] == nixl_version()
     assert any("cma" in tls for tls in result["info"]["ucx_transports"].values())
+
+
+@pytest.mark.parametrize(("prefill", "decode"), [("nixl", "tcp"), ("tcp", "nixl")])
+async def test_a_link_whose_ends_disagree_on_nixl_is_refused_at_once(
+    prefill, decode, caplog, monkeypatch
+):
+    fresh_log_windows(monkeypatch)
+    caplog.set_level(logging.WARNING, logger="dxl")
+    listen = {"llm.listenIpInfo": "127.0.0.1:0"}
+    async with (
+        dxl.Engine(P_ID, dxl.LLMRole.PROMPT, {**NIXL, **listen, "dxl.Transport": prefill}) as p,
+        dxl.Engine(D_ID, dxl.LLMRole.DECODER, {**NIXL, **listen, "dxl.Transport": decode}) as d,
+    ):
+        ret, rets = await d.link_clusters([info_of(p)], timeout=10_000)
+        assert (ret, rets) == (S.LLM_LINK_FAILED, [S.LLM_LINK_FAILED])
+        assert "set it on both engines" in caplog.text
+        assert d.stats()["links"] == {}
+        await async_wait_until(lambda: p.stats()["links"] == {}, 10, "no link on the prefill")

@@ -43,6 +43,7 @@ from ..control.peercred import PeerSocket, holds_socket, peer_socket
 from ..errors import DxlError, LLMException, LLMStatusCode, fail, status_from_code
 from ..guard import PendingCap, RateLimitedLog
 from ..transport import Transport, host_identity
+from ..transport.names import NIXL
 from ..transport.nixl import NixlHost
 from ..transport.select import OpenContext, open_transport
 from ..types import LLMClusterInfo
@@ -200,14 +201,13 @@ class Handshake:
             except LLMException as exc:
                 writer.write(_reject(exc.status_code, str(exc)))
                 raise
-            writer.write(wire.encode(Ready(caches=self._book.advertised())))
             info = transport.local_info()
-            if info:  # the server attaches first (we drive our side meanwhile), then us
+            if info:  # before ready: the server learns at once that we use such a transport
                 writer.write(wire.encode(DataInfo(info=info)))
-            ready = await _expect(reader, Ready, wire.MAX_FRAME)
-            if info:
-                theirs = await _expect(reader, DataInfo, wire.MAX_FRAME)
-                await _attach(transport, theirs.info, deadline)
+            writer.write(wire.encode(Ready(caches=self._book.advertised())))
+            theirs, ready = await _data_info_then_ready(reader, info, peer_id)
+            if theirs is not None:
+                await _attach(transport, theirs, deadline)
             self._links.add(peer, reader, writer, transport, ready.caches, True, key_id)
             transport = None
         finally:
@@ -284,18 +284,23 @@ class Handshake:
                 )
                 self._links.add_key(key_id, key)
                 writer.write(self._frame("welcome", challenge))
-                ready = await _expect(reader, Ready, wire.MAX_FRAME)
+                first = await _expect(reader, Message, wire.MAX_FRAME)
+                wants = self._opts.transport == NIXL  # the one transport with a data_info
+                if isinstance(first, DataInfo) != wants:
+                    raise Refused(Code.LLM_LINK_FAILED, _mismatch(wants, peer.cluster_id))
+                ready = await _expect(reader, Ready, wire.MAX_FRAME) if wants else first
+                if not isinstance(ready, Ready):
+                    raise wire.FrameError(f"expected ready, got {ready.KIND}")
                 transport = await self._open_transport(peer, kernel, key_id, key, deadline)
                 info = transport.local_info()
-                if info:
-                    theirs = await _expect(reader, DataInfo, wire.MAX_FRAME)
-                    await _attach(transport, theirs.info, deadline)
+                if isinstance(first, DataInfo):
+                    await _attach(transport, first.info, deadline)
             if stale is not None:  # it did not answer: the peer restarted or lost its end
                 stale.close("the peer set up a new link")
             # one step: the caches we announce and the link that will hear of later changes
-            writer.write(wire.encode(Ready(caches=self._book.advertised())))
             if info:
                 writer.write(wire.encode(DataInfo(info=info)))
+            writer.write(wire.encode(Ready(caches=self._book.advertised())))
             self._links.add(peer, reader, writer, transport, ready.caches, False, key_id)
             linked = True
         except LLMException as exc:
@@ -416,6 +421,33 @@ async def _expect(reader: asyncio.StreamReader, kind: type[M], max_frame: int) -
     if not isinstance(msg, kind):
         raise wire.FrameError(f"expected {kind.KIND}, got {msg.KIND}")
     return msg
+
+
+def _mismatch(ours: bool, peer: int) -> str:
+    """Why a link whose two ends disagree on the nixl transport is refused."""
+    if ours:
+        return (
+            f"this engine uses the nixl transport (dxl.Transport=nixl) and cluster {peer} does "
+            "not: set it on both engines"
+        )
+    return (
+        f"cluster {peer} uses the nixl transport (dxl.Transport=nixl) and this engine does "
+        "not: set it on both engines"
+    )
+
+
+async def _data_info_then_ready(
+    reader: asyncio.StreamReader, info: str, peer: int
+) -> tuple[str | None, Ready]:
+    """The server's answer: its ``data_info`` (exactly when ours was sent), then its ready."""
+    msg = await _expect(reader, Message, wire.MAX_FRAME)
+    if isinstance(msg, DataInfo) != bool(info):
+        raise fail("link_clusters", Code.LLM_LINK_FAILED, _mismatch(bool(info), peer))
+    if isinstance(msg, DataInfo):
+        return msg.info, await _expect(reader, Ready, wire.MAX_FRAME)
+    if not isinstance(msg, Ready):
+        raise wire.FrameError(f"expected ready, got {msg.KIND}")
+    return None, msg
 
 
 async def _attach(transport: Transport, info: str, deadline: float) -> None:

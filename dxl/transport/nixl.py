@@ -80,7 +80,7 @@ log = logging.getLogger("dxl")
 IB_DEVICES = "/sys/class/infiniband"  # RDMA devices the kernel knows (verbs: rc/dc/ud)
 PROGRESS_POLL_US = 20_000  # the progress thread's poll() timeout when no event wakes it
 SPIN_POLLS = 64  # state checks before a waiting transfer starts sleeping between them
-MAX_SLEEP_S = 0.001  # the longest sleep between two state checks
+MAX_SLEEP_S = 0.0002  # the longest sleep between two state checks (each drives progress)
 LOCAL = "NIXL_INIT_AGENT"  # prep_xfer_dlist's name for our own side
 _MAKING = threading.Lock()  # one agent is made at a time (see _make_agent)
 
@@ -559,6 +559,9 @@ class NixlTransport(Transport):
                 if polls > SPIN_POLLS:  # a long transfer: stop spinning, the thread sleeps
                     time.sleep(sleep)
                     sleep = min(sleep * 2, MAX_SLEEP_S)
+                # drive our worker: with the progress thread on, check_xfer_state does not,
+                # and an initiator-driven copy (cma) wakes no event for the thread
+                agent.get_new_notifs()
                 state = agent.check_xfer_state(handle)
             if state != "DONE":
                 raise NixlFailed(f"NIXL reported {state} for the {op}")
