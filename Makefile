@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv install demo test lint bench clean venv-vllm test-vllm venv-nixl test-nixl
+.PHONY: venv install demo test lint bench clean venv-vllm test-vllm venv-nixl test-nixl bench-nixl
 
 venv: $(STAMP)
 
@@ -71,6 +71,15 @@ test-nixl: $(NIXL_STAMP)
 	@start=$$(date +%s); rc=0; \
 	$(NIXL_VENV)/bin/python -m pytest -q -s tests/test_nixl_transport.py tests/test_nixl_selection.py || rc=$$?; \
 	echo "test-nixl: the tests took $$(( $$(date +%s) - start )) s"; exit $$rc
+
+# dxl over nixl beside dxl's cma and NIXL used directly (benchmarks/peers/nixl_bench.py), one
+# after the other on the same workload (pull, host memory), in .venv-nixl; compare.py's table.
+NIXL_BENCH_SIZES ?= 4K 16K 64K 256K 1M
+bench-nixl: $(NIXL_STAMP)
+	mkdir -p bench-out
+	$(NIXL_VENV)/bin/dxl bench --transport nixl cma --op pull --block-bytes $(NIXL_BENCH_SIZES) --passes 3 --json > bench-out/dxl-nixl.jsonl
+	$(NIXL_VENV)/bin/python benchmarks/peers/nixl_bench.py --op pull --block-bytes $(NIXL_BENCH_SIZES) --passes 3 --json > bench-out/nixl.jsonl
+	$(NIXL_VENV)/bin/python benchmarks/peers/compare.py bench-out/dxl-nixl.jsonl bench-out/nixl.jsonl
 
 bench: $(STAMP)
 	$(BIN)/dxl bench --transport cma tcp --op pull push --block-bytes 4K 16K 64K 256K 1M --passes 3
