@@ -1,15 +1,15 @@
 """Choosing and opening the transport of a new link, and proving it reaches the right process.
 
-The link asks for ``auto`` (the first transport in :data:`AUTO_ORDER` that can reach the peer),
-or names one (``dxl.Transport``: ``cma``, ``tcp``). A same-host transport is tried only towards
-a process the kernel proved to be the peer (its pid holds the other end of the link's control
-connection; never this very process): a peer's declared pid or host decides nothing, and we
-read the peer's 8-byte probe through it to check the data path. tcp streams are opened and
-authenticated with the link's own key, which proves the data server is the peer's. All of it
-runs on the event loop within the link's deadline (a cma probe read never waits on the peer;
-tcp streams open asynchronously): no thread waits on a silent or slow peer, and the engine's
-transfer workers are never used. A new transport plugs in by adding an :class:`Opener` here;
-the engine does not change.
+The link asks for ``auto`` (the first transport in :data:`AUTO_ORDER` that can reach the peer), or
+names one (``dxl.Transport``: ``cma``, ``tcp``, or ``nixl``, which ``auto`` never tries). A
+same-host transport is tried only towards a process the kernel proved to be the peer (its pid holds
+the other end of the link's control connection; never this very process): a peer's declared pid or
+host decides nothing, and we read the peer's 8-byte probe through it to check the data path. tcp
+streams are opened and authenticated with the link's own key, which proves the data server is the
+peer's. All of it runs on the event loop within the link's deadline (a cma probe read never waits
+on the peer; tcp streams open asynchronously): no thread waits on a silent or slow peer, and the
+engine's transfer workers are never used. A new transport plugs in by adding an :class:`Opener`
+here; the engine does not change.
 """
 
 from __future__ import annotations
