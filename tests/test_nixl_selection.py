@@ -89,6 +89,7 @@ async def test_device_caches_of_a_nixl_engine_are_never_copied_locally():
         await eng.unregister_cache(cache.cache_id)
 
 
+@pytest.mark.multiproc
 def test_import_dxl_imports_no_nixl():
     code = "import sys, dxl, dxl.transport.select; print('nixl' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

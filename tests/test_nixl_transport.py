@@ -394,6 +394,7 @@ async def test_unregister_waits_for_the_transfer_in_flight(make_peer, monkeypatc
         await d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), dc, [1], [2])
         assert host is not None and dc.cache_id in host.registered
         entry = d._book.find(dc.cache_id)
+        assert entry is not None
         peer.kill(signal.SIGSTOP)
         try:
             pull = asyncio.create_task(
@@ -413,6 +414,7 @@ async def test_unregister_waits_for_the_transfer_in_flight(make_peer, monkeypatc
         assert dc.cache_id not in host.registered
 
 
+@pytest.mark.multiproc
 def test_nixl_is_imported_only_by_the_first_nixl_link():
     """``import dxl`` and an engine configured for nixl import nothing of NIXL (its wheel loads
     CUDA libraries); ``dxl info`` reports it without importing it either."""
