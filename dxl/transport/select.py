@@ -92,8 +92,12 @@ async def _open_tcp(peer: PeerInfo, ctx: OpenContext) -> Transport:
 
 
 async def _open_nixl(peer: PeerInfo, ctx: OpenContext) -> Transport:
-    ctx.left_s()  # TransferTimeout if the link's time is up
-    return open_nixl(ctx.nixl, peer.cluster_id, peer.incarnation, peer.probe, ctx.timeout_ms)
+    # the engine's first nixl link makes its agent (UCX start-up: a blocking call of ~0.1 s), so
+    # off the loop; it never waits on the peer
+    async with asyncio.timeout(ctx.left_s()):
+        return await asyncio.to_thread(
+            open_nixl, ctx.nixl, peer.cluster_id, peer.incarnation, peer.probe, ctx.timeout_ms
+        )
 
 
 class _NoDataServer(DxlError):
