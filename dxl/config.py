@@ -38,8 +38,9 @@ from dxl._validate import (
     ensure,
 )
 from dxl.errors import param_invalid
+from dxl.transport.names import ALL as TRANSPORT_NAMES
 from dxl.transport.names import AUTO as AUTO_TRANSPORT
-from dxl.transport.names import AUTO_ORDER as TRANSPORT_NAMES
+from dxl.transport.names import AUTO_ORDER
 from dxl.types import ipv6_or_none, parse_ip
 
 __all__ = [
@@ -111,6 +112,7 @@ OPT_TRANSFER_THREADS = "dxl.TransferThreads"
 OPT_ALLOW_REMOTE_LISTEN = "dxl.AllowRemoteListen"
 OPT_TRANSPORT = "dxl.Transport"
 OPT_INLINE_BYTES = "dxl.InlineBytes"
+OPT_NIXL_ALLOW_EMULATED = "dxl.NixlAllowEmulated"
 OPT_SHARE_REGISTERED = "dxl.ShareRegistered"
 OPT_AUTH_TOKEN = "dxl.AuthToken"
 OPT_RANK_TABLE_BASE_PORT = "dxl.RankTableBasePort"
@@ -805,14 +807,25 @@ class LLMConfig:
     )
     transport = Prop(
         OPT_TRANSPORT,
-        doc=f"dxl: one of {TRANSPORTS}: auto tries {TRANSPORT_NAMES} in order (same-host "
-        "first); ``DXL_TRANSPORT`` applies when unset.",
+        doc=f"dxl: one of {TRANSPORTS}: auto tries {AUTO_ORDER} in order (same-host "
+        "first), never nixl; ``DXL_TRANSPORT`` applies when unset.",
         default=AUTO_TRANSPORT,
         check=_check_transport,
         render=_as_is,
         env=ENV_TRANSPORT,
         parse=_parse_transport,
         field="transport",
+    )
+    nixl_allow_emulated = Prop(
+        OPT_NIXL_ALLOW_EMULATED,
+        doc="dxl: let dxl.Transport=nixl link on a host without RDMA hardware, where UCX "
+        "emulates RMA over tcp/cma/shared memory and a linked NIXL peer can read and write any "
+        "address of this process (docs/security.md); off by default.",
+        default=False,
+        check=_bool,
+        render=_flag,
+        parse=_parse_flag,
+        field="nixl_allow_emulated",
     )
     share_registered = Prop(
         OPT_SHARE_REGISTERED,
@@ -959,6 +972,7 @@ class EngineOptions:
     allow_remote_listen: bool = False
     transport: str = AUTO_TRANSPORT
     inline_bytes: int = DEFAULT_INLINE_BYTES
+    nixl_allow_emulated: bool = False
     share_registered: bool = False
     auth_token: str | None = field(default=None, repr=False)
     link_total_time_s: int = 0

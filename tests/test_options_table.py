@@ -53,6 +53,7 @@ ROUND_TRIP: dict[str, tuple[dict[str, Any], Any]] = {
     "dxl.AllowRemoteListen": ({"allow_remote_listen": True}, True),
     "dxl.Transport": ({"transport": "tcp"}, "tcp"),
     "dxl.ShareRegistered": ({"share_registered": True}, True),
+    "dxl.NixlAllowEmulated": ({"ge_options": {"dxl.NixlAllowEmulated": "1"}}, True),
     "dxl.AuthToken": ({"auth_token": "s3cret"}, "s3cret"),
     "dxl.RankTableBasePort": ({"rank_table_base_port": 31000}, 31000),
 }
@@ -145,7 +146,8 @@ def test_transport_names_come_from_the_openers() -> None:
     from dxl.config import TRANSPORTS
     from dxl.transport.select import AUTO_ORDER, OPENERS
 
-    assert ("auto", *AUTO_ORDER) == TRANSPORTS
+    assert ("auto", *AUTO_ORDER) == TRANSPORTS[: len(AUTO_ORDER) + 1]
     assert set(TRANSPORTS) - {"auto"} == set(OPENERS)
+    assert "nixl" in OPENERS and "nixl" not in AUTO_ORDER  # only when named
     for name in TRANSPORTS:
         assert EngineOptions.from_options({"dxl.Transport": name}).transport == name

@@ -39,7 +39,7 @@ class _Transport:
     """Records where and with which deadline each copy ran; fails with ``error`` if set."""
 
     def __init__(self, error: Exception | None = None) -> None:
-        self.caps = SimpleNamespace(inline=True)
+        self.caps = SimpleNamespace(inline=True, block_index=False)
         self.error = error
         self.calls: list[tuple[str, int | None, int]] = []
 

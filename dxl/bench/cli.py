@@ -423,6 +423,7 @@ def info_main() -> int:
     import numpy
 
     import dxl
+    from dxl.transport.nixl import nixl_info
 
     print(
         json.dumps(
@@ -433,6 +434,7 @@ def info_main() -> int:
                 "numpy": numpy.__version__,
                 "platform": platform.platform(),
                 "cpus": os.cpu_count(),
+                "nixl": nixl_info(),
             },
             indent=2,
         )

@@ -9,6 +9,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from ..config import LLMConfig
+from ..transport.names import NIXL
 from ..types import LLMClusterInfo
 from .workload import TARGET_ID, Workload
 
@@ -23,6 +24,8 @@ def engine_config(w: Workload, listen: bool) -> LLMConfig:
     if listen:
         cfg.listen_ip_info = "127.0.0.1:0"
     cfg.transport = w.transport
+    if w.transport == NIXL:  # the bench's two processes are its own: emulated RMA is fine
+        cfg.nixl_allow_emulated = True
     cfg.sync_kv_timeout = SYNC_KV_TIMEOUT_MS
     cfg.max_registered_addrs = max(240, 2 * w.tensors)
     if w.transfer_threads is not None:

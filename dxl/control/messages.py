@@ -34,6 +34,7 @@ from typing import Annotated, Any, ClassVar
 from ..errors import DxlError
 
 MAX_TEXT = 4096  # any string field: error messages are clipped to this (see clip)
+MAX_DATA_INFO = 1 << 20  # a data_info frame's text (NIXL metadata grows with registrations)
 MAX_TOKEN = 128  # an offer's token: hex digits (32 generated, up to 128 chosen)
 _HEX = frozenset("0123456789abcdefABCDEF")
 _U64 = (1 << 64) - 1
@@ -151,6 +152,17 @@ class RegAdd(Message):
 
     KIND: ClassVar[str] = "reg_add"
     cache: CacheEntry
+    rid: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DataInfo(Message):
+    """What the link's data transport tells its peer (nixl: its agent's metadata, base64): once
+    in the handshake (after ready, both ways, when the transport has any) and before a
+    ``reg_add`` of a cache the peer has not seen."""
+
+    KIND: ClassVar[str] = "data_info"
+    info: Annotated[str, Text(MAX_DATA_INFO)]
     rid: int = 0
 
 
@@ -323,14 +335,25 @@ class Ping(Message):
 
 
 Request = (
-    RegAdd | RegDel | Unlink | Probe | Consume | Fetch | Renew | Claim | Pushed | Complete | Abort
+    RegAdd
+    | RegDel
+    | DataInfo
+    | Unlink
+    | Probe
+    | Consume
+    | Fetch
+    | Renew
+    | Claim
+    | Pushed
+    | Complete
+    | Abort
 )
 
 KINDS: dict[str, type[Message]] = {
     cls.KIND: cls
     for cls in (
-        Hello, Welcome, Ready, Reject, RegAdd, RegDel, Unlink, Probe, Consume, Fetch, Layer,
-        Fetched, Renew, Claim, Pushed, Complete, Abort, Ack, Ping,
+        Hello, Welcome, Ready, Reject, RegAdd, RegDel, DataInfo, Unlink, Probe, Consume, Fetch,
+        Layer, Fetched, Renew, Claim, Pushed, Complete, Abort, Ack, Ping,
     )
 }  # fmt: skip
 
@@ -503,6 +526,12 @@ def _check_list(what: str, value: Any) -> None:
         raise FrameError(f"{what} has type {type(value).__name__}")
 
 
+def _check_placement(what: str, value: Any) -> None:
+    _check_int(what, value)
+    if value not in (0, 1):
+        raise FrameError(f"{what} must be 0 (HOST) or 1 (DEVICE), got {value!r}")
+
+
 # Fields of one advertised cache (registry entry). Only remotely accessible caches are sent.
 CACHE_FIELDS: dict[str, FieldCheck] = {
     "id": _check_int,  # cache_id on the owner
@@ -511,7 +540,7 @@ CACHE_FIELDS: dict[str, FieldCheck] = {
     "num_tensors": _check_int,
     "tensor_size": _check_int,  # bytes of one tensor
     "units": _check_int,  # num_blocks for a blocks cache, batch size for a contiguous one
-    "placement": _check_int,
+    "placement": _check_placement,  # 0 HOST, 1 DEVICE
     "addrs": _u64_list(None),  # one base address per tensor
     "model_id": lambda what, v: None if v is None else _check_int(what, v),  # of a blocks cache
     "keys": _check_list,  # [[req_id, model_id, prefix_id, batch_index], ...] (contiguous)

@@ -9,15 +9,27 @@ against (and which no other engine's data server sees).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import param_invalid
 from ..memory.layout import Layout
 from ..memory.regions import RegionRegistry
 from ..memory.share import Window
-from ..types import Cache, CacheDesc, CacheKey
+from ..types import Cache, CacheDesc, CacheKey, Placement
 from .keys import Binding, KeyTable
 from .registry import LocalCache
+
+
+class MemoryWatcher(Protocol):
+    """Told of every registration's memory (the nixl transport's agent registers it too)."""
+
+    def cache_added(
+        self, cache_id: int, addrs: list[int], nbytes: int, placement: Placement, remote: bool
+    ) -> None: ...
+
+    def cache_removed(self, cache_id: int) -> None: ...
+
+    def cache_info(self, cache_id: int) -> str: ...
 
 
 class CacheBook:
@@ -26,11 +38,16 @@ class CacheBook:
     Args:
         max_addrs: most tensor addresses registered at once (``dxl.MaxRegisterAddrs``).
         regions: the engine's region registry, where remotely accessible memory is entered.
+        watcher: told of every registration's memory when it is added and once it is released
+            (no transfer of this engine touches it any more).
     """
 
-    def __init__(self, max_addrs: int, regions: RegionRegistry) -> None:
+    def __init__(
+        self, max_addrs: int, regions: RegionRegistry, watcher: MemoryWatcher | None = None
+    ) -> None:
         self._max_addrs = max_addrs
         self._regions = regions
+        self._watcher = watcher
         self._caches: dict[int, LocalCache] = {}
         self._by_model: dict[int, LocalCache] = {}  # blocks caches by BlocksCacheKey.model_id
         self.keys = KeyTable()
@@ -96,6 +113,14 @@ class CacheBook:
             is_blocks_cache=layout.blocks,
             remote_accessible=remote_accessible,
         )
+        if self._watcher is not None:  # first: a refusal leaves the books as they were
+            self._watcher.cache_added(
+                cache.cache_id,
+                cache.tensor_addrs,
+                layout.tensor_size,
+                desc.placement,
+                remote_accessible,
+            )
         self._next_id += 1
         self._gen += 1
         entry = LocalCache(
@@ -164,3 +189,9 @@ class CacheBook:
         for rid in entry.region_ids:
             self._regions.remove(rid)
         entry.region_ids.clear()
+        if self._watcher is not None:
+            self._watcher.cache_removed(entry.cache.cache_id)
+
+    def data_info(self, entry: LocalCache) -> str:
+        """What a peer's transport needs to reach this entry's memory ("" for most)."""
+        return self._watcher.cache_info(entry.cache.cache_id) if self._watcher else ""

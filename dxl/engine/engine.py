@@ -34,6 +34,8 @@ from .._forward import forward
 from .._validate import check_isinstance, check_uint64
 from ..config import EngineOptions, LLMConfig
 from ..memory.regions import RegionRegistry
+from ..transport.names import NIXL
+from ..transport.nixl import NixlHost, agent_name
 from ..transport.select import TransportBackend
 from ..types import LLMRole
 from .blocks import BlockOps
@@ -106,7 +108,18 @@ class Engine:
         self._backend = transport_backend
         if transport_backend is not None:
             transport_backend.attach(cluster_id, identity.incarnation, regions)
-        book = self._book = CacheBook(opts.max_registered_addrs, regions)
+        # the NIXL agent (made on the first nixl link) registers every cache's memory too
+        self._nixl = (
+            NixlHost(
+                agent_name(cluster_id, identity.incarnation),
+                identity.probe_wire,
+                allow_emulated=opts.nixl_allow_emulated,
+                device_id=opts.device_id or 0,
+            )
+            if opts.transport == NIXL
+            else None
+        )
+        book = self._book = CacheBook(opts.max_registered_addrs, regions, self._nixl)
         links = self._links = LinkTable(identity, opts, mover)
         listener = self._listener = Listener(identity, opts, mover, regions)
         links.revoke = listener.revoke  # a link's key goes: its data connections to us end
@@ -122,6 +135,7 @@ class Engine:
             data_ip=lambda: listener.data_ip,
             pool=self._registrations.pool_wire,
             backend=transport_backend,
+            nixl=self._nixl,
         )
         self._linking = LinkOps(identity, opts, state, links, listener, handshake)
         self._ranktable = RankTableLinks(
@@ -216,6 +230,8 @@ class Engine:
         if self._backend is not None:  # no in-process peer reads it any more either
             self._backend.detach()
         self._regions.close()  # no server reads it any more
+        if self._nixl is not None:  # every link and registration is gone
+            self._nixl.close()
         self._registrations.close_pool()
         self._mover.shutdown()
         self._state.value = "closed"

@@ -29,6 +29,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,11 +38,13 @@ from ..control import wire
 from ..control.auth import AuthError, authenticate_streams, link_key
 from ..control.channel import read_message
 from ..control.hello import PeerInfo
-from ..control.messages import Hello, Message, Ready, Reject, Welcome
+from ..control.messages import DataInfo, Hello, Message, Ready, Reject, Welcome
 from ..control.peercred import PeerSocket, holds_socket, peer_socket
-from ..errors import LLMException, LLMStatusCode, status_from_code
+from ..errors import DxlError, LLMException, LLMStatusCode, fail, status_from_code
 from ..guard import PendingCap, RateLimitedLog
 from ..transport import Transport, host_identity
+from ..transport.names import NIXL
+from ..transport.nixl import NixlHost
 from ..transport.select import OpenContext, TransportBackend, open_transport
 from ..types import LLMClusterInfo
 from .book import CacheBook
@@ -85,6 +88,7 @@ class Handshake:
         data_ip: Callable[[], str],
         pool: Callable[[], list[int]],
         backend: TransportBackend | None = None,
+        nixl: NixlHost | None = None,
     ) -> None:
         self._identity = identity
         self._backend = backend  # injected: it opens every transport (tests)
@@ -96,6 +100,7 @@ class Handshake:
         self._data_port = data_port
         self._data_ip = data_ip
         self._pool = pool
+        self._nixl = nixl
         self._pending = PendingCap(MAX_PENDING)
 
     async def close(self) -> None:
@@ -198,8 +203,13 @@ class Handshake:
             except LLMException as exc:
                 writer.write(_reject(exc.status_code, str(exc)))
                 raise
+            info = transport.local_info()
+            if info:  # before ready: the server learns at once that we use such a transport
+                writer.write(wire.encode(DataInfo(info=info)))
             writer.write(wire.encode(Ready(caches=self._book.advertised())))
-            ready = await _expect(reader, Ready, wire.MAX_FRAME)
+            theirs, ready = await _data_info_then_ready(reader, info, peer_id)
+            if theirs is not None:
+                await _attach(transport, theirs, deadline)
             self._links.add(peer, reader, writer, transport, ready.caches, True, key_id)
             transport = None
         finally:
@@ -276,11 +286,22 @@ class Handshake:
                 )
                 self._links.add_key(key_id, key)
                 writer.write(self._frame("welcome", challenge))
-                ready = await _expect(reader, Ready, wire.MAX_FRAME)
+                first = await _expect(reader, Message, wire.MAX_FRAME)
+                wants = self._opts.transport == NIXL  # the one transport with a data_info
+                if isinstance(first, DataInfo) != wants:
+                    raise Refused(Code.LLM_LINK_FAILED, _mismatch(wants, peer.cluster_id))
+                ready = await _expect(reader, Ready, wire.MAX_FRAME) if wants else first
+                if not isinstance(ready, Ready):
+                    raise wire.FrameError(f"expected ready, got {ready.KIND}")
                 transport = await self._open_transport(peer, kernel, key_id, key, deadline)
+                info = transport.local_info()
+                if isinstance(first, DataInfo):
+                    await _attach(transport, first.info, deadline)
             if stale is not None:  # it did not answer: the peer restarted or lost its end
                 stale.close("the peer set up a new link")
             # one step: the caches we announce and the link that will hear of later changes
+            if info:
+                writer.write(wire.encode(DataInfo(info=info)))
             writer.write(wire.encode(Ready(caches=self._book.advertised())))
             self._links.add(peer, reader, writer, transport, ready.caches, False, key_id)
             linked = True
@@ -367,6 +388,7 @@ class Handshake:
             threads=self._opts.transfer_threads,
             timeout_ms=self._opts.sync_kv_timeout_ms,
             deadline=deadline,
+            nixl=self._nixl,
         )
         return await open_transport(peer, self._opts.transport, ctx, self._backend)
 
@@ -401,6 +423,47 @@ async def _expect(reader: asyncio.StreamReader, kind: type[M], max_frame: int) -
     if not isinstance(msg, kind):
         raise wire.FrameError(f"expected {kind.KIND}, got {msg.KIND}")
     return msg
+
+
+def _mismatch(ours: bool, peer: int) -> str:
+    """Why a link whose two ends disagree on the nixl transport is refused."""
+    if ours:
+        return (
+            f"this engine uses the nixl transport (dxl.Transport=nixl) and cluster {peer} does "
+            "not: set it on both engines"
+        )
+    return (
+        f"cluster {peer} uses the nixl transport (dxl.Transport=nixl) and this engine does "
+        "not: set it on both engines"
+    )
+
+
+async def _data_info_then_ready(
+    reader: asyncio.StreamReader, info: str, peer: int
+) -> tuple[str | None, Ready]:
+    """The server's answer: its ``data_info`` (exactly when ours was sent), then its ready."""
+    msg = await _expect(reader, Message, wire.MAX_FRAME)
+    if isinstance(msg, DataInfo) != bool(info):
+        raise fail("link_clusters", Code.LLM_LINK_FAILED, _mismatch(bool(info), peer))
+    if isinstance(msg, DataInfo):
+        return msg.info, await _expect(reader, Ready, wire.MAX_FRAME)
+    if not isinstance(msg, Ready):
+        raise wire.FrameError(f"expected ready, got {msg.KIND}")
+    return None, msg
+
+
+async def _attach(transport: Transport, info: str, deadline: float) -> None:
+    """Give the transport the peer's ``data_info`` (blocking, so on a thread of its own, never
+    the engine's workers; bounded by the link's deadline, which ``attach`` keeps too)."""
+    loop = asyncio.get_running_loop()
+    deadline_s = time.monotonic() + (deadline - loop.time())
+    try:
+        async with asyncio.timeout_at(deadline):
+            await asyncio.to_thread(transport.attach, info, deadline_s)
+    except DxlError as exc:
+        raise fail(
+            "link_clusters", Code.LLM_LINK_FAILED, f"{transport.name} did not come up: {exc}"
+        ) from exc
 
 
 def _reject(code: int, why: str) -> bytes:

@@ -21,8 +21,8 @@ from ..config import EngineOptions
 from ..control import wire
 from ..control.channel import Channel
 from ..control.hello import PeerInfo
-from ..control.messages import KINDS, Message, Probe, RegAdd, RegDel, Unlink
-from ..errors import LLMException, LLMStatusCode, fail, param_invalid
+from ..control.messages import KINDS, DataInfo, Message, Probe, RegAdd, RegDel, Unlink
+from ..errors import DxlError, LLMException, LLMStatusCode, fail, param_invalid
 from ..guard import RateLimitedLog
 from ..transport import Transport
 from .link import Link
@@ -246,6 +246,14 @@ class LinkTable:
             cache = link.registry.caches[msg.cache["id"]]
             self._share(link, cache.cache_id, cache.shm)
             link.channel.ack(msg.rid)
+        elif isinstance(msg, DataInfo):  # before the reg_add it is about: same order here
+            try:
+                link.transport.peer_info(msg.info)
+            except DxlError as exc:  # that cache stays out of reach; the link goes on
+                limited.warning("data-info", "dxl: cluster %d: %s", link.peer.cluster_id, exc)
+                link.channel.ack(msg.rid, int(LLMStatusCode.LLM_FAILED), str(exc))
+                return
+            link.channel.ack(msg.rid)
         elif isinstance(msg, RegDel):
             self.spawn(self._ack_when_idle(link, link.registry.remove(msg.id), msg.rid))
         elif isinstance(msg, Unlink):
@@ -281,7 +289,7 @@ class LinkTable:
             link.transport.drop_windows(cache.cache_id)
         link.channel.ack(rid)
 
-    async def broadcast(self, msg: RegAdd | RegDel) -> None:
+    async def broadcast(self, msg: RegAdd | RegDel | DataInfo) -> None:
         """Send a registry change to every live link and wait for each ack; a peer that does
         not answer in time is unlinked, since it can no longer be trusted to see the change."""
         timeout_s = self._opts.sync_kv_timeout_ms / 1000

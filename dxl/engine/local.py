@@ -9,10 +9,10 @@ from .._validate import (
     check_copy_cache_args,
     check_src_to_dst,
 )
-from ..errors import param_invalid
+from ..errors import LLMStatusCode, fail, param_invalid
 from ..memory import localcopy
 from ..memory.layout import Layout, check_mapped, layout_of
-from ..types import Cache
+from ..types import Cache, Placement
 from .mover import Mover
 from .registry import LocalCache
 from .resolve import Resolver
@@ -45,6 +45,7 @@ class LocalCopies:
         check_copy_cache_args(dst_batch_index, src_batch_index, offset, size, req_id)
         self._state.require(op)
         d, s = self._resolver.local(op, dst), self._resolver.local(op, src)
+        _host_only(op, d, s)
         pieces = localcopy.plan_copy_cache(
             d.layout, s.layout, dst_batch_index, src_batch_index, offset, size
         )
@@ -57,6 +58,7 @@ class LocalCopies:
         check_copy_block_info(copy_block_info)
         self._state.require(op)
         entry = self._resolver.local(op, cache)
+        _host_only(op, entry)
         pieces = localcopy.plan_copy_blocks(entry.layout, copy_block_info)
         await self._mover.copy_local(pieces, [entry.usage])
 
@@ -82,7 +84,21 @@ class LocalCopies:
         """A registered cache's layout, or that of an unregistered ``create_cpu_cache`` one."""
         if cache.cache_id >= 0:
             entry = self._resolver.local(op, cache)
+            _host_only(op, entry)
             return entry.layout, entry
         layout = layout_of(op, cache.cache_desc, cache.tensor_addrs, True)
         check_mapped(op, layout)
         return layout, None
+
+
+def _host_only(op: str, *entries: LocalCache) -> None:
+    """Local copies are memcpy: a DEVICE cache (registered for the nixl transport) is refused,
+    never dereferenced."""
+    for entry in entries:
+        if entry.cache.cache_desc.placement != Placement.HOST:
+            raise fail(
+                op,
+                LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+                f"local copies move HOST memory only; cache {entry.cache.cache_id} is on the "
+                "device",
+            )

@@ -110,7 +110,13 @@ class Mover:
         transport = link.transport
         copy = transport.write if write else transport.read
 
+        by_index = transfer.by_index() if transport.caps.block_index else None
+
         def plan_and_move() -> tuple[int, int]:
+            if by_index is not None:  # lists prepared per cache: no plan
+                moved = transport.move_blocks(by_index, write, transfer.timeout_ms)
+                if moved is not None:
+                    return moved, int(by_index.local_blocks.size * by_index.local_bases.size)
             pieces = transfer.pieces.plan()
             try:
                 return copy(pieces, transfer.timeout_ms), pieces.count

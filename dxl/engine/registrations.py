@@ -13,11 +13,12 @@ import asyncio
 
 from .._validate import check_cache_arg, check_int64, check_isinstance
 from ..config import EngineOptions
-from ..control.messages import RegAdd, RegDel
+from ..control.messages import DataInfo, RegAdd, RegDel
 from ..errors import LLMStatusCode, fail, param_invalid
 from ..memory.layout import Layout, check_mapped, layout_of
 from ..memory.pool import HostPool, allocate_tensors
 from ..memory.share import SHARED, Window
+from ..transport.names import NIXL
 from ..types import BlocksCacheKey, Cache, CacheDesc, CacheKey, Placement
 from .book import CacheBook
 from .links import LinkTable
@@ -136,17 +137,22 @@ class Registrations:
         """Register a cache (user memory, or ``pool_addrs`` allocated by the engine): every
         check first, then the books, then peers are told before this returns."""
         self._state.require(op)
-        layout = layout_of(op, desc, addrs, blocks)
+        device = desc.placement == Placement.DEVICE
+        # device memory only where the transport moves it (nixl registers it as VRAM)
+        layout = layout_of(op, desc, addrs, blocks, device=self._opts.transport == NIXL)
         bindings = self._book.check(op, layout, model_id, cache_keys)
         if remote_accessible is None:
-            remote_accessible = desc.placement == Placement.DEVICE
-        check_mapped(op, layout)
+            remote_accessible = device
+        if device and share:
+            raise param_invalid(op, "share=True is for HOST memory only")
+        if not device:  # device pointers are not mapped in this process's address space
+            check_mapped(op, layout)
         if share and not remote_accessible:
             raise param_invalid(
                 op, "share=True needs remote_accessible=True: only memory peers read is shared"
             )
         if share is None:
-            share = self._opts.share_registered
+            share = self._opts.share_registered and not device
         shared: list[Window] = []
         if share and remote_accessible and pool_addrs is None:
             shared = await self._share(layout)
@@ -167,6 +173,9 @@ class Registrations:
         )
         if remote_accessible:
             async with self._book.lock:
+                info = self._book.data_info(entry)
+                if info:  # before the reg_add, so a peer reaches the memory it announces
+                    await self._links.broadcast(DataInfo(info=info))
                 await self._links.broadcast(RegAdd(cache=entry.wire_entry()))
         return entry
 

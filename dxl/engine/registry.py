@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import LLMStatusCode, fail
 from ..memory.layout import Layout
 from ..memory.share import Window
-from ..types import Cache
+from ..types import Cache, Placement
 from .keys import Binding, KeyIndex, key_index
 from .usage import Usage
 
@@ -66,6 +66,7 @@ class RemoteCache:
     keys: list[list[int]] = field(default_factory=list)  # [req_id, model_id, prefix_id, batch]
     shm: list[list[int]] = field(default_factory=list)  # [fd, offset, base, size, ino] (share.py)
     usage: Usage = field(default_factory=Usage)
+    placement: Placement = Placement.HOST  # DEVICE: only a nixl link moves it
 
     @classmethod
     def from_wire(cls, entry: dict[str, Any]) -> RemoteCache:
@@ -76,7 +77,13 @@ class RemoteCache:
             blocks=entry["blocks"],
         )
         return cls(
-            entry["id"], entry["gen"], layout, entry["model_id"], entry["keys"], entry["shm"]
+            entry["id"],
+            entry["gen"],
+            layout,
+            entry["model_id"],
+            entry["keys"],
+            entry["shm"],
+            placement=Placement(entry["placement"]),
         )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..memory.plan import Pieces, Scratch, block_pieces, offset_pieces
+from ..transport.base import BlockMove
 from .resolve import Route
 
 
@@ -97,3 +98,27 @@ class Transfer:
     write: bool
     inline: bool = False
     timeout_ms: int | None = None
+
+    def by_index(self) -> BlockMove | None:
+        """The request as whole blocks by index between our cache and the peer's (for a
+        transport that prepared lists per cache); None unless it is Blocks of one peer cache."""
+        spec = self.pieces
+        if not isinstance(spec, Blocks) or len(self.route.remotes) != 1:
+            return None
+        local, remote = self.route.local, self.route.remote
+        ours, theirs = (
+            (spec.src_bases, spec.dst_bases) if self.write else (spec.dst_bases, spec.src_bases)
+        )
+        our_blocks, their_blocks = (spec.src, spec.dst) if self.write else (spec.dst, spec.src)
+        return BlockMove(
+            local.cache.cache_id,
+            local.layout,
+            remote.cache_id,
+            remote.layout,
+            ours,
+            theirs,
+            our_blocks,
+            their_blocks,
+            spec.block_bytes,
+            remote.placement,
+        )

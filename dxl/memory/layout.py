@@ -37,13 +37,17 @@ class Layout:
         return bool(np.any((self.addrs <= addr) & (ends >= np.uint64(addr + length))))
 
 
-def layout_of(op: str, desc: CacheDesc, addrs: list[int], blocks: bool) -> Layout:
-    """Check a cache description and its addresses and return their layout."""
-    if desc.placement != Placement.HOST:
+def layout_of(
+    op: str, desc: CacheDesc, addrs: list[int], blocks: bool, *, device: bool = False
+) -> Layout:
+    """Check a cache description and its addresses and return their layout. ``device``: the
+    engine can move ``Placement.DEVICE`` memory (its transport is nixl); else it is refused."""
+    if desc.placement != Placement.HOST and not device:
         raise fail(
             op,
             LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
-            "Placement.DEVICE needs the cuda transport, which this build does not have yet",
+            "Placement.DEVICE needs the nixl transport (dxl.Transport=nixl) or the cuda "
+            "transport, which this build does not have yet",
         )
     if desc.num_tensors == 0 or len(addrs) != desc.num_tensors:
         raise param_invalid(

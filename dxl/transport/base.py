@@ -17,12 +17,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import _ffi
 from ..errors import DxlError, LLMStatusCode
+from ..memory.layout import Layout
 from ..memory.plan import Pieces
 from ..types import Placement
 
 __all__ = [
+    "BlockMove",
     "Capabilities",
     "Failure",
     "Job",
@@ -63,12 +67,39 @@ class Capabilities:
         inline: a small request may run on the event loop's own thread: it never waits on the
             peer (a copy of a few microseconds), so the executor hop would cost more.
         memory: the placements whose memory it moves.
+        block_index: moves whole blocks by index (:meth:`Transport.move_blocks`) with lists
+            it prepared once per cache, so a block request needs no planned pieces.
     """
 
     same_host_only: bool
     maps_peer_memory: bool
     inline: bool
     memory: frozenset[Placement]
+    block_index: bool = False
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class BlockMove:
+    """Whole blocks between one of our caches and one of the peer's, by index: block
+    ``local_blocks[i]`` of our tensor at ``local_bases[t]`` and block ``remote_blocks[i]`` of
+    the peer's tensor at ``remote_bases[t]``, ``block_bytes`` each, for every i and t.
+
+    Attributes:
+        local_key, remote_key: the caches' ids (ours, the peer's).
+        local_layout, remote_layout: their layouts.
+        remote_placement: where the peer's cache lives (ours: the transport registered it).
+    """
+
+    local_key: int
+    local_layout: Layout
+    remote_key: int
+    remote_layout: Layout
+    local_bases: np.ndarray
+    remote_bases: np.ndarray
+    local_blocks: np.ndarray
+    remote_blocks: np.ndarray
+    block_bytes: int
+    remote_placement: Placement = Placement.HOST
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +153,23 @@ class Transport(ABC):
 
     def drop_windows(self, key: Hashable) -> None:  # noqa: B027 - optional: a no-op by default
         """Stop using what :meth:`share_windows` set up under ``key``."""
+
+    def move_blocks(self, move: BlockMove, write: bool, timeout_ms: int | None) -> int | None:
+        """Move whole blocks by index (``caps.block_index``); bytes moved, or None when this
+        request cannot go that way (the engine then plans pieces for ``read``/``write``)."""
+        return None
+
+    def local_info(self) -> str:
+        """What this transport must tell the peer once the link's caches are exchanged (a
+        ``data_info`` frame each way); "" (the default): nothing, no frame."""
+        return ""
+
+    def attach(self, info: str, deadline_s: float) -> None:  # noqa: B027 - optional
+        """The peer's ``data_info`` of the handshake: complete the data path (blocking, run
+        off the event loop, bounded by ``deadline_s`` in ``time.monotonic``)."""
+
+    def peer_info(self, info: str) -> None:  # noqa: B027 - optional
+        """A later ``data_info`` of the peer (about a cache it registered since)."""
 
 
 def native_failure(exc: DxlError) -> Failure:

@@ -1,15 +1,15 @@
 """Choosing and opening the transport of a new link, and proving it reaches the right process.
 
-The link asks for ``auto`` (the first transport in :data:`AUTO_ORDER` that can reach the peer),
-or names one (``dxl.Transport``: ``cma``, ``tcp``). A same-host transport is tried only towards
-a process the kernel proved to be the peer (its pid holds the other end of the link's control
-connection; never this very process): a peer's declared pid or host decides nothing, and we
-read the peer's 8-byte probe through it to check the data path. tcp streams are opened and
-authenticated with the link's own key, which proves the data server is the peer's. All of it
-runs on the event loop within the link's deadline (a cma probe read never waits on the peer;
-tcp streams open asynchronously): no thread waits on a silent or slow peer, and the engine's
-transfer workers are never used. A new transport plugs in by adding an :class:`Opener` here;
-the engine does not change.
+The link asks for ``auto`` (the first transport in :data:`AUTO_ORDER` that can reach the peer), or
+names one (``dxl.Transport``: ``cma``, ``tcp``, or ``nixl``, which ``auto`` never tries). A
+same-host transport is tried only towards a process the kernel proved to be the peer (its pid holds
+the other end of the link's control connection; never this very process): a peer's declared pid or
+host decides nothing, and we read the peer's 8-byte probe through it to check the data path. tcp
+streams are opened and authenticated with the link's own key, which proves the data server is the
+peer's. All of it runs on the event loop within the link's deadline (a cma probe read never waits
+on the peer; tcp streams open asynchronously): no thread waits on a silent or slow peer, and the
+engine's transfer workers are never used. A new transport plugs in by adding an :class:`Opener`
+here; the engine does not change.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from ..errors import DxlError, LLMException, LLMStatusCode, fail
 from ..memory.plan import Pieces
 from .base import TransferTimeout, Transport, Unreachable
 from .cma import CmaTransport
-from .names import AUTO, AUTO_ORDER, CMA, TCP
+from .names import ALL, AUTO, AUTO_ORDER, CMA, NIXL, TCP
+from .nixl import NixlHost, open_nixl
 from .tcp import DEFAULT_STREAMS, TcpTransport, open_streams
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class OpenContext:
     threads: int  # threads one request may split across
     timeout_ms: int  # bound of each later transfer
     deadline: float  # loop time by which the link must be up
+    nixl: NixlHost | None = None  # the engine's NIXL agent (dxl.Transport=nixl only)
 
     def left_s(self) -> float:
         """Seconds left before the deadline (TransferTimeout when none)."""
@@ -93,6 +95,15 @@ async def _open_tcp(peer: PeerInfo, ctx: OpenContext) -> Transport:
     )
 
 
+async def _open_nixl(peer: PeerInfo, ctx: OpenContext) -> Transport:
+    # the engine's first nixl link makes its agent (UCX start-up: a blocking call of ~0.1 s), so
+    # off the loop; it never waits on the peer
+    async with asyncio.timeout(ctx.left_s()):
+        return await asyncio.to_thread(
+            open_nixl, ctx.nixl, peer.cluster_id, peer.incarnation, peer.probe, ctx.timeout_ms
+        )
+
+
 class _NoDataServer(DxlError):
     """The peer runs no data server (it does not listen)."""
 
@@ -100,9 +111,10 @@ class _NoDataServer(DxlError):
 OPENERS: dict[str, Opener] = {
     CMA: Opener(same_host_only=True, open=_open_cma),
     TCP: Opener(same_host_only=False, open=_open_tcp),
+    NIXL: Opener(same_host_only=False, open=_open_nixl),  # never tried by auto
 }
 # every opener has its name in names.py (which the option table reads), and only those
-assert set(OPENERS) == set(AUTO_ORDER), "transport/names.py and OPENERS disagree"
+assert set(OPENERS) == set(ALL), "transport/names.py and OPENERS disagree"
 
 
 class TransportBackend(Protocol):
