@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..testing import KVBuffers
+from ..transport.names import TCP
 from .baselines import (
     RawSocketClient,
     copy_threads,
@@ -150,7 +151,7 @@ class _Passes:
 
     def row(self, link: str, verified: bool, thp: dict[str, float]) -> dict[str, Any]:
         """The configuration's row: medians over passes; no dxl number unless verified."""
-        match = "raw_socket" if link == "tcp" else "memcpy"
+        match = "raw_socket" if link == TCP else "memcpy"
         g, b = median(self.gbps), median(self.base[match])
         limit = median(self.base[f"{match}_limit"])
         parallel = self._streams() if match == "raw_socket" else self.threads
@@ -204,7 +205,7 @@ def throughput(
     try:
         link = driver.open(tuple(info["address"]), local)
         check_transport(w.transport, link)
-        if w.baselines == "all" or link == "tcp":
+        if w.baselines == "all" or link == TCP:
             sock = RawSocketClient(info["raw_port"], w.request_bytes)
             n = tcp_streams(w.request_bytes)
             if n > 1:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..memory.plan import Pieces, Scratch, block_pieces
+from ..transport.names import CMA
 from .baselines import memcpy_requests, plan_requests
 from .control import Destination
 from .engines import engine_config
@@ -197,7 +198,7 @@ def overhead(
             p50s.append(p50)
             p99s.append(p99)
             means.append(float(np.mean(lat)) * 1e6)
-            if link == "cma":
+            if link == CMA:
                 _native_floor(w, info, local, tables[: w.warmup])
                 native.append(percentiles_us(_native_floor(w, info, local, tables[w.warmup :]))[0])
             plans = plan_requests(mdst.addrs, msrc.addrs, tables, w.block_bytes)

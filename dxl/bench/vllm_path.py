@@ -49,6 +49,7 @@ import numpy as np
 
 from ..memory.plan import block_pieces
 from ..testing import KVBuffers
+from ..transport.names import TCP
 from .baselines import RawSocketClient, RawSocketServer, copy_threads, memcpy_requests, tcp_streams
 from .engines import LogCapture
 from .measure import BenchFailure, median, percentiles_us, rounded
@@ -343,7 +344,7 @@ class _Decode:
         self.threads = copy_threads(None)  # the connector leaves transfer_threads to the engine
         self.sock: RawSocketClient | None = None
         self.streams: RawSocketClient | None = None
-        if w.transport == "tcp":
+        if w.transport == TCP:
             self.sock = RawSocketClient(info["raw_port"], w.request_bytes)
             n = tcp_streams(w.request_bytes)
             if n > 1:
@@ -442,7 +443,7 @@ def _measure(w: VllmWorkload, d: _Decode, progress: Callable[[int, str], None]) 
                 d.baselines(tables)
             progress(1, f"{w.label}: pass {p + 1}/{w.passes} {name}")
     link = d.link_transport()
-    match = "raw_socket" if link == "tcp" else "memcpy"
+    match = "raw_socket" if link == TCP else "memcpy"
     g = median(d.gbps)
     one, limit = median(d.base[match]), median(d.base[f"{match}_limit"])
     ok = verified

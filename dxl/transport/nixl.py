@@ -62,6 +62,7 @@ from .base import (
     Transport,
     native_failure,
 )
+from .names import NIXL
 
 __all__ = [
     "NixlFailed",
@@ -419,7 +420,7 @@ class NixlHost:
 class NixlTransport(Transport):
     """The data path to one peer through this engine's NIXL agent (module docstring)."""
 
-    name = "nixl"
+    name = NIXL
     caps = Capabilities(
         same_host_only=False,
         maps_peer_memory=False,

@@ -28,6 +28,7 @@ from ...config import (
     TRANSPORTS,
 )
 from ...handoff.handoff import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_LEASE_S
+from ...transport.names import AUTO
 
 __all__ = ["DxlConnectorConfig"]
 
@@ -78,7 +79,7 @@ class DxlConnectorConfig:
     secret_file: str | None = None
     lease_s: float = DEFAULT_LEASE_S
     fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
-    transport: str = "auto"
+    transport: str = AUTO
     share_registered: bool = False
     allow_remote_listen: bool = False
 
