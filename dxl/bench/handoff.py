@@ -37,6 +37,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import numpy as np
@@ -707,22 +708,8 @@ def run_one(
         theirs.close()
         procs.append(decode)
         while fields is None:
-            if results.poll(0.5):
-                try:
-                    msg = results.recv()
-                except EOFError:
-                    fields = {"error": f"the decode process exited with code {decode.exitcode}"}
-                    break
-                if msg[0] == "progress":
-                    done += msg[1]
-                    progress.advance(msg[1], msg[2])
-                else:
-                    fields = msg[1]
-            elif not decode.is_alive():
-                decode.join()
-                fields = {"error": f"the decode process exited with code {decode.exitcode}"}
-            elif time.monotonic() > deadline:
-                fields = {"error": f"timed out after {timeout_s:.0f} s"}
+            fields, units = poll_decode(results, decode, progress, deadline, timeout_s)
+            done += units
             for h, conn in enumerate(pipes):  # a host that failed says why
                 if fields is None and conn.poll():
                     with contextlib.suppress(EOFError):
@@ -748,6 +735,33 @@ def run_one(
     if row.get("error"):
         row["verified"] = False
     return row
+
+
+def poll_decode(
+    results: Connection,
+    decode: BaseProcess,
+    progress: Progress,
+    deadline: float,
+    timeout_s: float,
+) -> tuple[dict[str, Any] | None, int]:
+    """One step of waiting for a bench's decode process (up to 0.5 s): its row's fields once
+    it sent them, or an error when it died or ``deadline`` passed (else None), and the progress
+    units it reported meanwhile (already passed on to ``progress``)."""
+    if results.poll(0.5):
+        try:
+            msg = results.recv()
+        except EOFError:
+            return {"error": f"the decode process exited with code {decode.exitcode}"}, 0
+        if msg[0] == "progress":
+            progress.advance(msg[1], msg[2])
+            return None, int(msg[1])
+        return msg[1], 0
+    if not decode.is_alive():
+        decode.join()
+        return {"error": f"the decode process exited with code {decode.exitcode}"}, 0
+    if time.monotonic() > deadline:
+        return {"error": f"timed out after {timeout_s:.0f} s"}, 0
+    return None, 0
 
 
 def run_all(

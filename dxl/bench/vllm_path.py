@@ -52,6 +52,7 @@ from ..testing import KVBuffers
 from ..transport.names import TCP
 from .baselines import RawSocketClient, RawSocketServer, copy_threads, memcpy_requests, tcp_streams
 from .engines import LogCapture
+from .handoff import poll_decode
 from .measure import BenchFailure, median, percentiles_us, rounded
 from .report import Progress, machine_line
 from .workload import SOURCE_SEED, format_size, pass_tables
@@ -563,22 +564,8 @@ def run_one(
     deadline = time.monotonic() + timeout_s
     try:
         while fields is None:
-            if results.poll(0.5):
-                try:
-                    msg = results.recv()
-                except EOFError:
-                    fields = {"error": f"the decode process exited with code {decode.exitcode}"}
-                    break
-                if msg[0] == "progress":
-                    done += msg[1]
-                    progress.advance(msg[1], msg[2])
-                else:
-                    fields = msg[1]
-            elif not decode.is_alive():
-                decode.join()
-                fields = {"error": f"the decode process exited with code {decode.exitcode}"}
-            elif time.monotonic() > deadline:
-                fields = {"error": f"timed out after {timeout_s:.0f} s"}
+            fields, units = poll_decode(results, decode, progress, deadline, timeout_s)
+            done += units
     finally:
         progress.advance(max(0, units_for(w) - done), w.label)
         clean = fields is not None and not fields.get("error")
