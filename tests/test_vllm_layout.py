@@ -43,11 +43,11 @@ def test_layers_interleaved_per_block_are_refused() -> None:
         kv_layout(kv.tensors, kv.blocks)
 
 
-def test_device_memory_is_refused() -> None:
+def test_memory_other_than_cpu_and_cuda_is_refused() -> None:
     kv = FakeKV()
     name = next(iter(kv.tensors))
-    kv.tensors[name] = FakeTensor(kv.views[0], device="cuda")
-    with pytest.raises(LayoutError, match=rf"layer '{name}' is on cuda.*cuda transport"):
+    kv.tensors[name] = FakeTensor(kv.views[0], device="meta")
+    with pytest.raises(LayoutError, match=rf"layer '{name}' is on meta: .*CPU.*CUDA"):
         kv_layout(kv.tensors, kv.blocks)
 
 

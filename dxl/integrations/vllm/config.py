@@ -22,13 +22,15 @@ from ...config import (
     ENV_AUTH_TOKEN,
     OPT_ALLOW_REMOTE_LISTEN,
     OPT_AUTH_TOKEN,
+    OPT_DEVICE_ID,
     OPT_LISTEN_IP_INFO,
+    OPT_NIXL_ALLOW_EMULATED,
     OPT_SHARE_REGISTERED,
     OPT_TRANSPORT,
     TRANSPORTS,
 )
 from ...handoff.handoff import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_LEASE_S
-from ...transport.names import AUTO
+from ...transport.names import AUTO, NIXL
 
 __all__ = ["DxlConnectorConfig"]
 
@@ -62,9 +64,12 @@ class DxlConnectorConfig:
             not come to fetch them; then the offer expires and vLLM frees them.
         fetch_timeout_s: a decode's bound on one fetch (linking included); then it fails
             and vLLM's ``kv_load_failure_policy`` applies.
-        transport: ``auto`` (cma on one host, tcp across hosts), ``cma`` or ``tcp``.
+        transport: ``auto`` (host KV caches: cma on one host, tcp across hosts; CUDA KV
+            caches: nixl), ``cma``, ``tcp`` or ``nixl`` (needs ``pip install 'dxl[nixl]'``;
+            the only transport of CUDA KV caches, so ``cma`` or ``tcp`` with them is refused).
         share_registered: ``dxl.ShareRegistered`` for the KV caches (same-host peers map them
-            and memcpy; docs/api.md says when it is safe). Default off; a JSON boolean.
+            and memcpy; docs/api.md says when it is safe). Host memory only: refused with
+            CUDA KV caches. Default off; a JSON boolean.
         allow_remote_listen: listen on a non-loopback address without a secret
             (``dxl.AllowRemoteListen``; dxl refuses that otherwise). Default off; a JSON boolean.
 
@@ -82,6 +87,7 @@ class DxlConnectorConfig:
     transport: str = AUTO
     share_registered: bool = False
     allow_remote_listen: bool = False
+    nixl_allow_emulated: bool = False
 
     def __post_init__(self) -> None:
         self.check()
@@ -145,6 +151,7 @@ class DxlConnectorConfig:
             )
         _flag("share_registered", self.share_registered)
         _flag("allow_remote_listen", self.allow_remote_listen)
+        _flag("nixl_allow_emulated", self.nixl_allow_emulated)
         given = [k for k in SECRET_KEYS if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(
@@ -187,9 +194,47 @@ class DxlConnectorConfig:
         p = int(port)
         return f"{host}:{p + rank if p else 0}"
 
-    def engine_options(self, rank: int) -> dict[str, str]:
-        """The dxl engine options of the worker of ``rank``."""
-        opts = {OPT_LISTEN_IP_INFO: self.listen_for(rank), OPT_TRANSPORT: self.transport}
+    def transport_for(self, device: int | None) -> str:
+        """The transport of KV caches in host memory (``device`` None) or on CUDA device
+        ``device``: as configured for host memory; ``nixl`` for CUDA, the only transport that
+        moves device memory (``auto`` picks it; ``cma`` or ``tcp`` are refused).
+
+        Raises:
+            ValueError: CUDA caches with ``cma``/``tcp``, with ``share_registered``, or
+                without nixl installed (the message names ``pip install 'dxl[nixl]'``).
+        """
+        if device is None:
+            return self.transport
+        if self.transport not in (AUTO, NIXL):
+            raise ValueError(
+                f"dxl connector: the KV caches are on cuda:{device}, which only the nixl "
+                f"transport moves, but transport is {self.transport!r}: set transport to "
+                "'auto' or 'nixl'"
+            )
+        if self.share_registered:
+            raise ValueError(
+                f"dxl connector: share_registered is for KV caches in host memory; these are "
+                f"on cuda:{device}"
+            )
+        from ...transport.nixl import nixl_version  # imports no nixl
+
+        if nixl_version() is None:
+            raise ValueError(
+                f"dxl connector: the KV caches are on cuda:{device}, which dxl moves over the "
+                "nixl transport, and nixl is not installed: pip install 'dxl[nixl]'"
+            )
+        return NIXL
+
+    def engine_options(self, rank: int, device: int | None = None) -> dict[str, str]:
+        """The dxl engine options of the worker of ``rank`` whose KV caches are in host memory
+        (``device`` None) or on CUDA device ``device`` (:meth:`transport_for`; raises
+        ValueError)."""
+        opts = {
+            OPT_LISTEN_IP_INFO: self.listen_for(rank),
+            OPT_TRANSPORT: self.transport_for(device),
+        }
+        if device is not None:  # the device of the engine's Placement.DEVICE caches
+            opts[OPT_DEVICE_ID] = str(device)
         secret = self.auth_token()
         if secret:
             opts[OPT_AUTH_TOKEN] = secret
@@ -197,6 +242,8 @@ class DxlConnectorConfig:
             opts[OPT_SHARE_REGISTERED] = "1"
         if self.allow_remote_listen:
             opts[OPT_ALLOW_REMOTE_LISTEN] = "1"
+        if self.nixl_allow_emulated:
+            opts[OPT_NIXL_ALLOW_EMULATED] = "1"
         return opts
 
 

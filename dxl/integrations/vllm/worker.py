@@ -84,13 +84,18 @@ class WorkerSide:
     # ------------------------------------------------------------------ set-up
     def register(self, kv_caches: Mapping[str, TensorLike], num_blocks: int) -> HandshakeData:
         """Check the layout, start the engine, register the caches; returns the handshake data.
-        Raises :class:`~dxl.integrations.vllm.layout.LayoutError` before starting anything if
-        the layout cannot be moved."""
+        CPU caches are registered as host memory; CUDA caches as ``Placement.DEVICE`` on their
+        device, over the nixl transport. Raises
+        :class:`~dxl.integrations.vllm.layout.LayoutError` if the layout cannot be moved, and
+        ValueError if the transport cannot move it (CUDA caches without nixl, or with cma/tcp
+        configured), before starting anything."""
         if self._engine is not None:
             raise RuntimeError("dxl connector: register_kv_caches was called twice")
         layout = kv_layout(kv_caches, num_blocks)
+        # CUDA caches: the nixl transport and the device (ValueError, before anything starts)
+        options = self.config.engine_options(self.rank, layout.device)
         cluster_id = secrets.randbits(62) + 1
-        engine = Engine(cluster_id, LLMRole.MIX, self.config.engine_options(self.rank))
+        engine = Engine(cluster_id, LLMRole.MIX, options)
         thread = _LoopThread(f"dxl-vllm-{self.rank}")
         try:
             thread.call(engine.start())
@@ -98,7 +103,7 @@ class WorkerSide:
                 num_tensors=len(layout.addrs),
                 shape=[layout.num_blocks, layout.block_bytes],
                 data_type=DataType.DT_UINT8,
-                placement=Placement.HOST,
+                placement=Placement.HOST if layout.device is None else Placement.DEVICE,
             )
             self._cache = thread.call(
                 engine.register_blocks_cache(
@@ -106,7 +111,7 @@ class WorkerSide:
                     list(layout.addrs),
                     BlocksCacheKey(cluster_id, 0),
                     remote_accessible=True,
-                    share=self.config.share_registered,
+                    share=self.config.share_registered and layout.device is None,
                 )
             )
         except BaseException:
@@ -127,13 +132,14 @@ class WorkerSide:
         )
         self._watcher = self._submit(self._watch_offers())
         log.info(
-            "dxl: worker %d registered %d layers (%d tensors of %d blocks x %d bytes), "
+            "dxl: worker %d registered %d layers (%d tensors of %d blocks x %d bytes, in %s), "
             "listening on %s",
             self.rank,
             layout.num_layers,
             len(layout.addrs),
             layout.num_blocks,
             layout.block_bytes,
+            "host memory" if layout.device is None else f"cuda:{layout.device}",
             self.handshake.endpoint,
         )
         return self.handshake
