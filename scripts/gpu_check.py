@@ -10,7 +10,13 @@ The prefill is a child process (its own engine and agent), the decode this proce
 3. handoff, fetch mode: the prefill offers blocks, the decode fetches them;
 4. handoff, push mode: the decode offers destination blocks, the prefill pushes into them;
 5. throughput: one large pull, GB/s beside a bulk copy of the same bytes on the same device
-   (``torch`` ``copy_`` device to device), measured in the same run.
+   (``torch`` ``copy_`` device to device), measured in the same run;
+6. the vLLM connector: both sides hold KV caches as vLLM 0.33 makes them for FlashAttention
+   (one int8 buffer, a ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` view per
+   layer, NHD = ``LBNHC``), registered through the connector's worker side
+   (``dxl.integrations.vllm``: layout, ``Placement.DEVICE``, ``auto`` forced to nixl), and a
+   request's blocks move with the handoff as vLLM drives it (prefill offers, decode loads);
+   every byte of every layer's blocks is compared, and the blocks outside the request stay zero.
 Each block holds a pattern of (process seed, tensor, block), so a misplaced or stale block is
 caught; the exit status is 0 only if every check passed.
 """
@@ -19,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import sys
 import time
+from dataclasses import dataclass, field
+from math import prod
 from typing import Any
 
 import torch
@@ -240,6 +249,174 @@ def bulk_copy_gbps(kv: KV, passes: int) -> float:
     return nbytes / best / 1e9
 
 
+# ------------------------------------------------------------------------------ the vLLM connector
+LBNHC = (0, 1, 3, 2, 4)  # vLLM's KVCacheLayout for FlashAttention (NHD): physical [L, B, N, H, C]
+
+
+@dataclass
+class Request:
+    """The part of vLLM's Request the connector's scheduler side reads."""
+
+    request_id: str
+    num_prompt_tokens: int
+    kv_transfer_params: dict[str, Any] | None
+    num_computed_tokens: int = 0
+    status: str = "RUNNING"
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = [1000 + i for i in range(self.num_prompt_tokens)]
+
+
+def vllm_kv(shape: dict[str, Any], device: str, seed: int | None) -> tuple[dict[str, Any], list]:
+    """vLLM 0.33's KV caches (``create_kv_cache_views``): one int8 buffer on ``device`` (random
+    bytes of ``seed``, or zeros), a float16 ``[B, H, N, C]`` view per layer in LBNHC; returns
+    (the views vLLM registers, each layer's int8 view for comparing bytes)."""
+    logical = (shape["layers"], shape["blocks"], shape["heads"], shape["block_size"], shape["c"])
+    if seed is None:
+        raw = torch.zeros(prod(logical), dtype=torch.int8, device=device)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        raw = torch.randint(-128, 128, (prod(logical),), generator=gen, dtype=torch.int8)
+        raw = raw.to(device)
+    strides = [0] * 5
+    step = 1
+    for dim in reversed(LBNHC):
+        strides[dim] = step
+        step *= logical[dim]
+    full = torch.as_strided(raw, logical, strides)
+    layers = [full[i] for i in range(shape["layers"])]
+    views = {
+        f"model.layers.{i}.self_attn.attn": v.view(torch.float16) for i, v in enumerate(layers)
+    }
+    return views, layers
+
+
+def vllm_config(device: str) -> Any:
+    from dxl.integrations.vllm.config import DxlConnectorConfig
+
+    # cuda: auto picks nixl for device memory; one host without InfiniBand: the pair trusts itself
+    return DxlConnectorConfig(
+        transport="auto" if device != "cpu" else "nixl", nixl_allow_emulated=True
+    )
+
+
+def vllm_prefill_main(conn: Any, shape: dict[str, Any]) -> None:
+    """The prefill worker and its scheduler side: request r1 ends its prompt in blocks
+    ``src`` and is offered; after the decode's load the offer is handed over."""
+    from dxl.integrations.vllm.scheduler import SchedulerSide
+    from dxl.integrations.vllm.worker import WorkerSide
+
+    device, src = shape["device"], shape["src"]
+    worker = WorkerSide(vllm_config(device))
+    try:
+        views, _ = vllm_kv(shape, device, PREFILL_SEED)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        handshake = worker.register(views, shape["blocks"])
+        sched = SchedulerSide(vllm_config(device), shape["block_size"])
+        sched.set_handshake({0: handshake})
+        tokens = len(src) * shape["block_size"]
+        req = Request("r1", tokens, {"do_remote_decode": True, "do_remote_prefill": False})
+        sched.after_alloc(req, list, 0)
+        plan = sched.build_plan({"r1": tokens}, (), {"r1": src}.__getitem__)
+        req.num_computed_tokens = tokens
+        worker.start(plan)
+        worker.after_forward(plan)
+        req.status = "FINISHED_LENGTH_CAPPED"
+        delay, params = sched.request_finished(req, src)
+        conn.send({"ok": bool(delay), "params": params, "layout": repr(worker.layout)})
+        if conn.recv() == "handed":
+            worker.start(sched.build_plan({}, (), {"r1": src}.__getitem__))
+            deadline = time.monotonic() + 60
+            sent: set[str] = set()
+            while not sent and time.monotonic() < deadline:
+                sent = worker.results().finished_sending
+                time.sleep(0.01)
+            conn.send({"ok": sent == {"r1"}})
+            conn.recv()
+    except Exception as exc:  # reported to the decode, which fails the check
+        conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        worker.shutdown()
+
+
+def vllm_step(args: argparse.Namespace) -> dict[str, Any]:
+    """Step 6 (module docstring), with this process as the decode."""
+    from dxl.integrations.vllm.scheduler import SchedulerSide
+    from dxl.integrations.vllm.worker import WorkerSide
+
+    blocks, take = args.vllm_blocks, args.vllm_blocks // 2
+    shape = {
+        "device": args.device,
+        "layers": args.vllm_layers,
+        "blocks": blocks,
+        "heads": 8,
+        "block_size": 16,
+        "c": 2 * 128 * 2,  # K and V side by side, head_size 128, float16: bytes
+        "src": list(range(blocks - take, blocks)),
+    }
+    dst = list(range(take))
+    out: dict[str, Any] = {"layout": "FlashAttention NHD (LBNHC)", "layers": args.vllm_layers}
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=vllm_prefill_main, args=(child, shape), daemon=True)
+    proc.start()
+    decode = WorkerSide(vllm_config(args.device))
+
+    def reply() -> dict[str, Any]:
+        if not conn.poll(120):
+            raise TimeoutError("the vLLM prefill gave no answer within 120 s")
+        got: dict[str, Any] = conn.recv()
+        if not got.get("ok"):
+            raise RuntimeError(f"vLLM prefill: {got.get('error', got)}")
+        return got
+
+    try:
+        views, got = vllm_kv(shape, args.device, None)
+        decode.register(views, blocks)
+        assert decode.layout is not None
+        out["registered"] = {
+            "placement": "DEVICE" if decode.layout.device is not None else "HOST",
+            "device": decode.layout.device,
+            "transport": decode.engine._opts.transport,
+            "block_bytes": decode.layout.block_bytes,
+            "tensors": len(decode.layout.addrs),
+        }
+        offered = reply()
+        sched = SchedulerSide(vllm_config(args.device), shape["block_size"])
+        tokens = take * shape["block_size"]
+        req = Request("d1", tokens, dict(offered["params"]))
+        count, _ = sched.num_new_matched_tokens(req, 0)
+        sched.after_alloc(req, lambda: list(dst), count or 0)
+        t0 = time.perf_counter()
+        decode.start(sched.build_plan({}, (), lambda r: []))
+        deadline = time.monotonic() + 120
+        done = decode.results()
+        while not done.finished_recving and time.monotonic() < deadline:
+            time.sleep(0.001)
+            done = decode.results()
+        out["load_s_with_link"] = round(time.perf_counter() - t0, 4)
+        out["bytes"] = take * decode.layout.block_bytes * len(decode.layout.addrs)
+        loaded = done.finished_recving == {"d1"} and not done.failed_recving
+        sync(args.device)
+        _, want = vllm_kv(shape, args.device, PREFILL_SEED)
+        others = [b for b in range(blocks) if b not in dst]
+        same = all(
+            torch.equal(got[i][dst], want[i][shape["src"]]) and not got[i][others].any()
+            for i in range(args.vllm_layers)
+        )
+        conn.send("handed")
+        handed = bool(reply()["ok"])
+        out["checks"] = {"loaded": loaded, "every_byte": same, "handed_over": handed}
+    finally:
+        decode.shutdown()
+        with contextlib.suppress(OSError):  # it may be gone already; the checks say what failed
+            conn.send("stop")
+        proc.join(30)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -247,11 +424,20 @@ def main() -> int:
     p.add_argument("--blocks", type=int, default=64)
     p.add_argument("--block-bytes", type=int, default=256 << 10)
     p.add_argument("--passes", type=int, default=3)
+    p.add_argument("--vllm-layers", type=int, default=16)
+    p.add_argument("--vllm-blocks", type=int, default=64)
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"ok": False, "error": "torch sees no CUDA device"}))
         return 2
     results = asyncio.run(decode_main(args))
+    try:
+        results["vllm"] = vllm_step(args)
+        results["checks"].update({f"vllm_{k}": v for k, v in results["vllm"]["checks"].items()})
+    except Exception as exc:  # the step failed as a whole: the check fails, saying why
+        results["vllm"] = {"error": f"{type(exc).__name__}: {exc}"}
+        results["checks"]["vllm"] = False
+    results["ok"] = bool(results["checks"]) and all(results["checks"].values())
     print(json.dumps(results, indent=2))
     return 0 if results["ok"] else 1
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The nixl transport's device check (issue 21), prepared to run on a machine with an NVIDIA GPU:
 # two processes move KV blocks held in VRAM (CUDA tensors registered as Placement.DEVICE) with
-# dxl over NIXL -- pull, push, the handoff in fetch and push mode -- verify every byte, and print
-# the pull's GB/s beside a bulk device-to-device copy of the same bytes measured in the same run
+# dxl over NIXL -- pull, push, the handoff in fetch and push mode, and a request moved by the
+# vLLM connector's worker side from KV caches in vLLM 0.33's FlashAttention layout -- verify
+# every byte, and print the pull's GB/s beside a bulk device-to-device copy of the same bytes measured in the same run
 # (scripts/gpu_check.py; its --device cpu runs the same flow on host memory, which is how it was
 # tested: the session that wrote it had no GPU, so on a GPU it has NOT been run yet).
 #
