@@ -3,9 +3,10 @@
 # two processes move KV blocks held in VRAM (CUDA tensors registered as Placement.DEVICE) with
 # dxl over NIXL -- pull, push, the handoff in fetch and push mode, and a request moved by the
 # vLLM connector's worker side from KV caches in vLLM 0.33's FlashAttention layout -- verify
-# every byte, and print the pull's GB/s beside a bulk device-to-device copy of the same bytes measured in the same run
-# (scripts/gpu_check.py; its --device cpu runs the same flow on host memory, which is how it was
-# tested: the session that wrote it had no GPU, so on a GPU it has NOT been run yet).
+# every byte, and print the pull's GB/s beside a bulk device-to-device copy of the same bytes
+# measured in the same run (scripts/gpu_check.py; its --device cpu runs the same flow on host
+# memory, which is how it was tested: the session that wrote it had no GPU, so on a GPU it has
+# NOT been run yet).
 #
 # The device has Python 3.12 and torch with CUDA, and no package registry, so the wheels come
 # with the checkout, in $WHEELS (default ./wheels). Fetch them on a machine that has a registry:
