@@ -6,6 +6,9 @@ tests/test_vllm_gpu_nixl.py."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import threading
 from dataclasses import dataclass
 from math import prod
 from types import SimpleNamespace
@@ -17,6 +20,7 @@ from dxl.integrations.vllm import DxlConnectorConfig, LayoutError, kv_layout
 from dxl.integrations.vllm.layout import block_spans
 from dxl.integrations.vllm.worker import WorkerSide
 from dxl.transport import nixl as nixl_mod
+from dxl.types import Placement
 
 GPU_BASE = 0x7F3A_0000_0000  # where a CUDA allocation might lie (never dereferenced here)
 
@@ -272,3 +276,40 @@ def test_a_worker_refuses_cuda_caches_it_cannot_move_before_starting_anything(
     with pytest.raises(RuntimeError, match="not registered yet"):
         _ = worker.engine  # no engine was started
     worker.shutdown()  # nothing to stop
+
+
+class FakeTorch:
+    """What the worker side calls of torch for CUDA caches: who set which device, where."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.cuda = SimpleNamespace(set_device=self._set_device)
+
+    def _set_device(self, device: int) -> None:
+        self.calls.append((threading.current_thread().name, device))
+
+
+def test_a_worker_registers_cuda_caches_as_device_memory_on_their_device(
+    nixl_installed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU needed: nothing reads device memory before a link (the NIXL agent, made by the
+    first link, registers it); the registration, the engine's options and the threads that
+    will call NIXL are checked here."""
+    fake = FakeTorch()
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    worker = WorkerSide(DxlConnectorConfig(nixl_allow_emulated=True))
+    try:
+        handshake = worker.register(vllm033_views("LBNHC", index=2), 16)
+        cache = worker._cache
+        assert cache.cache_desc.placement == Placement.DEVICE
+        assert worker.engine._opts.transport == "nixl" and worker.engine._opts.device_id == 2
+        assert handshake.num_tensors == 3 and handshake.block_bytes == 8 * 16 * 256 * 2
+        assert worker._thread is not None
+        loop = worker._thread.loop
+        assert fake.calls == [(worker._thread._thread.name, 2)]  # the loop thread
+        name = asyncio.run_coroutine_threadsafe(
+            asyncio.to_thread(lambda: threading.current_thread().name), loop
+        ).result(30)
+        assert (name, 2) in fake.calls  # a thread of the loop's executor (to_thread: NIXL's)
+    finally:
+        worker.shutdown()

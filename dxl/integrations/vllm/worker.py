@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import importlib
 import logging
 import secrets
 import threading
@@ -55,6 +56,28 @@ class TransferResults:
     finished_recving: set[str] = field(default_factory=set)
     failed_recving: set[str] = field(default_factory=set)
     failed_block_ids: set[int] = field(default_factory=set)
+
+
+def cuda_device_threads(thread: _LoopThread, device: int) -> None:
+    """Make CUDA ``device`` current on the engine's loop thread and on every thread of its
+    loop's default executor, where the NIXL agent is made, caches are registered with it and
+    peers' metadata is loaded. Why: UCX disables CUDA IPC (NVLink) when it finds no current
+    CUDA context there (vLLM's NIXL connector sets the device in its handshake thread for the
+    same reason). Untested on a GPU (none was available)."""
+    torch: Any = importlib.import_module("torch")  # the KV caches are torch tensors: loaded
+
+    def current() -> None:
+        torch.cuda.set_device(device)
+
+    async def now() -> None:
+        current()
+
+    thread.call(now())
+    thread.loop.set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(
+            thread_name_prefix=f"dxl-cuda{device}", initializer=current
+        )
+    )
 
 
 class WorkerSide:
@@ -98,6 +121,8 @@ class WorkerSide:
         engine = Engine(cluster_id, LLMRole.MIX, options)
         thread = _LoopThread(f"dxl-vllm-{self.rank}")
         try:
+            if layout.device is not None:
+                cuda_device_threads(thread, layout.device)
             thread.call(engine.start())
             desc = CacheDesc(
                 num_tensors=len(layout.addrs),
