@@ -14,11 +14,13 @@ from math import prod
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from dxl.integrations.vllm import DxlConnectorConfig, LayoutError, kv_layout
 from dxl.integrations.vllm.layout import block_spans
 from dxl.integrations.vllm.worker import WorkerSide
+from dxl.memory.layout import Layout
 from dxl.transport import nixl as nixl_mod
 from dxl.types import Placement
 
@@ -313,3 +315,28 @@ def test_a_worker_registers_cuda_caches_as_device_memory_on_their_device(
         assert (name, 2) in fake.calls  # a thread of the loop's executor (to_thread: NIXL's)
     finally:
         worker.shutdown()
+
+
+class RecordingAgent:
+    """A NIXL agent that records the descriptor lists it is asked to prepare."""
+
+    def __init__(self) -> None:
+        self.prepped: list[tuple[str, str, list[int]]] = []
+
+    def prep_xfer_dlist(self, who: str, descs: Any, mem: str) -> object:
+        self.prepped.append((who, mem, sorted({int(d) for d in descs[:, 2]})))
+        return object()
+
+
+@pytest.mark.parametrize(("mem", "device"), [("VRAM", 3), ("DRAM", 0)])
+def test_a_peers_cache_is_prepared_with_the_device_nixl_registered_it_on(mem, device) -> None:
+    """NIXL finds a remote descriptor only under the peer's device id (0 for host memory): a
+    peer's VRAM is prepared on this engine's device (rank r pairs with rank r, on the same local
+    device), host memory on 0."""
+    host = nixl_mod.NixlHost("dxl-1-a", [GPU_BASE, 0], allow_emulated=True, device_id=3)
+    agent = RecordingAgent()
+    host._agent = agent  # as if the first link had made it
+    transport = nixl_mod.NixlTransport(host, "dxl-2-b", [GPU_BASE, 0], 1000)
+    layout = Layout(np.array([GPU_BASE, GPU_BASE + 4096], dtype=np.uint64), 4096, 4, True)
+    assert transport._remote_prepped(7, layout, mem) is not None
+    assert agent.prepped == [("dxl-2-b", mem, [device])]

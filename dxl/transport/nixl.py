@@ -289,6 +289,11 @@ class NixlHost:
             return self._agent
 
     @property
+    def device_id(self) -> int:
+        """The device of this engine's ``Placement.DEVICE`` caches."""
+        return self._device_id
+
+    @property
     def registered(self) -> frozenset[int]:
         """The caches registered with the agent now (ids)."""
         with self._lock:
@@ -510,8 +515,12 @@ class NixlTransport(Transport):
         with self._lock:
             prepped = self._remote.get(cache_id)
             if prepped is None:
-                try:  # the device id of a remote descriptor is the peer's, in its metadata
-                    prepped = _prep(self._host.agent, self._peer, layout, mem, 0)
+                # NIXL matches a remote descriptor's device id with the peer's registration
+                # (0 for DRAM); the peer's VRAM device is not on the wire, so ours is assumed:
+                # vLLM pairs rank r with rank r, on the same local device (untested on a GPU)
+                dev = self._host.device_id if mem == "VRAM" else 0
+                try:
+                    prepped = _prep(self._host.agent, self._peer, layout, mem, dev)
                 except Exception as exc:  # its registration has not reached us: planned path
                     log.debug("dxl: nixl: preparing cache %d of %s: %s", cache_id, self._peer, exc)
                     return None
