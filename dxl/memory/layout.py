@@ -46,8 +46,8 @@ def layout_of(
         raise fail(
             op,
             LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
-            "Placement.DEVICE needs the nixl transport (dxl.Transport=nixl) or the cuda "
-            "transport, which this build does not have yet",
+            "Placement.DEVICE needs the nixl transport (dxl.Transport=nixl): only NIXL's agent "
+            "moves device memory in this build",
         )
     if desc.num_tensors == 0 or len(addrs) != desc.num_tensors:
         raise param_invalid(
