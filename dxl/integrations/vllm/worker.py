@@ -33,10 +33,12 @@ from ...datadist import _LoopThread
 from ...handoff.ticket import FetchError, format_endpoint
 from ...layers import Engine
 from ...types import BlocksCacheKey, CacheDesc, DataType, LLMRole, Placement
+from . import timing
 from .config import DxlConnectorConfig
 from .layout import KVLayout, TensorLike, kv_layout
 from .scheduler import HandshakeData, Load, OfferPlan, StepPlan, ticket_for
 from .stats import TransferStats
+from .timing import stamp
 
 log = logging.getLogger("dxl.vllm")
 T = TypeVar("T")
@@ -191,10 +193,13 @@ class WorkerSide:
                 with self._lock:
                     self._fail(load.request_id, load.block_ids)
             else:
+                stamp("load-started", load.request_id)
                 loop.call_soon_threadsafe(self._spawn_fetch, load, ticket)
 
     def after_forward(self, plan: StepPlan) -> None:
         """``wait_for_save``: make the step's offers (after the forward wrote their KV)."""
+        for req_id in plan.timed:
+            stamp("first-step-done", req_id)
         if not plan.offers or self._engine is None:
             return
         aborts, self._pending_aborts = self._pending_aborts, []
@@ -203,11 +208,16 @@ class WorkerSide:
             fut.result(OFFER_WAIT_S)
         except concurrent.futures.TimeoutError:
             log.error("dxl: offers of this step not made within %s s", OFFER_WAIT_S)
+            return
+        for p in plan.offers:
+            stamp("offered", p.request_id)
 
     def results(self) -> TransferResults:
         """``get_transfer_results``: what ended since the last call."""
         with self._lock:
             out, self._results = self._results, TransferResults()
+        for req_id in out.finished_recving:
+            stamp("load-returned", req_id)
         return out
 
     # ------------------------------------------------------------------ prefill: offers
@@ -285,12 +295,16 @@ class WorkerSide:
 
     async def _fetch(self, load: Load, ticket: dict[str, Any]) -> None:
         start = time.monotonic()
+        if timing.enabled():  # a live link to the prefill already, or this fetch links first
+            warm = ticket.get("cluster_id") in self.engine.stats()["links"]
+            stamp("fetch-start", load.request_id, link="warm" if warm else "cold")
         await self.engine.handoff.fetch(
             ticket, self._cache, list(load.block_ids), timeout_s=self.config.fetch_timeout_s
         )
         layout = self.layout
         nbytes = len(load.block_ids) * layout.block_bytes * len(layout.addrs) if layout else 0
         self.transfer_stats.load_done(time.monotonic() - start, nbytes)
+        stamp("fetch-end", load.request_id)
 
     def _fetch_done(self, load: Load, ticket: dict[str, Any], task: asyncio.Task[None]) -> None:
         """One load ended (also if it was cancelled before it started); reported now, never
