@@ -428,3 +428,33 @@ def test_timing_stamps_are_off_by_default(workers, caplog) -> None:
     d.finished_recving(["d1"])
     assert d.build_plan({"d1": 1}, (), lambda r: []).timed == []  # nothing tracked either
     assert not [r for r in caplog.records if r.name == "dxl.vllm.timing"]
+
+
+def test_an_idle_step_waiting_on_a_load_reports_it_once(workers) -> None:
+    """``idle_wait_s``: an idle step's results wait for the load in flight (bounded), and the
+    load is still reported exactly once, whether it landed in that wait or later."""
+    pkv, dkv = FakeKV(seed=7), FakeKV()
+    pw, dw = workers["make"](pkv), workers["make"](dkv, idle_wait_s=1)
+    _, params = _handoff(pkv, pw, 10, [4, 5, 6])
+    d = SchedulerSide(_cfg(), BS)
+    req = _decode_req(params)
+    count, _ = d.num_new_matched_tokens(req, 0)
+    d.after_alloc(req, lambda: [10, 11, 12], count)
+    plan = d.build_plan({}, (), lambda r: [])
+    assert plan.idle  # nothing scheduled: a step without a forward
+    dw.start(plan)
+    seen: set[str] = set()
+
+    def poll() -> bool:
+        r = dw.results(d.build_plan({}, (), lambda r: []))
+        assert not (seen & r.finished_recving), "reported twice"
+        seen.update(r.finished_recving)
+        return bool(seen)
+
+    wait_until(poll, 30, "the load reported")
+    assert seen == {"d1"}
+    assert dw.results(d.build_plan({}, (), lambda r: [])) == TransferResults()  # no wait: none
+    assert dw.stats()["fetches"] == 0
+    for src, dst in zip([4, 5, 6], [10, 11, 12], strict=True):
+        np.testing.assert_array_equal(dkv.block(0, dst), pkv.block(0, src))
+    assert not d.build_plan({"d1": 1}, (), lambda r: []).idle

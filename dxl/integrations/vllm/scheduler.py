@@ -127,6 +127,7 @@ class StepPlan:
     releases: list[tuple[dict[str, Any], ...]] = field(default_factory=list)  # tickets to abort
     # loaded requests in their first step, for the workers' timing stamps (only with them on)
     timed: list[str] = field(default_factory=list)
+    idle: bool = False  # no tokens scheduled: the step runs no forward
 
     def empty(self) -> bool:
         return not (
@@ -328,6 +329,7 @@ class SchedulerSide:
                 self._plan.timed.append(req_id)
                 timing.stamp("decode-scheduled", req_id)
         out, self._plan = self._plan, StepPlan()
+        out.idle = not any(num_scheduled_tokens.values())
         return out
 
     def request_finished(

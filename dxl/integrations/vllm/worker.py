@@ -23,6 +23,7 @@ import concurrent.futures
 import functools
 import logging
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Coroutine, Mapping
@@ -79,6 +80,10 @@ class WorkerSide:
         self._dropped: set[int] = set()
         self._tasks: dict[str, asyncio.Task[None]] = {}  # fetches; touched on the loop only
         self._pending_aborts: list[concurrent.futures.Future[None]] = []
+        # loads handed to the loop thread and not reported yet; set whenever a result is added
+        # (an idle step's wait ends on it)
+        self._in_flight: set[str] = set()
+        self._ended = threading.Event()
         self._watcher: concurrent.futures.Future[None] | None = None
         self.handshake: HandshakeData | None = None
         self.transfer_stats = TransferStats()  # vLLM's get_kv_connector_stats takes it
@@ -128,6 +133,8 @@ class WorkerSide:
             tensors_per_layer=layout.tensors_per_layer,
         )
         self._watcher = self._submit(self._watch_offers())
+        if self.config.gil_switch_s > 0:  # process-wide: dxl's thread waits less for the GIL
+            sys.setswitchinterval(self.config.gil_switch_s)
         log.info(
             "dxl: worker %d registered %d layers (%d tensors of %d blocks x %d bytes), "
             "listening on %s",
@@ -194,6 +201,8 @@ class WorkerSide:
                     self._fail(load.request_id, load.block_ids)
             else:
                 stamp("load-started", load.request_id)
+                with self._lock:
+                    self._in_flight.add(load.request_id)
                 loop.call_soon_threadsafe(self._spawn_fetch, load, ticket)
 
     def after_forward(self, plan: StepPlan) -> None:
@@ -212,8 +221,23 @@ class WorkerSide:
         for p in plan.offers:
             stamp("offered", p.request_id)
 
-    def results(self) -> TransferResults:
-        """``get_transfer_results``: what ended since the last call."""
+    def results(self, plan: StepPlan | None = None) -> TransferResults:
+        """``get_transfer_results``: what ended since the last call. In an idle step (``plan``
+        ran no forward) with loads or handed offers in flight and nothing to report, first
+        wait up to ``idle_wait_s`` for one to end: vLLM would only run the next empty step
+        (its engine steps every millisecond while anything waits on a transfer), and each
+        costs the transfer CPU time and the GIL; waiting, the end is reported at once."""
+        wait_s = self.config.idle_wait_s if plan is not None and plan.idle else 0.0
+        if wait_s > 0:
+            with self._lock:
+                r = self._results
+                pending = bool(self._in_flight or self._handed) and not (
+                    r.finished_recving or r.finished_sending
+                )
+                if pending:
+                    self._ended.clear()
+            if pending:
+                self._ended.wait(wait_s)
         with self._lock:
             out, self._results = self._results, TransferResults()
         for req_id in out.finished_recving:
@@ -256,6 +280,7 @@ class WorkerSide:
             if offer_id in self._handed:
                 self._handed.discard(offer_id)
                 self._results.finished_sending.add(request_id)
+                self._ended.set()
             elif offer_id in self._dropped:
                 self._dropped.discard(offer_id)
             else:
@@ -314,7 +339,9 @@ class WorkerSide:
         error = None if task.cancelled() else task.exception()
         with self._lock:
             if error is None and not task.cancelled():
+                self._in_flight.discard(load.request_id)
                 self._results.finished_recving.add(load.request_id)
+                self._ended.set()
                 return
             self._fail(load.request_id, load.block_ids, counted=not task.cancelled())
         if task.cancelled() and self._engine is not None:  # the prefill need not wait: tell it
@@ -326,9 +353,11 @@ class WorkerSide:
     def _fail(self, request_id: str, block_ids: tuple[int, ...], counted: bool = True) -> None:
         if counted:  # a load this decode cancelled itself (request aborted) is not a failure
             self.transfer_stats.load_failed()
+        self._in_flight.discard(request_id)
         self._results.finished_recving.add(request_id)
         self._results.failed_recving.add(request_id)
         self._results.failed_block_ids.update(block_ids)
+        self._ended.set()
 
     async def _release(self, ticket: dict[str, Any]) -> None:
         try:
