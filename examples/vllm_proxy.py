@@ -16,6 +16,11 @@ single `vllm serve`. For each request the proxy does the three steps of a P/D de
 The standard library only, one thread per request: an example to read and adapt (several
 prefills or decodes, health checks, retries), not a production router. It never logs the
 tickets: they name a request's KV (docs/vllm.md).
+
+``--timing`` prints one line per request to stderr, ``vllm_proxy: timing {...}``: the request's
+``request_id`` (if the client set one) and the wall-clock times (time.time()) at which the
+proxy had the request, sent the prefill's, had its answer, sent the decode's, had the decode's
+first chunk and its last (benchmarks/ttft_pair.py breaks time to first token down with them).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -56,12 +62,14 @@ def prefill_request(body: dict[str, Any]) -> dict[str, Any]:
 class Proxy(BaseHTTPRequestHandler):
     prefill = ""
     decode = ""
+    timing = False
     protocol_version = "HTTP/1.0"  # the response ends with the connection: simple streaming
 
     def do_POST(self) -> None:
         if self.path not in ROUTES:
             self._reply(404, {"error": f"not found: {self.path}; routes: {', '.join(ROUTES)}"})
             return
+        stamps = {"in": time.time()}
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
             self._reply(413, {"error": f"request body over {MAX_BODY} bytes"})
@@ -75,8 +83,10 @@ class Proxy(BaseHTTPRequestHandler):
             return
         # 1. prefill: compute the prompt's KV, get the tickets
         try:
+            stamps["prefill_sent"] = time.time()
             with _post(self.prefill + self.path, prefill_request(body)) as resp:
                 params = json.loads(resp.read()).get("kv_transfer_params")
+            stamps["prefill_done"] = time.time()
         except urllib.error.HTTPError as exc:  # the prefill refused: pass its answer on
             self._relay(exc.code, exc.headers.get("Content-Type"), exc)
             return
@@ -89,6 +99,7 @@ class Proxy(BaseHTTPRequestHandler):
         # 2. decode, with the prefill's kv_transfer_params as they came
         body["kv_transfer_params"] = params
         try:
+            stamps["decode_sent"] = time.time()
             resp = _post(self.decode + self.path, body)
         except urllib.error.HTTPError as exc:
             self._relay(exc.code, exc.headers.get("Content-Type"), exc)
@@ -98,13 +109,27 @@ class Proxy(BaseHTTPRequestHandler):
             return
         # 3. the decode's answer to the client, chunk by chunk (streams stay streams)
         with resp:
-            self._relay(resp.status, resp.headers.get("Content-Type"), resp)
+            self._relay(resp.status, resp.headers.get("Content-Type"), resp, stamps)
+        if self.timing:
+            stamps["done"] = time.time()
+            rid = body.get("request_id")
+            line = json.dumps({"request_id": rid if isinstance(rid, str) else None, **stamps})
+            sys.stderr.write(f"vllm_proxy: timing {line}\n")
+            sys.stderr.flush()
 
-    def _relay(self, status: int, content_type: str | None, stream: Any) -> None:
+    def _relay(
+        self,
+        status: int,
+        content_type: str | None,
+        stream: Any,
+        stamps: dict[str, float] | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type or "application/json")
         self.end_headers()
         while chunk := stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536):
+            if stamps is not None and "decode_first" not in stamps:
+                stamps["decode_first"] = time.time()
             self.wfile.write(chunk)
             self.wfile.flush()
 
@@ -126,8 +151,12 @@ def main() -> None:
     ap.add_argument("--decode", required=True, help="the decode's base URL, http://HOST:PORT")
     ap.add_argument("--host", default="127.0.0.1", help="where the proxy listens")
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument(
+        "--timing", action="store_true", help="one line of timestamps per request, to stderr"
+    )
     args = ap.parse_args()
     Proxy.prefill, Proxy.decode = args.prefill.rstrip("/"), args.decode.rstrip("/")
+    Proxy.timing = args.timing
     server = ThreadingHTTPServer((args.host, args.port), Proxy)
     print(f"vllm_proxy: listening on http://{args.host}:{server.server_port}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):

