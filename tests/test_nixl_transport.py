@@ -29,6 +29,7 @@ from waiting import async_wait_until
 import dxl
 from dxl.testing import KVBuffers
 from dxl.transport import nixl as nixl_mod
+from dxl.transport import nixl_notifs
 from dxl.transport.nixl import hardware_rma, nixl_version
 
 pytestmark = [
@@ -454,3 +455,70 @@ async def test_a_link_whose_ends_disagree_on_nixl_is_refused_at_once(
         assert "set it on both engines" in caplog.text
         assert d.stats()["links"] == {}
         await async_wait_until(lambda: p.stats()["links"] == {}, 10, "no link on the prefill")
+
+
+async def _send_notifs(agent: Any, to: str, count: int, size: int) -> None:
+    """``count`` notifications of ``size`` bytes from ``agent`` to agent ``to``, yielding to
+    the loop now and then (the receiving engine runs on it)."""
+    msg = b"n" * size
+    for i in range(count):
+        agent.send_notif(to, msg)
+        if i % 64 == 63:
+            await asyncio.sleep(0)
+
+
+async def test_notifications_a_peer_sends_are_drained_and_dropped():
+    """A linked peer's agent sends many notifications, in batches each under the per-window
+    limit but together far past it: the decode drains and drops every one (it holds only their
+    counts, NIXL's queue ends empty), the link stays and its transfers work."""
+    batch, batches, size = 1000, 5, 4096
+    assert batch <= nixl_notifs.NOTIF_LIMIT < batch * batches
+    async with pair() as x:
+        p_host, d_host = x.p._nixl, x.d._nixl
+        assert p_host is not None and d_host is not None
+        for n in range(1, batches + 1):
+            await _send_notifs(p_host.agent, d_host.name, batch, size)
+            await async_wait_until(
+                lambda n=n: d_host.notifs.snapshot()["dropped"] >= n * batch,
+                30,
+                f"the decode to drain batch {n}",
+            )
+        await x.d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), x.dc, [1], [2])  # drains too
+        snap = d_host.notifs.snapshot()
+        print(f"\nnixl notifications: {snap}")
+        assert snap["dropped"] == batch * batches
+        assert snap["dropped_bytes"] == batch * batches * size
+        assert snap["floods"] == 0
+        assert snap["senders_in_window"] <= nixl_notifs.MAX_SENDERS
+        agent = d_host.agent
+        assert agent.get_new_notifs() == {}  # nothing left queued in NIXL
+        assert agent.notifs == {}  # the wrapper's own map: dxl never fills it
+        assert x.dst.matches(ALL, [2], PREFILL_SEED, ALL, [1])
+        assert P_ID in x.d.stats()["links"]
+
+
+@pytest.mark.parametrize(("limit", "value", "count", "size"), [
+    ("NOTIF_LIMIT", 20, 2000, 64),  # too many
+    ("NOTIF_BYTES_LIMIT", 64 << 10, 200, 16 << 10),  # few, too large
+])  # fmt: skip
+async def test_a_peer_that_floods_notifications_is_unlinked(
+    limit, value, count, size, caplog, monkeypatch
+):
+    """More notifications, or bytes of them, than the limit in one window: the decode closes
+    that link (logged, rate-limited), every notification is still dropped, and the engine goes
+    on: it links again and pulls."""
+    monkeypatch.setattr(nixl_notifs, limit, value)
+    caplog.set_level(logging.WARNING, logger="dxl")
+    async with pair() as x:
+        p_host, d_host = x.p._nixl, x.d._nixl
+        assert p_host is not None and d_host is not None
+        assert count < nixl_notifs.NOTIF_LIMIT or count * size < nixl_notifs.NOTIF_BYTES_LIMIT
+        await _send_notifs(p_host.agent, d_host.name, count, size)
+        await async_wait_until(lambda: P_ID not in x.d.stats()["links"], 30, "the flooder cut")
+        assert d_host.notifs.snapshot()["floods"] >= 1
+        assert "notifications" in caplog.text and "closing the link" in caplog.text
+        await async_wait_until(lambda: x.p.stats()["links"] == {}, 20, "the prefill's end gone")
+        ret, rets = await x.d.link_clusters([info_of(x.p)], timeout=10_000)
+        assert ret == S.LLM_SUCCESS, rets
+        await x.d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), x.dc, [4], [5])
+        assert x.dst.matches(ALL, [5], PREFILL_SEED, ALL, [4])

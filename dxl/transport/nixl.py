@@ -53,6 +53,7 @@ from ..errors import DxlError, LLMStatusCode
 from ..memory.layout import Layout
 from ..memory.plan import Pieces
 from ..types import Placement
+from . import nixl_notifs
 from .base import (
     BlockMove,
     Capabilities,
@@ -63,6 +64,7 @@ from .base import (
     native_failure,
 )
 from .names import NIXL
+from .nixl_notifs import NotifCounter
 
 __all__ = [
     "NixlFailed",
@@ -267,6 +269,8 @@ class NixlHost:
         self._regs: dict[int, Any] = {}  # cache id -> the agent's registration
         self._prepped: dict[int, _Prepped] = {}  # cache id -> its prepared descriptors
         self._closed = False
+        # peers' notifications, drained and dropped (dxl/transport/nixl_notifs.py)
+        self.notifs = NotifCounter(nixl_notifs.NOTIF_LIMIT, nixl_notifs.NOTIF_BYTES_LIMIT)
 
     # ------------------------------------------------------------------ the agent
     @property
@@ -367,6 +371,24 @@ class NixlHost:
                 self._agent, LOCAL, layout, reg.mem, reg.device
             )
             return prepped
+
+    # ------------------------------------------------------------------ notifications
+    def drop_notifs(self) -> None:
+        """Drain the notifications peers sent the agent, count and drop them (dxl uses none;
+        unread, NIXL would keep them in our memory). Nothing without an agent."""
+        agent = self._agent  # read once: close() may clear it; it drains only before that
+        if agent is None:
+            return
+        try:
+            self.notifs.take(agent.get_new_notifs())
+        except Exception as exc:  # the agent is going: nothing left to hold either
+            log.debug("dxl: nixl: draining notifications: %s", exc)
+
+    def notif_window(self) -> set[str]:
+        """Drain, then end the counting window: the agents that sent more than the limit in it
+        (their links are to be closed)."""
+        self.drop_notifs()
+        return self.notifs.end_window()
 
     # ------------------------------------------------------------------ peers
     def load(self, info: str, expect: str) -> None:
@@ -561,8 +583,9 @@ class NixlTransport(Transport):
                     time.sleep(sleep)
                     sleep = min(sleep * 2, MAX_SLEEP_S)
                 # drive our worker: with the progress thread on, check_xfer_state does not,
-                # and an initiator-driven copy (cma) wakes no event for the thread
-                agent.get_new_notifs()
+                # and an initiator-driven copy (cma) wakes no event for the thread; what it
+                # returns (peers' notifications) is counted and dropped
+                self._host.drop_notifs()
                 state = agent.check_xfer_state(handle)
             if state != "DONE":
                 raise NixlFailed(f"NIXL reported {state} for the {op}")
