@@ -271,6 +271,7 @@ class NixlHost:
         self._closed = False
         # peers' notifications, drained and dropped (dxl/transport/nixl_notifs.py)
         self.notifs = NotifCounter(nixl_notifs.NOTIF_LIMIT, nixl_notifs.NOTIF_BYTES_LIMIT)
+        self._posted = 0  # transfers posted to NIXL and not yet done or released
 
     # ------------------------------------------------------------------ the agent
     @property
@@ -371,6 +372,17 @@ class NixlHost:
                 self._agent, LOCAL, layout, reg.mem, reg.device
             )
             return prepped
+
+    @property
+    def transfers_in_flight(self) -> int:
+        """Transfers posted to NIXL and not yet ended: the sign that a copy really runs (what
+        the native counters show for cma and tcp; NIXL's copies are not native to dxl)."""
+        return self._posted
+
+    def posted(self, delta: int) -> None:
+        """A transfer was posted (+1) or ended (-1)."""
+        with self._lock:
+            self._posted += delta
 
     # ------------------------------------------------------------------ notifications
     def drop_notifs(self) -> None:
@@ -568,6 +580,7 @@ class NixlTransport(Transport):
         whatever happens (NIXL aborts a transfer still in flight when it is released)."""
         bound_ms = self._timeout_ms if timeout_ms is None else timeout_ms
         deadline = time.monotonic() + bound_ms / 1000
+        self._host.posted(1)
         try:
             state = agent.transfer(handle)
             polls = 0
@@ -598,6 +611,7 @@ class NixlTransport(Transport):
                 handle.release()
             except Exception as exc:
                 log.debug("dxl: nixl: releasing a transfer handle: %s", exc)
+            self._host.posted(-1)
         return nbytes
 
     def failure(self, exc: DxlError) -> Failure:
