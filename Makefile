@@ -137,12 +137,20 @@ $(NIXL_STAMP): pyproject.toml setup.py native/*.h native/*.c native/build_ffi.py
 
 venv-nixl: $(NIXL_STAMP)
 
-# The nixl transport's tests (tests/test_nixl_transport.py: every operation over nixl on host
-# memory, failures, deadlines, the idle CPU of a linked pair, printed). UCX logs warnings and
-# errors of its own where a test kills or stops a peer; the pytest summary is what counts.
+# The nixl transport's tests: the transport-generic tests (transfers, layer ranges, the handoff
+# in both modes, the sync facade, peer death, deadlines, unregister and unlink under a transfer)
+# with their nixl param only (-m nixl: tests/transports.py marks it), then what only nixl does
+# (tests/test_nixl_*.py: prepared transfers, the trust rules and selection, a stuck transfer's
+# deadline, the notification bound, the idle CPU of a linked pair, printed), all on host memory.
+# UCX logs warnings and errors of its own where a test kills or stops a peer; the pytest
+# summaries are what count.
+NIXL_GENERIC := tests/test_transfer.py tests/faults/test_faults.py \
+	tests/handoff/test_handoff_pull.py tests/handoff/test_handoff_push.py \
+	tests/handoff/test_sync_handoff.py
 test-nixl: $(NIXL_STAMP)
 	@$(NIXL_VENV)/bin/python -c "import importlib.metadata as m; print('nixl', m.version('nixl'), '/ torch', m.version('torch'))"
 	@start=$$(date +%s); rc=0; \
+	$(NIXL_VENV)/bin/python -m pytest -q -s -m nixl $(NIXL_GENERIC) || rc=$$?; \
 	$(NIXL_VENV)/bin/python -m pytest -q -s tests/test_nixl_transport.py tests/test_nixl_selection.py || rc=$$?; \
 	echo "test-nixl: the tests took $$(( $$(date +%s) - start )) s"; exit $$rc
 

@@ -1,4 +1,7 @@
-"""The nixl transport (``dxl.Transport=nixl``, the extra ``dxl[nixl]``) on host memory.
+"""The nixl transport (``dxl.Transport=nixl``, the extra ``dxl[nixl]``) on host memory: what
+only nixl does. The transport-generic tests (transfers, layer ranges, the handoff in both modes,
+the sync facade, peer death, unregistering under a transfer; tests/transports.py) run over nixl
+too under ``make test-nixl``.
 
 Two engines of this process where NIXL allows it (two agents with distinct names), a child
 process where a peer must die or be measured apart. This machine has no RDMA device, so UCX
@@ -29,6 +32,7 @@ from waiting import async_wait_until
 import dxl
 from dxl.testing import KVBuffers
 from dxl.transport import nixl as nixl_mod
+from dxl.transport import nixl_notifs
 from dxl.transport.nixl import hardware_rma, nixl_version
 
 pytestmark = [
@@ -122,39 +126,26 @@ def _count_requests(agent: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-async def test_pull_and_push_blocks_byte_exact(monkeypatch):
+async def test_a_block_request_is_one_prepared_transfer(monkeypatch):
+    """Bytes, layer ranges, the handoff, the sync facade and failures over nixl are the
+    transport-generic tests' (tests/transports.py; make test-nixl runs them over nixl). Here:
+    what only nixl does. A pull or push of whole blocks is one make_prepped_xfer on the lists
+    prepared per cache, not descriptors built per call."""
     async with pair() as x:
         assert x.d._nixl is not None
         calls = _count_requests(x.d._nixl.agent, monkeypatch)
         src_blocks, dst_blocks = [5, 6, 7, 30, 2], [0, 1, 2, 9, 31]
         await x.d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), x.dc, src_blocks, dst_blocks)
         assert x.dst.matches(ALL, dst_blocks, PREFILL_SEED, ALL, src_blocks)
-        assert x.dst.untouched(ALL, sorted(set(range(BLOCKS)) - set(dst_blocks)))
-        assert x.d.stats()["pull"]["bytes"] == TENSORS * len(src_blocks) * BB
-
-        # push: our blocks 10, 11 (DECODE_SEED) into the prefill's 20, 21
         await x.d.push_blocks(dxl.BlocksCacheKey(P_ID, 0), x.dc, [10, 11], [20, 21])
         assert x.src.matches(ALL, [20, 21], DECODE_SEED, ALL, [10, 11])
-        assert x.src.untouched(ALL, [19, 22])
         assert calls == ["by_index", "by_index"]  # one prepared transfer per request
 
 
-async def test_layer_ranges_and_a_cache_registered_after_the_link():
+async def test_a_cache_registered_after_the_link_is_reachable_at_once():
+    """A cache the prefill registers once linked: its NIXL registration reaches the decode
+    (data_info before reg_add), so a pull from it works at once."""
     async with pair() as x:
-        await x.d.pull_blocks(
-            dxl.BlocksCacheKey(P_ID, 0),
-            x.dc,
-            [3, 4],
-            [10, 11],
-            src_layer_range=range(1, 3),
-            dst_layer_range=range(2, 4),
-        )
-        # source layers 1, 2 (tensors 2..5) land in destination layers 2, 3 (tensors 4..7)
-        assert x.dst.matches([4, 5, 6, 7], [10, 11], PREFILL_SEED, [2, 3, 4, 5], [3, 4])
-        assert x.dst.untouched([0, 1, 2, 3], [10, 11])
-
-        # a cache the prefill registers once linked: its NIXL registration reaches the decode
-        # (data_info before reg_add), so a pull from it works at once
         late = KVBuffers(TENSORS, BLOCKS, BB, seed=55)
         await x.p.register_blocks_cache(
             late.desc(), late.addrs, dxl.BlocksCacheKey(P_ID, 1), remote_accessible=True
@@ -177,53 +168,6 @@ async def test_transfer_cache_async_pushes_layers():
         assert await task.wait_async() == [S.LLM_SUCCESS]
         assert x.dst.matches(ALL, [14, 15], PREFILL_SEED, ALL, [4, 5])
         assert x.dst.untouched(ALL, [13, 16])
-
-
-async def test_handoff_fetch_and_push_modes():
-    async with pair(link=False) as x:
-        # pull mode: the prefill offers, the decode fetches (linking to the ticket's endpoint)
-        ticket = await x.p.handoff.offer("r1", x.pc, [3, 7, 8])
-        seen: list[tuple[int, int]] = []
-        await x.d.handoff.fetch(
-            ticket, x.dc, [0, 1, 2], on_layer=lambda lo, hi: seen.append((lo, hi))
-        )
-        assert seen == [(layer, layer + 1) for layer in range(LAYERS)]
-        assert x.dst.matches(ALL, [0, 1, 2], PREFILL_SEED, ALL, [3, 7, 8])
-        assert x.d.stats()["links"][P_ID]["transport"] == "nixl"
-
-        # push mode: the decode offers destination blocks, the prefill pushes into them
-        dest = await x.d.handoff.offer_destination("r2", x.dc, [20, 21])
-        await x.p.handoff.push(dest, x.pc, [9, 10])
-        assert x.dst.matches(ALL, [20, 21], PREFILL_SEED, ALL, [9, 10])
-        assert x.dst.untouched(ALL, [19, 22])
-
-        async def ended(eng: dxl.Engine, request_id: str) -> bool:
-            return any(f.request_id == request_id for f in eng.handoff.poll_finished())
-
-        await async_wait_until(lambda: ended(x.p, "r1"), 20, "the prefill's offer r1 ended")
-
-
-@pytest.mark.multiproc
-def test_sync_facade_pulls_and_fetches_over_nixl(make_peer):
-    """dxl.LLMDataDist (one per process: the prefill is a child) links over nixl, pulls, and
-    fetches an offer through its handoff."""
-    peer = _prefill_child(make_peer)
-    dst = KVBuffers(TENSORS, BLOCKS, BB, seed=DECODE_SEED)
-    decode = dxl.LLMDataDist(dxl.LLMRole.DECODER, D_ID)
-    decode.init(dict(NIXL))
-    try:
-        cache = decode.cache_manager.register_blocks_cache(
-            dst.desc(), dst.addrs, remote_accessible=True
-        )
-        ret, rets = decode.link_clusters([peer.cluster_info()], timeout=10_000)
-        assert ret == S.LLM_SUCCESS, rets
-        decode.cache_manager.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), cache, [1, 2], [3, 4])
-        assert dst.matches(ALL, [3, 4], PREFILL_SEED, ALL, [1, 2])
-        ticket = peer.call("offer", name="kv", request_id="r1", blocks=[5, 6])
-        decode.handoff.fetch(ticket, cache, [20, 21])
-        assert dst.matches(ALL, [20, 21], PREFILL_SEED, ALL, [5, 6])
-    finally:
-        decode.finalize()
 
 
 async def test_forcing_nixl_without_rdma_needs_the_option(caplog, monkeypatch):
@@ -274,37 +218,6 @@ async def decode_linked_to(
         assert ret == S.LLM_SUCCESS, rets
         assert d.stats()["links"][P_ID]["transport"] == "nixl"
         yield d, dc, dst
-
-
-@pytest.mark.multiproc
-async def test_across_processes_then_the_peer_dies(make_peer):
-    """A prefill in a child process: pull and push work; once it is SIGKILLed, a pull fails
-    within the timeout and the engine goes on (it links and pulls again from a new prefill)."""
-    peer = _prefill_child(make_peer)
-    async with decode_linked_to(peer) as (d, dc, dst):
-        await d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), dc, [1, 2, 3], [4, 5, 6])
-        assert dst.matches(ALL, [4, 5, 6], PREFILL_SEED, ALL, [1, 2, 3])
-        await d.push_blocks(dxl.BlocksCacheKey(P_ID, 0), dc, [9], [30])
-        args = dict(tensors=ALL, dst_blocks=[30], src_seed=DECODE_SEED, src_tensors=ALL,
-                    src_blocks=[9])  # fmt: skip
-        assert peer.call("matches", name="kv", args=args)
-
-        peer.kill(signal.SIGKILL)
-        peer.proc.join(10)  # dead, not dying: its memory is gone
-        assert not peer.proc.is_alive()
-        t0 = time.monotonic()
-        with pytest.raises(dxl.LLMException) as err:
-            await d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), dc, [1], [7])
-        print(f"\nnixl: a pull from a killed peer failed after {time.monotonic() - t0:.3f} s "
-              f"({err.value.status_code.name})")  # fmt: skip
-        assert err.value.status_code in (S.LLM_LINK_FAILED, S.LLM_TIMEOUT, S.LLM_NOT_YET_LINK)
-
-        again = _prefill_child(make_peer)
-        await async_wait_until(lambda: P_ID not in d.stats()["links"], 20, "the dead link gone")
-        ret, rets = await d.link_clusters([again.cluster_info()], timeout=10_000)
-        assert ret == S.LLM_SUCCESS, rets
-        await d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), dc, [11], [12])
-        assert dst.matches(ALL, [12], PREFILL_SEED, ALL, [11])
 
 
 @pytest.mark.multiproc
@@ -400,7 +313,11 @@ async def test_unregister_waits_for_the_transfer_in_flight(make_peer, monkeypatc
             pull = asyncio.create_task(
                 d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), dc, [5, 6], [7, 8])
             )
-            await async_wait_until(lambda: entry.usage.count > 0, 10, "the pull in flight")
+            await async_wait_until(
+                lambda: entry.usage.count > 0 and host.transfers_in_flight > 0,
+                10,
+                "the pull posted to NIXL",
+            )
             unregister = asyncio.create_task(d.unregister_cache(dc.cache_id))
             for _ in range(50):  # let it get as far as it can: it must wait for the pull
                 await asyncio.sleep(0)
@@ -454,3 +371,70 @@ async def test_a_link_whose_ends_disagree_on_nixl_is_refused_at_once(
         assert "set it on both engines" in caplog.text
         assert d.stats()["links"] == {}
         await async_wait_until(lambda: p.stats()["links"] == {}, 10, "no link on the prefill")
+
+
+async def _send_notifs(agent: Any, to: str, count: int, size: int) -> None:
+    """``count`` notifications of ``size`` bytes from ``agent`` to agent ``to``, yielding to
+    the loop now and then (the receiving engine runs on it)."""
+    msg = b"n" * size
+    for i in range(count):
+        agent.send_notif(to, msg)
+        if i % 64 == 63:
+            await asyncio.sleep(0)
+
+
+async def test_notifications_a_peer_sends_are_drained_and_dropped():
+    """A linked peer's agent sends many notifications, in batches each under the per-window
+    limit but together far past it: the decode drains and drops every one (it holds only their
+    counts, NIXL's queue ends empty), the link stays and its transfers work."""
+    batch, batches, size = 1000, 5, 4096
+    assert batch <= nixl_notifs.NOTIF_LIMIT < batch * batches
+    async with pair() as x:
+        p_host, d_host = x.p._nixl, x.d._nixl
+        assert p_host is not None and d_host is not None
+        for n in range(1, batches + 1):
+            await _send_notifs(p_host.agent, d_host.name, batch, size)
+            await async_wait_until(
+                lambda n=n: d_host.notifs.snapshot()["dropped"] >= n * batch,
+                30,
+                f"the decode to drain batch {n}",
+            )
+        await x.d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), x.dc, [1], [2])  # drains too
+        snap = d_host.notifs.snapshot()
+        print(f"\nnixl notifications: {snap}")
+        assert snap["dropped"] == batch * batches
+        assert snap["dropped_bytes"] == batch * batches * size
+        assert snap["floods"] == 0
+        assert snap["senders_in_window"] <= nixl_notifs.MAX_SENDERS
+        agent = d_host.agent
+        assert agent.get_new_notifs() == {}  # nothing left queued in NIXL
+        assert agent.notifs == {}  # the wrapper's own map: dxl never fills it
+        assert x.dst.matches(ALL, [2], PREFILL_SEED, ALL, [1])
+        assert P_ID in x.d.stats()["links"]
+
+
+@pytest.mark.parametrize(("limit", "value", "count", "size"), [
+    ("NOTIF_LIMIT", 20, 2000, 64),  # too many
+    ("NOTIF_BYTES_LIMIT", 64 << 10, 200, 16 << 10),  # few, too large
+])  # fmt: skip
+async def test_a_peer_that_floods_notifications_is_unlinked(
+    limit, value, count, size, caplog, monkeypatch
+):
+    """More notifications, or bytes of them, than the limit in one window: the decode closes
+    that link (logged, rate-limited), every notification is still dropped, and the engine goes
+    on: it links again and pulls."""
+    monkeypatch.setattr(nixl_notifs, limit, value)
+    caplog.set_level(logging.WARNING, logger="dxl")
+    async with pair() as x:
+        p_host, d_host = x.p._nixl, x.d._nixl
+        assert p_host is not None and d_host is not None
+        assert count < nixl_notifs.NOTIF_LIMIT or count * size < nixl_notifs.NOTIF_BYTES_LIMIT
+        await _send_notifs(p_host.agent, d_host.name, count, size)
+        await async_wait_until(lambda: P_ID not in x.d.stats()["links"], 30, "the flooder cut")
+        assert d_host.notifs.snapshot()["floods"] >= 1
+        assert "notifications" in caplog.text and "closing the link" in caplog.text
+        await async_wait_until(lambda: x.p.stats()["links"] == {}, 20, "the prefill's end gone")
+        ret, rets = await x.d.link_clusters([info_of(x.p)], timeout=10_000)
+        assert ret == S.LLM_SUCCESS, rets
+        await x.d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), x.dc, [4], [5])
+        assert x.dst.matches(ALL, [5], PREFILL_SEED, ALL, [4])

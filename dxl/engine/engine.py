@@ -48,6 +48,7 @@ from .links import LinkTable
 from .listener import Listener
 from .local import LocalCopies
 from .mover import Mover
+from .nixl_watch import NotifWatch
 from .port import Layer, LayerPort
 from .ranktable import RankTableLinks
 from .registrations import Registrations
@@ -121,6 +122,8 @@ class Engine:
         )
         book = self._book = CacheBook(opts.max_registered_addrs, regions, self._nixl)
         links = self._links = LinkTable(identity, opts, mover)
+        # drains the agent's notifications, which peers could otherwise pile up in our memory
+        self._nixl_watch = NotifWatch(self._nixl, links) if self._nixl is not None else None
         listener = self._listener = Listener(identity, opts, mover, regions)
         links.revoke = listener.revoke  # a link's key goes: its data connections to us end
         self._registrations = Registrations(opts, state, book, links, listener, mover, self)
@@ -205,6 +208,8 @@ class Engine:
             raise RuntimeError(f"engine {self.cluster_id} was already started")
         self._mover.start()
         self._state.value = "running"
+        if self._nixl_watch is not None:
+            self._nixl_watch.start()
         try:
             self._registrations.open_pool(f"dxl-host-pool-{self.cluster_id}")
             if self._opts.listen is not None:
@@ -230,6 +235,8 @@ class Engine:
         if self._backend is not None:  # no in-process peer reads it any more either
             self._backend.detach()
         self._regions.close()  # no server reads it any more
+        if self._nixl_watch is not None:  # no link is left to cut
+            await self._nixl_watch.close()
         if self._nixl is not None:  # every link and registration is gone
             self._nixl.close()
         self._registrations.close_pool()

@@ -53,6 +53,7 @@ from ..errors import DxlError, LLMStatusCode
 from ..memory.layout import Layout
 from ..memory.plan import Pieces
 from ..types import Placement
+from . import nixl_notifs
 from .base import (
     BlockMove,
     Capabilities,
@@ -63,6 +64,7 @@ from .base import (
     native_failure,
 )
 from .names import NIXL
+from .nixl_notifs import NotifCounter
 
 __all__ = [
     "NixlFailed",
@@ -267,6 +269,9 @@ class NixlHost:
         self._regs: dict[int, Any] = {}  # cache id -> the agent's registration
         self._prepped: dict[int, _Prepped] = {}  # cache id -> its prepared descriptors
         self._closed = False
+        # peers' notifications, drained and dropped (dxl/transport/nixl_notifs.py)
+        self.notifs = NotifCounter(nixl_notifs.NOTIF_LIMIT, nixl_notifs.NOTIF_BYTES_LIMIT)
+        self._posted = 0  # transfers posted to NIXL and not yet done or released
 
     # ------------------------------------------------------------------ the agent
     @property
@@ -372,6 +377,35 @@ class NixlHost:
                 self._agent, LOCAL, layout, reg.mem, reg.device
             )
             return prepped
+
+    @property
+    def transfers_in_flight(self) -> int:
+        """Transfers posted to NIXL and not yet ended: the sign that a copy really runs (what
+        the native counters show for cma and tcp; NIXL's copies are not native to dxl)."""
+        return self._posted
+
+    def posted(self, delta: int) -> None:
+        """A transfer was posted (+1) or ended (-1)."""
+        with self._lock:
+            self._posted += delta
+
+    # ------------------------------------------------------------------ notifications
+    def drop_notifs(self) -> None:
+        """Drain the notifications peers sent the agent, count and drop them (dxl uses none;
+        unread, NIXL would keep them in our memory). Nothing without an agent."""
+        agent = self._agent  # read once: close() may clear it; it drains only before that
+        if agent is None:
+            return
+        try:
+            self.notifs.take(agent.get_new_notifs())
+        except Exception as exc:  # the agent is going: nothing left to hold either
+            log.debug("dxl: nixl: draining notifications: %s", exc)
+
+    def notif_window(self) -> set[str]:
+        """Drain, then end the counting window: the agents that sent more than the limit in it
+        (their links are to be closed)."""
+        self.drop_notifs()
+        return self.notifs.end_window()
 
     # ------------------------------------------------------------------ peers
     def load(self, info: str, expect: str) -> None:
@@ -555,6 +589,7 @@ class NixlTransport(Transport):
         whatever happens (NIXL aborts a transfer still in flight when it is released)."""
         bound_ms = self._timeout_ms if timeout_ms is None else timeout_ms
         deadline = time.monotonic() + bound_ms / 1000
+        self._host.posted(1)
         try:
             state = agent.transfer(handle)
             polls = 0
@@ -570,8 +605,9 @@ class NixlTransport(Transport):
                     time.sleep(sleep)
                     sleep = min(sleep * 2, MAX_SLEEP_S)
                 # drive our worker: with the progress thread on, check_xfer_state does not,
-                # and an initiator-driven copy (cma) wakes no event for the thread
-                agent.get_new_notifs()
+                # and an initiator-driven copy (cma) wakes no event for the thread; what it
+                # returns (peers' notifications) is counted and dropped
+                self._host.drop_notifs()
                 state = agent.check_xfer_state(handle)
             if state != "DONE":
                 raise NixlFailed(f"NIXL reported {state} for the {op}")
@@ -584,6 +620,7 @@ class NixlTransport(Transport):
                 handle.release()
             except Exception as exc:
                 log.debug("dxl: nixl: releasing a transfer handle: %s", exc)
+            self._host.posted(-1)
         return nbytes
 
     def failure(self, exc: DxlError) -> Failure:

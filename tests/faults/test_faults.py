@@ -1,8 +1,8 @@
-"""Fault injection on every transport: peers killed before, during and after transfers,
-stopped past the timeout, unlinked or unregistered under a transfer, restarted with the same
-cluster id and port; a busy listener port; a link to nowhere. Each case asserts which calls
-fail, with which status, and that other links, transfers and memory outside the failed
-transfer are unaffected.
+"""Fault injection on every transport (tests/transports.py; nixl too under ``make test-nixl``):
+peers killed before, during and after transfers, stopped past the timeout, unlinked or
+unregistered under a transfer, restarted with the same cluster id and port; a busy listener
+port; a link to nowhere. Each case asserts which calls fail, with which status, and that other
+links, transfers and memory outside the failed transfer are unaffected.
 
 No case measures how long a failure took: where a peer dies, the decoder's own timeout is set
 far beyond the test's (LONG_WAIT), so a failure with a "peer gone" status can only have come
@@ -15,6 +15,7 @@ import signal
 import socket
 
 import pytest
+from transports import in_flight, link_name, params, transport_options
 from waiting import async_wait_until, start_until_in_flight
 
 import dxl
@@ -32,20 +33,18 @@ TENSORS, BLOCKS, BB = 16, 64, 64 << 10  # 64 MiB per side: a pull of all of it t
 ALL = list(range(TENSORS))
 
 
-@pytest.fixture(params=["cma", "tcp", "shared"])
+@pytest.fixture(params=params("cma", "tcp", "shared"))
 def transport(request: pytest.FixtureRequest) -> str:
-    """cma, tcp, or cma where the prefill moved its registered memory onto memfds
-    (dxl.ShareRegistered), so the decoder copies it through its mapping (cma+shm)."""
+    """cma, tcp, cma where the prefill moved its registered memory onto memfds
+    (dxl.ShareRegistered), so the decoder copies it through its mapping (cma+shm), or nixl."""
     return request.param
 
 
 def options(transport: str, **extra: str) -> dict[str, str]:
-    share = {"dxl.ShareRegistered": "1"} if transport == "shared" else {}
     return {
-        "dxl.Transport": "cma" if transport == "shared" else transport,
+        **transport_options(transport),
         "llm.SyncKvCacheWaitTime": str(TIMEOUT_MS),
         "dxl.HeartbeatIntervalMs": "200",
-        **share,
         **extra,
     }
 
@@ -83,9 +82,10 @@ class Decoder:
     async def link(self, *peers) -> None:
         ret, rets = await self.eng.link_clusters([p.cluster_info() for p in peers])
         assert ret == S.LLM_SUCCESS, rets
-        if self.transport == "shared":  # the faults below then hit the memcpy path
-            links = self.eng.stats()["links"]
-            assert all(links[p.cluster_id]["transport"] == "cma+shm" for p in peers), links
+        # on "shared", the faults below then hit the memcpy path
+        links = self.eng.stats()["links"]
+        want = link_name(self.transport)
+        assert all(links[p.cluster_id]["transport"] == want for p in peers), links
 
     def pull(self, cluster_id: int, src: list[int], dst: list[int]):
         return self.eng.pull_blocks(dxl.BlocksCacheKey(cluster_id, 0), self.cache, src, dst)
@@ -124,6 +124,7 @@ async def test_killed_during_a_pull(make_peer, transport):
         pulls = await start_until_in_flight(
             lambda: [asyncio.create_task(d.pull(1, half, half)) for _ in range(4)],
             "a pull from the prefill",
+            in_flight=lambda: in_flight(d.eng),
         )
         p1.kill()  # a copy was under way an instant ago
         results = await asyncio.gather(*pulls, return_exceptions=True)
@@ -169,6 +170,10 @@ async def test_transfer_cache_async_to_a_killed_peer(make_peer, transport):
 
 
 async def test_stopped_past_the_timeout_then_resumed(make_peer, transport):
+    # nixl here: UCX reads a stopped process's memory by cma, as the cma transport does. Its
+    # stuck-transfer deadline (UCX without cma) is test_nixl_transport's: with UCX_TLS=^cma
+    # here, the stopped peer's late replies to the released reads crashed NIXL's progress
+    # thread (ucp_get_rep_handler) once the link had been dropped.
     p1 = start_prefill(make_peer, transport)
     async with Decoder(transport) as d:
         await d.link(p1)
@@ -209,6 +214,7 @@ async def test_unlink_while_transfers_are_in_flight(make_peer, transport):
         pulls = await start_until_in_flight(
             lambda: [asyncio.create_task(d.pull(1, half, half)) for _ in range(3)],
             "a pull from the prefill",
+            in_flight=lambda: in_flight(d.eng),
         )
         _, rets = await d.eng.unlink_clusters([p1.cluster_info()])
         assert rets == [S.LLM_SUCCESS]
@@ -226,6 +232,7 @@ async def test_unregister_while_a_peer_reads(make_peer, transport):
         [reading] = await start_until_in_flight(
             lambda: [asyncio.create_task(d.pull(1, everything, everything))],
             "a pull of the whole cache",
+            in_flight=lambda: in_flight(d.eng),
         )
         await p1.acall("unregister", name="kv")  # returns once our read has stopped
         result = (await asyncio.gather(reading, return_exceptions=True))[0]

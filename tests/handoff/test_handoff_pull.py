@@ -25,6 +25,7 @@ from handoff_kit import (
     retry_until,
 )
 from patterns import layers_landed, refill, words_of_seed
+from transports import link_name, params, transport_options
 from waiting import async_wait_until
 
 import dxl
@@ -35,11 +36,12 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.cma]
 S = dxl.LLMStatusCode
 
 
-async def test_done_bytes_verified_and_one_end_each_side(make_peer):
+@pytest.mark.parametrize("transport", params("cma"))
+async def test_done_bytes_verified_and_one_end_each_side(make_peer, transport):
     start_prefill = prefill_starter(make_peer)
-    prefill = start_prefill()
+    prefill = start_prefill(options=transport_options(transport))
     ends = Ends(prefill)
-    async with decode_engine() as d:
+    async with decode_engine(options=transport_options(transport)) as d:
         ticket = await prefill.aio("offer", name="kv", request_id="r1", blocks=[3, 7, 8])
         assert Ticket.of(ticket).endpoint == f"{prefill.address[0]}:{prefill.address[1]}"
         seen: list[tuple[int, int]] = []
@@ -47,6 +49,7 @@ async def test_done_bytes_verified_and_one_end_each_side(make_peer):
         assert seen == [(layer, layer + 1) for layer in range(layers_of(SMALL))]
         assert d.holds([0, 1, 2], PREFILL_SEED, [3, 7, 8])
         assert d.untouched([3, 4, 5, 15])
+        assert d.eng.stats()["links"][P_ID]["transport"] == link_name(transport)
 
         # a layer range, fetched whole (no on_layer): only those layers' tensors move
         ticket2 = await prefill.aio("offer", name="kv", request_id="r2", blocks=[9], layers=[1, 3])

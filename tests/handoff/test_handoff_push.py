@@ -24,6 +24,7 @@ from handoff_kit import (
 )
 from patterns import layers_landed, refill, words_of_seed
 from peer import PeerError
+from transports import params, transport_options
 from waiting import async_wait_until
 
 from dxl.handoff import Ended
@@ -31,11 +32,12 @@ from dxl.handoff import Ended
 pytestmark = [pytest.mark.multiproc, pytest.mark.cma]
 
 
-async def test_push_layer_by_layer_then_complete(make_peer):
+@pytest.mark.parametrize("transport", params("cma"))
+async def test_push_layer_by_layer_then_complete(make_peer, transport):
     start_prefill = prefill_starter(make_peer)
-    prefill = start_prefill()
+    prefill = start_prefill(options=transport_options(transport))
     n_layers = layers_of(SMALL)
-    async with decode_engine() as d:
+    async with decode_engine(options=transport_options(transport)) as d:
         seen: list[tuple[int, int]] = []
         ticket = await d.h.offer_destination(
             "r", d.cache, [5, 6, 7], on_layer=lambda lo, hi: seen.append((lo, hi))

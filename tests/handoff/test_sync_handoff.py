@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from handoff_kit import DECODE_SEED, P_ID, PREFILL_SEED, SMALL
+from transports import params, transport_options
 from waiting import wait_until
 
 import dxl
@@ -22,11 +23,17 @@ ALL = range(SMALL["num_tensors"])
 
 
 @pytest.fixture
-def sync_decode() -> Iterator[tuple[dxl.LLMDataDist, KVBuffers, dxl.Cache]]:
+def transport() -> str:
+    """The default transport (a test parametrised over ``transport`` overrides it)."""
+    return "cma"
+
+
+@pytest.fixture
+def sync_decode(transport: str) -> Iterator[tuple[dxl.LLMDataDist, KVBuffers, dxl.Cache]]:
     dd = dxl.LLMDataDist(dxl.LLMRole.DECODER, D_ID)
     config = dxl.LLMConfig()
     config.listen_ip_info = "127.0.0.1:0"
-    dd.init(config.generate_options())
+    dd.init({**config.generate_options(), **transport_options(transport)})
     buf = KVBuffers(
         SMALL["num_tensors"], SMALL["num_blocks"], SMALL["block_bytes"], seed=DECODE_SEED
     )
@@ -39,9 +46,10 @@ def sync_decode() -> Iterator[tuple[dxl.LLMDataDist, KVBuffers, dxl.Cache]]:
         dd.finalize()
 
 
-def test_sync_fetch_offer_abort_and_ends(make_peer, sync_decode) -> None:
+@pytest.mark.parametrize("transport", params("cma"))
+def test_sync_fetch_offer_abort_and_ends(make_peer, sync_decode, transport) -> None:
     dd, buf, cache = sync_decode
-    prefill = make_peer(P_ID)
+    prefill = make_peer(P_ID, options=transport_options(transport))
     prefill.call("register", name="kv", seed=PREFILL_SEED, model_id=0, **SMALL)
 
     # fetch a prefill's offer, layer by layer, blocking
