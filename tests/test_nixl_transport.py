@@ -277,8 +277,10 @@ async def test_only_remotely_accessible_caches_are_in_the_metadata_peers_get():
 async def test_a_stuck_transfer_fails_at_its_deadline_and_the_link_goes_on(make_peer, monkeypatch):
     """UCX over tcp only (``UCX_TLS=^cma``, both processes): a transfer needs the target's
     progress thread, so with the prefill SIGSTOPped it never completes (NIXL has no timeout).
-    dxl releases it at the deadline and fails the pull with LLM_TIMEOUT; the link stays, and
-    once the prefill runs again the next pull works."""
+    dxl fails the pull with LLM_TIMEOUT at the deadline but holds the NIXL transfer until
+    NIXL ends it (releasing it would let the late reply land in memory that may be gone); the
+    link stays, once the prefill runs again the held transfer ends and is released, and the
+    next pull works."""
     monkeypatch.setenv("UCX_TLS", "^cma")  # read by both agents (the child inherits it)
     peer = _prefill_child(make_peer)
     async with decode_linked_to(peer, {"llm.SyncKvCacheWaitTime": "1000"}) as (d, dc, dst):
@@ -288,9 +290,16 @@ async def test_a_stuck_transfer_fails_at_its_deadline_and_the_link_goes_on(make_
             with pytest.raises(dxl.LLMException) as err:
                 await d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), dc, [3, 4], [5, 6])
             assert err.value.status_code == S.LLM_TIMEOUT
-            assert "1000 ms" in str(err.value) and "released" in str(err.value)
+            assert "1000 ms" in str(err.value) and "holds it" in str(err.value)
+            host = d._nixl
+            assert host is not None and host.stuck() == 1  # held, not released
+            assert host.transfers_in_flight == 1  # and counted as still in flight
         finally:
             peer.kill(signal.SIGCONT)
+        await async_wait_until(  # the late reply ends it; the engine's watch releases it
+            lambda n: n == 0, 20, "the held transfer to end", observe=host.reap
+        )
+        assert host.transfers_in_flight == 0
         assert P_ID in d.stats()["links"]
         await d.pull_blocks(dxl.BlocksCacheKey(P_ID, 0), dc, [3, 4], [5, 6])
         assert dst.matches(ALL, [5, 6], PREFILL_SEED, ALL, [3, 4])

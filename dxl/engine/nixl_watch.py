@@ -51,12 +51,22 @@ class NotifWatch:
             await asyncio.sleep(nixl_notifs.NOTIF_DRAIN_S)  # the period, not a synchronisation
             for agent in self._host.notif_window():
                 self._cut(agent)
+            if self._host.stuck():  # transfers past their deadline: release those that ended
+                self._host.reap()
 
-    def _cut(self, agent: str) -> None:
-        """Close the link whose peer is NIXL agent ``agent`` (if any still is)."""
+    def _cut(self, agent: str, why: str | None = None) -> None:
+        """Close the link whose peer is NIXL agent ``agent`` (if any still is): it flooded
+        notifications, or (``why``) its agent was disconnected."""
         for link in list(self._links):
             transport = link.transport
-            if isinstance(transport, NixlTransport) and transport.peer_agent == agent:
+            if not isinstance(transport, NixlTransport) or transport.peer_agent != agent:
+                continue
+            if why is not None:
+                limited.warning(
+                    "nixl-cut", "dxl: closing the link to cluster %d: %s", link.peer.cluster_id, why
+                )
+                link.close(why)
+            else:
                 limited.warning(
                     "nixl-notif-flood",
                     "dxl: closing the link to cluster %d: its NIXL agent sent more than %d "

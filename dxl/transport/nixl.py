@@ -84,6 +84,7 @@ IB_DEVICES = "/sys/class/infiniband"  # RDMA devices the kernel knows (verbs: rc
 PROGRESS_POLL_US = 20_000  # the progress thread's poll() timeout when no event wakes it
 SPIN_POLLS = 64  # state checks before a waiting transfer starts sleeping between them
 MAX_SLEEP_S = 0.0002  # the longest sleep between two state checks (each drives progress)
+MAX_STUCK = 256  # transfers past their deadline NIXL has not ended; past it, no new one posts
 LOCAL = "NIXL_INIT_AGENT"  # prep_xfer_dlist's name for our own side
 _MAKING = threading.Lock()  # one agent is made at a time (see _make_agent)
 
@@ -272,6 +273,13 @@ class NixlHost:
         # peers' notifications, drained and dropped (dxl/transport/nixl_notifs.py)
         self.notifs = NotifCounter(nixl_notifs.NOTIF_LIMIT, nixl_notifs.NOTIF_BYTES_LIMIT)
         self._posted = 0  # transfers posted to NIXL and not yet done or released
+        # transfers past their deadline that NIXL has not ended: (handle, peer agent). They are
+        # not released while NIXL may still copy (a late reply lands in the destination; with
+        # the handle released it can land after the memory is gone: a crash seen with UCX over
+        # tcp), so they count as in flight until reap() sees them end
+        self._abandoned: list[tuple[Any, str]] = []
+        self._reaping = threading.Lock()
+        self._forget_later: set[str] = set()  # gone peers with stuck transfers (forget())
 
     # ------------------------------------------------------------------ the agent
     @property
@@ -342,6 +350,14 @@ class NixlHost:
     def cache_removed(self, cache_id: int) -> None:
         """A registration is gone and no transfer of this engine touches it any more (the
         engine's in-use holds): its prepared list and its registration are released."""
+        if self.reap():  # a transfer past its deadline may still copy: keep every registration
+            log.error(
+                "dxl: nixl: cache %d unregistered while %d transfer(s) past their deadline have "
+                "not ended; it stays registered with NIXL until the engine closes",
+                cache_id,
+                self.stuck(),
+            )
+            return
         with self._lock:
             self._caches.pop(cache_id, None)
             prepped = self._prepped.pop(cache_id, None)
@@ -389,6 +405,45 @@ class NixlHost:
         with self._lock:
             self._posted += delta
 
+    def abandon(self, handle: Any, peer: str) -> None:
+        """Keep a transfer that passed its deadline until NIXL ends it (see ``_abandoned``)."""
+        with self._lock:
+            self._abandoned.append((handle, peer))
+
+    def stuck(self) -> int:
+        """Transfers past their deadline that NIXL has not ended yet."""
+        return len(self._abandoned)
+
+    def reap(self) -> int:
+        """Release the abandoned transfers NIXL has ended (done or failed); how many remain."""
+        with self._reaping:
+            with self._lock:
+                items, agent = list(self._abandoned), self._agent
+            ended = []
+            for item in items:
+                try:
+                    state = agent.check_xfer_state(item[0]) if agent is not None else "ERR"
+                except Exception:  # NIXL reports a failed transfer by raising
+                    state = "ERR"
+                if state != "PROC":
+                    ended.append(item)
+            for handle, _ in ended:
+                try:
+                    handle.release()
+                except Exception as exc:
+                    log.debug("dxl: nixl: releasing an ended transfer: %s", exc)
+            with self._lock:
+                for item in ended:
+                    self._abandoned.remove(item)
+                    self._posted -= 1
+                left = {p for _, p in self._abandoned}
+                free = self._forget_later - left
+                self._forget_later -= free
+                n = len(self._abandoned)
+        for peer in free:
+            self.forget(peer)
+        return n
+
     # ------------------------------------------------------------------ notifications
     def drop_notifs(self) -> None:
         """Drain the notifications peers sent the agent, count and drop them (dxl uses none;
@@ -416,6 +471,9 @@ class NixlHost:
         Raises:
             NixlFailed: not base64, another agent's, or not metadata NIXL accepts.
         """
+        self.reap()
+        with self._lock:  # linked again (the same incarnation): its agent stays
+            self._forget_later.discard(expect)
         for part in info.split(","):
             try:
                 blob = base64.b64decode(part.encode(), validate=True)
@@ -429,8 +487,14 @@ class NixlHost:
                 raise NixlFailed(f"NIXL refused the peer's metadata: {exc}") from exc
 
     def forget(self, peer: str) -> None:
-        """Remove a peer's agent (its link is gone); nothing if it was never loaded."""
+        """Remove a peer's agent (its link is gone); nothing if it was never loaded. While a
+        transfer to it is past its deadline and not ended, the removal waits for reap():
+        removing an agent under a live request crashed NIXL's progress thread when the
+        peer's late reply came (UCX over tcp, a stopped peer resumed)."""
         with self._lock:
+            if any(p == peer for _, p in self._abandoned):
+                self._forget_later.add(peer)
+                return
             agent = self._agent
         if agent is not None:
             try:
@@ -440,6 +504,7 @@ class NixlHost:
 
     def close(self) -> None:
         """Release the agent (every link and registration of the engine is gone)."""
+        self.reap()
         with self._lock:
             self._closed = True
             agent, self._agent = self._agent, None
@@ -585,20 +650,30 @@ class NixlTransport(Transport):
         return self._run(agent, handle, op, pieces.nbytes, timeout_ms)
 
     def _run(self, agent: Any, handle: Any, op: str, nbytes: int, timeout_ms: int | None) -> int:
-        """Post one transfer and poll it until done or the deadline; the handle is released
-        whatever happens (NIXL aborts a transfer still in flight when it is released)."""
+        """Post one transfer and poll it until done or the deadline. A transfer that ended is
+        released; one still in flight at the deadline fails the operation but is kept (see
+        ``NixlHost._abandoned``): releasing it would let a late reply land in freed memory."""
         bound_ms = self._timeout_ms if timeout_ms is None else timeout_ms
         deadline = time.monotonic() + bound_ms / 1000
+        if self._host.stuck() and self._host.reap() >= MAX_STUCK:
+            handle.release()
+            raise NixlFailed(
+                f"{MAX_STUCK} NIXL transfers are past their deadline and not ended yet; "
+                f"no new {op} is posted until they end"
+            )
         self._host.posted(1)
+        kept = False  # handed to the host past the deadline: released once NIXL ends it
         try:
             state = agent.transfer(handle)
             polls = 0
             sleep = 0.00002
             while state == "PROC":
                 if time.monotonic() >= deadline:
+                    self._host.abandon(handle, self._peer)
+                    kept = True
                     raise TransferTimeout(
                         f"the NIXL {op} of {nbytes} bytes did not complete in {bound_ms} ms "
-                        "(released)"
+                        "(failed; NIXL may still end it, and dxl holds it until then)"
                     )
                 polls += 1
                 if polls > SPIN_POLLS:  # a long transfer: stop spinning, the thread sleeps
@@ -616,11 +691,12 @@ class NixlTransport(Transport):
         except Exception as exc:
             raise _nixl_error(exc) from exc
         finally:
-            try:
-                handle.release()
-            except Exception as exc:
-                log.debug("dxl: nixl: releasing a transfer handle: %s", exc)
-            self._host.posted(-1)
+            if not kept:
+                try:
+                    handle.release()
+                except Exception as exc:
+                    log.debug("dxl: nixl: releasing a transfer handle: %s", exc)
+                self._host.posted(-1)
         return nbytes
 
     def failure(self, exc: DxlError) -> Failure:
