@@ -8,7 +8,8 @@ Per pass (passes alternate the order, so noise hits dxl and the baselines alike)
   the source's bytes and every other block is untouched.
 - memcpy: the same piece lists copied between two local caches by one thread, and by as many
   threads as dxl's copy uses (the limit of cma rows).
-- raw socket: the same bytes per request over one loopback TCP stream, and over as many
+- raw socket: the same bytes per request over one TCP stream (loopback, or the veth of
+  ``--netns``), and over as many
   streams as the tcp transport opens for a request of that size (the limit of tcp rows; both
   when the link is tcp, or with ``--baselines all``).
 
@@ -45,6 +46,7 @@ from .measure import (
     percentiles_us,
     rounded,
 )
+from .netns import enter_netns
 from .rows import failed_row, row_base
 from .workload import (
     Workload,
@@ -206,10 +208,11 @@ def throughput(
         link = driver.open(tuple(info["address"]), local)
         check_transport(w.transport, link)
         if w.baselines == "all" or link == TCP:
-            sock = RawSocketClient(info["raw_port"], w.request_bytes)
+            host = w.hosts.target_ip
+            sock = RawSocketClient(info["raw_port"], w.request_bytes, host=host)
             n = tcp_streams(w.request_bytes)
             if n > 1:
-                streams = RawSocketClient(info["raw_port"], w.request_bytes, n)
+                streams = RawSocketClient(info["raw_port"], w.request_bytes, n, host=host)
         memcpy_pair = (local, other) if pull else (other, local)
         run = _Passes(
             w, driver, Destination(w, local, target), memcpy_pair, sock, streams, progress
@@ -250,6 +253,8 @@ def initiator_main(
         parent_conn.send(("progress", units, label))
 
     try:
+        if w.hosts.initiator_ns is not None:  # before any socket or thread of this process
+            enter_netns(w.hosts.initiator_ns)
         info = target.ready()
         if w.mode == "overhead":
             row = overhead(w, target, info, progress, logs.why)

@@ -18,6 +18,7 @@ from typing import Any
 
 from .baselines import RawSocketServer
 from .engines import LogCapture, engine_config, run_loop
+from .netns import enter_netns
 from .workload import (
     SOURCE_SEED,
     TARGET_ID,
@@ -36,7 +37,7 @@ async def _serve(w: Workload, conn: Connection, logs: LogCapture) -> None:
     from ..testing import KVBuffers
 
     loop = asyncio.get_running_loop()
-    raw = RawSocketServer(w.request_bytes)
+    raw = RawSocketServer(w.request_bytes, w.hosts.target_ip)
     cfg = engine_config(w, listen=True)
     cfg.share_registered = w.memory == "shared"  # registered memory moved onto memfds
     if w.memory == "allocated":  # dxl's memfd pool: one region per tensor, 64 KiB pages
@@ -109,6 +110,8 @@ def target_main(w: Workload, conn: Connection, verbose: bool = False) -> None:
     """Process entry (spawn): serve until the initiator says done or goes away."""
     logs = LogCapture(verbose)
     try:
+        if w.hosts.target_ns is not None:  # before any socket or thread of this process
+            enter_netns(w.hosts.target_ns)
         run_loop(_serve(w, conn, logs), w.loop)
     except Exception as exc:
         detail = logs.why()
