@@ -791,6 +791,8 @@ def test_netns_smoke_crosses_a_veth_verified_and_leaves_nothing() -> None:
         assert r["verified"] is True and r["error"] is None, r
         assert r["link_transport"] == "tcp" and r["limit"] == "raw_socket" and r["gbps"] > 0
         assert r["limit_gbps"] > 0
+        cpu = r["cpu_ms_per_gb"]  # both processes' CPU over the timed requests, dxl and limit
+        assert cpu["dxl"] > 0 and ((cpu["limit"] or 0) > 0) == (r["limit_parallel"] > 1), r
         where = r["netns"]
         assert where["target_ns"] != where["initiator_ns"], where
         assert where["target_ip"] != "127.0.0.1" and where["initiator_ip"] != "127.0.0.1"

@@ -3,7 +3,8 @@
 For a pull it holds the source pattern; for a push it is the destination, and the initiator
 asks it over the control pipe to clear its cache before a pass and to verify the blocks a pass
 wrote. Messages (pipe, initiator -> target): ``("clear",)``, ``("verify", blocks, strict)``,
-``("corrupt", block)``, ``("done",)``; each is answered ``("ok", value)``.
+``("corrupt", block)``, ``("cpu",)`` (this process's CPU seconds), ``("done",)``; each is
+answered ``("ok", value)``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
@@ -97,6 +99,9 @@ async def _serve(w: Workload, conn: Connection, logs: LogCapture) -> None:
                     corrupt(kv, msg[1])
                 elif kind == "thp":
                     result = thp_mib(kv)
+                elif kind == "cpu":  # CPU seconds of this process so far, every thread
+                    use = resource.getrusage(resource.RUSAGE_SELF)
+                    result = use.ru_utime + use.ru_stime
                 elif kind == "why":
                     result = logs.why()
                 else:
