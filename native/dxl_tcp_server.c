@@ -41,8 +41,6 @@ static void dxl__block_signals(sigset_t *old)
 /* Syscalls one connection may make per wakeup before the thread turns to the next ready one. */
 #define DXL__SRV_BUDGET 16
 #define DXL__SRV_SCRATCH (64u << 10)
-/* Most SO_RCVLOWAT a WRITE payload's connection waits for (see dxl__srv_lowat). */
-#define DXL__SRV_LOWAT (256u << 10)
 /* Pieces a connection's request table has room for when adopted, and again after any request
  * whose table needed more than DXL_TCP_CONN_BUF_KEEP bytes (about 2 KiB). */
 #define DXL__SRV_INIT_PIECES 63
@@ -96,8 +94,6 @@ typedef struct dxl__conn {
     int32_t rep_status;
     uint32_t rep_detail;
     size_t io_hint; /* most bytes one readv/sendmsg moved on this connection */
-    uint64_t recv_left; /* bytes of the WRITE payload still to read (DXL__ST_RECV) */
-    int lowat;          /* the SO_RCVLOWAT set on fd; 0 or 1: the kernel's default */
     size_t buf_bytes; /* bytes of iov + al, counted in the server's buffer_bytes once adopted */
 } dxl__conn_t;
 
@@ -350,29 +346,10 @@ static void dxl__srv_malformed(dxl__conn_t *c, int32_t status, uint32_t detail)
     dxl__srv_reply(c, status, detail, 0);
 }
 
-/* Wake for a WRITE payload only once `want` bytes (at most DXL__SRV_LOWAT, never more than the
- * payload has left, or the last bytes would never wake us) can be read. Without it, each arriving
- * segment woke the thread for one readv of a few KiB, then EAGAIN and epoll_wait again: a tcp
- * push (and a handoff's fetch, which is one) cost about 10 % more CPU per byte than a blocking
- * MSG_WAITALL reader of the same stream. The kernel grows the receive buffer to hold twice the
- * mark, still wakes on memory pressure and on close, and epoll here is level-triggered, so data
- * that came before the mark was raised is not missed. A failed setsockopt only costs wakeups. */
-static void dxl__srv_lowat(dxl__conn_t *c, uint64_t want)
-{
-    int v = (int)(want < DXL__SRV_LOWAT ? (want > 0 ? want : 1) : DXL__SRV_LOWAT);
-
-    if (v != c->lowat && (v > 1 || c->lowat > 1)) {
-        if (setsockopt(c->fd, SOL_SOCKET, SO_RCVLOWAT, &v, sizeof v) == 0) {
-            c->lowat = v;
-        }
-    }
-}
-
 static void dxl__srv_recv_done(dxl__conn_t *c)
 {
     dxl_tcp_server_t *srv = c->th->srv;
 
-    dxl__srv_lowat(c, 1); /* the next header is 17 bytes */
     dxl__srv_set_busy(c, 0);
     DXL__ADD(srv->requests_served, 1);
     DXL__ADD(srv->bytes_received, c->req.total);
@@ -441,7 +418,6 @@ static void dxl__srv_on_table(dxl__conn_t *c)
         c->state = DXL__ST_SEND;
     } else if (k > 0) {
         c->state = DXL__ST_RECV;
-        c->recv_left = c->req.total;
     } else {
         dxl__srv_recv_done(c);
     }
@@ -541,14 +517,9 @@ static int dxl__srv_step(dxl__conn_t *c)
         return c->closed ? -1 : 1; /* revoked at the gate */
     case DXL__ST_RECV:
         r = readv(c->fd, c->iov + c->iov_pos, dxl__srv_iov_batch(c));
-        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            dxl__srv_lowat(c, c->recv_left); /* before waiting: see dxl__srv_lowat */
-            return 0;
-        }
         if (r <= 0) {
             return dxl__srv_rerr(c, r, 0);
         }
-        c->recv_left -= (uint64_t)r;
         c->io_hint = (size_t)r > c->io_hint ? (size_t)r : c->io_hint;
         dxl__iov_advance(c->iov, c->iov_cnt, &c->iov_pos, (size_t)r);
         if (c->iov_pos == c->iov_cnt) {
