@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-ROOT = Path(__file__).resolve().parents[1]
-# this checkout's dxl (not whichever one the venv installed) and its tests' helpers
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+# this checkout's dxl (not whichever one the venv installed) first, and its tests' helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peer import Peer
 
