@@ -40,12 +40,14 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# this checkout's dxl (not whichever one the venv installed) first, and its tests' helpers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from netns import Star, enter_netns, netns_available
 from peer import Peer
 
 import dxl
+from dxl.bench.netns import Star, enter_netns, netns_available
 from dxl.handoff import FetchError
 from dxl.testing import KVBuffers
 

@@ -174,7 +174,7 @@ def _child_main(
     loop: str = "asyncio",
 ) -> None:
     if netns is not None:  # another "host": join its network namespace before any socket
-        from netns import enter_netns
+        from dxl.bench.netns import enter_netns
 
         enter_netns(netns)
     if loop == "uvloop":

@@ -10,11 +10,15 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
+from waiting import wait_until
 
 from dxl.bench import baselines, cli, report
 from dxl.bench.runner import run_all
@@ -711,3 +715,124 @@ def test_vllm_corrupted_destination_gives_no_number() -> None:
 def test_vllm_refuses_threads() -> None:
     with pytest.raises(SystemExit, match="--threads does not apply"):
         cli.bench_main(["--vllm", "--threads", "2"])
+
+
+# -------------------------------------------------------------------------------------- netns
+
+NETNS_SMOKE = ["--netns", "--transport", "tcp", "--block-bytes", "64K", *SMOKE]
+
+
+def test_netns_is_refused_without_root_and_beside_other_modes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A clear usage error (exit 2) before anything is measured or created."""
+    from dxl.bench import netns
+
+    monkeypatch.setattr(netns, "netns_available", lambda: "needs root to create namespaces")
+    with pytest.raises(SystemExit) as exc:
+        cli.bench_main(NETNS_SMOKE)
+    assert exc.value.code == 2
+    assert "--netns needs root to create namespaces" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.bench_main(["--netns", "--handoff"])
+    assert exc.value.code == 2
+    assert "--netns applies to the transfer and --overhead runs, not to --handoff" in (
+        capsys.readouterr().err
+    )
+
+
+def _netns_why() -> str | None:
+    from dxl.bench.netns import netns_available
+
+    return netns_available()
+
+
+def _root_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
+    return {ln.split(":")[1].strip().split("@")[0] for ln in out.stdout.splitlines()}
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (as a SIGKILLed bench's is)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def needs_netns(test: Callable[..., None]) -> Callable[..., None]:
+    why = _netns_why()
+    for mark in (
+        pytest.mark.root,
+        pytest.mark.multiproc,
+        pytest.mark.netns,
+        pytest.mark.skipif(why is not None, reason=why or ""),
+    ):
+        test = mark(test)
+    return test
+
+
+@needs_netns
+def test_netns_smoke_crosses_a_veth_verified_and_leaves_nothing() -> None:
+    """tcp pull and push between two namespaces: every byte verified, dxl and the raw TCP limit
+    both over the veth; the namespaces a killed earlier run left are swept first; afterwards
+    neither namespace nor either veth end is left anywhere."""
+    from dxl.bench.netns import TwoHosts, netns_names, owned_prefix
+
+    stale = TwoHosts(owned_prefix(_dead_pid())).__enter__()  # what a SIGKILLed run leaves
+    try:
+        rc, rows, err = run_bench(*NETNS_SMOKE, "--op", "pull", "push", timeout=300)
+        left = set(netns_names())
+        links = _root_links()
+    finally:
+        stale.__exit__()
+    assert rc == 0, err
+    assert [r["op"] for r in rows] == ["pull", "push"]
+    for r in rows:
+        assert r["verified"] is True and r["error"] is None, r
+        assert r["link_transport"] == "tcp" and r["limit"] == "raw_socket" and r["gbps"] > 0
+        assert r["limit_gbps"] > 0
+        cpu = r["cpu_ms_per_gb"]  # both processes' CPU over the timed requests, dxl and limit
+        assert cpu["dxl"] > 0 and ((cpu["limit"] or 0) > 0) == (r["limit_parallel"] > 1), r
+        where = r["netns"]
+        assert where["target_ns"] != where["initiator_ns"], where
+        assert where["target_ip"] != "127.0.0.1" and where["initiator_ip"] != "127.0.0.1"
+        assert "auth_token" not in where
+    made = {rows[0]["netns"]["target_ns"], rows[0]["netns"]["initiator_ns"]}
+    tag = rows[0]["netns"]["target_ns"].split("-")[1]
+    assert not (made | {stale.ns_a, stale.ns_b}) & left, left
+    assert not {f"dxa{tag}", f"dxb{tag}", stale.veth_a, stale.veth_b} & links, links
+
+
+@needs_netns
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_netns_is_removed_when_the_run_is_interrupted(sig: signal.Signals) -> None:
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or a SIGTERM to the
+    bench mid-run: both namespaces go with it."""
+    from dxl.bench.netns import netns_names, owned_prefix
+
+    args = [*NETNS_SMOKE, "--op", "pull", "--requests", "100000", "--no-progress"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dxl.bench", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    prefix = owned_prefix(proc.pid) + "-"
+    try:
+        mine = wait_until(
+            lambda: [n for n in netns_names() if n.startswith(prefix)] or proc.poll() is not None,
+            120,
+            "the bench's namespaces exist",
+        )
+        assert mine is not True and len(mine) == 2, mine
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert not [n for n in netns_names() if n.startswith(prefix)]

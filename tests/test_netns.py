@@ -7,11 +7,11 @@ import signal
 import threading
 
 import pytest
-from netns import TwoHosts, netns_available
 from peer import PeerError
 from waiting import wait_until
 
 import dxl
+from dxl.bench.netns import TwoHosts, netns_available
 
 why_not = netns_available()
 pytestmark = [

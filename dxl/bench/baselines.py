@@ -6,14 +6,14 @@
   as one dxl request may use (``LLMConfig.transfer_threads``): the latter is the *limit* of the
   same-host transports (cma, cma+shm), what the machine's memory can do with the same
   parallelism.
-- ``raw_socket``: TCP connections over loopback between the target and the initiator, tuned as
-  the tcp transport tunes its streams; per request the initiator sends each stream a 17-byte
-  header and each stream's part of the request moves as one ``sendall`` /
-  ``recv_into(MSG_WAITALL)`` between two contiguous buffers, all inside CPython's C socket code
-  (the GIL is released), one thread per stream. With one stream it is the historical
-  ``ratio``'s baseline; with as many streams as the tcp transport opens for a request of that
-  size (:func:`tcp_streams`) it is the *limit* of ``tcp`` (iperf-style: no piece list, no
-  scatter, no protocol).
+- ``raw_socket``: TCP connections (over loopback, or the veth of ``--netns``) between the
+  target and the initiator, tuned as the tcp transport tunes its streams; per request the
+  initiator sends each stream a 17-byte header and each stream's part of the request moves as
+  one ``sendall`` / ``recv_into(MSG_WAITALL)`` between two contiguous buffers, all inside
+  CPython's C socket code (the GIL is released), one thread per stream. With one stream it is
+  the historical ``ratio``'s baseline; with as many streams as the tcp transport opens for a
+  request of that size (:func:`tcp_streams`) it is the *limit* of ``tcp`` (iperf-style: no
+  piece list, no scatter, no protocol).
 
 Both run one request at a time, as ``--concurrency 1`` runs dxl; with more requests in flight dxl
 may use more threads or streams than the limit does, and a ratio above 1 can be that.
@@ -96,16 +96,16 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
 
 
 class RawSocketServer:
-    """The target's end on 127.0.0.1: a thread per connection (at most
-    ``MAX_RAW_CONNECTIONS``), all over one buffer of ``max_bytes`` (streams of one request
-    read or write disjoint parts of it)."""
+    """The target's end on ``host`` (where its dxl engine listens): a thread per connection
+    (at most ``MAX_RAW_CONNECTIONS``), all over one buffer of ``max_bytes`` (streams of one
+    request read or write disjoint parts of it)."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, host: str = "127.0.0.1") -> None:
         self._max = max_bytes
         self._buf: np.ndarray | None = None
         self._lock = threading.Lock()
         self._conns = threading.BoundedSemaphore(MAX_RAW_CONNECTIONS)
-        self._lsock = socket.create_server(("127.0.0.1", 0))
+        self._lsock = socket.create_server((host, 0))
         self.port: int = self._lsock.getsockname()[1]
         self._thread = threading.Thread(target=self._accept, name="raw-socket", daemon=True)
         self._thread.start()
@@ -159,14 +159,16 @@ class RawSocketClient:
     into one contiguous part per stream (as the tcp transport cuts it) moved in parallel; the
     calling thread moves the first part, a thread per other stream the rest."""
 
-    def __init__(self, port: int, max_bytes: int, streams: int = 1) -> None:
+    def __init__(
+        self, port: int, max_bytes: int, streams: int = 1, host: str = "127.0.0.1"
+    ) -> None:
         if streams < 1:
             raise ValueError(f"streams must be >= 1, got {streams}")
         self.streams = streams
         self._socks: list[socket.socket] = []
         try:
             for _ in range(streams):
-                sock = socket.create_connection(("127.0.0.1", port))
+                sock = socket.create_connection((host, port))
                 self._socks.append(sock)
                 tune(sock, DEFAULT_SOCK_BUF)
         except OSError:

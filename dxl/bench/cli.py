@@ -11,6 +11,7 @@ errors.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shlex
@@ -159,6 +160,14 @@ def bench_parser(prog: str = "dxl bench") -> argparse.ArgumentParser:
         "dxl.ShareRegistered (moved onto memfds at registration); or a cache dxl allocates "
         "from its memfd pool (same-host peers copy the last two with memcpy)",
     )
+    a(
+        "--netns",
+        action="store_true",
+        help="root only: run the target in a network namespace of its own and the initiator "
+        "in another, joined by a veth pair (addresses of a private /30); dxl's link and the "
+        "raw TCP limit both cross it. Both are removed on every exit (namespaces a killed "
+        "earlier run left are removed first). Not with --handoff, --vllm or --from-json",
+    )
     a("--seed", type=_non_negative, default=0, help="request block ids seed (default 0)")
     a(
         "--overhead",
@@ -268,7 +277,10 @@ def bench_main(argv: list[str], prog: str = "dxl bench") -> int:
     from .report import Progress, render
     from .runner import run_all, units_for
 
-    args = bench_parser(prog).parse_args(argv)
+    parser = bench_parser(prog)
+    args = parser.parse_args(argv)
+    if args.netns:
+        _check_netns(parser, args)
     if args.plot:
         from .plot import require_matplotlib
 
@@ -289,7 +301,14 @@ def bench_main(argv: list[str], prog: str = "dxl bench") -> int:
             print(json.dumps(row), flush=True)
 
     try:
-        rows = run_all(todo, progress, args.timeout, emit, args.verbose)
+        if args.netns:
+            from .netns import bench_hosts
+
+            with bench_hosts() as hosts:
+                todo = [dataclasses.replace(w, hosts=hosts) for w in todo]
+                rows = run_all(todo, progress, args.timeout, emit, args.verbose)
+        else:
+            rows = run_all(todo, progress, args.timeout, emit, args.verbose)
     finally:
         progress.close()
     if args.overhead:
@@ -307,6 +326,19 @@ def bench_main(argv: list[str], prog: str = "dxl bench") -> int:
         n = plot(rows, args.plot)
         print(f"plot: {args.plot} ({n} dxl series)", file=sys.stderr)
     return 0 if all(r.get("verified") and not r.get("error") for r in rows) else 1
+
+
+def _check_netns(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--netns`` only where it applies and where namespaces can be made (else exit 2)."""
+    from .netns import netns_available
+
+    other = [flag for flag in ("handoff", "vllm", "from_json") if getattr(args, flag)]
+    if other:
+        flag = "--" + other[0].replace("_", "-")
+        parser.error(f"--netns applies to the transfer and --overhead runs, not to {flag}")
+    why = netns_available()
+    if why is not None:
+        parser.error(f"--netns {why}")
 
 
 def _handoff(args: argparse.Namespace, argv: list[str], prog: str) -> int:

@@ -22,8 +22,10 @@ def engine_config(w: Workload, listen: bool) -> LLMConfig:
     """The LLMConfig both sides use: the asked transport, threads and generous limits."""
     cfg = LLMConfig()
     if listen:
-        cfg.listen_ip_info = "127.0.0.1:0"
+        cfg.listen_ip_info = f"{w.hosts.target_ip}:0"
     cfg.transport = w.transport
+    if w.hosts.auth_token is not None:
+        cfg.auth_token = w.hosts.auth_token
     if w.transport == NIXL:  # the bench's two processes are its own: emulated RMA is fine
         cfg.nixl_allow_emulated = True
     cfg.sync_kv_timeout = SYNC_KV_TIMEOUT_MS
@@ -33,11 +35,11 @@ def engine_config(w: Workload, listen: bool) -> LLMConfig:
     return cfg
 
 
-def cluster_info(address: tuple[str, int]) -> LLMClusterInfo:
-    """How the initiator names the target in ``link_clusters``."""
+def cluster_info(address: tuple[str, int], local_ip: str) -> LLMClusterInfo:
+    """How the initiator (at ``local_ip``) names the target in ``link_clusters``."""
     info = LLMClusterInfo()
     info.remote_cluster_id = TARGET_ID
-    info.append_local_ip_info("127.0.0.1", 0)
+    info.append_local_ip_info(local_ip, 0)
     info.append_remote_ip_info(*address)
     return info
 

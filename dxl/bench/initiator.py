@@ -8,7 +8,8 @@ Per pass (passes alternate the order, so noise hits dxl and the baselines alike)
   the source's bytes and every other block is untouched.
 - memcpy: the same piece lists copied between two local caches by one thread, and by as many
   threads as dxl's copy uses (the limit of cma rows).
-- raw socket: the same bytes per request over one loopback TCP stream, and over as many
+- raw socket: the same bytes per request over one TCP stream (loopback, or the veth of
+  ``--netns``), and over as many
   streams as the tcp transport opens for a request of that size (the limit of tcp rows; both
   when the link is tcp, or with ``--baselines all``).
 
@@ -18,6 +19,7 @@ Messages to the parent (pipe): ``("progress", units, label)`` and finally ``("re
 from __future__ import annotations
 
 import contextlib
+import resource
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -45,6 +47,7 @@ from .measure import (
     percentiles_us,
     rounded,
 )
+from .netns import enter_netns
 from .rows import failed_row, row_base
 from .workload import (
     Workload,
@@ -69,6 +72,7 @@ class _Passes:
         sock: RawSocketClient | None,
         streams: RawSocketClient | None,
         progress: Callable[[int, str], None],
+        cpu: Callable[[], float],
     ) -> None:
         self.w = w
         self.driver = driver
@@ -77,8 +81,13 @@ class _Passes:
         self.sock = sock
         self.streams = streams  # None: one stream is as many as the transport opens
         self.threads = copy_threads(w.transfer_threads)
+        self._match = "memcpy"  # the row's limit; set_link names it once the link is known
         self.progress = progress
+        self.cpu = cpu  # CPU seconds used so far by both processes, every thread
         self.nbytes = w.requests * w.request_bytes  # timed bytes per pass
+        # CPU ms per GB moved over the timed requests, both processes: dxl and its limit. What
+        # a loaded machine cannot skew: a share of the CPUs changes the GB/s, not the cost
+        self.cpu_ms_per_gb: dict[str, list[float]] = {"dxl": [], "limit": []}
         self.gbps: list[float] = []
         self.p50s: list[float] = []
         self.p99s: list[float] = []
@@ -88,6 +97,9 @@ class _Passes:
             "memcpy_limit": [],
             "raw_socket_limit": [],
         }
+
+    def set_link(self, link: str) -> None:
+        self._match = "raw_socket" if link == TCP else "memcpy"
 
     def probe(self) -> bool:
         """One request into a clean destination: its blocks arrive, nothing else changes."""
@@ -105,7 +117,9 @@ class _Passes:
         ids = [t.tolist() for t in tables]
         self.dest.clear()
         self.driver.batch(ids[: w.warmup], w.concurrency)
+        cpu0 = self.cpu()
         wall, lat = self.driver.batch(ids[w.warmup :], w.concurrency)
+        self._cost("dxl", cpu0)
         if w.debug_corrupt:
             self.dest.corrupt(int(tables[-1][0]))
         ok = self.dest.verify(np.concatenate(tables))
@@ -129,7 +143,9 @@ class _Passes:
         self.base["memcpy"].append(one)
         if self.threads > 1:
             memcpy_requests(plans[: w.warmup], self.threads)
+            cpu0 = self.cpu()
             wall, _ = memcpy_requests(plans[w.warmup :], self.threads)
+            self._cost("memcpy_limit", cpu0)
             self.base["memcpy_limit"].append(self.nbytes / wall / 1e9)
         else:
             self.base["memcpy_limit"].append(one)
@@ -140,11 +156,21 @@ class _Passes:
             self.base["raw_socket"].append(one)
             if self.streams is not None:
                 self.streams.requests(w.op, w.request_bytes, w.warmup)
+                cpu0 = self.cpu()
                 wall, _ = self.streams.requests(w.op, w.request_bytes, w.requests)
+                self._cost("raw_socket_limit", cpu0)
                 self.base["raw_socket_limit"].append(self.nbytes / wall / 1e9)
             else:
                 self.base["raw_socket_limit"].append(one)
         self.progress(1, f"{w.label}: pass {p + 1}/{w.passes} baselines")
+
+    def _cost(self, what: str, cpu0: float) -> None:
+        """Record the CPU ms per GB of the timed requests just run (``dxl`` or a limit)."""
+        ms = (self.cpu() - cpu0) * 1e3 / (self.nbytes / 1e9)
+        if what == "dxl":
+            self.cpu_ms_per_gb["dxl"].append(ms)
+        elif what == f"{self._match}_limit":
+            self.cpu_ms_per_gb["limit"].append(ms)
 
     def _streams(self) -> int:
         return self.streams.streams if self.streams is not None else 1
@@ -156,6 +182,7 @@ class _Passes:
         limit = median(self.base[f"{match}_limit"])
         parallel = self._streams() if match == "raw_socket" else self.threads
         ok = bool(verified)
+        cpu = self.cpu_ms_per_gb
         return {
             **row_base(self.w),
             "link_transport": link,
@@ -184,6 +211,11 @@ class _Passes:
                 if v
             },
             "thp_mib": thp,
+            # one-stream / one-thread limits (no parallel run) leave "limit" empty: no figure
+            "cpu_ms_per_gb": {k: round(median(v), 1) if v else None for k, v in cpu.items()},
+            "cpu_ratio": round(median(cpu["dxl"]) / median(cpu["limit"]), 3)
+            if ok and cpu["dxl"] and cpu["limit"]
+            else None,
             "error": None if ok else "destination bytes differ from the source: UNVERIFIED",
         }
 
@@ -206,14 +238,20 @@ def throughput(
         link = driver.open(tuple(info["address"]), local)
         check_transport(w.transport, link)
         if w.baselines == "all" or link == TCP:
-            sock = RawSocketClient(info["raw_port"], w.request_bytes)
+            host = w.hosts.target_ip
+            sock = RawSocketClient(info["raw_port"], w.request_bytes, host=host)
             n = tcp_streams(w.request_bytes)
             if n > 1:
-                streams = RawSocketClient(info["raw_port"], w.request_bytes, n)
+                streams = RawSocketClient(info["raw_port"], w.request_bytes, n, host=host)
         memcpy_pair = (local, other) if pull else (other, local)
-        run = _Passes(
-            w, driver, Destination(w, local, target), memcpy_pair, sock, streams, progress
-        )
+
+        def cpu() -> float:
+            own = resource.getrusage(resource.RUSAGE_SELF)
+            return own.ru_utime + own.ru_stime + float(target.ask("cpu"))
+
+        dest = Destination(w, local, target)
+        run = _Passes(w, driver, dest, memcpy_pair, sock, streams, progress, cpu)
+        run.set_link(link)
         verified = run.probe()
         for p in range(w.passes):
             tables = pass_tables(
@@ -250,6 +288,8 @@ def initiator_main(
         parent_conn.send(("progress", units, label))
 
     try:
+        if w.hosts.initiator_ns is not None:  # before any socket or thread of this process
+            enter_netns(w.hosts.initiator_ns)
         info = target.ready()
         if w.mode == "overhead":
             row = overhead(w, target, info, progress, logs.why)

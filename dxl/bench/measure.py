@@ -82,7 +82,9 @@ class AsyncDriver:
         self._eng = eng = Engine(INITIATOR_ID, LLMRole.DECODER, engine_config(w, listen=False))
         await eng.start()
         cache = await eng.register_blocks_cache(kv.desc(), kv.addrs)
-        ret, per = await eng.link_clusters([cluster_info(address)], LINK_TIMEOUT_MS)
+        ret, per = await eng.link_clusters(
+            [cluster_info(address, w.hosts.initiator_ip)], LINK_TIMEOUT_MS
+        )
         transport = _check_link(ret, per, eng.stats(), self._why)
         key = BlocksCacheKey(TARGET_ID, 0)
         op = eng.pull_blocks if w.op == "pull" else eng.push_blocks
@@ -152,7 +154,7 @@ class SyncDriver:
         dd.init(engine_config(w, listen=False).generate_options())
         cm = dd.cache_manager
         cache = cm.register_blocks_cache(kv.desc(), kv.addrs)
-        self._info = cluster_info(address)
+        self._info = cluster_info(address, w.hosts.initiator_ip)
         ret, per = dd.link_clusters([self._info], LINK_TIMEOUT_MS)
         transport = _check_link(ret, per, dd.engine.stats(), self._why)
         key = BlocksCacheKey(TARGET_ID, 0)

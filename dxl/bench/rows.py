@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -35,11 +36,19 @@ def row_base(w: Workload) -> dict[str, Any]:
         "seed": w.seed,
         "huge_pages": w.huge_pages,
         "memory": w.memory,
+        "netns": None if w.hosts.target_ns is None else _where(w),
         "dxl_version": __version__,
         "cpus": os.cpu_count(),
         "machine": machine_line(),
         "load_1m": round(os.getloadavg()[0], 2),  # at the end; includes the bench's own threads
     }
+
+
+def _where(w: Workload) -> dict[str, Any]:
+    """Where the two processes ran (``--netns``); the run's secret stays out of the row."""
+    hosts = dataclasses.asdict(w.hosts)
+    del hosts["auth_token"]
+    return hosts
 
 
 def failed_row(w: Workload, error: str) -> dict[str, Any]:

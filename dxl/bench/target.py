@@ -3,7 +3,8 @@
 For a pull it holds the source pattern; for a push it is the destination, and the initiator
 asks it over the control pipe to clear its cache before a pass and to verify the blocks a pass
 wrote. Messages (pipe, initiator -> target): ``("clear",)``, ``("verify", blocks, strict)``,
-``("corrupt", block)``, ``("done",)``; each is answered ``("ok", value)``.
+``("corrupt", block)``, ``("cpu",)`` (this process's CPU seconds), ``("done",)``; each is
+answered ``("ok", value)``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
 from .baselines import RawSocketServer
 from .engines import LogCapture, engine_config, run_loop
+from .netns import enter_netns
 from .workload import (
     SOURCE_SEED,
     TARGET_ID,
@@ -36,7 +39,7 @@ async def _serve(w: Workload, conn: Connection, logs: LogCapture) -> None:
     from ..testing import KVBuffers
 
     loop = asyncio.get_running_loop()
-    raw = RawSocketServer(w.request_bytes)
+    raw = RawSocketServer(w.request_bytes, w.hosts.target_ip)
     cfg = engine_config(w, listen=True)
     cfg.share_registered = w.memory == "shared"  # registered memory moved onto memfds
     if w.memory == "allocated":  # dxl's memfd pool: one region per tensor, 64 KiB pages
@@ -96,6 +99,9 @@ async def _serve(w: Workload, conn: Connection, logs: LogCapture) -> None:
                     corrupt(kv, msg[1])
                 elif kind == "thp":
                     result = thp_mib(kv)
+                elif kind == "cpu":  # CPU seconds of this process so far, every thread
+                    use = resource.getrusage(resource.RUSAGE_SELF)
+                    result = use.ru_utime + use.ru_stime
                 elif kind == "why":
                     result = logs.why()
                 else:
@@ -109,6 +115,8 @@ def target_main(w: Workload, conn: Connection, verbose: bool = False) -> None:
     """Process entry (spawn): serve until the initiator says done or goes away."""
     logs = LogCapture(verbose)
     try:
+        if w.hosts.target_ns is not None:  # before any socket or thread of this process
+            enter_netns(w.hosts.target_ns)
         run_loop(_serve(w, conn, logs), w.loop)
     except Exception as exc:
         detail = logs.why()

@@ -50,6 +50,24 @@ def shape_for(
     return blocks, k
 
 
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Hosts:
+    """Where the target and the initiator run: a network namespace each (None: the parent's)
+    and the address the target listens on and the initiator connects from. The default is
+    loopback; ``dxl bench --netns`` puts them in two namespaces joined by a veth pair, with a
+    shared secret of the run (both engines' ``auth_token``: dxl listens on no address but
+    loopback without one)."""
+
+    target_ip: str = LOOPBACK
+    initiator_ip: str = LOOPBACK
+    target_ns: str | None = None
+    initiator_ns: str | None = None
+    auth_token: str | None = None
+
+
 @dataclass(frozen=True)
 class Workload:
     """One benchmark configuration, as sent to the target and initiator processes."""
@@ -75,6 +93,7 @@ class Workload:
     memory: str = "registered"  # target memory: "registered" (framework's), "shared" (the same
     # with dxl.ShareRegistered) or "allocated" (dxl's pool)
     tensors_override: int | None = None  # overhead mode: one tensor
+    hosts: Hosts = Hosts()  # dxl's link and the raw socket baseline both run between them
 
     @property
     def tensors(self) -> int:

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from netns import netns_available
+
+from dxl.bench.netns import netns_available
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.soak]
 
