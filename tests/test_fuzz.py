@@ -78,6 +78,7 @@ def test_encode_then_decode_round_trips():
         "tensor_size": 64,
         "units": 2,
         "placement": 0,
+        "device": 0,
         "addrs": [4096],
         "model_id": 0,
         "keys": [],
@@ -97,6 +98,13 @@ def test_encode_then_decode_round_trips():
         bad = json.dumps({"t": "reg_add", "rid": 5, "cache": {**entry, "shm": [window]}})
         with pytest.raises(wire.FrameError, match="shm window"):
             wire.decode(bad.encode())
+    for device, rule in ((-1, "device index"), (1 << 16, "device index"), (True, "type")):
+        bad = json.dumps({"t": "reg_add", "rid": 5, "cache": {**entry, "device": device}})
+        with pytest.raises(wire.FrameError, match=rule):
+            wire.decode(bad.encode())
+    no_device = {k: v for k, v in entry.items() if k != "device"}  # a v4 peer's entry
+    with pytest.raises(wire.FrameError, match="lacks field 'device'"):
+        wire.decode(json.dumps({"t": "reg_add", "rid": 5, "cache": no_device}).encode())
 
 
 ANY = st.one_of(

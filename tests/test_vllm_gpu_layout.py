@@ -328,15 +328,15 @@ class RecordingAgent:
         return object()
 
 
-@pytest.mark.parametrize(("mem", "device"), [("VRAM", 3), ("DRAM", 0)])
+@pytest.mark.parametrize(("mem", "device"), [("VRAM", 5), ("DRAM", 0)])
 def test_a_peers_cache_is_prepared_with_the_device_nixl_registered_it_on(mem, device) -> None:
     """NIXL finds a remote descriptor only under the peer's device id (0 for host memory): a
-    peer's VRAM is prepared on this engine's device (rank r pairs with rank r, on the same local
-    device), host memory on 0."""
+    peer's VRAM is prepared on the device the peer advertised with the cache (wire v5), not on
+    this engine's own (3 here: prefill and decode on one host use different GPUs)."""
     host = nixl_mod.NixlHost("dxl-1-a", [GPU_BASE, 0], allow_emulated=True, device_id=3)
     agent = RecordingAgent()
     host._agent = agent  # as if the first link had made it
     transport = nixl_mod.NixlTransport(host, "dxl-2-b", [GPU_BASE, 0], 1000)
     layout = Layout(np.array([GPU_BASE, GPU_BASE + 4096], dtype=np.uint64), 4096, 4, True)
-    assert transport._remote_prepped(7, layout, mem) is not None
+    assert transport._remote_prepped(7, layout, mem, 5) is not None
     assert agent.prepped == [("dxl-2-b", mem, [device])]

@@ -532,6 +532,12 @@ def _check_placement(what: str, value: Any) -> None:
         raise FrameError(f"{what} must be 0 (HOST) or 1 (DEVICE), got {value!r}")
 
 
+def _check_device(what: str, value: Any) -> None:
+    _check_int(what, value)
+    if not 0 <= value < 1 << 16:
+        raise FrameError(f"{what} must be a device index in [0, 65536), got {value!r}")
+
+
 # Fields of one advertised cache (registry entry). Only remotely accessible caches are sent.
 CACHE_FIELDS: dict[str, FieldCheck] = {
     "id": _check_int,  # cache_id on the owner
@@ -541,6 +547,7 @@ CACHE_FIELDS: dict[str, FieldCheck] = {
     "tensor_size": _check_int,  # bytes of one tensor
     "units": _check_int,  # num_blocks for a blocks cache, batch size for a contiguous one
     "placement": _check_placement,  # 0 HOST, 1 DEVICE
+    "device": _check_device,  # the owner's CUDA device of a DEVICE cache; 0 for HOST
     "addrs": _u64_list(None),  # one base address per tensor
     "model_id": lambda what, v: None if v is None else _check_int(what, v),  # of a blocks cache
     "keys": _check_list,  # [[req_id, model_id, prefix_id, batch_index], ...] (contiguous)

@@ -53,7 +53,8 @@ MAX_FRAME = 4 << 20  # a registry of 240 addresses is a few KiB; 4 MiB leaves ro
 PRELINK_MAX_FRAME = 16 << 10
 HEADER = struct.Struct(">I")
 # 4: claim and fetch carry the taker's view of the offer (the offerer checks it)
-PROTOCOL_VERSION = 4
+# 5: an advertised cache carries its device (a DEVICE cache's CUDA index, for the peer's NIXL)
+PROTOCOL_VERSION = 5
 
 
 def encode(msg: Message | str, /, **fields: Any) -> bytes:

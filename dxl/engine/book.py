@@ -43,9 +43,14 @@ class CacheBook:
     """
 
     def __init__(
-        self, max_addrs: int, regions: RegionRegistry, watcher: MemoryWatcher | None = None
+        self,
+        max_addrs: int,
+        regions: RegionRegistry,
+        watcher: MemoryWatcher | None = None,
+        device_id: int = 0,
     ) -> None:
         self._max_addrs = max_addrs
+        self._device_id = device_id  # of this engine's Placement.DEVICE caches, told to peers
         self._regions = regions
         self._watcher = watcher
         self._caches: dict[int, LocalCache] = {}
@@ -133,6 +138,7 @@ class CacheBook:
             bindings=bindings,
             pool_addrs=pool_addrs,
             shared=shared,
+            device=self._device_id if desc.placement == Placement.DEVICE else 0,
         )
         self.keys.bind(bindings, layout.num_tensors)
         self._caches[cache.cache_id] = entry

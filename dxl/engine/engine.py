@@ -120,7 +120,9 @@ class Engine:
             if opts.transport == NIXL
             else None
         )
-        book = self._book = CacheBook(opts.max_registered_addrs, regions, self._nixl)
+        book = self._book = CacheBook(
+            opts.max_registered_addrs, regions, self._nixl, device_id=opts.device_id or 0
+        )
         links = self._links = LinkTable(identity, opts, mover)
         # drains the agent's notifications, which peers could otherwise pile up in our memory
         self._nixl_watch = NotifWatch(self._nixl, links) if self._nixl is not None else None

@@ -36,6 +36,7 @@ class LocalCache:
     pool_addrs: list[int] | None = None  # allocated from a pool (freed by the engine)
     deallocated: bool = False  # deallocate_cache was called; freed once no key is bound
     shared: list[Window] = field(default_factory=list)  # pages moved onto memfds (dxl.share)
+    device: int = 0  # the CUDA device of a Placement.DEVICE cache (peers' NIXL needs it)
 
     def wire_entry(self) -> dict[str, Any]:
         """The registry entry peers receive (only for remotely accessible caches)."""
@@ -48,6 +49,7 @@ class LocalCache:
             "tensor_size": self.layout.tensor_size,
             "units": self.layout.units,
             "placement": int(desc.placement),
+            "device": self.device,
             "addrs": [int(a) for a in self.layout.addrs],
             "model_id": self.model_id,
             "keys": [b.wire() for b in self.bindings],
@@ -67,6 +69,7 @@ class RemoteCache:
     shm: list[list[int]] = field(default_factory=list)  # [fd, offset, base, size, ino] (share.py)
     usage: Usage = field(default_factory=Usage)
     placement: Placement = Placement.HOST  # DEVICE: only a nixl link moves it
+    device: int = 0  # the peer's device of a DEVICE cache (NIXL matches it on the peer)
 
     @classmethod
     def from_wire(cls, entry: dict[str, Any]) -> RemoteCache:
@@ -84,6 +87,7 @@ class RemoteCache:
             entry["keys"],
             entry["shm"],
             placement=Placement(entry["placement"]),
+            device=entry["device"],
         )
 
 

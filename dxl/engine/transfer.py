@@ -121,4 +121,5 @@ class Transfer:
             their_blocks,
             spec.block_bytes,
             remote.placement,
+            remote.device,
         )

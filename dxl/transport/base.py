@@ -88,6 +88,7 @@ class BlockMove:
         local_key, remote_key: the caches' ids (ours, the peer's).
         local_layout, remote_layout: their layouts.
         remote_placement: where the peer's cache lives (ours: the transport registered it).
+        remote_device: the peer's device of a ``Placement.DEVICE`` cache (0 for host memory).
     """
 
     local_key: int
@@ -100,6 +101,7 @@ class BlockMove:
     remote_blocks: np.ndarray
     block_bytes: int
     remote_placement: Placement = Placement.HOST
+    remote_device: int = 0
 
 
 @dataclass(frozen=True, slots=True)

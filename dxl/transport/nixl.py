@@ -592,7 +592,10 @@ class NixlTransport(Transport):
             return None
         local = self._host.local_prepped(move.local_key, move.local_layout)
         remote = self._remote_prepped(
-            move.remote_key, move.remote_layout, _mem_type(move.remote_placement)
+            move.remote_key,
+            move.remote_layout,
+            _mem_type(move.remote_placement),
+            move.remote_device,
         )
         if local is None or remote is None:
             return None
@@ -610,14 +613,15 @@ class NixlTransport(Transport):
             raise _nixl_error(exc) from exc
         return self._run(agent, handle, op, int(li.size) * unit, timeout_ms)
 
-    def _remote_prepped(self, cache_id: int, layout: Layout, mem: str) -> _Prepped | None:
+    def _remote_prepped(
+        self, cache_id: int, layout: Layout, mem: str, device: int
+    ) -> _Prepped | None:
         with self._lock:
             prepped = self._remote.get(cache_id)
             if prepped is None:
                 # NIXL matches a remote descriptor's device id with the peer's registration
-                # (0 for DRAM); the peer's VRAM device is not on the wire, so ours is assumed:
-                # vLLM pairs rank r with rank r, on the same local device (untested on a GPU)
-                dev = self._host.device_id if mem == "VRAM" else 0
+                # (0 for DRAM): the device the peer advertised with the cache (wire v5)
+                dev = device if mem == "VRAM" else 0
                 try:
                     prepped = _prep(self._host.agent, self._peer, layout, mem, dev)
                 except Exception as exc:  # its registration has not reached us: planned path

@@ -128,6 +128,7 @@ def cache_entry(
         "tensor_size": tensor_size,
         "units": units,
         "placement": 0,
+        "device": 0,
         "addrs": addrs,
         "model_id": model_id,
         "keys": [],

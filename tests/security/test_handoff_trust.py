@@ -284,6 +284,7 @@ def cache_entry(cache_id: int, n_addrs: int) -> dict[str, Any]:
         "tensor_size": 4096,
         "units": 1,
         "placement": 0,
+        "device": 0,
         "addrs": [(1 << 32) + 4096 * i for i in range(n_addrs)],
         "model_id": None,
         "keys": [],
