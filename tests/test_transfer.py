@@ -56,7 +56,8 @@ async def test_pull_blocks_is_byte_exact(prefill):
         others = sorted(set(range(BLOCKS)) - set(dst_blocks))
         assert dst.untouched(tensors, others)
         stats = eng.stats()
-        assert stats["links"][P_ID]["transport"] == "cma"
+        # the prefill's memory is shared by default (dxl.ShareRegistered unset, nothing pinned)
+        assert stats["links"][P_ID]["transport"] == "cma+shm"
         assert stats["pull"]["ops"] == 1
         assert stats["pull"]["bytes"] == TENSORS * len(src_blocks) * BLOCK_BYTES
 

@@ -64,7 +64,9 @@ class DxlConnectorConfig:
             and vLLM's ``kv_load_failure_policy`` applies.
         transport: ``auto`` (cma on one host, tcp across hosts), ``cma`` or ``tcp``.
         share_registered: ``dxl.ShareRegistered`` for the KV caches (same-host peers map them
-            and memcpy; docs/api.md says when it is safe). Default off; a JSON boolean.
+            and memcpy; docs/api.md says when it is safe). Default unset (null): automatic,
+            on where nothing in the worker can have pinned the caches (vLLM's CPU platform:
+            no CUDA/RDMA runtime mapped, VmPin 0); a JSON boolean forces it on or off.
         allow_remote_listen: listen on a non-loopback address without a secret
             (``dxl.AllowRemoteListen``; dxl refuses that otherwise). Default off; a JSON boolean.
 
@@ -80,7 +82,7 @@ class DxlConnectorConfig:
     lease_s: float = DEFAULT_LEASE_S
     fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
     transport: str = AUTO
-    share_registered: bool = False
+    share_registered: bool | None = None
     allow_remote_listen: bool = False
 
     def __post_init__(self) -> None:
@@ -143,7 +145,8 @@ class DxlConnectorConfig:
             raise ValueError(
                 f"dxl connector: transport must be one of {TRANSPORTS}, got {self.transport!r}"
             )
-        _flag("share_registered", self.share_registered)
+        if self.share_registered is not None:  # None: dxl decides (docs/api.md)
+            _flag("share_registered", self.share_registered)
         _flag("allow_remote_listen", self.allow_remote_listen)
         given = [k for k in SECRET_KEYS if getattr(self, k) is not None]
         if len(given) > 1:
@@ -193,8 +196,8 @@ class DxlConnectorConfig:
         secret = self.auth_token()
         if secret:
             opts[OPT_AUTH_TOKEN] = secret
-        if self.share_registered:
-            opts[OPT_SHARE_REGISTERED] = "1"
+        if self.share_registered is not None:
+            opts[OPT_SHARE_REGISTERED] = "1" if self.share_registered else "0"
         if self.allow_remote_listen:
             opts[OPT_ALLOW_REMOTE_LISTEN] = "1"
         return opts
