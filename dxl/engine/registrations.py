@@ -160,7 +160,7 @@ class Registrations:
         if share is None:
             share = bool(self._opts.share_registered) and not device
         if auto:
-            share = remote_accessible and not device and self._auto_share()
+            share = remote_accessible and not device and pool_addrs is None and self._auto_share()
         shared: list[Window] = []
         if share and remote_accessible and pool_addrs is None:
             shared = await self._share(layout, auto)
