@@ -830,9 +830,11 @@ class LLMConfig:
     share_registered = Prop(
         OPT_SHARE_REGISTERED,
         doc="dxl: move registered HOST memory onto shared memory in place, so same-host peers "
-        "memcpy it (off by default: docs/api.md says when it is safe).",
-        default=False,
-        check=_bool,
+        "memcpy it. Unset (the default): only where nothing can have pinned the memory (no "
+        "GPU/RDMA runtime mapped, VmPin 0) and the transport may be cma; False: never; True: "
+        "always (docs/api.md says when that is safe).",
+        default=None,
+        check=_bool_or_unset,
         render=_flag,
         parse=_parse_flag,
         field="share_registered",
@@ -973,7 +975,7 @@ class EngineOptions:
     transport: str = AUTO_TRANSPORT
     inline_bytes: int = DEFAULT_INLINE_BYTES
     nixl_allow_emulated: bool = False
-    share_registered: bool = False
+    share_registered: bool | None = None  # None: automatic (docs/api.md)
     auth_token: str | None = field(default=None, repr=False)
     link_total_time_s: int = 0
     rank_table_base_port: int = DEFAULT_RANK_TABLE_BASE_PORT

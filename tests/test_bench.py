@@ -322,7 +322,8 @@ def test_smoke_cma_pull_and_push_are_verified() -> None:
     ]
     for r in rows:
         assert r["verified"] is True and r["error"] is None, r
-        assert r["link_transport"] == "cma" and r["baseline"] == "memcpy"
+        # default settings: the target's registered memory is shared (nothing pinned here)
+        assert r["link_transport"] == "cma+shm" and r["baseline"] == "memcpy"
         assert r["gbps"] > 0 and r["baseline_gbps"] > 0 and r["ratio"] > 0
         assert 0 < r["p50_us"] <= r["p99_us"]
         assert len(r["gbps_passes"]) == len(r["baseline_passes"]) == 1
@@ -335,8 +336,11 @@ def test_smoke_cma_pull_and_push_are_verified() -> None:
 
 @pytest.mark.multiproc
 @pytest.mark.cma
-@pytest.mark.parametrize("memory", ["shared", "allocated"])
-def test_smoke_shared_memory_is_verified_over_cma_shm(memory: str) -> None:
+@pytest.mark.parametrize(
+    ("memory", "link"),
+    [("shared", "cma+shm"), ("allocated", "cma+shm"), ("private", "cma")],
+)
+def test_smoke_memory_kinds_are_verified_over_their_path(memory: str, link: str) -> None:
     rc, rows, err = run_bench(
         "--transport",
         "cma",
@@ -353,7 +357,7 @@ def test_smoke_shared_memory_is_verified_over_cma_shm(memory: str) -> None:
     assert [r["op"] for r in rows] == ["pull", "push"]
     for r in rows:
         assert r["verified"] is True and r["error"] is None, r
-        assert r["memory"] == memory and r["link_transport"] == "cma+shm"
+        assert r["memory"] == memory and r["link_transport"] == link
 
 
 @pytest.mark.multiproc
@@ -428,6 +432,8 @@ def test_overhead_mode_reports_one_piece_latency_and_planning() -> None:
         "3",
         "--passes",
         "1",
+        "--memory",  # the bare native call is the floor of a process_vm_readv link
+        "private",
     )
     assert rc == 0, err
     over = [r for r in rows if r["mode"] == "overhead"]
@@ -622,7 +628,7 @@ def test_handoff_smoke_cma_is_verified() -> None:
         "--handoff", "--transport", "cma", "--fan-in", "3", "--block-bytes", "4K", *SMOKE
     )
     assert rc == 0, err
-    _check_handoff_rows(rows, "cma", 3)
+    _check_handoff_rows(rows, "cma+shm", 3)  # the prefills' memory is shared by default
     assert "Request handoff latency" in err and "Handoff fan-in" in err
 
 

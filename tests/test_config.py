@@ -106,6 +106,8 @@ def test_repr_does_not_emit_options() -> None:
         ({"allow_remote_listen": True}, {"dxl.AllowRemoteListen": "1"}),
         ({"allow_remote_listen": False}, {"dxl.AllowRemoteListen": "0"}),
         ({"share_registered": True}, {"dxl.ShareRegistered": "1"}),
+        ({"share_registered": False}, {"dxl.ShareRegistered": "0"}),
+        ({"share_registered": None}, {}),
     ],
 )
 def test_generate_options_per_property(props: dict[str, Any], expected: dict[str, str]) -> None:
@@ -356,7 +358,7 @@ def test_engine_options_defaults() -> None:
     assert opts.host_mem_pool is None
     assert (opts.max_registered_addrs, opts.heartbeat_interval_ms) == (240, 1000)
     assert (opts.transfer_threads, opts.allow_remote_listen) == (2, False)
-    assert opts.share_registered is False  # opt-in: see dxl/share.py
+    assert opts.share_registered is None  # unset: automatic, see dxl/memory/pins.py
     assert opts.raw == {}
 
 

@@ -354,8 +354,8 @@ async def test_mappings_are_prefaulted_in_the_background(make_peer):
         )
 
 
-async def test_without_the_option_registered_memory_stays_private(make_peer):
-    peer = make_peer(P_ID)
+async def test_with_the_option_off_registered_memory_stays_private(make_peer):
+    peer = make_peer(P_ID, options={"dxl.ShareRegistered": "0"})
     await peer.acall(
         "register",
         name="kv",
@@ -419,7 +419,7 @@ def test_prefault_maps_pages_and_refuses_bad_ranges() -> None:
 
 async def test_share_per_registration_overrides_the_engine_option():
     buf = KVBuffers(TENSORS, BLOCKS, BLOCK)
-    async with dxl.Engine(P_ID, dxl.LLMRole.PROMPT) as eng:  # option off
+    async with dxl.Engine(P_ID, dxl.LLMRole.PROMPT, {"dxl.ShareRegistered": "0"}) as eng:
         cache = await eng.register_blocks_cache(
             buf.desc(), buf.addrs, remote_accessible=True, share=True
         )

@@ -39,11 +39,15 @@ def params(*names: str) -> list[object]:
 
 def transport_options(transport: str) -> dict[str, str]:
     """Engine options selecting ``transport``; "shared" is cma where the prefill moved its
-    registered memory onto memfds (dxl.ShareRegistered), which the decode maps (cma+shm)."""
+    registered memory onto memfds (dxl.ShareRegistered), which the decode maps (cma+shm);
+    "cma" is the cma syscalls alone (dxl.ShareRegistered 0: unset, dxl would share memory
+    nothing can have pinned, tests/test_share_default.py)."""
     if transport == "nixl":
         return dict(NIXL_OPTIONS)
     if transport == "shared":
         return {"dxl.Transport": "cma", "dxl.ShareRegistered": "1"}
+    if transport == "cma":
+        return {"dxl.Transport": "cma", "dxl.ShareRegistered": "0"}
     return {"dxl.Transport": transport}
 
 

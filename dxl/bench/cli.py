@@ -154,11 +154,13 @@ def bench_parser(prog: str = "dxl bench") -> argparse.ArgumentParser:
     )
     a(
         "--memory",
-        choices=("registered", "shared", "allocated"),
+        choices=("registered", "private", "shared", "allocated"),
         default="registered",
-        help="target KV memory: framework memory registered with dxl (default); the same with "
-        "dxl.ShareRegistered (moved onto memfds at registration); or a cache dxl allocates "
-        "from its memfd pool (same-host peers copy the last two with memcpy)",
+        help="target KV memory: framework memory registered with dxl with default settings "
+        "(default: dxl.ShareRegistered unset, which moves it onto memfds where nothing can "
+        "have pinned it); the same with dxl.ShareRegistered off (private: process_vm_readv) or "
+        "on (shared); or a cache dxl allocates from its memfd pool (same-host peers copy "
+        "memfd-backed memory with memcpy)",
     )
     a(
         "--netns",

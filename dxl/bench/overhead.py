@@ -4,7 +4,8 @@
 request moves one block (exactly one piece), one request at a time. It reports p50/p99 of the
 dxl call (``await eng.pull_blocks(...)`` or the sync facade) and, as floors measured in the
 same pass, the bare native call for that piece (``CmaTransport.read``/``write``: one
-``process_vm_readv``/``writev``, cma links only) and a one-piece ``memcpy``. The difference
+``process_vm_readv``/``writev``, plain cma links only: ``--memory private``, since registered
+memory is shared by default) and a one-piece ``memcpy``. The difference
 between dxl and the native floor is what the engine adds per request.
 
 With the async API it also measures how long the event loop stalls while bursts of

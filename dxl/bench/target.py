@@ -41,7 +41,8 @@ async def _serve(w: Workload, conn: Connection, logs: LogCapture) -> None:
     loop = asyncio.get_running_loop()
     raw = RawSocketServer(w.request_bytes, w.hosts.target_ip)
     cfg = engine_config(w, listen=True)
-    cfg.share_registered = w.memory == "shared"  # registered memory moved onto memfds
+    if w.memory in ("private", "shared"):  # else the default: dxl.ShareRegistered unset
+        cfg.share_registered = w.memory == "shared"
     if w.memory == "allocated":  # dxl's memfd pool: one region per tensor, 64 KiB pages
         per_tensor = -(-w.num_blocks * w.block_bytes // (64 << 10)) * (64 << 10)
         cfg.host_mem_pool_cfg = json.dumps(

@@ -90,8 +90,8 @@ class Workload:
     mode: str = "bench"  # "bench" or "overhead"
     debug_corrupt: bool = False
     huge_pages: bool = False  # KV tensors on transparent huge pages (both sides), else 4 KiB
-    memory: str = "registered"  # target memory: "registered" (framework's), "shared" (the same
-    # with dxl.ShareRegistered) or "allocated" (dxl's pool)
+    memory: str = "registered"  # target memory: "registered" (framework's, default settings),
+    # "private" / "shared" (the same with dxl.ShareRegistered off / on) or "allocated" (dxl's pool)
     tensors_override: int | None = None  # overhead mode: one tensor
     hosts: Hosts = Hosts()  # dxl's link and the raw socket baseline both run between them
 

@@ -10,15 +10,17 @@ touching it are waited for, and only then are its regions, shared pages and pool
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from .._validate import check_cache_arg, check_int64, check_isinstance
 from ..config import EngineOptions
 from ..control.messages import DataInfo, RegAdd, RegDel
 from ..errors import LLMStatusCode, fail, param_invalid
 from ..memory.layout import Layout, check_mapped, layout_of
+from ..memory.pins import pin_hazard
 from ..memory.pool import HostPool, allocate_tensors
 from ..memory.share import SHARED, Window
-from ..transport.names import NIXL
+from ..transport.names import AUTO, CMA, NIXL
 from ..types import BlocksCacheKey, Cache, CacheDesc, CacheKey, Placement
 from .book import CacheBook
 from .links import LinkTable
@@ -26,6 +28,8 @@ from .listener import Listener
 from .mover import Mover
 from .registry import LocalCache
 from .state import RunState
+
+log = logging.getLogger("dxl")
 
 
 class Registrations:
@@ -89,9 +93,10 @@ class Registrations:
         Block k of tensor i is ``[k * block_bytes, (k + 1) * block_bytes)`` from ``addrs[i]``,
         with ``num_blocks = cache_desc.shape[0]``. ``remote_accessible`` defaults to True for
         DEVICE and False for HOST; only remotely accessible caches are visible to peers.
-        ``share`` (dxl extension; None: the engine's ``dxl.ShareRegistered``) moves the
-        tensors' whole pages onto memfds in place so same-host peers copy them with memcpy;
-        it needs a remotely accessible HOST cache (docs/api.md says when it is safe).
+        ``share`` (dxl extension; None: the engine's ``dxl.ShareRegistered``, which unset
+        shares automatically where nothing can have pinned the memory) moves the tensors'
+        whole pages onto memfds in place so same-host peers copy them with memcpy; it needs a
+        remotely accessible HOST cache (docs/api.md says when it is safe).
         """
         op = "register_blocks_cache"
         _check_register_args(op, cache_desc, addrs, remote_accessible, share)
@@ -151,11 +156,14 @@ class Registrations:
             raise param_invalid(
                 op, "share=True needs remote_accessible=True: only memory peers read is shared"
             )
+        auto = share is None and self._opts.share_registered is None
         if share is None:
-            share = self._opts.share_registered and not device
+            share = bool(self._opts.share_registered) and not device
+        if auto:
+            share = remote_accessible and not device and pool_addrs is None and self._auto_share()
         shared: list[Window] = []
         if share and remote_accessible and pool_addrs is None:
-            shared = await self._share(layout)
+            shared = await self._share(layout, auto)
             try:  # other registrations may have landed while the pages moved
                 bindings = self._book.check(op, layout, model_id, cache_keys)
             except BaseException:
@@ -179,13 +187,24 @@ class Registrations:
                 await self._links.broadcast(RegAdd(cache=entry.wire_entry()))
         return entry
 
-    async def _share(self, layout: Layout) -> list[Window]:
+    def _auto_share(self) -> bool:
+        """``dxl.ShareRegistered`` unset: share where a same-host peer may map the memory (the
+        transport may be cma) and nothing in the process can have pinned it
+        (:func:`dxl.memory.pins.pin_hazard`)."""
+        if self._opts.transport not in (AUTO, CMA):
+            return False
+        hazard = pin_hazard()
+        if hazard:
+            log.info("dxl: registered memory is not shared automatically: %s", hazard)
+        return not hazard
+
+    async def _share(self, layout: Layout, auto: bool = False) -> list[Window]:
         """Move the tensors' whole pages onto memfds (``dxl.ShareRegistered``), on the
         workers: it copies the memory once."""
         ranges = [(a, a + layout.tensor_size) for a in layout.addrs.tolist()]
         got: list[list[Window]] = []
         try:
-            await self._mover.run(lambda: got.append(SHARED.share(ranges)))
+            await self._mover.run(lambda: got.append(SHARED.share(ranges, auto)))
         except asyncio.CancelledError:  # the call has finished: give its shares back
             for windows in got:
                 SHARED.release(windows)

@@ -10,9 +10,12 @@ addresses and bytes, now backed by shared memory (``dxl_share_in_place``).
 Only whole pages inside a registered tensor move (a tensor's first and last partial page stay
 private and keep going through cma), and only from private anonymous read-write mappings with no
 unusual flags: the ``brk`` heap, memory that is locked, or that a device or NIC may have pinned
-(device mappings, ``MADV_DONTFORK``), is left alone. It stays opt-in because nothing tells from
-user space that memory was pinned with ``cudaHostRegister``: such a device would keep using the
-old pages.
+(device mappings, ``MADV_DONTFORK``), is left alone. Nothing tells from user space that one
+page was pinned with ``cudaHostRegister``: such a device would keep using the old pages. So the
+option, while unset, shares only where the process shows no sign of any pinning at all
+(:func:`dxl.memory.pins.pin_hazard`: no GPU/RDMA runtime or device mapped, ``VmPin`` 0), and
+leaves memory on transparent huge pages alone there (a memfd would give its owner 4 KiB pages;
+cma on huge pages is near memcpy already).
 
 Safety: the move write-protects each chunk with userfaultfd, so a write by another thread during
 the move waits and then lands on the new page (never lost); without userfaultfd write protection
@@ -32,6 +35,7 @@ import threading
 from dataclasses import dataclass
 
 from .. import _ffi
+from .pins import pin_hazard
 
 log = logging.getLogger("dxl")
 
@@ -68,6 +72,8 @@ class _Span:
     fd: int
     ino: int
     refs: int = 0
+    # shared by the automatic default: given back only while nothing can have pinned its pages
+    careful: bool = False
 
 
 class SharedMemory:
@@ -78,11 +84,13 @@ class SharedMemory:
         self._share_lock = threading.Lock()  # one share at a time: spans never race to exist
         self._spans: list[_Span] = []
 
-    def share(self, ranges: list[tuple[int, int]]) -> list[Window]:
+    def share(self, ranges: list[tuple[int, int]], auto: bool = False) -> list[Window]:
         """Share the whole pages inside each ``[start, end)`` (blocking: copies the memory once).
 
         Returns one window per range that could be shared; a range that cannot (too small,
         not plain private memory, partly shared already) is logged and keeps going through cma.
+        ``auto`` (the unset option's default) also leaves memory on huge pages alone, and marks
+        the spans it creates to stay shared if a pin may exist when they are given back.
         """
         windows: list[Window] = []
         with self._share_lock:
@@ -102,13 +110,14 @@ class SharedMemory:
                 if span is None:
                     if vmas is None:
                         vmas = _read_vmas()
-                    reason = _unshareable(vmas, lo, hi)
+                    reason = _unshareable(vmas, lo, hi) or (_huge(vmas, lo, hi) if auto else "")
                     if reason:
                         log.info("dxl: %#x-%#x is not shared: %s; it stays on cma", lo, hi, reason)
                         continue
                     span = self._create(lo, hi)
                     if span is None:
                         continue
+                    span.careful = auto
                 windows.append(Window(span.fd, span.ino, lo - span.start, lo, hi - lo))
         return windows
 
@@ -121,6 +130,13 @@ class SharedMemory:
                 span.refs -= 1
                 if span.refs == 0:
                     self._spans.remove(span)
+                    hazard = pin_hazard() if span.careful else ""
+                    if hazard:  # a pin taken since would keep the memfd's pages: keep them
+                        log.warning(
+                            "dxl: %#x-%#x stays on shared memory: %s", span.start, span.end, hazard
+                        )
+                        os.close(span.fd)  # the mapping holds the memfd's pages
+                        continue
                     rc = _ffi.lib.dxl_share_release(span.start, span.end - span.start, span.fd)
                     if rc < 0:  # still mapped and valid, only shared: say so, lose nothing
                         log.warning(
@@ -167,6 +183,7 @@ class _Vma:
     perms: str
     path: str
     flags: frozenset[str]
+    huge_kb: int = 0  # AnonHugePages: bytes on transparent huge pages, in KiB
 
 
 def _read_vmas() -> list[_Vma]:
@@ -179,6 +196,8 @@ def _read_vmas() -> list[_Vma]:
                 vmas.append(_Vma(int(start, 16), int(end, 16), perms, path, frozenset()))
             elif line.startswith("VmFlags:") and vmas:
                 vmas[-1].flags = frozenset(line.split()[1:])
+            elif line.startswith("AnonHugePages:") and vmas:
+                vmas[-1].huge_kb = int(line.split()[1])
     return vmas
 
 
@@ -203,6 +222,14 @@ def _unshareable(vmas: list[_Vma], lo: int, hi: int) -> str:
         if at >= hi:
             return ""
     return f"{at:#x} is not mapped"
+
+
+def _huge(vmas: list[_Vma], lo: int, hi: int) -> str:
+    """Why ``[lo, hi)`` keeps its pages automatically: part of it is on huge pages ("" if not).
+    Read per mapping: a mapping with any huge page counts, even outside ``[lo, hi)``."""
+    if any(v.huge_kb and v.start < hi and lo < v.end for v in vmas):
+        return "it is on transparent huge pages (cma reads them near memcpy speed)"
+    return ""
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

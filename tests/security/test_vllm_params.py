@@ -462,11 +462,30 @@ def test_ranks_that_disagree_fail_the_load() -> None:
 
 
 # ====================================================================== item 8: typed options
-@pytest.mark.parametrize("key", ["allow_remote_listen", "share_registered"])
-@pytest.mark.parametrize("value", ["false", "true", "0", "", 0, 1, None, [], {}], ids=_id)
+_NOT_BOOLEANS: list[Any] = ["false", "true", "0", "", 0, 1, [], {}]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("allow_remote_listen", v) for v in [*_NOT_BOOLEANS, None]]
+    # share_registered: null is its default (dxl decides), see the next test
+    + [("share_registered", v) for v in _NOT_BOOLEANS],
+    ids=_id,
+)
 def test_a_boolean_option_must_be_a_boolean(key: str, value: Any) -> None:
     with pytest.raises(ValueError, match=rf"{key} must be true or false"):
         DxlConnectorConfig.from_extra({key: value})
+
+
+def test_share_registered_is_left_to_dxl_unless_set() -> None:
+    """Unset (or null), the connector emits no dxl.ShareRegistered: the engine's automatic
+    default applies. A boolean is passed on as "1" / "0" (the opt-out)."""
+    key = dxl.config.OPT_SHARE_REGISTERED
+    assert DxlConnectorConfig().share_registered is None
+    assert key not in DxlConnectorConfig.from_extra({}).engine_options(0)
+    assert key not in DxlConnectorConfig.from_extra({"share_registered": None}).engine_options(0)
+    off = DxlConnectorConfig.from_extra({"share_registered": False}).engine_options(0)
+    assert off[key] == "0"
 
 
 def test_the_false_string_no_longer_opens_an_unauthenticated_listener() -> None:

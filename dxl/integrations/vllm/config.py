@@ -68,8 +68,10 @@ class DxlConnectorConfig:
             caches: nixl), ``cma``, ``tcp`` or ``nixl`` (needs ``pip install 'dxl[nixl]'``;
             the only transport of CUDA KV caches, so ``cma`` or ``tcp`` with them is refused).
         share_registered: ``dxl.ShareRegistered`` for the KV caches (same-host peers map them
-            and memcpy; docs/api.md says when it is safe). Host memory only: refused with
-            CUDA KV caches. Default off; a JSON boolean.
+            and memcpy; docs/api.md says when it is safe). Host memory only: true is refused
+            with CUDA KV caches. Default unset (null): automatic, on where nothing in the
+            worker can have pinned the caches (vLLM's CPU platform: no CUDA/RDMA runtime
+            mapped, VmPin 0); a JSON boolean forces it on or off.
         allow_remote_listen: listen on a non-loopback address without a secret
             (``dxl.AllowRemoteListen``; dxl refuses that otherwise). Default off; a JSON boolean.
         idle_wait_s: in a step that runs no forward (vLLM steps its engine every millisecond
@@ -94,7 +96,7 @@ class DxlConnectorConfig:
     lease_s: float = DEFAULT_LEASE_S
     fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
     transport: str = AUTO
-    share_registered: bool = False
+    share_registered: bool | None = None
     allow_remote_listen: bool = False
     nixl_allow_emulated: bool = False
     idle_wait_s: float = 0.005
@@ -164,7 +166,8 @@ class DxlConnectorConfig:
             raise ValueError(
                 f"dxl connector: transport must be one of {TRANSPORTS}, got {self.transport!r}"
             )
-        _flag("share_registered", self.share_registered)
+        if self.share_registered is not None:  # None: dxl decides (docs/api.md)
+            _flag("share_registered", self.share_registered)
         _flag("allow_remote_listen", self.allow_remote_listen)
         _flag("nixl_allow_emulated", self.nixl_allow_emulated)
         given = [k for k in SECRET_KEYS if getattr(self, k) is not None]
@@ -253,8 +256,8 @@ class DxlConnectorConfig:
         secret = self.auth_token()
         if secret:
             opts[OPT_AUTH_TOKEN] = secret
-        if self.share_registered:
-            opts[OPT_SHARE_REGISTERED] = "1"
+        if self.share_registered is not None:
+            opts[OPT_SHARE_REGISTERED] = "1" if self.share_registered else "0"
         if self.allow_remote_listen:
             opts[OPT_ALLOW_REMOTE_LISTEN] = "1"
         if self.nixl_allow_emulated:
