@@ -6,6 +6,7 @@ and "0" (or ``share=False``) turns it off."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_share import ALL, BLOCK, BLOCKS, P_ID, TENSORS, decoder, interior, mappings_over
@@ -91,7 +92,7 @@ async def test_by_default_registered_memory_is_shared_and_peers_memcpy_it(make_p
 async def test_the_default_shares_nothing_where_a_pin_may_exist_or_no_peer_maps(monkeypatch):
     buf = KVBuffers(TENSORS, BLOCKS, BLOCK)
 
-    async def register_and_drop(eng: dxl.Engine, **kw: object) -> int:
+    async def register_and_drop(eng: dxl.Engine, **kw: Any) -> int:
         cache = await eng.register_blocks_cache(buf.desc(), buf.addrs, remote_accessible=True, **kw)
         live = SHARED.live()
         await eng.unregister_cache(cache.cache_id)
