@@ -112,11 +112,17 @@ class Prefill:
 
 
 def usage() -> dict[str, Any]:
-    """This process's open fds (and how many of each kind: socket, pipe, ...), threads and RSS
-    (KiB), garbage collected first (what is unreachable is no leak)."""
+    """This process's open fds (and how many of each kind: socket, pipe, ...), threads, RSS and
+    its private part (KiB: RSS less the resident pages of shared mappings, which include the
+    prefills' memory mapped from their memfds and grow as more of it is read: not a leak), and
+    its mappings, garbage collected first (what is unreachable is no leak)."""
     gc.collect()
+    page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
     with open("/proc/self/statm") as f:
-        rss_kib = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+        statm = [int(x) for x in f.read().split()]
+    rss_kib, private_kib = statm[1] * page_kib, (statm[1] - statm[2]) * page_kib
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for _ in f)
     kinds: Counter[str] = Counter()
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):  # the listing's own fd is gone by now
@@ -127,6 +133,8 @@ def usage() -> dict[str, Any]:
         "threads": threading.active_count(),
         "os_threads": len(os.listdir("/proc/self/task")),
         "rss_kib": rss_kib,
+        "private_kib": private_kib,
+        "maps": maps,
     }
 
 

@@ -89,7 +89,9 @@ async def test_auto_prefers_cma_on_one_host(make_peer):
     eng, _, _ = await decoder({"dxl.Transport": "auto"})
     async with eng:
         await eng.link_clusters([peer.cluster_info()])
-        assert eng.stats()["transports"] == {"cma": 1}
+        # cma, with the prefill's memory mapped (cma+shm) where dxl shared it by default
+        (used,) = eng.stats()["transports"].items()
+        assert used in (("cma", 1), ("cma+shm", 1))
 
 
 async def test_secret_authenticates_links(make_peer, caplog):
