@@ -382,14 +382,12 @@ async def test_a_link_whose_ends_disagree_on_nixl_is_refused_at_once(
         await async_wait_until(lambda: p.stats()["links"] == {}, 10, "no link on the prefill")
 
 
-async def _send_notifs(agent: Any, to: str, count: int, size: int) -> None:
-    """``count`` notifications of ``size`` bytes from ``agent`` to agent ``to``, yielding to
-    the loop now and then (the receiving engine runs on it)."""
+def _send_notifs(agent: Any, to: str, count: int, size: int) -> None:
+    """``count`` notifications of ``size`` bytes from ``agent`` to agent ``to`` (the callers
+    then wait, on a predicate, for the receiving engine to drain them)."""
     msg = b"n" * size
-    for i in range(count):
+    for _ in range(count):
         agent.send_notif(to, msg)
-        if i % 64 == 63:
-            await asyncio.sleep(0)
 
 
 async def test_notifications_a_peer_sends_are_drained_and_dropped():
@@ -402,7 +400,7 @@ async def test_notifications_a_peer_sends_are_drained_and_dropped():
         p_host, d_host = x.p._nixl, x.d._nixl
         assert p_host is not None and d_host is not None
         for n in range(1, batches + 1):
-            await _send_notifs(p_host.agent, d_host.name, batch, size)
+            _send_notifs(p_host.agent, d_host.name, batch, size)
             await async_wait_until(
                 lambda n=n: d_host.notifs.snapshot()["dropped"] >= n * batch,
                 30,
@@ -438,7 +436,7 @@ async def test_a_peer_that_floods_notifications_is_unlinked(
         p_host, d_host = x.p._nixl, x.d._nixl
         assert p_host is not None and d_host is not None
         assert count < nixl_notifs.NOTIF_LIMIT or count * size < nixl_notifs.NOTIF_BYTES_LIMIT
-        await _send_notifs(p_host.agent, d_host.name, count, size)
+        _send_notifs(p_host.agent, d_host.name, count, size)
         await async_wait_until(lambda: P_ID not in x.d.stats()["links"], 30, "the flooder cut")
         assert d_host.notifs.snapshot()["floods"] >= 1
         assert "notifications" in caplog.text and "closing the link" in caplog.text

@@ -54,19 +54,11 @@ class NotifWatch:
             if self._host.stuck():  # transfers past their deadline: release those that ended
                 self._host.reap()
 
-    def _cut(self, agent: str, why: str | None = None) -> None:
-        """Close the link whose peer is NIXL agent ``agent`` (if any still is): it flooded
-        notifications, or (``why``) its agent was disconnected."""
+    def _cut(self, agent: str) -> None:
+        """Close the link whose peer is NIXL agent ``agent`` (if any still is)."""
         for link in list(self._links):
             transport = link.transport
-            if not isinstance(transport, NixlTransport) or transport.peer_agent != agent:
-                continue
-            if why is not None:
-                limited.warning(
-                    "nixl-cut", "dxl: closing the link to cluster %d: %s", link.peer.cluster_id, why
-                )
-                link.close(why)
-            else:
+            if isinstance(transport, NixlTransport) and transport.peer_agent == agent:
                 limited.warning(
                     "nixl-notif-flood",
                     "dxl: closing the link to cluster %d: its NIXL agent sent more than %d "

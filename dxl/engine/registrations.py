@@ -157,10 +157,10 @@ class Registrations:
                 op, "share=True needs remote_accessible=True: only memory peers read is shared"
             )
         auto = share is None and self._opts.share_registered is None
-        if share is None:
-            share = bool(self._opts.share_registered) and not device
-        if auto:
+        if auto:  # dxl.ShareRegistered unset: where nothing can have pinned the memory
             share = remote_accessible and not device and pool_addrs is None and self._auto_share()
+        elif share is None:
+            share = bool(self._opts.share_registered) and not device
         shared: list[Window] = []
         if share and remote_accessible and pool_addrs is None:
             shared = await self._share(layout, auto)

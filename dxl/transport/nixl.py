@@ -302,11 +302,6 @@ class NixlHost:
             return self._agent
 
     @property
-    def device_id(self) -> int:
-        """The device of this engine's ``Placement.DEVICE`` caches."""
-        return self._device_id
-
-    @property
     def registered(self) -> frozenset[int]:
         """The caches registered with the agent now (ids)."""
         with self._lock:
