@@ -54,6 +54,7 @@ from peer import Peer, PeerError
 
 import dxl
 from dxl.handoff import FetchError, Ticket
+from dxl.memory.share import MEMFD_NAME
 from dxl.testing import KVBuffers
 
 FULL = {"handoffs": 10_000, "prefills": 16}
@@ -138,8 +139,13 @@ def usage() -> dict[str, Any]:
     }
 
 
+SHARED_MEMORY = "shared memory"  # our memfds, and the peers' (each peer window's mmap holds one)
+
+
 def _fd_kind(target: str) -> str:
-    """socket, pipe, anon_inode:[eventfd], ... or file."""
+    """socket, pipe, anon_inode:[eventfd], ..., shared memory (dxl's memfds) or file."""
+    if target.startswith(MEMFD_NAME):
+        return SHARED_MEMORY
     if target.startswith("/"):
         return "file"
     kind = target.partition(":")[0]
@@ -160,7 +166,8 @@ class Soak:
             "block_bytes": cfg.block_bytes,
         }
         self.opts = {"dxl.Transport": cfg.transport}
-        self.usage: dict[str, dict[str, int]] = {}
+        self.usage: dict[str, dict[str, Any]] = {}
+        self.windows_at_end: dict[int, int] = {}
         self.kill_wave = -1
         self.old_ticket_refused: bool | None = None
 
@@ -373,6 +380,7 @@ class Soak:
         async with dxl.Engine(99, dxl.LLMRole.DECODER, opts) as eng:
             eng.handoff.max_fetches = cfg.max_fetches
             cache = await eng.register_blocks_cache(buf.desc(), buf.addrs, remote_accessible=True)
+            self.usage["registered"] = usage()
             d = {"eng": eng, "buf": buf, "cache": cache, "free": list(range(cfg.dst_blocks))}
             per_wave = cfg.per_wave * cfg.prefills
             waves = -(-cfg.handoffs // per_wave)
@@ -392,6 +400,8 @@ class Soak:
             lives = [await p.peer.aio("live") for p in self.prefills]
             stats = eng.stats()["handoff"]
             self.usage["at the end"] = usage()
+            links = eng.stats()["links"]
+            self.windows_at_end = {cid: link["shared_windows"] for cid, link in links.items()}
         for p in self.prefills:
             p.peer.stop()
         return self.report(lives, stats, started, time.monotonic() - t0)
@@ -439,6 +449,8 @@ class Soak:
                 k: stats[k] for k in ("fetch_failures", "renewals", "fetches_in_flight")
             },
             "decode_usage": self.usage,
+            "windows_at_end": self.windows_at_end,  # per linked prefill: its windows mapped here
+            "prefill_ids": [p.cluster_id for p in self.prefills],
             "seconds": {"start_prefills": round(started, 1), "total": round(took, 1)},
             "problems": self.problems,
             "ok": not self.problems,

@@ -333,13 +333,16 @@ class LinkTable:
         return LLMStatusCode.LLM_SUCCESS
 
     def snapshot(self) -> dict[int, dict[str, Any]]:
-        """Per peer: the link transfers use, and how many links we hold to it."""
+        """Per peer: the link transfers use, how many links we hold to it, and how many of its
+        memory windows those links map here."""
         shown: dict[int, dict[str, Any]] = {}
         for cid in {*self._own, *self._theirs}:
             link = self.get(cid) or self._own.get(cid) or self._theirs[cid]
+            both = [x for x in (self._own.get(cid), self._theirs.get(cid)) if x is not None]
             shown[cid] = {
                 **link.snapshot(),
-                "links": int(cid in self._own) + int(cid in self._theirs),
+                "links": len(both),
+                "shared_windows": sum(x.transport.shared_windows for x in both),
             }
         return shown
 

@@ -156,6 +156,12 @@ class Transport(ABC):
     def drop_windows(self, key: Hashable) -> None:  # noqa: B027 - optional: a no-op by default
         """Stop using what :meth:`share_windows` set up under ``key``."""
 
+    @property
+    def shared_windows(self) -> int:
+        """How many of the peer's memfd windows are mapped here now (each holds a descriptor
+        of the peer's memfd until it is unmapped)."""
+        return 0
+
     def move_blocks(self, move: BlockMove, write: bool, timeout_ms: int | None) -> int | None:
         """Move whole blocks by index (``caps.block_index``); bytes moved, or None when this
         request cannot go that way (the engine then plans pieces for ``read``/``write``)."""

@@ -70,6 +70,10 @@ class CmaTransport(Transport):
     def drop_windows(self, key: Hashable) -> None:
         self.unmap_shared(key)
 
+    @property
+    def shared_windows(self) -> int:
+        return len(self._windows)
+
     def map_shared(self, key: Hashable, windows: Sequence[Sequence[int | None]]) -> None:
         """Map the peer's memfd windows ``(fd, offset, remote_base, size, ino)`` under ``key``.
         Raises WindowRefused (an OSError) if one may not be mapped (then none is)."""
