@@ -49,6 +49,7 @@ class HandoffStats:
         fetches_in_flight: int,
         claims: int,
         max_fetches: int,
+        linking: int,
     ) -> dict[str, Any]:
         """The counters as :meth:`dxl.handoff.Handoff.stats` reports them, with the live
         figures only the other components know (passed in)."""
@@ -65,6 +66,7 @@ class HandoffStats:
             "fetches_in_flight": fetches_in_flight,
             "claims": claims,
             "max_fetches": max_fetches,
+            "linking": linking,
             "live_by_peer": live_by_peer,
             "per_peer": {k: dict(v) for k, v in self.per_peer.items()},
             "fetch_seconds": self.fetch_seconds.snapshot(),

@@ -88,7 +88,7 @@ class Handoff:
         stats = self._stats = HandoffStats()
         offers = self._offers = OfferTable(stats)
         slots = self._slots = Slots(settings.max_fetches)
-        linker = TicketLinker(engine, stats)
+        linker = self._linker = TicketLinker(engine, stats)
         fence = WriterFence(engine)
         fetching = self._fetching = Fetching(
             engine, linker, fence, slots, stats, settings.fetch_timeout_s
@@ -148,7 +148,7 @@ class Handoff:
     # ================================================================== both sides
     def stats(self) -> dict[str, Any]:
         """Counters of this engine's handoffs, and per peer (cluster id; -1: offers nobody
-        claimed). ``per_peer`` counters: ``done``/``failed``/``aborted``/``expired`` (our
+        claimed). ``linking``: peers a link setup for a ticket runs towards. ``per_peer`` counters: ``done``/``failed``/``aborted``/``expired`` (our
         offers' ends), ``bytes_sent``/``bytes_received``, ``fetched``/``fetch_failed`` (our
         fetches), ``renewals`` (of our offers, received) and ``renewals_sent``. Histograms
         (:meth:`Histogram.snapshot`, seconds): ``fetch_seconds`` (our fetches) and
@@ -160,10 +160,12 @@ class Handoff:
             fetches_in_flight=len(self._fetching),
             claims=len(self._pushing),
             max_fetches=self.max_fetches,
+            linking=len(self._linker),
         )
 
     async def close(self) -> None:
         """Engine shutdown: every live offer ends (aborted), every fetch fails."""
+        self._linker.close()
         await self._aborts.abort_all("the engine closed")
         self._fetching.close()
 

@@ -5,7 +5,7 @@ towards it start at the same time."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import functools
 
 from ..control.wire import MAX_TOKEN, is_token
 from ..errors import LLMStatusCode, param_invalid
@@ -29,9 +29,9 @@ class TicketLinker:
     def __init__(self, engine: EnginePort, stats: HandoffStats) -> None:
         self._engine = engine
         self._stats = stats
-        # one link setup per peer at a time; an entry lives while operations towards that peer
-        # wait for it (a ticket may name any cluster id: none may stay behind)
-        self._setups: dict[int, _Setup] = {}
+        # one link setup per peer at a time, shared by every operation towards that peer; an
+        # entry lives while its setup runs (a ticket may name any cluster id: none stays behind)
+        self._setups: dict[int, asyncio.Future[Link | None]] = {}
 
     def live_link(self, cluster_id: int) -> Link | None:
         """The live link to ``cluster_id``, if any (without linking)."""
@@ -47,22 +47,7 @@ class TicketLinker:
             raise param_invalid(op, "the ticket names this engine")
         link = self._engine.live_link(t.cluster_id)
         if link is None:
-            # the first of several operations towards a peer links; the others wait for it
-            # (a second link_clusters meanwhile would only answer LLM_PROCESSING_LINK)
-            setup = self._setups.setdefault(t.cluster_id, _Setup())
-            setup.users += 1
-            try:
-                async with setup.lock:
-                    link = self._engine.live_link(t.cluster_id)
-                    if link is None:
-                        timeout_ms = max(1, int(min(timeout, 30) * 1000))
-                        link = await self._engine.link_endpoint(
-                            t.cluster_id, parse_endpoint(t.endpoint), timeout_ms
-                        )
-            finally:
-                setup.users -= 1
-                if setup.users == 0:
-                    del self._setups[t.cluster_id]
+            link = await asyncio.shield(self._setup(t, timeout))
         if link is None:
             raise fetch_failed(
                 self._stats,
@@ -81,14 +66,35 @@ class TicketLinker:
             )
         return link
 
+    def _setup(self, t: Ticket, timeout: float) -> asyncio.Future[Link | None]:
+        """The link setup towards the ticket's engine: the one running, else a new one. It runs
+        in a task of the engine's, not in the operation that started it, and the operation waits
+        on it shielded: an operation cancelled meanwhile (a request aborted while its fetch was
+        linking) leaves the setup to finish. Cut short, the peer would see a link begun and
+        dropped, and would refuse the next one from us while it still sets that one up; the
+        abort that follows the cancel, which needs that link, would then never reach it."""
+        setup = self._setups.get(t.cluster_id)
+        if setup is None:
+            timeout_ms = max(1, int(min(timeout, 30) * 1000))
+            setup = asyncio.ensure_future(
+                self._engine.link_endpoint(t.cluster_id, parse_endpoint(t.endpoint), timeout_ms)
+            )
+            self._setups[t.cluster_id] = setup
+            setup.add_done_callback(functools.partial(self._setup_done, t.cluster_id))
+            self._engine.spawn(setup)  # the engine waits for it when it closes
+        return setup
+
+    def _setup_done(self, cluster_id: int, setup: asyncio.Future[Link | None]) -> None:
+        if self._setups.get(cluster_id) is setup:
+            del self._setups[cluster_id]
+        if not setup.cancelled():
+            setup.exception()  # retrieved: the operations waiting on it report it
+
+    def close(self) -> None:
+        """Engine shutdown: the setups still running stop (their operations fail)."""
+        for setup in list(self._setups.values()):
+            setup.cancel()
+
     def __len__(self) -> int:
-        """Peers that link setups are in progress (or awaited) towards."""
+        """Peers that link setups are in progress towards."""
         return len(self._setups)
-
-
-@dataclass(slots=True)
-class _Setup:
-    """The link setup towards one peer, and how many operations wait for it."""
-
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from typing import Any
 
 import pytest
 from handoff_kit import (
@@ -323,6 +324,49 @@ async def test_first_fetches_from_an_unlinked_prefill_share_its_link_setup(make_
         assert reasons == {**{f"r{i}": "done" for i in range(5)}, "r5": "aborted"}
         assert await prefill.aio("live") == 0
         assert len(d.eng.stats()["links"]) == 1
+
+
+async def test_a_fetch_cancelled_while_it_links_leaves_the_link_for_the_abort(
+    make_peer, monkeypatch
+):
+    """A decode request aborted while its fetch still links to the prefill (vLLM: the client
+    went away right after the decode scheduled the load): the fetch is cancelled in the middle
+    of the link handshake (the prefill is opening its transport), and the abort that releases
+    the offer goes out next. The link setup the fetch began finishes; the abort uses it, and
+    the offer ends aborted at once, not at its lease. (Cut short with the fetch, the prefill
+    saw a link begun and dropped, refused the abort's own link while it still set that one up,
+    and the release was lost.)"""
+    from dxl.engine import handshake
+
+    waiting_for_ready, go_on = asyncio.Event(), asyncio.Event()
+    original = handshake._data_info_then_ready
+
+    async def held(*args: Any) -> Any:  # our ready is sent; the prefill sets its side up
+        waiting_for_ready.set()
+        await go_on.wait()  # until the fetch is cancelled
+        return await original(*args)
+
+    monkeypatch.setattr(handshake, "_data_info_then_ready", held)
+    start_prefill = prefill_starter(make_peer)
+    prefill = start_prefill()
+    ends = Ends(prefill)
+    async with decode_engine() as d:
+        ticket = await prefill.aio(
+            "offer", name="kv", request_id="r1", blocks=[2, 3], lease_s=3600.0
+        )
+        fetch = asyncio.ensure_future(d.h.fetch(ticket, d.cache, [4, 5]))
+        await asyncio.wait_for(waiting_for_ready.wait(), 20)
+        assert not fetch.done() and P_ID not in d.eng.stats()["links"]
+        fetch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fetch
+        go_on.set()
+        await d.h.abort(ticket)
+        record = await ends.wait_end(ticket)
+        assert record["reason"] == "aborted", record
+        assert await prefill.aio("live") == 0
+        assert d.untouched([4, 5])  # cancelled before it asked for a copy
+        assert d.h.stats()["linking"] == 0
 
 
 async def test_a_fetch_waiting_for_a_slot_keeps_its_offer_alive(make_peer):
