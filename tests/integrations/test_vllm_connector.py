@@ -191,15 +191,7 @@ def test_a_prefill_aborted_mid_prompt_hands_nothing_over(pd) -> None:
     "when",
     [
         "before scheduling",
-        pytest.param(
-            "while loading",
-            # A known race, open: in 3 make runs in a row (and 2 of ~20 direct runs under load)
-            # the prefill never saw the decode's release and kept the blocks until its lease;
-            # not yet understood (docs/vllm.md, troubleshooting). Not counted as passing.
-            marks=pytest.mark.xfail(
-                strict=False, reason="known race: a decode abort mid-fetch can lose the release"
-            ),
-        ),
+        "while loading",
     ],
 )
 def test_a_decode_abort_frees_both_sides(pd, when: str) -> None:
