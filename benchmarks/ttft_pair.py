@@ -238,6 +238,13 @@ def main() -> int:
         default={},
         help="the prefill's and decode's kv_connector_extra_config, JSON ('{\"idle_wait_s\": 0}')",
     )
+    ap.add_argument(
+        "--gap",
+        type=float,
+        default=0.0,
+        help="seconds between two requests, on both sides (default 0: back to back; 1.5 lets "
+        "vLLM's workers go idle after each request, see docs/performance.md)",
+    )
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = ap.parse_args()
     for name in ("rounds", "requests", "max_tokens"):
@@ -245,6 +252,8 @@ def main() -> int:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         ap.error("--warmup must be at least 0")
+    if not 0 <= args.gap <= 60:
+        ap.error("--gap must be 0 to 60 seconds")
 
     with contextlib.ExitStack() as stack:
         if args.dir is None:
@@ -281,6 +290,8 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             out: tuple[list[Result], list[Result]] = ([], [])
             for results, base, tag in ((out[0], single.url, "s"), (out[1], url, "p")):
                 for i, text in enumerate(texts):
+                    if i and args.gap:  # a pause, not a synchronisation: nothing waits on it
+                        time.sleep(args.gap)
                     results.append(
                         stream(base, completion(text, f"{tag}{name}-{i}", args.max_tokens))
                     )
@@ -316,7 +327,8 @@ def report(
 ) -> None:
     ms = 1000.0
     print(
-        f"\nTTFT, {args.requests} sequential streamed requests per round, prompts of "
+        f"\nTTFT, {args.requests} sequential streamed requests per round"
+        f"{f' {args.gap:g} s apart' if args.gap else ' back to back'}, prompts of "
         f"{MIN_WORDS}-{MAX_WORDS} tokens, every pair output equal to the single instance's\n"
     )
     print(

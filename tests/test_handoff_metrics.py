@@ -122,6 +122,7 @@ async def test_the_dict_counts_every_end_byte_renewal_and_latency(pair: Pair) ->
     assert _value(d, "dxl_handoff_renewals_sent_total", engine=dc, peer=p) == 1
     assert _value(d, "dxl_handoff_renewals_received_total", engine=p, peer=dc) == 1
     assert _value(d, "dxl_handoff_fetches_in_flight", engine=dc) == 0
+    assert _value(d, "dxl_handoff_link_setups", engine=dc) == 0  # linked: none running
     assert _value(d, "dxl_handoff_max_fetches", engine=dc) == pair.decode.handoff.max_fetches
     # histograms: cumulative, as many observations as fetches / done offers
     fetch_h = _value(d, "dxl_handoff_fetch_seconds", engine=dc, peer=p)

@@ -148,9 +148,10 @@ class Handoff:
     # ================================================================== both sides
     def stats(self) -> dict[str, Any]:
         """Counters of this engine's handoffs, and per peer (cluster id; -1: offers nobody
-        claimed). ``linking``: peers a link setup for a ticket runs towards. ``per_peer`` counters: ``done``/``failed``/``aborted``/``expired`` (our
-        offers' ends), ``bytes_sent``/``bytes_received``, ``fetched``/``fetch_failed`` (our
-        fetches), ``renewals`` (of our offers, received) and ``renewals_sent``. Histograms
+        claimed). ``linking``: peers a link setup for a ticket runs towards. ``per_peer``
+        counters: ``done``/``failed``/``aborted``/``expired`` (our offers' ends),
+        ``bytes_sent``/``bytes_received``, ``fetched``/``fetch_failed`` (our fetches),
+        ``renewals`` (of our offers, received) and ``renewals_sent``. Histograms
         (:meth:`Histogram.snapshot`, seconds): ``fetch_seconds`` (our fetches) and
         ``done_seconds`` (our offers that ended done, from ``offer()``), per peer in
         ``per_peer_hist``. See dxl/handoff/metrics.py for Prometheus."""

@@ -27,6 +27,8 @@ metric                                      type       what
 ``dxl_handoff_fetches_in_flight``           gauge      fetches running now (engine)
 ``dxl_handoff_max_fetches``                 gauge      the back-pressure bound (engine)
 ``dxl_handoff_claims``                      gauge      push-mode claims held (engine)
+``dxl_handoff_link_setups``                 gauge      peers a link for a ticket is being set
+                                                       up towards (engine)
 ``dxl_handoff_fetch_seconds``               histogram  fetch() call to return, successful
                                                        fetches (engine, peer: the offerer)
 ``dxl_handoff_offer_done_seconds``          histogram  offer() to the offer ending done, on the
@@ -125,6 +127,7 @@ def families(stats: dict[str, dict[str, Any]]) -> list[Family]:
     in_flight = fam("fetches_in_flight", "gauge", "Fetches running now.")
     max_fetches = fam("max_fetches", "gauge", "Fetches allowed in flight (back-pressure).")
     claims = fam("claims", "gauge", "Push-mode claims held.")
+    setups = fam("link_setups", "gauge", "Peers a link for a ticket is being set up towards.")
     fetch_s = fam("fetch_seconds", "histogram", "Successful fetch() calls, call to return.", "peer")
     done_s = fam(
         "offer_done_seconds", "histogram", "Offers that ended done, offer() to the end.", "peer"
@@ -159,6 +162,7 @@ def families(stats: dict[str, dict[str, Any]]) -> list[Family]:
         in_flight.samples.append(((eng,), s["fetches_in_flight"]))
         max_fetches.samples.append(((eng,), s.get("max_fetches", 0)))
         claims.samples.append(((eng,), s["claims"]))
+        setups.samples.append(((eng,), s.get("linking", 0)))
         for p, hists in (s.get("per_peer_hist") or {}).items():
             if "fetch_seconds" in hists:
                 fetch_s.samples.append(((eng, _peer(p)), hists["fetch_seconds"]))
@@ -178,6 +182,7 @@ def families(stats: dict[str, dict[str, Any]]) -> list[Family]:
         in_flight,
         max_fetches,
         claims,
+        setups,
         fetch_s,
         done_s,
     ]

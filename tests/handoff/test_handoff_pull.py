@@ -357,6 +357,7 @@ async def test_a_fetch_cancelled_while_it_links_leaves_the_link_for_the_abort(
         fetch = asyncio.ensure_future(d.h.fetch(ticket, d.cache, [4, 5]))
         await asyncio.wait_for(waiting_for_ready.wait(), 20)
         assert not fetch.done() and P_ID not in d.eng.stats()["links"]
+        assert d.h.stats()["linking"] == 1
         fetch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await fetch
