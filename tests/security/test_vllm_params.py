@@ -468,7 +468,7 @@ _NOT_BOOLEANS: list[Any] = ["false", "true", "0", "", 0, 1, [], {}]
 @pytest.mark.parametrize(
     ("key", "value"),
     [("allow_remote_listen", v) for v in [*_NOT_BOOLEANS, None]]
-    # share_registered: null is allowed (dxl decides), see the next test
+    # share_registered: null is its default (dxl decides), see the next test
     + [("share_registered", v) for v in _NOT_BOOLEANS],
     ids=_id,
 )
@@ -477,12 +477,12 @@ def test_a_boolean_option_must_be_a_boolean(key: str, value: Any) -> None:
         DxlConnectorConfig.from_extra({key: value})
 
 
-def test_share_registered_is_off_unless_set() -> None:
-    """Unset, the connector turns dxl.ShareRegistered off ("0"); null leaves it to the
-    engine's automatic default (no option); a boolean is passed on as "1" / "0"."""
+def test_share_registered_is_left_to_dxl_unless_set() -> None:
+    """Unset (or null), the connector emits no dxl.ShareRegistered: the engine's automatic
+    default applies. A boolean is passed on as "1" / "0" (the opt-out)."""
     key = dxl.config.OPT_SHARE_REGISTERED
-    assert DxlConnectorConfig().share_registered is False
-    assert DxlConnectorConfig.from_extra({}).engine_options(0)[key] == "0"
+    assert DxlConnectorConfig().share_registered is None
+    assert key not in DxlConnectorConfig.from_extra({}).engine_options(0)
     assert key not in DxlConnectorConfig.from_extra({"share_registered": None}).engine_options(0)
     off = DxlConnectorConfig.from_extra({"share_registered": False}).engine_options(0)
     assert off[key] == "0"

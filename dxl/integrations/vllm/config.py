@@ -69,12 +69,9 @@ class DxlConnectorConfig:
             the only transport of CUDA KV caches, so ``cma`` or ``tcp`` with them is refused).
         share_registered: ``dxl.ShareRegistered`` for the KV caches (same-host peers map them
             and memcpy; docs/api.md says when it is safe). Host memory only: true is refused
-            with CUDA KV caches. Default false; null leaves it to dxl (automatic: on where
-            nothing in the worker can have pinned the caches, docs/api.md). Not automatic by
-            default here: with shared (fast) copies, a decode aborting a request while its
-            fetch runs lost the prefill's release in about 1 of 10 runs under load
-            (tests/integrations/test_vllm_connector.py, a decode abort while loading),
-            which is not understood yet.
+            with CUDA KV caches. Default unset (null): automatic, on where nothing in the
+            worker can have pinned the caches (vLLM's CPU platform: no CUDA/RDMA runtime
+            mapped, VmPin 0); a JSON boolean forces it on or off.
         allow_remote_listen: listen on a non-loopback address without a secret
             (``dxl.AllowRemoteListen``; dxl refuses that otherwise). Default off; a JSON boolean.
         idle_wait_s: in a step that runs no forward (vLLM steps its engine every millisecond
@@ -99,7 +96,7 @@ class DxlConnectorConfig:
     lease_s: float = DEFAULT_LEASE_S
     fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
     transport: str = AUTO
-    share_registered: bool | None = False
+    share_registered: bool | None = None
     allow_remote_listen: bool = False
     nixl_allow_emulated: bool = False
     idle_wait_s: float = 0.005
