@@ -47,7 +47,14 @@ class TicketLinker:
             raise param_invalid(op, "the ticket names this engine")
         link = self._engine.live_link(t.cluster_id)
         if link is None:
-            link = await asyncio.shield(self._setup(t, timeout))
+            setup = self._setup(t, timeout)
+            try:
+                link = await asyncio.shield(setup)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not setup.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this operation was cancelled
+                link = None  # the setup was: the engine is closing
         if link is None:
             raise fetch_failed(
                 self._stats,

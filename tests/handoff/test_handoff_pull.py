@@ -370,6 +370,34 @@ async def test_a_fetch_cancelled_while_it_links_leaves_the_link_for_the_abort(
         assert d.h.stats()["linking"] == 0
 
 
+async def test_an_engine_closing_while_a_fetch_links_fails_the_fetch(make_peer, monkeypatch):
+    """The decode engine closes while a fetch is still linking (the handshake held after our
+    ready): the link setup stops and the fetch fails with LLM_LINK_FAILED, a FetchError, not a
+    CancelledError its caller never asked for; the engine closes without waiting on it."""
+    from dxl.engine import handshake
+
+    waiting_for_ready = asyncio.Event()
+    original = handshake._data_info_then_ready
+
+    async def held(*args: Any) -> Any:
+        waiting_for_ready.set()
+        await asyncio.Event().wait()  # never goes on by itself
+        return await original(*args)
+
+    monkeypatch.setattr(handshake, "_data_info_then_ready", held)
+    start_prefill = prefill_starter(make_peer)
+    prefill = start_prefill()
+    async with decode_engine() as d:
+        ticket = await prefill.aio("offer", name="kv", request_id="r1", blocks=[2])
+        fetch = asyncio.ensure_future(d.h.fetch(ticket, d.cache, [4]))
+        await asyncio.wait_for(waiting_for_ready.wait(), 20)
+        await asyncio.wait_for(d.eng.close(), 30)
+        with pytest.raises(FetchError) as err:
+            await fetch
+        assert err.value.status_code == S.LLM_LINK_FAILED
+        assert d.untouched([4])
+
+
 async def test_a_fetch_waiting_for_a_slot_keeps_its_offer_alive(make_peer):
     """With ``max_fetches`` 1 and the slot held (the first fetch's on_layer waits), a second
     fetch waits for the slot renewing its offer's lease: a control offer with the same lease
