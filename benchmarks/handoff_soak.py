@@ -398,10 +398,12 @@ class Soak:
                     await self.poll(p)
                 await asyncio.sleep(0.05)
             lives = [await p.peer.aio("live") for p in self.prefills]
-            stats = eng.stats()["handoff"]
+            engine_stats = eng.stats()
+            stats = engine_stats["handoff"]
             self.usage["at the end"] = usage()
-            links = eng.stats()["links"]
-            self.windows_at_end = {cid: link["shared_windows"] for cid, link in links.items()}
+            self.windows_at_end = {
+                cid: link["shared_windows"] for cid, link in engine_stats["links"].items()
+            }
         for p in self.prefills:
             p.peer.stop()
         return self.report(lives, stats, started, time.monotonic() - t0)

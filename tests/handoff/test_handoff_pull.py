@@ -326,6 +326,23 @@ async def test_first_fetches_from_an_unlinked_prefill_share_its_link_setup(make_
         assert len(d.eng.stats()["links"]) == 1
 
 
+def hold_handshake(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold this process's link handshakes once our ready is sent (the peer then sets its side
+    up): returns (reached, go_on); a held handshake goes on once ``go_on`` is set."""
+    from dxl.engine import handshake
+
+    reached, go_on = asyncio.Event(), asyncio.Event()
+    original = handshake._data_info_then_ready
+
+    async def held(*args: Any) -> Any:
+        reached.set()
+        await go_on.wait()
+        return await original(*args)
+
+    monkeypatch.setattr(handshake, "_data_info_then_ready", held)
+    return reached, go_on
+
+
 async def test_a_fetch_cancelled_while_it_links_leaves_the_link_for_the_abort(
     make_peer, monkeypatch
 ):
@@ -336,17 +353,7 @@ async def test_a_fetch_cancelled_while_it_links_leaves_the_link_for_the_abort(
     the offer ends aborted at once, not at its lease. (Cut short with the fetch, the prefill
     saw a link begun and dropped, refused the abort's own link while it still set that one up,
     and the release was lost.)"""
-    from dxl.engine import handshake
-
-    waiting_for_ready, go_on = asyncio.Event(), asyncio.Event()
-    original = handshake._data_info_then_ready
-
-    async def held(*args: Any) -> Any:  # our ready is sent; the prefill sets its side up
-        waiting_for_ready.set()
-        await go_on.wait()  # until the fetch is cancelled
-        return await original(*args)
-
-    monkeypatch.setattr(handshake, "_data_info_then_ready", held)
+    waiting_for_ready, go_on = hold_handshake(monkeypatch)  # go on once the fetch is cancelled
     start_prefill = prefill_starter(make_peer)
     prefill = start_prefill()
     ends = Ends(prefill)
@@ -374,17 +381,7 @@ async def test_an_engine_closing_while_a_fetch_links_fails_the_fetch(make_peer, 
     """The decode engine closes while a fetch is still linking (the handshake held after our
     ready): the link setup stops and the fetch fails with LLM_LINK_FAILED, a FetchError, not a
     CancelledError its caller never asked for; the engine closes without waiting on it."""
-    from dxl.engine import handshake
-
-    waiting_for_ready = asyncio.Event()
-    original = handshake._data_info_then_ready
-
-    async def held(*args: Any) -> Any:
-        waiting_for_ready.set()
-        await asyncio.Event().wait()  # never goes on by itself
-        return await original(*args)
-
-    monkeypatch.setattr(handshake, "_data_info_then_ready", held)
+    waiting_for_ready, _never = hold_handshake(monkeypatch)
     start_prefill = prefill_starter(make_peer)
     prefill = start_prefill()
     async with decode_engine() as d:

@@ -187,13 +187,7 @@ def test_a_prefill_aborted_mid_prompt_hands_nothing_over(pd) -> None:
     }
 
 
-@pytest.mark.parametrize(
-    "when",
-    [
-        "before scheduling",
-        "while loading",
-    ],
-)
+@pytest.mark.parametrize("when", ["before scheduling", "while loading"])
 def test_a_decode_abort_frees_both_sides(pd, when: str) -> None:
     p = pd("prefill", seed=1, lease_s=3600.0)  # only the decode's release can free it in time
     d = pd("decode", seed=2)
